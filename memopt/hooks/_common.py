@@ -1,0 +1,52 @@
+"""Shared plumbing for memopt's hooks: names, registration and removal.
+
+Every memopt hook is a diffusers ``ModelHook`` registered through ``HookRegistry`` under a name that starts
+with :data:`HOOK_PREFIX`, so :func:`remove_memory_optimizations` can undo exactly memopt's hooks and leave any
+other hook (group offloading, caches, LoRA hotswap ...) in place.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+HOOK_PREFIX = "memopt."
+
+
+def register_memopt_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    """Register ``hook`` on ``module`` under ``name`` (which must start with :data:`HOOK_PREFIX`)."""
+    if not name.startswith(HOOK_PREFIX):
+        raise ValueError(f"memopt hook names must start with {HOOK_PREFIX!r}, got {name!r}")
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    if registry.get_hook(name) is not None:
+        raise RuntimeError(
+            f"{type(module).__name__} already has the hook {name!r}; call memopt.remove_memory_optimizations() "
+            "before applying it again"
+        )
+    registry.register_hook(hook, name)
+
+
+def iter_memopt_hooks(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str]]:
+    """Yield ``(module_path, submodule, hook_name)`` for every memopt hook under ``module``."""
+    for path, submodule in module.named_modules():
+        registry = getattr(submodule, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for hook_name in list(registry.hooks):
+            if hook_name.startswith(HOOK_PREFIX):
+                yield path, submodule, hook_name
+
+
+def has_memopt_hooks(module: torch.nn.Module) -> bool:
+    return next(iter_memopt_hooks(module), None) is not None
+
+
+def remove_memopt_hooks(module: torch.nn.Module) -> int:
+    """Remove every memopt hook under ``module``; return how many were removed."""
+    removed = 0
+    for _, submodule, hook_name in list(iter_memopt_hooks(module)):
+        submodule._diffusers_hook.remove_hook(hook_name, recurse=False)
+        removed += 1
+    return removed

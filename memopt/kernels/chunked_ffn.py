@@ -1,0 +1,328 @@
+"""Autograd op around the Triton fused chunked FeedForward, its workspace planner and its availability check.
+
+Plain tensors in and out (Liger-Kernel style): the caller passes the model's own ``nn.Linear`` weights in their
+``(out_features, in_features)`` layout and gets ``act(x @ w1.T + b1) @ w2.T + b2`` back. Triton is imported only
+when the kernel is first needed, so this module (and ``import memopt``) works without Triton.
+
+Where the kernel cannot run (no Triton, a CPU tensor without ``TRITON_INTERPRET=1``, an old GPU),
+:func:`fused_chunked_ffn` raises ``RuntimeError`` with the reason; callers that want a fallback ask
+:func:`fused_ffn_available` first and use the PyTorch chunked FeedForward of :mod:`memopt.hooks` instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "geglu", "swiglu")
+"""Supported activations. ``geglu``/``swiglu`` are diffusers' GEGLU/SwiGLU: ``w1`` is ``(2F, D)``, its rows
+``[0:F]`` give the value and ``[F:2F]`` the gate, the result is ``value * gelu_erf(gate)`` / ``value * silu(gate)``."""
+
+WORKSPACE_FRACTION = 8
+"""The default plan keeps the kernel's workspace at or below ``1 / WORKSPACE_FRACTION`` of the unfused ``(M, F)``
+intermediate."""
+
+MIN_ROWS_PER_BLOCK = 2048
+"""Smallest token block the default plan uses: fewer rows leave an H100 partly idle in the second GEMM, and below
+this size the whole intermediate is small in absolute terms anyway."""
+
+ROW_ALIGNMENT = 128
+"""Token blocks are multiples of the largest ``BLOCK_M`` so only the last block has a partial tile."""
+
+_GATED = frozenset({"geglu", "swiglu"})
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KernelAvailability:
+    """Whether the fused kernel can run on a device, and why (not). Truthy exactly when it can.
+
+    Attributes:
+        available: True when :func:`fused_chunked_ffn` will run the Triton kernel for this device and dtype.
+        reason: One line for logs: what will run, or what is missing and what to use instead.
+    """
+
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+@dataclass(frozen=True)
+class FusedFFNPlan:
+    """How the kernel slabs the FeedForward: ``rows_per_block`` tokens by ``chunk_size`` hidden features at a time.
+
+    Attributes:
+        rows_per_block: Tokens per block; the host loop runs the two GEMM kernels once per block and hidden chunk.
+        chunk_size: Hidden features per chunk (of ``F``, the width after gating). ``chunk_size == F`` writes each
+            output tile once; smaller chunks add partial products into an fp32 accumulator (16-bit) or into the
+            output itself (fp32).
+        workspace_bytes: Bytes the kernel allocates besides its output: one ``rows_per_block x chunk_size`` slab of
+            the activated intermediate, plus a ``rows_per_block x D_out`` fp32 accumulator when a 16-bit output is
+            built from several chunks.
+    """
+
+    rows_per_block: int
+    chunk_size: int
+    workspace_bytes: int
+
+
+def plan_fused_ffn(
+    num_rows: int, hidden: int, out_features: int, element_size: int, chunk_size: int | None = None
+) -> FusedFFNPlan:
+    """Pick the token block so the workspace stays within ``1/WORKSPACE_FRACTION`` of the unfused intermediate.
+
+    With ``chunk_size=None`` every block covers all ``hidden`` features: no accumulator traffic, each output tile is
+    written once, and the two GEMMs per block are large (>= :data:`MIN_ROWS_PER_BLOCK` tokens). A given
+    ``chunk_size`` cuts the hidden features too, and the token block grows to use the same budget. Blocks are
+    balanced so the last one is not a sliver.
+
+    Example:
+        >>> plan_fused_ffn(num_rows=75600, hidden=13824, out_features=5120, element_size=2)
+        FusedFFNPlan(rows_per_block=8448, chunk_size=13824, workspace_bytes=233570304)
+    """
+    chunk = hidden if chunk_size is None else min(chunk_size, hidden)
+    accumulator_bytes_per_row = 4 * out_features if chunk < hidden and element_size < 4 else 0
+    bytes_per_row = chunk * element_size + accumulator_bytes_per_row
+    budget = num_rows * hidden * element_size // WORKSPACE_FRACTION
+    rows = max(budget // bytes_per_row // ROW_ALIGNMENT * ROW_ALIGNMENT, MIN_ROWS_PER_BLOCK)
+    if rows >= num_rows:
+        rows = max(num_rows, 1)
+    else:
+        num_blocks = -(-num_rows // rows)
+        rows = _round_up(-(-num_rows // num_blocks), ROW_ALIGNMENT)
+    return FusedFFNPlan(rows_per_block=rows, chunk_size=chunk, workspace_bytes=rows * bytes_per_row)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _load_kernels() -> ModuleType:
+    """Import the Triton module on first use (it reads TRITON_INTERPRET when its kernels are decorated)."""
+    return importlib.import_module("memopt.kernels.fused_ffn")
+
+
+def fused_ffn_available(
+    device: torch.device | str | int | None = None, dtype: torch.dtype | None = None
+) -> KernelAvailability:
+    """Tell whether :func:`fused_chunked_ffn` can run on ``device`` (default: the current CUDA device, else CPU).
+
+    CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported),
+    which is exact but slow and meant for tests. ``dtype`` (optional) also checks bf16 support of the GPU.
+
+    Example:
+        >>> availability = fused_ffn_available("cpu")
+        >>> bool(availability), availability.reason  # doctest: +SKIP
+        (False, 'the fused FeedForward kernel needs a CUDA GPU; ...')
+    """
+    if importlib.util.find_spec("triton") is None:
+        return KernelAvailability(False, "Triton is not installed (pip install triton); use the PyTorch chunked FFN")
+    try:
+        kernels = _load_kernels()
+    except Exception as error:  # a broken Triton install must not break callers that only ask
+        return KernelAvailability(False, f"Triton failed to import ({type(error).__name__}: {error})")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if kernels.INTERPRETED:
+        return KernelAvailability(True, "Triton interpreter (TRITON_INTERPRET=1): exact but slow, meant for tests")
+    if device.type == "cpu":
+        return KernelAvailability(
+            False,
+            "the fused FeedForward kernel needs a CUDA GPU; on CPU it runs only under Triton's interpreter "
+            "(TRITON_INTERPRET=1 set before memopt.kernels.fused_ffn is imported); use the PyTorch chunked FFN",
+        )
+    if device.type != "cuda":
+        return KernelAvailability(False, f"the fused FeedForward kernel supports CUDA devices only, got {device}")
+    if not torch.cuda.is_available():
+        return KernelAvailability(False, f"{device} was requested but torch.cuda.is_available() is False")
+    capability = torch.cuda.get_device_capability(device)
+    if torch.version.hip is None and capability < (7, 5):
+        return KernelAvailability(False, f"the fused FeedForward kernel needs compute capability >= 7.5, got {capability}")
+    if dtype == torch.bfloat16 and torch.version.hip is None and capability < (8, 0):
+        return KernelAvailability(False, f"bfloat16 tensor-core GEMMs need compute capability >= 8.0, got {capability}")
+    import triton
+
+    return KernelAvailability(True, f"Triton {triton.__version__} on {torch.cuda.get_device_name(device)}")
+
+
+def _activate(value: torch.Tensor, gate: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """The activation in PyTorch, exactly as diffusers computes it; the backward differentiates through this."""
+    if activation in ("gelu", "geglu"):
+        activated = F.gelu(value if gate is None else gate)
+    elif activation == "gelu_tanh":
+        activated = F.gelu(value, approximate="tanh")
+    else:
+        activated = F.silu(value if gate is None else gate)
+    return activated if gate is None else value * activated
+
+
+def _backward_chunk_size(plan: FusedFFNPlan, hidden: int) -> int:
+    """Hidden chunk of the recompute backward: the forward's chunk, or 1/WORKSPACE_FRACTION of F if it had one."""
+    if plan.chunk_size < hidden:
+        return plan.chunk_size
+    return _round_up(-(-hidden // WORKSPACE_FRACTION), 64)
+
+
+class FusedChunkedFFNFunction(torch.autograd.Function):
+    """Forward: the Triton kernel. Backward: PyTorch, recomputing each hidden chunk's pre-activation from ``x``.
+
+    Only ``x`` and the weights (the model's own parameters) are saved, so training keeps no ``(M, F)`` activation.
+    The backward walks the hidden features in chunks over all tokens: each weight-gradient slice comes from one
+    GEMM over all tokens (as in PyTorch), and ``grad_x`` accumulates over chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, w1, b1, w2, b2, activation: str, plan: FusedFFNPlan):
+        ctx.save_for_backward(x2d, w1, b1, w2, b2)
+        ctx.activation, ctx.plan = activation, plan
+        return _load_kernels().fused_ffn_forward(
+            x2d, w1, b1, w2, b2, activation, chunk_size=plan.chunk_size, rows_per_block=plan.rows_per_block
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x2d, w1, b1, w2, b2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        hidden = w2.shape[1]
+        gated = ctx.activation in _GATED
+        grad_out = grad_out.reshape(-1, w2.shape[0])
+        grad_x = torch.zeros_like(x2d) if need_x else None
+        grad_w1 = torch.empty(w1.shape, dtype=w1.dtype, device=w1.device) if need_w1 else None
+        grad_b1 = torch.empty(b1.shape, dtype=b1.dtype, device=b1.device) if need_b1 else None
+        grad_w2 = torch.empty(w2.shape, dtype=w2.dtype, device=w2.device) if need_w2 else None
+        chunk = _backward_chunk_size(ctx.plan, hidden)
+        for f_start in range(0, hidden, chunk):
+            row_slices = [slice(f_start, min(f_start + chunk, hidden))]
+            if gated:
+                row_slices.append(slice(hidden + f_start, hidden + min(f_start + chunk, hidden)))
+            pre = [F.linear(x2d, w1[rows], None if b1 is None else b1[rows]) for rows in row_slices]
+            with torch.enable_grad():
+                pre = [tensor.detach().requires_grad_() for tensor in pre]
+                h = _activate(pre[0], pre[1] if gated else None, ctx.activation)
+            w2_chunk = w2[:, row_slices[0]]
+            if need_w2:
+                grad_w2[:, row_slices[0]] = grad_out.T @ h.detach()
+            if not (need_x or need_w1 or need_b1):
+                continue
+            grad_pre = torch.autograd.grad(h, pre, grad_out @ w2_chunk)
+            for rows, grad in zip(row_slices, grad_pre):
+                if need_w1:
+                    grad_w1[rows] = grad.T @ x2d
+                if need_b1:
+                    grad_b1[rows] = grad.sum(0)
+                if need_x:
+                    grad_x.addmm_(grad, w1[rows])
+        grad_b2 = grad_out.sum(0) if need_b2 else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str,
+    chunk_size: int | None,
+) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fused_chunked_ffn: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"fused_chunked_ffn: chunk_size must be a positive int or None, got {chunk_size!r}")
+    tensors = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.dtype != x.dtype or tensor.device != x.device:
+            raise TypeError(
+                f"fused_chunked_ffn: {name} is {tensor.dtype} on {tensor.device} but x is {x.dtype} on {x.device}; "
+                "all tensors must share one dtype and device"
+            )
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"fused_chunked_ffn: dtype must be one of {_SUPPORTED_DTYPES}, got {x.dtype}")
+    if w1.dim() != 2 or w2.dim() != 2 or x.dim() < 1:
+        raise ValueError(
+            f"fused_chunked_ffn: expected x (..., D), w1 (F, D) and w2 (D_out, F), got x {tuple(x.shape)}, "
+            f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}"
+        )
+    hidden = w2.shape[1]
+    expected_w1 = (2 * hidden if activation in _GATED else hidden, x.shape[-1])
+    if tuple(w1.shape) != expected_w1:
+        raise ValueError(
+            f"fused_chunked_ffn: with activation={activation!r}, x {tuple(x.shape)} and w2 {tuple(w2.shape)}, w1 must "
+            f"have shape {expected_w1}, got {tuple(w1.shape)}"
+        )
+    for name, bias, features in (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0])):
+        if bias is not None and tuple(bias.shape) != (features,):
+            raise ValueError(f"fused_chunked_ffn: {name} must have shape ({features},), got {tuple(bias.shape)}")
+
+
+def fused_chunked_ffn_with_plan(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str,
+    plan: FusedFFNPlan,
+) -> torch.Tensor:
+    """:func:`fused_chunked_ffn` with an explicit :class:`FusedFFNPlan` (e.g. a planner's smaller token blocks)."""
+    _check_inputs(x, w1, b1, w2, b2, activation, plan.chunk_size)
+    if plan.rows_per_block < 1:
+        raise ValueError(f"fused_chunked_ffn: plan.rows_per_block must be >= 1, got {plan.rows_per_block}")
+    availability = fused_ffn_available(x.device, x.dtype)
+    if not availability:
+        raise RuntimeError(f"fused_chunked_ffn cannot run on {x.device} ({x.dtype}): {availability.reason}")
+    x2d = x.reshape(-1, x.shape[-1])
+    out = FusedChunkedFFNFunction.apply(x2d, w1, b1, w2, b2, activation, plan)
+    return out.reshape(*x.shape[:-1], w2.shape[0])
+
+
+def fused_chunked_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str = "gelu_tanh",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``act(x @ w1.T + b1) @ w2.T + b2`` without materialising the ``(M, F)`` intermediate; differentiable.
+
+    Args:
+        x: ``(..., D)`` activations, fp32 / fp16 / bf16; any leading shape.
+        w1: ``(F, D)`` weight of the first ``nn.Linear`` (``(2F, D)`` for geglu/swiglu), used in place through its
+            strides -- views and slices of parameters work, nothing is copied.
+        b1: ``(F,)`` / ``(2F,)`` bias or None.
+        w2: ``(D_out, F)`` weight of the second ``nn.Linear``.
+        b2: ``(D_out,)`` bias or None.
+        activation: One of :data:`ACTIVATIONS` (``"gelu"`` is the erf form, ``"gelu_tanh"`` the tanh approximation).
+        chunk_size: Hidden features per chunk; None lets :func:`plan_fused_ffn` cut tokens into blocks instead,
+            which keeps the workspace within 1/8 of the unfused intermediate.
+
+    Raises:
+        RuntimeError: The kernel cannot run on ``x.device`` (see :func:`fused_ffn_available`); no silent fallback.
+
+    Example:
+        >>> import torch
+        >>> from memopt.kernels import fused_chunked_ffn, fused_ffn_available
+        >>> x = torch.randn(2, 77, 64)
+        >>> w1, b1, w2, b2 = torch.randn(256, 64), torch.randn(256), torch.randn(64, 256), torch.randn(64)
+        >>> if fused_ffn_available(x.device):  # a GPU, or TRITON_INTERPRET=1 on CPU
+        ...     y = fused_chunked_ffn(x, w1, b1, w2, b2, activation="gelu_tanh")
+    """
+    _check_inputs(x, w1, b1, w2, b2, activation, chunk_size)
+    num_rows = math.prod(x.shape[:-1])
+    plan = plan_fused_ffn(num_rows, w2.shape[1], w2.shape[0], x.element_size(), chunk_size)
+    return fused_chunked_ffn_with_plan(x, w1, b1, w2, b2, activation, plan)

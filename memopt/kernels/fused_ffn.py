@@ -1,0 +1,277 @@
+"""Triton kernels of the fused chunked FeedForward and the host loop that drives them.
+
+This module imports Triton at the top; import it only through :mod:`memopt.kernels.chunked_ffn`, which guards the
+import so that ``import memopt`` works without Triton.
+
+The FeedForward ``y = act(x @ W1.T + b1) @ W2.T + b2`` is cut into slabs of ``rows_per_block`` tokens by
+``chunk_size`` hidden features. Per slab two kernels run:
+
+* ``_ffn_up_kernel`` -- the first GEMM with bias and activation in its epilogue. For the gated activations (GEGLU,
+  SwiGLU) one program accumulates the value half and the gate half of its tile side by side and stores only
+  ``value * act(gate)``, so the ``2F``-wide projection never reaches HBM.
+* ``_ffn_down_kernel`` -- the second GEMM over that slab's hidden features. With several hidden chunks it adds its
+  partial product to a running fp32 accumulator (the output itself for fp32) and the last chunk writes the output.
+
+A single kernel doing both GEMMs would have to keep a ``BLOCK_M x D`` fp32 output tile on chip (2.5 MiB for
+D=5120), which does not fit; two GEMM kernels per slab keep each one at full tensor-core efficiency while the
+intermediate exists one slab at a time.
+
+All kernels take explicit strides, so the weights are used as the model's own parameters (views and slices, never
+copies). When ``TRITON_INTERPRET=1`` is set before this module is imported, Triton's interpreter runs the kernels
+on CPU tensors with one small tile configuration; that is how CI checks them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "geglu": 0, "swiglu": 2}
+"""Activation name -> the elementwise function the epilogue applies (0 gelu-erf, 1 gelu-tanh, 2 silu)."""
+
+GATED_ACTIVATIONS = frozenset({"geglu", "swiglu"})
+"""Activations whose first projection is ``2F`` wide and split into ``(value, gate)`` like diffusers' GEGLU/SwiGLU."""
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+# Hopper-class tiles first; the last one fits GPUs with ~100 KB of shared memory per block (and fp32 gated tiles).
+_GPU_CONFIGS = [
+    _config(128, 256, 64, num_warps=8, num_stages=3),
+    _config(128, 128, 64, num_warps=8, num_stages=4),
+    _config(64, 128, 64, num_warps=4, num_stages=4),
+    _config(64, 64, 32, num_warps=4, num_stages=3),
+]
+# The interpreter runs every program in Python: one small config, no autotuning, yet several tiles per test shape.
+_INTERPRETER_CONFIGS = [_config(32, 32, 16, num_warps=4, num_stages=1)]
+_MAX_ACCUMULATOR_ELEMENTS = 128 * 256  # fp32 accumulator elements per program: 128 registers/thread at 8 warps
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles that cannot fit the device's shared memory or would spill accumulator registers.
+
+    The gated up-kernel streams two weight tiles and keeps two accumulators, fp32 inputs take twice the bytes.
+    """
+    args = {**named_args, **kwargs}
+    num_weight_tiles = 2 if args.get("GATED", False) else 1
+    element_size = args["x_ptr"].element_size() if "x_ptr" in args else args["h_ptr"].element_size()
+    device = (args["x_ptr"] if "x_ptr" in args else args["h_ptr"]).device
+    max_shared = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    kept = []
+    for config in configs:
+        block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        shared = config.num_stages * (block_m + num_weight_tiles * block_n) * block_k * element_size
+        registers = num_weight_tiles * block_m * block_n
+        if shared <= max_shared and registers <= _MAX_ACCUMULATOR_ELEMENTS:
+            kept.append(config)
+    return kept or [configs[-1]]
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row tiles sweep the columns together so their weight tiles stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+INTERPRETED: bool = isinstance(_tile_ids, InterpretedFunction)
+"""True when this module's kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1 when it was imported)."""
+
+_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETED else _GPU_CONFIGS
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    """Elementwise activation in fp32, matching torch.nn.functional (gelu erf / gelu tanh / silu)."""
+    if ACTIVATION == 0:
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 1:
+        # 0.5 * x * (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3); no tanh needed.
+        return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    else:
+        return x * tl.sigmoid(x)
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "GATED"], prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _ffn_up_kernel(
+    x_ptr, w_value_ptr, w_gate_ptr, b_value_ptr, b_gate_ptr, h_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_hm, stride_hn,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """h[M, N] = act(x[M, K] @ w_value[N, K].T + b_value), or for GATED value * act(gate) with both halves here."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Wrapped row/column indices keep every load in bounds without masks; the store masks the edges.
+    rows = (offs_m % M).to(tl.int64)
+    cols = offs_n % N
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_offsets = offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    w_value_ptrs = w_value_ptr + w_offsets
+    acc_value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        w_gate_ptrs = w_gate_ptr + w_offsets
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K
+        x_tile = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        w_tile = tl.load(w_value_ptrs, mask=k_mask[:, None], other=0.0)
+        acc_value = tl.dot(x_tile, w_tile, acc_value, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_value_ptrs += BLOCK_K * stride_wk
+        if GATED:
+            w_tile = tl.load(w_gate_ptrs, mask=k_mask[:, None], other=0.0)
+            acc_gate = tl.dot(x_tile, w_tile, acc_gate, input_precision=INPUT_PRECISION)
+            w_gate_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc_value += tl.load(b_value_ptr + cols * stride_b).to(tl.float32)[None, :]
+        if GATED:
+            acc_gate += tl.load(b_gate_ptr + cols * stride_b).to(tl.float32)[None, :]
+    if GATED:
+        h = acc_value * _activation(acc_gate, ACTIVATION)
+    else:
+        h = _activation(acc_value, ACTIVATION)
+    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :] * stride_hn
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["N", "K"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    restore_value=["acc_ptr"],  # autotuning re-runs the kernel; an in-place accumulation must start over each time
+)
+@triton.jit
+def _ffn_down_kernel(
+    h_ptr, w_ptr, b_ptr, acc_ptr, out_ptr,
+    M, N, K,
+    stride_hm, stride_hk, stride_wn, stride_wk, stride_b, stride_accm, stride_accn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, LOAD_ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """out[M, N] = h[M, K] @ w[N, K].T (+ acc[M, N] if LOAD_ACC) (+ b if HAS_BIAS), summed in fp32, cast on store."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_m % M).to(tl.int64)
+    cols = offs_n % N
+    h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_k[None, :] * stride_hk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K
+        h_tile = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
+        w_tile = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(h_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+        h_ptrs += BLOCK_K * stride_hk
+        w_ptrs += BLOCK_K * stride_wk
+    out_rows = offs_m[:, None].to(tl.int64)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if LOAD_ACC:
+        acc += tl.load(acc_ptr + out_rows * stride_accm + offs_n[None, :] * stride_accn, mask=mask).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols * stride_b).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + out_rows * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(num_rows: int, num_cols: int):
+    return lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_cols, meta["BLOCK_N"]),)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels write goes through here: the tests swap in NaN-filled buffers to catch unwritten
+    elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs follow PyTorch's matmul precision setting (tf32 only where PyTorch would use it)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def fused_ffn_forward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str,
+    chunk_size: int,
+    rows_per_block: int,
+) -> torch.Tensor:
+    """Run the fused FeedForward on a 2-D ``x`` of shape ``(M, D)``; arguments are validated by the caller.
+
+    ``chunk_size`` hidden features and ``rows_per_block`` tokens make one slab; the workspace is one slab of the
+    activated intermediate plus, when a 16-bit output is built from several hidden chunks, an fp32 accumulator of
+    ``rows_per_block x D_out``. Returns a new ``(M, D_out)`` tensor in ``x.dtype``.
+    """
+    num_rows, in_features = x.shape
+    out_features, hidden = w2.shape
+    gated = activation in GATED_ACTIVATIONS
+    device, dtype = x.device, x.dtype
+    out = _empty((num_rows, out_features), dtype, device)
+    if num_rows == 0:
+        return out
+    chunk_size = min(chunk_size, hidden)
+    rows_per_block = min(rows_per_block, num_rows)
+    num_chunks = triton.cdiv(hidden, chunk_size)
+    use_fp32_accumulator = num_chunks > 1 and dtype != torch.float32
+    h_buffer = _empty((rows_per_block, chunk_size), dtype, device)
+    acc_buffer = _empty((rows_per_block, out_features), torch.float32, device) if use_fp32_accumulator else None
+    precision = _input_precision(dtype)
+    b_stride1 = b1.stride(0) if b1 is not None else 0
+    b_stride2 = b2.stride(0) if b2 is not None else 0
+
+    for row_start in range(0, num_rows, rows_per_block):
+        block_rows = min(rows_per_block, num_rows - row_start)
+        x_block = x[row_start : row_start + block_rows]
+        out_block = out[row_start : row_start + block_rows]
+        acc_block = acc_buffer[:block_rows] if use_fp32_accumulator else out_block
+        for chunk_index, f_start in enumerate(range(0, hidden, chunk_size)):
+            width = min(chunk_size, hidden - f_start)
+            value_rows = slice(f_start, f_start + width)
+            gate_rows = slice(hidden + f_start, hidden + f_start + width) if gated else value_rows
+            h = h_buffer[:block_rows, :width]
+            _ffn_up_kernel[_grid(block_rows, width)](
+                x_block, w1[value_rows], w1[gate_rows],
+                b1[value_rows] if b1 is not None else None, b1[gate_rows] if b1 is not None else None, h,
+                block_rows, width, in_features,
+                x_block.stride(0), x_block.stride(1), w1.stride(0), w1.stride(1), b_stride1, h.stride(0), h.stride(1),
+                HAS_BIAS=b1 is not None, ACTIVATION=ACTIVATION_IDS[activation], GATED=gated,
+                INPUT_PRECISION=precision,
+            )  # fmt: skip
+            is_first, is_last = chunk_index == 0, chunk_index == num_chunks - 1
+            target = out_block if is_last or not use_fp32_accumulator else acc_block
+            w2_chunk = w2[:, value_rows]
+            _ffn_down_kernel[_grid(block_rows, out_features)](
+                h, w2_chunk, b2, acc_block, target,
+                block_rows, out_features, width,
+                h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), b_stride2,
+                acc_block.stride(0), acc_block.stride(1), target.stride(0), target.stride(1),
+                HAS_BIAS=is_first and b2 is not None, LOAD_ACC=not is_first, INPUT_PRECISION=precision,
+            )  # fmt: skip
+    return out

@@ -1,0 +1,516 @@
+"""Model zoo: the diffusers transformer families memopt supports, as data.
+
+For each family this registry knows the real diffusers class, its full-size config (the released checkpoint's
+``config.json`` values), a tiny config for tests, and how to build the inputs the denoiser's ``forward`` takes at a
+given pixel size. Nothing is downloaded: models are built from configs with random weights, and full-size ones are
+meant to be built under ``FakeTensorMode`` (see :func:`memopt.simulate`).
+
+Example::
+
+    from memopt.models import get_family
+    spec = get_family("wan")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=48, width=80, num_frames=5)
+    out = model(**inputs)[0]
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import diffusers
+import torch
+
+Inputs = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Size:
+    """A generation size in pixels (``num_frames`` is 1 for image models)."""
+
+    height: int
+    width: int
+    num_frames: int = 1
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything memopt needs to know to build and feed one diffusers transformer family.
+
+    Attributes:
+        name: short family name used by the CLI and tests (``"wan"``).
+        class_name: the diffusers class, e.g. ``"WanTransformer3DModel"``.
+        configs: named configs; ``"full"`` is the released checkpoint's, ``"tiny"`` a small one for tests.
+        sizes: named pixel sizes; ``"default"`` is the size the family is usually run at, ``"tiny"`` the tests' size.
+        text_tokens: number of text-encoder tokens the pipeline passes by default.
+        make_inputs_fn: ``(config, batch, size, text_tokens, dtype, device, generator, masked) -> forward kwargs``.
+        num_tokens_fn: ``(config, size) -> number of image/video tokens`` (the sequence memopt chunks).
+        video: whether ``num_frames`` matters.
+        mask_key: the forward kwarg holding the text-token mask, for families that take one.
+        extra_sizes: further named sizes (``"480p"``) offered by the CLI.
+    """
+
+    name: str
+    class_name: str
+    configs: Mapping[str, Mapping[str, Any]]
+    sizes: Mapping[str, Size]
+    text_tokens: int
+    make_inputs_fn: Callable[..., Inputs]
+    num_tokens_fn: Callable[[Any, Size], int]
+    video: bool = True
+    mask_key: str | None = None
+    extra_sizes: Mapping[str, Size] = field(default_factory=dict)
+
+    @property
+    def model_class(self) -> type[torch.nn.Module]:
+        return getattr(diffusers, self.class_name)
+
+    def config(self, name: str = "tiny") -> dict[str, Any]:
+        """The named config as a complete dict: the class's defaults overridden by the entry's values."""
+        if name not in self.configs:
+            raise ValueError(f"family {self.name!r} has no config {name!r}; choose from {sorted(self.configs)}")
+        params = inspect.signature(self.model_class.__init__).parameters
+        defaults = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+        return {**defaults, **self.configs[name]}
+
+    def size(self, name: str = "default") -> Size:
+        sizes = {**self.sizes, **self.extra_sizes}
+        if name not in sizes:
+            raise ValueError(f"family {self.name!r} has no size {name!r}; choose from {sorted(sizes)}")
+        return sizes[name]
+
+    def build(
+        self,
+        config: str | Mapping[str, Any] = "tiny",
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> torch.nn.Module:
+        """Build the model with random weights (deterministic for ``seed``), in eval mode.
+
+        For ``dtype`` other than fp32, modules in the class's ``_keep_in_fp32_modules`` stay fp32, exactly as
+        ``from_pretrained(torch_dtype=dtype)`` leaves them.
+        """
+        cfg = self.config(config) if isinstance(config, str) else dict(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.model_class(**cfg)
+        model.eval()
+        if dtype != torch.float32:
+            cast_floating_(model, dtype)
+        if torch.device(device) != torch.device("cpu"):
+            model.to(device)
+        return model
+
+    def hidden_size(self, config: Any) -> int:
+        """Width of the token stream (``heads x head_dim``), the D in LD."""
+        return int(_cfg(config, "num_attention_heads") * _cfg(config, "attention_head_dim"))
+
+    def num_tokens(self, config: Any, size: Size) -> int:
+        return self.num_tokens_fn(config, size)
+
+    def make_inputs(
+        self,
+        config: Any,
+        batch_size: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        text_tokens: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        masked: bool = False,
+    ) -> Inputs:
+        """Random forward kwargs for a generation of ``height x width (x num_frames)`` pixels.
+
+        Missing sizes default to the family's ``"tiny"`` size when ``config`` is small and to ``"default"``
+        otherwise. ``masked=True`` pads the last quarter of the text tokens out with the encoder mask, for
+        families whose forward takes one.
+        """
+        tiny = self.hidden_size(config) <= 256
+        base = self.size("tiny" if tiny else "default")
+        size = Size(height or base.height, width or base.width, num_frames or base.num_frames if self.video else 1)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        inputs = self.make_inputs_fn(
+            config=config,
+            batch=batch_size,
+            size=size,
+            text_tokens=text_tokens or (8 if tiny else self.text_tokens),
+            dtype=dtype,
+            device=torch.device(device),
+            generator=generator,
+            masked=masked,
+        )
+        inputs["return_dict"] = False
+        return inputs
+
+
+
+def cast_floating_(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast floating parameters/buffers to ``dtype`` in place, keeping ``_keep_in_fp32_modules`` in fp32.
+
+    Parameters are *replaced* (``p.data = ...``-free) so this also works on FakeTensor models, where
+    ``module.to(dtype)`` fails with ``Couldn't swap ... weakref`` (see research/profiler_anchors.md).
+    """
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+    def target_for(path: str) -> torch.dtype:
+        # Matched on every component of the tensor's path, like transformers' `_keep_in_fp32_modules` (this catches
+        # parameters named in the list, e.g. Wan's `blocks.0.scale_shift_table`, as well as modules).
+        return torch.float32 if keep.intersection(path.split(".")) else dtype
+
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, param in list(module._parameters.items()):
+            target = target_for(prefix + name)
+            if param is not None and param.is_floating_point() and param.dtype != target:
+                module._parameters[name] = torch.nn.Parameter(param.detach().to(target), param.requires_grad)
+        for name, buf in list(module._buffers.items()):
+            target = target_for(prefix + name)
+            if buf is not None and buf.is_floating_point() and buf.dtype != target:
+                module._buffers[name] = buf.to(target)
+    return model
+
+
+def _cfg(config: Any, key: str) -> Any:
+    return config[key] if isinstance(config, Mapping) else getattr(config, key)
+
+
+def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def _text_mask(batch: int, tokens: int, masked: bool, device: torch.device) -> torch.Tensor:
+    mask = torch.ones(batch, tokens, dtype=torch.long, device=device)
+    if masked:
+        mask[:, tokens - max(1, tokens // 4) :] = 0
+    return mask
+
+
+def _latent_frames(num_frames: int, temporal_ratio: int) -> int:
+    return (num_frames - 1) // temporal_ratio + 1
+
+
+def _check_divisible(family: str, size: Size, multiple: int) -> None:
+    if size.height % multiple or size.width % multiple:
+        raise ValueError(f"{family}: height and width must be multiples of {multiple}, got {size.height}x{size.width}")
+
+
+# ----------------------------------------------------------------------------------------------- Wan
+def _wan_tokens(config: Any, size: Size) -> int:
+    pt, ph, pw = _cfg(config, "patch_size")
+    return _latent_frames(size.num_frames, 4) // pt * (size.height // 8 // ph) * (size.width // 8 // pw)
+
+
+def _wan_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Wan T2V: latents (B, C, F', H/8, W/8), umT5 text states, integer timestep."""
+    _check_divisible("wan", size, 16)
+    latents = _randn(generator, batch, _cfg(config, "in_channels"), _latent_frames(size.num_frames, 4),
+                     size.height // 8, size.width // 8, dtype=dtype, device=device)
+    return {
+        "hidden_states": latents,
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_dim"), dtype=dtype,
+                                        device=device),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- Flux
+def _flux_tokens(config: Any, size: Size) -> int:
+    return (size.height // 16) * (size.width // 16)
+
+
+def _flux_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Flux: 2x2-packed latents (B, N, 64), T5 states, pooled CLIP, position ids, guidance for dev."""
+    _check_divisible("flux", size, 16)
+    h, w = size.height // 16, size.width // 16
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    inputs = {
+        "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
+                                        dtype=dtype, device=device),
+        "pooled_projections": _randn(generator, batch, _cfg(config, "pooled_projection_dim"), dtype=dtype,
+                                     device=device),
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),
+        "img_ids": img_ids.reshape(h * w, 3).to(device=device, dtype=dtype),
+        "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+    }
+    if _cfg(config, "guidance_embeds"):
+        inputs["guidance"] = torch.full((batch,), 3.5, dtype=torch.float32, device=device)
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------- HunyuanVideo
+def _hunyuan_tokens(config: Any, size: Size) -> int:
+    p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t")
+    return _latent_frames(size.num_frames, 4) // pt * (size.height // 8 // p) * (size.width // 8 // p)
+
+
+def _hunyuan_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """HunyuanVideo: latents (B, C, F', H/8, W/8), Llama states + encoder mask, pooled CLIP, guidance."""
+    _check_divisible("hunyuanvideo", size, 16)
+    latents = _randn(generator, batch, _cfg(config, "in_channels"), _latent_frames(size.num_frames, 4),
+                     size.height // 8, size.width // 8, dtype=dtype, device=device)
+    inputs = {
+        "hidden_states": latents,
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
+        "pooled_projections": _randn(generator, batch, _cfg(config, "pooled_projection_dim"), dtype=dtype,
+                                     device=device),
+    }
+    if _cfg(config, "guidance_embeds"):
+        inputs["guidance"] = torch.full((batch,), 6000.0, dtype=dtype, device=device)
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------- CogVideoX
+def _cogvideox_tokens(config: Any, size: Size) -> int:
+    p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t") or 1
+    frames = _latent_frames(size.num_frames, 4)
+    return math.ceil(frames / pt) * (size.height // 8 // p) * (size.width // 8 // p)
+
+
+def _cogvideox_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """CogVideoX: latents (B, F', C, H/8, W/8) (frames before channels), T5 states, timestep."""
+    _check_divisible("cogvideox", size, 16)
+    latents = _randn(generator, batch, _latent_frames(size.num_frames, 4), _cfg(config, "in_channels"),
+                     size.height // 8, size.width // 8, dtype=dtype, device=device)
+    return {
+        "hidden_states": latents,
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- LTX-Video
+def _ltx_tokens(config: Any, size: Size) -> int:
+    return _latent_frames(size.num_frames, 8) * (size.height // 32) * (size.width // 32)
+
+
+def _ltx_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """LTX-Video: packed latents (B, N, 128), T5 states + encoder mask, latent frames/height/width."""
+    _check_divisible("ltx", size, 32)
+    frames, h, w = _latent_frames(size.num_frames, 8), size.height // 32, size.width // 32
+    return {
+        "hidden_states": _randn(generator, batch, frames * h * w, _cfg(config, "in_channels"), dtype=dtype,
+                                device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "caption_channels"),
+                                        dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
+        "num_frames": frames,
+        "height": h,
+        "width": w,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- QwenImage
+def _qwenimage_tokens(config: Any, size: Size) -> int:
+    return (size.height // 16) * (size.width // 16)
+
+
+def _qwenimage_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """QwenImage: 2x2-packed latents (B, N, 64), Qwen2.5-VL states + encoder_hidden_states_mask, img_shapes."""
+    _check_divisible("qwenimage", size, 16)
+    h, w = size.height // 16, size.width // 16
+    return {
+        "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
+                                        dtype=dtype, device=device),
+        "encoder_hidden_states_mask": _text_mask(batch, text_tokens, masked, device),
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),
+        "img_shapes": [[(1, h, w)]] * batch,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- SD3
+def _sd3_tokens(config: Any, size: Size) -> int:
+    p = _cfg(config, "patch_size")
+    return (size.height // 8 // p) * (size.width // 8 // p)
+
+
+def _sd3_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """SD3: latents (B, C, H/8, W/8), CLIP+T5 joint states, pooled projections, timestep."""
+    _check_divisible("sd3", size, 16)
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                                dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
+                                        dtype=dtype, device=device),
+        "pooled_projections": _randn(generator, batch, _cfg(config, "pooled_projection_dim"), dtype=dtype,
+                                     device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- Mochi
+def _mochi_tokens(config: Any, size: Size) -> int:
+    p = _cfg(config, "patch_size")
+    return _latent_frames(size.num_frames, 6) * (size.height // 8 // p) * (size.width // 8 // p)
+
+
+def _mochi_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Mochi: latents (B, C, F', H/8, W/8), T5 states + encoder mask, timestep."""
+    _check_divisible("mochi", size, 16)
+    latents = _randn(generator, batch, _cfg(config, "in_channels"), _latent_frames(size.num_frames, 6),
+                     size.height // 8, size.width // 8, dtype=dtype, device=device)
+    return {
+        "hidden_states": latents,
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
+    }
+
+
+_TINY_HEADS = {"num_attention_heads": 2, "attention_head_dim": 16}
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in [
+        FamilySpec(
+            name="wan",
+            class_name="WanTransformer3DModel",
+            configs={
+                "full": {},  # class defaults are Wan2.1-T2V-14B
+                "1.3b": {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "text_dim": 24, "freq_dim": 16,
+                         "ffn_dim": 80, "num_layers": 2, "rope_max_seq_len": 64},
+            },
+            sizes={"default": Size(720, 1280, 81), "tiny": Size(48, 80, 5)},
+            extra_sizes={"480p": Size(480, 832, 81)},
+            text_tokens=512,
+            make_inputs_fn=_wan_inputs,
+            num_tokens_fn=_wan_tokens,
+        ),
+        FamilySpec(
+            name="flux",
+            class_name="FluxTransformer2DModel",
+            configs={
+                "full": {"guidance_embeds": True},  # FLUX.1-dev
+                "tiny": {**_TINY_HEADS, "in_channels": 16, "num_layers": 1, "num_single_layers": 2,
+                         "joint_attention_dim": 24, "pooled_projection_dim": 12, "guidance_embeds": True,
+                         "axes_dims_rope": (4, 6, 6)},
+            },
+            sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
+            text_tokens=512,
+            make_inputs_fn=_flux_inputs,
+            num_tokens_fn=_flux_tokens,
+            video=False,
+        ),
+        FamilySpec(
+            name="hunyuanvideo",
+            class_name="HunyuanVideoTransformer3DModel",
+            configs={
+                "full": {},  # class defaults are HunyuanVideo (13B)
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 1, "num_single_layers": 2,
+                         "num_refiner_layers": 1, "text_embed_dim": 24, "pooled_projection_dim": 12,
+                         "rope_axes_dim": (4, 6, 6)},
+            },
+            sizes={"default": Size(720, 1280, 129), "tiny": Size(48, 80, 5)},
+            extra_sizes={"544p": Size(544, 960, 129)},
+            text_tokens=256,
+            make_inputs_fn=_hunyuan_inputs,
+            num_tokens_fn=_hunyuan_tokens,
+            mask_key="encoder_attention_mask",
+        ),
+        FamilySpec(
+            name="cogvideox",
+            class_name="CogVideoXTransformer3DModel",
+            configs={
+                "full": {},  # class defaults are CogVideoX-2B
+                "5b": {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": False},
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "time_embed_dim": 16, "text_embed_dim": 24,
+                         "num_layers": 2, "sample_width": 10, "sample_height": 6, "sample_frames": 5,
+                         "max_text_seq_length": 8},
+            },
+            sizes={"default": Size(480, 720, 49), "tiny": Size(48, 80, 5)},
+            text_tokens=226,
+            make_inputs_fn=_cogvideox_inputs,
+            num_tokens_fn=_cogvideox_tokens,
+        ),
+        FamilySpec(
+            name="ltx",
+            class_name="LTXVideoTransformer3DModel",
+            configs={
+                "full": {},  # class defaults are LTX-Video 0.9 (2B)
+                "tiny": {**_TINY_HEADS, "in_channels": 8, "out_channels": 8, "cross_attention_dim": 32,
+                         "num_layers": 2, "caption_channels": 24},
+            },
+            sizes={"default": Size(512, 704, 161), "tiny": Size(96, 160, 9)},
+            text_tokens=128,
+            make_inputs_fn=_ltx_inputs,
+            num_tokens_fn=_ltx_tokens,
+            mask_key="encoder_attention_mask",
+        ),
+        FamilySpec(
+            name="qwenimage",
+            class_name="QwenImageTransformer2DModel",
+            configs={
+                "full": {},  # class defaults are Qwen-Image (20B)
+                "tiny": {**_TINY_HEADS, "in_channels": 16, "out_channels": 4, "num_layers": 2,
+                         "joint_attention_dim": 24, "axes_dims_rope": (4, 6, 6)},
+            },
+            sizes={"default": Size(1328, 1328), "tiny": Size(96, 80)},
+            text_tokens=256,
+            make_inputs_fn=_qwenimage_inputs,
+            num_tokens_fn=_qwenimage_tokens,
+            mask_key="encoder_hidden_states_mask",
+            video=False,
+        ),
+        FamilySpec(
+            name="sd3",
+            class_name="SD3Transformer2DModel",
+            configs={
+                "full": {"num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
+                         "pos_embed_max_size": 192},  # SD3-medium
+                "tiny": {**_TINY_HEADS, "sample_size": 16, "in_channels": 4, "out_channels": 4, "num_layers": 2,
+                         "joint_attention_dim": 24, "caption_projection_dim": 32, "pooled_projection_dim": 12,
+                         "pos_embed_max_size": 16},
+            },
+            sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
+            text_tokens=333,
+            make_inputs_fn=_sd3_inputs,
+            num_tokens_fn=_sd3_tokens,
+            video=False,
+        ),
+        FamilySpec(
+            name="mochi",
+            class_name="MochiTransformer3DModel",
+            configs={
+                "full": {},  # class defaults are Mochi-1 (10B)
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "num_layers": 2, "pooled_projection_dim": 16,
+                         "text_embed_dim": 24, "time_embed_dim": 16, "max_sequence_length": 8},
+            },
+            sizes={"default": Size(480, 848, 163), "tiny": Size(48, 80, 13)},
+            text_tokens=256,
+            make_inputs_fn=_mochi_inputs,
+            num_tokens_fn=_mochi_tokens,
+            mask_key="encoder_attention_mask",
+        ),
+    ]
+}
+
+
+def get_family(name_or_model: str | torch.nn.Module) -> FamilySpec:
+    """The :class:`FamilySpec` for a family name or a model instance (matched by its class name)."""
+    if isinstance(name_or_model, torch.nn.Module):
+        cls_name = type(name_or_model).__name__
+        for spec in FAMILIES.values():
+            if spec.class_name == cls_name:
+                return spec
+        raise ValueError(f"{cls_name} is not a family memopt knows; known classes: "
+                         f"{sorted(s.class_name for s in FAMILIES.values())}")
+    key = name_or_model.lower()
+    if key not in FAMILIES:
+        raise ValueError(f"unknown model family {name_or_model!r}; choose from {sorted(FAMILIES)}")
+    return FAMILIES[key]
