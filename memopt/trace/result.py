@@ -141,15 +141,19 @@ class MemoryTrace:
         The pickle opens in https://pytorch.org/memory_viz.
         """
         base = Path(path)
-        if base.suffix == ".json":
-            base = base.with_suffix("")
+        if base.name.endswith(".json"):
+            base = base.with_name(base.name[: -len(".json")])
         base.parent.mkdir(parents=True, exist_ok=True)
-        written = [base.with_suffix(".json")]
+
+        def sibling(suffix: str) -> Path:  # not with_suffix(): names like "wan-1.3b" contain dots
+            return base.with_name(base.name + suffix)
+
+        written = [sibling(".json")]
         written[0].write_text(json.dumps(self.to_dict(), separators=(",", ":")))
         if plot:
-            written.append(self.plot(base.with_suffix(".png")))
+            written.append(self.plot(sibling(".png")))
         if self.snapshot is not None:
-            snapshot_path = base.with_suffix(".pickle")
+            snapshot_path = sibling(".pickle")
             with open(snapshot_path, "wb") as handle:
                 pickle.dump(self.snapshot, handle)
             written.append(snapshot_path)
