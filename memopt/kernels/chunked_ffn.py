@@ -12,7 +12,6 @@ Where the kernel cannot run (no Triton, a CPU tensor without ``TRITON_INTERPRET=
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -124,30 +123,32 @@ def fused_ffn_available(
         >>> bool(availability), availability.reason  # doctest: +SKIP
         (False, 'the fused FeedForward kernel needs a CUDA GPU; ...')
     """
-    if importlib.util.find_spec("triton") is None:
-        return KernelAvailability(False, "Triton is not installed (pip install triton); use the PyTorch chunked FFN")
     try:
         kernels = _load_kernels()
+    except ImportError as error:
+        return KernelAvailability(
+            False, f"Triton is not importable ({error}); pip install triton, or use the PyTorch chunked FFN"
+        )
     except Exception as error:  # a broken Triton install must not break callers that only ask
         return KernelAvailability(False, f"Triton failed to import ({type(error).__name__}: {error})")
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return KernelAvailability(False, f"the fused FeedForward kernel supports CUDA devices only, got {device}")
     if kernels.INTERPRETED:
-        return KernelAvailability(True, "Triton interpreter (TRITON_INTERPRET=1): exact but slow, meant for tests")
+        return KernelAvailability(True, "Triton interpreter (TRITON_INTERPRET=1): correct but slow, meant for tests")
     if device.type == "cpu":
         return KernelAvailability(
             False,
             "the fused FeedForward kernel needs a CUDA GPU; on CPU it runs only under Triton's interpreter "
             "(TRITON_INTERPRET=1 set before memopt.kernels.fused_ffn is imported); use the PyTorch chunked FFN",
         )
-    if device.type != "cuda":
-        return KernelAvailability(False, f"the fused FeedForward kernel supports CUDA devices only, got {device}")
     if not torch.cuda.is_available():
         return KernelAvailability(False, f"{device} was requested but torch.cuda.is_available() is False")
     capability = torch.cuda.get_device_capability(device)
     if torch.version.hip is None and capability < (7, 5):
-        return KernelAvailability(False, f"the fused FeedForward kernel needs compute capability >= 7.5, got {capability}")
+        return KernelAvailability(False, f"the fused FFN kernel needs compute capability >= 7.5, got {capability}")
     if dtype == torch.bfloat16 and torch.version.hip is None and capability < (8, 0):
         return KernelAvailability(False, f"bfloat16 tensor-core GEMMs need compute capability >= 8.0, got {capability}")
     import triton
@@ -167,7 +168,7 @@ def _activate(value: torch.Tensor, gate: torch.Tensor | None, activation: str) -
 
 
 def _backward_chunk_size(plan: FusedFFNPlan, hidden: int) -> int:
-    """Hidden chunk of the recompute backward: the forward's chunk, or 1/WORKSPACE_FRACTION of F if it had one."""
+    """Hidden chunk of the recompute backward: the forward's chunk, or 1/WORKSPACE_FRACTION of F if it had none."""
     if plan.chunk_size < hidden:
         return plan.chunk_size
     return _round_up(-(-hidden // WORKSPACE_FRACTION), 64)
@@ -178,7 +179,9 @@ class FusedChunkedFFNFunction(torch.autograd.Function):
 
     Only ``x`` and the weights (the model's own parameters) are saved, so training keeps no ``(M, F)`` activation.
     The backward walks the hidden features in chunks over all tokens: each weight-gradient slice comes from one
-    GEMM over all tokens (as in PyTorch), and ``grad_x`` accumulates over chunks.
+    GEMM over all tokens (as in PyTorch), and ``grad_x`` accumulates over chunks. Its workspace is a few
+    ``(M, chunk)`` tensors (pre-activation, activation, their gradients); with the default chunk of ``F/8`` that is
+    about half of one unfused ``(M, F)`` intermediate.
     """
 
     @staticmethod

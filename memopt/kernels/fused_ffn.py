@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 from triton.runtime.interpreter import InterpretedFunction
 
 ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "geglu": 0, "swiglu": 2}
@@ -64,7 +65,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     num_weight_tiles = 2 if args.get("GATED", False) else 1
     element_size = args["x_ptr"].element_size() if "x_ptr" in args else args["h_ptr"].element_size()
     device = (args["x_ptr"] if "x_ptr" in args else args["h_ptr"]).device
-    max_shared = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    max_shared = driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
     kept = []
     for config in configs:
         block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
@@ -79,8 +80,8 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped tile order: GROUP_M row tiles sweep the columns together so their weight tiles stay in L2."""
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -98,14 +99,19 @@ _CONFIGS = _INTERPRETER_CONFIGS if INTERPRETED else _GPU_CONFIGS
 
 @triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
-    """Elementwise activation in fp32, matching torch.nn.functional (gelu erf / gelu tanh / silu)."""
+    """Elementwise activation in fp32, matching torch.nn.functional (gelu erf / gelu tanh / silu).
+
+    Only Triton builtins here and in the kernels (no ``tl.sigmoid`` / ``tl.cdiv`` / ``tl.zeros``): those are
+    ``@triton.jit`` functions of triton.language, compiled-only when Triton was imported before TRITON_INTERPRET was
+    set (diffusers imports Triton), so the interpreter could not call them.
+    """
     if ACTIVATION == 0:
         return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACTIVATION == 1:
-        # 0.5 * x * (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3); no tanh needed.
-        return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        # 0.5 * x * (1 + tanh(u)) == x * sigmoid(2u) with u = sqrt(2/pi) * (x + 0.044715 x^3).
+        return x / (1.0 + tl.exp(-1.5957691216057308 * (x + 0.044715 * x * x * x)))
     else:
-        return x * tl.sigmoid(x)
+        return x / (1.0 + tl.exp(-x))
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "GATED"], prune_configs_by={"early_config_prune": _prune_configs})
@@ -114,7 +120,8 @@ def _ffn_up_kernel(
     x_ptr, w_value_ptr, w_gate_ptr, b_value_ptr, b_gate_ptr, h_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_hm, stride_hn,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """h[M, N] = act(x[M, K] @ w_value[N, K].T + b_value), or for GATED value * act(gate) with both halves here."""
@@ -128,19 +135,24 @@ def _ffn_up_kernel(
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_offsets = offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
     w_value_ptrs = w_value_ptr + w_offsets
-    acc_value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_value = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     if GATED:
         w_gate_ptrs = w_gate_ptr + w_offsets
-        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        acc_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         k_mask = offs_k < K - k * BLOCK_K
         x_tile = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
         w_tile = tl.load(w_value_ptrs, mask=k_mask[:, None], other=0.0)
+        if DOT_IN_FP32:
+            x_tile = x_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
         acc_value = tl.dot(x_tile, w_tile, acc_value, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_value_ptrs += BLOCK_K * stride_wk
         if GATED:
             w_tile = tl.load(w_gate_ptrs, mask=k_mask[:, None], other=0.0)
+            if DOT_IN_FP32:
+                w_tile = w_tile.to(tl.float32)
             acc_gate = tl.dot(x_tile, w_tile, acc_gate, input_precision=INPUT_PRECISION)
             w_gate_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -166,7 +178,7 @@ def _ffn_down_kernel(
     h_ptr, w_ptr, b_ptr, acc_ptr, out_ptr,
     M, N, K,
     stride_hm, stride_hk, stride_wn, stride_wk, stride_b, stride_accm, stride_accn, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, LOAD_ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LOAD_ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """out[M, N] = h[M, K] @ w[N, K].T (+ acc[M, N] if LOAD_ACC) (+ b if HAS_BIAS), summed in fp32, cast on store."""
@@ -178,11 +190,14 @@ def _ffn_down_kernel(
     cols = offs_n % N
     h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_k[None, :] * stride_hk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         k_mask = offs_k < K - k * BLOCK_K
         h_tile = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
         w_tile = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        if DOT_IN_FP32:
+            h_tile = h_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
         acc = tl.dot(h_tile, w_tile, acc, input_precision=INPUT_PRECISION)
         h_ptrs += BLOCK_K * stride_hk
         w_ptrs += BLOCK_K * stride_wk
@@ -206,11 +221,12 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs follow PyTorch's matmul precision setting (tf32 only where PyTorch would use it)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+def _input_precision(dtype: torch.dtype) -> str | None:
+    """fp32 GEMMs follow PyTorch's matmul precision setting (tf32 only where PyTorch would use it); None keeps
+    Triton's default for 16-bit operands."""
+    if dtype != torch.float32:
+        return None
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def fused_ffn_forward(
@@ -243,6 +259,9 @@ def fused_ffn_forward(
     h_buffer = _empty((rows_per_block, chunk_size), dtype, device)
     acc_buffer = _empty((rows_per_block, out_features), torch.float32, device) if use_fp32_accumulator else None
     precision = _input_precision(dtype)
+    # Triton's interpreter multiplies the raw bits of bfloat16 dot operands (triton-lang/triton#11584): there the
+    # tiles go to fp32 first, which gives the GPU's result (exact products, fp32 sums).
+    dot_in_fp32 = INTERPRETED and dtype == torch.bfloat16
     b_stride1 = b1.stride(0) if b1 is not None else 0
     b_stride2 = b2.stride(0) if b2 is not None else 0
 
@@ -262,7 +281,7 @@ def fused_ffn_forward(
                 block_rows, width, in_features,
                 x_block.stride(0), x_block.stride(1), w1.stride(0), w1.stride(1), b_stride1, h.stride(0), h.stride(1),
                 HAS_BIAS=b1 is not None, ACTIVATION=ACTIVATION_IDS[activation], GATED=gated,
-                INPUT_PRECISION=precision,
+                INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32,
             )  # fmt: skip
             is_first, is_last = chunk_index == 0, chunk_index == num_chunks - 1
             target = out_block if is_last or not use_fp32_accumulator else acc_block
@@ -273,5 +292,6 @@ def fused_ffn_forward(
                 h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), b_stride2,
                 acc_block.stride(0), acc_block.stride(1), target.stride(0), target.stride(1),
                 HAS_BIAS=is_first and b2 is not None, LOAD_ACC=not is_first, INPUT_PRECISION=precision,
+                DOT_IN_FP32=dot_in_fp32,
             )  # fmt: skip
     return out
