@@ -1,0 +1,302 @@
+"""FeedForward split plans: which linears memopt shards and how, as data in the shape of diffusers' ``_tp_plan``.
+
+Two kinds of facts live here, both data rather than code paths:
+
+* **Model plans** (the *what*). A flat ``{module pattern: style}`` mapping exactly like diffusers' ``_tp_plan``
+  (``"blocks.*.ffn.net.0.proj": "colwise"``), with styles ``"colwise"`` / ``"rowwise"`` /
+  :class:`PackedColwiseParallel` / :class:`PackedRowwiseParallel` (diffusers' own marker classes). For models whose
+  class carries a ``_tp_plan`` (Flux, Flux2, QwenImage in diffusers 0.42) memopt reads that plan, so it shards
+  exactly what the real multi-GPU engine shards; :data:`FEEDFORWARD_PLANS` holds plans of the same shape for the
+  families without one. Only FeedForward entries matter to memopt; attention entries of a ``_tp_plan`` are ignored.
+* **Unit layouts** (the *shape* of one FeedForward-like module): which linear is the colwise input projection (and,
+  for gated activations, where its value and gate halves start), which activation runs between, which linear is the
+  rowwise output projection and at which input column its FeedForward block starts. :func:`feedforward_layout` knows
+  diffusers' ``FeedForward`` (every activation it builds), ``LuminaFeedForward``, ``Flux2FeedForward`` and the
+  parallel attention+MLP single-stream blocks of Flux and HunyuanVideo (``proj_mlp -> act_mlp -> cat with the
+  attention output -> proj_out``, where ``proj_out`` is ``PackedRowwiseParallel`` over ``[attention, mlp]``).
+
+A unit is chunked when every linear of its layout appears in the model plan with the style the layout implies
+(:func:`unit_plan`), so a plan handed to memopt reads the same as one handed to ``parallelize_module`` on N GPUs.
+
+Example::
+
+    from memopt.models import get_family
+    from memopt.plans import expand_plan, feedforward_plan
+
+    model = get_family("flux").build("tiny")
+    plan, source = feedforward_plan(model)           # FluxTransformer2DModel._tp_plan
+    print(source, expand_plan(model, plan)["single_transformer_blocks.0.proj_mlp"])   # colwise
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, Union
+
+import torch
+from diffusers.hooks.tensor_parallel import PackedColwiseParallel, PackedRowwiseParallel
+from diffusers.models.activations import GEGLU, GELU, ApproximateGELU, LinearActivation, SwiGLU
+from diffusers.models.attention import FeedForward, LuminaFeedForward
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from diffusers.models.transformers.transformer_flux2 import Flux2FeedForward
+from diffusers.models.transformers.transformer_hunyuan_video import (
+    HunyuanVideoSingleTransformerBlock,
+    HunyuanVideoTokenReplaceSingleTransformerBlock,
+)
+
+Style = Union[str, PackedColwiseParallel, PackedRowwiseParallel]
+"""A split style: ``"colwise"``, ``"rowwise"`` or one of diffusers' packed markers."""
+
+Plan = Mapping[str, Style]
+
+
+def _ffn(prefix: str, gated: bool = False) -> dict[str, Style]:
+    """The plan entries of a diffusers ``FeedForward`` at ``prefix`` (gated ones pack (value, gate) halves)."""
+    return {f"{prefix}.net.0.proj": PackedColwiseParallel([1, 1]) if gated else "colwise", f"{prefix}.net.2": "rowwise"}
+
+
+FEEDFORWARD_PLANS: dict[str, dict[str, Style]] = {
+    # Wan2.1 / 2.2: one gelu-tanh FeedForward per block.
+    "WanTransformer3DModel": _ffn("blocks.*.ffn"),
+    # HunyuanVideo: MMDiT blocks with image and text FeedForwards, then parallel attention+MLP single blocks.
+    # `proj_out` carries no `_tp_packed_row_blocks`; memopt then takes the blocks from the unit, i.e.
+    # [hidden, mlp_dim] (the input of proj_out is cat([attn_output, mlp_hidden_states])).
+    "HunyuanVideoTransformer3DModel": {
+        **_ffn("transformer_blocks.*.ff"),
+        **_ffn("transformer_blocks.*.ff_context"),
+        "single_transformer_blocks.*.proj_mlp": "colwise",
+        "single_transformer_blocks.*.proj_out": PackedRowwiseParallel(),
+    },
+    "CogVideoXTransformer3DModel": _ffn("transformer_blocks.*.ff"),
+    "LTXVideoTransformer3DModel": _ffn("transformer_blocks.*.ff"),
+    "SD3Transformer2DModel": {**_ffn("transformer_blocks.*.ff"), **_ffn("transformer_blocks.*.ff_context")},
+    # Mochi: SwiGLU FeedForwards, (value, gate) packed in net.0.proj like diffusers' SwiGLU.
+    "MochiTransformer3DModel": {
+        **_ffn("transformer_blocks.*.ff", gated=True),
+        **_ffn("transformer_blocks.*.ff_context", gated=True),
+    },
+}
+"""Model class name -> FeedForward split plan, for classes without a diffusers ``_tp_plan``. Small FeedForwards
+outside the transformer blocks (Wan's image embedder, HunyuanVideo's text token refiner) are left out on purpose:
+they see a few hundred text/image-embedding tokens, so chunking them only costs time; pass a plan to include them."""
+
+
+class UnsupportedFeedForward(Exception):
+    """A FeedForward-like module memopt cannot split; the message is the reason shown in the report."""
+
+
+@dataclass(frozen=True)
+class FeedForwardLayout:
+    """The structure of one FeedForward-like module, in paths relative to it (no tensors: weights are read per call).
+
+    Attributes:
+        up: ``(linear path, first row)`` of each ``F``-wide input-projection block, in the order the activation
+            takes them: one block, or ``(value, gate)`` for gated activations (halves of one packed linear, or two
+            linears).
+        activation: name of the activation between the projections (see ``memopt.hooks.feedforward``):
+            ``gelu``, ``gelu_tanh``, ``gelu_sigmoid``, ``silu``, ``relu``, ``mish``, ``geglu``, ``swiglu``,
+            ``swiglu_fp32``.
+        down: path of the output projection, sharded by input columns (rowwise).
+        down_offset: first input column of the FeedForward block in ``down`` (non-zero when ``down`` also consumes
+            an attention output concatenated in front, as in Flux's single blocks).
+        width: ``F``, the intermediate width after gating; this is what ``split="hidden"`` shards.
+        dropout: path of the dropout between the projections, if any.
+        final_dropout: path of the dropout after ``down``, if any.
+        ff_modules: paths of every submodule on the FeedForward path (whose forwards a chunked run replaces).
+    """
+
+    up: tuple[tuple[str, int], ...]
+    activation: str
+    down: str
+    down_offset: int
+    width: int
+    dropout: str | None = None
+    final_dropout: str | None = None
+    ff_modules: tuple[str, ...] = ()
+
+    @property
+    def gated(self) -> bool:
+        return len(self.up) == 2
+
+
+def base_linear(module: torch.nn.Module) -> torch.nn.Linear:
+    """The ``nn.Linear`` behind ``module`` (itself, or a peft LoRA layer's ``base_layer``)."""
+    base = getattr(module, "base_layer", module)
+    if not isinstance(base, torch.nn.Linear):
+        raise UnsupportedFeedForward(f"{type(module).__name__} is not an nn.Linear (nor a LoRA layer around one)")
+    return base
+
+
+def _activation_module_name(act: torch.nn.Module) -> str:
+    if type(act) is torch.nn.GELU:
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    names = {torch.nn.SiLU: "silu", torch.nn.ReLU: "relu", torch.nn.Mish: "mish"}
+    if type(act) not in names:
+        raise UnsupportedFeedForward(f"activation {type(act).__name__} is not supported")
+    return names[type(act)]
+
+
+def _feedforward(ff: FeedForward) -> FeedForwardLayout:
+    act = ff.net[0]
+    out_features = base_linear(act.proj).out_features
+    if type(act) is GELU:
+        up, activation = (("net.0.proj", 0),), "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    elif type(act) is ApproximateGELU:
+        up, activation = (("net.0.proj", 0),), "gelu_sigmoid"
+    elif type(act) is LinearActivation:
+        up, activation = (("net.0.proj", 0),), _activation_module_name(act.activation)
+    elif type(act) in (GEGLU, SwiGLU):
+        if type(act) is SwiGLU and type(act.activation) is not torch.nn.SiLU:
+            raise UnsupportedFeedForward(f"SwiGLU with activation {type(act.activation).__name__}")
+        # diffusers: `hidden_states, gate = proj(x).chunk(2, dim=-1)` -> value rows first, gate rows second.
+        out_features //= 2
+        up, activation = (("net.0.proj", 0), ("net.0.proj", out_features)), "geglu" if type(act) is GEGLU else "swiglu"
+    else:
+        raise UnsupportedFeedForward(f"FeedForward activation module {type(act).__name__} is not supported")
+    dropouts = [ff.net[1], *ff.net[3:]]
+    if len(ff.net) not in (3, 4) or any(type(m) is not torch.nn.Dropout for m in dropouts):
+        raise UnsupportedFeedForward(f"unexpected FeedForward.net layout {[type(m).__name__ for m in ff.net]}")
+    base_linear(ff.net[2])
+    return FeedForwardLayout(
+        up=up,
+        activation=activation,
+        down="net.2",
+        down_offset=0,
+        width=out_features,
+        dropout="net.1",
+        final_dropout="net.3" if len(ff.net) == 4 else None,
+        ff_modules=("net",),
+    )
+
+
+def _lumina(ff: LuminaFeedForward) -> FeedForwardLayout:
+    # forward: linear_2(FP32SiLU(linear_1(x)) * linear_3(x)) -> value = linear_3, gate = linear_1.
+    width = base_linear(ff.linear_1).out_features
+    return FeedForwardLayout(
+        up=(("linear_3", 0), ("linear_1", 0)),
+        activation="swiglu_fp32",
+        down="linear_2",
+        down_offset=0,
+        width=width,
+        ff_modules=("linear_1", "linear_2", "linear_3", "silu"),
+    )
+
+
+def _flux2(ff: Flux2FeedForward) -> FeedForwardLayout:
+    # Flux2SwiGLU: silu(x[..., :half]) * x[..., half:] -> gate rows first, value rows second.
+    if type(ff.act_fn.gate_fn) is not torch.nn.SiLU:
+        raise UnsupportedFeedForward(f"Flux2SwiGLU with gate {type(ff.act_fn.gate_fn).__name__}")
+    width = base_linear(ff.linear_in).out_features // 2
+    return FeedForwardLayout(
+        up=(("linear_in", width), ("linear_in", 0)),
+        activation="swiglu",
+        down="linear_out",
+        down_offset=0,
+        width=width,
+        ff_modules=("linear_in", "act_fn", "linear_out"),
+    )
+
+
+def _single_block(block: torch.nn.Module) -> FeedForwardLayout:
+    # proj_out(cat([attn_output, act_mlp(proj_mlp(norm_hidden_states))], dim=-1)): the MLP block of proj_out's input
+    # columns starts after the attention output's width.
+    width = base_linear(block.proj_mlp).out_features
+    return FeedForwardLayout(
+        up=(("proj_mlp", 0),),
+        activation=_activation_module_name(block.act_mlp),
+        down="proj_out",
+        down_offset=base_linear(block.proj_out).in_features - width,
+        width=width,
+        ff_modules=("proj_mlp", "act_mlp", "proj_out"),
+    )
+
+
+FEEDFORWARD_UNITS: dict[type, Callable[[torch.nn.Module], FeedForwardLayout]] = {
+    FeedForward: _feedforward,
+    LuminaFeedForward: _lumina,
+    Flux2FeedForward: _flux2,
+    FluxSingleTransformerBlock: _single_block,
+    HunyuanVideoSingleTransformerBlock: _single_block,
+    HunyuanVideoTokenReplaceSingleTransformerBlock: _single_block,
+}
+"""Module class (matched exactly: a subclass may change ``forward``) -> its :class:`FeedForwardLayout`."""
+
+
+def is_feedforward_unit(module: torch.nn.Module) -> bool:
+    return type(module) in FEEDFORWARD_UNITS
+
+
+def feedforward_layout(module: torch.nn.Module) -> FeedForwardLayout:
+    """The :class:`FeedForwardLayout` of a known FeedForward-like module; :class:`UnsupportedFeedForward` if none."""
+    resolver = FEEDFORWARD_UNITS.get(type(module))
+    if resolver is None:
+        raise UnsupportedFeedForward(f"{type(module).__name__} is not a FeedForward memopt knows")
+    return resolver(module)
+
+
+def unit_plan(layout: FeedForwardLayout) -> dict[str, Style]:
+    """The plan entries (relative to the unit) that shard ``layout``'s intermediate, in ``_tp_plan`` styles."""
+    plan: dict[str, Style] = {}
+    for path in dict.fromkeys(path for path, _ in layout.up):
+        halves = sum(1 for p, _ in layout.up if p == path)
+        plan[path] = "colwise" if halves == 1 else PackedColwiseParallel([1] * halves)
+    plan[layout.down] = "rowwise" if layout.down_offset == 0 else PackedRowwiseParallel(
+        [layout.down_offset, layout.width]
+    )
+    return plan
+
+
+def canonical_style(style: Style, linear: torch.nn.Module, default_blocks: list[int] | None = None) -> tuple:
+    """``(kind, block sizes)`` of ``style`` applied to ``linear``, so plans written differently compare equal.
+
+    Follows diffusers' rules: packed blocks are proportions of the sharded dimension, taken from the marker or, when
+    it has none, from the Linear's ``_tp_packed_col_blocks`` / ``_tp_packed_row_blocks`` attribute. memopt adds one
+    fallback, ``default_blocks`` (the unit's own blocks), for packed markers on Linears without that attribute.
+    """
+    base = base_linear(linear)
+    if style == "colwise":
+        return "colwise", (base.out_features,)
+    if style == "rowwise":
+        return "rowwise", (base.in_features,)
+    if isinstance(style, PackedColwiseParallel):
+        kind, total, attr = "colwise", base.out_features, "_tp_packed_col_blocks"
+    elif isinstance(style, PackedRowwiseParallel):
+        kind, total, attr = "rowwise", base.in_features, "_tp_packed_row_blocks"
+    else:
+        raise ValueError(f"unsupported split style {style!r}; expected 'colwise', 'rowwise' or a packed marker")
+    blocks = style.blocks or getattr(base, attr, None) or getattr(linear, attr, None) or default_blocks
+    if not blocks or total % sum(blocks):
+        return kind, ("unresolvable", tuple(blocks or ()))
+    unit = total // sum(blocks)
+    return kind, tuple(block * unit for block in blocks)
+
+
+def feedforward_plan(model: torch.nn.Module) -> tuple[dict[str, Style] | None, str]:
+    """The FeedForward plan for ``model`` and where it came from.
+
+    Returns the class's diffusers ``_tp_plan`` when it has one, else :data:`FEEDFORWARD_PLANS`' entry for the class,
+    else ``(None, ...)``, meaning every FeedForward-like module found by type is chunked.
+    """
+    cls = type(model)
+    tp_plan = getattr(cls, "_tp_plan", None)
+    if tp_plan:
+        return dict(tp_plan), f"{cls.__name__}._tp_plan"
+    if cls.__name__ in FEEDFORWARD_PLANS:
+        return dict(FEEDFORWARD_PLANS[cls.__name__]), f"memopt.plans.FEEDFORWARD_PLANS[{cls.__name__!r}]"
+    return None, "module types (no plan for this class)"
+
+
+def expand_plan(model: torch.nn.Module, plan: Plan) -> dict[str, Style]:
+    """Expand a plan's patterns to concrete module paths of ``model`` (``*`` matches one path component).
+
+    Patterns that match nothing (a module the config does not build, e.g. the last SD3 block's ``ff_context``) are
+    dropped, as they would be for a plan applied to that config on N GPUs.
+    """
+    compiled = [(re.compile(re.escape(pattern).replace(r"\*", r"[^.]+")), style) for pattern, style in plan.items()]
+    expanded: dict[str, Style] = {}
+    for path, _ in model.named_modules():
+        for regex, style in compiled:
+            if regex.fullmatch(path):
+                expanded[path] = style
+    return expanded
