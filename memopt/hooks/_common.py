@@ -29,12 +29,17 @@ def register_memopt_hook(module: torch.nn.Module, hook: ModelHook, name: str) ->
 
 
 def iter_memopt_hooks(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str]]:
-    """Yield ``(module_path, submodule, hook_name)`` for every memopt hook under ``module``."""
+    """Yield ``(module_path, submodule, hook_name)`` for every memopt hook under ``module``.
+
+    Per module, hooks come outermost first (the reverse of registration), the order in which they can be removed:
+    ``HookRegistry.remove_hook`` splices a hook out by re-pointing the hook registered after it, so removing an inner
+    hook first would leave the outer one calling into the removed one.
+    """
     for path, submodule in module.named_modules():
         registry = getattr(submodule, "_diffusers_hook", None)
         if registry is None:
             continue
-        for hook_name in list(registry.hooks):
+        for hook_name in reversed(list(registry._hook_order)):
             if hook_name.startswith(HOOK_PREFIX):
                 yield path, submodule, hook_name
 

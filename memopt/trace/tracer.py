@@ -117,6 +117,7 @@ class MemoryTracer:
         )
         self._cuda = use_cuda
         self.baseline_bytes = self._unique_bytes(external, rounded=not use_cuda)
+        self._thread = threading.get_ident()
         hooks = self._install_module_hooks()
         _ACTIVE.tracer = self
         gc_was_enabled = gc.isenabled()
@@ -178,7 +179,10 @@ class MemoryTracer:
         return name or "<root>"
 
     def _install_module_hooks(self) -> list[Any]:
+        # Global hooks see every thread's modules; only this thread's calls belong to the trace.
         def pre_hook(module: torch.nn.Module, args: Any) -> None:
+            if threading.get_ident() != self._thread:
+                return
             name = self._module_name(module)
             self._stack.append(name)
             self._entry_live.append(self._current_live())
@@ -186,7 +190,7 @@ class MemoryTracer:
 
         def post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             # always_call=True: runs on exceptions too, so the stack never goes stale.
-            if self._stack:
+            if threading.get_ident() == self._thread and self._stack:
                 self._stack.pop()
                 self._entry_live.pop()
 

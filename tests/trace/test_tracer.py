@@ -90,7 +90,7 @@ def test_error_leaves_nothing_installed_and_reraises() -> None:
 
     class Boom(torch.nn.Module):
         def forward(self, x):
-            y = x * 2
+            x.mul(2)  # allocate something before failing
             raise KeyError("boom inside the module")
 
     with pytest.raises(KeyError, match="boom inside the module"):

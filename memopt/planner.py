@@ -1,0 +1,794 @@
+"""Budget -> plan: chunk counts and offloading for one denoiser, chosen from simulated traces at the real shapes.
+
+How a plan is made (:func:`plan_denoiser`):
+
+1. **Simulate, don't guess.** A fake copy of the denoiser is built from its config (``type(model).from_config``
+   under ``FakeTensorMode``, same dtype: nothing is allocated and the real weights are not touched), each candidate
+   chunking is applied to it with memopt's own ``apply_*`` functions, and :func:`memopt.simulate` traces one forward
+   on fake inputs with the shapes of the real call. The activation peak is therefore the tracer's exact storage
+   count for this model class, size and chunking, not a formula. For the families in :data:`REPEATED_LAYERS` the
+   copy has two blocks per block list instead of 40: the blocks are identical and the residual stream has the same
+   size after every block, so the activation peak does not depend on the depth (checked against full-depth traces
+   in ``tests/test_planner.py``), and a simulation takes seconds at 720p instead of minutes.
+2. **Weights on the device** follow from the module tree (:func:`memopt.hooks.offload.offload_groups`), per phase
+   of the forward (:func:`phase_weights`): all of them when the denoiser is resident; with block-level group
+   offloading and a prefetch stream, the top-level group plus, inside a block list, the block computing and the next
+   one arriving (at most the largest block twice), before the first block the prefetched first block, and after the
+   last block nothing else.
+3. **Predicted peak** = other resident components + inputs + the largest (weights + activations) over the phases,
+   with the activation peak of each phase taken from the simulated timeline.
+4. **Predicted time** from a roofline-style model (:class:`DeviceProfile`): FLOPs counted by
+   ``torch.utils.flop_counter`` on the same simulated forward (so the pre-attention work sequence chunking re-runs is
+   in it), plus a fixed cost per aten op (chunking multiplies small ops), plus the transfer time group offloading
+   cannot hide behind a block's compute. It is a model for *ranking* plans; ``benchmarks/gpu_pipeline.py`` measures.
+5. **Choice**: among (resident | offloaded) x (no chunking, FeedForward shards, sequence chunks, both), the plan that
+   fits the budget with the least predicted time. Memory falls monotonically with the chunk count, so each series is
+   walked upwards until it fits. If nothing fits, :class:`BudgetError` says the smallest peak memopt can reach and
+   what dominates it.
+
+Example::
+
+    import torch
+    from memopt.models import get_family
+    from memopt.planner import plan_denoiser
+
+    spec = get_family("wan")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=1, height=96, width=160, num_frames=9)
+    plan = plan_denoiser(model, (), inputs, budget="320KiB", device="cpu")
+    print(plan)                      # chunking chosen, predicted peak and slowdown
+    plan.apply(model)                # the hooks; the forward is unchanged up to float reordering
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .hooks._common import remove_memopt_hooks
+from .hooks.offload import OffloadConfig, OffloadGroups, apply_offloading, module_bytes, offload_groups, place_on
+
+GIB = 1024**3
+
+REPEATED_LAYERS: dict[str, dict[str, str]] = {
+    "WanTransformer3DModel": {"num_layers": "blocks"},
+    "FluxTransformer2DModel": {"num_layers": "transformer_blocks", "num_single_layers": "single_transformer_blocks"},
+    "HunyuanVideoTransformer3DModel": {"num_layers": "transformer_blocks",
+                                       "num_single_layers": "single_transformer_blocks"},
+    "CogVideoXTransformer3DModel": {"num_layers": "transformer_blocks"},
+    "LTXVideoTransformer3DModel": {"num_layers": "transformer_blocks"},
+    "QwenImageTransformer2DModel": {"num_layers": "transformer_blocks"},
+    "SD3Transformer2DModel": {"num_layers": "transformer_blocks"},
+    "MochiTransformer3DModel": {"num_layers": "transformer_blocks"},
+}
+"""Per class: config key -> the ``ModuleList`` of identical blocks it sizes. Simulations keep
+:data:`SIMULATED_BLOCKS` of each list and scale FLOPs and op counts to the real depth."""
+
+SIMULATED_BLOCKS = 2
+"""Blocks kept per list in a simulation: a first and a last block, which can differ from the others (the first gets
+the patch embedding's output, which may be a non-contiguous view; the last is built without the text-stream update
+in SD3 and Mochi, and its output is what a chunked output head reads). Middle blocks repeat the first."""
+
+FEEDFORWARD_SERIES = (2, 4, 8)
+SEQUENCE_SERIES = (2, 4, 8, 16, 32, 64)
+SEQUENCE_FEEDFORWARD_SERIES = (2, 4, 8)
+SEQUENCE_FEEDFORWARD_CHUNKS = 4
+"""FeedForward shards combined with a few sequence chunks, where one chunk's FF intermediate can still be the largest
+tensor of a block (with more chunks it is small anyway, and the shards would only add ops)."""
+
+
+# ------------------------------------------------------------------------------------------------ units
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_budget(budget: int | float | str) -> int:
+    """Bytes from ``8589934592``, ``"8GiB"``, ``"8 GiB"``, ``"8GB"`` (10^9), ``"8G"`` (binary), ``"512MiB"``.
+
+    Raises ``ValueError`` for anything else (a negative or zero amount, an unknown unit).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise TypeError(f"budget must be a number of bytes or a string like '8GiB', got {type(budget).__name__}")
+    if isinstance(budget, str):
+        match = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"cannot read the budget {budget!r}: use bytes (an int) or a number with one of the units "
+                             "B, KiB, MiB, GiB, TiB (binary; K/M/G/T too) or KB, MB, GB, TB (decimal), e.g. '8GiB'")
+        value = float(match.group(1)) * _UNITS[unit]
+    else:
+        value = float(budget)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"the budget must be a positive amount of memory, got {budget!r}")
+    return int(value)
+
+
+def format_bytes(nbytes: int | float) -> str:
+    """``1.50 GiB``, ``12.0 MiB``, ``512 B``: binary units, three significant digits."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------------------ time model
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Speeds of the time model (:func:`estimate_time`).
+
+    Attributes:
+        name: what the numbers describe (``"H100 defaults"``, ``"measured on NVIDIA H100 80GB HBM3"``).
+        flops_per_s: sustained dense-matmul throughput at the model's dtype.
+        h2d_bytes_per_s: host-to-device copy bandwidth from pinned memory (what group offloading moves).
+        op_overhead_s: fixed cost per aten op (dispatch and kernel launch); what many small chunks pay for.
+    """
+
+    name: str
+    flops_per_s: float
+    h2d_bytes_per_s: float
+    op_overhead_s: float
+
+    @classmethod
+    def defaults(cls, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> "DeviceProfile":
+        """Typical figures: an H100 over PCIe 5 for CUDA (400 TFLOP/s bf16, 50 TFLOP/s fp32, 25 GB/s pinned H2D,
+        8 us per op); 2 core-years-old CPU figures otherwise (only used to rank chunkings there)."""
+        if torch.device(device).type == "cuda":
+            flops = 4e14 if dtype in (torch.bfloat16, torch.float16) else 5e13
+            return cls("H100 defaults", flops, 2.5e10, 8e-6)
+        return cls("CPU defaults", 1e11, 1e10, 2e-5)
+
+    @classmethod
+    def measure(cls, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> "DeviceProfile":
+        """Measure matmul throughput, pinned H2D bandwidth and per-op overhead on a CUDA device (about 0.3 s)."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return cls.defaults(device, dtype)
+        a = torch.randn(8192, 8192, device=device, dtype=dtype)
+        host = torch.empty(256 * 1024**2, dtype=torch.uint8).pin_memory()
+
+        def timed(fn: Callable[[], Any], repeats: int) -> float:
+            fn()
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            torch.cuda.synchronize(device)
+            return (time.perf_counter() - start) / repeats
+
+        matmul = timed(lambda: a @ a, 10)
+        copy = timed(lambda: host.to(device, non_blocking=True), 4)
+        small = torch.ones(16, device=device)
+        op = timed(lambda: small.add_(1), 200)
+        flops, copy_bytes = 2 * 8192**3 / matmul, host.numel() / copy
+        del a, host, small
+        torch.cuda.empty_cache()
+        return cls(f"measured on {torch.cuda.get_device_name(device)}", flops, copy_bytes, op)
+
+
+# ------------------------------------------------------------------------------------------------ chunking
+@dataclass(frozen=True)
+class Chunking:
+    """The memopt hooks a plan puts on a denoiser (0 = that hook is not used).
+
+    Attributes:
+        sequence_chunks: ``apply_sequence_chunking(model, num_chunks=...)``: every block runs over this many
+            sequence chunks, one after another; attention still sees every chunk's keys and values.
+        feedforward_chunks: ``apply_chunked_feedforward(model, num_chunks=..., split="hidden")``: every FeedForward
+            runs as this many TP-equivalent shards of its hidden width, accumulated into one output.
+        chunk_tail: with sequence chunks, also run the output head (norm, modulation, projection after the last
+            block) chunk by chunk (``apply_sequence_chunking(chunk_tail=...)``). The head is chunked by re-running
+            the model's forward per chunk with the blocks answering from the saved last output, so every block is
+            *called* again per chunk: with group offloading that would onload every block again, so offloaded plans
+            keep the head whole (it then runs with only the top-level weights on the device).
+    """
+
+    sequence_chunks: int = 0
+    feedforward_chunks: int = 0
+    chunk_tail: bool = True
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.sequence_chunks or self.feedforward_chunks)
+
+    def describe(self) -> str:
+        parts = []
+        if self.sequence_chunks:
+            head = "" if self.chunk_tail else " (output head whole)"
+            parts.append(f"{self.sequence_chunks} sequence chunks{head}")
+        if self.feedforward_chunks:
+            parts.append(f"FeedForward in {self.feedforward_chunks} hidden shards")
+        return " + ".join(parts) or "no chunking"
+
+    def apply(self, model: torch.nn.Module) -> list[Any]:
+        """Register the hooks on ``model``; return the ``apply_*`` reports."""
+        reports = []
+        # FeedForward first: where its hook sits on a whole block (Flux / HunyuanVideo single blocks) the sequence
+        # hook must wrap it, so each sequence chunk runs the sharded FeedForward (the other way round the
+        # FeedForward hook sees a forward-replacing hook inside it and runs unchunked).
+        if self.feedforward_chunks:
+            from .hooks.feedforward import apply_chunked_feedforward
+
+            reports.append(apply_chunked_feedforward(model, num_chunks=self.feedforward_chunks, split="hidden"))
+        if self.sequence_chunks:
+            from .hooks.sequence import apply_sequence_chunking
+
+            reports.append(apply_sequence_chunking(model, num_chunks=self.sequence_chunks, chunk_tail=self.chunk_tail))
+        return reports
+
+
+def candidate_series(tokens: int | None = None) -> list[list[Chunking]]:
+    """The chunkings the planner tries, as series ordered by increasing chunk count (memory falls along each).
+
+    ``tokens`` (image tokens per sample) caps the sequence chunk counts: more chunks than tokens run as one chunk per
+    token, the same as ``tokens`` chunks.
+    """
+    def counts(series: tuple[int, ...]) -> list[int]:
+        return [n for n in series if tokens is None or n <= tokens]
+
+    return [
+        [Chunking()],
+        [Chunking(feedforward_chunks=k) for k in FEEDFORWARD_SERIES],
+        [Chunking(sequence_chunks=n) for n in counts(SEQUENCE_SERIES)],
+        [Chunking(sequence_chunks=n, feedforward_chunks=SEQUENCE_FEEDFORWARD_CHUNKS)
+         for n in counts(SEQUENCE_FEEDFORWARD_SERIES)],
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ simulation
+@dataclass(frozen=True)
+class PhasePeak:
+    """The largest activation footprint within one phase of the forward, and where it is."""
+
+    bytes: int
+    module: str
+    op: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One chunking simulated at the real input shapes.
+
+    Attributes:
+        chunking: what was applied to the fake copy.
+        phases: activation peak per phase of the forward, in execution order: ``"before"`` the first block,
+            each block list (``"blocks"``, ``"transformer_blocks"``, ...), ``"between"`` two lists, ``"after"``
+            the last block. With offloading, each phase has different weights on the device.
+        flops: FLOPs of the forward at the real depth (the simulated depth scaled per block list).
+        num_ops: aten ops of the forward at the real depth.
+        block_flops / block_ops: per block list, one block's FLOPs and ops (for the offloading overlap).
+        error: why the chunking could not be applied to this model (then the other fields are meaningless).
+    """
+
+    chunking: Chunking
+    phases: dict[str, PhasePeak] = field(default_factory=dict)
+    flops: float = 0.0
+    num_ops: int = 0
+    block_flops: dict[str, float] = field(default_factory=dict)
+    block_ops: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def activation(self) -> PhasePeak:
+        """The activation peak of the whole forward (the tracer's ``peak_bytes``)."""
+        return max(self.phases.values(), key=lambda peak: peak.bytes, default=PhasePeak(0, "", ""))
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype most floating-point weight bytes have (what the model computes in)."""
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def input_bytes(args: Any, kwargs: Any) -> int:
+    """Bytes of the distinct tensor storages among the forward's inputs."""
+    seen: dict[Any, int] = {}
+    for leaf in tree_flatten((args, kwargs))[0]:
+        if isinstance(leaf, torch.Tensor):
+            storage = leaf.untyped_storage()
+            seen[storage._cdata] = storage.nbytes()
+    return sum(seen.values())
+
+
+def block_lists(model: torch.nn.Module) -> list[str]:
+    """Names of the model's top-level ``ModuleList``/``Sequential`` children: the lists group offloading cuts."""
+    return [name for name, child in model.named_children()
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))]
+
+
+def _reduced_config(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+    """The config to simulate with and, per block list, (real depth, simulated depth)."""
+    config = {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
+    depths: dict[str, tuple[int, int]] = {}
+    for key, list_name in REPEATED_LAYERS.get(type(model).__name__, {}).items():
+        blocks = getattr(model, list_name, None)
+        if key in config and isinstance(blocks, torch.nn.ModuleList) and len(blocks) == config[key]:
+            config[key] = min(config[key], SIMULATED_BLOCKS)
+            depths[list_name] = (len(blocks), config[key])
+    return config, depths
+
+
+def _phases(modules: list[str], live_bytes: list[int], ops: list[str], lists: list[str]) -> dict[str, PhasePeak]:
+    """Split the timeline into before / each block list / between / after and take each phase's peak."""
+    def list_of(path: str) -> str | None:
+        for name in lists:
+            if path.startswith(name + "."):
+                return name
+        return None
+
+    owners = [list_of(path) for path in modules]
+    inside = [index for index, owner in enumerate(owners) if owner is not None]
+    first, last = (inside[0], inside[-1]) if inside else (len(modules), -1)
+    peaks: dict[str, PhasePeak] = {}
+    for index, (owner, path, live, op) in enumerate(zip(owners, modules, live_bytes, ops)):
+        phase = owner or ("before" if index < first else "after" if index > last else "between")
+        if phase not in peaks or live > peaks[phase].bytes:
+            peaks[phase] = PhasePeak(live, path, op)
+    return peaks
+
+
+def simulate_chunking(
+    model: torch.nn.Module,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    chunking: Chunking,
+    dtype: torch.dtype | None = None,
+    round_to: int = 1,
+) -> Estimate:
+    """Trace one forward of a fake copy of ``model`` with ``chunking`` applied, on fake inputs shaped like ``args`` /
+    ``kwargs`` (real or fake tensors; only their shapes and dtypes are used)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from .trace import simulate
+
+    dtype = dtype or model_dtype(model)
+    config, depths = _reduced_config(model)
+    names = list(_positional_names(model))
+    if len(args) > len(names):
+        raise TypeError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+    built: list[torch.nn.Module] = []
+
+    def build() -> torch.nn.Module:
+        copy = type(model).from_config(config).eval()
+        built.append(copy)
+        return copy
+
+    def fake_inputs(_: torch.nn.Module) -> dict[str, Any]:
+        def like(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device="cpu")
+            return value
+
+        fake_args, fake_kwargs = tree_map(like, (tuple(args), dict(kwargs)))
+        return {**dict(zip(names, fake_args)), **fake_kwargs}
+
+    # Ops torch has no FLOP formula for: the CPU flash kernel the fake forward takes (counted like the CUDA ones)
+    # and the in-place matmul accumulation of TP-equivalent FeedForward shards.
+    def cpu_flash_flops(query_shape, key_shape, value_shape, *_, **__) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def addmm_flops(self_shape, a_shape, b_shape, *_, **__) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    def baddbmm_flops(self_shape, a_shape, b_shape, *_, **__) -> int:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flops,
+        torch.ops.aten.addmm_: addmm_flops, torch.ops.aten.baddbmm_: baddbmm_flops})
+    try:
+        with counter:
+            trace = simulate(build, fake_inputs, dtype=dtype, prepare=chunking.apply, round_to=round_to,
+                             name=chunking.describe())
+    except (NotImplementedError, ValueError, TypeError) as error:  # a hook that does not support this model
+        return Estimate(chunking, error=f"{type(error).__name__}: {error}")
+    finally:
+        for copy in built:
+            remove_memopt_hooks(copy)  # hooks may hold global interception state until removed
+    prefix = type(model).__name__
+    flop_counts = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+    flops = float(flop_counts.get("Global", 0))
+    num_ops = trace.num_ops
+    block_flops: dict[str, float] = {}
+    block_ops: dict[str, int] = {}
+    for list_name, (real, simulated) in depths.items():
+        first = f"{list_name}.0"
+        block_flops[list_name] = float(flop_counts.get(f"{prefix}.{first}", 0))
+        block_ops[list_name] = sum(1 for module in trace.modules if module == first or module.startswith(first + "."))
+        flops += (real - simulated) * block_flops[list_name]
+        num_ops += (real - simulated) * block_ops[list_name]
+    phases = _phases(trace.modules, trace.live_bytes, trace.ops, block_lists(model))
+    return Estimate(chunking, phases, flops, num_ops, block_flops, block_ops)
+
+
+def _positional_names(model: torch.nn.Module) -> Iterable[str]:
+    forward = getattr(type(model), "forward")
+    for name, param in list(inspect.signature(forward).parameters.items())[1:]:
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            yield name
+
+
+def phase_weights(groups: OffloadGroups, offload: OffloadConfig | None, phases: Iterable[str]) -> dict[str, int]:
+    """Weight bytes on the device in each phase of the forward.
+
+    Resident: all of them throughout. Block-level offloading: the top-level group throughout, plus, in a block list,
+    the block computing and (with a prefetch stream) the next one, which is the list's next block or the first of
+    the next list; before the first block, the first block (prefetched while the embedders run); after the last
+    block, nothing else (each block is offloaded when it returns). Between two lists, conservatively two of the
+    largest blocks.
+    """
+    phases = list(phases)
+    if offload is None:
+        return {phase: groups.total_bytes for phase in phases}
+    stream = 1 if offload.use_stream else 0
+    largest: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for label, nbytes in groups.groups:
+        list_name = label.rsplit(".", 1)[0]
+        largest[list_name] = max(largest.get(list_name, 0), nbytes)
+        counts[list_name] = counts.get(list_name, 0) + 1
+    lists = [phase for phase in phases if phase in largest]
+    top, overall = groups.top_level_bytes, groups.largest[1]
+    weights = {"before": top + stream * (largest[lists[0]] if lists else 0), "after": top,
+               "between": top + (1 + stream) * overall}
+    for position, name in enumerate(lists):
+        following = largest[lists[position + 1]] if position + 1 < len(lists) else 0
+        same = largest[name] if counts[name] > 1 else 0
+        weights[name] = top + largest[name] + stream * max(same, following)
+    return {phase: weights.get(phase, top + (1 + stream) * overall) for phase in phases}
+
+
+def estimate_time(estimate: Estimate, profile: DeviceProfile, groups: OffloadGroups | None,
+                  offload: OffloadConfig | None) -> float:
+    """Predicted seconds of one forward: compute (FLOPs and ops) plus the weight transfers compute cannot hide."""
+    compute = estimate.flops / profile.flops_per_s + estimate.num_ops * profile.op_overhead_s
+    if offload is None or groups is None:
+        return compute
+    bandwidth = profile.h2d_bytes_per_s
+    if not offload.use_stream:
+        return compute + groups.total_bytes / bandwidth
+    exposed = groups.top_level_bytes / bandwidth  # onloaded synchronously on entry
+    for name, nbytes in groups.groups:
+        list_name = name.rsplit(".", 1)[0]
+        block = (estimate.block_flops.get(list_name, 0.0) / profile.flops_per_s
+                 + estimate.block_ops.get(list_name, 0) * profile.op_overhead_s)
+        exposed += max(0.0, nbytes / bandwidth - block)  # the next block arrives while this one computes
+    return compute + exposed
+
+
+# ------------------------------------------------------------------------------------------------ plans
+class BudgetError(ValueError):
+    """Nothing memopt can do fits the budget; the message says the smallest reachable peak and what dominates it."""
+
+
+@dataclass
+class Option:
+    """One (placement, chunking) combination the planner considered, with its predicted peak.
+
+    Attributes:
+        chunking / offload: the combination (``offload=None``: the weights are not offloaded).
+        phase: the phase of the forward where the predicted peak is.
+        weight_bytes / activation_bytes: weights on the device and activations at that moment.
+        peak_bytes: ``other resident + inputs + weights + activations`` at that moment.
+        bound_bytes: the same with the most weights of any phase and the largest activations of any phase (the
+            phase-blind upper bound: 2 x largest block + top-level group + activation peak with streams).
+        time_s: the time model's forward time.
+        peak: where the activations of ``phase`` peak.
+    """
+
+    chunking: Chunking
+    offload: OffloadConfig | None
+    phase: str
+    weight_bytes: int
+    activation_bytes: int
+    peak_bytes: int
+    bound_bytes: int
+    time_s: float
+    peak: PhasePeak
+
+    @property
+    def placement(self) -> str:
+        return "offloaded" if self.offload is not None else "resident"
+
+
+def _option(estimate: Estimate, groups: OffloadGroups, offload: OffloadConfig | None, fixed: int,
+            profile: DeviceProfile) -> Option:
+    weights = phase_weights(groups, offload, estimate.phases)
+    phase = max(estimate.phases, key=lambda name: weights[name] + estimate.phases[name].bytes)
+    peak = estimate.phases[phase]
+    bound = fixed + max(weights.values()) + estimate.activation.bytes
+    return Option(estimate.chunking, offload, phase, weights[phase], peak.bytes, fixed + weights[phase] + peak.bytes,
+                  bound, estimate_time(estimate, profile, groups, offload), peak)
+
+
+@dataclass
+class DenoiserPlan:
+    """What the planner chose for one denoiser, and the numbers it chose by.
+
+    Attributes:
+        chunking: memopt hooks to apply.
+        offload: diffusers group offloading to apply after them (``None``: not offloaded).
+        device: the device the forward runs on.
+        move_to_device: make the denoiser resident on ``device`` (``False`` on the CPU: nothing moves).
+        budget_bytes: the budget planned for (the whole device, other resident components included).
+        other_resident_bytes: other components' weights on the device during this forward.
+        weight_bytes: the denoiser's weights.
+        input_bytes: the forward's inputs.
+        option: the chosen option (its phase, weights and activations at the predicted peak).
+        activation: the activation peak of the whole forward with ``chunking`` (for LD).
+        baseline_time_s: the time model's forward time of the unmodified model kept resident.
+        shapes: the input shapes planned for.
+        groups: the offloading groups of the denoiser.
+        considered: every option evaluated.
+        profile: the time model's speeds.
+        tokens / hidden_size / element_size: for LD = tokens x hidden x bytes per element (known families).
+        reports: the ``apply_*`` reports once applied.
+        note: why nothing was moved, when nothing was.
+        planning_seconds: how long planning took (simulations included).
+    """
+
+    chunking: Chunking
+    offload: OffloadConfig | None
+    device: torch.device
+    move_to_device: bool
+    budget_bytes: int
+    other_resident_bytes: int
+    weight_bytes: int
+    input_bytes: int
+    option: Option
+    activation: PhasePeak
+    baseline_time_s: float
+    shapes: dict[str, tuple[int, ...]]
+    groups: OffloadGroups
+    considered: list[Option]
+    profile: DeviceProfile
+    tokens: int | None = None
+    hidden_size: int | None = None
+    element_size: int = 2
+    reports: list[Any] = field(default_factory=list)
+    note: str = ""
+    planning_seconds: float = 0.0
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return self.option.peak_bytes
+
+    @property
+    def predicted_time_s(self) -> float:
+        return self.option.time_s
+
+    @property
+    def predicted_slowdown(self) -> float:
+        return self.predicted_time_s / self.baseline_time_s if self.baseline_time_s else 1.0
+
+    def ld(self, nbytes: int) -> float | None:
+        if not self.tokens or not self.hidden_size:
+            return None
+        return nbytes / (self.tokens * self.hidden_size * self.element_size)
+
+    def describe_placement(self) -> str:
+        if self.offload is not None:
+            return f"{self.offload.describe()}, {len(self.groups.groups)} groups"
+        if self.move_to_device:
+            return f"resident on {self.device}"
+        return f"stays on {self.device}"
+
+    def peak_line(self) -> str:
+        option = self.option
+        ld = self.ld(option.activation_bytes)
+        ld_text = f", {ld:.1f} LD" if ld is not None else ""
+        others = f" + other components {format_bytes(self.other_resident_bytes)}" if self.other_resident_bytes else ""
+        where = f"{option.peak.module or '<top level>'} {option.peak.op}"
+        return (f"predicted peak {format_bytes(option.peak_bytes)} of {format_bytes(self.budget_bytes)} "
+                f"({option.phase} phase): weights {format_bytes(option.weight_bytes)} + inputs "
+                f"{format_bytes(self.input_bytes)} + activations {format_bytes(option.activation_bytes)}{ld_text} at "
+                f"{where}{others}")
+
+    def time_line(self) -> str:
+        shape = self.shapes.get("hidden_states")
+        at = f"hidden_states {tuple(shape)}" if shape is not None else "the call's shapes"
+        return (f"predicted time x{self.predicted_slowdown:.2f} of the unmodified model kept resident "
+                f"({self.profile.name}; {len(self.considered)} options simulated at {at} in "
+                f"{self.planning_seconds:.1f} s)")
+
+    def __str__(self) -> str:
+        lines = [f"placement: {self.describe_placement()}", f"chunking: {self.chunking.describe()}",
+                 self.peak_line(), self.time_line()]
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+    def apply(self, model: torch.nn.Module) -> None:
+        """Chunking hooks first, then offloading (outermost: a block's weights serve all its chunks)."""
+        self.reports = self.chunking.apply(model)
+        if self.offload is not None:
+            apply_offloading(model, self.offload)
+        elif self.move_to_device:
+            place_on(model, self.device)
+
+
+def plan_denoiser(
+    model: torch.nn.Module,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    budget: int | str,
+    device: str | torch.device,
+    offload: OffloadConfig | None = None,
+    other_resident_bytes: int = 0,
+    idle_reserve_bytes: int = 0,
+    profile: DeviceProfile | None = None,
+    series: list[list[Chunking]] | None = None,
+) -> DenoiserPlan:
+    """Choose chunking and placement for ``model`` so one forward on ``args``/``kwargs`` fits ``budget``.
+
+    Args:
+        model: the denoiser (real or built under ``FakeTensorMode``); only its config, class and weight sizes are
+            read.
+        args / kwargs: the forward's inputs (real or fake tensors; shapes and dtypes matter).
+        budget: bytes (or a string like ``"8GiB"``) for everything on the device during the forward.
+        device: where the forward runs. On the CPU nothing is moved (the weights stay where they are).
+        offload: the offloading to consider besides keeping the model resident (``None``: resident only).
+        other_resident_bytes: weights of other components that stay on the device meanwhile.
+        idle_reserve_bytes: what another component's forward needs on the device beyond its resident weights (an
+            offloaded text encoder's working set). A resident denoiser keeps its weights there during that forward
+            too, so it may only stay resident if ``other_resident + weights + idle_reserve`` fits.
+        profile: speeds for the time model (default: :meth:`DeviceProfile.defaults`).
+        series: chunking series to try (default :func:`candidate_series`). For the offloaded placement they are
+            tried with ``chunk_tail=False`` (see :class:`Chunking`).
+
+    Raises:
+        BudgetError: no option fits; the message names the smallest reachable peak and what dominates it.
+    """
+    start = time.perf_counter()
+    budget_bytes = parse_budget(budget)
+    device = torch.device(device)
+    dtype = model_dtype(model)
+    profile = profile or DeviceProfile.defaults(device, dtype)
+    round_to = 512 if device.type == "cuda" else 1
+    weights = module_bytes(model)
+    inputs = input_bytes(args, kwargs)
+    groups = offload_groups(model, "block_level", offload.num_blocks_per_group if offload else 1)
+    movable = device.type != "cpu"
+    fixed = other_resident_bytes + inputs
+    shapes = {name: tuple(value.shape) for name, value in _named_tensors(model, args, kwargs)}
+    token_info = _tokens(model, shapes)
+    batch = shapes["hidden_states"][0] if "hidden_states" in shapes else 1
+    per_sample = token_info["tokens"] // batch if token_info["tokens"] else None
+    placements: list[OffloadConfig | None] = []
+    if not movable or other_resident_bytes + weights + idle_reserve_bytes <= budget_bytes:
+        placements.append(None)
+    if offload is not None and movable:
+        placements.append(offload)
+    cache: dict[Chunking, Estimate] = {}
+
+    def estimate(chunking: Chunking) -> Estimate:
+        if chunking not in cache:
+            cache[chunking] = simulate_chunking(model, args, kwargs, chunking, dtype=dtype, round_to=round_to)
+        return cache[chunking]
+
+    considered: list[Option] = []
+    for placement in placements:
+        floor = fixed + max(phase_weights(groups, placement, ["before", "after", *block_lists(model)]).values())
+        unchunked_fits = False
+        for chunkings in series or candidate_series(per_sample):
+            previous: Option | None = None
+            for chunking in chunkings:
+                if placement is not None:
+                    chunking = dataclasses.replace(chunking, chunk_tail=False)
+                result = estimate(chunking)
+                if result.error is not None:
+                    break  # this hook does not support the model: the rest of the series neither
+                option = _option(result, groups, placement, fixed, profile)
+                considered.append(option)
+                fits = option.peak_bytes <= budget_bytes
+                unchunked_fits = unchunked_fits or (fits and chunking.is_empty)
+                if fits or (previous and option.peak_bytes >= previous.peak_bytes):
+                    break  # fits, or more chunks of this kind stopped lowering the peak
+                previous = option
+            # Stop when the weights alone do not fit this placement (chunking cannot help), or when nothing needs
+            # chunking: chunking never lowers the predicted time (it adds FLOPs and ops, and under offloading the
+            # extra compute can at most hide as much transfer as it costs).
+            if floor >= budget_bytes or unchunked_fits:
+                break
+        if placement is None and unchunked_fits:
+            break  # resident and unchunked: nothing is faster
+    fitting = [option for option in considered if option.peak_bytes <= budget_bytes]
+    if not fitting:
+        raise BudgetError(_nothing_fits(model, budget_bytes, considered, groups, inputs, other_resident_bytes, cache))
+    # Within 1% of the fastest (the time model's resolution), prefer fewer hooks, then the lower peak.
+    fastest = min(option.time_s for option in fitting)
+    best = min((option for option in fitting if option.time_s <= 1.01 * fastest),
+               key=lambda option: (option.chunking.sequence_chunks + option.chunking.feedforward_chunks,
+                                   option.peak_bytes))
+    baseline = estimate(Chunking())
+    return DenoiserPlan(
+        chunking=best.chunking, offload=best.offload, device=device, move_to_device=movable and best.offload is None,
+        budget_bytes=budget_bytes, other_resident_bytes=other_resident_bytes, weight_bytes=weights,
+        input_bytes=inputs, option=best, activation=cache[best.chunking].activation,
+        baseline_time_s=estimate_time(baseline, profile, None, None) if baseline.error is None else best.time_s,
+        shapes=shapes, groups=groups, considered=considered, profile=profile,
+        note="" if movable else "no CUDA device: nothing moved (weights stay where they are); chunking only",
+        element_size=torch.tensor([], dtype=dtype).element_size(), planning_seconds=time.perf_counter() - start,
+        **token_info,
+    )
+
+
+def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option], groups: OffloadGroups, inputs: int,
+                  other: int, cache: dict[Chunking, Estimate]) -> str:
+    name = type(model).__name__
+    if not considered:
+        errors = "; ".join(f"{c.describe()}: {e.error}" for c, e in cache.items() if e.error)
+        if errors:
+            return f"no memopt option could be simulated for {name}: {errors}"
+        return (f"{name}: nothing fits the budget of {format_bytes(budget)}: its weights "
+                f"({format_bytes(groups.total_bytes)})"
+                f" with the other components ({format_bytes(other)}) leave no room, and it cannot be offloaded here")
+    best = min(considered, key=lambda option: option.peak_bytes)
+    weights = ("the whole model" if best.offload is None
+               else f"{best.phase} phase of block-level offloading (top-level group "
+                    f"{format_bytes(groups.top_level_bytes)} + blocks, largest {groups.largest[0]} "
+                    f"{format_bytes(groups.largest[1])})")
+    parts = {
+        f"activations at {best.peak.module or '<top level>'} ({best.peak.op})": best.activation_bytes,
+        f"weights on the device ({weights})": best.weight_bytes,
+        "the forward's inputs": inputs,
+    }
+    if other:
+        parts["other components kept on the device"] = other
+    dominant = max(parts, key=parts.get)
+    breakdown = " + ".join(f"{label} {format_bytes(nbytes)}" for label, nbytes in parts.items())
+    return (f"{name}: nothing fits the budget of {format_bytes(budget)}. The smallest peak memopt can reach is "
+            f"{format_bytes(best.peak_bytes)} ({best.placement}, {best.chunking.describe()}): {breakdown}. "
+            f"It is dominated by {dominant}. Give a larger budget, or generate at a smaller size or batch.")
+
+
+def floor_bytes(model: torch.nn.Module, offload: OffloadConfig | None) -> tuple[int, str]:
+    """The weights that must be on the device during a forward at best (no activations), and what they are."""
+    if offload is None:
+        weights = module_bytes(model)
+        return weights, f"the whole {type(model).__name__} stays on the device ({format_bytes(weights)})"
+    groups = offload_groups(model, "block_level", offload.num_blocks_per_group)
+    weights = phase_weights(groups, offload, ["before", "after", *block_lists(model)])
+    return max(weights.values()), groups.describe(offload.use_stream)
+
+
+def _named_tensors(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]):
+    for name, value in [*zip(_positional_names(model), args), *kwargs.items()]:
+        if isinstance(value, torch.Tensor):
+            yield name, value
+
+
+def _tokens(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, int | None]:
+    """Tokens and width for LD, for families memopt knows: width from the family, tokens from the latent shape."""
+    from .models import get_family
+
+    try:
+        family = get_family(model)
+    except ValueError:
+        return {"tokens": None, "hidden_size": None}
+    latent = shapes.get("hidden_states")
+    if latent is None:
+        return {"tokens": None, "hidden_size": None}
+    config = model.config
+    if len(latent) == 3:  # packed latents (B, N, C): one token per row
+        tokens = latent[0] * latent[1]
+    else:
+        patch = getattr(config, "patch_size", 1)
+        patch_t = getattr(config, "patch_size_t", None) or 1
+        if isinstance(patch, (tuple, list)):
+            patch_t, patch = patch[0], patch[-1]
+        frames = (latent[1] if family.name == "cogvideox" else latent[2]) if len(latent) == 5 else 1
+        tokens = latent[0] * math.ceil(frames / patch_t) * (latent[-2] // patch) * (latent[-1] // patch)
+    return {"tokens": tokens, "hidden_size": family.hidden_size(config)}

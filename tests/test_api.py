@@ -1,0 +1,271 @@
+"""``apply_memory_optimizations`` on a whole pipeline: same latents with and without it, planning at the first call
+or for a given size, clean removal, and clear errors that leave the pipeline untouched. CPU only: a tiny
+``WanPipeline`` built from configs (tiny UMT5 encoder, tiny Wan VAE), prompt embeddings passed directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+from transformers import UMT5Config, UMT5EncoderModel
+
+import memopt
+from memopt import trace_memory
+from memopt.api import PLAN_HOOK, _components
+from memopt.hooks.offload import module_bytes, placement
+from memopt.models import get_family
+from memopt.planner import BudgetError
+
+HEIGHT, WIDTH, FRAMES = 48, 80, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation (20x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pipeline(transformer: bool = True) -> WanPipeline:
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=24, d_kv=8, d_ff=32, num_layers=2,
+                                               num_heads=3)).eval()
+    return WanPipeline(tokenizer=None, text_encoder=text_encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=get_family("wan").build("tiny") if transformer else None)
+
+
+def _generate(pipe: WanPipeline) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    prompt_embeds = torch.randn(2, 8, 24, generator=generator)
+    negative_prompt_embeds = torch.randn(2, 8, 24, generator=generator)
+    return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, height=HEIGHT, width=WIDTH,
+                num_frames=FRAMES, num_inference_steps=2, output_type="latent",
+                generator=torch.Generator().manual_seed(1), return_dict=False)[0]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _state(pipe) -> dict:
+    """Everything apply may change: weights, hooks, placements, VAE flags."""
+    components = _components(pipe)
+    return {
+        "weights": {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in components.items()},
+        "hooks": {name: [(path, list(sub._diffusers_hook._hook_order)) for path, sub in m.named_modules()
+                         if getattr(sub, "_diffusers_hook", None) is not None and sub._diffusers_hook._hook_order]
+                  for name, m in components.items()},
+        "placements": {name: placement(m) for name, m in components.items()},
+        "vae": (pipe.vae.use_tiling, pipe.vae.use_slicing),
+    }
+
+
+def _assert_unchanged(pipe, before: dict) -> None:
+    after = _state(pipe)
+    assert after["hooks"] == before["hooks"] and after["placements"] == before["placements"]
+    assert after["vae"] == before["vae"]
+    for name, weights in before["weights"].items():
+        assert all(torch.equal(v, weights[k]) for k, v in _components(pipe)[name].state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.Tensor:
+    return _generate(_pipeline())
+
+
+def _budget_needing_chunking(pipe: WanPipeline) -> int:
+    """All weights + the inputs + 85% of the unchunked activation peak of one denoiser call of the pipeline."""
+    spec = get_family("wan")
+    inputs = spec.make_inputs(pipe.transformer.config, batch_size=2, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+                              text_tokens=8)
+    with torch.no_grad():
+        trace = trace_memory(pipe.transformer, **inputs)
+    other = sum(module_bytes(m) for name, m in _components(pipe).items() if name != "transformer")
+    return other + trace.baseline_bytes + int(0.85 * trace.peak_bytes)
+
+
+def test_pipeline_default_budget_same_latents(reference: torch.Tensor) -> None:
+    pipe = _pipeline()
+    plan = memopt.apply_memory_optimizations(pipe)
+    assert pipe.transformer._diffusers_hook.get_hook(PLAN_HOOK) is not None
+    assert "planned at the first forward" in str(plan) and plan.predicted_peak_bytes is None
+    latents = _generate(pipe)
+    assert _rel(latents, reference) <= 1e-5
+    assert pipe.transformer._diffusers_hook.get_hook(PLAN_HOOK) is None
+    text = str(plan)
+    for component in ("vae", "text_encoder", "transformer"):
+        assert f"- {component} [" in text
+    assert "predicted peak" in text and "no CUDA device" in text
+    memopt.remove_memory_optimizations(pipe)
+    assert torch.equal(_generate(pipe), reference)
+
+
+def test_pipeline_tight_budget_chunks_and_matches(reference: torch.Tensor) -> None:
+    pipe = _pipeline()
+    before = _state(pipe)
+    budget = _budget_needing_chunking(pipe)
+    plan = memopt.apply_memory_optimizations(pipe, budget=budget)
+    latents = _generate(pipe)
+    denoiser = plan.components["transformer"].denoiser
+    assert denoiser is not None and not denoiser.chunking.is_empty
+    assert plan.predicted_peak_bytes <= budget
+    assert denoiser.shapes["hidden_states"][0] == 2  # planned for what the pipeline passed (CFG batch)
+    assert _rel(latents, reference) <= 1e-5
+    assert memopt.remove_memory_optimizations(pipe) > 0
+    _assert_unchanged(pipe, before)
+    assert torch.equal(_generate(pipe), reference)
+
+
+def test_plan_for_a_given_size_is_made_at_once(reference: torch.Tensor) -> None:
+    pipe = _pipeline()
+    budget = _budget_needing_chunking(pipe)
+    plan = memopt.apply_memory_optimizations(pipe, budget=budget, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+                                             batch_size=2)
+    denoiser = plan.components["transformer"].denoiser
+    assert denoiser is not None and not denoiser.chunking.is_empty
+    assert pipe.transformer._diffusers_hook.get_hook(PLAN_HOOK) is None
+    assert _rel(_generate(pipe), reference) <= 1e-5
+    memopt.remove_memory_optimizations(pipe)
+
+
+def test_bare_model_planned_inside_a_trace() -> None:
+    """The first call can be traced: the planner's own simulation runs apart from the caller's tracer."""
+    spec = get_family("flux")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2)
+    with torch.no_grad():
+        unmodified = trace_memory(model, **inputs)
+    plan = memopt.apply_memory_optimizations(model, budget=unmodified.baseline_bytes + unmodified.peak_bytes * 3 // 4)
+    with torch.no_grad():
+        traced = trace_memory(model, **inputs)
+    assert plan.predicted_peak_bytes == traced.total_peak_bytes < unmodified.total_peak_bytes
+    assert _rel(traced.result[0], unmodified.result[0]) <= 1e-5
+    memopt.remove_memory_optimizations(model)
+    assert not hasattr(model, "_diffusers_hook") or not model._diffusers_hook._hook_order
+
+
+def test_nothing_fits_at_the_first_call_restores_the_pipeline() -> None:
+    pipe = _pipeline()
+    before = _state(pipe)
+    total = sum(module_bytes(m) for m in _components(pipe).values())
+    memopt.apply_memory_optimizations(pipe, budget=total + 1024)  # above the weights, below any activation peak
+    with pytest.raises(BudgetError, match="smallest peak memopt can reach .* dominated by"):
+        _generate(pipe)
+    _assert_unchanged(pipe, before)
+
+
+@pytest.mark.parametrize("budget, match", [("8 gigs", "cannot read the budget"), ("-3GiB", "positive"),
+                                           (1024, "below the floor")])
+def test_bad_budgets_leave_the_pipeline_untouched(budget, match) -> None:
+    pipe = _pipeline()
+    before = _state(pipe)
+    with pytest.raises(ValueError, match=match):
+        memopt.apply_memory_optimizations(pipe, budget=budget)
+    _assert_unchanged(pipe, before)
+
+
+def test_pipeline_without_denoiser() -> None:
+    pipe = _pipeline(transformer=False)
+    before = _state(pipe)
+    with pytest.raises(ValueError, match="has no denoiser"):
+        memopt.apply_memory_optimizations(pipe)
+    _assert_unchanged(pipe, before)
+
+
+def test_accelerate_offloaded_pipeline_is_refused() -> None:
+    from accelerate import cpu_offload_with_hook
+
+    pipe = _pipeline()
+    cpu_offload_with_hook(pipe.text_encoder, execution_device="cpu")
+    before = _state(pipe)
+    with pytest.raises(ValueError, match="text_encoder already has an accelerate hook"):
+        memopt.apply_memory_optimizations(pipe)
+    _assert_unchanged(pipe, before)
+
+
+def test_parallel_model_and_double_apply_are_refused() -> None:
+    pipe = _pipeline()
+    pipe.transformer._parallel_config = object()
+    with pytest.raises(ValueError, match="already parallel"):
+        memopt.apply_memory_optimizations(pipe)
+    pipe.transformer._parallel_config = None
+    memopt.apply_memory_optimizations(pipe)
+    with pytest.raises(ValueError, match="already has memopt applied"):
+        memopt.apply_memory_optimizations(pipe)
+    memopt.remove_memory_optimizations(pipe)
+
+
+def test_other_inputs_are_refused() -> None:
+    with pytest.raises(TypeError, match="DiffusionPipeline or a torch.nn.Module"):
+        memopt.apply_memory_optimizations("pipe")
+    with pytest.raises(TypeError, match="not a diffusers model"):
+        memopt.apply_memory_optimizations(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="both height and width"):
+        memopt.apply_memory_optimizations(get_family("wan").build("tiny"), height=480)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            memopt.apply_memory_optimizations(get_family("wan").build("tiny"), device="cuda")
+
+
+def test_gpu_benchmark_script_dry_run(tmp_path) -> None:
+    """benchmarks/gpu_pipeline.py end to end at tiny size on the CPU (its logic; the numbers need a GPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_pipeline.py"
+    run = subprocess.run([sys.executable, str(script), "--dry-run", "--budgets", "4.5GiB,110KiB", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = {r["name"]: r for r in json.loads((tmp_path / "gpu_pipeline.json").read_text())["results"]}
+    assert [r["status"] for r in results.values()] == ["ok"] * 4, results
+    assert results["memopt, budget 110KiB"]["rel_error"] <= 1e-2  # bf16
+    assert "sequence chunks" in results["memopt, budget 110KiB"]["note"]
+    assert "| memopt, budget 4.5GiB | ok |" in (tmp_path / "gpu_pipeline.md").read_text()
+
+
+def test_first_call_plan_goes_under_existing_offloading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What happens on a GPU at the first forward, with CPU-to-CPU offloading standing in for CPU-to-CUDA: the
+    denoiser is already offloaded, the planner chooses offloading + chunking, and the chunking hooks end up *inside*
+    the re-applied offloading hooks (each block onloaded once per forward)."""
+    import collections
+
+    from diffusers.hooks import group_offloading
+
+    from memopt.api import ComponentPlan, _apply_denoiser_plan
+    from memopt.hooks.offload import OffloadConfig, apply_offloading, offload_groups
+    from memopt.planner import Chunking, plan_denoiser
+
+    spec = get_family("wan")
+    model = spec.build({**spec.config("tiny"), "num_layers": 6})
+    inputs = spec.make_inputs(model.config, batch_size=2, height=96, width=160, num_frames=5)
+    with torch.no_grad():
+        reference = trace_memory(model, **inputs)
+    offload = OffloadConfig("cpu")
+    apply_offloading(model, offload)
+    groups = offload_groups(model)
+    budget = groups.resident_bytes(False) + reference.peak_bytes * 3 // 4  # below the weights: must offload
+    plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", offload=offload,
+                         series=[[Chunking()], [Chunking(sequence_chunks=n) for n in (2, 4, 8)]])
+    assert plan.offload == offload and plan.chunking.sequence_chunks
+    _apply_denoiser_plan(model, ComponentPlan("transformer", "denoiser", groups.total_bytes), plan)
+    for block in model.blocks:
+        assert block._diffusers_hook._hook_order[-1] == "group_offloading"
+    onloads: collections.Counter = collections.Counter()
+    original = group_offloading.ModuleGroup.onload_
+    monkeypatch.setattr(group_offloading.ModuleGroup, "onload_",
+                        lambda group: (onloads.update([type(group.onload_leader).__name__]), original(group))[1])
+    with torch.no_grad():
+        output = model(**inputs)[0]
+    assert onloads == {"WanTransformerBlock": len(model.blocks), "WanTransformer3DModel": 1}
+    assert _rel(output, reference.result[0]) <= 1e-5
+    memopt.remove_memory_optimizations(model)
+    assert placement(model) is None and not model._diffusers_hook._hook_order
