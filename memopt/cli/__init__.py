@@ -1,0 +1,1 @@
+"""Command-line tools: ``memopt-bench`` (:mod:`memopt.cli.bench`) compares memory strategies side by side."""
