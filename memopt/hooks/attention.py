@@ -1,0 +1,200 @@
+"""Chunked attention: each attention kernel call computed in query, key/value and head pieces.
+
+The whole-sequence attention of a video model materialises nothing larger than its inputs on a fused kernel, but
+many calls do not get one: the math path (masks on backends without mask support, fp32 on some devices, old
+PyTorch), additive masks that force the memory-efficient kernel's padded bias, or SDPA backends that copy K/V per
+head group. Splitting the call sequentially is exact and bounds every temporary:
+
+* **query chunks** and **head chunks**: independent pieces, written into one output;
+* **K/V chunks**: partial softmaxes merged with their log-sum-exp in fp32 (the ring-attention merge), so an
+  ``S_q x S_kv`` score matrix never exists, only ``query_chunk x kv_chunk`` pieces.
+
+The math is :func:`memopt.ops.attention.chunked_attention`; this module only routes the kernel calls of diffusers'
+attention modules to it, through the same dispatch interception as sequence chunking
+(:mod:`memopt.hooks._attention_dispatch`), so processors run unchanged and both techniques combine (sequence
+chunking swaps in the full K/V, then the call is computed in pieces).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks._common import _ATTENTION_CLASSES
+
+from ..ops.attention import chunked_attention
+from ._attention_dispatch import (
+    CHUNKED_ATTENTION_PRIORITY,
+    AttentionCall,
+    Proceed,
+    acquire_interception,
+    calls_sdpa_directly,
+    intercept_attention,
+    release_interception,
+)
+from ._common import register_memopt_hook
+
+CHUNKED_ATTENTION_HOOK = "memopt.chunked_attention"
+
+
+def _check_chunk(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ChunkedAttentionConfig:
+    """How each attention kernel call is split.
+
+    Attributes:
+        query_chunk: queries per piece; ``None`` keeps all queries together. Bounds the output and score
+            temporaries of one piece to ``query_chunk`` rows.
+        kv_chunk: keys/values per piece, merged by log-sum-exp; ``None`` keeps all keys together. Needed when a
+            call would otherwise build ``S_q x S_kv`` scores (math path, masks).
+        head_chunks: number of head groups run one after another (1: all heads at once).
+    """
+
+    query_chunk: int | None = 4096
+    kv_chunk: int | None = None
+    head_chunks: int = 1
+
+    def __post_init__(self) -> None:
+        _check_chunk("query_chunk", self.query_chunk)
+        _check_chunk("kv_chunk", self.kv_chunk)
+        if isinstance(self.head_chunks, bool) or not isinstance(self.head_chunks, int) or self.head_chunks < 1:
+            raise ValueError(f"head_chunks must be a positive int, got {self.head_chunks!r}")
+
+
+@dataclass
+class ChunkedAttentionReport:
+    """What :func:`apply_chunked_attention` did.
+
+    Attributes:
+        model: the model's class name.
+        config: the chunking applied.
+        attention: module paths of the attention modules whose kernel calls are chunked.
+    """
+
+    model: str
+    config: ChunkedAttentionConfig
+    attention: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        c = self.config
+        return (
+            f"chunked attention on {self.model}: {len(self.attention)} attention modules, query_chunk={c.query_chunk}, "
+            f"kv_chunk={c.kv_chunk}, head_chunks={c.head_chunks}"
+        )
+
+
+class ChunkedAttentionHook(ModelHook):
+    """On an attention module: computes its attention kernel calls with :func:`chunked_attention`.
+
+    Calls that the chunked math does not cover pass to the original backend unchanged: ``return_lse`` requests,
+    diffusers context parallelism, dropout together with K/V chunks, and masks of a dtype SDPA itself would not
+    take. ``calls`` and ``chunked_calls`` count what happened, for reports and tests.
+    """
+
+    def __init__(self, config: ChunkedAttentionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.calls = 0
+        self.chunked_calls = 0
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        acquire_interception()
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        release_interception()
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with intercept_attention(self._handle, CHUNKED_ATTENTION_PRIORITY, sdpa=calls_sdpa_directly(module)):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    def _handle(self, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
+        self.calls += 1
+        config = self.config
+        seq_q, seq_kv, heads = call.query.shape[1], call.key.shape[1], call.query.shape[2]
+        query_chunk = None if config.query_chunk is None or config.query_chunk >= seq_q else config.query_chunk
+        kv_chunk = None if config.kv_chunk is None or config.kv_chunk >= seq_kv else config.kv_chunk
+        head_chunks = min(config.head_chunks, heads)
+        mask = call.attn_mask
+        if (
+            (query_chunk is None and kv_chunk is None and head_chunks == 1)
+            or call.extras.get("return_lse")
+            or call.extras.get("_parallel_config") is not None
+            or (call.dropout_p and kv_chunk is not None)
+            or (mask is not None and mask.dtype not in (torch.bool, torch.float32, call.query.dtype))
+        ):
+            return proceed(call)
+        self.chunked_calls += 1
+        return chunked_attention(
+            call.query,
+            call.key,
+            call.value,
+            attn_mask=mask,
+            scale=call.scale,
+            query_chunk=query_chunk,
+            kv_chunk=kv_chunk,
+            head_chunks=head_chunks,
+            dropout_p=call.dropout_p,
+            is_causal=call.is_causal,
+            enable_gqa=call.enable_gqa,
+        )
+
+
+def apply_chunked_attention(
+    model: torch.nn.Module,
+    query_chunk: int | None = 4096,
+    head_chunks: int = 1,
+    *,
+    kv_chunk: int | None = None,
+) -> ChunkedAttentionReport:
+    """Compute the attention kernel call of every attention module of ``model`` in pieces (exact).
+
+    Args:
+        model: any diffusers model (or module tree) with attention modules (``Attention``, ``AttentionModuleMixin``
+            subclasses, ``MochiAttention``) whose processors go through diffusers' attention dispatch or call
+            ``F.scaled_dot_product_attention``.
+        query_chunk: queries per piece (``None``: all).
+        head_chunks: head groups run one after another.
+        kv_chunk: keys/values per piece, merged by log-sum-exp in fp32 (``None``: all).
+
+    Returns:
+        A :class:`ChunkedAttentionReport` listing the hooked attention modules.
+
+    Raises:
+        ValueError: a chunk value that is not a positive int, or a model without attention modules.
+
+    Undo with ``memopt.remove_memory_optimizations(model)``. Combines with :func:`apply_sequence_chunking` (in
+    either order) and with diffusers' group offloading.
+
+    Example::
+
+        import torch
+        from memopt import apply_chunked_attention, remove_memory_optimizations
+        from memopt.models import get_family
+
+        spec = get_family("flux")
+        model = spec.build("tiny")
+        inputs = spec.make_inputs(model.config, batch_size=2)
+        with torch.no_grad():
+            reference = model(**inputs)[0]
+            print(apply_chunked_attention(model, query_chunk=16, kv_chunk=24, head_chunks=2))
+            chunked = model(**inputs)[0]
+        print(((chunked - reference).norm() / reference.norm()).item())   # ~1e-7
+        remove_memory_optimizations(model)
+    """
+    config = ChunkedAttentionConfig(query_chunk=query_chunk, kv_chunk=kv_chunk, head_chunks=head_chunks)
+    report = ChunkedAttentionReport(type(model).__name__, config)
+    for path, module in model.named_modules():
+        if isinstance(module, _ATTENTION_CLASSES):
+            register_memopt_hook(module, ChunkedAttentionHook(config), CHUNKED_ATTENTION_HOOK)
+            report.attention.append(path)
+    if not report.attention:
+        raise ValueError(f"{type(model).__name__} has no diffusers attention modules to chunk")
+    return report

@@ -1,0 +1,1145 @@
+"""Sequential context parallelism: transformer blocks run in sequence chunks, attention still sees every token.
+
+Context parallelism splits the token sequence across GPUs and exchanges keys/values inside attention. On one device
+the same split runs as N virtual ranks one after another, and the K/V exchange becomes a schedule. For every block
+(with one whole-sequence attention module; a block with more repeats step 1 per module):
+
+1. **collection pass**: each chunk runs the block up to its self/joint attention kernel call; the call's keys,
+   values (and key-side mask) are written into full-length buffers and the rest of the block is skipped (a private
+   exception caught by the block hook);
+2. **final pass**: each chunk runs the whole block; its attention call gets the full buffers instead of its own
+   K/V, and the chunk's output is written over its input chunk (no other chunk needs it any more).
+
+What is alive then is the residual stream, K and V (about 3 LD, LD = tokens x width x bytes) plus one chunk's
+workspace, instead of the 10-17 LD an unchunked block peaks at. The price is that the part of the block before
+attention runs twice. Outputs match the unmodified model to rounding (the final pass runs the same kernels on the
+same numbers, only with fewer query rows per call).
+
+Two model-level pieces keep the rest of the forward under that floor:
+
+* **tail**: the output norm, modulation and projection after the last block upcast the whole sequence to fp32 in
+  several temporaries (5 LD for Wan). Like a ``_cp_plan``, which gathers at ``proj_out``, memopt stops the model
+  forward when the ``tail`` module is reached, keeps the last block's output, and runs the forward again once per
+  chunk with the blocks answering from that output; the gather module (``proj_out``) collects the chunks. The
+  model code before the blocks (patch embedding, conditioning) reruns each time: cheap next to the blocks.
+* **producers**: per-token tables made before the blocks (LTX-Video and Mochi rotary embeddings, 2-4 LD) are
+  handed to the blocks as deferred stand-ins that compute only the running chunk's rows.
+
+What is split and where the exchange happens is data (:mod:`memopt.plans.sequence`); the interception goes through
+diffusers' attention dispatch (:mod:`memopt.hooks._attention_dispatch`), so processors run unchanged. Calls that
+only need the chunk's own tokens (cross-attention to text) are left alone. Inference only: with autograd recording
+a block runs unchunked.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.models._modeling_parallel import ContextParallelOutput
+from torch.utils._pytree import tree_flatten
+
+from ..plans.sequence import BlockPlan, JointAttention, SequencePlan, SequenceSplit, TokenProducer, sequence_plan
+from ._attention_dispatch import (
+    SEQUENCE_PRIORITY,
+    AttentionCall,
+    Proceed,
+    acquire_interception,
+    calls_sdpa_directly,
+    intercept_attention,
+    release_interception,
+)
+from ._common import HOOK_PREFIX, register_memopt_hook
+
+logger = logging.getLogger(__name__)
+
+SEQUENCE_BLOCK_HOOK = "memopt.sequence"
+SEQUENCE_ATTENTION_HOOK = "memopt.sequence.attention"
+SEQUENCE_MODEL_HOOK = "memopt.sequence.model"
+SEQUENCE_TAIL_HOOK = "memopt.sequence.tail"
+SEQUENCE_GATHER_HOOK = "memopt.sequence.gather"
+SEQUENCE_PRODUCER_HOOK = "memopt.sequence.producer"
+SEQUENCE_EMBED_HOOK = "memopt.sequence.embed"
+SEQUENCE_SKIP_HOOK = "memopt.sequence.skip"
+SEQUENCE_REPLAY_HOOK = "memopt.sequence.replay"
+
+# diffusers hooks that only move or cast weights: a module carrying them is still chunked, and a block's output may
+# be written over its input. Any other foreign hook may keep, compare or skip inputs (caches): see `_foreign_hooks`.
+_WEIGHT_ONLY_HOOKS = frozenset(
+    {
+        "group_offloading",
+        "lazy_prefetch_group_offloading",
+        "layer_execution_tracker",
+        "layerwise_casting",
+        "peft_autocast_disable",
+    }
+)
+
+
+@dataclass(frozen=True)
+class SequenceChunkingConfig:
+    """Settings of sequential context parallelism.
+
+    Attributes:
+        num_chunks: how many chunks (virtual ranks) each block's image tokens are cut into. More chunks lower the
+            per-chunk workspace (about 8-15 LD / num_chunks on top of the ~3 LD floor) and add per-call overhead
+            (small while a chunk keeps ~1000+ tokens). Sequences shorter than ``num_chunks`` use one chunk per
+            token. :func:`apply_sequence_chunking` defaults it to the plan's ``num_chunks`` (32, or 48 for Flux and
+            HunyuanVideo, whose single-stream blocks have the largest workspace).
+        inplace: write each chunk's block output over its input chunk, saving one full hidden state. Safe for
+            diffusers' transformer forwards, which rebind ``hidden_states`` to each block's output; memopt turns it
+            off by itself for inputs whose elements overlap (expanded tensors) or overlap another block argument
+            (views into one text + image tensor that do not overlap are fine), and when a non-memopt hook that may
+            keep block inputs (a cache) wraps the block. Set ``False`` when calling blocks yourself on tensors you
+            still need afterwards.
+        chunk_tail: also run the model code after the blocks (output norm and projection) chunk by chunk, by
+            running the forward a second time per chunk (see the module docstring). Set ``False`` for forwards that
+            mix the last block's output with other full-length tensors there (e.g. a ControlNet residual added to
+            the last block).
+    """
+
+    num_chunks: int = 32
+    inplace: bool = True
+    chunk_tail: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or self.num_chunks < 1:
+            raise ValueError(f"num_chunks must be a positive int, got {self.num_chunks!r}")
+
+
+@dataclass
+class SequenceChunkingReport:
+    """What :func:`apply_sequence_chunking` did.
+
+    Attributes:
+        model: the model's class name.
+        num_chunks: the configured number of chunks.
+        plan_source: where the split plan came from.
+        blocks: module paths of the chunked blocks.
+        attention: module paths of the attention modules whose K/V are exchanged between chunks.
+        tail: ``"<tail module> -> <gather module>"`` when the output head runs in chunks, else ``None``.
+        producers: model-level modules whose per-token output is computed per chunk.
+        skipped: ``(module path, reason)`` for blocks and model-level pieces that run unchunked.
+    """
+
+    model: str
+    num_chunks: int
+    plan_source: str
+    blocks: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)
+    tail: str | None = None
+    producers: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"sequence chunking on {self.model}: {len(self.blocks)} blocks in {self.num_chunks} chunks, "
+            f"{len(self.attention)} attention modules exchange K/V (plan: {self.plan_source})",
+            f"  output head in chunks: {self.tail or 'no'}; per-chunk producers: {', '.join(self.producers) or 'none'}",
+        ]
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+class _KeyValuesCollected(Exception):
+    """Raised at the attention call of a collection pass: the rest of the block is not needed."""
+
+
+class _TailReached(Exception):
+    """Raised when the model forward reaches its output head after the blocks (first model pass)."""
+
+
+class _TailChunkDone(Exception):
+    """Raised at the gather module once a chunk's output is collected (tail passes but the last)."""
+
+
+# ------------------------------------------------------------------------------------------- arguments
+class _Arguments:
+    """Read and replace a module's forward arguments by name, whether passed by position or keyword."""
+
+    def __init__(self, index: dict[str, int], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.index, self.args, self.kwargs = index, args, kwargs
+
+    def get(self, name: str) -> Any:
+        if name in self.kwargs:
+            return self.kwargs[name]
+        position = self.index.get(name)
+        return self.args[position] if position is not None and position < len(self.args) else None
+
+    def replaced(self, values: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for name, value in values.items():
+            if name in kwargs:
+                kwargs[name] = value
+            else:
+                args[self.index[name]] = value
+        return tuple(args), kwargs
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [x for x in tree_flatten((self.args, self.kwargs))[0] if isinstance(x, torch.Tensor)]
+
+
+def _positional_index(cls: type) -> dict[str, int]:
+    index = {}
+    for position, parameter in enumerate(list(inspect.signature(cls.forward).parameters.values())[1:]):
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+        index[parameter.name] = position
+    return index
+
+
+def _balanced(total: int, pieces: int) -> list[tuple[int, int]]:
+    """``pieces`` contiguous ranges covering ``range(total)``, sizes differing by at most one (like tensor_split)."""
+    bounds = [index * (total // pieces) + min(index, total % pieces) for index in range(pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class _DeferredTokens:
+    """Stand-in for a producer module's output during a chunked model forward: computes rows on demand."""
+
+    def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict):
+        self.path, self.producer, self.module, self.forward, self.call = path, producer, module, forward, call
+        self.tokens = producer.tokens(module, call)
+
+    def rows(self, ranges: list[tuple[int, int]]) -> Any:
+        return self.producer.rows(self.module, self.call, ranges, self.forward)
+
+    def full(self) -> Any:
+        return self.rows([(0, self.tokens)])
+
+
+def _materialized(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Replace deferred producer outputs by their full value (for a block that runs unchunked)."""
+    if not any(isinstance(v, _DeferredTokens) for v in (*args, *kwargs.values())):
+        return args, kwargs
+    full = lambda v: v.full() if isinstance(v, _DeferredTokens) else v  # noqa: E731
+    return tuple(full(v) for v in args), {k: full(v) for k, v in kwargs.items()}
+
+
+@dataclass
+class _Layout:
+    """Where chunk ``i``'s tokens come from, per stream.
+
+    ``ranges[stream][i]`` is the chunk's slice of the stream; for a text stream carried whole by every chunk it is
+    the whole stream, and only chunk 0 writes its keys/values and output (``split[stream]`` is False).
+    """
+
+    num_chunks: int
+    lengths: dict[str, int]
+    ranges: dict[str, list[tuple[int, int]]]
+    split: dict[str, bool]
+
+    @classmethod
+    def build(cls, num_chunks: int, image_tokens: int, text_tokens: int | None, split_text: bool) -> "_Layout":
+        num_chunks = min(num_chunks, image_tokens)
+        image_ranges = _balanced(image_tokens, num_chunks)
+        layout = cls(num_chunks, {"image": image_tokens}, {"image": image_ranges}, {"image": True})
+        if text_tokens is not None:
+            text_split = split_text and text_tokens >= num_chunks
+            layout.lengths["text"] = text_tokens
+            layout.split["text"] = text_split
+            layout.ranges["text"] = (
+                _balanced(text_tokens, num_chunks) if text_split else [(0, text_tokens)] * num_chunks
+            )
+        return layout
+
+    def owns(self, stream: str, chunk: int) -> bool:
+        return self.split[stream] or chunk == 0
+
+    def cut(self, value: Any, spec: SequenceSplit, chunk: int, where: str) -> Any:
+        """Chunk ``chunk``'s piece of a block input tensor per ``spec`` (views unless several segments)."""
+        deferred = isinstance(value, _DeferredTokens)
+        if not deferred and not isinstance(value, torch.Tensor):
+            return value
+        if not deferred and spec.expected_dims is not None and value.dim() != spec.expected_dims:
+            return value
+        lengths = []
+        for segment in spec.segments:
+            if segment not in self.lengths:
+                raise ValueError(f"{where}: the plan splits over the {segment!r} stream, which the block lacks")
+            lengths.append(self.lengths[segment])
+        total = sum(lengths)
+        size = value.tokens if deferred else value.shape[spec.split_dim]
+        if size == 1 and total != 1 and not deferred:
+            return value  # broadcast over tokens
+        if size != total:
+            raise ValueError(
+                f"{where}: has {size} entries along its token dim {spec.split_dim}, but the plan expects "
+                f"{' + '.join(f'{s} {n}' for s, n in zip(spec.segments, lengths))} = {total} tokens"
+            )
+        ranges, offset = [], 0
+        for segment, length in zip(spec.segments, lengths):
+            start, end = self.ranges[segment][chunk]
+            ranges.append((offset + start, offset + end))
+            offset += length
+        if deferred:
+            return value.rows(ranges)
+        pieces = [value.narrow(spec.split_dim, start, end - start) for start, end in ranges]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, spec.split_dim)
+
+
+# ------------------------------------------------------------------------------------------- K/V exchange
+@dataclass
+class _Gathered:
+    """Full-length keys, values and key-side mask of one attention call, filled chunk by chunk."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
+class _AttentionState:
+    """One whole-sequence attention module of the running block."""
+
+    path: str
+    spec: JointAttention
+    stage: int
+    expected_calls: int
+    calls_seen: int = 0  # kernel calls in the current module forward
+    handled: int = 0  # calls answered with the full K/V in the current chunk
+    gathered: dict[int, _Gathered] = field(default_factory=dict)
+
+
+class _BlockRun:
+    """State of one block forward in chunks; the attention hooks find it through the thread-local ``_ACTIVE``."""
+
+    def __init__(self, layout: _Layout, attention: dict[int, _AttentionState]) -> None:
+        self.layout = layout
+        self.attention = attention
+        self.chunk = 0
+        self.collecting: int | None = None  # stage being collected, None in the final pass
+
+    def start_chunk(self, chunk: int) -> None:
+        self.chunk = chunk
+        for state in self.attention.values():
+            state.handled = 0
+
+    def skips(self, kind: str, attention_id: int | None) -> bool:
+        """Whether a projection of ``kind`` is unused in the running pass (see ``JointAttention.query``)."""
+        if kind == "before_attention":
+            return self.collecting == 0
+        stage = self.attention[attention_id].stage
+        if kind == "query":
+            return self.collecting == stage
+        return self.collecting is None or self.collecting > stage  # key_value: already collected
+
+    def check_answered(self, block_path: str) -> None:
+        """Every attention module of an earlier stage must have seen the full K/V in this chunk."""
+        for state in self.attention.values():
+            if (self.collecting is None or state.stage < self.collecting) and state.handled != state.expected_calls:
+                raise RuntimeError(
+                    f"{block_path}: {state.path} made {state.handled} whole-sequence attention calls through "
+                    f"diffusers' attention dispatch in chunk {self.chunk}, expected {state.expected_calls}. Its "
+                    "processor (or another hook) bypassed the dispatch; refusing to return a chunk-local result."
+                )
+
+    def handle(self, state: _AttentionState, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
+        index = state.calls_seen
+        state.calls_seen += 1
+        if index >= state.expected_calls:
+            return proceed(call)  # e.g. an image-prompt adapter's cross-attention: chunk-local
+        _check_call(state.path, call)
+        if self.collecting == state.stage:
+            self._gather(state, index, call)
+            if index == state.expected_calls - 1:
+                raise _KeyValuesCollected
+            return call.output_like()  # never read: the collection pass stops at this module's last call
+        gathered = state.gathered.get(index)
+        if gathered is None:
+            raise RuntimeError(f"{state.path}: attention call {index} reached before its keys/values were collected")
+        state.handled += 1
+        mask = gathered.mask if gathered.mask is not None else call.attn_mask
+        return proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
+
+    def _gather(self, state: _AttentionState, index: int, call: AttentionCall) -> None:
+        key, value, mask = call.key, call.value, call.attn_mask
+        pieces, full_length = self._key_pieces(state, key.shape[1])
+        gathered = state.gathered.get(index)
+        has_key_mask = mask is not None and mask.shape[-1] != 1
+        if has_key_mask and mask.shape[-2] != 1:
+            raise NotImplementedError(
+                f"{state.path}: attention mask of shape {tuple(mask.shape)} depends on the query position; sequence "
+                "chunking supports masks over keys only"
+            )
+        if gathered is None:
+            gathered = _Gathered(
+                key=key.new_empty(key.shape[0], full_length, *key.shape[2:]),
+                value=value.new_empty(value.shape[0], full_length, *value.shape[2:]),
+                mask=mask.new_empty(*mask.shape[:-1], full_length) if has_key_mask else None,
+            )
+            state.gathered[index] = gathered
+        elif gathered.key.shape[1] != full_length or gathered.key.shape[0] != key.shape[0]:
+            raise RuntimeError(
+                f"{state.path}: attention call {index} has {full_length} keys in chunk {self.chunk}, "
+                f"{gathered.key.shape[1]} in chunk 0"
+            )
+        for local, length, target in pieces:
+            gathered.key.narrow(1, target, length).copy_(key.narrow(1, local, length))
+            gathered.value.narrow(1, target, length).copy_(value.narrow(1, local, length))
+            if gathered.mask is not None:
+                gathered.mask.narrow(-1, target, length).copy_(mask.narrow(-1, local, length))
+
+    def _key_pieces(self, state: _AttentionState, key_length: int) -> tuple[list[tuple[int, int, int]], int]:
+        """``([(position in the chunk's keys, length, position in the full keys)], full key length)``.
+
+        The pieces this chunk writes: its slice of each split stream, and the whole of a stream carried by every
+        chunk when this is the chunk that owns it. A stream carried whole takes whatever key positions the split
+        streams leave (Mochi drops masked text tokens per sample, so that count is only known from the call).
+        """
+        layout, chunk = self.layout, self.chunk
+        sizes = {
+            s: layout.ranges[s][chunk][1] - layout.ranges[s][chunk][0] for s in state.spec.order if layout.split[s]
+        }
+        whole = [s for s in state.spec.order if not layout.split[s]]
+        remaining = key_length - sum(sizes.values())
+        if remaining < 0 or (not whole and remaining):
+            raise ValueError(
+                f"{state.path}: the attention call has {key_length} keys, but chunk {self.chunk} carries "
+                f"{', '.join(f'{s} {n}' for s, n in sizes.items())} tokens (key order {state.spec.order})"
+            )
+        for stream in whole:
+            sizes[stream] = remaining
+        pieces, local, full = [], 0, 0
+        for stream in state.spec.order:
+            start = layout.ranges[stream][chunk][0] if layout.split[stream] else 0
+            if layout.owns(stream, chunk):
+                pieces.append((local, sizes[stream], full + start))
+            local += sizes[stream]
+            full += layout.lengths[stream] if layout.split[stream] else sizes[stream]
+        return pieces, full
+
+
+def _check_call(path: str, call: AttentionCall) -> None:
+    problems = []
+    if call.is_causal:
+        problems.append("is_causal=True")
+    if call.dropout_p:
+        problems.append(f"dropout_p={call.dropout_p}")
+    if call.extras.get("return_lse"):
+        problems.append("return_lse=True")
+    if call.extras.get("_parallel_config") is not None:
+        problems.append("diffusers context parallelism is enabled")
+    if problems:
+        raise NotImplementedError(f"{path}: sequence chunking does not support attention with {', '.join(problems)}")
+
+
+# ------------------------------------------------------------------------------------------- model passes
+class _ModelRun:
+    """State of one chunked model forward: the block pass, then one tail pass per chunk."""
+
+    def __init__(self, num_chunks: int) -> None:
+        self.num_chunks = num_chunks
+        self.tail = False
+        self.block_calls = 0
+        self.last_block: tuple[int, Any, TransformerBlockMetadata] | None = None
+        self.ranges: list[tuple[int, int]] = []
+        self.chunk = 0
+        self.gathered: torch.Tensor | None = None
+        self.embedded: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self.recorded: dict[int, list[Any]] = {}
+        self.replayed: dict[int, int] = {}
+        self.tail_allowed = False
+
+    def block_finished(self, output: Any, metadata: TransformerBlockMetadata) -> None:
+        self.last_block = (self.block_calls, output, metadata)
+        self.block_calls += 1
+
+    def start_tail(self) -> None:
+        _, output, metadata = self.last_block
+        image = output if isinstance(output, torch.Tensor) else output[metadata.return_hidden_states_index]
+        self.ranges = _balanced(image.shape[1], min(self.num_chunks, image.shape[1]))
+        self.tail = True
+
+    def start_tail_chunk(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.block_calls = 0
+        self.replayed.clear()
+
+    def tail_block_output(self, arguments: _Arguments, metadata: TransformerBlockMetadata) -> Any:
+        """A block in a tail pass: the last block answers with its saved output's chunk, the others pass through."""
+        index = self.block_calls
+        self.block_calls += 1
+        last_index, output, _ = self.last_block
+        hs, ehs = metadata.return_hidden_states_index, metadata.return_encoder_hidden_states_index
+        start, end = self.ranges[self.chunk]
+        if index == last_index:
+            if isinstance(output, torch.Tensor):
+                return output.narrow(1, start, end - start)
+            output = list(output)
+            output[hs] = output[hs].narrow(1, start, end - start)
+            return tuple(output)
+        image = arguments.get(metadata.hidden_states_argument_name)
+        if ehs is None:
+            return image
+        result = [None] * (max(hs, ehs) + 1)
+        result[hs], result[ehs] = image, arguments.get(metadata.encoder_hidden_states_argument_name)
+        return tuple(result)
+
+
+_ACTIVE = threading.local()
+
+
+def _current(name: str) -> Any:
+    return getattr(_ACTIVE, name, None)
+
+
+# ------------------------------------------------------------------------------------------- hooks
+class SequenceAttentionHook(ModelHook):
+    """On a whole-sequence attention module: routes its kernel calls to the running block's K/V exchange."""
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        acquire_interception()
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        release_interception()
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: _BlockRun | None = _current("block_run")
+        state = run.attention.get(id(module)) if run is not None else None
+        if state is None:  # called outside a chunked block run: the module is untouched
+            return self.fn_ref.original_forward(*args, **kwargs)
+        state.calls_seen = 0
+        with intercept_attention(functools.partial(run.handle, state), SEQUENCE_PRIORITY, calls_sdpa_directly(module)):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class SequenceChunkingHook(ModelHook):
+    """On a transformer block: runs it chunk by chunk in collection passes and a final pass (module docstring)."""
+
+    def __init__(
+        self,
+        config: SequenceChunkingConfig,
+        path: str,
+        plan: BlockPlan,
+        metadata: TransformerBlockMetadata,
+        attention: list[tuple[str, torch.nn.Module, JointAttention]],
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.path = path
+        self.plan = plan
+        self.metadata = metadata
+        self.attention = attention
+        self.index: dict[str, int] = {}
+        self._warned = False
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.index = _positional_index(type(module))
+        missing = [name for name in self.plan.inputs if name not in self.index]
+        if missing:
+            raise ValueError(f"{self.path}: {type(module).__name__}.forward has no argument(s) {missing} (plan)")
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        arguments = _Arguments(self.index, args, kwargs)
+        model_run: _ModelRun | None = _current("model_run")
+        if model_run is not None and model_run.tail:
+            return model_run.tail_block_output(arguments, self.metadata)
+        output = self._forward(module, arguments)
+        if model_run is not None:
+            model_run.block_finished(output, self.metadata)
+        return output
+
+    def _forward(self, module: torch.nn.Module, arguments: _Arguments) -> Any:
+        original = self.fn_ref.original_forward
+        image = arguments.get(self.metadata.hidden_states_argument_name)
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"{self.path}: expected a tensor for {self.metadata.hidden_states_argument_name!r}")
+        if torch.is_grad_enabled() and (image.requires_grad or any(p.requires_grad for p in module.parameters())):
+            if not self._warned:
+                logger.warning("%s: autograd is recording, running unchunked (sequence chunking is inference-only; "
+                               "wrap the call in torch.no_grad())", self.path)
+                self._warned = True
+            args, kwargs = _materialized(arguments.args, arguments.kwargs)
+            return original(*args, **kwargs)
+        text = arguments.get(self.metadata.encoder_hidden_states_argument_name) if self.plan.has_text_stream else None
+        layout = _Layout.build(
+            self.config.num_chunks, image.shape[1], None if text is None else text.shape[1], self.plan.split_text
+        )
+        if layout.num_chunks <= 1:
+            args, kwargs = _materialized(arguments.args, arguments.kwargs)
+            return original(*args, **kwargs)
+        if _current("block_run") is not None:
+            raise RuntimeError(f"{self.path}: nested chunked block runs are not supported")
+
+        run = _BlockRun(
+            layout,
+            {
+                id(attention_module): _AttentionState(
+                    path=f"{self.path}.{name}",
+                    spec=spec,
+                    stage=stage,
+                    expected_calls=image.shape[0] if spec.calls == "batch" else spec.calls,
+                )
+                for stage, (name, attention_module, spec) in enumerate(self.attention)
+            },
+        )
+        chunk_arguments = functools.partial(self._chunk_arguments, arguments, layout)
+        _ACTIVE.block_run = run
+        try:
+            for stage in range(len(self.attention)):
+                run.collecting = stage
+                for chunk in range(layout.num_chunks):
+                    run.start_chunk(chunk)
+                    chunk_args, chunk_kwargs = chunk_arguments(chunk)
+                    try:
+                        original(*chunk_args, **chunk_kwargs)
+                    except _KeyValuesCollected:
+                        run.check_answered(self.path)
+                        continue
+                    raise RuntimeError(
+                        f"{self.path}: chunk {chunk} finished without reaching the attention kernel of "
+                        f"{self.path}.{self.attention[stage][0]} (skipped by a cache or processor?)"
+                    )
+            run.collecting = None
+            return self._final_pass(module, original, arguments, layout, run, chunk_arguments)
+        finally:
+            _ACTIVE.block_run = None
+
+    def _chunk_arguments(self, arguments: _Arguments, layout: _Layout, chunk: int) -> tuple[tuple, dict]:
+        values = {}
+        for name, spec in self.plan.inputs.items():
+            value = arguments.get(name)
+            if value is None:
+                continue
+            where = f"{self.path} input {name!r}"
+            if isinstance(value, _DeferredTokens):
+                # A producer's stand-in: all of its tables cover the same tokens, so one spec locates them.
+                value = layout.cut(value, next(s for s in spec if s is not None) if isinstance(spec, tuple) else spec,
+                                   chunk, where)
+            elif isinstance(spec, tuple):
+                if not isinstance(value, (tuple, list)) or len(value) != len(spec):
+                    raise ValueError(f"{where}: expected a tuple of {len(spec)} tensors, got {type(value).__name__}")
+                value = type(value)(
+                    layout.cut(item, item_spec, chunk, where) if item_spec is not None else item
+                    for item, item_spec in zip(value, spec)
+                )
+            else:
+                value = layout.cut(value, spec, chunk, where)
+            values[name] = value
+        return arguments.replaced(values)
+
+    def _final_pass(
+        self,
+        module: torch.nn.Module,
+        original: Callable[..., Any],
+        arguments: _Arguments,
+        layout: _Layout,
+        run: _BlockRun,
+        chunk_arguments: Callable[[int], tuple[tuple, dict]],
+    ) -> Any:
+        image_in = arguments.get(self.metadata.hidden_states_argument_name)
+        in_place = self.config.inplace and self._can_overwrite(module, image_in, arguments)
+        hs_index, ehs_index = self.metadata.return_hidden_states_index, self.metadata.return_encoder_hidden_states_index
+        image_out = text_out = None
+        returns_tensor, num_outputs = True, 1
+        for chunk in range(layout.num_chunks):
+            run.start_chunk(chunk)
+            chunk_args, chunk_kwargs = chunk_arguments(chunk)
+            output = original(*chunk_args, **chunk_kwargs)
+            run.check_answered(self.path)
+            returns_tensor = isinstance(output, torch.Tensor)
+            outputs = (output,) if returns_tensor else tuple(output)
+            num_outputs = len(outputs)
+            start, end = layout.ranges["image"][chunk]
+            piece = self._output(outputs, hs_index, "hidden states", end - start)
+            if image_out is None:
+                same = piece.dtype == image_in.dtype and piece.shape[2:] == image_in.shape[2:]
+                image_out = image_in if in_place and same else piece.new_empty(
+                    piece.shape[0], layout.lengths["image"], *piece.shape[2:]
+                )
+            image_out.narrow(1, start, end - start).copy_(piece)
+            if "text" in layout.lengths and ehs_index is not None and outputs[ehs_index] is not None:
+                text_start, text_end = layout.ranges["text"][chunk]
+                text_piece = self._output(outputs, ehs_index, "encoder hidden states", text_end - text_start)
+                if not layout.split["text"]:
+                    text_out = text_piece if chunk == 0 else text_out
+                else:
+                    if text_out is None:
+                        text_out = text_piece.new_empty(
+                            text_piece.shape[0], layout.lengths["text"], *text_piece.shape[2:]
+                        )
+                    text_out.narrow(1, text_start, text_end - text_start).copy_(text_piece)
+            del output, outputs, piece
+        if returns_tensor:
+            return image_out
+        result: list[Any] = [None] * num_outputs
+        result[hs_index] = image_out
+        if ehs_index is not None:
+            result[ehs_index] = text_out
+        return tuple(result)
+
+    def _output(self, outputs: tuple, index: int | None, what: str, tokens: int) -> torch.Tensor:
+        piece = outputs[index] if index is not None and index < len(outputs) else None
+        if not isinstance(piece, torch.Tensor) or piece.dim() < 2 or piece.shape[1] != tokens:
+            shape = tuple(piece.shape) if isinstance(piece, torch.Tensor) else type(piece).__name__
+            raise RuntimeError(f"{self.path}: expected the {what} output (index {index}), {tokens} tokens; got {shape}")
+        return piece
+
+    def _can_overwrite(self, module: torch.nn.Module, image: torch.Tensor, arguments: _Arguments) -> bool:
+        if _foreign_hooks(module, outer_of=SEQUENCE_BLOCK_HOOK):
+            return False
+        runs = _memory_runs(image)
+        if runs is None or any(a[1] > b[0] for a, b in zip(runs, runs[1:])):
+            return False  # elements sharing memory (an expanded tensor), or too irregular to tell
+        storage = image.untyped_storage()._cdata
+        for other in arguments.tensors():
+            if other is image or other.untyped_storage()._cdata != storage:
+                continue
+            other_runs = _memory_runs(other)
+            if other_runs is None or _intersect(runs, other_runs):
+                return False
+        return True
+
+
+def _memory_runs(tensor: torch.Tensor, limit: int = 4096) -> list[tuple[int, int]] | None:
+    """The byte ranges a strided tensor occupies in its storage, sorted; ``None`` when more than ``limit`` ranges.
+
+    The innermost dims that are contiguous together form one run; the outer dims enumerate the runs (a batch of
+    views into a joint text + image tensor is a handful of runs).
+    """
+    dims = sorted(((stride, size) for stride, size in zip(tensor.stride(), tensor.shape) if size != 1), reverse=True)
+    run = 1
+    while dims and dims[-1][0] == run:
+        run *= dims.pop()[1]
+    starts = [tensor.storage_offset()]
+    for stride, size in dims:
+        if len(starts) * size > limit:
+            return None
+        starts = [start + index * stride for start in starts for index in range(size)]
+    element = tensor.element_size()
+    return sorted((start * element, (start + run) * element) for start in starts)
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][0] < b[j][1] and b[j][0] < a[i][1]:
+            return True
+        if a[i][1] <= b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return False
+
+
+class SequenceModelHook(ModelHook):
+    """On the model: one forward with the blocks in chunks, stopped at the output head; then one per chunk for it.
+
+    The tail passes call every block again (each answers at once), so they are skipped when the blocks carry
+    diffusers' group offloading, which would move every block's weights again per chunk: the output head then runs
+    on the whole sequence. It also runs whole (one more pass, with a warning) when the first chunk's head fails
+    because the model code mixes it with full-length tensors, e.g. per-token modulation (Wan2.2 TI2V).
+    """
+
+    def __init__(self, config: SequenceChunkingConfig, blocks: list[torch.nn.Module], tail: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = blocks
+        self.tail = tail
+        self._warned = False
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        original = self.fn_ref.original_forward
+        if _current("model_run") is not None or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+        ):
+            return original(*args, **kwargs)
+        run = _ModelRun(self.config.num_chunks)
+        run.tail_allowed = self.tail and not any(_offloaded(block) for block in self.blocks)
+        _ACTIVE.model_run = run
+        try:
+            try:
+                return original(*args, **kwargs)  # returns here when the output head was not reached
+            except _TailReached:
+                pass
+            run.start_tail()
+            try:
+                return self._tail_passes(module, run, args, kwargs)
+            except RuntimeError as error:
+                if run.chunk != 0 or len(run.ranges) == 1:
+                    raise
+                message = str(error)
+            # The head mixes the chunk with full-length tensors (per-token modulation: Wan2.2 TI2V, LTX per-token
+            # timesteps): run it once on the whole sequence instead.
+            if not self._warned:
+                logger.warning("%s: the output head runs on the whole sequence (%s)", type(module).__name__, message)
+                self._warned = True
+            run.ranges = [(0, run.ranges[-1][1])]
+            run.gathered = None
+            return self._tail_passes(module, run, args, kwargs)
+        finally:
+            _ACTIVE.model_run = None
+
+    def _tail_passes(self, module: torch.nn.Module, run: _ModelRun, args: tuple, kwargs: dict) -> Any:
+        original = self.fn_ref.original_forward
+        for chunk in range(len(run.ranges)):
+            run.start_tail_chunk(chunk)
+            try:
+                result = original(*args, **kwargs)
+            except _TailChunkDone:
+                continue
+            if chunk == len(run.ranges) - 1:
+                return result
+            raise RuntimeError(f"{type(module).__name__}: the forward finished without reaching the gather module")
+        raise RuntimeError(f"{type(module).__name__}: the gather module did not return the gathered output")
+
+
+class SequenceTailHook(ModelHook):
+    """On the first module of the output head: ends the block pass there (the last block's output is kept)."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: _ModelRun | None = _current("model_run")
+        if run is not None and run.tail_allowed and not run.tail and run.last_block is not None:
+            raise _TailReached
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class SequenceGatherHook(ModelHook):
+    """On the gather module (``proj_out``): collects each tail pass's chunk; the last pass returns the whole."""
+
+    def __init__(self, path: str, spec: ContextParallelOutput) -> None:
+        super().__init__()
+        self.path = path
+        self.spec = spec
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        run: _ModelRun | None = _current("model_run")
+        if run is None or not run.tail:
+            return output
+        start, end = run.ranges[run.chunk]
+        dim = self.spec.gather_dim
+        if not isinstance(output, torch.Tensor) or output.dim() <= dim or output.shape[dim] != end - start:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise RuntimeError(
+                f"{self.path}: expected chunk {run.chunk} with {end - start} tokens on dim {dim}, got {shape}; the "
+                "model code after the blocks mixes in full-length tensors"
+            )
+        if run.gathered is None:
+            shape = list(output.shape)
+            shape[dim] = run.ranges[-1][1]
+            run.gathered = output.new_empty(shape)
+        run.gathered.narrow(dim, start, end - start).copy_(output)
+        if run.chunk < len(run.ranges) - 1:
+            raise _TailChunkDone
+        return run.gathered
+
+
+class SequenceProducerHook(ModelHook):
+    """On a model-level producer of per-token tables: defers them to the chunks during a chunked forward."""
+
+    def __init__(self, path: str, producer: TokenProducer) -> None:
+        super().__init__()
+        self.path = path
+        self.producer = producer
+        self.signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.signature = inspect.signature(type(module).forward)
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if _current("model_run") is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        bound = self.signature.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        call = dict(list(bound.arguments.items())[1:])
+        return _DeferredTokens(self.path, self.producer, module, self.fn_ref.original_forward, call)
+
+
+class SequenceEmbedHook(ModelHook):
+    """On the model's image-token embedding: in tail passes (whose blocks answer from the kept output) it returns a
+    zero-stride stand-in of the same shape instead of computing a full hidden state that nothing reads."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: _ModelRun | None = _current("model_run")
+        if run is not None and run.tail and id(self) in run.embedded:
+            shape, dtype, device = run.embedded[id(self)]
+            return torch.zeros((), dtype=dtype, device=device).expand(shape)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if run is not None and isinstance(output, torch.Tensor):
+            run.embedded[id(self)] = (output.shape, output.dtype, output.device)
+        return output
+
+
+class SequenceReplayHook(ModelHook):
+    """On a model-level module that runs before the blocks (conditioning embedders): the tail passes reuse its
+    outputs from the block pass instead of recomputing them (they are alive through the block pass anyway)."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: _ModelRun | None = _current("model_run")
+        if run is None or run.block_calls:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        key = id(self)
+        if run.tail:
+            index = run.replayed.get(key, 0)
+            recorded = run.recorded.get(key, [])
+            if index < len(recorded):
+                run.replayed[key] = index + 1
+                return recorded[index]
+            return self.fn_ref.original_forward(*args, **kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        run.recorded.setdefault(key, []).append(output)
+        return output
+
+
+class SequenceSkipHook(ModelHook):
+    """On a projection whose output the running pass never uses: returns zeros of its output shape, no matmul.
+
+    ``kind`` is ``"query"`` (unused in its attention's collection pass), ``"key_value"`` (unused once its attention's
+    K/V are collected) or ``"before_attention"`` (a branch computed before the first attention and used after it).
+    Linear-like modules return dense zeros (the code after them may write into them), parameter-free
+    (elementwise) ones a zero-stride view.
+    """
+
+    def __init__(self, kind: str, attention_id: int | None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.attention_id = attention_id
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: _BlockRun | None = _current("block_run")
+        if run is None or (self.attention_id is not None and self.attention_id not in run.attention) or not run.skips(
+            self.kind, self.attention_id
+        ):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        out_features = getattr(module, "out_features", None)
+        if out_features is not None:
+            return x.new_zeros(*x.shape[:-1], out_features)
+        return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
+
+
+# ------------------------------------------------------------------------------------------- apply
+def _contains(module: torch.nn.Module, other: torch.nn.Module) -> bool:
+    return any(child is other for child in module.modules())
+
+
+def _offloaded(module: torch.nn.Module) -> bool:
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook("group_offloading") is not None
+
+
+def _foreign_hooks(module: torch.nn.Module, outer_of: str | None = None) -> list[str]:
+    """Non-memopt hooks on ``module`` that may look at its inputs (all, or only those wrapping ``outer_of``'s)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return []
+    order = list(registry._hook_order)
+    if outer_of is not None:
+        order = order[order.index(outer_of) + 1 :] if outer_of in order else []
+    return [name for name in order if not name.startswith(HOOK_PREFIX) and name not in _WEIGHT_ONLY_HOOKS]
+
+
+def _iter_blocks(model: torch.nn.Module, plan: SequencePlan) -> Iterator[tuple[str, torch.nn.Module, BlockPlan | None]]:
+    registered = set(TransformerBlockRegistry._registry)
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        block_plan = plan.match(path)
+        if block_plan is not None or type(module) in registered:
+            yield path, module, block_plan
+
+
+def _prepare_block(
+    path: str, block: torch.nn.Module, plan: BlockPlan
+) -> tuple[str | None, list[tuple[str, torch.nn.Module, JointAttention]]]:
+    """Check one block against its plan: ``(reason to skip or None, [(name, attention module, spec)])``."""
+    try:
+        metadata = TransformerBlockRegistry.get(type(block))
+    except ValueError:
+        return f"{type(block).__name__} is not in diffusers' TransformerBlockRegistry (output layout unknown)", []
+    image_spec = plan.inputs.get(metadata.hidden_states_argument_name)
+    if not isinstance(image_spec, SequenceSplit) or image_spec.segments != ("image",) or image_spec.split_dim != 1:
+        raise ValueError(
+            f"{path}: the plan must split {metadata.hidden_states_argument_name!r} as the image stream on dim 1"
+        )
+    if plan.has_text_stream:
+        text_spec = plan.inputs.get(metadata.encoder_hidden_states_argument_name)
+        if not isinstance(text_spec, SequenceSplit) or text_spec.segments != ("text",) or text_spec.split_dim != 1:
+            raise ValueError(
+                f"{path}: the plan uses a text stream, so it must split "
+                f"{metadata.encoder_hidden_states_argument_name!r} as the text stream on dim 1"
+            )
+    if not plan.attention:
+        return "the plan names no whole-sequence attention module", []
+    attention = []
+    for name, spec in plan.attention.items():
+        try:
+            attention.append((name, block.get_submodule(name), spec))
+        except AttributeError:
+            if not spec.optional:
+                return f"has no attention module {name!r} named in the plan", []
+    foreign = _foreign_hooks(block)
+    if foreign:
+        return f"carries hooks {foreign} that may keep or skip its inputs; apply memopt first or remove them", []
+    return None, attention
+
+
+def _skippable(path: str, module: torch.nn.Module) -> torch.nn.Module:
+    """A module the plan lets memopt skip must have an output shape known from its input (linear or elementwise)."""
+    linear = getattr(module, "out_features", None) is not None
+    if not linear and (any(True for _ in module.parameters()) or len(module._modules)):
+        raise ValueError(f"{path}: {type(module).__name__} is neither linear nor a parameter-free elementwise module; "
+                         "the plan cannot mark it as skippable")
+    return module
+
+
+def _skip_hooks(
+    path: str, block: torch.nn.Module, plan: BlockPlan, attention: list[tuple[str, torch.nn.Module, JointAttention]]
+) -> Iterator[tuple[torch.nn.Module, SequenceSkipHook]]:
+    for name in plan.unused_before_attention:
+        yield _skippable(f"{path}.{name}", block.get_submodule(name)), SequenceSkipHook("before_attention", None)
+    for name, attention_module, spec in attention:
+        for kind, projections in (("query", spec.query), ("key_value", spec.key_value)):
+            for projection in projections:
+                module = getattr(attention_module, projection, None)
+                if isinstance(module, torch.nn.Module):
+                    hook = SequenceSkipHook(kind, id(attention_module))
+                    yield _skippable(f"{path}.{name}.{projection}", module), hook
+
+
+def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: SequenceChunkingConfig,
+                       report: SequenceChunkingReport, blocks: list[torch.nn.Module]) -> None:
+    """Hooks for the output head and the per-token producers (only when every block is chunked)."""
+    if report.skipped:
+        report.skipped.append(("<model>", "output head and producers run whole because some blocks are unchunked"))
+        return
+    foreign = _foreign_hooks(model)
+    if foreign:
+        report.skipped.append(("<model>", f"carries hooks {foreign}; output head and producers run whole"))
+        return
+    for path, producer in plan.producers.items():
+        module = _submodule(model, path)
+        if module is None:
+            report.skipped.append((path, "producer named in the plan does not exist"))
+            continue
+        register_memopt_hook(module, SequenceProducerHook(path, producer), SEQUENCE_PRODUCER_HOOK)
+        report.producers.append(path)
+    gather = plan.gather
+    if gather is None:
+        cp_plan = getattr(model, "_cp_plan", None) or {}
+        gather = {k: v for k, v in cp_plan.items() if isinstance(v, ContextParallelOutput)}
+    tail = _submodule(model, plan.tail) if config.chunk_tail and plan.tail else None
+    gather_modules = {path: _submodule(model, path) for path in gather}
+    if tail is not None and len(gather_modules) == 1 and None not in gather_modules.values():
+        (gather_path, gather_module), = gather_modules.items()
+        register_memopt_hook(tail, SequenceTailHook(), SEQUENCE_TAIL_HOOK)
+        register_memopt_hook(gather_module, SequenceGatherHook(gather_path, gather[gather_path]), SEQUENCE_GATHER_HOOK)
+        report.tail = f"{plan.tail} -> {gather_path}"
+        if any(_offloaded(block) for block in blocks):
+            report.skipped.append(("<model>", "blocks are group-offloaded: the output head runs whole while they are"))
+    elif config.chunk_tail:
+        report.skipped.append(("<model>", f"output head runs whole (tail {plan.tail!r}, gather {sorted(gather)})"))
+    if report.tail:
+        embed = _submodule(model, plan.embed) if plan.embed is not None else None
+        if embed is not None:
+            register_memopt_hook(embed, SequenceEmbedHook(), SEQUENCE_EMBED_HOOK)
+        elif plan.embed is not None:
+            report.skipped.append((plan.embed, "embedding named in the plan does not exist"))
+        special = {plan.embed, plan.tail, *gather, *plan.producers}
+        for name, child in model.named_children():
+            if name not in special and not any(block is child or _contains(child, block) for block in blocks):
+                register_memopt_hook(child, SequenceReplayHook(), SEQUENCE_REPLAY_HOOK)
+    if report.tail or report.producers:
+        register_memopt_hook(model, SequenceModelHook(config, blocks, report.tail is not None), SEQUENCE_MODEL_HOOK)
+
+
+def apply_sequence_chunking(
+    model: torch.nn.Module,
+    num_chunks: int | None = None,
+    *,
+    inplace: bool = True,
+    chunk_tail: bool = True,
+    plan: SequencePlan | None = None,
+) -> SequenceChunkingReport:
+    """Run every transformer block of ``model`` in ``num_chunks`` sequence chunks with a K/V exchange.
+
+    Args:
+        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (Wan, Flux,
+            HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi), or any model with ``plan`` given.
+        num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.
+        inplace: see :class:`SequenceChunkingConfig`.
+        chunk_tail: see :class:`SequenceChunkingConfig`.
+        plan: a :class:`~memopt.plans.sequence.SequencePlan` to use instead of the built-in one.
+
+    Returns:
+        A :class:`SequenceChunkingReport` listing the chunked blocks, the attention modules exchanging K/V, the
+        model-level pieces and what runs unchunked (with the reason).
+
+    Raises:
+        ValueError: no plan for the model, a plan naming arguments the blocks do not take, or no block matched.
+
+    Undo with ``memopt.remove_memory_optimizations(model)``. Inference only (under ``torch.no_grad()``). Combines
+    with memopt's FeedForward chunking (apply that first: where its hook sits on a whole block, this one must wrap
+    it) and with diffusers' group offloading (apply that after, as ``memopt.hooks.offload.apply_offloading`` does,
+    so it wraps the block hook and a block's weights move once for all chunks; while blocks are offloaded the output
+    head runs whole, see :class:`SequenceModelHook`).
+
+    Example::
+
+        import torch
+        from memopt import apply_sequence_chunking, remove_memory_optimizations
+        from memopt.models import get_family
+
+        spec = get_family("wan")
+        model = spec.build("tiny")
+        inputs = spec.make_inputs(model.config, batch_size=2)
+        with torch.no_grad():
+            reference = model(**inputs)[0]
+            print(apply_sequence_chunking(model, num_chunks=4))
+            chunked = model(**inputs)[0]
+        print(((chunked - reference).norm() / reference.norm()).item())   # ~1e-7
+        remove_memory_optimizations(model)
+    """
+    plan = plan if plan is not None else sequence_plan(model)
+    num_chunks = plan.num_chunks if num_chunks is None else num_chunks
+    config = SequenceChunkingConfig(num_chunks=num_chunks, inplace=inplace, chunk_tail=chunk_tail)
+    report = SequenceChunkingReport(type(model).__name__, config.num_chunks, plan.source)
+    TransformerBlockRegistry._register()
+    chunked_prefixes: list[str] = []
+    blocks: list[torch.nn.Module] = []
+    for path, block, block_plan in _iter_blocks(model, plan):
+        if any(path.startswith(prefix + ".") for prefix in chunked_prefixes):
+            continue
+        if block_plan is None:
+            report.skipped.append((path, f"{type(block).__name__} is not in the plan"))
+            continue
+        reason, attention = _prepare_block(path, block, block_plan)
+        if reason is not None:
+            report.skipped.append((path, reason))
+            continue
+        metadata = TransformerBlockRegistry.get(type(block))
+        hook = SequenceChunkingHook(config, path, block_plan, metadata, attention)
+        register_memopt_hook(block, hook, SEQUENCE_BLOCK_HOOK)
+        for name, attention_module, _ in attention:
+            register_memopt_hook(attention_module, SequenceAttentionHook(), SEQUENCE_ATTENTION_HOOK)
+            report.attention.append(f"{path}.{name}")
+        for module, skip_hook in _skip_hooks(path, block, block_plan, attention):
+            register_memopt_hook(module, skip_hook, SEQUENCE_SKIP_HOOK)
+        report.blocks.append(path)
+        blocks.append(block)
+        chunked_prefixes.append(path)
+    if not report.blocks:
+        raise ValueError(f"no block of {type(model).__name__} matched the sequence plan {sorted(plan.blocks)}:\n"
+                         f"{report}")
+    _apply_model_level(model, plan, config, report, blocks)
+    return report

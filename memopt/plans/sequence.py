@@ -1,0 +1,454 @@
+"""Sequence plans: where each family's transformer blocks cut their inputs into chunks, and which attention calls
+need every chunk's keys and values.
+
+This is memopt's counterpart of diffusers' ``_cp_plan`` (``models/_modeling_parallel.py``), one level down. A
+``_cp_plan`` splits the *model's* inputs once and lets ring/Ulysses attention exchange K/V between GPUs inside every
+block. Sequential context parallelism runs the N "ranks" one after another on one device, so the exchange has to
+happen block by block: each block is split on entry and gathered on exit, and the plan therefore names *block*
+inputs. The entries keep the ``_cp_plan`` shape (argument name -> split dim + expected number of dims, a tuple of
+them for tuple arguments such as ``(cos, sin)`` rotary embeddings), and where a model has a ``_cp_plan`` the split
+dims are the ones it declares (Wan ``rope`` dim 1 of 4, LTX ``rope`` dim 1 of 3, QwenImage ``pos_embed`` dim 0 of 2,
+Flux ``img_ids``/``txt_ids`` dim 0, QwenImage ``modulate_index`` / ``encoder_hidden_states_mask`` dim 1 of 2, Wan
+per-token ``timestep`` dim 1); ``tests/hooks/test_sequence.py`` checks that they agree. HunyuanVideo, CogVideoX,
+SD3 and Mochi have no ``_cp_plan`` in diffusers 0.42; their plans below are memopt's.
+
+Vocabulary:
+
+* **streams**: the token sequences a block carries. ``"image"`` (the latent tokens, always split) and, in joint
+  (MMDiT) blocks, ``"text"`` (the encoder tokens that share the attention). A block's stream lengths are read from
+  its ``hidden_states`` / ``encoder_hidden_states`` arguments (names from diffusers' ``TransformerBlockRegistry``).
+  The text stream is split like the image stream when every chunk gets at least one text token and the plan allows
+  it; otherwise every chunk carries the whole text (computed redundantly, taken once).
+* **segments**: what one dim of a block input is made of, in order. Flux's rotary table covers
+  ``("text", "image")``; HunyuanVideo's attention mask covers ``("image", "text")``; a chunk gets its piece of each
+  segment, concatenated.
+* **joint attention**: an attention module whose kernel call attends over the whole sequence (self-attention, or
+  MMDiT joint attention); ``order`` is how the streams sit in its key sequence. Every other attention call in the
+  block (cross-attention to text or image-prompt tokens) stays chunk-local.
+* **tail / gather / embed / producers**: the model-level parts (:class:`SequencePlan`): where the output head starts,
+  where its chunks are gathered (the ``ContextParallelOutput`` entries of the model's ``_cp_plan`` when it has one),
+  which module embeds the image tokens, and which per-token tables are computed per chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Union
+
+import torch
+from diffusers.models._modeling_parallel import ContextParallelOutput
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+STREAMS: tuple[str, ...] = ("image", "text")
+
+
+@dataclass(frozen=True)
+class SequenceSplit:
+    """How one block input is cut into chunks (the block-level analogue of diffusers' ``ContextParallelInput``).
+
+    Attributes:
+        split_dim: the dim that runs over tokens (negative counts from the end).
+        expected_dims: only split tensors with this many dims; others pass whole, exactly like diffusers'
+            ``ContextParallelInput.expected_dims`` (this is how Wan's per-token ``temb`` of Wan2.2 TI2V,
+            ``(B, S, 6, D)``, is split while the usual ``(B, 6, D)`` is not).
+        segments: the streams the split dim is made of, in order. A tensor whose split dim has size 1 is a
+            broadcast over tokens and passes whole.
+    """
+
+    split_dim: int
+    expected_dims: int | None = None
+    segments: tuple[str, ...] = ("image",)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.segments if s not in STREAMS]
+        if unknown or not self.segments:
+            raise ValueError(f"SequenceSplit segments must be a non-empty tuple of {STREAMS}, got {self.segments}")
+
+
+SplitSpec = Union[SequenceSplit, tuple[Union[SequenceSplit, None], ...]]
+
+
+@dataclass(frozen=True)
+class JointAttention:
+    """An attention module whose kernel calls need every chunk's keys and values.
+
+    Attributes:
+        order: the streams, in the order the processor concatenates them into the key sequence.
+        calls: how many leading kernel calls per module forward attend over the whole sequence: ``1``, or
+            ``"batch"`` for processors that loop over the batch (Mochi). Later calls in the same forward (e.g.
+            image-prompt adapters) stay chunk-local.
+        optional: the module may be absent from a block (SD3.5's second, image-only attention ``attn2``).
+        query: projections (relative to the attention module) whose output only feeds the queries. A collection
+            pass never uses the queries, so these return a zero-stride stand-in there instead of a matmul.
+        key_value: projections whose output only feeds the keys and values. The final pass takes K/V from the
+            collected buffers, so these are skipped there the same way.
+    """
+
+    order: tuple[str, ...] = ("image",)
+    calls: int | Literal["batch"] = 1
+    optional: bool = False
+    query: tuple[str, ...] = ("to_q",)
+    key_value: tuple[str, ...] = ("to_k", "to_v")
+
+    def __post_init__(self) -> None:
+        if sorted(self.order) != sorted(set(self.order)) or any(s not in STREAMS for s in self.order):
+            raise ValueError(f"JointAttention order must list distinct streams of {STREAMS}, got {self.order}")
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How one kind of transformer block runs in sequence chunks.
+
+    Attributes:
+        inputs: block forward argument name -> how it is split (a tuple of specs for tuple arguments, ``None``
+            entries pass whole). Must split the block's hidden states (the image stream) along dim 1, and its
+            encoder hidden states along dim 1 when the block carries a text stream. Arguments not listed pass whole
+            to every chunk.
+        attention: attention module path relative to the block -> :class:`JointAttention`. A block with several
+            runs one collection pass per module (in this order), then the final pass.
+        split_text: whether the text stream may be split across chunks. ``False`` when the processor reshapes
+            text tokens per batch item (Mochi drops masked text tokens per sample, so piece sizes would depend on
+            the mask): the text is then carried whole by every chunk.
+        unused_before_attention: modules (relative to the block) that run before the first whole-sequence attention
+            but whose output is not needed to reach it (the MLP branch of Flux / HunyuanVideo single blocks, which is
+            computed before attention). Skipped, like the query projections, in the first collection pass.
+    """
+
+    inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
+    attention: Mapping[str, JointAttention] = field(default_factory=dict)
+    split_text: bool = True
+    unused_before_attention: tuple[str, ...] = ()
+
+    @property
+    def has_text_stream(self) -> bool:
+        return any(
+            "text" in spec.segments
+            for entry in self.inputs.values()
+            for spec in (entry if isinstance(entry, tuple) else (entry,))
+            if spec is not None
+        ) or any("text" in attention.order for attention in self.attention.values())
+
+
+ProducerCall = Mapping[str, Any]
+"""A producer module's forward arguments by name (defaults filled in)."""
+
+TokenRanges = list[tuple[int, int]]
+"""Token ranges ``[(start, end), ...]`` in a producer's output, taken in this order."""
+
+
+@dataclass(frozen=True)
+class TokenProducer:
+    """A model-level module whose output is per-token tables (rotary embeddings) that a chunk can compute alone.
+
+    Families build per-token tables before the blocks and keep them alive through all of them: LTX-Video's rotary
+    ``(cos, sin)`` are ``(B, S, D)`` fp32 each (4 LD in a bf16 model), Mochi's ``(S, heads, head_dim / 2)`` fp32
+    (2 LD), the others' ``(S, head_dim)`` (0.1-0.2 LD). While a chunked forward runs, memopt hands the blocks a
+    deferred stand-in instead, and each chunk computes only its own rows (bit-identical: the tables are per token).
+
+    Attributes:
+        tokens: ``(module, call) -> number of tokens the output covers``.
+        rows: ``(module, call, ranges, forward) -> the output for the tokens in ranges``, concatenated along the
+            token dim; ``forward`` is the module's original forward.
+    """
+
+    tokens: Callable[[torch.nn.Module, ProducerCall], int]
+    rows: Callable[[torch.nn.Module, ProducerCall, TokenRanges, Callable[..., Any]], Any]
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """How a model class runs in sequence chunks.
+
+    Attributes:
+        blocks: block module path pattern (``"blocks.*"``, ``*`` = one path component) -> :class:`BlockPlan`.
+        tail: the first model-level module after the blocks (``"norm_out"``). The model code from there to the
+            ``gather`` modules (output norm, modulation, projection) then also runs chunk by chunk, in a second pass
+            over the model forward (see :mod:`memopt.hooks.sequence`); ``None`` runs it on the whole sequence.
+        gather: module path -> ``ContextParallelOutput`` where the chunks of the tail are gathered, exactly as in a
+            ``_cp_plan``; ``None`` takes the ``ContextParallelOutput`` entries of the model's own ``_cp_plan``.
+        embed: the model-level module that turns the latents into image tokens. In the tail passes its output is
+            never read (the blocks answer from the kept output), so it returns a zero-stride stand-in instead of
+            recomputing a full hidden state.
+        producers: model-level module path -> :class:`TokenProducer` for per-token tables computed per chunk.
+        num_chunks: the default number of chunks. A chunk's workspace is the unmodified block's per-token peak
+            (8-15 LD for these families) divided by the number of chunks, on top of the ~3 LD floor; the defaults
+            keep it near 0.4 LD (measured growth at the defaults: 3.2-3.45 LD per token, fp32).
+        source: where the plan comes from (shown in reports).
+    """
+
+    blocks: Mapping[str, BlockPlan]
+    tail: str | None = "norm_out"
+    gather: Mapping[str, ContextParallelOutput] | None = field(
+        default_factory=lambda: {"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+    )
+    embed: str | None = None
+    producers: Mapping[str, TokenProducer] = field(default_factory=dict)
+    num_chunks: int = 32
+    source: str = "memopt"
+
+    def match(self, path: str) -> BlockPlan | None:
+        """The plan of the block at ``path`` (``*`` stands for one path component, as in a ``_cp_plan``)."""
+        for pattern, plan in self.blocks.items():
+            if re.fullmatch(re.escape(pattern).replace(r"\*", r"[^.]+"), path):
+                return plan
+        return None
+
+
+def _take(tensor: torch.Tensor, dim: int, ranges: TokenRanges) -> torch.Tensor:
+    pieces = [tensor.narrow(dim, start, end - start) for start, end in ranges]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def _token_grid(ranges: TokenRanges, sizes: tuple[int, int, int], device: torch.device) -> list[torch.Tensor]:
+    """(frame, row, column) indices of the given tokens of a row-major ``sizes`` grid."""
+    index = torch.cat([torch.arange(start, end, device=device) for start, end in ranges])
+    _, rows, columns = sizes
+    return [index // (rows * columns), index // columns % rows, index % columns]
+
+
+def _wan_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
+    _, _, frames, height, width = call["hidden_states"].shape
+    p_t, p_h, p_w = rope.patch_size
+    return frames // p_t * (height // p_h) * (width // p_w)
+
+
+def _wan_rope_rows(rope: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
+    """Wan's ``(1, S, 1, head_dim)`` tables for some tokens: the per-axis rows of its frequency buffers, gathered."""
+    _, _, frames, height, width = call["hidden_states"].shape
+    p_t, p_h, p_w = rope.patch_size
+    grid = _token_grid(ranges, (frames // p_t, height // p_h, width // p_w), rope.freqs_cos.device)
+    sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
+    tables = []
+    for freqs in (rope.freqs_cos, rope.freqs_sin):
+        axes = freqs.split(sizes, dim=1)
+        tables.append(torch.cat([axis[index] for axis, index in zip(axes, grid)], dim=-1)[None, :, None, :])
+    return tuple(tables)
+
+
+def _flux_rope_tokens(pos_embed: torch.nn.Module, call: ProducerCall) -> int:
+    return call["ids"].shape[0]
+
+
+def _flux_rope_rows(pos_embed: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
+    """Flux's tables are a function of each token's position ids: run the module on the chunk's ids."""
+    return forward(_take(call["ids"], 0, ranges))
+
+
+def _hunyuan_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
+    _, _, frames, height, width = call["hidden_states"].shape
+    return frames // rope.patch_size_t * (height // rope.patch_size) * (width // rope.patch_size)
+
+
+def _hunyuan_rope_rows(rope: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
+    """HunyuanVideo's ``(S, head_dim)`` tables for some tokens: its per-axis 1-D embeddings of their positions."""
+    _, _, frames, height, width = call["hidden_states"].shape
+    sizes = (frames // rope.patch_size_t, height // rope.patch_size, width // rope.patch_size)
+    grid = _token_grid(ranges, sizes, call["hidden_states"].device)
+    freqs = [
+        get_1d_rotary_pos_embed(rope.rope_dim[axis], grid[axis].to(torch.float32), rope.theta, use_real=True)
+        for axis in range(3)
+    ]
+    return torch.cat([f[0] for f in freqs], dim=1), torch.cat([f[1] for f in freqs], dim=1)
+
+
+def _ltx_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
+    if call["video_coords"] is not None:
+        return call["video_coords"].shape[-1]
+    return call["num_frames"] * call["height"] * call["width"]
+
+
+def _ltx_rope_rows(rope: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
+    """LTX tables for some tokens: the module's own ``video_coords`` path on those tokens.
+
+    Without ``video_coords`` the module builds a latent grid and uses it as is; with them it divides them by its base
+    sizes. Multiplying the grid rows by the base sizes first gives the same grid (exactly for integer positions).
+    """
+    coords = call["video_coords"]
+    if coords is None:
+        hidden_states = call["hidden_states"]
+        grid = rope._prepare_video_coords(
+            hidden_states.size(0), call["num_frames"], call["height"], call["width"],
+            rope_interpolation_scale=call["rope_interpolation_scale"], device=hidden_states.device,
+        )
+        grid = _take(grid, 1, ranges)
+        bases = (rope.base_num_frames, rope.base_height, rope.base_width)
+        coords = torch.stack([grid[..., axis] * base for axis, base in enumerate(bases)], dim=1)
+    else:
+        coords = _take(coords, -1, ranges)
+    return forward(call["hidden_states"], video_coords=coords)
+
+
+def _mochi_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
+    return call["num_frames"] * call["height"] * call["width"]
+
+
+def _mochi_rope_rows(rope: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
+    """Mochi tables for some tokens: positions are computed whole (3 numbers a token), then the chunk's rows."""
+    positions = rope._get_positions(call["num_frames"], call["height"], call["width"], call["device"], call["dtype"])
+    return rope._create_rope(call["pos_frequencies"], _take(positions, 0, ranges))
+
+
+_IMAGE_TOKENS = SequenceSplit(1, 3)
+_TEXT_TOKENS = SequenceSplit(1, 3, ("text",))
+
+
+def _pair(spec: SequenceSplit) -> tuple[SequenceSplit, SequenceSplit]:
+    return (spec, spec)
+
+
+_JOINT = {"query": ("to_q", "add_q_proj"), "key_value": ("to_k", "to_v", "add_k_proj", "add_v_proj")}
+_TEXT_FIRST = JointAttention(order=("text", "image"), **_JOINT)
+_IMAGE_FIRST = JointAttention(order=("image", "text"), **_JOINT)
+
+_WAN = BlockPlan(
+    inputs={
+        "hidden_states": _IMAGE_TOKENS,
+        "temb": SequenceSplit(1, 4),  # Wan2.2 TI2V per-token timesteps: (B, S, 6, D); (B, 6, D) passes whole
+        "rotary_emb": _pair(SequenceSplit(1, 4)),  # (1, S, 1, head_dim) cos / sin, as _cp_plan["rope"]
+    },
+    attention={"attn1": JointAttention()},  # attn2 is cross-attention to text (and image) tokens: chunk-local
+)
+
+_FLUX_INPUTS = {
+    "hidden_states": _IMAGE_TOKENS,
+    "encoder_hidden_states": _TEXT_TOKENS,
+    "image_rotary_emb": _pair(SequenceSplit(0, 2, ("text", "image"))),  # pos_embed(cat(txt_ids, img_ids))
+}
+
+_HUNYUAN_INPUTS = {
+    "hidden_states": _IMAGE_TOKENS,
+    "encoder_hidden_states": _TEXT_TOKENS,
+    "attention_mask": SequenceSplit(3, 4, ("image", "text")),  # (B, 1, 1, S_image + S_text) key mask
+}
+_HUNYUAN_ROPE = _pair(SequenceSplit(0, 2))  # (S_image, head_dim); text tokens get no rotary embedding
+
+# The MLP branch of the parallel attention + MLP single-stream blocks runs before their attention.
+_SINGLE_STREAM_MLP = ("proj_mlp", "act_mlp")
+
+SEQUENCE_PLANS: dict[str, SequencePlan] = {
+    "WanTransformer3DModel": SequencePlan(
+        {"blocks.*": _WAN},
+        gather=None,
+        embed="patch_embedding",
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+        source="memopt + WanTransformer3DModel._cp_plan",
+    ),
+    "FluxTransformer2DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(inputs=_FLUX_INPUTS, attention={"attn": _TEXT_FIRST}),
+            "single_transformer_blocks.*": BlockPlan(
+                inputs=_FLUX_INPUTS,
+                attention={"attn": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
+                unused_before_attention=_SINGLE_STREAM_MLP,
+            ),
+        },
+        gather=None,
+        embed="x_embedder",
+        producers={"pos_embed": TokenProducer(_flux_rope_tokens, _flux_rope_rows)},
+        num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
+        source="memopt + FluxTransformer2DModel._cp_plan",
+    ),
+    "HunyuanVideoTransformer3DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={**_HUNYUAN_INPUTS, "freqs_cis": _HUNYUAN_ROPE}, attention={"attn": _IMAGE_FIRST}
+            ),
+            "single_transformer_blocks.*": BlockPlan(
+                inputs={**_HUNYUAN_INPUTS, "image_rotary_emb": _HUNYUAN_ROPE},
+                attention={"attn": JointAttention(order=("image", "text"))},  # one projection for cat(image, text)
+                unused_before_attention=_SINGLE_STREAM_MLP,
+            ),
+        },
+        embed="x_embedder",
+        producers={"rope": TokenProducer(_hunyuan_rope_tokens, _hunyuan_rope_rows)},
+        num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
+    ),
+    "CogVideoXTransformer3DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "encoder_hidden_states": _TEXT_TOKENS,
+                    "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) when RoPE is used
+                },
+                attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
+            )
+        },
+        tail="norm_final",
+        embed="patch_embed",
+    ),
+    "LTXVideoTransformer3DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "temb": SequenceSplit(1, 3),  # (B, S, 6D) per-token timesteps; (B, 1, 6D) passes whole
+                    "image_rotary_emb": _pair(SequenceSplit(1, 3)),  # (B, S, D) cos / sin, as _cp_plan["rope"]
+                },
+                attention={"attn1": JointAttention()},  # attn2: cross-attention to text, chunk-local
+            )
+        },
+        gather=None,
+        embed="proj_in",
+        producers={"rope": TokenProducer(_ltx_rope_tokens, _ltx_rope_rows)},
+        source="memopt + LTXVideoTransformer3DModel._cp_plan",
+    ),
+    "QwenImageTransformer2DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "encoder_hidden_states": _TEXT_TOKENS,
+                    "encoder_hidden_states_mask": SequenceSplit(1, 2, ("text",)),
+                    "image_rotary_emb": (SequenceSplit(0, 2), SequenceSplit(0, 2, ("text",))),  # (img, txt) freqs
+                    "modulate_index": SequenceSplit(1, 2),  # zero_cond_t: per-token modulation choice
+                },
+                attention={"attn": _TEXT_FIRST},
+            )
+        },
+        gather=None,
+        embed="img_in",
+        source="memopt + QwenImageTransformer2DModel._cp_plan",
+    ),
+    "SD3Transformer2DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS, "encoder_hidden_states": _TEXT_TOKENS},
+                attention={
+                    "attn": _IMAGE_FIRST,
+                    "attn2": JointAttention(optional=True),  # SD3.5 dual-attention layers: image-only
+                },
+            )
+        },
+        embed="pos_embed",
+    ),
+    "MochiTransformer3DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "encoder_hidden_states": _TEXT_TOKENS,
+                    "encoder_attention_mask": SequenceSplit(1, 2, ("text",)),
+                    "image_rotary_emb": _pair(SequenceSplit(0, 3)),  # (S_image, heads, head_dim / 2)
+                },
+                attention={"attn1": JointAttention(order=("image", "text"), calls="batch", **_JOINT)},
+                split_text=False,
+            )
+        },
+        embed="patch_embed",
+        producers={"rope": TokenProducer(_mochi_rope_tokens, _mochi_rope_rows)},
+    ),
+}
+"""Model class name -> :class:`SequencePlan` for the families memopt supports."""
+
+
+def sequence_plan(model: torch.nn.Module) -> SequencePlan:
+    """The :class:`SequencePlan` for ``model``'s class, or a ``ValueError`` naming the supported classes."""
+    name = type(model).__name__
+    if name not in SEQUENCE_PLANS:
+        raise ValueError(
+            f"memopt has no sequence plan for {name}; supported: {sorted(SEQUENCE_PLANS)}. Pass plan=SequencePlan(...) "
+            "to apply_sequence_chunking for other models."
+        )
+    return SEQUENCE_PLANS[name]

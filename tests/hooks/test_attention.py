@@ -1,0 +1,126 @@
+"""Chunked attention (memopt.hooks.attention) and the dispatch interception it shares with sequence chunking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_dispatch import attention_backend
+
+from memopt import apply_chunked_attention, apply_sequence_chunking, remove_memory_optimizations, trace_memory
+from memopt.hooks import _attention_dispatch
+from memopt.hooks._common import has_memopt_hooks
+from memopt.hooks.attention import CHUNKED_ATTENTION_HOOK
+from memopt.models import Size, get_family
+
+FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
+# Image token counts 70 / 35 / 45: not divisible by the chunk sizes below.
+SIZES = {
+    "wan": Size(80, 112, 5),
+    "flux": Size(80, 112),
+    "hunyuanvideo": Size(80, 112, 5),
+    "cogvideox": Size(80, 112, 5),
+    "ltx": Size(160, 224, 9),
+    "qwenimage": Size(80, 112),
+    "sd3": Size(80, 112),
+    "mochi": Size(48, 80, 13),
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def build(family: str, size: Size | None = None):
+    spec = get_family(family)
+    model = spec.build("tiny")
+    size = size or SIZES[family]
+    inputs = spec.make_inputs(model.config, batch_size=2, height=size.height, width=size.width,
+                              num_frames=size.num_frames, masked=True)
+    return spec, model, inputs
+
+
+def chunk_counters(model: torch.nn.Module) -> tuple[int, int]:
+    hooks = [
+        module._diffusers_hook.get_hook(CHUNKED_ATTENTION_HOOK)
+        for module in model.modules()
+        if getattr(module, "_diffusers_hook", None) is not None
+        and module._diffusers_hook.get_hook(CHUNKED_ATTENTION_HOOK) is not None
+    ]
+    return sum(h.calls for h in hooks), sum(h.chunked_calls for h in hooks)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_unmodified_model(family):
+    _, model, inputs = build(family)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    users_before = _attention_dispatch._installed_users
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for options in ({"query_chunk": 7}, {"query_chunk": 5, "kv_chunk": 6, "head_chunks": 2}):
+            report = apply_chunked_attention(model, **options)
+            assert report.attention
+            out = model(**inputs)[0]
+            calls, chunked = chunk_counters(model)
+            remove_memory_optimizations(model)
+            assert calls and chunked == calls, options  # every call is longer than the chunks here
+            assert rel_err(out, reference) <= 1e-5, options
+        assert not has_memopt_hooks(model)
+        assert torch.equal(model(**inputs)[0], reference)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert _attention_dispatch._installed_users == users_before  # every hook released the dispatch wrappers
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo", "sd3", "mochi"])
+def test_combines_with_sequence_chunking(family):
+    """Sequence chunking hands the chunked math the full K/V (and key mask), in either application order."""
+    _, model, inputs = build(family)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for first_sequence in (True, False):
+            if first_sequence:
+                apply_sequence_chunking(model, 4)
+            apply_chunked_attention(model, query_chunk=3, kv_chunk=11, head_chunks=2)
+            if not first_sequence:
+                apply_sequence_chunking(model, 4)
+            out = model(**inputs)[0]
+            _, chunked = chunk_counters(model)
+            remove_memory_optimizations(model)
+            assert chunked and rel_err(out, reference) <= 1e-5
+
+
+def test_kv_chunks_bound_the_math_path():
+    """On the math backend the S x S scores dominate; K/V chunks with the log-sum-exp merge remove them."""
+    spec = get_family("wan")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=1, height=128, width=256, num_frames=5)  # 256 tokens
+    with torch.no_grad(), attention_backend("_native_math"):
+        reference = trace_memory(model, **inputs)
+        apply_chunked_attention(model, query_chunk=64, kv_chunk=64)
+        chunked = trace_memory(model, **inputs)
+    assert rel_err(chunked.result[0], reference.result[0]) <= 1e-5
+    assert chunked.peak_bytes < reference.peak_bytes / 2
+
+
+def test_bad_options_and_models_are_refused():
+    _, model, _ = build("wan")
+    for options in ({"query_chunk": 0}, {"kv_chunk": -3}, {"head_chunks": 0}, {"query_chunk": 2.5}):
+        with pytest.raises(ValueError):
+            apply_chunked_attention(model, **options)
+    assert not has_memopt_hooks(model)
+    with pytest.raises(ValueError, match="no diffusers attention modules"):
+        apply_chunked_attention(torch.nn.Linear(3, 3))
+    apply_chunked_attention(model)
+    with pytest.raises(RuntimeError, match="already has the hook"):
+        apply_chunked_attention(model)
+
+
+def test_calls_outside_hooked_modules_are_untouched():
+    """The interception is scoped to the hooked module's forward: other SDPA users see the plain function."""
+    _, model, inputs = build("flux", size=Size(48, 80))
+    apply_chunked_attention(model, query_chunk=2)
+    q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with torch.no_grad():
+        model(**inputs)
+    assert chunk_counters(model)[1] > 0
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))

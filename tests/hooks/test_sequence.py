@@ -1,0 +1,306 @@
+"""Sequential context parallelism (memopt.hooks.sequence): exactness, memory growth, composition, refusals."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading
+from diffusers.models._modeling_parallel import ContextParallelInput
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate, trace_memory
+from memopt.hooks import _attention_dispatch
+from memopt.hooks._common import has_memopt_hooks
+from memopt.hooks.sequence import SequenceChunkingConfig
+from memopt.models import Size, get_family
+from memopt.plans.sequence import SEQUENCE_PLANS, SequenceSplit
+
+FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
+# Image token counts 70 / 35 / 45: not divisible by the chunk counts below.
+SIZES = {
+    "wan": Size(80, 112, 5),
+    "flux": Size(80, 112),
+    "hunyuanvideo": Size(80, 112, 5),
+    "cogvideox": Size(80, 112, 5),
+    "ltx": Size(160, 224, 9),
+    "qwenimage": Size(80, 112),
+    "sd3": Size(80, 112),
+    "mochi": Size(48, 80, 13),
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def build(family: str, config: str | dict = "tiny", size: Size | None = None, batch_size: int = 2):
+    spec = get_family(family)
+    model = spec.build(config)
+    size = size or SIZES[family]
+    inputs = spec.make_inputs(model.config, batch_size=batch_size, height=size.height, width=size.width,
+                              num_frames=size.num_frames, masked=True)
+    return spec, model, inputs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_unmodified_model(family):
+    spec, model, inputs = build(family)
+    tokens = spec.num_tokens(model.config, SIZES[family])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    users_before = _attention_dispatch._installed_users
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        # 4 chunks split the 8 text tokens of joint-attention blocks too; 16 chunks carry them whole.
+        for num_chunks in (4, 16):
+            assert tokens % num_chunks
+            report = apply_sequence_chunking(model, num_chunks)
+            assert report.blocks and report.attention and report.tail and not report.skipped, report
+            out = model(**inputs)[0]
+            assert remove_memory_optimizations(model) > 0
+            assert rel_err(out, reference) <= 1e-5, (family, num_chunks)
+        assert not has_memopt_hooks(model)
+        assert torch.equal(model(**inputs)[0], reference)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert _attention_dispatch._installed_users == users_before  # every hook released the dispatch wrappers
+    if users_before == 0:  # no other model with attention hooks alive in this process: diffusers' registry restored
+        assert not any(hasattr(fn, "memopt_original") for fn in _AttentionBackendRegistry._backends.values())
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+def test_options_keep_the_result(family):
+    _, model, inputs = build(family)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for options in ({"inplace": False}, {"chunk_tail": False}):
+            report = apply_sequence_chunking(model, **options)
+            assert (report.tail is None) == (options.get("chunk_tail") is False)
+            out = model(**inputs)[0]
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, options
+
+
+def test_more_chunks_than_tokens():
+    _, model, inputs = build("wan", size=Size(48, 80, 1))  # 15 tokens
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_sequence_chunking(model, 40)
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+
+
+def test_per_token_timesteps_are_split(caplog):
+    """Wan2.2 TI2V and LTX-Video condition every token on its own timestep: (B, S, ...) block inputs, and an
+    output head modulated per token (which then runs on the whole sequence, with a warning)."""
+    for family in ("wan", "ltx"):
+        spec, model, inputs = build(family)
+        tokens = spec.num_tokens(model.config, SIZES[family])
+        inputs["timestep"] = torch.randint(0, 1000, (2, tokens))
+        with torch.no_grad():
+            reference = model(**inputs)[0]
+            apply_sequence_chunking(model, 6)
+            with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
+                out = model(**inputs)[0]
+                out_again = model(**inputs)[0]
+        assert rel_err(out, reference) <= 1e-5, family
+        assert torch.equal(out, out_again)
+    assert "output head runs on the whole sequence" in caplog.text
+
+
+def test_wan_image_to_video_cross_attention_stays_chunk_local():
+    """Wan I2V: attn2 attends to 257 image-encoder + 512 text tokens in two calls; only attn1 exchanges K/V."""
+    config = {**get_family("wan").config("tiny"), "added_kv_proj_dim": 32, "image_dim": 20}
+    spec, model, inputs = build("wan", config)
+    inputs["encoder_hidden_states"] = torch.randn(2, 512, 24)
+    inputs["encoder_hidden_states_image"] = torch.randn(2, 257, 20)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = apply_sequence_chunking(model, 5)
+        out = model(**inputs)[0]
+    assert report.attention == ["blocks.0.attn1", "blocks.1.attn1"]
+    assert rel_err(out, reference) <= 1e-5
+
+
+def test_split_dims_follow_the_models_cp_plan():
+    """Where diffusers ships a `_cp_plan`, memopt's block plan splits the rotary tables on the same dims."""
+    expected = {  # model class -> (its _cp_plan entry, memopt's block input)
+        "WanTransformer3DModel": ("rope", "blocks.*", "rotary_emb"),
+        "LTXVideoTransformer3DModel": ("rope", "transformer_blocks.*", "image_rotary_emb"),
+        "QwenImageTransformer2DModel": ("pos_embed", "transformer_blocks.*", "image_rotary_emb"),
+    }
+    for class_name, (cp_module, pattern, argument) in expected.items():
+        cp_plan = getattr(__import__("diffusers"), class_name)._cp_plan[cp_module]
+        specs = SEQUENCE_PLANS[class_name].blocks[pattern].inputs[argument]
+        for index, spec in enumerate(specs):
+            cp_input: ContextParallelInput = cp_plan[index]
+            assert (spec.split_dim, spec.expected_dims) == (cp_input.split_dim, cp_input.expected_dims)
+    flux = __import__("diffusers").FluxTransformer2DModel._cp_plan[""]
+    flux_rope = SEQUENCE_PLANS["FluxTransformer2DModel"].blocks["transformer_blocks.*"].inputs["image_rotary_emb"][0]
+    assert flux_rope.split_dim == flux["img_ids"].split_dim == flux["txt_ids"].split_dim
+    assert flux_rope.segments == ("text", "image")  # ids = cat(txt_ids, img_ids)
+
+
+WIDE = {"num_attention_heads": 16, "attention_head_dim": 8}  # head_dim / width close to the released models'
+GROWTH_CONFIGS = {
+    "wan": {"num_layers": 1},
+    "flux": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
+    "hunyuanvideo": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
+    "cogvideox": {"num_layers": 1},
+    "ltx": {"cross_attention_dim": 128, "num_layers": 1},
+    "qwenimage": {"axes_dims_rope": (2, 2, 4), "num_layers": 1},
+    "sd3": {"caption_projection_dim": 128, "num_layers": 1},
+    "mochi": {"num_layers": 1},
+}
+GROWTH_SIZES = {
+    "wan": (Size(64, 128, 5), Size(128, 256, 5)),
+    "flux": (Size(128, 128), Size(256, 256)),
+    "hunyuanvideo": (Size(64, 128, 5), Size(128, 256, 5)),
+    "cogvideox": (Size(64, 128, 5), Size(128, 256, 5)),
+    "ltx": (Size(128, 256, 9), Size(256, 512, 9)),
+    "qwenimage": (Size(128, 128), Size(256, 256)),
+    "sd3": (Size(128, 128), Size(256, 256)),
+    "mochi": (Size(64, 128, 13), Size(128, 256, 13)),
+}
+
+
+def activation_growth(family: str, prepare=None) -> float:
+    """Bytes of activation peak per extra image token, in units of one fp32 hidden state per token (LD)."""
+    spec = get_family(family)
+    peaks, tokens = [], []
+    for size in GROWTH_SIZES[family]:
+        config = {**spec.config("tiny"), **WIDE, **GROWTH_CONFIGS[family]}
+        if family == "cogvideox":  # its sin-cos position table then comes from the buffer, as at its native size
+            config.update(sample_height=size.height // 8, sample_width=size.width // 8, sample_frames=size.num_frames)
+        if family == "sd3":
+            config.update(sample_size=size.height // 8, pos_embed_max_size=max(size.height, size.width) // 8)
+        model = spec.build(config).to(torch.float32)  # as from_pretrained(torch_dtype=float32): fp64 buffers cast
+        if prepare is not None:
+            prepare(model)
+        inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
+                                  num_frames=size.num_frames, masked=True)
+        with torch.no_grad():
+            peaks.append(trace_memory(model, **inputs).peak_bytes)
+        tokens.append(spec.num_tokens(model.config, size))
+    return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * spec.hidden_size(model.config) * 4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_growth_is_near_the_floor(family, caplog):
+    """Default chunking: <= 3.5 LD per token (floor: residual + K + V = 3; unmodified: 7.6-16.7 at this config)."""
+    caplog.set_level(logging.ERROR)
+    growth = activation_growth(family, prepare=apply_sequence_chunking)
+    assert growth <= 3.5, f"{family}: {growth:.2f} LD per token"
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+def test_runs_under_fake_tensors(family):
+    """memopt.simulate traces full-size models under FakeTensorMode: no data-dependent Python in the hooks."""
+    spec = get_family(family)
+    size = SIZES[family]
+
+    def inputs(model):
+        return spec.make_inputs(model.config, height=size.height, width=size.width, num_frames=size.num_frames,
+                                dtype=torch.bfloat16)
+
+    baseline = simulate(lambda: spec.build("tiny"), inputs, dtype=torch.bfloat16)
+    chunked = simulate(lambda: spec.build("tiny"), inputs, dtype=torch.bfloat16,
+                       prepare=lambda m: apply_sequence_chunking(m, 4))
+    assert 0 < chunked.peak_bytes < baseline.peak_bytes
+
+
+@pytest.mark.parametrize("family", ["wan", "flux"])
+def test_combines_with_group_offloading(family):
+    _, model, inputs = build(family)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_sequence_chunking(model, 5)
+        cpu = torch.device("cpu")
+        apply_group_offloading(model, onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                               num_blocks_per_group=1)
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+        remove_memory_optimizations(model)
+        assert torch.equal(model(**inputs)[0], reference)
+
+
+@pytest.mark.parametrize("family", ["flux", "hunyuanvideo"])
+def test_combines_with_chunked_feedforward(family):
+    from memopt import apply_chunked_feedforward
+
+    _, model, inputs = build(family)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_chunked_feedforward(model, num_chunks=2, split="hidden")
+        report = apply_sequence_chunking(model, 5)
+        assert not report.skipped
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+
+
+def test_grad_mode_runs_unchunked(caplog):
+    _, model, inputs = build("wan")
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+    apply_sequence_chunking(model, 4)
+    with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
+        out = model(**inputs)[0]
+    assert "inference-only" in caplog.text
+    assert rel_err(out.detach(), reference) <= 1e-5
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ValueError, match="no sequence plan for Linear"):
+        apply_sequence_chunking(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="positive int"):
+        SequenceChunkingConfig(num_chunks=0)
+    _, model, _ = build("wan")
+    apply_sequence_chunking(model)
+    with pytest.raises(RuntimeError, match="already has the hook"):
+        apply_sequence_chunking(model)
+
+
+def test_block_with_a_foreign_hook_is_skipped_and_reported():
+    class KeepsInputs(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            self.seen = args
+            return args, kwargs
+
+    _, model, inputs = build("wan")
+    HookRegistry.check_if_exists_or_initialize(model.blocks[1]).register_hook(KeepsInputs(), "some_cache")
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = apply_sequence_chunking(model, 4)
+        out = model(**inputs)[0]
+    assert report.blocks == ["blocks.0"]
+    assert [path for path, _ in report.skipped] == ["blocks.1", "<model>"]
+    assert report.tail is None and "blocks.1" in str(report)
+    assert rel_err(out, reference) <= 1e-5
+
+
+def test_a_processor_that_bypasses_the_dispatcher_is_an_error_not_a_wrong_result():
+    class ManualAttention:
+        """Computes attention with plain matmuls: invisible to any dispatch interception."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            q, k, v = (proj(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+                       for proj in (attn.to_q, attn.to_k, attn.to_v))
+            weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+            return attn.to_out[0]((weights @ v).transpose(1, 2).flatten(2))
+
+    _, model, inputs = build("wan")
+    model.blocks[0].attn1.set_processor(ManualAttention())
+    apply_sequence_chunking(model, 4)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="without reaching the attention kernel"):
+        model(**inputs)
+
+
+def test_plan_errors_name_the_block():
+    from memopt.plans.sequence import BlockPlan, JointAttention, SequencePlan
+
+    _, model, _ = build("wan")
+    bad = SequencePlan({"blocks.*": BlockPlan(inputs={"hidden_states": SequenceSplit(2, 3)},
+                                              attention={"attn1": JointAttention()})})
+    with pytest.raises(ValueError, match="blocks.0: the plan must split 'hidden_states'"):
+        apply_sequence_chunking(model, plan=bad)
+    missing = SequencePlan({"blocks.*": BlockPlan(inputs={"hidden_states": SequenceSplit(1, 3)},
+                                                  attention={"attn9": JointAttention()})})
+    with pytest.raises(ValueError, match="no block of WanTransformer3DModel matched"):
+        apply_sequence_chunking(model, plan=missing)
