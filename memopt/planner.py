@@ -85,6 +85,13 @@ SEQUENCE_FEEDFORWARD_CHUNKS = 4
 tensor of a block (with more chunks it is small anyway, and the shards would only add ops)."""
 
 
+CUDA_RUNTIME_OVERHEAD_BYTES = 64 * 1024**2
+"""Device memory a CUDA forward holds beyond the tensors the tracer counts: cuBLAS workspaces (one per stream that
+runs matmuls) and attention-kernel scratch allocated inside ops. Measured on an H100 with Wan2.1-14B at 720p under
+group offloading: 60 MiB above the prediction (``benchmarks/results/gpu_pipeline_h100.md``). Added to every CUDA
+prediction so a plan that fits on paper fits on the device."""
+
+
 # ------------------------------------------------------------------------------------------------ units
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
@@ -630,6 +637,7 @@ def plan_denoiser(
     idle_reserve_bytes: int = 0,
     profile: DeviceProfile | None = None,
     series: list[list[Chunking]] | None = None,
+    runtime_overhead_bytes: int | None = None,
 ) -> DenoiserPlan:
     """Choose chunking and placement for ``model`` so one forward on ``args``/``kwargs`` fits ``budget``.
 
@@ -647,6 +655,8 @@ def plan_denoiser(
         profile: speeds for the time model (default: :meth:`DeviceProfile.defaults`).
         series: chunking series to try (default :func:`candidate_series`). For the offloaded placement they are
             tried with ``chunk_tail=False`` (see :class:`Chunking`).
+        runtime_overhead_bytes: device memory outside the traced tensors (default:
+            :data:`CUDA_RUNTIME_OVERHEAD_BYTES` on CUDA, 0 elsewhere).
 
     Raises:
         BudgetError: no option fits; the message names the smallest reachable peak and what dominates it.
@@ -661,7 +671,9 @@ def plan_denoiser(
     inputs = input_bytes(args, kwargs)
     groups = offload_groups(model, "block_level", offload.num_blocks_per_group if offload else 1)
     movable = device.type != "cpu"
-    fixed = other_resident_bytes + inputs
+    if runtime_overhead_bytes is None:
+        runtime_overhead_bytes = CUDA_RUNTIME_OVERHEAD_BYTES if device.type == "cuda" else 0
+    fixed = other_resident_bytes + inputs + runtime_overhead_bytes
     shapes = {name: tuple(value.shape) for name, value in _named_tensors(model, args, kwargs)}
     token_info = _tokens(model, shapes)
     batch = shapes["hidden_states"][0] if "hidden_states" in shapes else 1

@@ -253,7 +253,7 @@ def test_first_call_plan_goes_under_existing_offloading(monkeypatch: pytest.Monk
     apply_offloading(model, offload)
     groups = offload_groups(model)
     budget = groups.resident_bytes(False) + reference.peak_bytes * 3 // 4  # below the weights: must offload
-    plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", offload=offload,
+    plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", offload=offload, runtime_overhead_bytes=0,
                          series=[[Chunking()], [Chunking(sequence_chunks=n) for n in (2, 4, 8)]])
     assert plan.offload == offload and plan.chunking.sequence_chunks
     _apply_denoiser_plan(model, ComponentPlan("transformer", "denoiser", groups.total_bytes), plan)

@@ -141,7 +141,7 @@ def test_offloaded_plans_keep_the_output_head_whole() -> None:
     assert budget < groups.total_bytes
     series = [[Chunking(sequence_chunks=n) for n in (2, 4, 8, 16)]]
     plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", series=series,
-                         offload=OffloadConfig("cuda", use_stream=True))
+                         offload=OffloadConfig("cuda", use_stream=True), runtime_overhead_bytes=0)
     assert plan.offload is not None and not plan.move_to_device
     assert plan.chunking.sequence_chunks and not plan.chunking.chunk_tail
     assert plan.predicted_peak_bytes <= budget
