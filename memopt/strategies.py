@@ -174,7 +174,7 @@ def _feedforward(split: str, kernel: str, default_chunks: int) -> ApplyFn:
 
 def _sequence(model: torch.nn.Module, context: StrategyContext) -> Any:
     apply_sequence_chunking = _import("memopt.hooks.sequence", "apply_sequence_chunking")
-    return apply_sequence_chunking(model, num_chunks=_chunks(context, 16))
+    return apply_sequence_chunking(model, num_chunks=context.num_chunks)  # None: the family plan's default
 
 
 def _attention(model: torch.nn.Module, context: StrategyContext) -> Any:
@@ -209,7 +209,8 @@ STRATEGIES: dict[str, Strategy] = {
                  _feedforward("hidden", "torch", 4), modules=("memopt.hooks.feedforward",)),
         Strategy("ffn-sequence", "memopt: FeedForward over sequence chunks, 8 chunks",
                  _feedforward("sequence", "torch", 8), modules=("memopt.hooks.feedforward",)),
-        Strategy("sequence", "memopt: blocks over 16 sequence chunks, attention sees all chunks' K/V",
+        Strategy("sequence", "memopt: blocks over sequence chunks (the family plan's count), attention sees all "
+                 "chunks' K/V",
                  _sequence, modules=("memopt.hooks.sequence",)),
         Strategy("attention", "memopt: chunked attention, 4096-query chunks (at least 4 chunks)", _attention,
                  modules=("memopt.hooks.attention",)),
