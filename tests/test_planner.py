@@ -25,15 +25,6 @@ from memopt.trace import simulate
 GIB = 1024**3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (20x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("text, expected", [
     (8 * GIB, 8 * GIB), ("8GiB", 8 * GIB), ("8 GiB", 8 * GIB), ("8gib", 8 * GIB), ("8G", 8 * GIB),
     ("8GB", 8 * 10**9), ("1.5 MiB", 1572864), ("512MB", 512 * 10**6), ("4096", 4096), (1e9, 10**9),

@@ -12,22 +12,7 @@ from memopt.hooks._common import has_memopt_hooks
 from memopt.hooks.attention import CHUNKED_ATTENTION_HOOK
 from memopt.models import Size, get_family
 
-FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
-# Image token counts 70 / 35 / 45: not divisible by the chunk sizes below.
-SIZES = {
-    "wan": Size(80, 112, 5),
-    "flux": Size(80, 112),
-    "hunyuanvideo": Size(80, 112, 5),
-    "cogvideox": Size(80, 112, 5),
-    "ltx": Size(160, 224, 9),
-    "qwenimage": Size(80, 112),
-    "sd3": Size(80, 112),
-    "mochi": Size(48, 80, 13),
-}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
+from _tiny_cases import FAMILIES, SIZES, rel_err  # noqa: E402
 
 
 def build(family: str, size: Size | None = None):

@@ -17,22 +17,7 @@ from memopt.hooks.sequence import SequenceChunkingConfig
 from memopt.models import Size, get_family
 from memopt.plans.sequence import SEQUENCE_PLANS, SequenceSplit
 
-FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
-# Image token counts 70 / 35 / 45: not divisible by the chunk counts below.
-SIZES = {
-    "wan": Size(80, 112, 5),
-    "flux": Size(80, 112),
-    "hunyuanvideo": Size(80, 112, 5),
-    "cogvideox": Size(80, 112, 5),
-    "ltx": Size(160, 224, 9),
-    "qwenimage": Size(80, 112),
-    "sd3": Size(80, 112),
-    "mochi": Size(48, 80, 13),
-}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
+from _tiny_cases import FAMILIES, SIZES, rel_err  # noqa: E402
 
 
 def build(family: str, config: str | dict = "tiny", size: Size | None = None, batch_size: int = 2):

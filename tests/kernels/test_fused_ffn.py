@@ -20,7 +20,6 @@ from diffusers.models.attention import FeedForward
 from memopt.kernels import (
     ACTIVATIONS,
     fused_chunked_ffn,
-    fused_chunked_ffn_with_plan,
     fused_ffn_available,
     plan_fused_ffn,
 )

@@ -19,16 +19,6 @@ B, S_Q, S_K, H, D = 2, 37, 53, 4, 16
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These problems are tiny: one intra-op thread avoids OpenMP wake-up cost (10+ ms per fused call on 2 busy
-    cores) and keeps the module fast. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,21 @@
+"""Tiny sizes shared by the hook tests: token counts (70 / 35 / 45) not divisible by the chunk counts they use."""
+
+import torch
+
+from memopt.models import Size
+
+FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
+SIZES = {
+    "wan": Size(80, 112, 5),
+    "flux": Size(80, 112),
+    "hunyuanvideo": Size(80, 112, 5),
+    "cogvideox": Size(80, 112, 5),
+    "ltx": Size(160, 224, 9),
+    "qwenimage": Size(80, 112),
+    "sd3": Size(80, 112),
+    "mochi": Size(48, 80, 13),
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
