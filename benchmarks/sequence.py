@@ -3,9 +3,8 @@
 Two measurements per family, each against the unmodified model in the same run:
 
 * **growth**: activation peak between two sequence lengths, ``(peak(L2) - peak(L1)) / ((L2 - L1) x D x 4 B)`` in LD
-  per token (fp32, storage-counting tracer ``memopt.trace_memory``; the difference removes constant terms). Models
-  are the zoo's tiny configs widened to 16 heads x 8 = 128 (head_dim / width close to the released models'), one
-  block of each kind, default chunking. The floor is 3 (residual stream + K + V).
+  per token, measured by ``memopt.trace.activation_growth`` (fp32, storage-counting tracer; the difference removes
+  constant terms; tiny configs widened to 128, one block of each kind), default chunking. The floor is 3.
 * **time**: forward time of the chunked model / the unmodified one, median over ``--repeats`` rounds, each round one
   forward of each back to back (both see the same load on a shared machine). On the CPU (one thread by default):
   a wider bench config (8 heads x 64 = 512, two blocks) at the largest of a few sizes whose runs fit in
@@ -35,24 +34,14 @@ import torch
 from memopt import apply_sequence_chunking, remove_memory_optimizations, trace_memory
 from memopt.models import FAMILIES, Size, cast_floating_, get_family
 from memopt.plans.sequence import SEQUENCE_PLANS
+from memopt.trace.growth import activation_growth, sized_config
 
 RESULTS = Path(__file__).parent / "results" / "sequence_cpu.md"
 GIB, MIB = 2**30, 2**20
 
-GROWTH_HEADS = {"num_attention_heads": 16, "attention_head_dim": 8}
 BENCH_HEADS = {"num_attention_heads": 8, "attention_head_dim": 64}
-# Per family: tiny-config overrides that keep the model valid at a wider width (rope axes summing to head_dim, dims
-# that must equal the width), one block of each kind for the growth runs.
-GROWTH_CONFIGS: dict[str, dict] = {
-    "wan": {"num_layers": 1},
-    "flux": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
-    "hunyuanvideo": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
-    "cogvideox": {"num_layers": 1},
-    "ltx": {"cross_attention_dim": 128, "num_layers": 1},
-    "qwenimage": {"axes_dims_rope": (2, 2, 4), "num_layers": 1},
-    "sd3": {"caption_projection_dim": 128, "num_layers": 1},
-    "mochi": {"num_layers": 1},
-}
+# Per family: tiny-config overrides that keep the model valid at the bench width (rope axes summing to head_dim, dims
+# that must equal the width).
 BENCH_CONFIGS: dict[str, dict] = {
     "wan": {"ffn_dim": 2208},
     "flux": {"axes_dims_rope": (16, 24, 24)},
@@ -64,16 +53,6 @@ BENCH_CONFIGS: dict[str, dict] = {
     "mochi": {"max_sequence_length": 64},
 }
 BENCH_TEXT_TOKENS = 64
-GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
-    "wan": (Size(64, 128, 5), Size(128, 256, 5)),
-    "flux": (Size(128, 128), Size(256, 256)),
-    "hunyuanvideo": (Size(64, 128, 5), Size(128, 256, 5)),
-    "cogvideox": (Size(64, 128, 5), Size(128, 256, 5)),
-    "ltx": (Size(128, 256, 9), Size(256, 512, 9)),
-    "qwenimage": (Size(128, 128), Size(256, 256)),
-    "sd3": (Size(128, 128), Size(256, 256)),
-    "mochi": (Size(64, 128, 13), Size(128, 256, 13)),
-}
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
 VIDEO_SIZES = [Size(128, 256, 33), Size(256, 256, 33), Size(256, 512, 33), Size(512, 512, 33)]
 IMAGE_SIZES = [Size(512, 512), Size(768, 768), Size(1024, 1024), Size(1536, 1024)]
@@ -85,35 +64,11 @@ BENCH_SIZES: dict[str, list[Size]] = {
 }
 
 
-def _sized_config(family: str, config: dict, size: Size) -> dict:
-    """Families whose position tables are sized from the config: match the input (as at their native size)."""
-    if family == "cogvideox":
-        config.update(sample_height=size.height // 8, sample_width=size.width // 8, sample_frames=size.num_frames)
-    if family == "sd3":
-        config.update(sample_size=size.height // 8, pos_embed_max_size=max(size.height, size.width) // 8)
-    return config
-
-
 def _inputs(spec, model, size: Size, device: str, dtype: torch.dtype = torch.float32,
             text_tokens: int | None = None) -> dict:
     return spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
                             num_frames=size.num_frames, text_tokens=text_tokens, masked=spec.mask_key is not None,
                             dtype=dtype, device=device)
-
-
-def growth(family: str, chunked: bool) -> float:
-    """Activation growth in LD per token between the two growth sizes (fp32, CPU tracer)."""
-    spec = get_family(family)
-    peaks, tokens = [], []
-    for size in GROWTH_SIZES[family]:
-        config = _sized_config(family, {**spec.config("tiny"), **GROWTH_HEADS, **GROWTH_CONFIGS[family]}, size)
-        model = spec.build(config).to(torch.float32)  # as from_pretrained(torch_dtype=float32): fp64 buffers cast
-        if chunked:
-            apply_sequence_chunking(model)
-        with torch.no_grad():
-            peaks.append(trace_memory(model, **_inputs(spec, model, size, "cpu")).peak_bytes)
-        tokens.append(spec.num_tokens(model.config, size))
-    return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * spec.hidden_size(model.config) * 4)
 
 
 def _forward_seconds(model: torch.nn.Module, inputs: dict, device: str) -> float:
@@ -158,7 +113,7 @@ def bench_cpu(family: str, repeats: int, budget: float, num_chunks: int | None) 
     spec = get_family(family)
     chosen = None
     for size in BENCH_SIZES[family]:
-        config = _sized_config(family, {**spec.config("tiny"), **BENCH_HEADS, **BENCH_CONFIGS[family]}, size)
+        config = sized_config(family, {**spec.config("tiny"), **BENCH_HEADS, **BENCH_CONFIGS[family]}, size)
         model = spec.build(config).to(torch.float32)
         inputs = _inputs(spec, model, size, "cpu", text_tokens=BENCH_TEXT_TOKENS)
         seconds = _forward_seconds(model, inputs, "cpu")
@@ -252,7 +207,8 @@ def main() -> None:
     growth_rows, timing_rows = [], []
     for family in families:
         if args.device == "cpu":
-            growth_rows.append({"family": family, "baseline": growth(family, False), "chunked": growth(family, True),
+            growth_rows.append({"family": family, "baseline": activation_growth(family),
+                                "chunked": activation_growth(family, apply_sequence_chunking),
                                 "num_chunks": SEQUENCE_PLANS[get_family(family).class_name].num_chunks})
             timing_rows.append(bench_cpu(family, args.repeats, args.budget, args.num_chunks))
         else:

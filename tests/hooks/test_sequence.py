@@ -10,12 +10,13 @@ from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading
 from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate, trace_memory
+from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate
 from memopt.hooks import _attention_dispatch
 from memopt.hooks._common import has_memopt_hooks
 from memopt.hooks.sequence import SequenceChunkingConfig
 from memopt.models import Size, get_family
 from memopt.plans.sequence import SEQUENCE_PLANS, SequenceSplit
+from memopt.trace.growth import activation_growth
 
 from _tiny_cases import FAMILIES, SIZES, rel_err  # noqa: E402
 
@@ -123,50 +124,6 @@ def test_split_dims_follow_the_models_cp_plan():
     flux_rope = SEQUENCE_PLANS["FluxTransformer2DModel"].blocks["transformer_blocks.*"].inputs["image_rotary_emb"][0]
     assert flux_rope.split_dim == flux["img_ids"].split_dim == flux["txt_ids"].split_dim
     assert flux_rope.segments == ("text", "image")  # ids = cat(txt_ids, img_ids)
-
-
-WIDE = {"num_attention_heads": 16, "attention_head_dim": 8}  # head_dim / width close to the released models'
-GROWTH_CONFIGS = {
-    "wan": {"num_layers": 1},
-    "flux": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
-    "hunyuanvideo": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
-    "cogvideox": {"num_layers": 1},
-    "ltx": {"cross_attention_dim": 128, "num_layers": 1},
-    "qwenimage": {"axes_dims_rope": (2, 2, 4), "num_layers": 1},
-    "sd3": {"caption_projection_dim": 128, "num_layers": 1},
-    "mochi": {"num_layers": 1},
-}
-GROWTH_SIZES = {
-    "wan": (Size(64, 128, 5), Size(128, 256, 5)),
-    "flux": (Size(128, 128), Size(256, 256)),
-    "hunyuanvideo": (Size(64, 128, 5), Size(128, 256, 5)),
-    "cogvideox": (Size(64, 128, 5), Size(128, 256, 5)),
-    "ltx": (Size(128, 256, 9), Size(256, 512, 9)),
-    "qwenimage": (Size(128, 128), Size(256, 256)),
-    "sd3": (Size(128, 128), Size(256, 256)),
-    "mochi": (Size(64, 128, 13), Size(128, 256, 13)),
-}
-
-
-def activation_growth(family: str, prepare=None) -> float:
-    """Bytes of activation peak per extra image token, in units of one fp32 hidden state per token (LD)."""
-    spec = get_family(family)
-    peaks, tokens = [], []
-    for size in GROWTH_SIZES[family]:
-        config = {**spec.config("tiny"), **WIDE, **GROWTH_CONFIGS[family]}
-        if family == "cogvideox":  # its sin-cos position table then comes from the buffer, as at its native size
-            config.update(sample_height=size.height // 8, sample_width=size.width // 8, sample_frames=size.num_frames)
-        if family == "sd3":
-            config.update(sample_size=size.height // 8, pos_embed_max_size=max(size.height, size.width) // 8)
-        model = spec.build(config).to(torch.float32)  # as from_pretrained(torch_dtype=float32): fp64 buffers cast
-        if prepare is not None:
-            prepare(model)
-        inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
-                                  num_frames=size.num_frames, masked=True)
-        with torch.no_grad():
-            peaks.append(trace_memory(model, **inputs).peak_bytes)
-        tokens.append(spec.num_tokens(model.config, size))
-    return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * spec.hidden_size(model.config) * 4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

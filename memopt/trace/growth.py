@@ -1,0 +1,67 @@
+"""Activation growth per token: how a forward's activation peak scales with the sequence, in LD per token.
+
+Measured between two sequence lengths, ``(peak(L2) - peak(L1)) / ((L2 - L1) x D x 4 B)`` (fp32, storage-counting
+tracer), so constant terms (embeddings, weight-sized temporaries) cancel. The floor of an inference forward is 3 (the
+residual stream plus K and V). The models are the zoo's tiny configs widened to 16 heads x 8 = 128, so the ratio of
+rotary tables and head width to the hidden width stays close to the released models', with one block of each kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..models import Size, get_family
+from .tracer import trace_memory
+
+GROWTH_HEADS = {"num_attention_heads": 16, "attention_head_dim": 8}
+# Per family: tiny-config overrides that keep the model valid at the wider width (rope axes summing to head_dim,
+# dims that must equal the width), one block of each kind.
+GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
+    "wan": {"num_layers": 1},
+    "flux": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
+    "hunyuanvideo": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
+    "cogvideox": {"num_layers": 1},
+    "ltx": {"cross_attention_dim": 128, "num_layers": 1},
+    "qwenimage": {"axes_dims_rope": (2, 2, 4), "num_layers": 1},
+    "sd3": {"caption_projection_dim": 128, "num_layers": 1},
+    "mochi": {"num_layers": 1},
+}
+GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
+    "wan": (Size(64, 128, 5), Size(128, 256, 5)),
+    "flux": (Size(128, 128), Size(256, 256)),
+    "hunyuanvideo": (Size(64, 128, 5), Size(128, 256, 5)),
+    "cogvideox": (Size(64, 128, 5), Size(128, 256, 5)),
+    "ltx": (Size(128, 256, 9), Size(256, 512, 9)),
+    "qwenimage": (Size(128, 128), Size(256, 256)),
+    "sd3": (Size(128, 128), Size(256, 256)),
+    "mochi": (Size(64, 128, 13), Size(128, 256, 13)),
+}
+
+
+def sized_config(family: str, config: dict[str, Any], size: Size) -> dict[str, Any]:
+    """Families whose position tables are sized from the config: match the input, as at their native size."""
+    if family == "cogvideox":  # its sin-cos position table then comes from the buffer
+        config.update(sample_height=size.height // 8, sample_width=size.width // 8, sample_frames=size.num_frames)
+    if family == "sd3":
+        config.update(sample_size=size.height // 8, pos_embed_max_size=max(size.height, size.width) // 8)
+    return config
+
+
+def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | None = None) -> float:
+    """Activation growth of ``family`` in LD per token; ``prepare`` (e.g. ``apply_sequence_chunking``) is applied to
+    each model before its trace."""
+    spec = get_family(family)
+    peaks, tokens = [], []
+    for size in GROWTH_SIZES[family]:
+        config = sized_config(family, {**spec.config("tiny"), **GROWTH_HEADS, **GROWTH_CONFIGS[family]}, size)
+        model = spec.build(config).to(torch.float32)  # as from_pretrained(torch_dtype=float32): fp64 buffers cast
+        if prepare is not None:
+            prepare(model)
+        inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
+                                  num_frames=size.num_frames, masked=True)
+        with torch.no_grad():
+            peaks.append(trace_memory(model, **inputs).peak_bytes)
+        tokens.append(spec.num_tokens(model.config, size))
+    return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * spec.hidden_size(model.config) * 4)
