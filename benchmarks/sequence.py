@@ -1,12 +1,14 @@
 """Sequential context parallelism (``apply_sequence_chunking``): activation growth per token and forward time.
 
-Two measurements per family, each against the unmodified model in the same run:
+Two measurements per family and schedule (``two_pass``, ``lockstep``: see ``memopt.hooks.sequence``), each against
+the unmodified model in the same run:
 
 * **growth**: activation peak between two sequence lengths, ``(peak(L2) - peak(L1)) / ((L2 - L1) x D x 4 B)`` in LD
   per token, measured by ``memopt.trace.activation_growth`` (fp32, storage-counting tracer; the difference removes
   constant terms; tiny configs widened to 128, one block of each kind), default chunking. The floor is 3.
 * **time**: forward time of the chunked model / the unmodified one, median over ``--repeats`` rounds, each round one
-  forward of each back to back (both see the same load on a shared machine). On the CPU (one thread by default):
+  forward of each variant back to back (all see the same load on a shared machine), with the activation peak and
+  the number of aten ops (each a kernel launch on a GPU) of each variant. On the CPU (one thread by default):
   a wider bench config (8 heads x 64 = 512, two blocks) at the largest of a few sizes whose runs fit in
   ``--budget`` seconds; chunks there hold 100-300 tokens, so per-op costs weigh more than on a GPU. On CUDA
   (``--device cuda``): the released configs (``--config full``) at the family's default size in bf16, with the
@@ -22,6 +24,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -32,11 +35,13 @@ from typing import Any
 import torch
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations, trace_memory
+from memopt.hooks.sequence import SCHEDULES
 from memopt.models import FAMILIES, Size, cast_floating_, get_family
 from memopt.plans.sequence import SEQUENCE_PLANS
 from memopt.trace.growth import activation_growth, sized_config
 
 RESULTS = Path(__file__).parent / "results" / "sequence_cpu.md"
+UNMODIFIED = "unmodified"
 GIB, MIB = 2**30, 2**20
 
 BENCH_HEADS = {"num_attention_heads": 8, "attention_head_dim": 64}
@@ -82,33 +87,42 @@ def _forward_seconds(model: torch.nn.Module, inputs: dict, device: str) -> float
     return time.perf_counter() - start
 
 
-def _peak(model: torch.nn.Module, inputs: dict) -> int:
-    """Activation peak above weights and inputs: the tracer on the CPU, the caching allocator on CUDA."""
+def _trace(model: torch.nn.Module, inputs: dict) -> tuple[int, int]:
+    """``(activation peak above weights and inputs, aten ops)``: the peak from the tracer on the CPU, from the caching
+    allocator on CUDA; the op count is what each kernel launch costs on a GPU, paid once per op."""
     with torch.no_grad():
-        return trace_memory(model, **inputs).peak_bytes
+        trace = trace_memory(model, **inputs)
+    return trace.peak_bytes, trace.num_ops
 
 
-def timing(model: torch.nn.Module, inputs: dict, device: str, repeats: int, num_chunks: int | None) -> dict[str, Any]:
-    """Chunked vs unmodified on the same model and inputs: times per round and activation peaks."""
-    report = apply_sequence_chunking(model, num_chunks)
-    chunked_peak = _peak(model, inputs)  # also warms the chunked path up
-    remove_memory_optimizations(model)
-    baseline_peak = _peak(model, inputs)
-    ratios, base_times, chunk_times = [], [], []
+def timing(model: torch.nn.Module, inputs: dict, device: str, repeats: int, num_chunks: int | None,
+           schedules: tuple[str, ...] = SCHEDULES) -> dict[str, Any]:
+    """Unmodified vs each schedule on the same model and inputs: times per round, activation peaks, op counts."""
+    variants: dict[str, dict[str, Any]] = {}
+    for schedule in (UNMODIFIED, *schedules):
+        if schedule != UNMODIFIED:
+            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+        peak, ops = _trace(model, inputs)  # also warms the path up
+        remove_memory_optimizations(model)
+        variants[schedule] = {"peak": peak, "ops": ops, "times": [], "ratios": []}
     for _ in range(repeats):
         base = _forward_seconds(model, inputs, device)
-        apply_sequence_chunking(model, num_chunks)
-        chunk = _forward_seconds(model, inputs, device)
-        remove_memory_optimizations(model)
-        base_times.append(base)
-        chunk_times.append(chunk)
-        ratios.append(chunk / base)
-    return {"num_chunks": report.num_chunks, "baseline_s": statistics.median(base_times),
-            "chunked_s": statistics.median(chunk_times), "ratio": statistics.median(ratios),
-            "baseline_peak": baseline_peak, "chunked_peak": chunked_peak}
+        variants[UNMODIFIED]["times"].append(base)
+        variants[UNMODIFIED]["ratios"].append(1.0)
+        for schedule in schedules:
+            apply_sequence_chunking(model, num_chunks, schedule=schedule)
+            seconds = _forward_seconds(model, inputs, device)
+            remove_memory_optimizations(model)
+            variants[schedule]["times"].append(seconds)
+            variants[schedule]["ratios"].append(seconds / base)
+    for variant in variants.values():
+        variant["seconds"] = statistics.median(variant.pop("times"))
+        variant["ratio"] = statistics.median(variant.pop("ratios"))
+    return {"num_chunks": report.num_chunks, "variants": variants}
 
 
-def bench_cpu(family: str, repeats: int, budget: float, num_chunks: int | None) -> dict[str, Any]:
+def bench_cpu(family: str, repeats: int, budget: float, num_chunks: int | None,
+              schedules: tuple[str, ...]) -> dict[str, Any]:
     """The largest bench size whose baseline forward leaves room for the timed rounds within ``budget`` seconds."""
     spec = get_family(family)
     chosen = None
@@ -117,18 +131,18 @@ def bench_cpu(family: str, repeats: int, budget: float, num_chunks: int | None) 
         model = spec.build(config).to(torch.float32)
         inputs = _inputs(spec, model, size, "cpu", text_tokens=BENCH_TEXT_TOKENS)
         seconds = _forward_seconds(model, inputs, "cpu")
-        # rounds of (baseline + chunked at ~1.5x) plus two traced runs, which cost several forwards each
-        if chosen is not None and seconds * (2.5 * repeats + 6) > budget:
+        # rounds of (baseline + two schedules at ~1.5x) plus three traced runs, which cost several forwards each
+        if chosen is not None and seconds * (4 * repeats + 9) > budget:
             break
         chosen = (size, model, inputs)
     size, model, inputs = chosen
-    result = timing(model, inputs, "cpu", repeats, num_chunks)
+    result = timing(model, inputs, "cpu", repeats, num_chunks, schedules)
     return {"family": family, "config": "bench", "tokens": spec.num_tokens(model.config, size),
             "hidden": spec.hidden_size(model.config), "size": size, "dtype": "fp32", **result}
 
 
 def bench_cuda(family: str, repeats: int, config_name: str, size_name: str, dtype: torch.dtype,
-               num_chunks: int | None) -> dict[str, Any]:
+               num_chunks: int | None, schedules: tuple[str, ...]) -> dict[str, Any]:
     spec = get_family(family)
     config, size = spec.config(config_name), spec.size(size_name)
     default_dtype = torch.get_default_dtype()
@@ -141,7 +155,7 @@ def bench_cuda(family: str, repeats: int, config_name: str, size_name: str, dtyp
     cast_floating_(model, dtype)  # _keep_in_fp32_modules back to fp32, as from_pretrained(torch_dtype=dtype)
     inputs = _inputs(spec, model, size, "cuda", dtype)
     _forward_seconds(model, inputs, "cuda")  # warm-up (kernels, allocator)
-    result = timing(model, inputs, "cuda", repeats, num_chunks)
+    result = timing(model, inputs, "cuda", repeats, num_chunks, schedules)
     return {"family": family, "config": config_name, "tokens": spec.num_tokens(model.config, size),
             "hidden": spec.hidden_size(model.config), "size": size, "dtype": str(dtype).replace("torch.", ""),
             **result}
@@ -150,22 +164,23 @@ def bench_cuda(family: str, repeats: int, config_name: str, size_name: str, dtyp
 def markdown(growth_rows: list[dict], timing_rows: list[dict], device: str) -> str:
     lines = []
     if growth_rows:
+        schedules = [name for name in growth_rows[0] if name in SCHEDULES]
         lines += [
             "### Activation growth per token (fp32, CPU tracer, width 128, default chunking)",
             "",
-            "| family | unmodified LD/token | chunked LD/token | chunks |",
-            "|---|---|---|---|",
+            "| family | chunks | unmodified LD/token | " + " | ".join(f"{name} LD/token" for name in schedules) + " |",
+            "|---|---|---|" + "---|" * len(schedules),
         ]
-        lines += [f"| {r['family']} | {r['baseline']:.2f} | {r['chunked']:.2f} | {r['num_chunks']} |"
-                  for r in growth_rows]
+        lines += [f"| {r['family']} | {r['num_chunks']} | {r[UNMODIFIED]:.2f} | "
+                  + " | ".join(f"{r[name]:.2f}" for name in schedules) + " |" for r in growth_rows]
         lines.append("")
     unit = GIB if device == "cuda" else MIB
     unit_name = "GiB" if device == "cuda" else "MiB"
     lines += [
-        f"### Forward time and activation peak ({device})",
+        f"### Forward time, activation peak and aten ops ({device})",
         "",
-        f"| family | config | size | tokens | D | dtype | chunks | unmodified s | chunked s | time ratio | "
-        f"unmodified peak {unit_name} | chunked peak {unit_name} | chunked LD |",
+        f"| family | config | size | tokens | D | dtype | chunks | schedule | seconds | time ratio | "
+        f"peak {unit_name} | peak LD | aten ops |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in timing_rows:
@@ -173,11 +188,13 @@ def markdown(growth_rows: list[dict], timing_rows: list[dict], device: str) -> s
         size_text = f"{size.height}x{size.width}" + (f"x{size.num_frames}f" if size.num_frames > 1 else "")
         element = 2 if r["dtype"] in ("bfloat16", "float16") else 4
         ld = r["tokens"] * r["hidden"] * element
-        lines.append(
-            f"| {r['family']} | {r['config']} | {size_text} | {r['tokens']:,} | {r['hidden']} | {r['dtype']} | "
-            f"{r['num_chunks']} | {r['baseline_s']:.2f} | {r['chunked_s']:.2f} | {r['ratio']:.2f} | "
-            f"{r['baseline_peak'] / unit:.2f} | {r['chunked_peak'] / unit:.2f} | {r['chunked_peak'] / ld:.2f} |"
-        )
+        for name, v in r["variants"].items():
+            chunks = "-" if name == UNMODIFIED else r["num_chunks"]
+            lines.append(
+                f"| {r['family']} | {r['config']} | {size_text} | {r['tokens']:,} | {r['hidden']} | {r['dtype']} | "
+                f"{chunks} | {name} | {v['seconds']:.2f} | {v['ratio']:.2f} | {v['peak'] / unit:.2f} | "
+                f"{v['peak'] / ld:.2f} | {v['ops']:,} |"
+            )
     return "\n".join(lines)
 
 
@@ -188,6 +205,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (one forward of each variant per round)")
     parser.add_argument("--budget", type=float, default=60.0, help="CPU: seconds allowed per family for the timing")
     parser.add_argument("--num-chunks", type=int, default=None, help="default: the family plan's")
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES,
+                        help="sequence-chunking schedules to measure beside the unmodified model")
     parser.add_argument("--config", default="full", help="CUDA: zoo config name (full, 1.3b, ...)")
     parser.add_argument("--size", default="default", help="CUDA: zoo size name (default, 480p, ...)")
     parser.add_argument("--threads", type=int, default=1,
@@ -199,6 +218,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; this machine has none")
+    schedules = tuple(args.schedules)
     families = args.families or (sorted(FAMILIES) if args.device == "cpu" else ["wan", "hunyuanvideo"])
     output = args.output or (RESULTS if args.device == "cpu" else RESULTS.with_name("sequence_cuda.md"))
     logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -207,13 +227,16 @@ def main() -> None:
     growth_rows, timing_rows = [], []
     for family in families:
         if args.device == "cpu":
-            growth_rows.append({"family": family, "baseline": activation_growth(family),
-                                "chunked": activation_growth(family, apply_sequence_chunking),
-                                "num_chunks": SEQUENCE_PLANS[get_family(family).class_name].num_chunks})
-            timing_rows.append(bench_cpu(family, args.repeats, args.budget, args.num_chunks))
+            growth = {"family": family, "num_chunks": SEQUENCE_PLANS[get_family(family).class_name].num_chunks,
+                      UNMODIFIED: activation_growth(family)}
+            for schedule in schedules:
+                growth[schedule] = activation_growth(family, functools.partial(apply_sequence_chunking,
+                                                                               schedule=schedule))
+            growth_rows.append(growth)
+            timing_rows.append(bench_cpu(family, args.repeats, args.budget, args.num_chunks, schedules))
         else:
             timing_rows.append(
-                bench_cuda(family, args.repeats, args.config, args.size, torch.bfloat16, args.num_chunks)
+                bench_cuda(family, args.repeats, args.config, args.size, torch.bfloat16, args.num_chunks, schedules)
             )
             torch.cuda.empty_cache()
         print(markdown(growth_rows[-1:], timing_rows[-1:], args.device), flush=True)
@@ -227,7 +250,10 @@ def main() -> None:
         f"`python benchmarks/sequence.py{' --device cuda' if args.device == 'cuda' else ''}` in "
         f"{time.perf_counter() - start:.0f} s. Peaks: activation bytes above weights and inputs "
         f"({'CUDA caching allocator' if args.device == 'cuda' else 'storage-counting tracer'}); LD = tokens x D x "
-        "bytes per element. Time ratio: median over rounds of chunked / unmodified, one forward of each per round.",
+        "bytes per element. Time ratio: median over rounds of chunked / unmodified, one forward of each variant per "
+        "round. Schedules: two_pass (the default: K/V collected in a first pass, the part before attention rerun) and "
+        "lockstep (chunks suspended at their attention call until all K/V exist: nothing rerun, every chunk's "
+        "pre-attention state alive at once).",
         "",
         markdown(growth_rows, timing_rows, args.device),
         "",

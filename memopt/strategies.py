@@ -172,9 +172,13 @@ def _feedforward(split: str, kernel: str, default_chunks: int) -> ApplyFn:
     return apply
 
 
-def _sequence(model: torch.nn.Module, context: StrategyContext) -> Any:
-    apply_sequence_chunking = _import("memopt.hooks.sequence", "apply_sequence_chunking")
-    return apply_sequence_chunking(model, num_chunks=context.num_chunks)  # None: the family plan's default
+def _sequence(schedule: str) -> ApplyFn:
+    def apply(model: torch.nn.Module, context: StrategyContext) -> Any:
+        apply_sequence_chunking = _import("memopt.hooks.sequence", "apply_sequence_chunking")
+        # num_chunks None: the family plan's default
+        return apply_sequence_chunking(model, num_chunks=context.num_chunks, schedule=schedule)
+
+    return apply
 
 
 def _attention(model: torch.nn.Module, context: StrategyContext) -> Any:
@@ -210,8 +214,11 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("ffn-sequence", "memopt: FeedForward over sequence chunks, 8 chunks",
                  _feedforward("sequence", "torch", 8), modules=("memopt.hooks.feedforward",)),
         Strategy("sequence", "memopt: blocks over sequence chunks (the family plan's count), attention sees all "
-                 "chunks' K/V",
-                 _sequence, modules=("memopt.hooks.sequence",)),
+                 "chunks' K/V (two-pass schedule: the part before attention runs twice)",
+                 _sequence("two_pass"), modules=("memopt.hooks.sequence",)),
+        Strategy("sequence-lockstep", "memopt: blocks over sequence chunks, lock-step schedule (chunks suspended at "
+                 "attention until all K/V exist: nothing runs twice, more memory)",
+                 _sequence("lockstep"), modules=("memopt.hooks.sequence",)),
         Strategy("attention", "memopt: chunked attention, 4096-query chunks (at least 4 chunks)", _attention,
                  modules=("memopt.hooks.attention",)),
         Strategy("kernel", "memopt: FeedForward through the fused Triton chunked-FFN kernel, 4 shards",
@@ -225,7 +232,7 @@ STRATEGIES: dict[str, Strategy] = {
 ALIASES: dict[str, tuple[str, ...]] = {
     "ffn": ("ffn-hidden",),
     "offload": ("group-offload", "group-offload-stream", "model-cpu-offload"),
-    "memopt": ("ffn-hidden", "ffn-sequence", "sequence", "attention", "kernel", "all"),
+    "memopt": ("ffn-hidden", "ffn-sequence", "sequence", "sequence-lockstep", "attention", "kernel", "all"),
 }
 """Shorthands accepted by :func:`get_strategies` besides the strategy names."""
 

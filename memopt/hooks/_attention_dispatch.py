@@ -263,3 +263,19 @@ def intercept_attention(handler: Handler, priority: int, sdpa: bool = True) -> I
             mode, _STATE.mode = _STATE.mode, None
             mode.__exit__(None, None, None)
         _STATE.handlers.remove(entry)
+
+
+@contextlib.contextmanager
+def parked_interception() -> Iterator[None]:
+    """Set this thread's interception state aside while a handler suspends its caller, and bring it back after.
+
+    Sequence chunking's lock-step schedule suspends a chunk inside its attention call (a greenlet switch on the same
+    thread) and runs the other chunks, whose attention modules enter their own interception; they must start from
+    a clean state, and the suspended chunk must find its own handlers when it resumes.
+    """
+    saved = (_STATE.handlers, _STATE.busy, _STATE.mode)
+    _STATE.handlers, _STATE.busy, _STATE.mode = [], False, None
+    try:
+        yield
+    finally:
+        _STATE.handlers, _STATE.busy, _STATE.mode = saved

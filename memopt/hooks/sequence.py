@@ -12,8 +12,15 @@ the same split runs as N virtual ranks one after another, and the K/V exchange b
 
 What is alive then is the residual stream, K and V (about 3 LD, LD = tokens x width x bytes) plus one chunk's
 workspace, instead of the 10-17 LD an unchunked block peaks at. The price is that the part of the block before
-attention runs twice. Outputs match the unmodified model to rounding (the final pass runs the same kernels on the
-same numbers, only with fewer query rows per call).
+attention runs twice (the projections whose output a pass does not use are skipped, see ``SequenceSkipHook``).
+Outputs match the unmodified model to rounding (the final pass runs the same kernels on the same numbers, only with
+fewer query rows per call).
+
+The **lock-step** schedule (``schedule="lockstep"``) runs the block once per chunk instead: each chunk runs as a
+greenlet up to its whole-sequence attention call, writes its K/V into the full buffers and is suspended there;
+once every chunk has arrived, they resume one after another with the full K/V. Nothing runs twice, but every
+chunk's pre-attention state (its normed input, query, local K/V and whatever else the block keeps across the call)
+is alive at the same time, a few LD more than the two-pass floor (measured per family in benchmarks/sequence.py).
 
 Two model-level pieces keep the rest of the forward under that floor:
 
@@ -54,6 +61,7 @@ from ._attention_dispatch import (
     acquire_interception,
     calls_sdpa_directly,
     intercept_attention,
+    parked_interception,
     release_interception,
 )
 from ._common import HOOK_PREFIX, register_memopt_hook
@@ -69,6 +77,10 @@ SEQUENCE_PRODUCER_HOOK = "memopt.sequence.producer"
 SEQUENCE_EMBED_HOOK = "memopt.sequence.embed"
 SEQUENCE_SKIP_HOOK = "memopt.sequence.skip"
 SEQUENCE_REPLAY_HOOK = "memopt.sequence.replay"
+
+SCHEDULES = ("two_pass", "lockstep")
+# Foreign hooks that keep no state between entering and leaving a module: a lock-step chunk may be suspended inside.
+_STATELESS_HOOKS = frozenset({"layerwise_casting", "peft_autocast_disable"})
 
 # diffusers hooks that only move or cast weights: a module carrying them is still chunked, and a block's output may
 # be written over its input. Any other foreign hook may keep, compare or skip inputs (caches): see `_foreign_hooks`.
@@ -103,15 +115,22 @@ class SequenceChunkingConfig:
             running the forward a second time per chunk (see the module docstring). Set ``False`` for forwards that
             mix the last block's output with other full-length tensors there (e.g. a ControlNet residual added to
             the last block).
+        schedule: ``"two_pass"`` (the memory floor: the part before attention runs twice per chunk) or
+            ``"lockstep"`` (every chunk suspended at its attention until all K/V exist: no recomputation, fewer
+            kernel launches, but all chunks' pre-attention state alive at once; needs the ``greenlet`` package and
+            a block that enters no grad/autocast/mode context around its attention call).
     """
 
     num_chunks: int = 32
     inplace: bool = True
     chunk_tail: bool = True
+    schedule: str = "two_pass"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or self.num_chunks < 1:
             raise ValueError(f"num_chunks must be a positive int, got {self.num_chunks!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 @dataclass
@@ -122,6 +141,7 @@ class SequenceChunkingReport:
         model: the model's class name.
         num_chunks: the configured number of chunks.
         plan_source: where the split plan came from.
+        schedule: the configured schedule (see :class:`SequenceChunkingConfig`).
         blocks: module paths of the chunked blocks.
         attention: module paths of the attention modules whose K/V are exchanged between chunks.
         tail: ``"<tail module> -> <gather module>"`` when the output head runs in chunks, else ``None``.
@@ -132,6 +152,7 @@ class SequenceChunkingReport:
     model: str
     num_chunks: int
     plan_source: str
+    schedule: str = "two_pass"
     blocks: list[str] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
     tail: str | None = None
@@ -140,8 +161,8 @@ class SequenceChunkingReport:
 
     def __str__(self) -> str:
         lines = [
-            f"sequence chunking on {self.model}: {len(self.blocks)} blocks in {self.num_chunks} chunks, "
-            f"{len(self.attention)} attention modules exchange K/V (plan: {self.plan_source})",
+            f"sequence chunking on {self.model}: {len(self.blocks)} blocks in {self.num_chunks} chunks "
+            f"({self.schedule}), {len(self.attention)} attention modules exchange K/V (plan: {self.plan_source})",
             f"  output head in chunks: {self.tail or 'no'}; per-chunk producers: {', '.join(self.producers) or 'none'}",
         ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
@@ -303,8 +324,8 @@ class _AttentionState:
     spec: JointAttention
     stage: int
     expected_calls: int
-    calls_seen: int = 0  # kernel calls in the current module forward
-    handled: int = 0  # calls answered with the full K/V in the current chunk
+    calls_seen: dict[int, int] = field(default_factory=dict)  # per chunk: kernel calls in the current module forward
+    handled: dict[int, int] = field(default_factory=dict)  # per chunk: calls answered with the full K/V
     gathered: dict[int, _Gathered] = field(default_factory=dict)
 
 
@@ -316,14 +337,19 @@ class _BlockRun:
         self.attention = attention
         self.chunk = 0
         self.collecting: int | None = None  # stage being collected, None in the final pass
+        # Lock-step schedule: suspends the running chunk at a whole-sequence attention call until all chunks have
+        # written that call's K/V (None in the two-pass schedule).
+        self.suspend: Callable[[tuple[int, int]], None] | None = None
 
     def start_chunk(self, chunk: int) -> None:
         self.chunk = chunk
         for state in self.attention.values():
-            state.handled = 0
+            state.handled[chunk] = 0
 
     def skips(self, kind: str, attention_id: int | None) -> bool:
         """Whether a projection of ``kind`` is unused in the running pass (see ``JointAttention.query``)."""
+        if self.suspend is not None:
+            return False  # lock-step: one pass uses everything
         if kind == "before_attention":
             return self.collecting == 0
         stage = self.attention[attention_id].stage
@@ -334,20 +360,25 @@ class _BlockRun:
     def check_answered(self, block_path: str) -> None:
         """Every attention module of an earlier stage must have seen the full K/V in this chunk."""
         for state in self.attention.values():
-            if (self.collecting is None or state.stage < self.collecting) and state.handled != state.expected_calls:
+            handled = state.handled.get(self.chunk, 0)
+            if (self.collecting is None or state.stage < self.collecting) and handled != state.expected_calls:
                 raise RuntimeError(
-                    f"{block_path}: {state.path} made {state.handled} whole-sequence attention calls through "
+                    f"{block_path}: {state.path} made {handled} whole-sequence attention calls through "
                     f"diffusers' attention dispatch in chunk {self.chunk}, expected {state.expected_calls}. Its "
                     "processor (or another hook) bypassed the dispatch; refusing to return a chunk-local result."
                 )
 
     def handle(self, state: _AttentionState, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
-        index = state.calls_seen
-        state.calls_seen += 1
+        chunk = self.chunk
+        index = state.calls_seen.get(chunk, 0)
+        state.calls_seen[chunk] = index + 1
         if index >= state.expected_calls:
             return proceed(call)  # e.g. an image-prompt adapter's cross-attention: chunk-local
         _check_call(state.path, call)
-        if self.collecting == state.stage:
+        if self.suspend is not None:
+            self._gather(state, index, call)
+            self.suspend((state.stage, index))  # returns once every chunk has written this call's K/V
+        elif self.collecting == state.stage:
             self._gather(state, index, call)
             if index == state.expected_calls - 1:
                 raise _KeyValuesCollected
@@ -355,7 +386,7 @@ class _BlockRun:
         gathered = state.gathered.get(index)
         if gathered is None:
             raise RuntimeError(f"{state.path}: attention call {index} reached before its keys/values were collected")
-        state.handled += 1
+        state.handled[chunk] = state.handled.get(chunk, 0) + 1
         mask = gathered.mask if gathered.mask is not None else call.attn_mask
         return proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
 
@@ -429,6 +460,86 @@ def _check_call(path: str, call: AttentionCall) -> None:
         problems.append("diffusers context parallelism is enabled")
     if problems:
         raise NotImplementedError(f"{path}: sequence chunking does not support attention with {', '.join(problems)}")
+
+
+# ------------------------------------------------------------------------------------------- block outputs
+class _ChunkOutputs:
+    """Writes each chunk's block output into the full-length outputs, over the input when ``in_place``."""
+
+    def __init__(self, path: str, metadata: TransformerBlockMetadata, layout: _Layout, image_in: torch.Tensor,
+                 in_place: bool) -> None:
+        self.path, self.metadata, self.layout = path, metadata, layout
+        self.image_in, self.in_place = image_in, in_place
+        self.image_out: torch.Tensor | None = None
+        self.text_out: torch.Tensor | None = None
+        self.returns_tensor, self.num_outputs = True, 1
+
+    def add(self, chunk: int, output: Any) -> None:
+        layout, image_in = self.layout, self.image_in
+        hs_index, ehs_index = self.metadata.return_hidden_states_index, self.metadata.return_encoder_hidden_states_index
+        self.returns_tensor = isinstance(output, torch.Tensor)
+        outputs = (output,) if self.returns_tensor else tuple(output)
+        self.num_outputs = len(outputs)
+        start, end = layout.ranges["image"][chunk]
+        piece = self._piece(outputs, hs_index, "hidden states", end - start)
+        if self.image_out is None:
+            same = piece.dtype == image_in.dtype and piece.shape[2:] == image_in.shape[2:]
+            self.image_out = image_in if self.in_place and same else piece.new_empty(
+                piece.shape[0], layout.lengths["image"], *piece.shape[2:]
+            )
+        self.image_out.narrow(1, start, end - start).copy_(piece)
+        if "text" in layout.lengths and ehs_index is not None and outputs[ehs_index] is not None:
+            text_start, text_end = layout.ranges["text"][chunk]
+            text_piece = self._piece(outputs, ehs_index, "encoder hidden states", text_end - text_start)
+            if not layout.split["text"]:
+                self.text_out = text_piece if chunk == 0 else self.text_out
+                return
+            if self.text_out is None:
+                self.text_out = text_piece.new_empty(text_piece.shape[0], layout.lengths["text"], *text_piece.shape[2:])
+            self.text_out.narrow(1, text_start, text_end - text_start).copy_(text_piece)
+
+    def result(self) -> Any:
+        if self.returns_tensor:
+            return self.image_out
+        result: list[Any] = [None] * self.num_outputs
+        result[self.metadata.return_hidden_states_index] = self.image_out
+        if self.metadata.return_encoder_hidden_states_index is not None:
+            result[self.metadata.return_encoder_hidden_states_index] = self.text_out
+        return tuple(result)
+
+    def _piece(self, outputs: tuple, index: int | None, what: str, tokens: int) -> torch.Tensor:
+        piece = outputs[index] if index is not None and index < len(outputs) else None
+        if not isinstance(piece, torch.Tensor) or piece.dim() < 2 or piece.shape[1] != tokens:
+            shape = tuple(piece.shape) if isinstance(piece, torch.Tensor) else type(piece).__name__
+            raise RuntimeError(f"{self.path}: expected the {what} output (index {index}), {tokens} tokens; got {shape}")
+        return piece
+
+
+# ------------------------------------------------------------------------------------------- lock-step
+@dataclass
+class _ChunkFinished:
+    """What a lock-step chunk's greenlet returns: its block output (a barrier is a ``(stage, call)`` tuple)."""
+
+    output: Any
+
+
+def _greenlet_class() -> type:
+    try:
+        from greenlet import greenlet
+    except ImportError as error:  # pragma: no cover - greenlet is a dependency of memopt
+        raise ImportError("memopt: schedule='lockstep' needs the greenlet package (pip install greenlet)") from error
+    return greenlet
+
+
+def _context_state() -> tuple:
+    """The thread state a suspended chunk shares with the others: it must not change across a suspension."""
+    return (
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        torch._C._len_torch_function_stack(),
+        torch._C._len_torch_dispatch_stack(),
+        tuple(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")),
+    )
 
 
 # ------------------------------------------------------------------------------------------- model passes
@@ -508,7 +619,7 @@ class SequenceAttentionHook(ModelHook):
         state = run.attention.get(id(module)) if run is not None else None
         if state is None:  # called outside a chunked block run: the module is untouched
             return self.fn_ref.original_forward(*args, **kwargs)
-        state.calls_seen = 0
+        state.calls_seen[run.chunk] = 0
         with intercept_attention(functools.partial(run.handle, state), SEQUENCE_PRIORITY, calls_sdpa_directly(module)):
             return self.fn_ref.original_forward(*args, **kwargs)
 
@@ -585,26 +696,111 @@ class SequenceChunkingHook(ModelHook):
             },
         )
         chunk_arguments = functools.partial(self._chunk_arguments, arguments, layout)
+        outputs = _ChunkOutputs(self.path, self.metadata, layout, image, self.config.inplace and self._can_overwrite(
+            module, image, arguments))
         _ACTIVE.block_run = run
         try:
-            for stage in range(len(self.attention)):
-                run.collecting = stage
-                for chunk in range(layout.num_chunks):
-                    run.start_chunk(chunk)
-                    chunk_args, chunk_kwargs = chunk_arguments(chunk)
-                    try:
-                        original(*chunk_args, **chunk_kwargs)
-                    except _KeyValuesCollected:
-                        run.check_answered(self.path)
-                        continue
-                    raise RuntimeError(
-                        f"{self.path}: chunk {chunk} finished without reaching the attention kernel of "
-                        f"{self.path}.{self.attention[stage][0]} (skipped by a cache or processor?)"
-                    )
-            run.collecting = None
-            return self._final_pass(module, original, arguments, layout, run, chunk_arguments)
+            if self.config.schedule == "lockstep":
+                self._lockstep(module, original, run, chunk_arguments, outputs)
+            else:
+                self._two_pass(original, run, chunk_arguments, outputs)
+            return outputs.result()
         finally:
             _ACTIVE.block_run = None
+
+    def _two_pass(self, original: Callable[..., Any], run: _BlockRun, chunk_arguments: Callable[[int], tuple],
+                  outputs: _ChunkOutputs) -> None:
+        """Collection passes (one per attention stage, each stopped at that stage's call), then the final pass."""
+        num_chunks = run.layout.num_chunks
+        for stage in range(len(self.attention)):
+            run.collecting = stage
+            for chunk in range(num_chunks):
+                run.start_chunk(chunk)
+                chunk_args, chunk_kwargs = chunk_arguments(chunk)
+                try:
+                    original(*chunk_args, **chunk_kwargs)
+                except _KeyValuesCollected:
+                    run.check_answered(self.path)
+                    continue
+                raise RuntimeError(
+                    f"{self.path}: chunk {chunk} finished without reaching the attention kernel of "
+                    f"{self.path}.{self.attention[stage][0]} (skipped by a cache or processor?)"
+                )
+        run.collecting = None
+        for chunk in range(num_chunks):
+            run.start_chunk(chunk)
+            chunk_args, chunk_kwargs = chunk_arguments(chunk)
+            output = original(*chunk_args, **chunk_kwargs)
+            run.check_answered(self.path)
+            outputs.add(chunk, output)
+            del output
+
+    def _lockstep(self, module: torch.nn.Module, original: Callable[..., Any], run: _BlockRun,
+                  chunk_arguments: Callable[[int], tuple], outputs: _ChunkOutputs) -> None:
+        """One greenlet per chunk, all suspended at each whole-sequence attention call until every chunk's K/V are
+        written, then resumed in order (see the module docstring)."""
+        greenlet = _greenlet_class()
+        self._check_lockstep_hooks(module)
+        scheduler = greenlet.getcurrent()
+        entry_state = _context_state()
+
+        def suspend(barrier: tuple[int, int]) -> None:
+            if _context_state() != entry_state:
+                raise NotImplementedError(
+                    f"{self.path}: the block changes grad mode, autocast or a torch mode stack around its attention "
+                    f"call ({entry_state} -> {_context_state()}), so its chunks cannot be suspended there; use "
+                    "schedule='two_pass'"
+                )
+            with parked_interception():
+                scheduler.switch(barrier)
+
+        def body(chunk: int) -> _ChunkFinished:
+            chunk_args, chunk_kwargs = chunk_arguments(chunk)
+            return _ChunkFinished(original(*chunk_args, **chunk_kwargs))
+
+        num_chunks = run.layout.num_chunks
+        runners = [greenlet(functools.partial(body, chunk), parent=scheduler) for chunk in range(num_chunks)]
+        run.suspend = suspend
+        try:
+            for chunk in range(num_chunks):
+                run.start_chunk(chunk)
+            finished = 0
+            while finished < num_chunks:
+                barriers: list[tuple[int, Any]] = []
+                for chunk, runner in enumerate(runners):
+                    run.chunk = chunk
+                    result = runner.switch()
+                    if isinstance(result, _ChunkFinished):
+                        run.check_answered(self.path)
+                        outputs.add(chunk, result.output)
+                        finished += 1
+                    else:
+                        barriers.append((chunk, result))
+                    del result
+                if barriers and (finished or any(b != barriers[0][1] for _, b in barriers)):
+                    names = {state.stage: state.path for state in run.attention.values()}
+                    where = ", ".join(f"chunk {c} at {names[b[0]]} call {b[1]}" for c, b in barriers)
+                    raise RuntimeError(f"{self.path}: the chunks took different paths through the block ({finished} "
+                                       f"finished; {where}); refusing to exchange K/V between them")
+        finally:
+            run.suspend = None
+            for runner in runners:
+                if runner and not runner.dead:
+                    runner.throw()  # unwind a suspended chunk (GreenletExit) so its contexts exit in order
+
+    def _check_lockstep_hooks(self, module: torch.nn.Module) -> None:
+        """Hooks on the block's submodules must not keep per-call state across the suspension (group offloading at
+        leaf level would offload a module's weights while another chunk is suspended inside it)."""
+        for name, child in module.named_modules():
+            registry = getattr(child, "_diffusers_hook", None)
+            if not name or registry is None:
+                continue
+            stateful = [h for h in registry._hook_order if not h.startswith(HOOK_PREFIX) and h not in _STATELESS_HOOKS]
+            if stateful:
+                raise ValueError(
+                    f"{self.path}.{name} carries hooks {stateful}: a chunk suspended inside it would find their state "
+                    "changed by the other chunks; use schedule='two_pass', or offload whole blocks"
+                )
 
     def _chunk_arguments(self, arguments: _Arguments, layout: _Layout, chunk: int) -> tuple[tuple, dict]:
         values = {}
@@ -628,63 +824,6 @@ class SequenceChunkingHook(ModelHook):
                 value = layout.cut(value, spec, chunk, where)
             values[name] = value
         return arguments.replaced(values)
-
-    def _final_pass(
-        self,
-        module: torch.nn.Module,
-        original: Callable[..., Any],
-        arguments: _Arguments,
-        layout: _Layout,
-        run: _BlockRun,
-        chunk_arguments: Callable[[int], tuple[tuple, dict]],
-    ) -> Any:
-        image_in = arguments.get(self.metadata.hidden_states_argument_name)
-        in_place = self.config.inplace and self._can_overwrite(module, image_in, arguments)
-        hs_index, ehs_index = self.metadata.return_hidden_states_index, self.metadata.return_encoder_hidden_states_index
-        image_out = text_out = None
-        returns_tensor, num_outputs = True, 1
-        for chunk in range(layout.num_chunks):
-            run.start_chunk(chunk)
-            chunk_args, chunk_kwargs = chunk_arguments(chunk)
-            output = original(*chunk_args, **chunk_kwargs)
-            run.check_answered(self.path)
-            returns_tensor = isinstance(output, torch.Tensor)
-            outputs = (output,) if returns_tensor else tuple(output)
-            num_outputs = len(outputs)
-            start, end = layout.ranges["image"][chunk]
-            piece = self._output(outputs, hs_index, "hidden states", end - start)
-            if image_out is None:
-                same = piece.dtype == image_in.dtype and piece.shape[2:] == image_in.shape[2:]
-                image_out = image_in if in_place and same else piece.new_empty(
-                    piece.shape[0], layout.lengths["image"], *piece.shape[2:]
-                )
-            image_out.narrow(1, start, end - start).copy_(piece)
-            if "text" in layout.lengths and ehs_index is not None and outputs[ehs_index] is not None:
-                text_start, text_end = layout.ranges["text"][chunk]
-                text_piece = self._output(outputs, ehs_index, "encoder hidden states", text_end - text_start)
-                if not layout.split["text"]:
-                    text_out = text_piece if chunk == 0 else text_out
-                else:
-                    if text_out is None:
-                        text_out = text_piece.new_empty(
-                            text_piece.shape[0], layout.lengths["text"], *text_piece.shape[2:]
-                        )
-                    text_out.narrow(1, text_start, text_end - text_start).copy_(text_piece)
-            del output, outputs, piece
-        if returns_tensor:
-            return image_out
-        result: list[Any] = [None] * num_outputs
-        result[hs_index] = image_out
-        if ehs_index is not None:
-            result[ehs_index] = text_out
-        return tuple(result)
-
-    def _output(self, outputs: tuple, index: int | None, what: str, tokens: int) -> torch.Tensor:
-        piece = outputs[index] if index is not None and index < len(outputs) else None
-        if not isinstance(piece, torch.Tensor) or piece.dim() < 2 or piece.shape[1] != tokens:
-            shape = tuple(piece.shape) if isinstance(piece, torch.Tensor) else type(piece).__name__
-            raise RuntimeError(f"{self.path}: expected the {what} output (index {index}), {tokens} tokens; got {shape}")
-        return piece
 
     def _can_overwrite(self, module: torch.nn.Module, image: torch.Tensor, arguments: _Arguments) -> bool:
         if _foreign_hooks(module, outer_of=SEQUENCE_BLOCK_HOOK):
@@ -1069,6 +1208,7 @@ def apply_sequence_chunking(
     *,
     inplace: bool = True,
     chunk_tail: bool = True,
+    schedule: str = "two_pass",
     plan: SequencePlan | None = None,
 ) -> SequenceChunkingReport:
     """Run every transformer block of ``model`` in ``num_chunks`` sequence chunks with a K/V exchange.
@@ -1079,6 +1219,8 @@ def apply_sequence_chunking(
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.
         inplace: see :class:`SequenceChunkingConfig`.
         chunk_tail: see :class:`SequenceChunkingConfig`.
+        schedule: ``"two_pass"`` (default, the memory floor) or ``"lockstep"`` (no recomputation, more memory);
+            see :class:`SequenceChunkingConfig`.
         plan: a :class:`~memopt.plans.sequence.SequencePlan` to use instead of the built-in one.
 
     Returns:
@@ -1112,8 +1254,10 @@ def apply_sequence_chunking(
     """
     plan = plan if plan is not None else sequence_plan(model)
     num_chunks = plan.num_chunks if num_chunks is None else num_chunks
-    config = SequenceChunkingConfig(num_chunks=num_chunks, inplace=inplace, chunk_tail=chunk_tail)
-    report = SequenceChunkingReport(type(model).__name__, config.num_chunks, plan.source)
+    config = SequenceChunkingConfig(num_chunks=num_chunks, inplace=inplace, chunk_tail=chunk_tail, schedule=schedule)
+    if schedule == "lockstep":
+        _greenlet_class()  # fail at apply time, not at the first forward
+    report = SequenceChunkingReport(type(model).__name__, config.num_chunks, plan.source, config.schedule)
     TransformerBlockRegistry._register()
     chunked_prefixes: list[str] = []
     blocks: list[torch.nn.Module] = []

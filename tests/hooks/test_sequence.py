@@ -217,16 +217,17 @@ def test_block_with_a_foreign_hook_is_skipped_and_reported():
     assert rel_err(out, reference) <= 1e-5
 
 
+class ManualAttention:
+    """A Wan attention processor computing attention with plain matmuls: invisible to any dispatch interception."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q, k, v = (proj(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+                   for proj in (attn.to_q, attn.to_k, attn.to_v))
+        weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return attn.to_out[0]((weights @ v).transpose(1, 2).flatten(2))
+
+
 def test_a_processor_that_bypasses_the_dispatcher_is_an_error_not_a_wrong_result():
-    class ManualAttention:
-        """Computes attention with plain matmuls: invisible to any dispatch interception."""
-
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-            q, k, v = (proj(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-                       for proj in (attn.to_q, attn.to_k, attn.to_v))
-            weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
-            return attn.to_out[0]((weights @ v).transpose(1, 2).flatten(2))
-
     _, model, inputs = build("wan")
     model.blocks[0].attn1.set_processor(ManualAttention())
     apply_sequence_chunking(model, 4)
@@ -246,3 +247,32 @@ def test_plan_errors_name_the_block():
                                                   attention={"attn9": JointAttention()})})
     with pytest.raises(ValueError, match="no block of WanTransformer3DModel matched"):
         apply_sequence_chunking(model, plan=missing)
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_save_pretrained_and_lora_on_attention_projections(schedule, tmp_path):
+    """save_pretrained works with the hooks in place and saves the unchanged weights; LoRA adapters on the
+    projections sequence chunking skips or exchanges (to_q/to_k/to_v), added before or after applying, keep the
+    result."""
+    from peft import LoraConfig
+
+    _, model, inputs = build("flux")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_sequence_chunking(model, 4, schedule=schedule)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).state_dict()
+    assert reloaded.keys() == state.keys() and all(torch.equal(reloaded[k], v) for k, v in state.items())
+    remove_memory_optimizations(model)
+
+    lora = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    model.add_adapter(LoraConfig(**lora), adapter_name="before")
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_sequence_chunking(model, 4, schedule=schedule)
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+        model.add_adapter(LoraConfig(**lora), adapter_name="after")  # wraps projections that carry memopt hooks
+        model.set_adapter(["before", "after"])
+        chunked = model(**inputs)[0]
+        remove_memory_optimizations(model)
+        unchunked = model(**inputs)[0]
+    assert rel_err(chunked, unchunked) <= 1e-5 and rel_err(unchunked, reference) > 1e-3  # "after" is active
