@@ -36,14 +36,16 @@ What is split and where the exchange happens is data (:mod:`memopt.plans.sequenc
 diffusers' attention dispatch (:mod:`memopt.hooks._attention_dispatch`), so processors run unchanged. Calls that
 only need the chunk's own tokens (cross-attention to text) are left alone. Inference only: with autograd recording
 a block runs unchunked.
+
+This module holds the block hook, the schedules and ``apply_sequence_chunking``; the pieces they use live beside it:
+:mod:`memopt.hooks._sequence_chunks` (cutting arguments, putting outputs back), :mod:`memopt.hooks._sequence_exchange`
+(the K/V buffers and the attention-call handler) and :mod:`memopt.hooks._sequence_model` (the model-level passes).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -51,13 +53,10 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models._modeling_parallel import ContextParallelOutput
-from torch.utils._pytree import tree_flatten
 
-from ..plans.sequence import BlockPlan, JointAttention, SequencePlan, SequenceSplit, TokenProducer, sequence_plan
+from ..plans.sequence import BlockPlan, JointAttention, SequencePlan, SequenceSplit, sequence_plan
 from ._attention_dispatch import (
     SEQUENCE_PRIORITY,
-    AttentionCall,
-    Proceed,
     acquire_interception,
     calls_sdpa_directly,
     intercept_attention,
@@ -65,6 +64,29 @@ from ._attention_dispatch import (
     release_interception,
 )
 from ._common import HOOK_PREFIX, register_memopt_hook
+from ._sequence_chunks import (
+    RUNNING,
+    Arguments,
+    ChunkLayout,
+    ChunkOutputs,
+    DeferredTokens,
+    intersect,
+    materialized,
+    memory_runs,
+    positional_index,
+    running,
+)
+from ._sequence_exchange import AttentionState, BlockRun, KeyValuesCollected
+from ._sequence_model import (
+    ModelRun,
+    SequenceEmbedHook,
+    SequenceGatherHook,
+    SequenceModelHook,
+    SequenceProducerHook,
+    SequenceReplayHook,
+    SequenceTailHook,
+    offloaded,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -169,352 +191,6 @@ class SequenceChunkingReport:
         return "\n".join(lines)
 
 
-class _KeyValuesCollected(Exception):
-    """Raised at the attention call of a collection pass: the rest of the block is not needed."""
-
-
-class _TailReached(Exception):
-    """Raised when the model forward reaches its output head after the blocks (first model pass)."""
-
-
-class _TailChunkDone(Exception):
-    """Raised at the gather module once a chunk's output is collected (tail passes but the last)."""
-
-
-# ------------------------------------------------------------------------------------------- arguments
-class _Arguments:
-    """Read and replace a module's forward arguments by name, whether passed by position or keyword."""
-
-    def __init__(self, index: dict[str, int], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.index, self.args, self.kwargs = index, args, kwargs
-
-    def get(self, name: str) -> Any:
-        if name in self.kwargs:
-            return self.kwargs[name]
-        position = self.index.get(name)
-        return self.args[position] if position is not None and position < len(self.args) else None
-
-    def replaced(self, values: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        args, kwargs = list(self.args), dict(self.kwargs)
-        for name, value in values.items():
-            if name in kwargs:
-                kwargs[name] = value
-            else:
-                args[self.index[name]] = value
-        return tuple(args), kwargs
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [x for x in tree_flatten((self.args, self.kwargs))[0] if isinstance(x, torch.Tensor)]
-
-
-def _positional_index(cls: type) -> dict[str, int]:
-    index = {}
-    for position, parameter in enumerate(list(inspect.signature(cls.forward).parameters.values())[1:]):
-        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
-            break
-        index[parameter.name] = position
-    return index
-
-
-def _balanced(total: int, pieces: int) -> list[tuple[int, int]]:
-    """``pieces`` contiguous ranges covering ``range(total)``, sizes differing by at most one (like tensor_split)."""
-    bounds = [index * (total // pieces) + min(index, total % pieces) for index in range(pieces + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-class _DeferredTokens:
-    """Stand-in for a producer module's output during a chunked model forward: computes rows on demand."""
-
-    def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict):
-        self.path, self.producer, self.module, self.forward, self.call = path, producer, module, forward, call
-        self.tokens = producer.tokens(module, call)
-
-    def rows(self, ranges: list[tuple[int, int]]) -> Any:
-        return self.producer.rows(self.module, self.call, ranges, self.forward)
-
-    def full(self) -> Any:
-        return self.rows([(0, self.tokens)])
-
-
-def _materialized(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Replace deferred producer outputs by their full value (for a block that runs unchunked)."""
-    if not any(isinstance(v, _DeferredTokens) for v in (*args, *kwargs.values())):
-        return args, kwargs
-    full = lambda v: v.full() if isinstance(v, _DeferredTokens) else v  # noqa: E731
-    return tuple(full(v) for v in args), {k: full(v) for k, v in kwargs.items()}
-
-
-@dataclass
-class _Layout:
-    """Where chunk ``i``'s tokens come from, per stream.
-
-    ``ranges[stream][i]`` is the chunk's slice of the stream; for a text stream carried whole by every chunk it is
-    the whole stream, and only chunk 0 writes its keys/values and output (``split[stream]`` is False).
-    """
-
-    num_chunks: int
-    lengths: dict[str, int]
-    ranges: dict[str, list[tuple[int, int]]]
-    split: dict[str, bool]
-
-    @classmethod
-    def build(cls, num_chunks: int, image_tokens: int, text_tokens: int | None, split_text: bool) -> "_Layout":
-        num_chunks = min(num_chunks, image_tokens)
-        image_ranges = _balanced(image_tokens, num_chunks)
-        layout = cls(num_chunks, {"image": image_tokens}, {"image": image_ranges}, {"image": True})
-        if text_tokens is not None:
-            text_split = split_text and text_tokens >= num_chunks
-            layout.lengths["text"] = text_tokens
-            layout.split["text"] = text_split
-            layout.ranges["text"] = (
-                _balanced(text_tokens, num_chunks) if text_split else [(0, text_tokens)] * num_chunks
-            )
-        return layout
-
-    def owns(self, stream: str, chunk: int) -> bool:
-        return self.split[stream] or chunk == 0
-
-    def cut(self, value: Any, spec: SequenceSplit, chunk: int, where: str) -> Any:
-        """Chunk ``chunk``'s piece of a block input tensor per ``spec`` (views unless several segments)."""
-        deferred = isinstance(value, _DeferredTokens)
-        if not deferred and not isinstance(value, torch.Tensor):
-            return value
-        if not deferred and spec.expected_dims is not None and value.dim() != spec.expected_dims:
-            return value
-        lengths = []
-        for segment in spec.segments:
-            if segment not in self.lengths:
-                raise ValueError(f"{where}: the plan splits over the {segment!r} stream, which the block lacks")
-            lengths.append(self.lengths[segment])
-        total = sum(lengths)
-        size = value.tokens if deferred else value.shape[spec.split_dim]
-        if size == 1 and total != 1 and not deferred:
-            return value  # broadcast over tokens
-        if size != total:
-            raise ValueError(
-                f"{where}: has {size} entries along its token dim {spec.split_dim}, but the plan expects "
-                f"{' + '.join(f'{s} {n}' for s, n in zip(spec.segments, lengths))} = {total} tokens"
-            )
-        ranges, offset = [], 0
-        for segment, length in zip(spec.segments, lengths):
-            start, end = self.ranges[segment][chunk]
-            ranges.append((offset + start, offset + end))
-            offset += length
-        if deferred:
-            return value.rows(ranges)
-        pieces = [value.narrow(spec.split_dim, start, end - start) for start, end in ranges]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, spec.split_dim)
-
-
-# ------------------------------------------------------------------------------------------- K/V exchange
-@dataclass
-class _Gathered:
-    """Full-length keys, values and key-side mask of one attention call, filled chunk by chunk."""
-
-    key: torch.Tensor
-    value: torch.Tensor
-    mask: torch.Tensor | None
-
-
-@dataclass
-class _AttentionState:
-    """One whole-sequence attention module of the running block."""
-
-    path: str
-    spec: JointAttention
-    stage: int
-    expected_calls: int
-    calls_seen: dict[int, int] = field(default_factory=dict)  # per chunk: kernel calls in the current module forward
-    handled: dict[int, int] = field(default_factory=dict)  # per chunk: calls answered with the full K/V
-    gathered: dict[int, _Gathered] = field(default_factory=dict)
-
-
-class _BlockRun:
-    """State of one block forward in chunks; the attention hooks find it through the thread-local ``_ACTIVE``."""
-
-    def __init__(self, layout: _Layout, attention: dict[int, _AttentionState]) -> None:
-        self.layout = layout
-        self.attention = attention
-        self.chunk = 0
-        self.collecting: int | None = None  # stage being collected, None in the final pass
-        # Lock-step schedule: suspends the running chunk at a whole-sequence attention call until all chunks have
-        # written that call's K/V (None in the two-pass schedule).
-        self.suspend: Callable[[tuple[int, int]], None] | None = None
-
-    def start_chunk(self, chunk: int) -> None:
-        self.chunk = chunk
-        for state in self.attention.values():
-            state.handled[chunk] = 0
-
-    def skips(self, kind: str, attention_id: int | None) -> bool:
-        """Whether a projection of ``kind`` is unused in the running pass (see ``JointAttention.query``)."""
-        if self.suspend is not None:
-            return False  # lock-step: one pass uses everything
-        if kind == "before_attention":
-            return self.collecting == 0
-        stage = self.attention[attention_id].stage
-        if kind == "query":
-            return self.collecting == stage
-        return self.collecting is None or self.collecting > stage  # key_value: already collected
-
-    def check_answered(self, block_path: str) -> None:
-        """Every attention module of an earlier stage must have seen the full K/V in this chunk."""
-        for state in self.attention.values():
-            handled = state.handled.get(self.chunk, 0)
-            if (self.collecting is None or state.stage < self.collecting) and handled != state.expected_calls:
-                raise RuntimeError(
-                    f"{block_path}: {state.path} made {handled} whole-sequence attention calls through "
-                    f"diffusers' attention dispatch in chunk {self.chunk}, expected {state.expected_calls}. Its "
-                    "processor (or another hook) bypassed the dispatch; refusing to return a chunk-local result."
-                )
-
-    def handle(self, state: _AttentionState, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
-        chunk = self.chunk
-        index = state.calls_seen.get(chunk, 0)
-        state.calls_seen[chunk] = index + 1
-        if index >= state.expected_calls:
-            return proceed(call)  # e.g. an image-prompt adapter's cross-attention: chunk-local
-        _check_call(state.path, call)
-        if self.suspend is not None:
-            self._gather(state, index, call)
-            self.suspend((state.stage, index))  # returns once every chunk has written this call's K/V
-        elif self.collecting == state.stage:
-            self._gather(state, index, call)
-            if index == state.expected_calls - 1:
-                raise _KeyValuesCollected
-            return call.output_like()  # never read: the collection pass stops at this module's last call
-        gathered = state.gathered.get(index)
-        if gathered is None:
-            raise RuntimeError(f"{state.path}: attention call {index} reached before its keys/values were collected")
-        state.handled[chunk] = state.handled.get(chunk, 0) + 1
-        mask = gathered.mask if gathered.mask is not None else call.attn_mask
-        return proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
-
-    def _gather(self, state: _AttentionState, index: int, call: AttentionCall) -> None:
-        key, value, mask = call.key, call.value, call.attn_mask
-        pieces, full_length = self._key_pieces(state, key.shape[1])
-        gathered = state.gathered.get(index)
-        has_key_mask = mask is not None and mask.shape[-1] != 1
-        if has_key_mask and mask.shape[-2] != 1:
-            raise NotImplementedError(
-                f"{state.path}: attention mask of shape {tuple(mask.shape)} depends on the query position; sequence "
-                "chunking supports masks over keys only"
-            )
-        if gathered is None:
-            gathered = _Gathered(
-                key=key.new_empty(key.shape[0], full_length, *key.shape[2:]),
-                value=value.new_empty(value.shape[0], full_length, *value.shape[2:]),
-                mask=mask.new_empty(*mask.shape[:-1], full_length) if has_key_mask else None,
-            )
-            state.gathered[index] = gathered
-        elif gathered.key.shape[1] != full_length or gathered.key.shape[0] != key.shape[0]:
-            raise RuntimeError(
-                f"{state.path}: attention call {index} has {full_length} keys in chunk {self.chunk}, "
-                f"{gathered.key.shape[1]} in chunk 0"
-            )
-        for local, length, target in pieces:
-            gathered.key.narrow(1, target, length).copy_(key.narrow(1, local, length))
-            gathered.value.narrow(1, target, length).copy_(value.narrow(1, local, length))
-            if gathered.mask is not None:
-                gathered.mask.narrow(-1, target, length).copy_(mask.narrow(-1, local, length))
-
-    def _key_pieces(self, state: _AttentionState, key_length: int) -> tuple[list[tuple[int, int, int]], int]:
-        """``([(position in the chunk's keys, length, position in the full keys)], full key length)``.
-
-        The pieces this chunk writes: its slice of each split stream, and the whole of a stream carried by every
-        chunk when this is the chunk that owns it. A stream carried whole takes whatever key positions the split
-        streams leave (Mochi drops masked text tokens per sample, so that count is only known from the call).
-        """
-        layout, chunk = self.layout, self.chunk
-        sizes = {
-            s: layout.ranges[s][chunk][1] - layout.ranges[s][chunk][0] for s in state.spec.order if layout.split[s]
-        }
-        whole = [s for s in state.spec.order if not layout.split[s]]
-        remaining = key_length - sum(sizes.values())
-        if remaining < 0 or (not whole and remaining):
-            raise ValueError(
-                f"{state.path}: the attention call has {key_length} keys, but chunk {self.chunk} carries "
-                f"{', '.join(f'{s} {n}' for s, n in sizes.items())} tokens (key order {state.spec.order})"
-            )
-        for stream in whole:
-            sizes[stream] = remaining
-        pieces, local, full = [], 0, 0
-        for stream in state.spec.order:
-            start = layout.ranges[stream][chunk][0] if layout.split[stream] else 0
-            if layout.owns(stream, chunk):
-                pieces.append((local, sizes[stream], full + start))
-            local += sizes[stream]
-            full += layout.lengths[stream] if layout.split[stream] else sizes[stream]
-        return pieces, full
-
-
-def _check_call(path: str, call: AttentionCall) -> None:
-    problems = []
-    if call.is_causal:
-        problems.append("is_causal=True")
-    if call.dropout_p:
-        problems.append(f"dropout_p={call.dropout_p}")
-    if call.extras.get("return_lse"):
-        problems.append("return_lse=True")
-    if call.extras.get("_parallel_config") is not None:
-        problems.append("diffusers context parallelism is enabled")
-    if problems:
-        raise NotImplementedError(f"{path}: sequence chunking does not support attention with {', '.join(problems)}")
-
-
-# ------------------------------------------------------------------------------------------- block outputs
-class _ChunkOutputs:
-    """Writes each chunk's block output into the full-length outputs, over the input when ``in_place``."""
-
-    def __init__(self, path: str, metadata: TransformerBlockMetadata, layout: _Layout, image_in: torch.Tensor,
-                 in_place: bool) -> None:
-        self.path, self.metadata, self.layout = path, metadata, layout
-        self.image_in, self.in_place = image_in, in_place
-        self.image_out: torch.Tensor | None = None
-        self.text_out: torch.Tensor | None = None
-        self.returns_tensor, self.num_outputs = True, 1
-
-    def add(self, chunk: int, output: Any) -> None:
-        layout, image_in = self.layout, self.image_in
-        hs_index, ehs_index = self.metadata.return_hidden_states_index, self.metadata.return_encoder_hidden_states_index
-        self.returns_tensor = isinstance(output, torch.Tensor)
-        outputs = (output,) if self.returns_tensor else tuple(output)
-        self.num_outputs = len(outputs)
-        start, end = layout.ranges["image"][chunk]
-        piece = self._piece(outputs, hs_index, "hidden states", end - start)
-        if self.image_out is None:
-            same = piece.dtype == image_in.dtype and piece.shape[2:] == image_in.shape[2:]
-            self.image_out = image_in if self.in_place and same else piece.new_empty(
-                piece.shape[0], layout.lengths["image"], *piece.shape[2:]
-            )
-        self.image_out.narrow(1, start, end - start).copy_(piece)
-        if "text" in layout.lengths and ehs_index is not None and outputs[ehs_index] is not None:
-            text_start, text_end = layout.ranges["text"][chunk]
-            text_piece = self._piece(outputs, ehs_index, "encoder hidden states", text_end - text_start)
-            if not layout.split["text"]:
-                self.text_out = text_piece if chunk == 0 else self.text_out
-                return
-            if self.text_out is None:
-                self.text_out = text_piece.new_empty(text_piece.shape[0], layout.lengths["text"], *text_piece.shape[2:])
-            self.text_out.narrow(1, text_start, text_end - text_start).copy_(text_piece)
-
-    def result(self) -> Any:
-        if self.returns_tensor:
-            return self.image_out
-        result: list[Any] = [None] * self.num_outputs
-        result[self.metadata.return_hidden_states_index] = self.image_out
-        if self.metadata.return_encoder_hidden_states_index is not None:
-            result[self.metadata.return_encoder_hidden_states_index] = self.text_out
-        return tuple(result)
-
-    def _piece(self, outputs: tuple, index: int | None, what: str, tokens: int) -> torch.Tensor:
-        piece = outputs[index] if index is not None and index < len(outputs) else None
-        if not isinstance(piece, torch.Tensor) or piece.dim() < 2 or piece.shape[1] != tokens:
-            shape = tuple(piece.shape) if isinstance(piece, torch.Tensor) else type(piece).__name__
-            raise RuntimeError(f"{self.path}: expected the {what} output (index {index}), {tokens} tokens; got {shape}")
-        return piece
-
-
 # ------------------------------------------------------------------------------------------- lock-step
 @dataclass
 class _ChunkFinished:
@@ -542,66 +218,6 @@ def _context_state() -> tuple:
     )
 
 
-# ------------------------------------------------------------------------------------------- model passes
-class _ModelRun:
-    """State of one chunked model forward: the block pass, then one tail pass per chunk."""
-
-    def __init__(self, num_chunks: int) -> None:
-        self.num_chunks = num_chunks
-        self.tail = False
-        self.block_calls = 0
-        self.last_block: tuple[int, Any, TransformerBlockMetadata] | None = None
-        self.ranges: list[tuple[int, int]] = []
-        self.chunk = 0
-        self.gathered: torch.Tensor | None = None
-        self.embedded: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = {}
-        self.recorded: dict[int, list[Any]] = {}
-        self.replayed: dict[int, int] = {}
-        self.tail_allowed = False
-
-    def block_finished(self, output: Any, metadata: TransformerBlockMetadata) -> None:
-        self.last_block = (self.block_calls, output, metadata)
-        self.block_calls += 1
-
-    def start_tail(self) -> None:
-        _, output, metadata = self.last_block
-        image = output if isinstance(output, torch.Tensor) else output[metadata.return_hidden_states_index]
-        self.ranges = _balanced(image.shape[1], min(self.num_chunks, image.shape[1]))
-        self.tail = True
-
-    def start_tail_chunk(self, chunk: int) -> None:
-        self.chunk = chunk
-        self.block_calls = 0
-        self.replayed.clear()
-
-    def tail_block_output(self, arguments: _Arguments, metadata: TransformerBlockMetadata) -> Any:
-        """A block in a tail pass: the last block answers with its saved output's chunk, the others pass through."""
-        index = self.block_calls
-        self.block_calls += 1
-        last_index, output, _ = self.last_block
-        hs, ehs = metadata.return_hidden_states_index, metadata.return_encoder_hidden_states_index
-        start, end = self.ranges[self.chunk]
-        if index == last_index:
-            if isinstance(output, torch.Tensor):
-                return output.narrow(1, start, end - start)
-            output = list(output)
-            output[hs] = output[hs].narrow(1, start, end - start)
-            return tuple(output)
-        image = arguments.get(metadata.hidden_states_argument_name)
-        if ehs is None:
-            return image
-        result = [None] * (max(hs, ehs) + 1)
-        result[hs], result[ehs] = image, arguments.get(metadata.encoder_hidden_states_argument_name)
-        return tuple(result)
-
-
-_ACTIVE = threading.local()
-
-
-def _current(name: str) -> Any:
-    return getattr(_ACTIVE, name, None)
-
-
 # ------------------------------------------------------------------------------------------- hooks
 class SequenceAttentionHook(ModelHook):
     """On a whole-sequence attention module: routes its kernel calls to the running block's K/V exchange."""
@@ -615,7 +231,7 @@ class SequenceAttentionHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run: _BlockRun | None = _current("block_run")
+        run: BlockRun | None = running("block_run")
         state = run.attention.get(id(module)) if run is not None else None
         if state is None:  # called outside a chunked block run: the module is untouched
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -645,15 +261,15 @@ class SequenceChunkingHook(ModelHook):
         self._warned = False
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.index = _positional_index(type(module))
+        self.index = positional_index(type(module))
         missing = [name for name in self.plan.inputs if name not in self.index]
         if missing:
             raise ValueError(f"{self.path}: {type(module).__name__}.forward has no argument(s) {missing} (plan)")
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        arguments = _Arguments(self.index, args, kwargs)
-        model_run: _ModelRun | None = _current("model_run")
+        arguments = Arguments(self.index, args, kwargs)
+        model_run: ModelRun | None = running("model_run")
         if model_run is not None and model_run.tail:
             return model_run.tail_block_output(arguments, self.metadata)
         output = self._forward(module, arguments)
@@ -661,7 +277,7 @@ class SequenceChunkingHook(ModelHook):
             model_run.block_finished(output, self.metadata)
         return output
 
-    def _forward(self, module: torch.nn.Module, arguments: _Arguments) -> Any:
+    def _forward(self, module: torch.nn.Module, arguments: Arguments) -> Any:
         original = self.fn_ref.original_forward
         image = arguments.get(self.metadata.hidden_states_argument_name)
         if not isinstance(image, torch.Tensor):
@@ -671,22 +287,22 @@ class SequenceChunkingHook(ModelHook):
                 logger.warning("%s: autograd is recording, running unchunked (sequence chunking is inference-only; "
                                "wrap the call in torch.no_grad())", self.path)
                 self._warned = True
-            args, kwargs = _materialized(arguments.args, arguments.kwargs)
+            args, kwargs = materialized(arguments.args, arguments.kwargs)
             return original(*args, **kwargs)
         text = arguments.get(self.metadata.encoder_hidden_states_argument_name) if self.plan.has_text_stream else None
-        layout = _Layout.build(
+        layout = ChunkLayout.build(
             self.config.num_chunks, image.shape[1], None if text is None else text.shape[1], self.plan.split_text
         )
         if layout.num_chunks <= 1:
-            args, kwargs = _materialized(arguments.args, arguments.kwargs)
+            args, kwargs = materialized(arguments.args, arguments.kwargs)
             return original(*args, **kwargs)
-        if _current("block_run") is not None:
+        if running("block_run") is not None:
             raise RuntimeError(f"{self.path}: nested chunked block runs are not supported")
 
-        run = _BlockRun(
+        run = BlockRun(
             layout,
             {
-                id(attention_module): _AttentionState(
+                id(attention_module): AttentionState(
                     path=f"{self.path}.{name}",
                     spec=spec,
                     stage=stage,
@@ -696,9 +312,9 @@ class SequenceChunkingHook(ModelHook):
             },
         )
         chunk_arguments = functools.partial(self._chunk_arguments, arguments, layout)
-        outputs = _ChunkOutputs(self.path, self.metadata, layout, image, self.config.inplace and self._can_overwrite(
+        outputs = ChunkOutputs(self.path, self.metadata, layout, image, self.config.inplace and self._can_overwrite(
             module, image, arguments))
-        _ACTIVE.block_run = run
+        RUNNING.block_run = run
         try:
             if self.config.schedule == "lockstep":
                 self._lockstep(module, original, run, chunk_arguments, outputs)
@@ -706,10 +322,10 @@ class SequenceChunkingHook(ModelHook):
                 self._two_pass(original, run, chunk_arguments, outputs)
             return outputs.result()
         finally:
-            _ACTIVE.block_run = None
+            RUNNING.block_run = None
 
-    def _two_pass(self, original: Callable[..., Any], run: _BlockRun, chunk_arguments: Callable[[int], tuple],
-                  outputs: _ChunkOutputs) -> None:
+    def _two_pass(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
+                  outputs: ChunkOutputs) -> None:
         """Collection passes (one per attention stage, each stopped at that stage's call), then the final pass."""
         num_chunks = run.layout.num_chunks
         for stage in range(len(self.attention)):
@@ -719,7 +335,7 @@ class SequenceChunkingHook(ModelHook):
                 chunk_args, chunk_kwargs = chunk_arguments(chunk)
                 try:
                     original(*chunk_args, **chunk_kwargs)
-                except _KeyValuesCollected:
+                except KeyValuesCollected:
                     run.check_answered(self.path)
                     continue
                 raise RuntimeError(
@@ -735,8 +351,8 @@ class SequenceChunkingHook(ModelHook):
             outputs.add(chunk, output)
             del output
 
-    def _lockstep(self, module: torch.nn.Module, original: Callable[..., Any], run: _BlockRun,
-                  chunk_arguments: Callable[[int], tuple], outputs: _ChunkOutputs) -> None:
+    def _lockstep(self, module: torch.nn.Module, original: Callable[..., Any], run: BlockRun,
+                  chunk_arguments: Callable[[int], tuple], outputs: ChunkOutputs) -> None:
         """One greenlet per chunk, all suspended at each whole-sequence attention call until every chunk's K/V are
         written, then resumed in order (see the module docstring)."""
         greenlet = _greenlet_class()
@@ -802,14 +418,14 @@ class SequenceChunkingHook(ModelHook):
                     "changed by the other chunks; use schedule='two_pass', or offload whole blocks"
                 )
 
-    def _chunk_arguments(self, arguments: _Arguments, layout: _Layout, chunk: int) -> tuple[tuple, dict]:
+    def _chunk_arguments(self, arguments: Arguments, layout: ChunkLayout, chunk: int) -> tuple[tuple, dict]:
         values = {}
         for name, spec in self.plan.inputs.items():
             value = arguments.get(name)
             if value is None:
                 continue
             where = f"{self.path} input {name!r}"
-            if isinstance(value, _DeferredTokens):
+            if isinstance(value, DeferredTokens):
                 # A producer's stand-in: all of its tables cover the same tokens, so one spec locates them.
                 value = layout.cut(value, next(s for s in spec if s is not None) if isinstance(spec, tuple) else spec,
                                    chunk, where)
@@ -825,212 +441,20 @@ class SequenceChunkingHook(ModelHook):
             values[name] = value
         return arguments.replaced(values)
 
-    def _can_overwrite(self, module: torch.nn.Module, image: torch.Tensor, arguments: _Arguments) -> bool:
+    def _can_overwrite(self, module: torch.nn.Module, image: torch.Tensor, arguments: Arguments) -> bool:
         if _foreign_hooks(module, outer_of=SEQUENCE_BLOCK_HOOK):
             return False
-        runs = _memory_runs(image)
+        runs = memory_runs(image)
         if runs is None or any(a[1] > b[0] for a, b in zip(runs, runs[1:])):
             return False  # elements sharing memory (an expanded tensor), or too irregular to tell
         storage = image.untyped_storage()._cdata
         for other in arguments.tensors():
             if other is image or other.untyped_storage()._cdata != storage:
                 continue
-            other_runs = _memory_runs(other)
-            if other_runs is None or _intersect(runs, other_runs):
+            other_runs = memory_runs(other)
+            if other_runs is None or intersect(runs, other_runs):
                 return False
         return True
-
-
-def _memory_runs(tensor: torch.Tensor, limit: int = 4096) -> list[tuple[int, int]] | None:
-    """The byte ranges a strided tensor occupies in its storage, sorted; ``None`` when more than ``limit`` ranges.
-
-    The innermost dims that are contiguous together form one run; the outer dims enumerate the runs (a batch of
-    views into a joint text + image tensor is a handful of runs).
-    """
-    dims = sorted(((stride, size) for stride, size in zip(tensor.stride(), tensor.shape) if size != 1), reverse=True)
-    run = 1
-    while dims and dims[-1][0] == run:
-        run *= dims.pop()[1]
-    starts = [tensor.storage_offset()]
-    for stride, size in dims:
-        if len(starts) * size > limit:
-            return None
-        starts = [start + index * stride for start in starts for index in range(size)]
-    element = tensor.element_size()
-    return sorted((start * element, (start + run) * element) for start in starts)
-
-
-def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
-    i = j = 0
-    while i < len(a) and j < len(b):
-        if a[i][0] < b[j][1] and b[j][0] < a[i][1]:
-            return True
-        if a[i][1] <= b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return False
-
-
-class SequenceModelHook(ModelHook):
-    """On the model: one forward with the blocks in chunks, stopped at the output head; then one per chunk for it.
-
-    The tail passes call every block again (each answers at once), so they are skipped when the blocks carry
-    diffusers' group offloading, which would move every block's weights again per chunk: the output head then runs
-    on the whole sequence. It also runs whole (one more pass, with a warning) when the first chunk's head fails
-    because the model code mixes it with full-length tensors, e.g. per-token modulation (Wan2.2 TI2V).
-    """
-
-    def __init__(self, config: SequenceChunkingConfig, blocks: list[torch.nn.Module], tail: bool) -> None:
-        super().__init__()
-        self.config = config
-        self.blocks = blocks
-        self.tail = tail
-        self._warned = False
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        original = self.fn_ref.original_forward
-        if _current("model_run") is not None or (
-            torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
-        ):
-            return original(*args, **kwargs)
-        run = _ModelRun(self.config.num_chunks)
-        run.tail_allowed = self.tail and not any(_offloaded(block) for block in self.blocks)
-        _ACTIVE.model_run = run
-        try:
-            try:
-                return original(*args, **kwargs)  # returns here when the output head was not reached
-            except _TailReached:
-                pass
-            run.start_tail()
-            try:
-                return self._tail_passes(module, run, args, kwargs)
-            except RuntimeError as error:
-                if run.chunk != 0 or len(run.ranges) == 1:
-                    raise
-                message = str(error)
-            # The head mixes the chunk with full-length tensors (per-token modulation: Wan2.2 TI2V, LTX per-token
-            # timesteps): run it once on the whole sequence instead.
-            if not self._warned:
-                logger.warning("%s: the output head runs on the whole sequence (%s)", type(module).__name__, message)
-                self._warned = True
-            run.ranges = [(0, run.ranges[-1][1])]
-            run.gathered = None
-            return self._tail_passes(module, run, args, kwargs)
-        finally:
-            _ACTIVE.model_run = None
-
-    def _tail_passes(self, module: torch.nn.Module, run: _ModelRun, args: tuple, kwargs: dict) -> Any:
-        original = self.fn_ref.original_forward
-        for chunk in range(len(run.ranges)):
-            run.start_tail_chunk(chunk)
-            try:
-                result = original(*args, **kwargs)
-            except _TailChunkDone:
-                continue
-            if chunk == len(run.ranges) - 1:
-                return result
-            raise RuntimeError(f"{type(module).__name__}: the forward finished without reaching the gather module")
-        raise RuntimeError(f"{type(module).__name__}: the gather module did not return the gathered output")
-
-
-class SequenceTailHook(ModelHook):
-    """On the first module of the output head: ends the block pass there (the last block's output is kept)."""
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run: _ModelRun | None = _current("model_run")
-        if run is not None and run.tail_allowed and not run.tail and run.last_block is not None:
-            raise _TailReached
-        return self.fn_ref.original_forward(*args, **kwargs)
-
-
-class SequenceGatherHook(ModelHook):
-    """On the gather module (``proj_out``): collects each tail pass's chunk; the last pass returns the whole."""
-
-    def __init__(self, path: str, spec: ContextParallelOutput) -> None:
-        super().__init__()
-        self.path = path
-        self.spec = spec
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        run: _ModelRun | None = _current("model_run")
-        if run is None or not run.tail:
-            return output
-        start, end = run.ranges[run.chunk]
-        dim = self.spec.gather_dim
-        if not isinstance(output, torch.Tensor) or output.dim() <= dim or output.shape[dim] != end - start:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise RuntimeError(
-                f"{self.path}: expected chunk {run.chunk} with {end - start} tokens on dim {dim}, got {shape}; the "
-                "model code after the blocks mixes in full-length tensors"
-            )
-        if run.gathered is None:
-            shape = list(output.shape)
-            shape[dim] = run.ranges[-1][1]
-            run.gathered = output.new_empty(shape)
-        run.gathered.narrow(dim, start, end - start).copy_(output)
-        if run.chunk < len(run.ranges) - 1:
-            raise _TailChunkDone
-        return run.gathered
-
-
-class SequenceProducerHook(ModelHook):
-    """On a model-level producer of per-token tables: defers them to the chunks during a chunked forward."""
-
-    def __init__(self, path: str, producer: TokenProducer) -> None:
-        super().__init__()
-        self.path = path
-        self.producer = producer
-        self.signature: inspect.Signature | None = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.signature = inspect.signature(type(module).forward)
-        return module
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if _current("model_run") is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        bound = self.signature.bind(module, *args, **kwargs)
-        bound.apply_defaults()
-        call = dict(list(bound.arguments.items())[1:])
-        return _DeferredTokens(self.path, self.producer, module, self.fn_ref.original_forward, call)
-
-
-class SequenceEmbedHook(ModelHook):
-    """On the model's image-token embedding: in tail passes (whose blocks answer from the kept output) it returns a
-    zero-stride stand-in of the same shape instead of computing a full hidden state that nothing reads."""
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run: _ModelRun | None = _current("model_run")
-        if run is not None and run.tail and id(self) in run.embedded:
-            shape, dtype, device = run.embedded[id(self)]
-            return torch.zeros((), dtype=dtype, device=device).expand(shape)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if run is not None and isinstance(output, torch.Tensor):
-            run.embedded[id(self)] = (output.shape, output.dtype, output.device)
-        return output
-
-
-class SequenceReplayHook(ModelHook):
-    """On a model-level module that runs before the blocks (conditioning embedders): the tail passes reuse its
-    outputs from the block pass instead of recomputing them (they are alive through the block pass anyway)."""
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run: _ModelRun | None = _current("model_run")
-        if run is None or run.block_calls:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        key = id(self)
-        if run.tail:
-            index = run.replayed.get(key, 0)
-            recorded = run.recorded.get(key, [])
-            if index < len(recorded):
-                run.replayed[key] = index + 1
-                return recorded[index]
-            return self.fn_ref.original_forward(*args, **kwargs)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        run.recorded.setdefault(key, []).append(output)
-        return output
 
 
 class SequenceSkipHook(ModelHook):
@@ -1048,7 +472,7 @@ class SequenceSkipHook(ModelHook):
         self.attention_id = attention_id
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run: _BlockRun | None = _current("block_run")
+        run: BlockRun | None = running("block_run")
         if run is None or (self.attention_id is not None and self.attention_id not in run.attention) or not run.skips(
             self.kind, self.attention_id
         ):
@@ -1063,11 +487,6 @@ class SequenceSkipHook(ModelHook):
 # ------------------------------------------------------------------------------------------- apply
 def _contains(module: torch.nn.Module, other: torch.nn.Module) -> bool:
     return any(child is other for child in module.modules())
-
-
-def _offloaded(module: torch.nn.Module) -> bool:
-    registry = getattr(module, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook("group_offloading") is not None
 
 
 def _foreign_hooks(module: torch.nn.Module, outer_of: str | None = None) -> list[str]:
@@ -1184,7 +603,7 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
         register_memopt_hook(tail, SequenceTailHook(), SEQUENCE_TAIL_HOOK)
         register_memopt_hook(gather_module, SequenceGatherHook(gather_path, gather[gather_path]), SEQUENCE_GATHER_HOOK)
         report.tail = f"{plan.tail} -> {gather_path}"
-        if any(_offloaded(block) for block in blocks):
+        if any(offloaded(block) for block in blocks):
             report.skipped.append(("<model>", "blocks are group-offloaded: the output head runs whole while they are"))
     elif config.chunk_tail:
         report.skipped.append(("<model>", f"output head runs whole (tail {plan.tail!r}, gather {sorted(gather)})"))

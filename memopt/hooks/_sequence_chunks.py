@@ -1,0 +1,239 @@
+"""How a transformer block's arguments are cut into sequence chunks and its outputs put back together.
+
+Shared by the block hook and the model-level hooks of :mod:`memopt.hooks.sequence`: reading arguments by name,
+the chunk ranges of each token stream (:class:`ChunkLayout`), per-token tables computed a chunk at a time
+(:class:`DeferredTokens`), the full-length outputs written chunk by chunk (:class:`ChunkOutputs`), the memory-overlap
+test that decides whether an output may be written over its input, and the thread-local state of the running
+chunked forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata
+from torch.utils._pytree import tree_flatten
+
+from ..plans.sequence import SequenceSplit, TokenProducer
+
+
+# ------------------------------------------------------------------------------------------- arguments
+class Arguments:
+    """Read and replace a module's forward arguments by name, whether passed by position or keyword."""
+
+    def __init__(self, index: dict[str, int], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.index, self.args, self.kwargs = index, args, kwargs
+
+    def get(self, name: str) -> Any:
+        if name in self.kwargs:
+            return self.kwargs[name]
+        position = self.index.get(name)
+        return self.args[position] if position is not None and position < len(self.args) else None
+
+    def replaced(self, values: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for name, value in values.items():
+            if name in kwargs:
+                kwargs[name] = value
+            else:
+                args[self.index[name]] = value
+        return tuple(args), kwargs
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [x for x in tree_flatten((self.args, self.kwargs))[0] if isinstance(x, torch.Tensor)]
+
+
+def positional_index(cls: type) -> dict[str, int]:
+    index = {}
+    for position, parameter in enumerate(list(inspect.signature(cls.forward).parameters.values())[1:]):
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+        index[parameter.name] = position
+    return index
+
+
+def balanced(total: int, pieces: int) -> list[tuple[int, int]]:
+    """``pieces`` contiguous ranges covering ``range(total)``, sizes differing by at most one (like tensor_split)."""
+    bounds = [index * (total // pieces) + min(index, total % pieces) for index in range(pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class DeferredTokens:
+    """Stand-in for a producer module's output during a chunked model forward: computes rows on demand."""
+
+    def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict):
+        self.path, self.producer, self.module, self.forward, self.call = path, producer, module, forward, call
+        self.tokens = producer.tokens(module, call)
+
+    def rows(self, ranges: list[tuple[int, int]]) -> Any:
+        return self.producer.rows(self.module, self.call, ranges, self.forward)
+
+    def full(self) -> Any:
+        return self.rows([(0, self.tokens)])
+
+
+def materialized(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Replace deferred producer outputs by their full value (for a block that runs unchunked)."""
+    if not any(isinstance(v, DeferredTokens) for v in (*args, *kwargs.values())):
+        return args, kwargs
+    full = lambda v: v.full() if isinstance(v, DeferredTokens) else v  # noqa: E731
+    return tuple(full(v) for v in args), {k: full(v) for k, v in kwargs.items()}
+
+
+@dataclass
+class ChunkLayout:
+    """Where chunk ``i``'s tokens come from, per stream.
+
+    ``ranges[stream][i]`` is the chunk's slice of the stream; for a text stream carried whole by every chunk it is
+    the whole stream, and only chunk 0 writes its keys/values and output (``split[stream]`` is False).
+    """
+
+    num_chunks: int
+    lengths: dict[str, int]
+    ranges: dict[str, list[tuple[int, int]]]
+    split: dict[str, bool]
+
+    @classmethod
+    def build(cls, num_chunks: int, image_tokens: int, text_tokens: int | None, split_text: bool) -> "ChunkLayout":
+        num_chunks = min(num_chunks, image_tokens)
+        image_ranges = balanced(image_tokens, num_chunks)
+        layout = cls(num_chunks, {"image": image_tokens}, {"image": image_ranges}, {"image": True})
+        if text_tokens is not None:
+            text_split = split_text and text_tokens >= num_chunks
+            layout.lengths["text"] = text_tokens
+            layout.split["text"] = text_split
+            layout.ranges["text"] = (
+                balanced(text_tokens, num_chunks) if text_split else [(0, text_tokens)] * num_chunks
+            )
+        return layout
+
+    def owns(self, stream: str, chunk: int) -> bool:
+        return self.split[stream] or chunk == 0
+
+    def cut(self, value: Any, spec: SequenceSplit, chunk: int, where: str) -> Any:
+        """Chunk ``chunk``'s piece of a block input tensor per ``spec`` (views unless several segments)."""
+        deferred = isinstance(value, DeferredTokens)
+        if not deferred and not isinstance(value, torch.Tensor):
+            return value
+        if not deferred and spec.expected_dims is not None and value.dim() != spec.expected_dims:
+            return value
+        lengths = []
+        for segment in spec.segments:
+            if segment not in self.lengths:
+                raise ValueError(f"{where}: the plan splits over the {segment!r} stream, which the block lacks")
+            lengths.append(self.lengths[segment])
+        total = sum(lengths)
+        size = value.tokens if deferred else value.shape[spec.split_dim]
+        if size == 1 and total != 1 and not deferred:
+            return value  # broadcast over tokens
+        if size != total:
+            raise ValueError(
+                f"{where}: has {size} entries along its token dim {spec.split_dim}, but the plan expects "
+                f"{' + '.join(f'{s} {n}' for s, n in zip(spec.segments, lengths))} = {total} tokens"
+            )
+        ranges, offset = [], 0
+        for segment, length in zip(spec.segments, lengths):
+            start, end = self.ranges[segment][chunk]
+            ranges.append((offset + start, offset + end))
+            offset += length
+        if deferred:
+            return value.rows(ranges)
+        pieces = [value.narrow(spec.split_dim, start, end - start) for start, end in ranges]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, spec.split_dim)
+
+
+# ------------------------------------------------------------------------------------------- block outputs
+class ChunkOutputs:
+    """Writes each chunk's block output into the full-length outputs, over the input when ``in_place``."""
+
+    def __init__(self, path: str, metadata: TransformerBlockMetadata, layout: ChunkLayout, image_in: torch.Tensor,
+                 in_place: bool) -> None:
+        self.path, self.metadata, self.layout = path, metadata, layout
+        self.image_in, self.in_place = image_in, in_place
+        self.image_out: torch.Tensor | None = None
+        self.text_out: torch.Tensor | None = None
+        self.returns_tensor, self.num_outputs = True, 1
+
+    def add(self, chunk: int, output: Any) -> None:
+        layout, image_in = self.layout, self.image_in
+        hs_index, ehs_index = self.metadata.return_hidden_states_index, self.metadata.return_encoder_hidden_states_index
+        self.returns_tensor = isinstance(output, torch.Tensor)
+        outputs = (output,) if self.returns_tensor else tuple(output)
+        self.num_outputs = len(outputs)
+        start, end = layout.ranges["image"][chunk]
+        piece = self._piece(outputs, hs_index, "hidden states", end - start)
+        if self.image_out is None:
+            same = piece.dtype == image_in.dtype and piece.shape[2:] == image_in.shape[2:]
+            self.image_out = image_in if self.in_place and same else piece.new_empty(
+                piece.shape[0], layout.lengths["image"], *piece.shape[2:]
+            )
+        self.image_out.narrow(1, start, end - start).copy_(piece)
+        if "text" in layout.lengths and ehs_index is not None and outputs[ehs_index] is not None:
+            text_start, text_end = layout.ranges["text"][chunk]
+            text_piece = self._piece(outputs, ehs_index, "encoder hidden states", text_end - text_start)
+            if not layout.split["text"]:
+                self.text_out = text_piece if chunk == 0 else self.text_out
+                return
+            if self.text_out is None:
+                self.text_out = text_piece.new_empty(text_piece.shape[0], layout.lengths["text"], *text_piece.shape[2:])
+            self.text_out.narrow(1, text_start, text_end - text_start).copy_(text_piece)
+
+    def result(self) -> Any:
+        if self.returns_tensor:
+            return self.image_out
+        result: list[Any] = [None] * self.num_outputs
+        result[self.metadata.return_hidden_states_index] = self.image_out
+        if self.metadata.return_encoder_hidden_states_index is not None:
+            result[self.metadata.return_encoder_hidden_states_index] = self.text_out
+        return tuple(result)
+
+    def _piece(self, outputs: tuple, index: int | None, what: str, tokens: int) -> torch.Tensor:
+        piece = outputs[index] if index is not None and index < len(outputs) else None
+        if not isinstance(piece, torch.Tensor) or piece.dim() < 2 or piece.shape[1] != tokens:
+            shape = tuple(piece.shape) if isinstance(piece, torch.Tensor) else type(piece).__name__
+            raise RuntimeError(f"{self.path}: expected the {what} output (index {index}), {tokens} tokens; got {shape}")
+        return piece
+
+
+# ------------------------------------------------------------------------------------------- memory overlap
+def memory_runs(tensor: torch.Tensor, limit: int = 4096) -> list[tuple[int, int]] | None:
+    """The byte ranges a strided tensor occupies in its storage, sorted; ``None`` when more than ``limit`` ranges.
+
+    The innermost dims that are contiguous together form one run; the outer dims enumerate the runs (a batch of
+    views into a joint text + image tensor is a handful of runs).
+    """
+    dims = sorted(((stride, size) for stride, size in zip(tensor.stride(), tensor.shape) if size != 1), reverse=True)
+    run = 1
+    while dims and dims[-1][0] == run:
+        run *= dims.pop()[1]
+    starts = [tensor.storage_offset()]
+    for stride, size in dims:
+        if len(starts) * size > limit:
+            return None
+        starts = [start + index * stride for start in starts for index in range(size)]
+    element = tensor.element_size()
+    return sorted((start * element, (start + run) * element) for start in starts)
+
+
+def intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][0] < b[j][1] and b[j][0] < a[i][1]:
+            return True
+        if a[i][1] <= b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return False
+
+
+# ------------------------------------------------------------------------------------------- running state
+RUNNING = threading.local()
+
+
+def running(name: str) -> Any:
+    return getattr(RUNNING, name, None)

@@ -1,0 +1,179 @@
+"""The K/V exchange of sequential context parallelism: full-length keys and values gathered chunk by chunk.
+
+A :class:`BlockRun` is the state of one block forward in chunks. Its :meth:`BlockRun.handle` sits in the attention
+dispatch chain (:mod:`memopt.hooks._attention_dispatch`) of every whole-sequence attention module of the block: in a
+collection pass it writes the chunk's keys, values and key-side mask into full-length buffers and stops the block
+(:class:`KeyValuesCollected`); in the final pass it swaps the buffers in for the chunk's own K/V; in the lock-step
+schedule it writes them and suspends the chunk until every chunk has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..plans.sequence import JointAttention
+from ._attention_dispatch import AttentionCall, Proceed
+from ._sequence_chunks import ChunkLayout
+
+
+class KeyValuesCollected(Exception):
+    """Raised at the attention call of a collection pass: the rest of the block is not needed."""
+
+
+# ------------------------------------------------------------------------------------------- K/V exchange
+@dataclass
+class GatheredKeyValues:
+    """Full-length keys, values and key-side mask of one attention call, filled chunk by chunk."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
+class AttentionState:
+    """One whole-sequence attention module of the running block."""
+
+    path: str
+    spec: JointAttention
+    stage: int
+    expected_calls: int
+    calls_seen: dict[int, int] = field(default_factory=dict)  # per chunk: kernel calls in the current module forward
+    handled: dict[int, int] = field(default_factory=dict)  # per chunk: calls answered with the full K/V
+    gathered: dict[int, GatheredKeyValues] = field(default_factory=dict)
+
+
+class BlockRun:
+    """State of one block forward in chunks; the attention hooks find it through the thread-local ``RUNNING``."""
+
+    def __init__(self, layout: ChunkLayout, attention: dict[int, AttentionState]) -> None:
+        self.layout = layout
+        self.attention = attention
+        self.chunk = 0
+        self.collecting: int | None = None  # stage being collected, None in the final pass
+        # Lock-step schedule: suspends the running chunk at a whole-sequence attention call until all chunks have
+        # written that call's K/V (None in the two-pass schedule).
+        self.suspend: Callable[[tuple[int, int]], None] | None = None
+
+    def start_chunk(self, chunk: int) -> None:
+        self.chunk = chunk
+        for state in self.attention.values():
+            state.handled[chunk] = 0
+
+    def skips(self, kind: str, attention_id: int | None) -> bool:
+        """Whether a projection of ``kind`` is unused in the running pass (see ``JointAttention.query``)."""
+        if self.suspend is not None:
+            return False  # lock-step: one pass uses everything
+        if kind == "before_attention":
+            return self.collecting == 0
+        stage = self.attention[attention_id].stage
+        if kind == "query":
+            return self.collecting == stage
+        return self.collecting is None or self.collecting > stage  # key_value: already collected
+
+    def check_answered(self, block_path: str) -> None:
+        """Every attention module of an earlier stage must have seen the full K/V in this chunk."""
+        for state in self.attention.values():
+            handled = state.handled.get(self.chunk, 0)
+            if (self.collecting is None or state.stage < self.collecting) and handled != state.expected_calls:
+                raise RuntimeError(
+                    f"{block_path}: {state.path} made {handled} whole-sequence attention calls through "
+                    f"diffusers' attention dispatch in chunk {self.chunk}, expected {state.expected_calls}. Its "
+                    "processor (or another hook) bypassed the dispatch; refusing to return a chunk-local result."
+                )
+
+    def handle(self, state: AttentionState, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
+        chunk = self.chunk
+        index = state.calls_seen.get(chunk, 0)
+        state.calls_seen[chunk] = index + 1
+        if index >= state.expected_calls:
+            return proceed(call)  # e.g. an image-prompt adapter's cross-attention: chunk-local
+        check_call(state.path, call)
+        if self.suspend is not None:
+            self._gather(state, index, call)
+            self.suspend((state.stage, index))  # returns once every chunk has written this call's K/V
+        elif self.collecting == state.stage:
+            self._gather(state, index, call)
+            if index == state.expected_calls - 1:
+                raise KeyValuesCollected
+            return call.output_like()  # never read: the collection pass stops at this module's last call
+        gathered = state.gathered.get(index)
+        if gathered is None:
+            raise RuntimeError(f"{state.path}: attention call {index} reached before its keys/values were collected")
+        state.handled[chunk] = state.handled.get(chunk, 0) + 1
+        mask = gathered.mask if gathered.mask is not None else call.attn_mask
+        return proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
+
+    def _gather(self, state: AttentionState, index: int, call: AttentionCall) -> None:
+        key, value, mask = call.key, call.value, call.attn_mask
+        pieces, full_length = self._key_pieces(state, key.shape[1])
+        gathered = state.gathered.get(index)
+        has_key_mask = mask is not None and mask.shape[-1] != 1
+        if has_key_mask and mask.shape[-2] != 1:
+            raise NotImplementedError(
+                f"{state.path}: attention mask of shape {tuple(mask.shape)} depends on the query position; sequence "
+                "chunking supports masks over keys only"
+            )
+        if gathered is None:
+            gathered = GatheredKeyValues(
+                key=key.new_empty(key.shape[0], full_length, *key.shape[2:]),
+                value=value.new_empty(value.shape[0], full_length, *value.shape[2:]),
+                mask=mask.new_empty(*mask.shape[:-1], full_length) if has_key_mask else None,
+            )
+            state.gathered[index] = gathered
+        elif gathered.key.shape[1] != full_length or gathered.key.shape[0] != key.shape[0]:
+            raise RuntimeError(
+                f"{state.path}: attention call {index} has {full_length} keys in chunk {self.chunk}, "
+                f"{gathered.key.shape[1]} in chunk 0"
+            )
+        for local, length, target in pieces:
+            gathered.key.narrow(1, target, length).copy_(key.narrow(1, local, length))
+            gathered.value.narrow(1, target, length).copy_(value.narrow(1, local, length))
+            if gathered.mask is not None:
+                gathered.mask.narrow(-1, target, length).copy_(mask.narrow(-1, local, length))
+
+    def _key_pieces(self, state: AttentionState, key_length: int) -> tuple[list[tuple[int, int, int]], int]:
+        """``([(position in the chunk's keys, length, position in the full keys)], full key length)``.
+
+        The pieces this chunk writes: its slice of each split stream, and the whole of a stream carried by every
+        chunk when this is the chunk that owns it. A stream carried whole takes whatever key positions the split
+        streams leave (Mochi drops masked text tokens per sample, so that count is only known from the call).
+        """
+        layout, chunk = self.layout, self.chunk
+        sizes = {
+            s: layout.ranges[s][chunk][1] - layout.ranges[s][chunk][0] for s in state.spec.order if layout.split[s]
+        }
+        whole = [s for s in state.spec.order if not layout.split[s]]
+        remaining = key_length - sum(sizes.values())
+        if remaining < 0 or (not whole and remaining):
+            raise ValueError(
+                f"{state.path}: the attention call has {key_length} keys, but chunk {self.chunk} carries "
+                f"{', '.join(f'{s} {n}' for s, n in sizes.items())} tokens (key order {state.spec.order})"
+            )
+        for stream in whole:
+            sizes[stream] = remaining
+        pieces, local, full = [], 0, 0
+        for stream in state.spec.order:
+            start = layout.ranges[stream][chunk][0] if layout.split[stream] else 0
+            if layout.owns(stream, chunk):
+                pieces.append((local, sizes[stream], full + start))
+            local += sizes[stream]
+            full += layout.lengths[stream] if layout.split[stream] else sizes[stream]
+        return pieces, full
+
+
+def check_call(path: str, call: AttentionCall) -> None:
+    problems = []
+    if call.is_causal:
+        problems.append("is_causal=True")
+    if call.dropout_p:
+        problems.append(f"dropout_p={call.dropout_p}")
+    if call.extras.get("return_lse"):
+        problems.append("return_lse=True")
+    if call.extras.get("_parallel_config") is not None:
+        problems.append("diffusers context parallelism is enabled")
+    if problems:
+        raise NotImplementedError(f"{path}: sequence chunking does not support attention with {', '.join(problems)}")

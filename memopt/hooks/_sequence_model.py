@@ -1,0 +1,256 @@
+"""The model-level passes of sequential context parallelism: the output head and per-token tables in chunks.
+
+:class:`SequenceModelHook` runs the model forward once with the blocks in chunks, stopped where the output head
+starts (:class:`SequenceTailHook`), then once per chunk with the blocks answering from the kept output and the
+gather module (``proj_out``, :class:`SequenceGatherHook`) collecting the chunks. :class:`SequenceEmbedHook` and
+:class:`SequenceReplayHook` keep those extra passes from recomputing the embedding and the conditioning;
+:class:`SequenceProducerHook` hands per-token tables (rotary embeddings) to the blocks as
+:class:`~memopt.hooks._sequence_chunks.DeferredTokens`. See :mod:`memopt.hooks.sequence`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks._helpers import TransformerBlockMetadata
+from diffusers.models._modeling_parallel import ContextParallelOutput
+
+from ..plans.sequence import TokenProducer
+from ._sequence_chunks import RUNNING, Arguments, DeferredTokens, balanced, running
+
+if TYPE_CHECKING:
+    from .sequence import SequenceChunkingConfig
+
+logger = logging.getLogger("memopt.hooks.sequence")
+
+
+class TailReached(Exception):
+    """Raised when the model forward reaches its output head after the blocks (first model pass)."""
+
+
+class TailChunkDone(Exception):
+    """Raised at the gather module once a chunk's output is collected (tail passes but the last)."""
+
+
+# ------------------------------------------------------------------------------------------- model passes
+class ModelRun:
+    """State of one chunked model forward: the block pass, then one tail pass per chunk."""
+
+    def __init__(self, num_chunks: int) -> None:
+        self.num_chunks = num_chunks
+        self.tail = False
+        self.block_calls = 0
+        self.last_block: tuple[int, Any, TransformerBlockMetadata] | None = None
+        self.ranges: list[tuple[int, int]] = []
+        self.chunk = 0
+        self.gathered: torch.Tensor | None = None
+        self.embedded: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self.recorded: dict[int, list[Any]] = {}
+        self.replayed: dict[int, int] = {}
+        self.tail_allowed = False
+
+    def block_finished(self, output: Any, metadata: TransformerBlockMetadata) -> None:
+        self.last_block = (self.block_calls, output, metadata)
+        self.block_calls += 1
+
+    def start_tail(self) -> None:
+        _, output, metadata = self.last_block
+        image = output if isinstance(output, torch.Tensor) else output[metadata.return_hidden_states_index]
+        self.ranges = balanced(image.shape[1], min(self.num_chunks, image.shape[1]))
+        self.tail = True
+
+    def start_tail_chunk(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.block_calls = 0
+        self.replayed.clear()
+
+    def tail_block_output(self, arguments: Arguments, metadata: TransformerBlockMetadata) -> Any:
+        """A block in a tail pass: the last block answers with its saved output's chunk, the others pass through."""
+        index = self.block_calls
+        self.block_calls += 1
+        last_index, output, _ = self.last_block
+        hs, ehs = metadata.return_hidden_states_index, metadata.return_encoder_hidden_states_index
+        start, end = self.ranges[self.chunk]
+        if index == last_index:
+            if isinstance(output, torch.Tensor):
+                return output.narrow(1, start, end - start)
+            output = list(output)
+            output[hs] = output[hs].narrow(1, start, end - start)
+            return tuple(output)
+        image = arguments.get(metadata.hidden_states_argument_name)
+        if ehs is None:
+            return image
+        result = [None] * (max(hs, ehs) + 1)
+        result[hs], result[ehs] = image, arguments.get(metadata.encoder_hidden_states_argument_name)
+        return tuple(result)
+
+
+# ------------------------------------------------------------------------------------------- hooks
+class SequenceModelHook(ModelHook):
+    """On the model: one forward with the blocks in chunks, stopped at the output head; then one per chunk for it.
+
+    The tail passes call every block again (each answers at once), so they are skipped when the blocks carry
+    diffusers' group offloading, which would move every block's weights again per chunk: the output head then runs
+    on the whole sequence. It also runs whole (one more pass, with a warning) when the first chunk's head fails
+    because the model code mixes it with full-length tensors, e.g. per-token modulation (Wan2.2 TI2V).
+    """
+
+    def __init__(self, config: SequenceChunkingConfig, blocks: list[torch.nn.Module], tail: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = blocks
+        self.tail = tail
+        self._warned = False
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        original = self.fn_ref.original_forward
+        if running("model_run") is not None or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+        ):
+            return original(*args, **kwargs)
+        run = ModelRun(self.config.num_chunks)
+        run.tail_allowed = self.tail and not any(offloaded(block) for block in self.blocks)
+        RUNNING.model_run = run
+        try:
+            try:
+                return original(*args, **kwargs)  # returns here when the output head was not reached
+            except TailReached:
+                pass
+            run.start_tail()
+            try:
+                return self._tail_passes(module, run, args, kwargs)
+            except RuntimeError as error:
+                if run.chunk != 0 or len(run.ranges) == 1:
+                    raise
+                message = str(error)
+            # The head mixes the chunk with full-length tensors (per-token modulation: Wan2.2 TI2V, LTX per-token
+            # timesteps): run it once on the whole sequence instead.
+            if not self._warned:
+                logger.warning("%s: the output head runs on the whole sequence (%s)", type(module).__name__, message)
+                self._warned = True
+            run.ranges = [(0, run.ranges[-1][1])]
+            run.gathered = None
+            return self._tail_passes(module, run, args, kwargs)
+        finally:
+            RUNNING.model_run = None
+
+    def _tail_passes(self, module: torch.nn.Module, run: ModelRun, args: tuple, kwargs: dict) -> Any:
+        original = self.fn_ref.original_forward
+        for chunk in range(len(run.ranges)):
+            run.start_tail_chunk(chunk)
+            try:
+                result = original(*args, **kwargs)
+            except TailChunkDone:
+                continue
+            if chunk == len(run.ranges) - 1:
+                return result
+            raise RuntimeError(f"{type(module).__name__}: the forward finished without reaching the gather module")
+        raise RuntimeError(f"{type(module).__name__}: the gather module did not return the gathered output")
+
+
+class SequenceTailHook(ModelHook):
+    """On the first module of the output head: ends the block pass there (the last block's output is kept)."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: ModelRun | None = running("model_run")
+        if run is not None and run.tail_allowed and not run.tail and run.last_block is not None:
+            raise TailReached
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class SequenceGatherHook(ModelHook):
+    """On the gather module (``proj_out``): collects each tail pass's chunk; the last pass returns the whole."""
+
+    def __init__(self, path: str, spec: ContextParallelOutput) -> None:
+        super().__init__()
+        self.path = path
+        self.spec = spec
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        run: ModelRun | None = running("model_run")
+        if run is None or not run.tail:
+            return output
+        start, end = run.ranges[run.chunk]
+        dim = self.spec.gather_dim
+        if not isinstance(output, torch.Tensor) or output.dim() <= dim or output.shape[dim] != end - start:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise RuntimeError(
+                f"{self.path}: expected chunk {run.chunk} with {end - start} tokens on dim {dim}, got {shape}; the "
+                "model code after the blocks mixes in full-length tensors"
+            )
+        if run.gathered is None:
+            shape = list(output.shape)
+            shape[dim] = run.ranges[-1][1]
+            run.gathered = output.new_empty(shape)
+        run.gathered.narrow(dim, start, end - start).copy_(output)
+        if run.chunk < len(run.ranges) - 1:
+            raise TailChunkDone
+        return run.gathered
+
+
+class SequenceProducerHook(ModelHook):
+    """On a model-level producer of per-token tables: defers them to the chunks during a chunked forward."""
+
+    def __init__(self, path: str, producer: TokenProducer) -> None:
+        super().__init__()
+        self.path = path
+        self.producer = producer
+        self.signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.signature = inspect.signature(type(module).forward)
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if running("model_run") is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        bound = self.signature.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        call = dict(list(bound.arguments.items())[1:])
+        return DeferredTokens(self.path, self.producer, module, self.fn_ref.original_forward, call)
+
+
+class SequenceEmbedHook(ModelHook):
+    """On the model's image-token embedding: in tail passes (whose blocks answer from the kept output) it returns a
+    zero-stride stand-in of the same shape instead of computing a full hidden state that nothing reads."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: ModelRun | None = running("model_run")
+        if run is not None and run.tail and id(self) in run.embedded:
+            shape, dtype, device = run.embedded[id(self)]
+            return torch.zeros((), dtype=dtype, device=device).expand(shape)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if run is not None and isinstance(output, torch.Tensor):
+            run.embedded[id(self)] = (output.shape, output.dtype, output.device)
+        return output
+
+
+class SequenceReplayHook(ModelHook):
+    """On a model-level module that runs before the blocks (conditioning embedders): the tail passes reuse its
+    outputs from the block pass instead of recomputing them (they are alive through the block pass anyway)."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: ModelRun | None = running("model_run")
+        if run is None or run.block_calls:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        key = id(self)
+        if run.tail:
+            index = run.replayed.get(key, 0)
+            recorded = run.recorded.get(key, [])
+            if index < len(recorded):
+                run.replayed[key] = index + 1
+                return recorded[index]
+            return self.fn_ref.original_forward(*args, **kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        run.recorded.setdefault(key, []).append(output)
+        return output
+
+
+def offloaded(module: torch.nn.Module) -> bool:
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook("group_offloading") is not None
