@@ -127,3 +127,20 @@ def test_a_processor_that_bypasses_the_dispatcher_is_an_error_not_a_wrong_result
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="schedule must be one of"):
         SequenceChunkingConfig(schedule="interleaved")
+
+
+@pytest.mark.parametrize("family", ["flux", "cogvideox"])  # dispatch route / processor calling SDPA itself
+def test_combines_with_chunked_feedforward_and_chunked_attention(family):
+    """The attention handlers chain through a suspension: memopt's chunked attention (K/V chunks with a log-sum-exp
+    merge, head chunks) runs on the full K/V once the chunk resumes."""
+    from memopt import apply_chunked_attention, apply_chunked_feedforward
+
+    _, model, inputs = build(family)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_chunked_feedforward(model, num_chunks=2, split="hidden")
+        apply_chunked_attention(model, query_chunk=8, kv_chunk=16, head_chunks=2)
+        report = apply_sequence_chunking(model, 5, schedule="lockstep")
+        assert not report.skipped
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+        assert _interception_is_idle()
