@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations, trace_memory
 from memopt.hooks.sequence import SCHEDULES
@@ -95,9 +97,34 @@ def _trace(model: torch.nn.Module, inputs: dict) -> tuple[int, int]:
     return trace.peak_bytes, trace.num_ops
 
 
+def _busy(model: torch.nn.Module, inputs: dict, device: str) -> tuple[float, float | None]:
+    """``(wall seconds, busy seconds)`` of one forward under ``torch.profiler``; busy is None (with a warning) when the
+    profiler's numbers are not usable.
+
+    Busy is the time the device spent in kernels: on CUDA the summed durations of the CUDA kernels, on the CPU the
+    time inside aten ops (self time summed over every op). The rest of the wall time the device waited for the host
+    (Python, module calls, hooks, op dispatch): what separates a launch-bound chunked forward (the remedy is fewer
+    or larger ops, CUDA graphs) from one whose kernels themselves got slower (smaller GEMMs, wave quantisation).
+    The profiler adds about a microsecond per op to both.
+    """
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall = _forward_seconds(model, inputs, device)
+    if device == "cuda":
+        busy_us = sum(event.time_range.elapsed_us() for event in prof.events() if event.device_type == DeviceType.CUDA)
+    else:
+        busy_us = sum(event.self_cpu_time_total for event in prof.events())
+    busy = busy_us / 1e6
+    if not 0 < busy <= 1.05 * wall:
+        print(f"warning: the profiler reports {busy:.3f} s busy in a {wall:.3f} s forward on {device}; not reported")
+        return wall, None
+    return wall, min(busy, wall)
+
+
 def timing(model: torch.nn.Module, inputs: dict, device: str, repeats: int, num_chunks: int | None,
            schedules: tuple[str, ...] = SCHEDULES) -> dict[str, Any]:
-    """Unmodified vs each schedule on the same model and inputs: times per round, activation peaks, op counts."""
+    """Unmodified vs each schedule on the same model and inputs: times per round, activation peaks, op counts, and
+    the share of one profiled forward the device was busy."""
     variants: dict[str, dict[str, Any]] = {}
     for schedule in (UNMODIFIED, *schedules):
         if schedule != UNMODIFIED:
@@ -115,9 +142,14 @@ def timing(model: torch.nn.Module, inputs: dict, device: str, repeats: int, num_
             remove_memory_optimizations(model)
             variants[schedule]["times"].append(seconds)
             variants[schedule]["ratios"].append(seconds / base)
-    for variant in variants.values():
+    for schedule, variant in variants.items():
         variant["seconds"] = statistics.median(variant.pop("times"))
         variant["ratio"] = statistics.median(variant.pop("ratios"))
+        if schedule != UNMODIFIED:
+            apply_sequence_chunking(model, num_chunks, schedule=schedule)
+        wall, busy = _busy(model, inputs, device)
+        remove_memory_optimizations(model)
+        variant["busy"], variant["idle"] = busy, None if busy is None else 1 - busy / wall
     return {"num_chunks": report.num_chunks, "variants": variants}
 
 
@@ -161,6 +193,10 @@ def bench_cuda(family: str, repeats: int, config_name: str, size_name: str, dtyp
             **result}
 
 
+def _maybe(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def markdown(growth_rows: list[dict], timing_rows: list[dict], device: str) -> str:
     lines = []
     if growth_rows:
@@ -180,8 +216,8 @@ def markdown(growth_rows: list[dict], timing_rows: list[dict], device: str) -> s
         f"### Forward time, activation peak and aten ops ({device})",
         "",
         f"| family | config | size | tokens | D | dtype | chunks | schedule | seconds | time ratio | "
-        f"peak {unit_name} | peak LD | aten ops |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"peak {unit_name} | peak LD | aten ops | busy s (profiled) | idle |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in timing_rows:
         size = r["size"]
@@ -193,7 +229,7 @@ def markdown(growth_rows: list[dict], timing_rows: list[dict], device: str) -> s
             lines.append(
                 f"| {r['family']} | {r['config']} | {size_text} | {r['tokens']:,} | {r['hidden']} | {r['dtype']} | "
                 f"{chunks} | {name} | {v['seconds']:.2f} | {v['ratio']:.2f} | {v['peak'] / unit:.2f} | "
-                f"{v['peak'] / ld:.2f} | {v['ops']:,} |"
+                f"{v['peak'] / ld:.2f} | {v['ops']:,} | {_maybe(v['busy'], '.2f')} | {_maybe(v['idle'], '.0%')} |"
             )
     return "\n".join(lines)
 
@@ -251,7 +287,9 @@ def main() -> None:
         f"{time.perf_counter() - start:.0f} s. Peaks: activation bytes above weights and inputs "
         f"({'CUDA caching allocator' if args.device == 'cuda' else 'storage-counting tracer'}); LD = tokens x D x "
         "bytes per element. Time ratio: median over rounds of chunked / unmodified, one forward of each variant per "
-        "round. Schedules: two_pass (the default: K/V collected in a first pass, the part before attention rerun) and "
+        "round. Busy: time the device spent in kernels during one forward under torch.profiler (CUDA kernels; on the "
+        "CPU, time inside aten ops); idle: the rest of that forward's wall time, spent waiting for the host (Python, "
+        "hooks, op dispatch). Schedules: two_pass (the default: K/V collected in a first pass, the part before attention rerun) and "
         "lockstep (chunks suspended at their attention call until all K/V exist: nothing rerun, every chunk's "
         "pre-attention state alive at once).",
         "",
