@@ -75,7 +75,8 @@ def test_more_chunks_than_tokens():
         assert rel_err(model(**inputs)[0], reference) <= 1e-5
 
 
-def test_per_token_timesteps_are_split(caplog):
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_per_token_timesteps_are_split(schedule, caplog):
     """Wan2.2 TI2V and LTX-Video condition every token on its own timestep: (B, S, ...) block inputs, and an
     output head modulated per token (which then runs on the whole sequence, with a warning)."""
     for family in ("wan", "ltx"):
@@ -84,7 +85,7 @@ def test_per_token_timesteps_are_split(caplog):
         inputs["timestep"] = torch.randint(0, 1000, (2, tokens))
         with torch.no_grad():
             reference = model(**inputs)[0]
-            apply_sequence_chunking(model, 6)
+            apply_sequence_chunking(model, 6, schedule=schedule)
             with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
                 out = model(**inputs)[0]
                 out_again = model(**inputs)[0]
@@ -93,7 +94,8 @@ def test_per_token_timesteps_are_split(caplog):
     assert "output head runs on the whole sequence" in caplog.text
 
 
-def test_wan_image_to_video_cross_attention_stays_chunk_local():
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_wan_image_to_video_cross_attention_stays_chunk_local(schedule):
     """Wan I2V: attn2 attends to 257 image-encoder + 512 text tokens in two calls; only attn1 exchanges K/V."""
     config = {**get_family("wan").config("tiny"), "added_kv_proj_dim": 32, "image_dim": 20}
     spec, model, inputs = build("wan", config)
@@ -101,7 +103,7 @@ def test_wan_image_to_video_cross_attention_stays_chunk_local():
     inputs["encoder_hidden_states_image"] = torch.randn(2, 257, 20)
     with torch.no_grad():
         reference = model(**inputs)[0]
-        report = apply_sequence_chunking(model, 5)
+        report = apply_sequence_chunking(model, 5, schedule=schedule)
         out = model(**inputs)[0]
     assert report.attention == ["blocks.0.attn1", "blocks.1.attn1"]
     assert rel_err(out, reference) <= 1e-5
