@@ -271,11 +271,21 @@ def parked_interception() -> Iterator[None]:
 
     Sequence chunking's lock-step schedule suspends a chunk inside its attention call (a greenlet switch on the same
     thread) and runs the other chunks, whose attention modules enter their own interception; they must start from
-    a clean state, and the suspended chunk must find its own handlers when it resumes.
+    a clean state (no handlers, no SDPA mode on the torch function stack), and the suspended chunk must find its own
+    when it resumes.
     """
     saved = (_STATE.handlers, _STATE.busy, _STATE.mode)
+    # The SDPA mode is off the stack while its own __torch_function__ runs (PyTorch stashes it); on the dispatch
+    # route it is still on top, and the other chunks must not run under it.
+    mode = _STATE.mode
+    depth = torch._C._len_torch_function_stack()
+    lift = mode is not None and depth > 0 and torch._C._get_function_stack_at(depth - 1) is mode
+    if lift:
+        torch._C._pop_torch_function_stack()
     _STATE.handlers, _STATE.busy, _STATE.mode = [], False, None
     try:
         yield
     finally:
         _STATE.handlers, _STATE.busy, _STATE.mode = saved
+        if lift:
+            torch._C._push_on_torch_function_stack(mode)

@@ -361,13 +361,13 @@ class SequenceChunkingHook(ModelHook):
         entry_state = _context_state()
 
         def suspend(barrier: tuple[int, int]) -> None:
-            if _context_state() != entry_state:
-                raise NotImplementedError(
-                    f"{self.path}: the block changes grad mode, autocast or a torch mode stack around its attention "
-                    f"call ({entry_state} -> {_context_state()}), so its chunks cannot be suspended there; use "
-                    "schedule='two_pass'"
-                )
             with parked_interception():
+                if _context_state() != entry_state:
+                    raise NotImplementedError(
+                        f"{self.path}: the block changes grad mode, autocast or a torch mode stack around its "
+                        f"attention call ({entry_state} -> {_context_state()}), so its chunks cannot be suspended "
+                        "there; use schedule='two_pass'"
+                    )
                 scheduler.switch(barrier)
 
         def body(chunk: int) -> _ChunkFinished:

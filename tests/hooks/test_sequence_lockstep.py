@@ -144,3 +144,49 @@ def test_combines_with_chunked_feedforward_and_chunked_attention(family):
         assert not report.skipped
         assert rel_err(model(**inputs)[0], reference) <= 1e-5
         assert _interception_is_idle()
+
+
+def test_chunks_that_take_different_paths_are_an_error_not_a_wrong_result():
+    """A processor (without ``_attention_backend``, so the SDPA mode is open while it goes through the dispatcher) that
+    bypasses the dispatcher for one chunk: that chunk finishes while the others wait at the attention call. The run
+    stops with an error naming the block, module and chunk, and the waiting chunks are unwound."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class SometimesManual:
+        def __init__(self):
+            self.calls, self.dispatched, self.manual = 0, WanAttnProcessor(), ManualAttention()
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            self.calls += 1
+            processor = self.manual if self.calls == 2 else self.dispatched
+            return processor(attn, hidden_states, *args, **kwargs)
+
+    _, model, inputs = build("wan")
+    model.blocks[0].attn1.set_processor(SometimesManual())
+    apply_sequence_chunking(model, 4, schedule="lockstep")
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"blocks\.0\.attn1 made 0 whole-sequence attention calls .* in "
+                                                              r"chunk 1"):
+        model(**inputs)
+    assert _interception_is_idle()
+
+
+def test_processor_without_backend_attribute_through_the_dispatcher():
+    """A wrapping processor that does not declare ``_attention_backend`` gets the SDPA mode as well, yet its calls
+    arrive through the dispatcher, with the mode on top of the stack: it is lifted while the chunk is suspended."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class Wrapped:
+        def __init__(self):
+            self.inner = WanAttnProcessor()
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return self.inner(attn, hidden_states, *args, **kwargs)
+
+    _, model, inputs = build("wan")
+    for block in model.blocks:
+        block.attn1.set_processor(Wrapped())
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_sequence_chunking(model, 4, schedule="lockstep")
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+    assert _interception_is_idle()
