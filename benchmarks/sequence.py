@@ -7,8 +7,9 @@ the unmodified model in the same run:
   per token, measured by ``memopt.trace.activation_growth`` (fp32, storage-counting tracer; the difference removes
   constant terms; tiny configs widened to 128, one block of each kind), default chunking. The floor is 3.
 * **time**: forward time of the chunked model / the unmodified one, median over ``--repeats`` rounds, each round one
-  forward of each variant back to back (all see the same load on a shared machine), with the activation peak and
-  the number of aten ops (each a kernel launch on a GPU) of each variant. On the CPU (one thread by default):
+  forward of each variant back to back (all see the same load on a shared machine), with the activation peak, the
+  number of aten ops the tracer sees (composite ops such as RMSNorm decomposed, views included: more than the
+  kernels a GPU launches) and the busy share of one profiled forward of each variant. On the CPU (one thread by default):
   a wider bench config (8 heads x 64 = 512, two blocks) at the largest of a few sizes whose runs fit in
   ``--budget`` seconds; chunks there hold 100-300 tokens, so per-op costs weigh more than on a GPU. On CUDA
   (``--device cuda``): the released configs (``--config full``) at the family's default size in bf16, with the
@@ -24,13 +25,14 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.autograd import DeviceType
@@ -91,7 +93,7 @@ def _forward_seconds(model: torch.nn.Module, inputs: dict, device: str) -> float
 
 def _trace(model: torch.nn.Module, inputs: dict) -> tuple[int, int]:
     """``(activation peak above weights and inputs, aten ops)``: the peak from the tracer on the CPU, from the caching
-    allocator on CUDA; the op count is what each kernel launch costs on a GPU, paid once per op."""
+    allocator on CUDA; the op count is a proxy for the per-op (dispatch, launch) cost the chunks multiply."""
     with torch.no_grad():
         trace = trace_memory(model, **inputs)
     return trace.peak_bytes, trace.num_ops
@@ -121,36 +123,43 @@ def _busy(model: torch.nn.Module, inputs: dict, device: str) -> tuple[float, flo
     return wall, min(busy, wall)
 
 
+@contextlib.contextmanager
+def _variant(model: torch.nn.Module, schedule: str, num_chunks: int | None) -> Iterator[Any]:
+    """``model`` as the variant runs it (sequence chunking with ``schedule``, or unmodified), restored afterwards;
+    yields the chunking report (None when unmodified)."""
+    report = None if schedule == UNMODIFIED else apply_sequence_chunking(model, num_chunks, schedule=schedule)
+    try:
+        yield report
+    finally:
+        remove_memory_optimizations(model)
+
+
 def timing(model: torch.nn.Module, inputs: dict, device: str, repeats: int, num_chunks: int | None,
            schedules: tuple[str, ...] = SCHEDULES) -> dict[str, Any]:
     """Unmodified vs each schedule on the same model and inputs: times per round, activation peaks, op counts, and
     the share of one profiled forward the device was busy."""
     variants: dict[str, dict[str, Any]] = {}
     for schedule in (UNMODIFIED, *schedules):
-        if schedule != UNMODIFIED:
-            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
-        peak, ops = _trace(model, inputs)  # also warms the path up
-        remove_memory_optimizations(model)
+        with _variant(model, schedule, num_chunks) as report:
+            peak, ops = _trace(model, inputs)  # also warms the path up
+        if report is not None:
+            configured_chunks = report.num_chunks
         variants[schedule] = {"peak": peak, "ops": ops, "times": [], "ratios": []}
     for _ in range(repeats):
-        base = _forward_seconds(model, inputs, device)
-        variants[UNMODIFIED]["times"].append(base)
-        variants[UNMODIFIED]["ratios"].append(1.0)
-        for schedule in schedules:
-            apply_sequence_chunking(model, num_chunks, schedule=schedule)
-            seconds = _forward_seconds(model, inputs, device)
-            remove_memory_optimizations(model)
-            variants[schedule]["times"].append(seconds)
-            variants[schedule]["ratios"].append(seconds / base)
+        base = None
+        for schedule, variant in variants.items():
+            with _variant(model, schedule, num_chunks):
+                seconds = _forward_seconds(model, inputs, device)
+            base = seconds if base is None else base  # the unmodified model runs first in each round
+            variant["times"].append(seconds)
+            variant["ratios"].append(seconds / base)
     for schedule, variant in variants.items():
         variant["seconds"] = statistics.median(variant.pop("times"))
         variant["ratio"] = statistics.median(variant.pop("ratios"))
-        if schedule != UNMODIFIED:
-            apply_sequence_chunking(model, num_chunks, schedule=schedule)
-        wall, busy = _busy(model, inputs, device)
-        remove_memory_optimizations(model)
+        with _variant(model, schedule, num_chunks):
+            wall, busy = _busy(model, inputs, device)
         variant["busy"], variant["idle"] = busy, None if busy is None else 1 - busy / wall
-    return {"num_chunks": report.num_chunks, "variants": variants}
+    return {"num_chunks": configured_chunks, "variants": variants}
 
 
 def bench_cpu(family: str, repeats: int, budget: float, num_chunks: int | None,

@@ -408,10 +408,7 @@ class SequenceChunkingHook(ModelHook):
         """Hooks on the block's submodules must not keep per-call state across the suspension (group offloading at
         leaf level would offload a module's weights while another chunk is suspended inside it)."""
         for name, child in module.named_modules():
-            registry = getattr(child, "_diffusers_hook", None)
-            if not name or registry is None:
-                continue
-            stateful = [h for h in registry._hook_order if not h.startswith(HOOK_PREFIX) and h not in _STATELESS_HOOKS]
+            stateful = _foreign_hooks(child, allowed=_STATELESS_HOOKS) if name else []
             if stateful:
                 raise ValueError(
                     f"{self.path}.{name} carries hooks {stateful}: a chunk suspended inside it would find their state "
@@ -489,15 +486,18 @@ def _contains(module: torch.nn.Module, other: torch.nn.Module) -> bool:
     return any(child is other for child in module.modules())
 
 
-def _foreign_hooks(module: torch.nn.Module, outer_of: str | None = None) -> list[str]:
-    """Non-memopt hooks on ``module`` that may look at its inputs (all, or only those wrapping ``outer_of``'s)."""
+def _foreign_hooks(
+    module: torch.nn.Module, outer_of: str | None = None, allowed: frozenset[str] = _WEIGHT_ONLY_HOOKS
+) -> list[str]:
+    """Non-memopt hooks on ``module`` other than ``allowed`` ones (by default those that may look at its inputs):
+    all of them, or only those wrapping ``outer_of``'s."""
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None:
         return []
     order = list(registry._hook_order)
     if outer_of is not None:
         order = order[order.index(outer_of) + 1 :] if outer_of in order else []
-    return [name for name in order if not name.startswith(HOOK_PREFIX) and name not in _WEIGHT_ONLY_HOOKS]
+    return [name for name in order if not name.startswith(HOOK_PREFIX) and name not in allowed]
 
 
 def _iter_blocks(model: torch.nn.Module, plan: SequencePlan) -> Iterator[tuple[str, torch.nn.Module, BlockPlan | None]]:
