@@ -46,12 +46,23 @@ class AttentionState:
     gathered: dict[int, GatheredKeyValues] = field(default_factory=dict)
 
 
+@dataclass
+class ReusedOutput:
+    """A module output computed in one chunk and valid for the others while its input stays the same tensor."""
+
+    input: torch.Tensor  # kept referenced, so its storage cannot be freed and reused while the block runs
+    input_key: tuple
+    output: torch.Tensor
+    output_version: int
+
+
 class BlockRun:
     """State of one block forward in chunks; the attention hooks find it through the thread-local ``RUNNING``."""
 
     def __init__(self, layout: ChunkLayout, attention: dict[int, AttentionState]) -> None:
         self.layout = layout
         self.attention = attention
+        self.reused: dict[int, ReusedOutput] = {}  # per reuse hook (see ``SequenceReuseHook``)
         self.chunk = 0
         self.collecting: int | None = None  # stage being collected, None in the final pass
         # Lock-step schedule: suspends the running chunk at a whole-sequence attention call until all chunks have

@@ -12,7 +12,10 @@ the same split runs as N virtual ranks one after another, and the K/V exchange b
 
 What is alive then is the residual stream, K and V (about 3 LD, LD = tokens x width x bytes) plus one chunk's
 workspace, instead of the 10-17 LD an unchunked block peaks at. The price is that the part of the block before
-attention runs twice (the projections whose output a pass does not use are skipped, see ``SequenceSkipHook``).
+attention runs twice (the projections whose output a pass does not use, and the query/key norms after them, are
+skipped, see ``SequenceSkipHook``). What would be the same in every chunk, the key/value side of cross-attention to
+text and the timestep modulation of adaptive norms, is computed once per block (``SequenceReuseHook``), so chunked
+blocks do the matmul work of unchunked ones.
 Outputs match the unmodified model to rounding (the final pass runs the same kernels on the same numbers, only with
 fewer query rows per call).
 
@@ -76,7 +79,7 @@ from ._sequence_chunks import (
     positional_index,
     running,
 )
-from ._sequence_exchange import AttentionState, BlockRun, KeyValuesCollected
+from ._sequence_exchange import AttentionState, BlockRun, KeyValuesCollected, ReusedOutput
 from ._sequence_model import (
     ModelRun,
     SequenceEmbedHook,
@@ -99,8 +102,12 @@ SEQUENCE_PRODUCER_HOOK = "memopt.sequence.producer"
 SEQUENCE_EMBED_HOOK = "memopt.sequence.embed"
 SEQUENCE_SKIP_HOOK = "memopt.sequence.skip"
 SEQUENCE_REPLAY_HOOK = "memopt.sequence.replay"
+SEQUENCE_REUSE_HOOK = "memopt.sequence.reuse"
 
 SCHEDULES = ("two_pass", "lockstep")
+# Submodules of a chunk-local (cross-)attention module that only see its key/value tokens: text or image-prompt tokens
+# that every chunk passes whole, so the first chunk's outputs serve the others (see `SequenceReuseHook`).
+_CROSS_ATTENTION_KEY_VALUE = ("to_k", "to_v", "norm_k", "add_k_proj", "add_v_proj", "norm_added_k")
 # Foreign hooks that keep no state between entering and leaving a module: a lock-step chunk may be suspended inside.
 _STATELESS_HOOKS = frozenset({"layerwise_casting", "peft_autocast_disable"})
 
@@ -455,18 +462,23 @@ class SequenceChunkingHook(ModelHook):
 
 
 class SequenceSkipHook(ModelHook):
-    """On a projection whose output the running pass never uses: returns zeros of its output shape, no matmul.
+    """On a module whose output the running pass never uses: returns a stand-in of its output's shape instead.
 
     ``kind`` is ``"query"`` (unused in its attention's collection pass), ``"key_value"`` (unused once its attention's
     K/V are collected) or ``"before_attention"`` (a branch computed before the first attention and used after it).
     Linear-like modules return dense zeros (the code after them may write into them), parameter-free
-    (elementwise) ones a zero-stride view.
+    (elementwise) ones a zero-stride view, and a norm (``norm=True``: the query/key norms after skipped projections)
+    its own input, the zeros, cast to the dtype the norm returns for that input dtype (learned from one real call), so
+    the normalisation of numbers nobody reads costs no kernels either.
     """
 
-    def __init__(self, kind: str, attention_id: int | None) -> None:
+    def __init__(self, kind: str, attention_id: int | None, path: str, norm: bool = False) -> None:
         super().__init__()
         self.kind = kind
         self.attention_id = attention_id
+        self.path = path
+        self.norm = norm
+        self._norm_dtypes: dict[torch.dtype, torch.dtype] = {}  # input dtype -> output dtype of the norm
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: BlockRun | None = running("block_run")
@@ -475,10 +487,58 @@ class SequenceSkipHook(ModelHook):
         ):
             return self.fn_ref.original_forward(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
+        if self.norm:
+            return self._norm_stand_in(x, args, kwargs)
         out_features = getattr(module, "out_features", None)
         if out_features is not None:
             return x.new_zeros(*x.shape[:-1], out_features)
         return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
+
+    def _norm_stand_in(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        dtype = self._norm_dtypes.get(x.dtype)
+        if dtype is not None:
+            return x if dtype == x.dtype else x.to(dtype)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if not isinstance(output, torch.Tensor) or output.shape != x.shape:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(f"{self.path}: the plan names it as a query/key norm, but it maps {tuple(x.shape)} to "
+                             f"{shape}; only shape-preserving norms can be skipped")
+        self._norm_dtypes[x.dtype] = output.dtype
+        return output
+
+
+class SequenceReuseHook(ModelHook):
+    """On a module whose input every chunk shares: computes it once per block forward, not once per chunk and pass.
+
+    The key/value side of chunk-local cross-attention reads the text or image-prompt tokens, and the modulation
+    layers of adaptive norms the timestep embedding; both are block arguments passed whole to every chunk, so the same
+    tensor arrives each time and the first output serves the others (bit-identical to recomputing, and what the
+    unmodified model computes once). Reuse needs the very same input (storage, offset, shape, strides and version counter, the
+    storage kept referenced so its memory cannot be handed to another tensor) and an output not modified in place
+    since; anything else, including inference tensors (no version counter), is computed as usual.
+    """
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: BlockRun | None = running("block_run")
+        x = args[0] if len(args) == 1 and not kwargs else None
+        key = _tensor_key(x) if run is not None and isinstance(x, torch.Tensor) else None
+        if key is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        reused = run.reused.get(id(self))
+        if reused is not None and reused.input_key == key and reused.output._version == reused.output_version:
+            return reused.output
+        output = self.fn_ref.original_forward(x)
+        if isinstance(output, torch.Tensor) and not output.is_inference():
+            run.reused[id(self)] = ReusedOutput(x, key, output, output._version)
+        return output
+
+
+def _tensor_key(tensor: torch.Tensor) -> tuple | None:
+    """What makes two tensors hold the same numbers: same storage, view and version; None without a version counter."""
+    if tensor.is_inference():
+        return None
+    return (tensor.untyped_storage()._cdata, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+            tensor.dtype, tensor._version)
 
 
 # ------------------------------------------------------------------------------------------- apply
@@ -558,14 +618,40 @@ def _skip_hooks(
     path: str, block: torch.nn.Module, plan: BlockPlan, attention: list[tuple[str, torch.nn.Module, JointAttention]]
 ) -> Iterator[tuple[torch.nn.Module, SequenceSkipHook]]:
     for name in plan.unused_before_attention:
-        yield _skippable(f"{path}.{name}", block.get_submodule(name)), SequenceSkipHook("before_attention", None)
+        module_path = f"{path}.{name}"
+        yield _skippable(module_path, block.get_submodule(name)), SequenceSkipHook("before_attention", None, module_path)
     for name, attention_module, spec in attention:
-        for kind, projections in (("query", spec.query), ("key_value", spec.key_value)):
-            for projection in projections:
-                module = getattr(attention_module, projection, None)
+        for kind, projections, norms in (
+            ("query", spec.query, spec.query_norms),
+            ("key_value", spec.key_value, spec.key_value_norms),
+        ):
+            for child in (*projections, *norms):
+                module = getattr(attention_module, child, None)
                 if isinstance(module, torch.nn.Module):
-                    hook = SequenceSkipHook(kind, id(attention_module))
-                    yield _skippable(f"{path}.{name}.{projection}", module), hook
+                    module_path = f"{path}.{name}.{child}"
+                    if child in norms:
+                        yield module, SequenceSkipHook(kind, id(attention_module), module_path, norm=True)
+                    else:
+                        yield _skippable(module_path, module), SequenceSkipHook(kind, id(attention_module), module_path)
+
+
+def _reuse_hooks(
+    block: torch.nn.Module, plan: BlockPlan, attention: list[tuple[str, torch.nn.Module, JointAttention]]
+) -> Iterator[tuple[torch.nn.Module, SequenceReuseHook]]:
+    """Reuse hooks for the plan's conditioning modules and for the key/value side of every attention module in the
+    block that does not exchange K/V (cross-attention)."""
+    for name in plan.conditioning:
+        module = _submodule(block, name)
+        if module is not None:
+            yield module, SequenceReuseHook()
+    exchanged = {id(module) for _, module, _ in attention}
+    for module in block.modules():
+        if id(module) in exchanged or not hasattr(module, "processor"):
+            continue
+        for child in _CROSS_ATTENTION_KEY_VALUE:
+            submodule = getattr(module, child, None)
+            if isinstance(submodule, torch.nn.Module):
+                yield submodule, SequenceReuseHook()
 
 
 def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -698,6 +784,8 @@ def apply_sequence_chunking(
             report.attention.append(f"{path}.{name}")
         for module, skip_hook in _skip_hooks(path, block, block_plan, attention):
             register_memopt_hook(module, skip_hook, SEQUENCE_SKIP_HOOK)
+        for module, reuse_hook in _reuse_hooks(block, block_plan, attention):
+            register_memopt_hook(module, reuse_hook, SEQUENCE_REUSE_HOOK)
         report.blocks.append(path)
         blocks.append(block)
         chunked_prefixes.append(path)

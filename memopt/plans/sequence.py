@@ -83,6 +83,8 @@ class JointAttention:
             pass never uses the queries, so these return a zero-stride stand-in there instead of a matmul.
         key_value: projections whose output only feeds the keys and values. The final pass takes K/V from the
             collected buffers, so these are skipped there the same way.
+        query_norms, key_value_norms: shape-preserving norms applied to those projections' outputs (diffusers'
+            ``norm_q`` / ``norm_k`` and their text-stream twins); skipped with them, returning their input.
     """
 
     order: tuple[str, ...] = ("image",)
@@ -90,6 +92,8 @@ class JointAttention:
     optional: bool = False
     query: tuple[str, ...] = ("to_q",)
     key_value: tuple[str, ...] = ("to_k", "to_v")
+    query_norms: tuple[str, ...] = ("norm_q", "norm_added_q")
+    key_value_norms: tuple[str, ...] = ("norm_k", "norm_added_k")
 
     def __post_init__(self) -> None:
         if sorted(self.order) != sorted(set(self.order)) or any(s not in STREAMS for s in self.order):
@@ -113,12 +117,18 @@ class BlockPlan:
         unused_before_attention: modules (relative to the block) that run before the first whole-sequence attention
             but whose output is not needed to reach it (the MLP branch of Flux / HunyuanVideo single blocks, which is
             computed before attention). Skipped, like the query projections, in the first collection pass.
+        conditioning: modules (relative to the block) whose input is the same in every chunk: the SiLU and linear
+            of adaptive norms, which turn the timestep embedding into shift/scale/gate vectors. Their first output
+            in a block forward serves every chunk and pass (a ``(B, 6D)`` GEMV that reads the whole weight matrix,
+            otherwise repeated per chunk). Names missing from a block are ignored (block variants differ); the
+            key/value side of chunk-local cross-attention is found without being listed.
     """
 
     inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
     attention: Mapping[str, JointAttention] = field(default_factory=dict)
     split_text: bool = True
     unused_before_attention: tuple[str, ...] = ()
+    conditioning: tuple[str, ...] = ()
 
     @property
     def has_text_stream(self) -> bool:
@@ -326,6 +336,15 @@ _HUNYUAN_ROPE = _pair(SequenceSplit(0, 2))  # (S_image, head_dim); text tokens g
 # The MLP branch of the parallel attention + MLP single-stream blocks runs before their attention.
 _SINGLE_STREAM_MLP = ("proj_mlp", "act_mlp")
 
+
+def _adaptive_norms(*norms: str) -> tuple[str, ...]:
+    """The timestep-modulation layers of diffusers' adaptive norms (``AdaLayerNormZero`` and kin): ``silu``, ``linear``."""
+    return tuple(f"{norm}.{layer}" for norm in norms for layer in ("silu", "linear"))
+
+
+_DUAL_STREAM_MODULATION = _adaptive_norms("norm1", "norm1_context")
+_SINGLE_STREAM_MODULATION = _adaptive_norms("norm")
+
 SEQUENCE_PLANS: dict[str, SequencePlan] = {
     "WanTransformer3DModel": SequencePlan(
         {"blocks.*": _WAN},
@@ -336,11 +355,14 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
     ),
     "FluxTransformer2DModel": SequencePlan(
         {
-            "transformer_blocks.*": BlockPlan(inputs=_FLUX_INPUTS, attention={"attn": _TEXT_FIRST}),
+            "transformer_blocks.*": BlockPlan(
+                inputs=_FLUX_INPUTS, attention={"attn": _TEXT_FIRST}, conditioning=_DUAL_STREAM_MODULATION
+            ),
             "single_transformer_blocks.*": BlockPlan(
                 inputs=_FLUX_INPUTS,
                 attention={"attn": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
                 unused_before_attention=_SINGLE_STREAM_MLP,
+                conditioning=_SINGLE_STREAM_MODULATION,
             ),
         },
         gather=None,
@@ -352,12 +374,15 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
     "HunyuanVideoTransformer3DModel": SequencePlan(
         {
             "transformer_blocks.*": BlockPlan(
-                inputs={**_HUNYUAN_INPUTS, "freqs_cis": _HUNYUAN_ROPE}, attention={"attn": _IMAGE_FIRST}
+                inputs={**_HUNYUAN_INPUTS, "freqs_cis": _HUNYUAN_ROPE},
+                attention={"attn": _IMAGE_FIRST},
+                conditioning=_DUAL_STREAM_MODULATION,
             ),
             "single_transformer_blocks.*": BlockPlan(
                 inputs={**_HUNYUAN_INPUTS, "image_rotary_emb": _HUNYUAN_ROPE},
                 attention={"attn": JointAttention(order=("image", "text"))},  # one projection for cat(image, text)
                 unused_before_attention=_SINGLE_STREAM_MLP,
+                conditioning=_SINGLE_STREAM_MODULATION,
             ),
         },
         embed="x_embedder",
@@ -373,6 +398,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
                     "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) when RoPE is used
                 },
                 attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
+                conditioning=_adaptive_norms("norm1", "norm2"),
             )
         },
         tail="norm_final",
@@ -405,6 +431,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
                     "modulate_index": SequenceSplit(1, 2),  # zero_cond_t: per-token modulation choice
                 },
                 attention={"attn": _TEXT_FIRST},
+                conditioning=("img_mod", "txt_mod"),  # SiLU + Linear of the timestep embedding per stream
             )
         },
         gather=None,
@@ -419,6 +446,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
                     "attn": _IMAGE_FIRST,
                     "attn2": JointAttention(optional=True),  # SD3.5 dual-attention layers: image-only
                 },
+                conditioning=_DUAL_STREAM_MODULATION,
             )
         },
         embed="pos_embed",
@@ -434,6 +462,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
                 },
                 attention={"attn1": JointAttention(order=("image", "text"), calls="batch", **_JOINT)},
                 split_text=False,
+                conditioning=_DUAL_STREAM_MODULATION,
             )
         },
         embed="patch_embed",

@@ -9,13 +9,22 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading
 from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+from torch.utils.flop_counter import FlopCounterMode
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate
 from memopt.hooks import _attention_dispatch
-from memopt.hooks._common import has_memopt_hooks
-from memopt.hooks.sequence import SequenceChunkingConfig
+from memopt.hooks._common import has_memopt_hooks, register_memopt_hook
+from memopt.hooks._sequence_chunks import RUNNING, ChunkLayout
+from memopt.hooks._sequence_exchange import AttentionState, BlockRun
+from memopt.hooks.sequence import (
+    SEQUENCE_REUSE_HOOK,
+    SEQUENCE_SKIP_HOOK,
+    SequenceChunkingConfig,
+    SequenceReuseHook,
+    SequenceSkipHook,
+)
 from memopt.models import Size, get_family
-from memopt.plans.sequence import SEQUENCE_PLANS, SequenceSplit
+from memopt.plans.sequence import SEQUENCE_PLANS, JointAttention, SequenceSplit
 from memopt.trace.growth import activation_growth
 
 from _tiny_cases import FAMILIES, SIZES, rel_err  # noqa: E402
@@ -278,3 +287,94 @@ def test_save_pretrained_and_lora_on_attention_projections(schedule, tmp_path):
         remove_memory_optimizations(model)
         unchunked = model(**inputs)[0]
     assert rel_err(chunked, unchunked) <= 1e-5 and rel_err(unchunked, reference) > 1e-3  # "after" is active
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "mochi"])
+def test_chunked_blocks_do_the_matmul_work_of_the_unmodified_ones(family, schedule):
+    """Per block, the same matmul FLOPs as unchunked: projections a pass does not use are skipped, and the key/value
+    side of cross-attention (Wan, LTX) and the timestep modulation of adaptive norms are computed once per block,
+    not once per chunk and pass. (Mochi carries its text whole in every chunk, so its text stream is recomputed.)"""
+    _, model, inputs = build(family)
+
+    def flops_per_module() -> dict[str, int]:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(**inputs)
+        return {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+
+    reference = flops_per_module()
+    report = apply_sequence_chunking(model, 4, schedule=schedule)  # 4 chunks: the text stream is split too
+    chunked = flops_per_module()
+    remove_memory_optimizations(model)
+    blocks = [f"{type(model).__name__}.{path}" for path in report.blocks]
+    assert all(reference[block] > 0 for block in blocks)
+    assert {block: chunked[block] for block in blocks} == {block: reference[block] for block in blocks}
+
+
+def _attention_run(collecting: int | None) -> tuple[BlockRun, int]:
+    owner = torch.nn.Module()  # stands for the attention module the skipped norm belongs to
+    state = AttentionState(path="block.attn", spec=JointAttention(), stage=0, expected_calls=1)
+    run = BlockRun(ChunkLayout.build(2, 4, None, True), {id(owner): state})
+    run.collecting = collecting
+    return run, id(owner)
+
+
+def test_reused_outputs_are_recomputed_when_the_input_or_output_changed():
+    linear = torch.nn.Linear(8, 8)
+    register_memopt_hook(linear, SequenceReuseHook(), SEQUENCE_REUSE_HOOK)
+    x = torch.randn(2, 3, 8)
+    RUNNING.block_run, _ = _attention_run(None)
+    try:
+        with torch.no_grad():
+            first = linear(x)
+            assert linear(x) is first and linear(x[:, :]) is first  # the same numbers in the same storage
+            first.mul_(2)  # a caller modified the output in place
+            second = linear(x)
+            assert second is not first and torch.equal(second, torch.nn.functional.linear(x, linear.weight, linear.bias))
+            x.add_(1)  # the input changed in place
+            third = linear(x)
+            assert third is not second and torch.equal(third, torch.nn.functional.linear(x, linear.weight, linear.bias))
+            assert linear(x.clone()) is not third  # another tensor with the same numbers: computed anew
+            with torch.inference_mode():
+                y = torch.randn(2, 3, 8)
+                assert linear(y) is not linear(y)  # inference tensors have no version counter: never reused
+    finally:
+        RUNNING.block_run = None
+    remove_memory_optimizations(linear)
+    assert linear(x) is not linear(x)  # outside a chunked block run the module is untouched
+
+
+def test_a_skipped_norm_returns_its_input_in_the_norms_output_dtype():
+    norm = torch.nn.RMSNorm(8)  # fp32 weight, bf16 input
+    run, owner = _attention_run(collecting=0)  # a collection pass: the queries are not used
+    register_memopt_hook(norm, SequenceSkipHook("query", owner, "block.attn.norm_q", norm=True), SEQUENCE_SKIP_HOOK)
+    zeros = torch.zeros(2, 3, 8, dtype=torch.bfloat16)
+    RUNNING.block_run = run
+    try:
+        with torch.no_grad():
+            real = norm(zeros)  # the first call per input dtype runs the norm, to learn its output dtype
+            stand_in = norm(zeros)
+            assert stand_in.dtype == real.dtype and stand_in.shape == zeros.shape and not stand_in.any()
+            if real.dtype == zeros.dtype:
+                assert stand_in is zeros
+            run.collecting = None  # the final pass uses the queries: the norm runs
+            ones = torch.ones(2, 3, 8, dtype=torch.bfloat16)
+            assert torch.equal(norm(ones), torch.nn.functional.rms_norm(ones, (8,), norm.weight))
+    finally:
+        RUNNING.block_run = None
+    remove_memory_optimizations(norm)
+
+
+def test_a_plan_naming_a_shape_changing_module_as_a_norm_is_an_error():
+    not_a_norm = torch.nn.Linear(8, 4)
+    run, owner = _attention_run(collecting=0)
+    register_memopt_hook(not_a_norm, SequenceSkipHook("query", owner, "block.attn.norm_q", norm=True),
+                         SEQUENCE_SKIP_HOOK)
+    RUNNING.block_run = run
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match=r"block\.attn\.norm_q.*shape-preserving"):
+            not_a_norm(torch.zeros(2, 3, 8))
+    finally:
+        RUNNING.block_run = None
+    remove_memory_optimizations(not_a_norm)
