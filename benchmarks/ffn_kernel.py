@@ -8,6 +8,10 @@ Methods, all computing diffusers' FeedForward ``act(x @ w1.T + b1) @ w2.T + b2``
   all hidden features per block, workspace <= 1/8 of the ``(M, F)`` intermediate).
 * ``fused F/8 chunks``: the kernel with ``chunk_size=F/8`` (hidden chunks with an fp32 accumulator; token blocks
   grow to the same budget) -- the other design, measured side by side.
+* ``fused up + cuBLAS down (default plan)`` / ``... F/8 chunks``: the same two plans with
+  ``FusedFFNPlan.down_gemm="cublas"``: the Triton up-kernel (GEMM1 + bias + activation) per slab, then
+  ``torch.addmm`` into the output rows for GEMM2; same workspace. The environment line says whether this PyTorch
+  accumulates the F/8 chunks in fp32 (``out_dtype=torch.float32`` GEMMs) or in bf16.
 
 Time is the median of ``triton.testing.do_bench`` (after a warm-up call that also autotunes); peak is
 ``torch.cuda.max_memory_allocated()`` during one call minus what was allocated before it (so it includes the output);
@@ -17,6 +21,7 @@ Time is the median of ``triton.testing.do_bench`` (after a warm-up call that als
 Usage (on a CUDA machine)::
 
     python benchmarks/ffn_kernel.py --out benchmarks/results        # or $OUT when set
+    python benchmarks/ffn_kernel.py --tokens 75600 --only "default plan"   # unfused + the two default-plan rows
 
 Writes ``ffn_kernel.md`` (table + environment + autotuned configs) and ``ffn_kernel.csv``. Without CUDA it prints one
 line and exits 0.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import os
 import platform
@@ -38,7 +44,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memopt.kernels import fused_chunked_ffn, fused_ffn_available, plan_fused_ffn  # noqa: E402
+from memopt.kernels import (  # noqa: E402
+    fused_chunked_ffn,
+    fused_chunked_ffn_with_plan,
+    fused_ffn_available,
+    plan_fused_ffn,
+)
 
 GIB = 1024**3
 DEVICE = "cuda"
@@ -111,13 +122,19 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def environment() -> str:
     import triton
 
+    from memopt.kernels import fused_ffn
+
+    fp32_gemm = fused_ffn.fp32_output_gemm_supported(torch.device(DEVICE, torch.cuda.current_device()))
     return (
         f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
-        f"python {platform.python_version()}; dtype bf16"
+        f"python {platform.python_version()}; dtype bf16; cuBLAS down GEMM accumulates hidden chunks in "
+        f"{'fp32 (out_dtype GEMMs)' if fp32_gemm else 'bf16 (no out_dtype GEMMs in this PyTorch)'}"
     )
 
 
-def run_shape(name, dim, hidden, activation, num_tokens, do_bench) -> list[dict]:
+def run_shape(name, dim, hidden, activation, num_tokens, do_bench, only=()) -> list[dict]:
+    """Time every method on one shape; ``only`` (substrings of method names) narrows them, ``unfused`` always runs
+    as the reference."""
     torch.manual_seed(0)
     width1 = 2 * hidden if activation in GATED else hidden
     x = torch.randn(num_tokens, dim, device=DEVICE, dtype=DTYPE)
@@ -129,17 +146,31 @@ def run_shape(name, dim, hidden, activation, num_tokens, do_bench) -> list[dict]
     flops = 2 * num_tokens * dim * width1 + 2 * num_tokens * hidden * dim
     intermediate_bytes = num_tokens * hidden * x.element_size()
     output_bytes = num_tokens * dim * x.element_size()
+    default_plan = plan_fused_ffn(num_tokens, hidden, dim, 2)
+    chunked_plan = plan_fused_ffn(num_tokens, hidden, dim, 2, chunk_size=hidden // 8)
+    cublas_default_plan = dataclasses.replace(default_plan, down_gemm="cublas")
+    cublas_chunked_plan = dataclasses.replace(chunked_plan, down_gemm="cublas")
     methods = {
         "unfused": (lambda: unfused(*args), "full intermediate"),
         f"pytorch F/{PYTORCH_CHUNKS} chunks": (
             lambda: pytorch_chunked(*args),
             f"{num_tokens} tokens x {math.ceil(hidden / PYTORCH_CHUNKS)} features",
         ),
-        "fused (default plan)": (lambda: fused_chunked_ffn(*args), plan_fused_ffn(num_tokens, hidden, dim, 2)),
-        "fused F/8 chunks": (
-            lambda: fused_chunked_ffn(*args, chunk_size=hidden // 8),
-            plan_fused_ffn(num_tokens, hidden, dim, 2, chunk_size=hidden // 8),
+        "fused (default plan)": (lambda: fused_chunked_ffn(*args), default_plan),
+        "fused F/8 chunks": (lambda: fused_chunked_ffn(*args, chunk_size=hidden // 8), chunked_plan),
+        "fused up + cuBLAS down (default plan)": (
+            lambda: fused_chunked_ffn_with_plan(*args, cublas_default_plan),
+            cublas_default_plan,
         ),
+        "fused up + cuBLAS down F/8 chunks": (
+            lambda: fused_chunked_ffn_with_plan(*args, cublas_chunked_plan),
+            cublas_chunked_plan,
+        ),
+    }
+    methods = {
+        method: value
+        for method, value in methods.items()
+        if method == "unfused" or not only or any(part.lower() in method.lower() for part in only)
     }
     rows, reference = [], None
     for method, (fn, plan) in methods.items():
@@ -215,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "benchmarks/results"))
     parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="TEXT",
+        help="run only the methods whose names contain one of these (case-insensitive); unfused always runs",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/ffn_kernel.py needs CUDA (no GPU found); nothing measured")
@@ -230,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for num_tokens in args.tokens:
         for name, dim, hidden, activation in SHAPES:
-            rows.extend(run_shape(name, dim, hidden, activation, num_tokens, do_bench))
+            rows.extend(run_shape(name, dim, hidden, activation, num_tokens, do_bench, args.only))
             print(format_table([r for r in rows if r["shape"] == name and r["tokens"] == num_tokens]), flush=True)
 
     table = format_table(rows)

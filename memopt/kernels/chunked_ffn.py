@@ -33,7 +33,11 @@ MIN_ROWS_PER_BLOCK = 2048
 this size the whole intermediate is small in absolute terms anyway."""
 
 ROW_ALIGNMENT = 128
-"""Token blocks are multiples of the largest ``BLOCK_M`` so only the last block has a partial tile."""
+"""Token blocks are multiples of the usual ``BLOCK_M`` so only the last block has partial tiles (a 256-row tile, which
+autotuning may pick, can leave one partial tile per block)."""
+
+DOWN_GEMMS = ("triton", "cublas")
+"""Implementations of the second GEMM, :attr:`FusedFFNPlan.down_gemm`."""
 
 _GATED = frozenset({"geglu", "swiglu"})
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,12 +70,23 @@ class FusedFFNPlan:
             output itself (fp32).
         workspace_bytes: Bytes the kernel allocates besides its output: one ``rows_per_block x chunk_size`` slab of
             the activated intermediate, plus a ``rows_per_block x D_out`` fp32 accumulator when a 16-bit output is
-            built from several chunks.
+            built from several chunks (an upper bound for ``down_gemm="cublas"``, which goes without the
+            accumulator where PyTorch cannot write a 16-bit GEMM into fp32, e.g. before PyTorch 2.8).
+        down_gemm: Who runs the second GEMM, one of :data:`DOWN_GEMMS`. ``"triton"`` (the default): this package's
+            down kernel. ``"cublas"``: PyTorch's matmul (cuBLAS on CUDA), ``addmm`` into the output's row block, the
+            weight chunk read in place as ``w2[:, chunk].T``. The first GEMM carries the bias and activation epilogue
+            that makes fusing worthwhile; the second has none, and on an H100 the all-Triton kernel reached only
+            0.71-0.94x of unfused cuBLAS throughput (``benchmarks/results/ffn_kernel_h100.md``), so this switch
+            exists to choose by measurement (``benchmarks/ffn_kernel.py``). Same workspace and same results within
+            rounding: 16-bit outputs of several hidden chunks accumulate in fp32 with ``out_dtype=torch.float32``
+            GEMMs where PyTorch has them, otherwise in the output dtype (one 16-bit rounding per chunk, as PyTorch's
+            own chunked FeedForward). The backward is PyTorch either way.
     """
 
     rows_per_block: int
     chunk_size: int
     workspace_bytes: int
+    down_gemm: str = "triton"
 
 
 def plan_fused_ffn(
@@ -86,7 +101,7 @@ def plan_fused_ffn(
 
     Example:
         >>> plan_fused_ffn(num_rows=75600, hidden=13824, out_features=5120, element_size=2)
-        FusedFFNPlan(rows_per_block=8448, chunk_size=13824, workspace_bytes=233570304)
+        FusedFFNPlan(rows_per_block=8448, chunk_size=13824, workspace_bytes=233570304, down_gemm='triton')
     """
     chunk = hidden if chunk_size is None else min(chunk_size, hidden)
     accumulator_bytes_per_row = 4 * out_features if chunk < hidden and element_size < 4 else 0
@@ -189,7 +204,7 @@ class FusedChunkedFFNFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, w1, b1, w2, b2)
         ctx.activation, ctx.plan = activation, plan
         return _load_kernels().fused_ffn_forward(
-            x2d, w1, b1, w2, b2, activation, chunk_size=plan.chunk_size, rows_per_block=plan.rows_per_block
+            x2d, w1, b1, w2, b2, activation, plan.chunk_size, plan.rows_per_block, down_gemm=plan.down_gemm
         )
 
     @staticmethod
@@ -280,10 +295,20 @@ def fused_chunked_ffn_with_plan(
     activation: str,
     plan: FusedFFNPlan,
 ) -> torch.Tensor:
-    """:func:`fused_chunked_ffn` with an explicit :class:`FusedFFNPlan` (e.g. a planner's smaller token blocks)."""
+    """:func:`fused_chunked_ffn` with an explicit :class:`FusedFFNPlan` (e.g. a planner's smaller token blocks, or
+    the cuBLAS down GEMM).
+
+    Example:
+        >>> import dataclasses
+        >>> plan = plan_fused_ffn(num_rows=75600, hidden=13824, out_features=5120, element_size=2)
+        >>> dataclasses.replace(plan, down_gemm="cublas")
+        FusedFFNPlan(rows_per_block=8448, chunk_size=13824, workspace_bytes=233570304, down_gemm='cublas')
+    """
     _check_inputs(x, w1, b1, w2, b2, activation, plan.chunk_size)
     if plan.rows_per_block < 1:
         raise ValueError(f"fused_chunked_ffn: plan.rows_per_block must be >= 1, got {plan.rows_per_block}")
+    if plan.down_gemm not in DOWN_GEMMS:
+        raise ValueError(f"fused_chunked_ffn: plan.down_gemm must be one of {DOWN_GEMMS}, got {plan.down_gemm!r}")
     availability = fused_ffn_available(x.device, x.dtype)
     if not availability:
         raise RuntimeError(f"fused_chunked_ffn cannot run on {x.device} ({x.dtype}): {availability.reason}")

@@ -11,6 +11,9 @@ The FeedForward ``y = act(x @ W1.T + b1) @ W2.T + b2`` is cut into slabs of ``ro
   ``value * act(gate)``, so the ``2F``-wide projection never reaches HBM.
 * ``_ffn_down_kernel`` -- the second GEMM over that slab's hidden features. With several hidden chunks it adds its
   partial product to a running fp32 accumulator (the output itself for fp32) and the last chunk writes the output.
+  With ``down_gemm="cublas"`` PyTorch's matmul (cuBLAS on CUDA) does this GEMM instead, into the same output rows and
+  accumulator (see :func:`_cublas_down`): the second GEMM has no epilogue worth fusing, and cuBLAS runs it faster than
+  this kernel on an H100; which one to use is decided by measurement (``benchmarks/ffn_kernel.py``).
 
 A single kernel doing both GEMMs would have to keep a ``BLOCK_M x D`` fp32 output tile on chip (2.5 MiB for
 D=5120), which does not fit; two GEMM kernels per slab keep each one at full tensor-core efficiency while the
@@ -22,6 +25,8 @@ on CPU tensors with one small tile configuration; that is how CI checks them.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -45,7 +50,12 @@ def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages
 
 
 # Hopper-class tiles first; the last one fits GPUs with ~100 KB of shared memory per block (and fp32 gated tiles).
+# _prune_configs keeps, for 16-bit non-gated GEMMs, all six on an H100 (227 KB), all but the 4-stage 128x256 tile
+# (192 KB) on an A100 (163 KB) and the last two on ~100 KB GPUs; the gated up-kernel, with two accumulators, keeps
+# none of the three 128x256 / 256x128 tiles anywhere.
 _GPU_CONFIGS = [
+    _config(128, 256, 64, num_warps=8, num_stages=4),
+    _config(256, 128, 64, num_warps=8, num_stages=3),
     _config(128, 256, 64, num_warps=8, num_stages=3),
     _config(128, 128, 64, num_warps=8, num_stages=4),
     _config(64, 128, 64, num_warps=4, num_stages=4),
@@ -229,6 +239,72 @@ def _input_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+@functools.cache
+def fp32_output_gemm_supported(device: torch.device) -> bool:
+    """Whether ``torch.mm`` / ``torch.addmm`` with ``out_dtype=torch.float32`` accumulate 16-bit GEMMs into an fp32
+    tensor on ``device``; cached per device.
+
+    That lets the cuBLAS down GEMM keep the fp32 accumulator of several hidden chunks, as the Triton one does. The
+    overloads are CUDA-only and new (PyTorch 2.8), and before PyTorch accepted an fp32 ``self`` for ``addmm`` they
+    refused the accumulation, so this asks the device once instead of trusting a version number: a 16x16 bf16
+    product of small integers (exact in every precision) is written, then accumulated, and checked. Deterministic
+    inputs leave the caller's RNG alone.
+    """
+    if device.type != "cuda":
+        return False
+    values = (torch.arange(256, device=device).reshape(16, 16) % 7 - 3).to(torch.bfloat16)
+    acc = torch.empty(16, 16, dtype=torch.float32, device=device)
+    try:
+        _fp32_output_gemm(values, values.T, acc, accumulate=False)
+        _fp32_output_gemm(values, values.T, acc, accumulate=True)
+    except (RuntimeError, TypeError):  # no such overload / a CPU-only build / an fp32 self refused
+        return False
+    return torch.equal(acc, 2 * (values.float() @ values.float().T))
+
+
+def _fp32_output_gemm(h: torch.Tensor, w_t: torch.Tensor, acc: torch.Tensor, accumulate: bool) -> None:
+    """``acc = h @ w_t`` (or ``acc += h @ w_t``) for 16-bit ``h``, ``w_t`` and an fp32 ``acc``, in one cuBLAS call:
+    the products are summed in fp32 and never rounded to 16 bits."""
+    if accumulate:
+        torch.addmm(acc, h, w_t, out_dtype=torch.float32, out=acc)
+    else:
+        torch.mm(h, w_t, out_dtype=torch.float32, out=acc)
+
+
+def _cublas_down(
+    h: torch.Tensor,
+    w_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    acc: torch.Tensor | None,
+    is_first: bool,
+    is_last: bool,
+) -> None:
+    """The down GEMM of one slab and hidden chunk through PyTorch: ``out (+)= h @ w_t (+ bias)``.
+
+    ``w_t`` is ``w2[:, chunk].T``, a transposed view cuBLAS reads in place (no copy for the ``nn.Linear`` layout).
+    Without ``acc`` the partial products are added into ``out`` itself: exact for fp32 and for a single chunk; for a
+    16-bit output built from several chunks (only when :func:`fp32_output_gemm_supported` is False, e.g. PyTorch
+    < 2.8) each chunk's sum is rounded to 16 bits, the extra rounding PyTorch's own hidden-chunked FeedForward has
+    (relative error ~``2**-8 * sqrt(num_chunks)`` in bf16, within the 1e-2 bf16 tolerance). With ``acc`` (fp32,
+    several chunks) the chunks sum in fp32 and the last one adds the bias there and writes ``out`` once.
+    """
+    if acc is None:
+        if not is_first:
+            out.addmm_(h, w_t)
+        elif bias is not None:
+            torch.addmm(bias, h, w_t, out=out)
+        else:
+            torch.mm(h, w_t, out=out)
+        return
+    _fp32_output_gemm(h, w_t, acc, accumulate=not is_first)
+    if is_last:
+        if bias is None:
+            out.copy_(acc)
+        else:
+            torch.add(acc, bias, out=out)
+
+
 def fused_ffn_forward(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -238,12 +314,15 @@ def fused_ffn_forward(
     activation: str,
     chunk_size: int,
     rows_per_block: int,
+    down_gemm: str = "triton",
 ) -> torch.Tensor:
     """Run the fused FeedForward on a 2-D ``x`` of shape ``(M, D)``; arguments are validated by the caller.
 
     ``chunk_size`` hidden features and ``rows_per_block`` tokens make one slab; the workspace is one slab of the
     activated intermediate plus, when a 16-bit output is built from several hidden chunks, an fp32 accumulator of
-    ``rows_per_block x D_out``. Returns a new ``(M, D_out)`` tensor in ``x.dtype``.
+    ``rows_per_block x D_out`` (not allocated by the ``"cublas"`` down GEMM where the device cannot accumulate into
+    fp32, see :func:`_cublas_down`). ``down_gemm`` runs the second GEMM with ``_ffn_down_kernel`` (``"triton"``) or
+    PyTorch's matmul (``"cublas"``). Returns a new ``(M, D_out)`` tensor in ``x.dtype``.
     """
     num_rows, in_features = x.shape
     out_features, hidden = w2.shape
@@ -256,6 +335,8 @@ def fused_ffn_forward(
     rows_per_block = min(rows_per_block, num_rows)
     num_chunks = triton.cdiv(hidden, chunk_size)
     use_fp32_accumulator = num_chunks > 1 and dtype != torch.float32
+    if down_gemm == "cublas" and use_fp32_accumulator:
+        use_fp32_accumulator = fp32_output_gemm_supported(device)
     h_buffer = _empty((rows_per_block, chunk_size), dtype, device)
     acc_buffer = _empty((rows_per_block, out_features), torch.float32, device) if use_fp32_accumulator else None
     precision = _input_precision(dtype)
@@ -284,8 +365,12 @@ def fused_ffn_forward(
                 INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32,
             )  # fmt: skip
             is_first, is_last = chunk_index == 0, chunk_index == num_chunks - 1
-            target = out_block if is_last or not use_fp32_accumulator else acc_block
             w2_chunk = w2[:, value_rows]
+            if down_gemm == "cublas":
+                accumulator = acc_block if use_fp32_accumulator else None
+                _cublas_down(h, w2_chunk.T, b2, out_block, accumulator, is_first, is_last)
+                continue
+            target = out_block if is_last or not use_fp32_accumulator else acc_block
             _ffn_down_kernel[_grid(block_rows, out_features)](
                 h, w2_chunk, b2, acc_block, target,
                 block_rows, out_features, width,

@@ -7,6 +7,7 @@ an element a kernel forgets to write shows up as NaN in the result.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -20,6 +21,7 @@ from diffusers.models.attention import FeedForward
 from memopt.kernels import (
     ACTIVATIONS,
     fused_chunked_ffn,
+    fused_chunked_ffn_with_plan,
     fused_ffn_available,
     plan_fused_ffn,
 )
@@ -198,6 +200,109 @@ def test_backward_skips_inputs_without_grad():
     ff(x.double().cpu()).sum().backward()
     assert w1.grad is None and x.grad is None
     assert rel_err(w2.grad, ff.net[2].weight.grad) <= TOLERANCE[torch.float32]
+
+
+def cublas_plan(num_rows, hidden, dim_out, dtype, chunk_size):
+    """The default plan (or one with ``chunk_size``) with the second GEMM run by PyTorch."""
+    plan = plan_fused_ffn(num_rows, hidden, dim_out, torch.tensor([], dtype=dtype).element_size(), chunk_size)
+    return dataclasses.replace(plan, down_gemm="cublas")
+
+
+def workspace_bytes(allocations) -> int:
+    """Bytes of every kernel buffer but the first (the output)."""
+    return sum(math.prod(shape) * torch.tensor([], dtype=dtype).element_size() for shape, dtype in allocations[1:])
+
+
+@pytest.fixture
+def small_token_blocks(monkeypatch):
+    """127 tokens run as 4 blocks of 32 (the last one ragged)."""
+    monkeypatch.setattr(chunked_ffn, "MIN_ROWS_PER_BLOCK", 32)
+    monkeypatch.setattr(chunked_ffn, "ROW_ALIGNMENT", 16)
+
+
+@pytest.mark.parametrize(
+    "activation, dtype, chunk_size, bias2",
+    [
+        ("gelu_tanh", torch.float32, None, True),
+        ("gelu_tanh", torch.float32, 96, True),
+        ("swiglu", torch.float32, 96, False),
+        ("gelu", torch.bfloat16, None, False),
+        ("silu", torch.bfloat16, 96, True),
+        ("geglu", torch.bfloat16, 96, True),
+    ],
+)
+def test_cublas_down_matches_diffusers(small_token_blocks, kernel_allocations, activation, dtype, chunk_size, bias2):
+    """Triton up-kernel + PyTorch down GEMM: odd sizes, 4 token blocks, 1 or 3 hidden chunks (273 = 96 + 96 + 81)."""
+    ff, (w1, b1, w2, b2) = make_ffn(activation, dim=100, hidden=273, dim_out=70, dtype=dtype, bias2=bias2)
+    x = random_input((127, 100), dtype)
+    plan = cublas_plan(127, 273, 70, dtype, chunk_size)
+    assert plan.rows_per_block == 32
+    y = fused_chunked_ffn_with_plan(x.to(DEVICE), w1, b1, w2, b2, activation, plan)
+    assert y.shape == (127, 70) and y.dtype == dtype
+    assert rel_err(y, ff(x.double())) <= TOLERANCE[dtype]
+    assert kernel_allocations[0] == ((127, 70), dtype)
+    assert workspace_bytes(kernel_allocations) <= plan.workspace_bytes
+
+
+@pytest.mark.parametrize("bias2", [True, False])
+@pytest.mark.parametrize("fp32_gemm", [True, False], ids=["fp32-accumulator", "bf16-accumulation"])
+def test_cublas_down_bf16_hidden_chunks(small_token_blocks, kernel_allocations, monkeypatch, fp32_gemm, bias2):
+    """Several bf16 hidden chunks sum in the fp32 accumulator where PyTorch has ``out_dtype=torch.float32`` GEMMs,
+    else in bf16 without one. Both paths run on every machine: a CPU (no such GEMMs) emulates the fp32 one in fp32
+    (exact products of bf16 values, fp32 sums, as cuBLAS), a GPU is told it lacks them for the other."""
+    kernels = importlib.import_module(KERNEL_MODULE)
+    calls = []
+    if fp32_gemm and not kernels.fp32_output_gemm_supported(torch.device(DEVICE)):
+
+        def emulated_fp32_output_gemm(h, w_t, acc, accumulate):
+            calls.append(accumulate)
+            product = h.float() @ w_t.float()
+            acc.copy_(acc + product if accumulate else product)
+
+        monkeypatch.setattr(kernels, "_fp32_output_gemm", emulated_fp32_output_gemm)
+    monkeypatch.setattr(kernels, "fp32_output_gemm_supported", lambda device: fp32_gemm)
+    ff, (w1, b1, w2, b2) = make_ffn("swiglu", dim=40, hidden=100, dim_out=24, dtype=torch.bfloat16, bias2=bias2)
+    x = random_input((127, 40), torch.bfloat16)
+    plan = cublas_plan(127, 100, 24, torch.bfloat16, chunk_size=40)
+    assert plan.rows_per_block == 32
+    y = fused_chunked_ffn_with_plan(x.to(DEVICE), w1, b1, w2, b2, "swiglu", plan)
+    assert rel_err(y, ff(x.double())) <= TOLERANCE[torch.bfloat16]
+    slab_bytes = 32 * 40 * 2
+    assert workspace_bytes(kernel_allocations) == (plan.workspace_bytes if fp32_gemm else slab_bytes)
+    if DEVICE == "cpu" and fp32_gemm:
+        assert calls == [False, True, True] * 4  # 4 token blocks x 3 hidden chunks
+
+
+def test_fp32_output_gemm_probe_says_no_on_cpu():
+    assert importlib.import_module(KERNEL_MODULE).fp32_output_gemm_supported(torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize(
+    "activation, dtype, chunk_size",
+    [("gelu_tanh", torch.float32, None), ("swiglu", torch.bfloat16, 32), ("geglu", torch.float32, 32)],
+)
+def test_cublas_down_gradients_match_diffusers(activation, dtype, chunk_size):
+    """The backward (PyTorch, recomputing per hidden chunk) is the same for both down GEMMs; the plan reaches it."""
+    ff, weights = make_ffn(activation, dim=40, hidden=100, dim_out=24, dtype=dtype)
+    weights = [w.requires_grad_() for w in weights]
+    x = random_input((2, 17, 40), dtype)
+    grad_y = random_input((2, 17, 24), dtype)
+    x_kernel = x.to(DEVICE).detach().requires_grad_()
+    plan = cublas_plan(34, 100, 24, dtype, chunk_size)
+    fused_chunked_ffn_with_plan(x_kernel, *weights, activation, plan).backward(grad_y.to(DEVICE))
+    x_ref = x.detach().double().requires_grad_()
+    ff(x_ref).backward(grad_y.double())
+    references = [x_ref, ff.net[0].proj.weight, ff.net[0].proj.bias, ff.net[2].weight, ff.net[2].bias]
+    for name, mine, reference in zip(("x", "w1", "b1", "w2", "b2"), [x_kernel, *weights], references):
+        assert mine.grad.dtype == dtype, name
+        assert rel_err(mine.grad, reference.grad) <= TOLERANCE[dtype], name
+
+
+def test_unknown_down_gemm_is_refused():
+    _, (w1, b1, w2, b2) = make_ffn("gelu", 16, 48, 16, torch.float32)
+    plan = dataclasses.replace(plan_fused_ffn(3, 48, 16, 4), down_gemm="cutlass")
+    with pytest.raises(ValueError, match=r"plan.down_gemm must be one of \('triton', 'cublas'\), got 'cutlass'"):
+        fused_chunked_ffn_with_plan(torch.zeros(3, 16, device=DEVICE), w1, b1, w2, b2, "gelu", plan)
 
 
 BENCHMARK_SHAPES = {
