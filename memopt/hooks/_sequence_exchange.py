@@ -50,6 +50,7 @@ class AttentionState:
 class ReusedOutput:
     """A module output computed in one chunk and valid for the others while its input stays the same tensor."""
 
+    path: str
     input: torch.Tensor  # kept referenced, so its storage cannot be freed and reused while the block runs
     input_key: tuple
     output: torch.Tensor
@@ -84,6 +85,13 @@ class BlockRun:
         if kind == "query":
             return self.collecting == stage
         return self.collecting is None or self.collecting > stage  # key_value: already collected
+
+    def check_reused(self) -> None:
+        """Lock-step: chunks suspended at a barrier hold the outputs they were given; one modified in place since
+        (by a later chunk) would have changed under them."""
+        for reused in self.reused.values():
+            if reused.output._version != reused.output_version:
+                raise modified_under_suspended_chunks(reused.path)
 
     def check_answered(self, block_path: str) -> None:
         """Every attention module of an earlier stage must have seen the full K/V in this chunk."""
@@ -174,6 +182,13 @@ class BlockRun:
             local += sizes[stream]
             full += layout.lengths[stream] if layout.split[stream] else sizes[stream]
         return pieces, full
+
+
+def modified_under_suspended_chunks(path: str) -> RuntimeError:
+    return RuntimeError(
+        f"{path}: its output, computed once and shared by all chunks, was modified in place by the block while "
+        "other chunks were suspended holding it (lock-step schedule); use schedule='two_pass'"
+    )
 
 
 def check_call(path: str, call: AttentionCall) -> None:

@@ -79,7 +79,13 @@ from ._sequence_chunks import (
     positional_index,
     running,
 )
-from ._sequence_exchange import AttentionState, BlockRun, KeyValuesCollected, ReusedOutput
+from ._sequence_exchange import (
+    AttentionState,
+    BlockRun,
+    KeyValuesCollected,
+    ReusedOutput,
+    modified_under_suspended_chunks,
+)
 from ._sequence_model import (
     ModelRun,
     SequenceEmbedHook,
@@ -405,6 +411,7 @@ class SequenceChunkingHook(ModelHook):
                     where = ", ".join(f"chunk {c} at {names[b[0]]} call {b[1]}" for c, b in barriers)
                     raise RuntimeError(f"{self.path}: the chunks took different paths through the block ({finished} "
                                        f"finished; {where}); refusing to exchange K/V between them")
+            run.check_reused()
         finally:
             run.suspend = None
             for runner in runners:
@@ -515,8 +522,14 @@ class SequenceReuseHook(ModelHook):
     tensor arrives each time and the first output serves the others (bit-identical to recomputing, and what the
     unmodified model computes once). Reuse needs the very same input (storage, offset, shape, strides and version counter, the
     storage kept referenced so its memory cannot be handed to another tensor) and an output not modified in place
-    since; anything else, including inference tensors (no version counter), is computed as usual.
+    since; anything else, including inference tensors (no version counter), is computed as usual. In the lock-step
+    schedule an output modified in place is an error instead (suspended chunks hold it), checked again when the
+    block finishes.
     """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: BlockRun | None = running("block_run")
@@ -525,11 +538,14 @@ class SequenceReuseHook(ModelHook):
         if key is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         reused = run.reused.get(id(self))
-        if reused is not None and reused.input_key == key and reused.output._version == reused.output_version:
-            return reused.output
+        if reused is not None and reused.input_key == key:
+            if reused.output._version == reused.output_version:
+                return reused.output
+            if run.suspend is not None:
+                raise modified_under_suspended_chunks(self.path)
         output = self.fn_ref.original_forward(x)
         if isinstance(output, torch.Tensor) and not output.is_inference():
-            run.reused[id(self)] = ReusedOutput(x, key, output, output._version)
+            run.reused[id(self)] = ReusedOutput(self.path, x, key, output, output._version)
         return output
 
 
@@ -636,22 +652,22 @@ def _skip_hooks(
 
 
 def _reuse_hooks(
-    block: torch.nn.Module, plan: BlockPlan, attention: list[tuple[str, torch.nn.Module, JointAttention]]
+    path: str, block: torch.nn.Module, plan: BlockPlan, attention: list[tuple[str, torch.nn.Module, JointAttention]]
 ) -> Iterator[tuple[torch.nn.Module, SequenceReuseHook]]:
     """Reuse hooks for the plan's conditioning modules and for the key/value side of every attention module in the
     block that does not exchange K/V (cross-attention)."""
     for name in plan.conditioning:
         module = _submodule(block, name)
         if module is not None:
-            yield module, SequenceReuseHook()
+            yield module, SequenceReuseHook(f"{path}.{name}")
     exchanged = {id(module) for _, module, _ in attention}
-    for module in block.modules():
+    for name, module in block.named_modules():
         if id(module) in exchanged or not hasattr(module, "processor"):
             continue
         for child in _CROSS_ATTENTION_KEY_VALUE:
             submodule = getattr(module, child, None)
             if isinstance(submodule, torch.nn.Module):
-                yield submodule, SequenceReuseHook()
+                yield submodule, SequenceReuseHook(f"{path}.{name}.{child}")
 
 
 def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -784,7 +800,7 @@ def apply_sequence_chunking(
             report.attention.append(f"{path}.{name}")
         for module, skip_hook in _skip_hooks(path, block, block_plan, attention):
             register_memopt_hook(module, skip_hook, SEQUENCE_SKIP_HOOK)
-        for module, reuse_hook in _reuse_hooks(block, block_plan, attention):
+        for module, reuse_hook in _reuse_hooks(path, block, block_plan, attention):
             register_memopt_hook(module, reuse_hook, SEQUENCE_REUSE_HOOK)
         report.blocks.append(path)
         blocks.append(block)

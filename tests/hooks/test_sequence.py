@@ -260,14 +260,15 @@ def test_plan_errors_name_the_block():
         apply_sequence_chunking(model, plan=missing)
 
 
+@pytest.mark.parametrize("family", ["flux", "wan"])
 @pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
-def test_save_pretrained_and_lora_on_attention_projections(schedule, tmp_path):
+def test_save_pretrained_and_lora_on_attention_projections(family, schedule, tmp_path):
     """save_pretrained works with the hooks in place and saves the unchanged weights; LoRA adapters on the
-    projections sequence chunking skips or exchanges (to_q/to_k/to_v), added before or after applying, keep the
-    result."""
+    projections sequence chunking skips, exchanges (to_q/to_k/to_v) or reuses across chunks (Wan's cross-attention
+    to_k/to_v), added before or after applying, keep the result."""
     from peft import LoraConfig
 
-    _, model, inputs = build("flux")
+    _, model, inputs = build(family)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     apply_sequence_chunking(model, 4, schedule=schedule)
     model.save_pretrained(tmp_path)
@@ -322,7 +323,7 @@ def _attention_run(collecting: int | None) -> tuple[BlockRun, int]:
 
 def test_reused_outputs_are_recomputed_when_the_input_or_output_changed():
     linear = torch.nn.Linear(8, 8)
-    register_memopt_hook(linear, SequenceReuseHook(), SEQUENCE_REUSE_HOOK)
+    register_memopt_hook(linear, SequenceReuseHook("block.attn2.to_k"), SEQUENCE_REUSE_HOOK)
     x = torch.randn(2, 3, 8)
     RUNNING.block_run, _ = _attention_run(None)
     try:
@@ -343,6 +344,29 @@ def test_reused_outputs_are_recomputed_when_the_input_or_output_changed():
         RUNNING.block_run = None
     remove_memory_optimizations(linear)
     assert linear(x) is not linear(x)  # outside a chunked block run the module is untouched
+
+
+def test_lockstep_refuses_a_reused_output_modified_in_place():
+    """Suspended lock-step chunks hold the shared output: modifying it in place is an error, at the next use or when
+    the block finishes, never a changed input under another chunk."""
+    linear = torch.nn.Linear(8, 8)
+    register_memopt_hook(linear, SequenceReuseHook("block.norm1.linear"), SEQUENCE_REUSE_HOOK)
+    x = torch.randn(2, 8)
+    run, _ = _attention_run(None)
+    run.suspend = lambda barrier: None  # the lock-step schedule is running
+    RUNNING.block_run = run
+    try:
+        with torch.no_grad():
+            shared = linear(x)
+            run.check_reused()
+            shared.add_(1)
+            with pytest.raises(RuntimeError, match=r"block\.norm1\.linear: .*modified in place.*two_pass"):
+                run.check_reused()
+            with pytest.raises(RuntimeError, match=r"block\.norm1\.linear: .*modified in place"):
+                linear(x)
+    finally:
+        RUNNING.block_run = None
+    remove_memory_optimizations(linear)
 
 
 def test_a_skipped_norm_returns_its_input_in_the_norms_output_dtype():
