@@ -93,8 +93,9 @@ def test_one_block_per_list_simulates_the_full_depth(family: str, layers: dict, 
     full = simulate(lambda: spec.build(config), lambda m: spec.make_inputs(m.config, batch_size=1),
                     dtype=torch.float32, prepare=chunking.apply)
     assert estimate.activation.bytes == full.peak_bytes
-    # Scaled from one block; the last block answers the chunked output head's passes, a few ops more.
-    assert abs(estimate.num_ops - full.num_ops) <= 0.01 * full.num_ops
+    # Scaled from one block; the last block answers the chunked output head's passes, a few ops more, and the first
+    # builds the rotary grid indices every later block reuses (Wan), a few ops per chunk.
+    assert abs(estimate.num_ops - full.num_ops) <= 0.02 * full.num_ops
 
 
 @pytest.mark.parametrize("family, reference", [("wan", 8_609_224_000), ("flux", 486_067_204)])
@@ -128,7 +129,9 @@ def test_offloaded_plans_keep_the_output_head_whole() -> None:
     groups = offload_groups(model)
     with torch.no_grad():
         unmodified = trace_memory(model, **inputs)
-    budget = groups.resident_bytes(True) + unmodified.peak_bytes // 2  # less than the weights
+    # Less than the weights; 60% of the unmodified activations leaves 8 chunks room for their per-chunk state (a
+    # few 512-byte allocator blocks each, large next to this tiny model's activations).
+    budget = groups.resident_bytes(True) + unmodified.peak_bytes * 6 // 10
     assert budget < groups.total_bytes
     series = [[Chunking(sequence_chunks=n) for n in (2, 4, 8, 16)]]
     plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", series=series,

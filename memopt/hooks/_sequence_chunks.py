@@ -68,9 +68,12 @@ class DeferredTokens:
     def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict):
         self.path, self.producer, self.module, self.forward, self.call = path, producer, module, forward, call
         self.tokens = producer.tokens(module, call)
+        self._rows_of: Callable[[list[tuple[int, int]]], Any] | None = None  # built at the first request
 
     def rows(self, ranges: list[tuple[int, int]]) -> Any:
-        return self.producer.rows(self.module, self.call, ranges, self.forward)
+        if self._rows_of is None:
+            self._rows_of = self.producer.rows(self.module, self.call, self.forward)
+        return self._rows_of(ranges)
 
     def full(self) -> Any:
         return self.rows([(0, self.tokens)])

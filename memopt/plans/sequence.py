@@ -158,12 +158,14 @@ class TokenProducer:
 
     Attributes:
         tokens: ``(module, call) -> number of tokens the output covers``.
-        rows: ``(module, call, ranges, forward) -> the output for the tokens in ranges``, concatenated along the
-            token dim; ``forward`` is the module's original forward.
+        rows: ``(module, call, forward) -> rows_of``, called once per chunked forward (``forward`` is the module's
+            original forward); ``rows_of(ranges)`` returns the output for the tokens in ranges, concatenated along
+            the token dim. Every chunk of every block asks for its rows, so what does not depend on the chunk (the
+            per-axis tables of a factorised rotary embedding, the token positions) is built once, in ``rows``.
     """
 
     tokens: Callable[[torch.nn.Module, ProducerCall], int]
-    rows: Callable[[torch.nn.Module, ProducerCall, TokenRanges, Callable[..., Any]], Any]
+    rows: Callable[[torch.nn.Module, ProducerCall, Callable[..., Any]], Callable[[TokenRanges], Any]]
 
 
 @dataclass(frozen=True)
@@ -210,11 +212,37 @@ def _take(tensor: torch.Tensor, dim: int, ranges: TokenRanges) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
-def _token_grid(ranges: TokenRanges, sizes: tuple[int, int, int], device: torch.device) -> list[torch.Tensor]:
-    """(frame, row, column) indices of the given tokens of a row-major ``sizes`` grid."""
-    index = torch.cat([torch.arange(start, end, device=device) for start, end in ranges])
+def _token_grid(ranges: TokenRanges, sizes: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """``(3, tokens)`` int32 (frame, row, column) indices of the given tokens of a row-major ``sizes`` grid (one
+    small tensor, as it is kept)."""
+    index = torch.cat([torch.arange(start, end, device=device, dtype=torch.int32) for start, end in ranges])
     _, rows, columns = sizes
-    return [index // (rows * columns), index // columns % rows, index % columns]
+    return torch.stack([index // (rows * columns), index // columns % rows, index % columns])
+
+
+class _AxisGather:
+    """Rows of a rotary table that factorises over a row-major (frames, rows, columns) token grid.
+
+    A token's ``cos`` (``sin``) row is the concatenation of its frame's, row's and column's rows of three per-axis
+    tables (Wan, HunyuanVideo), so a chunk's rows are a gather per axis and a concatenation: the same numbers the
+    module computes for those tokens. Each chunk's grid indices (three int32 a token, one tensor) are kept for the
+    forward: every block asks for the same chunks twice.
+    """
+
+    def __init__(self, axes: list[tuple[torch.Tensor, torch.Tensor]], sizes: tuple[int, int, int]) -> None:
+        self.axes, self.sizes = axes, sizes  # per axis: (cos, sin) rows per position
+        self.grids: dict[tuple[tuple[int, int], ...], torch.Tensor] = {}
+
+    def __call__(self, ranges: TokenRanges) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``(tokens, head dim)``."""
+        key = tuple(ranges)
+        grid = self.grids.get(key)
+        if grid is None:
+            grid = self.grids[key] = _token_grid(ranges, self.sizes, self.axes[0][0].device)
+        indices = grid.unbind()
+        cos = torch.cat([axis_cos[index] for (axis_cos, _), index in zip(self.axes, indices)], dim=-1)
+        sin = torch.cat([axis_sin[index] for (_, axis_sin), index in zip(self.axes, indices)], dim=-1)
+        return cos, sin
 
 
 def _wan_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
@@ -223,26 +251,28 @@ def _wan_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
     return frames // p_t * (height // p_h) * (width // p_w)
 
 
-def _wan_rope_rows(rope: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
+def _wan_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
     """Wan's ``(1, S, 1, head_dim)`` tables for some tokens: the per-axis rows of its frequency buffers, gathered."""
     _, _, frames, height, width = call["hidden_states"].shape
     p_t, p_h, p_w = rope.patch_size
-    grid = _token_grid(ranges, (frames // p_t, height // p_h, width // p_w), rope.freqs_cos.device)
     sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
-    tables = []
-    for freqs in (rope.freqs_cos, rope.freqs_sin):
-        axes = freqs.split(sizes, dim=1)
-        tables.append(torch.cat([axis[index] for axis, index in zip(axes, grid)], dim=-1)[None, :, None, :])
-    return tuple(tables)
+    axes = list(zip(rope.freqs_cos.split(sizes, dim=1), rope.freqs_sin.split(sizes, dim=1)))  # views, no copies
+    gather = _AxisGather(axes, (frames // p_t, height // p_h, width // p_w))
+
+    def rows_of(ranges: TokenRanges) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = gather(ranges)
+        return cos[None, :, None, :], sin[None, :, None, :]
+
+    return rows_of
 
 
 def _flux_rope_tokens(pos_embed: torch.nn.Module, call: ProducerCall) -> int:
     return call["ids"].shape[0]
 
 
-def _flux_rope_rows(pos_embed: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
+def _flux_rope_rows(pos_embed: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
     """Flux's tables are a function of each token's position ids: run the module on the chunk's ids."""
-    return forward(_take(call["ids"], 0, ranges))
+    return lambda ranges: forward(_take(call["ids"], 0, ranges))
 
 
 def _hunyuan_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
@@ -250,16 +280,18 @@ def _hunyuan_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
     return frames // rope.patch_size_t * (height // rope.patch_size) * (width // rope.patch_size)
 
 
-def _hunyuan_rope_rows(rope: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
-    """HunyuanVideo's ``(S, head_dim)`` tables for some tokens: its per-axis 1-D embeddings of their positions."""
+def _hunyuan_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
+    """HunyuanVideo's ``(S, head_dim)`` tables for some tokens: its per-axis 1-D embeddings of their positions, made
+    once per axis position and gathered (elementwise functions of the position, so the same numbers)."""
     _, _, frames, height, width = call["hidden_states"].shape
     sizes = (frames // rope.patch_size_t, height // rope.patch_size, width // rope.patch_size)
-    grid = _token_grid(ranges, sizes, call["hidden_states"].device)
-    freqs = [
-        get_1d_rotary_pos_embed(rope.rope_dim[axis], grid[axis].to(torch.float32), rope.theta, use_real=True)
-        for axis in range(3)
+    device = call["hidden_states"].device
+    axes = [
+        get_1d_rotary_pos_embed(rope.rope_dim[axis], torch.arange(size, device=device, dtype=torch.float32), rope.theta,
+                                use_real=True)
+        for axis, size in enumerate(sizes)
     ]
-    return torch.cat([f[0] for f in freqs], dim=1), torch.cat([f[1] for f in freqs], dim=1)
+    return _AxisGather(axes, sizes)
 
 
 def _ltx_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
@@ -268,35 +300,41 @@ def _ltx_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
     return call["num_frames"] * call["height"] * call["width"]
 
 
-def _ltx_rope_rows(rope: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
+def _ltx_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
     """LTX tables for some tokens: the module's own ``video_coords`` path on those tokens.
 
     Without ``video_coords`` the module builds a latent grid and uses it as is; with them it divides them by its base
     sizes. Multiplying the grid rows by the base sizes first gives the same grid (exactly for integer positions).
+    The grid is rebuilt per chunk rather than kept: it is ``(B, S, 3)`` fp32, the size of a per-token table.
     """
-    coords = call["video_coords"]
-    if coords is None:
-        hidden_states = call["hidden_states"]
-        grid = rope._prepare_video_coords(
-            hidden_states.size(0), call["num_frames"], call["height"], call["width"],
-            rope_interpolation_scale=call["rope_interpolation_scale"], device=hidden_states.device,
-        )
-        grid = _take(grid, 1, ranges)
-        bases = (rope.base_num_frames, rope.base_height, rope.base_width)
-        coords = torch.stack([grid[..., axis] * base for axis, base in enumerate(bases)], dim=1)
-    else:
-        coords = _take(coords, -1, ranges)
-    return forward(call["hidden_states"], video_coords=coords)
+
+    def rows_of(ranges: TokenRanges) -> Any:
+        coords = call["video_coords"]
+        if coords is None:
+            hidden_states = call["hidden_states"]
+            grid = rope._prepare_video_coords(
+                hidden_states.size(0), call["num_frames"], call["height"], call["width"],
+                rope_interpolation_scale=call["rope_interpolation_scale"], device=hidden_states.device,
+            )
+            grid = _take(grid, 1, ranges)
+            bases = (rope.base_num_frames, rope.base_height, rope.base_width)
+            coords = torch.stack([grid[..., axis] * base for axis, base in enumerate(bases)], dim=1)
+        else:
+            coords = _take(coords, -1, ranges)
+        return forward(call["hidden_states"], video_coords=coords)
+
+    return rows_of
 
 
 def _mochi_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
     return call["num_frames"] * call["height"] * call["width"]
 
 
-def _mochi_rope_rows(rope: torch.nn.Module, call: ProducerCall, ranges: TokenRanges, forward: Callable) -> Any:
-    """Mochi tables for some tokens: positions are computed whole (3 numbers a token), then the chunk's rows."""
+def _mochi_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
+    """Mochi tables for some tokens: positions are computed whole once per forward (3 numbers a token), then each
+    chunk's rows from its positions."""
     positions = rope._get_positions(call["num_frames"], call["height"], call["width"], call["device"], call["dtype"])
-    return rope._create_rope(call["pos_frequencies"], _take(positions, 0, ranges))
+    return lambda ranges: rope._create_rope(call["pos_frequencies"], _take(positions, 0, ranges))
 
 
 _IMAGE_TOKENS = SequenceSplit(1, 3)

@@ -402,3 +402,38 @@ def test_a_plan_naming_a_shape_changing_module_as_a_norm_is_an_error():
     finally:
         RUNNING.block_run = None
     remove_memory_optimizations(not_a_norm)
+
+
+@pytest.mark.parametrize("family, token_dim", [("wan", 1), ("hunyuanvideo", 0), ("flux", 0), ("ltx", 1), ("mochi", 0)])
+def test_producer_rows_are_the_modules_own_rows(family, token_dim):
+    """A chunk's rows of a deferred per-token table (rotary embeddings) equal those rows of the module's own output,
+    for single and multi-piece token ranges, asked for repeatedly (Wan and HunyuanVideo keep each chunk's grid)."""
+    import inspect
+
+    _, model, inputs = build(family)
+    plan = SEQUENCE_PLANS[type(model).__name__]
+    (path, producer), = plan.producers.items()
+    module = model.get_submodule(path)
+    seen = {}
+
+    def capture(module, args, kwargs, output):
+        bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        seen["call"], seen["output"] = dict(list(bound.arguments.items())[1:]), output
+
+    handle = module.register_forward_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    call, full = seen["call"], seen["output"]
+    tokens = producer.tokens(module, call)
+    rows_of = producer.rows(module, call, module.forward)
+    for ranges in ([(0, tokens)], [(3, 11)], [(0, 2), (tokens - 5, tokens)], [(3, 11)]):
+        expected = [torch.cat([t.narrow(token_dim, start, end - start) for start, end in ranges], token_dim)
+                    for t in full]
+        with torch.no_grad():
+            got = rows_of(ranges)
+        assert len(got) == len(expected)
+        for mine, theirs in zip(got, expected):
+            assert mine.shape == theirs.shape and mine.dtype == theirs.dtype, (family, ranges)
+            assert torch.equal(mine, theirs), (family, ranges)  # bit-identical: per-token functions
