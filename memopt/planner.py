@@ -162,26 +162,30 @@ class DeviceProfile:
         device = torch.device(device)
         if device.type != "cuda":
             return cls.defaults(device, dtype)
-        a = torch.randn(8192, 8192, device=device, dtype=dtype)
-        host = torch.empty(256 * 1024**2, dtype=torch.uint8).pin_memory()
-
-        def timed(fn: Callable[[], Any], repeats: int) -> float:
-            fn()
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                fn()
-            torch.cuda.synchronize(device)
-            return (time.perf_counter() - start) / repeats
-
-        matmul = timed(lambda: a @ a, 10)
-        copy = timed(lambda: host.to(device, non_blocking=True), 4)
-        small = torch.ones(16, device=device)
-        op = timed(lambda: small.add_(1), 200)
-        flops, copy_bytes = 2 * 8192**3 / matmul, host.numel() / copy
-        del a, host, small
-        torch.cuda.empty_cache()
+        flops, copy_bytes, op = _measure_speeds(device, dtype)
+        torch.cuda.empty_cache()  # the test buffers are gone with _measure_speeds' frame
         return cls(f"measured on {torch.cuda.get_device_name(device)}", flops, copy_bytes, op)
+
+
+def _measure_speeds(device: torch.device, dtype: torch.dtype) -> tuple[float, float, float]:
+    """``(matmul FLOP/s, pinned H2D bytes/s, seconds per small op)`` on a CUDA device."""
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    host = torch.empty(256 * 1024**2, dtype=torch.uint8).pin_memory()
+    small = torch.ones(16, device=device)
+
+    def timed(fn: Callable[[], Any], repeats: int) -> float:
+        fn()
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / repeats
+
+    matmul = timed(lambda: a @ a, 10)
+    copy = timed(lambda: host.to(device, non_blocking=True), 4)
+    op = timed(lambda: small.add_(1), 200)
+    return 2 * 8192**3 / matmul, host.numel() / copy, op
 
 
 # ------------------------------------------------------------------------------------------------ chunking
