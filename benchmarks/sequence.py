@@ -20,6 +20,7 @@ Run::
     python benchmarks/sequence.py                                   # CPU, all families -> results/sequence_cpu.md
     python benchmarks/sequence.py --device cuda --families wan hunyuanvideo --repeats 2 \\
         --output benchmarks/results/sequence_h100.md                # full-size Wan2.1-14B 720p, HunyuanVideo 720p
+    python benchmarks/sequence.py --device cuda --families wan --num-chunks 8 16 32   # time against chunk count
 """
 
 from __future__ import annotations
@@ -164,9 +165,10 @@ def timing(model: torch.nn.Module, inputs: dict, device: str, repeats: int, num_
     return {"num_chunks": configured_chunks, "variants": variants}
 
 
-def bench_cpu(family: str, repeats: int, budget: float, num_chunks: int | None,
-              schedules: tuple[str, ...]) -> dict[str, Any]:
-    """The largest bench size whose baseline forward leaves room for the timed rounds within ``budget`` seconds."""
+def bench_cpu(family: str, repeats: int, budget: float, chunk_counts: list[int | None],
+              schedules: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The largest bench size whose baseline forward leaves room for the timed rounds within ``budget`` seconds; one
+    row per chunk count (``None``: the family plan's)."""
     spec = get_family(family)
     chosen = None
     for size in BENCH_SIZES[family]:
@@ -179,13 +181,14 @@ def bench_cpu(family: str, repeats: int, budget: float, num_chunks: int | None,
             break
         chosen = (size, model, inputs)
     size, model, inputs = chosen
-    result = timing(model, inputs, "cpu", repeats, num_chunks, schedules)
-    return {"family": family, "config": "bench", "tokens": spec.num_tokens(model.config, size),
-            "hidden": spec.hidden_size(model.config), "size": size, "dtype": "fp32", **result}
+    row = {"family": family, "config": "bench", "tokens": spec.num_tokens(model.config, size),
+           "hidden": spec.hidden_size(model.config), "size": size, "dtype": "fp32"}
+    return [{**row, **timing(model, inputs, "cpu", repeats, num_chunks, schedules)} for num_chunks in chunk_counts]
 
 
 def bench_cuda(family: str, repeats: int, config_name: str, size_name: str, dtype: torch.dtype,
-               num_chunks: int | None, schedules: tuple[str, ...]) -> dict[str, Any]:
+               chunk_counts: list[int | None], schedules: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The released config at a real size, built once; one row per chunk count (``None``: the family plan's)."""
     spec = get_family(family)
     config, size = spec.config(config_name), spec.size(size_name)
     default_dtype = torch.get_default_dtype()
@@ -198,10 +201,9 @@ def bench_cuda(family: str, repeats: int, config_name: str, size_name: str, dtyp
     cast_floating_(model, dtype)  # _keep_in_fp32_modules back to fp32, as from_pretrained(torch_dtype=dtype)
     inputs = _inputs(spec, model, size, "cuda", dtype)
     _forward_seconds(model, inputs, "cuda")  # warm-up (kernels, allocator)
-    result = timing(model, inputs, "cuda", repeats, num_chunks, schedules)
-    return {"family": family, "config": config_name, "tokens": spec.num_tokens(model.config, size),
-            "hidden": spec.hidden_size(model.config), "size": size, "dtype": str(dtype).replace("torch.", ""),
-            **result}
+    row = {"family": family, "config": config_name, "tokens": spec.num_tokens(model.config, size),
+           "hidden": spec.hidden_size(model.config), "size": size, "dtype": str(dtype).replace("torch.", "")}
+    return [{**row, **timing(model, inputs, "cuda", repeats, num_chunks, schedules)} for num_chunks in chunk_counts]
 
 
 def _maybe(value: float | None, spec: str) -> str:
@@ -251,7 +253,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (one forward of each variant per round)")
     parser.add_argument("--budget", type=float, default=60.0, help="CPU: seconds allowed per family for the timing")
-    parser.add_argument("--num-chunks", type=int, default=None, help="default: the family plan's")
+    parser.add_argument("--num-chunks", type=int, nargs="+", default=None,
+                        help="one timing row per count (each against the unmodified model); default: the family plan's")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES,
                         help="sequence-chunking schedules to measure beside the unmodified model")
     parser.add_argument("--config", default="full", help="CUDA: zoo config name (full, 1.3b, ...)")
@@ -272,6 +275,7 @@ def main() -> None:
 
     start, load = time.perf_counter(), os.getloadavg()[0]
     growth_rows, timing_rows = [], []
+    chunk_counts: list[int | None] = args.num_chunks or [None]
     for family in families:
         if args.device == "cpu":
             growth = {"family": family, "num_chunks": SEQUENCE_PLANS[get_family(family).class_name].num_chunks,
@@ -280,13 +284,12 @@ def main() -> None:
                 growth[schedule] = activation_growth(family, functools.partial(apply_sequence_chunking,
                                                                                schedule=schedule))
             growth_rows.append(growth)
-            timing_rows.append(bench_cpu(family, args.repeats, args.budget, args.num_chunks, schedules))
+            rows = bench_cpu(family, args.repeats, args.budget, chunk_counts, schedules)
         else:
-            timing_rows.append(
-                bench_cuda(family, args.repeats, args.config, args.size, torch.bfloat16, args.num_chunks, schedules)
-            )
+            rows = bench_cuda(family, args.repeats, args.config, args.size, torch.bfloat16, chunk_counts, schedules)
             torch.cuda.empty_cache()
-        print(markdown(growth_rows[-1:], timing_rows[-1:], args.device), flush=True)
+        timing_rows += rows
+        print(markdown(growth_rows[-1:], rows, args.device), flush=True)
     threads = torch.get_num_threads()
     cpu_name = f"CPU, {threads} thread{'s' * (threads > 1)}"
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name
