@@ -475,8 +475,8 @@ class SequenceSkipHook(ModelHook):
     K/V are collected) or ``"before_attention"`` (a branch computed before the first attention and used after it).
     Linear-like modules return dense zeros (the code after them may write into them), parameter-free
     (elementwise) ones a zero-stride view, and a norm (``norm=True``: the query/key norms after skipped projections)
-    its own input, the zeros, cast to the dtype the norm returns for that input dtype (learned from one real call), so
-    the normalisation of numbers nobody reads costs no kernels either.
+    its own input, the zeros, cast to the dtype the norm returns for that input dtype and its own parameter dtypes
+    (learned from one real call each), so the normalisation of numbers nobody reads costs no kernels either.
     """
 
     def __init__(self, kind: str, attention_id: int | None, path: str, norm: bool = False) -> None:
@@ -485,7 +485,8 @@ class SequenceSkipHook(ModelHook):
         self.attention_id = attention_id
         self.path = path
         self.norm = norm
-        self._norm_dtypes: dict[torch.dtype, torch.dtype] = {}  # input dtype -> output dtype of the norm
+        # (input dtype, the norm's parameter dtypes) -> output dtype of the norm
+        self._norm_dtypes: dict[tuple[torch.dtype, ...], torch.dtype] = {}
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: BlockRun | None = running("block_run")
@@ -495,14 +496,15 @@ class SequenceSkipHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         if self.norm:
-            return self._norm_stand_in(x, args, kwargs)
+            return self._norm_stand_in(module, x, args, kwargs)
         out_features = getattr(module, "out_features", None)
         if out_features is not None:
             return x.new_zeros(*x.shape[:-1], out_features)
         return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
 
-    def _norm_stand_in(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        dtype = self._norm_dtypes.get(x.dtype)
+    def _norm_stand_in(self, module: torch.nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        key = (x.dtype, *(parameter.dtype for parameter in module.parameters(recurse=False)))
+        dtype = self._norm_dtypes.get(key)
         if dtype is not None:
             return x if dtype == x.dtype else x.to(dtype)
         output = self.fn_ref.original_forward(*args, **kwargs)
@@ -510,7 +512,7 @@ class SequenceSkipHook(ModelHook):
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise ValueError(f"{self.path}: the plan names it as a query/key norm, but it maps {tuple(x.shape)} to "
                              f"{shape}; only shape-preserving norms can be skipped")
-        self._norm_dtypes[x.dtype] = output.dtype
+        self._norm_dtypes[key] = output.dtype
         return output
 
 
