@@ -9,7 +9,8 @@ the unmodified model in the same run:
 * **time**: forward time of the chunked model / the unmodified one, median over ``--repeats`` rounds, each round one
   forward of each variant back to back (all see the same load on a shared machine), with the activation peak, the
   number of aten ops the tracer sees (composite ops such as RMSNorm decomposed, views included: more than the
-  kernels a GPU launches) and the busy share of one profiled forward of each variant. On the CPU (one thread by default):
+  kernels a GPU launches) and the busy share of one profiled forward of each variant. On the CPU (one thread by
+  default):
   a wider bench config (8 heads x 64 = 512, two blocks) at the largest of a few sizes whose runs fit in
   ``--budget`` seconds; chunks there hold 100-300 tokens, so per-op costs weigh more than on a GPU. On CUDA
   (``--device cuda``): the released configs (``--config full``) at the family's default size in bf16, with the
@@ -176,8 +177,8 @@ def bench_cpu(family: str, repeats: int, budget: float, chunk_counts: list[int |
         model = spec.build(config).to(torch.float32)
         inputs = _inputs(spec, model, size, "cpu", text_tokens=BENCH_TEXT_TOKENS)
         seconds = _forward_seconds(model, inputs, "cpu")
-        # rounds of (baseline + two schedules at ~1.5x) plus three traced runs, which cost several forwards each
-        if chosen is not None and seconds * (4 * repeats + 9) > budget:
+        # per chunk count: rounds of (baseline + two schedules at ~1.5x) plus three traced runs, several forwards each
+        if chosen is not None and seconds * len(chunk_counts) * (4 * repeats + 9) > budget:
             break
         chosen = (size, model, inputs)
     size, model, inputs = chosen
@@ -303,7 +304,8 @@ def main() -> None:
         "bytes per element. Time ratio: median over rounds of chunked / unmodified, one forward of each variant per "
         "round. Busy: time the device spent in kernels during one forward under torch.profiler (CUDA kernels; on the "
         "CPU, time inside aten ops); idle: the rest of that forward's wall time, spent waiting for the host (Python, "
-        "hooks, op dispatch). Schedules: two_pass (the default: K/V collected in a first pass, the part before attention rerun) and "
+        "hooks, op dispatch). Schedules: two_pass (the default: K/V collected in a first pass, the part before "
+        "attention rerun) and "
         "lockstep (chunks suspended at their attention call until all K/V exist: nothing rerun, every chunk's "
         "pre-attention state alive at once).",
         "",

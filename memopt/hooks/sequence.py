@@ -522,11 +522,11 @@ class SequenceReuseHook(ModelHook):
     The key/value side of chunk-local cross-attention reads the text or image-prompt tokens, and the modulation
     layers of adaptive norms the timestep embedding; both are block arguments passed whole to every chunk, so the same
     tensor arrives each time and the first output serves the others (bit-identical to recomputing, and what the
-    unmodified model computes once). Reuse needs the very same input (storage, offset, shape, strides and version counter, the
-    storage kept referenced so its memory cannot be handed to another tensor) and an output not modified in place
-    since; anything else, including inference tensors (no version counter), is computed as usual. In the lock-step
-    schedule an output modified in place is an error instead (suspended chunks hold it), checked again when the
-    block finishes.
+    unmodified model computes once). Reuse needs the very same input (storage, offset, shape, strides and version
+    counter, the storage kept referenced so its memory cannot be handed to another tensor) and an output not modified
+    in place since; anything else, including inference tensors (no version counter), is computed as usual. In the
+    lock-step schedule an output modified in place is an error instead (suspended chunks hold it), checked again when
+    the block finishes.
     """
 
     def __init__(self, path: str) -> None:
@@ -637,7 +637,8 @@ def _skip_hooks(
 ) -> Iterator[tuple[torch.nn.Module, SequenceSkipHook]]:
     for name in plan.unused_before_attention:
         module_path = f"{path}.{name}"
-        yield _skippable(module_path, block.get_submodule(name)), SequenceSkipHook("before_attention", None, module_path)
+        hook = SequenceSkipHook("before_attention", None, module_path)
+        yield _skippable(module_path, block.get_submodule(name)), hook
     for name, attention_module, spec in attention:
         for kind, projections, norms in (
             ("query", spec.query, spec.query_norms),

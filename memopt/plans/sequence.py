@@ -376,7 +376,8 @@ _SINGLE_STREAM_MLP = ("proj_mlp", "act_mlp")
 
 
 def _adaptive_norms(*norms: str) -> tuple[str, ...]:
-    """The timestep-modulation layers of diffusers' adaptive norms (``AdaLayerNormZero`` and kin): ``silu``, ``linear``."""
+    """The timestep-modulation layers of diffusers' adaptive norms (``AdaLayerNormZero`` and kin): ``silu`` and
+    ``linear``."""
     return tuple(f"{norm}.{layer}" for norm in norms for layer in ("silu", "linear"))
 
 
