@@ -131,7 +131,7 @@ class FamilySpec:
         otherwise. ``masked=True`` pads the last quarter of the text tokens out with the encoder mask, for
         families whose forward takes one.
         """
-        tiny = self.hidden_size(config) <= 256
+        tiny = _is_tiny(config)
         base = self.size("tiny" if tiny else "default")
         size = Size(height or base.height, width or base.width, num_frames or base.num_frames if self.video else 1)
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -180,6 +180,11 @@ def _cfg(config: Any, key: str) -> Any:
     return config[key] if isinstance(config, Mapping) else getattr(config, key)
 
 
+def _is_tiny(config: Any) -> bool:
+    """A test-sized config (token width <= 256): inputs get few text/image-encoder tokens and the tiny size."""
+    return _cfg(config, "num_attention_heads") * _cfg(config, "attention_head_dim") <= 256
+
+
 def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
@@ -207,16 +212,24 @@ def _wan_tokens(config: Any, size: Size) -> int:
 
 
 def _wan_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
-    """Wan T2V: latents (B, C, F', H/8, W/8), umT5 text states, integer timestep."""
+    """Wan: latents (B, C, F', H/8, W/8) (image-conditioned models concatenate the condition latents on C), umT5
+    text states, integer timestep, and for models with an image encoder (``image_dim``, Wan I2V / ChronoEdit) its
+    CLIP states: 257 tokens at full size, 5 at tiny configs."""
     _check_divisible("wan", size, 16)
     latents = _randn(generator, batch, _cfg(config, "in_channels"), _latent_frames(size.num_frames, 4),
                      size.height // 8, size.width // 8, dtype=dtype, device=device)
-    return {
+    inputs = {
         "hidden_states": latents,
         "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
         "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_dim"), dtype=dtype,
                                         device=device),
     }
+    image_dim = _cfg(config, "image_dim")
+    if image_dim:
+        image_tokens = 5 if _is_tiny(config) else 257
+        inputs["encoder_hidden_states_image"] = _randn(generator, batch, image_tokens, image_dim, dtype=dtype,
+                                                       device=device)
+    return inputs
 
 
 # ----------------------------------------------------------------------------------------------- Flux
@@ -388,6 +401,23 @@ FAMILIES: dict[str, FamilySpec] = {
             },
             sizes={"default": Size(720, 1280, 81), "tiny": Size(48, 80, 5)},
             extra_sizes={"480p": Size(480, 832, 81)},
+            text_tokens=512,
+            make_inputs_fn=_wan_inputs,
+            num_tokens_fn=_wan_tokens,
+        ),
+        FamilySpec(
+            name="chronoedit",
+            class_name="ChronoEditTransformer3DModel",
+            configs={
+                "full": {"in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120},  # ChronoEdit-14B (Wan I2V)
+                "tiny": {**_TINY_HEADS, "in_channels": 8, "out_channels": 4, "text_dim": 24, "freq_dim": 16,
+                         "ffn_dim": 80, "num_layers": 2, "rope_max_seq_len": 64, "image_dim": 20,
+                         "added_kv_proj_dim": 32},
+            },
+            # An edit is 5 frames (2 latent frames: the input image and the edited one) unless temporal reasoning
+            # is on, which generates a short video between them.
+            sizes={"default": Size(720, 1280, 5), "tiny": Size(96, 160, 5)},
+            extra_sizes={"reasoning": Size(720, 1280, 29)},
             text_tokens=512,
             make_inputs_fn=_wan_inputs,
             num_tokens_fn=_wan_tokens,

@@ -767,9 +767,12 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
         parts["other components kept on the device"] = other
     dominant = max(parts, key=parts.get)
     breakdown = " + ".join(f"{label} {format_bytes(nbytes)}" for label, nbytes in parts.items())
+    errors = dict.fromkeys(e.error for e in cache.values() if e.error)  # one line per reason, in order
+    unavailable = f" Not available for this model: {'; '.join(errors)}" if errors else ""
     return (f"{name}: nothing fits the budget of {format_bytes(budget)}. The smallest peak memopt can reach is "
             f"{format_bytes(best.peak_bytes)} ({best.placement}, {best.chunking.describe()}): {breakdown}. "
-            f"It is dominated by {dominant}. Give a larger budget, or generate at a smaller size or batch.")
+            f"It is dominated by {dominant}.{unavailable} Give a larger budget, or generate at a smaller size or "
+            "batch.")
 
 
 def floor_bytes(model: torch.nn.Module, offload: OffloadConfig | None) -> tuple[int, str]:

@@ -172,6 +172,41 @@ def test_nothing_fits_says_the_smallest_peak_and_what_dominates() -> None:
     assert "dominated by weights on the device (the whole model)" in message
 
 
+def _cogview4_tiny() -> tuple[torch.nn.Module, dict]:
+    """A real diffusers family memopt has no sequence plan for (its FeedForwards are found by type)."""
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(0)
+    model = CogView4Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                       num_layers=2, text_embed_dim=24, time_embed_dim=16, condition_dim=8,
+                                       rope_axes_dim=(8, 8)).eval()
+    sizes = torch.tensor([[64, 64], [64, 64]])
+    inputs = dict(hidden_states=torch.randn(2, 4, 20, 28), encoder_hidden_states=torch.randn(2, 8, 24),
+                  timestep=torch.full((2,), 999), original_size=sizes, target_size=sizes,
+                  crop_coords=torch.zeros(2, 2, dtype=torch.long), return_dict=False)
+    return model, inputs
+
+
+def test_a_family_without_a_sequence_plan_is_planned_with_what_applies() -> None:
+    """No sequence plan: the planner chunks the FeedForwards (exactly), and when even that does not fit, the error
+    says sequence chunking is unavailable for the model and why."""
+    model, inputs = _cogview4_tiny()
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        unmodified = trace_memory(model, **inputs)
+    budget = unmodified.baseline_bytes + unmodified.peak_bytes - 1
+    plan = plan_denoiser(model, (), inputs, budget=budget, device="cpu")
+    assert plan.chunking.feedforward_chunks and not plan.chunking.sequence_chunks
+    plan.apply(model)
+    with torch.no_grad():
+        out = model(**inputs)[0]
+    remove_memopt_hooks(model)
+    assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
+    with pytest.raises(BudgetError, match="Not available for this model: .*no sequence plan for "
+                                         "CogView4Transformer2DModel"):
+        plan_denoiser(model, (), inputs, budget=unmodified.baseline_bytes + 64, device="cpu")
+
+
 @pytest.mark.parametrize("family", ["wan", "hunyuanvideo", "flux"])
 def test_full_size_fits_4_5_gib_with_offloading_and_chunking(family: str) -> None:
     """Wan2.1-14B 720p/81f, HunyuanVideo 720p/129f, Flux.1-dev 1024x1024: one forward within 4.5 GiB of device memory

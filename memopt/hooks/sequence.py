@@ -47,6 +47,7 @@ This module holds the block hook, the schedules and ``apply_sequence_chunking``;
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -588,14 +589,24 @@ def _iter_blocks(model: torch.nn.Module, plan: SequencePlan) -> Iterator[tuple[s
             yield path, module, block_plan
 
 
+def _block_metadata(block: torch.nn.Module, plan: BlockPlan) -> TransformerBlockMetadata | None:
+    """The block's argument names and output layout: the plan's, else diffusers' registry entry, else ``None``."""
+    if plan.metadata is not None:
+        return dataclasses.replace(plan.metadata, _cls=type(block), _cached_parameter_indices=None)
+    try:
+        return TransformerBlockRegistry.get(type(block))
+    except ValueError:
+        return None
+
+
 def _prepare_block(
     path: str, block: torch.nn.Module, plan: BlockPlan
 ) -> tuple[str | None, list[tuple[str, torch.nn.Module, JointAttention]]]:
     """Check one block against its plan: ``(reason to skip or None, [(name, attention module, spec)])``."""
-    try:
-        metadata = TransformerBlockRegistry.get(type(block))
-    except ValueError:
-        return f"{type(block).__name__} is not in diffusers' TransformerBlockRegistry (output layout unknown)", []
+    metadata = _block_metadata(block, plan)
+    if metadata is None:
+        return (f"{type(block).__name__} is not in diffusers' TransformerBlockRegistry and its plan gives no metadata "
+                "(output layout unknown)"), []
     image_spec = plan.inputs.get(metadata.hidden_states_argument_name)
     if not isinstance(image_spec, SequenceSplit) or image_spec.segments != ("image",) or image_spec.split_dim != 1:
         raise ValueError(
@@ -795,7 +806,7 @@ def apply_sequence_chunking(
         if reason is not None:
             report.skipped.append((path, reason))
             continue
-        metadata = TransformerBlockRegistry.get(type(block))
+        metadata = _block_metadata(block, block_plan)
         hook = SequenceChunkingHook(config, path, block_plan, metadata, attention)
         register_memopt_hook(block, hook, SEQUENCE_BLOCK_HOOK)
         for name, attention_module, _ in attention:

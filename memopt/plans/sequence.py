@@ -10,7 +10,9 @@ them for tuple arguments such as ``(cos, sin)`` rotary embeddings), and where a 
 dims are the ones it declares (Wan ``rope`` dim 1 of 4, LTX ``rope`` dim 1 of 3, QwenImage ``pos_embed`` dim 0 of 2,
 Flux ``img_ids``/``txt_ids`` dim 0, QwenImage ``modulate_index`` / ``encoder_hidden_states_mask`` dim 1 of 2, Wan
 per-token ``timestep`` dim 1); ``tests/hooks/test_sequence.py`` checks that they agree. HunyuanVideo, CogVideoX,
-SD3 and Mochi have no ``_cp_plan`` in diffusers 0.42; their plans below are memopt's.
+SD3 and Mochi have no ``_cp_plan`` in diffusers 0.42; their plans below are memopt's. Block classes missing from
+diffusers' ``TransformerBlockRegistry`` (ChronoEdit's copy of ``WanTransformerBlock``) get their layout from
+``BlockPlan.metadata``.
 
 Vocabulary:
 
@@ -32,11 +34,13 @@ Vocabulary:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Union
 
 import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
@@ -122,6 +126,9 @@ class BlockPlan:
             in a block forward serves every chunk and pass (a ``(B, 6D)`` GEMV that reads the whole weight matrix,
             otherwise repeated per chunk). Names missing from a block are ignored (block variants differ); the
             key/value side of chunk-local cross-attention is found without being listed.
+        metadata: the block's argument names and output layout, for block classes diffusers'
+            ``TransformerBlockRegistry`` does not list (ChronoEdit's own copy of ``WanTransformerBlock``); ``None``
+            takes the registry's entry. A block in neither is skipped and reported.
     """
 
     inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -129,6 +136,7 @@ class BlockPlan:
     split_text: bool = True
     unused_before_attention: tuple[str, ...] = ()
     conditioning: tuple[str, ...] = ()
+    metadata: TransformerBlockMetadata | None = None
 
     @property
     def has_text_stream(self) -> bool:
@@ -391,6 +399,14 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         embed="patch_embedding",
         producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
         source="memopt + WanTransformer3DModel._cp_plan",
+    ),
+    "ChronoEditTransformer3DModel": SequencePlan(
+        # ChronoEdit's blocks are its own copy of WanTransformerBlock (not in diffusers' TransformerBlockRegistry).
+        # Its rotary tables skip frames for two-frame edits, so they are computed whole (0.1 LD) and split.
+        {"blocks.*": dataclasses.replace(_WAN, metadata=TransformerBlockMetadata(return_hidden_states_index=0))},
+        gather=None,
+        embed="patch_embedding",
+        source="memopt + ChronoEditTransformer3DModel._cp_plan",
     ),
     "FluxTransformer2DModel": SequencePlan(
         {

@@ -4,9 +4,10 @@ import torch
 
 from memopt.models import Size
 
-FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
+FAMILIES = ["wan", "chronoedit", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
 SIZES = {
     "wan": Size(80, 112, 5),
+    "chronoedit": Size(80, 112, 5),
     "flux": Size(80, 112),
     "hunyuanvideo": Size(80, 112, 5),
     "cogvideox": Size(80, 112, 5),

@@ -122,6 +122,7 @@ def test_split_dims_follow_the_models_cp_plan():
     """Where diffusers ships a `_cp_plan`, memopt's block plan splits the rotary tables on the same dims."""
     expected = {  # model class -> (its _cp_plan entry, memopt's block input)
         "WanTransformer3DModel": ("rope", "blocks.*", "rotary_emb"),
+        "ChronoEditTransformer3DModel": ("rope", "blocks.*", "rotary_emb"),
         "LTXVideoTransformer3DModel": ("rope", "transformer_blocks.*", "image_rotary_emb"),
         "QwenImageTransformer2DModel": ("pos_embed", "transformer_blocks.*", "image_rotary_emb"),
     }
