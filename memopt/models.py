@@ -180,6 +180,11 @@ def _cfg(config: Any, key: str) -> Any:
     return config[key] if isinstance(config, Mapping) else getattr(config, key)
 
 
+def _cfg_or(config: Any, key: str, default: Any) -> Any:
+    """A config value that only some classes of a family have (Wan-derived models add keys)."""
+    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+
+
 def _is_tiny(config: Any) -> bool:
     """A test-sized config (token width <= 256): inputs get few text/image-encoder tokens and the tiny size."""
     return _cfg(config, "num_attention_heads") * _cfg(config, "attention_head_dim") <= 256
@@ -212,9 +217,10 @@ def _wan_tokens(config: Any, size: Size) -> int:
 
 
 def _wan_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
-    """Wan: latents (B, C, F', H/8, W/8) (image-conditioned models concatenate the condition latents on C), umT5
-    text states, integer timestep, and for models with an image encoder (``image_dim``, Wan I2V / ChronoEdit) its
-    CLIP states: 257 tokens at full size, 5 at tiny configs."""
+    """Wan and its derivatives (ChronoEdit, SkyReels-V2's plain call): latents (B, C, F', H/8, W/8) (image-conditioned
+    models concatenate the condition latents on C), umT5 text states, one integer timestep per sample, and for models
+    with an image encoder (``image_dim``: Wan I2V, ChronoEdit) its CLIP states: 257 tokens at full size, 5 at tiny
+    configs."""
     _check_divisible("wan", size, 16)
     latents = _randn(generator, batch, _cfg(config, "in_channels"), _latent_frames(size.num_frames, 4),
                      size.height // 8, size.width // 8, dtype=dtype, device=device)
@@ -224,11 +230,13 @@ def _wan_inputs(config, batch, size, text_tokens, dtype, device, generator, mask
         "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_dim"), dtype=dtype,
                                         device=device),
     }
-    image_dim = _cfg(config, "image_dim")
+    image_dim = _cfg_or(config, "image_dim", None)
     if image_dim:
         image_tokens = 5 if _is_tiny(config) else 257
         inputs["encoder_hidden_states_image"] = _randn(generator, batch, image_tokens, image_dim, dtype=dtype,
                                                        device=device)
+    if _cfg_or(config, "inject_sample_info", False):  # SkyReels-V2 DF-1.3B: fps 1 stands for 24 fps, as its pipelines
+        inputs["fps"] = [1] * batch
     return inputs
 
 
@@ -420,6 +428,22 @@ FAMILIES: dict[str, FamilySpec] = {
             extra_sizes={"reasoning": Size(720, 1280, 29)},
             text_tokens=512,
             make_inputs_fn=_wan_inputs,
+            num_tokens_fn=_wan_tokens,
+        ),
+        FamilySpec(
+            name="skyreels_v2",
+            class_name="SkyReelsV2Transformer3DModel",
+            configs={
+                # SkyReels-V2-{T2V,DF}-14B-{540P,720P} (Wan2.1-14B sizes; the class defaults are not a release).
+                "full": {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+                "1.3b": {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30, "inject_sample_info": True},
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "text_dim": 24, "freq_dim": 16,
+                         "ffn_dim": 80, "num_layers": 2, "rope_max_seq_len": 64},
+            },
+            sizes={"default": Size(544, 960, 97), "tiny": Size(48, 80, 5)},  # 540P at the DF base_num_frames
+            extra_sizes={"720p": Size(720, 1280, 121)},
+            text_tokens=512,
+            make_inputs_fn=_wan_inputs,  # the T2V / I2V call; diffusion forcing adds per-frame timesteps
             num_tokens_fn=_wan_tokens,
         ),
         FamilySpec(

@@ -131,10 +131,25 @@ class BlockRun:
         pieces, full_length = self._key_pieces(state, key.shape[1])
         gathered = state.gathered.get(index)
         has_key_mask = mask is not None and mask.shape[-1] != 1
-        if has_key_mask and mask.shape[-2] != 1:
+        if has_key_mask and mask.shape[-1] == full_length != key.shape[1]:
+            # The mask already covers every chunk's keys (a block-causal mask whose query rows the plan cut per
+            # chunk): nothing to gather, each chunk's final call passes its own rows on with the full K/V.
+            if mask.shape[-2] not in (1, call.query.shape[1]):
+                raise ValueError(
+                    f"{state.path}: attention mask of shape {tuple(mask.shape)} covers all {full_length} keys but has "
+                    f"{mask.shape[-2]} query rows for the chunk's {call.query.shape[1]} queries; the plan must split "
+                    "its query dim"
+                )
+            has_key_mask = False
+        elif has_key_mask and mask.shape[-1] != key.shape[1]:
+            raise ValueError(
+                f"{state.path}: attention mask of shape {tuple(mask.shape)} covers neither the chunk's "
+                f"{key.shape[1]} keys nor all {full_length}; the plan splits it wrongly"
+            )
+        elif has_key_mask and mask.shape[-2] != 1:
             raise NotImplementedError(
                 f"{state.path}: attention mask of shape {tuple(mask.shape)} depends on the query position; sequence "
-                "chunking supports masks over keys only"
+                "chunking supports masks over the chunk's keys, or over all keys with the query dim split by the plan"
             )
         if gathered is None:
             gathered = GatheredKeyValues(

@@ -408,6 +408,26 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         embed="patch_embedding",
         source="memopt + ChronoEditTransformer3DModel._cp_plan",
     ),
+    "SkyReelsV2Transformer3DModel": SequencePlan(
+        # Wan2.1 blocks with diffusion forcing, under their own class. The diffusion-forcing call modulates every
+        # token with its frame's timestep, a (B, 6, S, D) temb (tokens on dim 2); with causal_block_size > 1 the
+        # self-attention gets a block-causal (1, 1, S, S) mask, cut per chunk by query rows (the chunk's final call
+        # sees the full K/V with exactly its rows). No _cp_plan; the rotary module has Wan's layout.
+        {
+            "blocks.*": dataclasses.replace(
+                _WAN,
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "temb": SequenceSplit(2, 4),  # diffusion forcing (B, 6, S, D); (B, 6, D) passes whole
+                    "rotary_emb": _pair(SequenceSplit(1, 4)),
+                    "attention_mask": SequenceSplit(2, 4),  # block-causal (1, 1, S_q, S_kv): the chunk's query rows
+                },
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            )
+        },
+        embed="patch_embedding",
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+    ),
     "FluxTransformer2DModel": SequencePlan(
         {
             "transformer_blocks.*": BlockPlan(

@@ -21,6 +21,7 @@ GROWTH_HEADS = {"num_attention_heads": 16, "attention_head_dim": 8}
 GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "wan": {"num_layers": 1},
     "chronoedit": {"num_layers": 1, "added_kv_proj_dim": 128},
+    "skyreels_v2": {"num_layers": 1},
     "flux": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
     "hunyuanvideo": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
     "cogvideox": {"num_layers": 1},
@@ -32,6 +33,7 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
 GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
     "chronoedit": (Size(64, 128, 5), Size(128, 256, 5)),
+    "skyreels_v2": (Size(64, 128, 5), Size(128, 256, 5)),
     "flux": (Size(128, 128), Size(256, 256)),
     "hunyuanvideo": (Size(64, 128, 5), Size(128, 256, 5)),
     "cogvideox": (Size(64, 128, 5), Size(128, 256, 5)),

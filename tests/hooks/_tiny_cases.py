@@ -4,10 +4,11 @@ import torch
 
 from memopt.models import Size
 
-FAMILIES = ["wan", "chronoedit", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
+FAMILIES = ["wan", "chronoedit", "skyreels_v2", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "chronoedit": Size(80, 112, 5),
+    "skyreels_v2": Size(80, 112, 9),
     "flux": Size(80, 112),
     "hunyuanvideo": Size(80, 112, 5),
     "cogvideox": Size(80, 112, 5),

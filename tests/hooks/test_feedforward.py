@@ -27,6 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 SIZES = {
     "wan": dict(height=48, width=80, num_frames=9),
     "chronoedit": dict(height=48, width=80, num_frames=9),
+    "skyreels_v2": dict(height=48, width=80, num_frames=9),
     "flux": dict(height=48, width=80),
     "hunyuanvideo": dict(height=48, width=80, num_frames=9),
     "cogvideox": dict(height=48, width=80, num_frames=9),
@@ -36,8 +37,8 @@ SIZES = {
     "mochi": dict(height=48, width=80, num_frames=13),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
-EXPECTED_APPLIED = {"wan": 2, "chronoedit": 2, "flux": 4, "hunyuanvideo": 4, "cogvideox": 2, "ltx": 2, "qwenimage": 4,
-                    "sd3": 3, "mochi": 3}
+EXPECTED_APPLIED = {"wan": 2, "chronoedit": 2, "skyreels_v2": 2, "flux": 4, "hunyuanvideo": 4, "cogvideox": 2,
+                    "ltx": 2, "qwenimage": 4, "sd3": 3, "mochi": 3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
