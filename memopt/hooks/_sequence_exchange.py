@@ -60,9 +60,13 @@ class ReusedOutput:
 class BlockRun:
     """State of one block forward in chunks; the attention hooks find it through the thread-local ``RUNNING``."""
 
-    def __init__(self, layout: ChunkLayout, attention: dict[int, AttentionState]) -> None:
+    def __init__(self, layout: ChunkLayout, attention: dict[int, AttentionState],
+                 inactive: dict[int, str] | None = None) -> None:
         self.layout = layout
         self.attention = attention
+        # Whole-sequence attention modules the plan switches off in this forward (``JointAttention.active``), by id
+        # -> path: they must make no kernel call (see ``refuse_inactive``).
+        self.inactive = inactive or {}
         self.reused: dict[int, ReusedOutput] = {}  # per reuse hook (see ``SequenceReuseHook``)
         self.chunk = 0
         self.collecting: int | None = None  # stage being collected, None in the final pass
@@ -197,6 +201,14 @@ class BlockRun:
             local += sizes[stream]
             full += layout.lengths[stream] if layout.split[stream] else sizes[stream]
         return pieces, full
+
+
+def refuse_inactive(path: str, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
+    """Handler for a module whose plan says it makes no whole-sequence attention call in this forward."""
+    raise RuntimeError(
+        f"{path}: made an attention-kernel call in a block forward where its plan (JointAttention.active) says it "
+        "does not attend over the whole sequence; refusing to return a chunk-local result"
+    )
 
 
 def modified_under_suspended_chunks(path: str) -> RuntimeError:

@@ -86,6 +86,7 @@ from ._sequence_exchange import (
     KeyValuesCollected,
     ReusedOutput,
     modified_under_suspended_chunks,
+    refuse_inactive,
 )
 from ._sequence_model import (
     ModelRun,
@@ -247,6 +248,10 @@ class SequenceAttentionHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: BlockRun | None = running("block_run")
         state = run.attention.get(id(module)) if run is not None else None
+        if state is None and run is not None and id(module) in run.inactive:
+            with intercept_attention(functools.partial(refuse_inactive, run.inactive[id(module)]), SEQUENCE_PRIORITY,
+                                     calls_sdpa_directly(module)):
+                return self.fn_ref.original_forward(*args, **kwargs)
         if state is None:  # called outside a chunked block run: the module is untouched
             return self.fn_ref.original_forward(*args, **kwargs)
         state.calls_seen[run.chunk] = 0
@@ -313,6 +318,10 @@ class SequenceChunkingHook(ModelHook):
         if running("block_run") is not None:
             raise RuntimeError(f"{self.path}: nested chunked block runs are not supported")
 
+        active = [(name, attention_module, spec) for name, attention_module, spec in self.attention
+                  if spec.active is None or spec.active(module, arguments.get)]
+        inactive = {id(attention_module): f"{self.path}.{name}" for name, attention_module, _ in self.attention
+                    if all(attention_module is not other for _, other, _ in active)}
         run = BlockRun(
             layout,
             {
@@ -322,8 +331,9 @@ class SequenceChunkingHook(ModelHook):
                     stage=stage,
                     expected_calls=image.shape[0] if spec.calls == "batch" else spec.calls,
                 )
-                for stage, (name, attention_module, spec) in enumerate(self.attention)
+                for stage, (name, attention_module, spec) in enumerate(active)
             },
+            inactive,
         )
         chunk_arguments = functools.partial(self._chunk_arguments, arguments, layout)
         outputs = ChunkOutputs(self.path, self.metadata, layout, image, self.config.inplace and self._can_overwrite(
@@ -342,8 +352,8 @@ class SequenceChunkingHook(ModelHook):
                   outputs: ChunkOutputs) -> None:
         """Collection passes (one per attention stage, each stopped at that stage's call), then the final pass."""
         num_chunks = run.layout.num_chunks
-        for stage in range(len(self.attention)):
-            run.collecting = stage
+        for state in sorted(run.attention.values(), key=lambda state: state.stage):
+            run.collecting = state.stage
             for chunk in range(num_chunks):
                 run.start_chunk(chunk)
                 chunk_args, chunk_kwargs = chunk_arguments(chunk)
@@ -354,7 +364,7 @@ class SequenceChunkingHook(ModelHook):
                     continue
                 raise RuntimeError(
                     f"{self.path}: chunk {chunk} finished without reaching the attention kernel of "
-                    f"{self.path}.{self.attention[stage][0]} (skipped by a cache or processor?)"
+                    f"{state.path} (skipped by a cache or processor?)"
                 )
         run.collecting = None
         for chunk in range(num_chunks):

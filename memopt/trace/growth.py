@@ -26,6 +26,10 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "hunyuanvideo": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
     "cogvideox": {"num_layers": 1},
     "ltx": {"cross_attention_dim": 128, "num_layers": 1},
+    # LTX-2: audio at half the video width (16 x 4), the a2v / v2a rotary width equal to it; both sizes are the same
+    # clip length, so the audio stream is the same and cancels out.
+    "ltx2": {"cross_attention_dim": 128, "num_layers": 1, "audio_num_attention_heads": 16,
+             "audio_attention_head_dim": 4, "audio_cross_attention_dim": 64},
     "qwenimage": {"axes_dims_rope": (2, 2, 4), "num_layers": 1},
     "sd3": {"caption_projection_dim": 128, "num_layers": 1},
     "mochi": {"num_layers": 1},
@@ -38,6 +42,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "hunyuanvideo": (Size(64, 128, 5), Size(128, 256, 5)),
     "cogvideox": (Size(64, 128, 5), Size(128, 256, 5)),
     "ltx": (Size(128, 256, 9), Size(256, 512, 9)),
+    "ltx2": (Size(128, 256, 9), Size(256, 512, 9)),
     "qwenimage": (Size(128, 128), Size(256, 256)),
     "sd3": (Size(128, 128), Size(256, 256)),
     "mochi": (Size(64, 128, 13), Size(128, 256, 13)),

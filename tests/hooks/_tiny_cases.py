@@ -4,7 +4,8 @@ import torch
 
 from memopt.models import Size
 
-FAMILIES = ["wan", "chronoedit", "skyreels_v2", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
+FAMILIES = ["wan", "chronoedit", "skyreels_v2", "flux", "hunyuanvideo", "cogvideox", "ltx", "ltx2", "qwenimage", "sd3",
+            "mochi"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "chronoedit": Size(80, 112, 5),
@@ -13,6 +14,7 @@ SIZES = {
     "hunyuanvideo": Size(80, 112, 5),
     "cogvideox": Size(80, 112, 5),
     "ltx": Size(160, 224, 9),
+    "ltx2": Size(96, 160, 17),
     "qwenimage": Size(80, 112),
     "sd3": Size(80, 112),
     "mochi": Size(48, 80, 13),

@@ -32,13 +32,14 @@ SIZES = {
     "hunyuanvideo": dict(height=48, width=80, num_frames=9),
     "cogvideox": dict(height=48, width=80, num_frames=9),
     "ltx": dict(height=96, width=160, num_frames=17),
+    "ltx2": dict(height=96, width=160, num_frames=17),
     "qwenimage": dict(height=48, width=80),
     "sd3": dict(height=48, width=80),
     "mochi": dict(height=48, width=80, num_frames=13),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
 EXPECTED_APPLIED = {"wan": 2, "chronoedit": 2, "skyreels_v2": 2, "flux": 4, "hunyuanvideo": 4, "cogvideox": 2,
-                    "ltx": 2, "qwenimage": 4, "sd3": 3, "mochi": 3}
+                    "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,5 +1,6 @@
 """Sequence chunking on the call modes and masks of single families, beyond the parametrized family tests: SkyReels-V2
-diffusion forcing (per-frame timesteps, block-causal masks) and key masks a plan leaves whole."""
+diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan leaves whole, LTX-2's guidance passes
+(attentions that make no kernel call) and per-token timesteps."""
 
 from __future__ import annotations
 
@@ -77,3 +78,58 @@ def test_a_key_mask_the_plan_leaves_whole_is_used_whole():
         apply_sequence_chunking(model, 4, plan=_without_input(SEQUENCE_PLANS[type(model).__name__], "attention_mask"))
         out = model(**inputs)[0]
     assert rel_err(out, reference) <= 1e-5
+
+
+def _ltx2(config: str = "tiny") -> tuple[torch.nn.Module, dict]:
+    spec = get_family("ltx2")
+    model = spec.build(config)
+    inputs = spec.make_inputs(model.config, batch_size=2, height=96, width=160, num_frames=17, masked=True)
+    return model, inputs  # 45 video tokens, 18 audio tokens
+
+
+def _video_and_audio_close(out, reference) -> bool:
+    return rel_err(out[0], reference[0]) <= 1e-5 and rel_err(out[1], reference[1]) <= 1e-5
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+@pytest.mark.parametrize("config, extra", [
+    ("tiny-2.3", {"spatio_temporal_guidance_blocks": [1], "perturbation_mask": torch.tensor([0.0, 1.0])}),
+    ("tiny-2.3", {"spatio_temporal_guidance_blocks": [1]}),  # every sample perturbed: no self-attention kernel call
+    ("tiny", {"isolate_modalities": True}),  # modality guidance: no audio<->video attention
+    ("tiny-2.3", {"spatio_temporal_guidance_blocks": [0, 1], "isolate_modalities": True}),
+])
+def test_ltx2_guidance_passes(schedule, config, extra):
+    """LTX-2's pipelines run guidance passes in which some whole-sequence attentions make no kernel call
+    (``JointAttention.active``); LTX-2.3's perturbed processor mixes each sample's own values in after the kernel.
+    Video and audio outputs both match, in 4 chunks (audio split) and 32 (audio carried whole)."""
+    model, inputs = _ltx2(config)
+    with torch.no_grad():
+        reference = model(**inputs, **extra)
+        for num_chunks in (4, 32):
+            apply_sequence_chunking(model, num_chunks, schedule=schedule)
+            out = model(**inputs, **extra)
+            remove_memory_optimizations(model)
+            assert _video_and_audio_close(out, reference), num_chunks
+
+
+def test_ltx2_per_token_timesteps():
+    """Image-to-video conditions the first latent frame at t = 0: per-token video timesteps, split per chunk."""
+    model, inputs = _ltx2("tiny-2.3")
+    timestep = torch.full((2, get_family("ltx2").num_tokens(model.config, Size(96, 160, 17))), 999.0)
+    timestep[:, :15] = 0.0  # the first latent frame: 3 x 5 tokens
+    inputs.update(timestep=timestep, audio_timestep=torch.full((2,), 999.0), use_cross_timestep=True)
+    with torch.no_grad():
+        reference = model(**inputs)
+        apply_sequence_chunking(model, 6)
+        assert _video_and_audio_close(model(**inputs), reference)
+
+
+def test_a_plan_saying_an_attention_is_inactive_when_it_attends_is_an_error():
+    model, inputs = _ltx2()
+    plan = SEQUENCE_PLANS[type(model).__name__]
+    block = plan.blocks["transformer_blocks.*"]
+    wrong = dataclasses.replace(block.attention["video_to_audio_attn"], active=lambda block, argument: False)
+    block = dataclasses.replace(block, attention={**block.attention, "video_to_audio_attn": wrong})
+    apply_sequence_chunking(model, 5, plan=dataclasses.replace(plan, blocks={"transformer_blocks.*": block}))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="video_to_audio_attn: made an attention-kernel call"):
+        model(**inputs)
