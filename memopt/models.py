@@ -292,6 +292,44 @@ def _hunyuan_inputs(config, batch, size, text_tokens, dtype, device, generator, 
     return inputs
 
 
+# ----------------------------------------------------------------------------------------------- HunyuanVideo 1.5
+_HUNYUAN15_GLYPH_TOKENS = 256  # HunyuanVideo15Pipeline.tokenizer_2_max_length (byT5 glyph tokens)
+_HUNYUAN15_VISION_TOKENS = 729  # HunyuanVideo15Pipeline.vision_num_semantic_tokens (SigLIP image tokens)
+
+
+def _hunyuan15_tokens(config: Any, size: Size) -> int:
+    p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t")
+    return _latent_frames(size.num_frames, 4) // pt * (size.height // 16 // p) * (size.width // 16 // p)
+
+
+def _hunyuan15_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """HunyuanVideo 1.5 (text-to-video pipeline): latents + condition latents + mask (B, 65, F', H/16, W/16) from its
+    16x VAE, Qwen2.5-VL states + mask, byT5 glyph states + mask, and the SigLIP image embeds the T2V pipeline passes
+    as zeros (which the model turns into masked-out image tokens). The block text stream is all three: 1000 + 256 +
+    729 tokens at the released size. ``masked`` pads the last quarter of the Qwen tokens and the last half of the
+    glyph tokens (prompts rarely quote much text)."""
+    _check_divisible("hunyuanvideo15", size, 16)
+    tiny = _is_tiny(config)
+    glyph_tokens = max(1, text_tokens // 2) if tiny else _HUNYUAN15_GLYPH_TOKENS
+    vision_tokens = 3 if tiny else _HUNYUAN15_VISION_TOKENS
+    latents = _randn(generator, batch, _cfg(config, "in_channels"), _latent_frames(size.num_frames, 4),
+                     size.height // 16, size.width // 16, dtype=dtype, device=device)
+    glyph_mask = _text_mask(batch, glyph_tokens, False, device)
+    if masked:
+        glyph_mask[:, max(1, glyph_tokens // 2):] = 0
+    return {
+        "hidden_states": latents,
+        "timestep": torch.full((batch,), 999.0, dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
+        "encoder_hidden_states_2": _randn(generator, batch, glyph_tokens, _cfg(config, "text_embed_2_dim"),
+                                          dtype=dtype, device=device),
+        "encoder_attention_mask_2": glyph_mask,
+        "image_embeds": torch.zeros(batch, vision_tokens, _cfg(config, "image_embed_dim"), dtype=dtype, device=device),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- CogVideoX
 def _cogvideox_tokens(config: Any, size: Size) -> int:
     p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t") or 1
@@ -543,6 +581,22 @@ FAMILIES: dict[str, FamilySpec] = {
             text_tokens=256,
             make_inputs_fn=_hunyuan_inputs,
             num_tokens_fn=_hunyuan_tokens,
+            mask_key="encoder_attention_mask",
+        ),
+        FamilySpec(
+            name="hunyuanvideo15",
+            class_name="HunyuanVideo15Transformer3DModel",
+            configs={
+                "full": {},  # class defaults are HunyuanVideo-1.5 (8.3B, 480p; 720p differs only in target_size)
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 2, "num_refiner_layers": 1,
+                         "text_embed_dim": 24, "text_embed_2_dim": 20, "image_embed_dim": 12,
+                         "rope_axes_dim": (4, 6, 6)},
+            },
+            sizes={"default": Size(480, 848, 121), "tiny": Size(48, 80, 5)},
+            extra_sizes={"720p": Size(720, 1280, 121)},
+            text_tokens=1000,
+            make_inputs_fn=_hunyuan15_inputs,
+            num_tokens_fn=_hunyuan15_tokens,
             mask_key="encoder_attention_mask",
         ),
         FamilySpec(

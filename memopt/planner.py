@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .hooks._common import remove_memopt_hooks
@@ -407,6 +408,11 @@ def simulate_chunking(
                              name=chunking.describe())
     except (NotImplementedError, ValueError, TypeError) as error:  # a hook that does not support this model
         return Estimate(chunking, error=f"{type(error).__name__}: {error}")
+    except (DataDependentOutputException, DynamicOutputShapeException) as error:
+        # The model's own forward branches on tensor values or makes data-dependent shapes (HunyuanVideo 1.5's
+        # `if torch.all(image_embeds == 0)` and per-sample boolean indexing of its text tokens): no fake trace.
+        return Estimate(chunking, error=f"the forward of {type(model).__name__} depends on tensor values "
+                                        f"({type(error).__name__}: {error}), so it cannot be simulated")
     finally:
         for copy in built:
             remove_memopt_hooks(copy)  # hooks may hold global interception state until removed

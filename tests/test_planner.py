@@ -223,3 +223,13 @@ def test_full_size_fits_4_5_gib_with_offloading_and_chunking(family: str) -> Non
     assert plan.predicted_peak_bytes <= 4.5 * GIB
     assert plan.option.weight_bytes <= plan.groups.resident_bytes(use_stream=True)
     assert plan.groups.total_bytes > 20 * GIB  # the full-size model, of which only a few blocks are on the device
+
+
+def test_a_forward_that_depends_on_tensor_values_is_refused_clearly() -> None:
+    """HunyuanVideo 1.5's forward branches on tensor values (``if torch.all(image_embeds == 0)``, per-sample boolean
+    indexing), which fake tensors cannot trace: planning fails with an error that says so, never a guess."""
+    spec = get_family("hunyuanvideo15")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=1, masked=True)
+    with pytest.raises(BudgetError, match="depends on tensor values .* so it cannot be simulated"):
+        plan_denoiser(model, (), inputs, budget="1GiB", device="cpu")

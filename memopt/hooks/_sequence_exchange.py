@@ -128,10 +128,17 @@ class BlockRun:
             raise RuntimeError(f"{state.path}: attention call {index} reached before its keys/values were collected")
         state.handled[chunk] = state.handled.get(chunk, 0) + 1
         mask = gathered.mask if gathered.mask is not None else call.attn_mask
-        return proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
+        output = proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
+        if state.spec.padding_mask:
+            # The query side of the padding mask: invalid queries are fully masked rows in the unmodified call.
+            valid_queries = padding_mask_validity(state.path, call).transpose(1, 2)  # (B, S_q, 1 | H)
+            output = output.masked_fill_(~valid_queries[..., None], 0)
+        return output
 
     def _gather(self, state: AttentionState, index: int, call: AttentionCall) -> None:
         key, value, mask = call.key, call.value, call.attn_mask
+        if state.spec.padding_mask:
+            mask = padding_mask_validity(state.path, call)[:, :, None, :]  # the key side: (B, 1 | H, 1, S_kv)
         pieces, full_length = self._key_pieces(state, key.shape[1])
         gathered = state.gathered.get(index)
         has_key_mask = mask is not None and mask.shape[-1] != 1
@@ -209,6 +216,21 @@ def refuse_inactive(path: str, call: AttentionCall, proceed: Proceed) -> torch.T
         f"{path}: made an attention-kernel call in a block forward where its plan (JointAttention.active) says it "
         "does not attend over the whole sequence; refusing to return a chunk-local result"
     )
+
+
+def padding_mask_validity(path: str, call: AttentionCall) -> torch.Tensor:
+    """``valid`` of a ``valid[query] & valid[key]`` self-attention padding mask (see ``JointAttention.padding_mask``):
+    its diagonal, ``(B, 1 | H, S)``."""
+    mask, tokens = call.attn_mask, call.key.shape[1]
+    if mask is None or mask.dtype != torch.bool or mask.shape[-2:] != (call.query.shape[1], tokens) or (
+        call.query.shape[1] != tokens
+    ):
+        shape = None if mask is None else (tuple(mask.shape), mask.dtype)
+        raise NotImplementedError(
+            f"{path}: the plan declares a boolean self-attention padding mask (B, 1, S, S) over the call's "
+            f"{tokens} tokens, got {shape} for {call.query.shape[1]} queries"
+        )
+    return mask.diagonal(dim1=-2, dim2=-1)
 
 
 def modified_under_suspended_chunks(path: str) -> RuntimeError:

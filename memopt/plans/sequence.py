@@ -94,6 +94,12 @@ class JointAttention:
             switch an attention off by an argument (LTX-2's ``use_a2v_cross_attention``, the ``all_perturbed`` of its
             spatio-temporal guidance): the module then runs chunk-local, and an attention-kernel call from it is an
             error, never a chunk-local result.
+        padding_mask: the processor's mask is a boolean self-attention padding mask over the call's own tokens,
+            ``valid[query] & valid[key]`` of shape ``(B, 1, S, S)`` (HunyuanVideo 1.5 builds it from a token
+            mask). Such a mask depends on the query position, which the exchange otherwise refuses; here its
+            diagonal is ``valid``, so the exchange gathers that as the key mask and zeroes the output rows of the
+            chunk's invalid queries, which are fully masked rows (zeros from PyTorch's attention) in the
+            unmodified call. Nothing of size ``S_query x S`` is built.
     """
 
     order: tuple[str, ...] = ("image",)
@@ -104,6 +110,7 @@ class JointAttention:
     query_norms: tuple[str, ...] = ("norm_q", "norm_added_q")
     key_value_norms: tuple[str, ...] = ("norm_k", "norm_added_k")
     active: Callable[[torch.nn.Module, Callable[[str], Any]], bool] | None = None
+    padding_mask: bool = False
 
     def __post_init__(self) -> None:
         if sorted(self.order) != sorted(set(self.order)) or any(s not in STREAMS for s in self.order):
@@ -551,6 +558,25 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         embed="x_embedder",
         producers={"rope": TokenProducer(_hunyuan_rope_tokens, _hunyuan_rope_rows)},
         num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
+    ),
+    "HunyuanVideo15Transformer3DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "encoder_hidden_states": _TEXT_TOKENS,  # Qwen2.5-VL + byT5 glyph + SigLIP image tokens
+                    "attention_mask": SequenceSplit(1, 2, ("text",)),  # (B, S_text) token mask; image tokens valid
+                    "freqs_cis": _HUNYUAN_ROPE,  # (S_image, head_dim) cos / sin
+                },
+                # The processor turns the token mask into valid[q] & valid[k], (B, 1, S, S): a padding mask.
+                attention={"attn": JointAttention(order=("image", "text"), padding_mask=True, **_JOINT)},
+                conditioning=_DUAL_STREAM_MODULATION,
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+            )
+        },
+        embed="x_embedder",
+        # HunyuanVideo15RotaryPosEmbed has HunyuanVideo's attributes and per-axis tables.
+        producers={"rope": TokenProducer(_hunyuan_rope_tokens, _hunyuan_rope_rows)},
     ),
     "CogVideoXTransformer3DModel": SequencePlan(
         {

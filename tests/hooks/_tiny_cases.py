@@ -4,14 +4,15 @@ import torch
 
 from memopt.models import Size
 
-FAMILIES = ["wan", "chronoedit", "skyreels_v2", "flux", "hunyuanvideo", "cogvideox", "ltx", "ltx2", "qwenimage", "sd3",
-            "mochi"]
+FAMILIES = ["wan", "chronoedit", "skyreels_v2", "flux", "hunyuanvideo", "hunyuanvideo15", "cogvideox", "ltx", "ltx2",
+            "qwenimage", "sd3", "mochi"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "chronoedit": Size(80, 112, 5),
     "skyreels_v2": Size(80, 112, 9),
     "flux": Size(80, 112),
     "hunyuanvideo": Size(80, 112, 5),
+    "hunyuanvideo15": Size(80, 112, 9),
     "cogvideox": Size(80, 112, 5),
     "ltx": Size(160, 224, 9),
     "ltx2": Size(96, 160, 17),

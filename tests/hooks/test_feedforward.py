@@ -23,13 +23,14 @@ from memopt.plans import expand_plan, feedforward_plan
 # Mochi's rope runs under a CPU fp32 autocast that torch disables with a warning; nothing memopt does.
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 
-# Pixel sizes giving odd token counts at the tiny configs (45 / 15 / 45 / 45 / 45 / 15 / 15 / 45 image tokens).
+# Pixel sizes giving odd token counts at the tiny configs.
 SIZES = {
     "wan": dict(height=48, width=80, num_frames=9),
     "chronoedit": dict(height=48, width=80, num_frames=9),
     "skyreels_v2": dict(height=48, width=80, num_frames=9),
     "flux": dict(height=48, width=80),
     "hunyuanvideo": dict(height=48, width=80, num_frames=9),
+    "hunyuanvideo15": dict(height=80, width=112, num_frames=9),
     "cogvideox": dict(height=48, width=80, num_frames=9),
     "ltx": dict(height=96, width=160, num_frames=17),
     "ltx2": dict(height=96, width=160, num_frames=17),
@@ -38,8 +39,8 @@ SIZES = {
     "mochi": dict(height=48, width=80, num_frames=13),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
-EXPECTED_APPLIED = {"wan": 2, "chronoedit": 2, "skyreels_v2": 2, "flux": 4, "hunyuanvideo": 4, "cogvideox": 2,
-                    "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3}
+EXPECTED_APPLIED = {"wan": 2, "chronoedit": 2, "skyreels_v2": 2, "flux": 4, "hunyuanvideo": 4, "hunyuanvideo15": 5,
+                    "cogvideox": 2, "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
