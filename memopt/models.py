@@ -267,6 +267,36 @@ def _flux_inputs(config, batch, size, text_tokens, dtype, device, generator, mas
     return inputs
 
 
+# ----------------------------------------------------------------------------------------------- FLUX.2
+def _flux2_tokens(config: Any, size: Size) -> int:
+    return (size.height // 16) * (size.width // 16)
+
+
+def _flux2_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """FLUX.2: 2x2-patchified latents (B, N, 128) (32 VAE channels x 4), Mistral-Small-3.1 states (3 layers
+    stacked: 15360), timestep in [0, 1] (the model scales it by 1000), guidance for dev, and 4-axis (t, h, w, l)
+    position ids as the pipeline builds them: (B, N, 4) for the image, (B, T, 4) with l = token index for the text.
+    No text mask: the forward takes none."""
+    _check_divisible("flux2", size, 16)
+    h, w = size.height // 16, size.width // 16
+    img_ids = torch.zeros(h, w, 4, dtype=torch.long)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    txt_ids = torch.zeros(text_tokens, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(text_tokens)
+    inputs = {
+        "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
+                                        dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),
+        "img_ids": img_ids.reshape(1, h * w, 4).expand(batch, -1, -1).to(device),
+        "txt_ids": txt_ids.reshape(1, text_tokens, 4).expand(batch, -1, -1).to(device),
+    }
+    if _cfg(config, "guidance_embeds"):
+        inputs["guidance"] = torch.full((batch,), 4.0, dtype=torch.float32, device=device)
+    return inputs
+
+
 # ----------------------------------------------------------------------------------------------- HunyuanVideo
 def _hunyuan_tokens(config: Any, size: Size) -> int:
     p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t")
@@ -565,6 +595,20 @@ FAMILIES: dict[str, FamilySpec] = {
             text_tokens=512,
             make_inputs_fn=_flux_inputs,
             num_tokens_fn=_flux_tokens,
+            video=False,
+        ),
+        FamilySpec(
+            name="flux2",
+            class_name="Flux2Transformer2DModel",
+            configs={
+                "full": {},  # class defaults are FLUX.2-dev (32B: 8 double-stream + 48 single-stream blocks, 48 x 128)
+                "tiny": {**_TINY_HEADS, "in_channels": 16, "num_layers": 1, "num_single_layers": 2,
+                         "joint_attention_dim": 24, "timestep_guidance_channels": 16, "axes_dims_rope": (4, 4, 4, 4)},
+            },
+            sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
+            text_tokens=512,
+            make_inputs_fn=_flux2_inputs,
+            num_tokens_fn=_flux2_tokens,
             video=False,
         ),
         FamilySpec(

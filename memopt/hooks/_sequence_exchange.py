@@ -80,7 +80,8 @@ class BlockRun:
             state.handled[chunk] = 0
 
     def skips(self, kind: str, attention_id: int | None) -> bool:
-        """Whether a projection of ``kind`` is unused in the running pass (see ``JointAttention.query``)."""
+        """Whether a projection of ``kind`` is unused in the running pass (see ``JointAttention.query``; ``"other"``:
+        the columns of a fused projection that are used after the attention, see ``JointAttention.fused``)."""
         if self.suspend is not None:
             return False  # lock-step: one pass uses everything
         if kind == "before_attention":
@@ -88,6 +89,8 @@ class BlockRun:
         stage = self.attention[attention_id].stage
         if kind == "query":
             return self.collecting == stage
+        if kind == "other":  # used after the attention: a collection pass stops at or before it
+            return self.collecting is not None and self.collecting <= stage
         return self.collecting is None or self.collecting > stage  # key_value: already collected
 
     def check_reused(self) -> None:

@@ -12,10 +12,10 @@ the same split runs as N virtual ranks one after another, and the K/V exchange b
 
 What is alive then is the residual stream, K and V (about 3 LD, LD = tokens x width x bytes) plus one chunk's
 workspace, instead of the 10-17 LD an unchunked block peaks at. The price is that the part of the block before
-attention runs twice (the projections whose output a pass does not use, and the query/key norms after them, are
-skipped, see ``SequenceSkipHook``). What would be the same in every chunk, the key/value side of cross-attention to
-text and the timestep modulation of adaptive norms, is computed once per block (``SequenceReuseHook``), so chunked
-blocks do the matmul work of unchunked ones.
+attention runs twice (the projections whose output a pass does not use, the unused columns of fused ones, and the
+query/key norms after them, are skipped, see ``SequenceSkipHook`` and ``SequenceFusedSkipHook``). What would be the
+same in every chunk, the key/value side of cross-attention to text and the timestep modulation of adaptive norms,
+is computed once per block (``SequenceReuseHook``), so chunked blocks do the matmul work of unchunked ones.
 Outputs match the unmodified model to rounding (the final pass runs the same kernels on the same numbers, only with
 fewer query rows per call).
 
@@ -527,6 +527,45 @@ class SequenceSkipHook(ModelHook):
         return output
 
 
+class SequenceFusedSkipHook(ModelHook):
+    """On a linear whose output column blocks feed different roles (``JointAttention.fused``): in a pass that does
+    not use some roles, computes only the other blocks' columns, from row slices of the weight (views), and returns
+    zeros in the rest, so the pass does the matmul work of the columns it reads.
+
+    The module must compute ``F.linear(x, weight, bias)`` itself (``torch.nn.Linear.forward``: other linears, e.g.
+    quantized ones, get no hook) with no hook inside this one (those could move or cast the weight first); otherwise
+    it runs whole. On a LoRA layer the hook sits on its base layer: the LoRA delta is added to every column, which
+    changes only columns nobody reads.
+    """
+
+    def __init__(self, attention_id: int, path: str, blocks: list[tuple[str, int, int]]) -> None:
+        super().__init__()
+        self.attention_id = attention_id
+        self.path = path
+        self.blocks = blocks  # (role, first column, end column)
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: BlockRun | None = running("block_run")
+        unused = set()
+        if run is not None and self.attention_id in run.attention and self._computes_itself(module, args, kwargs):
+            unused = {role for role in ("query", "key_value", "other") if run.skips(role, self.attention_id)}
+        if not unused:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        x = args[0]
+        output = x.new_zeros(*x.shape[:-1], module.out_features)
+        for role, start, end in self.blocks:
+            if role not in unused:
+                bias = module.bias[start:end] if module.bias is not None else None
+                output[..., start:end] = torch.nn.functional.linear(x, module.weight[start:end], bias)
+        return output
+
+    def _computes_itself(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+        order = list(module._diffusers_hook._hook_order)
+        inner = order[: order.index(SEQUENCE_SKIP_HOOK)]
+        return (type(module).forward is torch.nn.Linear.forward and not inner and len(args) == 1 and not kwargs
+                and isinstance(args[0], torch.Tensor))
+
+
 class SequenceReuseHook(ModelHook):
     """On a module whose input every chunk shares: computes it once per block forward, not once per chunk and pass.
 
@@ -655,7 +694,7 @@ def _skippable(path: str, module: torch.nn.Module) -> torch.nn.Module:
 
 def _skip_hooks(
     path: str, block: torch.nn.Module, plan: BlockPlan, attention: list[tuple[str, torch.nn.Module, JointAttention]]
-) -> Iterator[tuple[torch.nn.Module, SequenceSkipHook]]:
+) -> Iterator[tuple[torch.nn.Module, SequenceSkipHook | SequenceFusedSkipHook]]:
     for name in plan.unused_before_attention:
         module_path = f"{path}.{name}"
         hook = SequenceSkipHook("before_attention", None, module_path)
@@ -673,6 +712,34 @@ def _skip_hooks(
                         yield module, SequenceSkipHook(kind, id(attention_module), module_path, norm=True)
                     else:
                         yield _skippable(module_path, module), SequenceSkipHook(kind, id(attention_module), module_path)
+        for child, roles in spec.fused.items():
+            module = getattr(attention_module, child, None)
+            module_path = f"{path}.{name}.{child}"
+            while isinstance(getattr(module, "base_layer", None), torch.nn.Module):  # a LoRA layer: hook its base
+                module, module_path = module.base_layer, f"{module_path}.base_layer"
+            if isinstance(module, torch.nn.Module) and type(module).forward is torch.nn.Linear.forward:
+                blocks = _column_blocks(module_path, module, roles)  # other linears (quantized) run whole
+                yield module, SequenceFusedSkipHook(id(attention_module), module_path, blocks)
+
+
+def _column_blocks(path: str, module: torch.nn.Module, roles: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """``[(role, first column, end column)]`` of a fused linear, adjacent blocks of one role merged."""
+    widths = getattr(module, "_tp_packed_col_blocks", None)
+    if widths is None:
+        raise ValueError(f"{path}: the plan names it as a fused projection, but it has no _tp_packed_col_blocks "
+                         "(its column layout)")
+    if len(widths) != len(roles) or sum(widths) != module.out_features:
+        raise ValueError(f"{path}: the plan gives {len(roles)} column roles {roles}, but its column blocks are "
+                         f"{list(widths)} for {module.out_features} output features")
+    blocks: list[tuple[str, int, int]] = []
+    start = 0
+    for role, width in zip(roles, widths):
+        if blocks and blocks[-1][0] == role:
+            blocks[-1] = (role, blocks[-1][1], start + width)
+        else:
+            blocks.append((role, start, start + width))
+        start += width
+    return blocks
 
 
 def _reuse_hooks(

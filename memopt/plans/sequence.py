@@ -45,6 +45,7 @@ from diffusers.models._modeling_parallel import ContextParallelOutput
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 STREAMS: tuple[str, ...] = ("image", "text")
+FUSED_ROLES: tuple[str, ...] = ("query", "key_value", "other")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,12 @@ class JointAttention:
             diagonal is ``valid``, so the exchange gathers that as the key mask and zeroes the output rows of the
             chunk's invalid queries, which are fully masked rows (zeros from PyTorch's attention) in the
             unmodified call. Nothing of size ``S_query x S`` is built.
+        fused: linear projections whose output columns feed several roles -> the role of each column block, in
+            order: ``"query"``, ``"key_value"`` or ``"other"`` (used after attention). The block widths are the
+            linear's ``_tp_packed_col_blocks`` (diffusers' packed tensor-parallel layout, set at init). A pass that
+            does not use a role computes only the other blocks' columns (row slices of the weight, views) and
+            leaves zeros in the rest: FLUX.2's single-stream ``to_qkv_mlp_proj`` is ``("query", "key_value",
+            "key_value", "other", "other")`` (Q, K, V, SwiGLU gate, SwiGLU value).
     """
 
     order: tuple[str, ...] = ("image",)
@@ -111,10 +118,15 @@ class JointAttention:
     key_value_norms: tuple[str, ...] = ("norm_k", "norm_added_k")
     active: Callable[[torch.nn.Module, Callable[[str], Any]], bool] | None = None
     padding_mask: bool = False
+    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if sorted(self.order) != sorted(set(self.order)) or any(s not in STREAMS for s in self.order):
             raise ValueError(f"JointAttention order must list distinct streams of {STREAMS}, got {self.order}")
+        for name, roles in self.fused.items():
+            if not roles or any(role not in FUSED_ROLES for role in roles):
+                raise ValueError(f"JointAttention fused[{name!r}] must be a non-empty tuple of {FUSED_ROLES}, got "
+                                 f"{roles}")
 
 
 @dataclass(frozen=True)
@@ -540,6 +552,39 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         producers={"pos_embed": TokenProducer(_flux_rope_tokens, _flux_rope_rows)},
         num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
         source="memopt + FluxTransformer2DModel._cp_plan",
+    ),
+    "Flux2Transformer2DModel": SequencePlan(
+        # The timestep modulation is computed once at model level and passed whole ((B, 6D) / (B, 3D)). The model
+        # concatenates cat(text, image) before the single-stream blocks (called without encoder_hidden_states): one
+        # token stream to them, split with its (S_text + S_image, head_dim) rotary tables. Their attention computes
+        # Q, K, V and the MLP input in one fused linear: no whole projection to skip, only its column blocks. The
+        # rotary tables come from two pos_embed calls the model concatenates itself: kept whole (1/12 LD).
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "encoder_hidden_states": _TEXT_TOKENS,
+                    "image_rotary_emb": _pair(SequenceSplit(0, 2, ("text", "image"))),  # cat(pos(txt), pos(img))
+                },
+                attention={"attn": _TEXT_FIRST},
+            ),
+            "single_transformer_blocks.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS, "image_rotary_emb": _pair(SequenceSplit(0, 2))},
+                attention={"attn": JointAttention(
+                    query=(), key_value=(),
+                    # column blocks Q, K, V, SwiGLU gate, SwiGLU value
+                    fused={"to_qkv_mlp_proj": ("query", "key_value", "key_value", "other", "other")},
+                )},
+            ),
+        },
+        # The model slices the text tokens off the last block's output before norm_out, which the tail pass (it
+        # narrows the last block's output to each chunk) cannot follow: the output head runs whole (3.4 LD at
+        # 1024^2, below the blocks' 4.2).
+        tail=None,
+        gather=None,
+        embed="x_embedder",
+        num_chunks=48,  # single-stream blocks keep attention + a 3x SwiGLU MLP (9D fused projection) per chunk
+        source="memopt + Flux2Transformer2DModel._cp_plan",
     ),
     "HunyuanVideoTransformer3DModel": SequencePlan(
         {

@@ -1,6 +1,6 @@
 """Sequence chunking on the call modes and masks of single families, beyond the parametrized family tests: SkyReels-V2
 diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan leaves whole, LTX-2's guidance passes
-(attentions that make no kernel call) and per-token timesteps."""
+(attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA."""
 
 from __future__ import annotations
 
@@ -133,3 +133,23 @@ def test_a_plan_saying_an_attention_is_inactive_when_it_attends_is_an_error():
     apply_sequence_chunking(model, 5, plan=dataclasses.replace(plan, blocks={"transformer_blocks.*": block}))
     with torch.no_grad(), pytest.raises(RuntimeError, match="video_to_audio_attn: made an attention-kernel call"):
         model(**inputs)
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_flux2_fused_projection_with_lora(schedule):
+    """FLUX.2's single-stream blocks compute Q, K, V and the MLP input in one linear; each pass computes only the
+    column blocks it reads (``JointAttention.fused``), also under a LoRA adapter on that linear (the hook sits on its
+    base layer; the adapter's delta lands in every column, read or not)."""
+    from peft import LoraConfig
+
+    spec = get_family("flux2")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_qkv_mlp_proj", "to_q", "to_k"],
+                                 init_lora_weights=False))
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_sequence_chunking(model, 5, schedule=schedule)
+        out = model(**inputs)[0]
+        remove_memory_optimizations(model)
+    assert rel_err(out, reference) <= 1e-5
