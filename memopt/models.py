@@ -240,6 +240,63 @@ def _wan_inputs(config, batch, size, text_tokens, dtype, device, generator, mask
     return inputs
 
 
+# ----------------------------------------------------------------------------------------------- Helios
+# Helios generates a long video window by window (33 frames = 9 latent frames per call) and conditions each window on
+# compressed history latents: short (the first frame + the last generated one, patchified like the window), mid (2
+# frames, 2x coarser patches) and long (16 frames, 4x coarser), as HeliosPipeline passes them. The model
+# concatenates [long, mid, short, window] tokens, so the sequence memopt chunks is all of them.
+# HeliosPipeline defaults: history_sizes=[16, 2, 1] (long, mid, 1x), keep_first_frame=True (the 1x history gets the
+# first frame in front: 2 short frames).
+_HISTORY_FRAMES = {"long": 16, "mid": 2, "short": 2}
+
+
+def _helios_history_tokens(config: Any, size: Size) -> dict[str, int]:
+    """Tokens per history term: short like the window, mid and long through 2x / 4x coarser patches (padded up)."""
+    pt, ph, pw = _cfg(config, "patch_size")
+    h, w = size.height // 8, size.width // 8
+    tokens = {"short": _HISTORY_FRAMES["short"] // pt * (h // ph) * (w // pw)}
+    for name, factor in (("mid", 2), ("long", 4)):
+        frames = math.ceil(_HISTORY_FRAMES[name] / (factor * pt))
+        tokens[name] = frames * math.ceil(h / (factor * ph)) * math.ceil(w / (factor * pw))
+    return tokens
+
+
+def _helios_tokens(config: Any, size: Size) -> int:
+    pt, ph, pw = _cfg(config, "patch_size")
+    window = _latent_frames(size.num_frames, 4) // pt * (size.height // 8 // ph) * (size.width // 8 // pw)
+    return window + sum(_helios_history_tokens(config, size).values())
+
+
+def _helios_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Helios: window latents (B, C, F', H/8, W/8), umT5 text states, the flow-matching timestep (float, as the
+    pipeline passes it), the three history latents and their frame indices, laid out as ``HeliosPipeline`` does:
+    ``[prefix | long | mid | 1x | window]`` with the short history = prefix + 1x (indices carry a batch dim of 1)."""
+    _check_divisible("helios", size, 16)
+    channels, h, w = _cfg(config, "in_channels"), size.height // 8, size.width // 8
+    frames = _latent_frames(size.num_frames, 4)
+    indices = torch.arange(1 + _HISTORY_FRAMES["long"] + _HISTORY_FRAMES["mid"] + 1 + frames, device=device)
+    prefix, long, mid, one_x, window = indices.split(
+        [1, _HISTORY_FRAMES["long"], _HISTORY_FRAMES["mid"], 1, frames]
+    )
+
+    def latents(num_frames: int) -> torch.Tensor:
+        return _randn(generator, batch, channels, num_frames, h, w, dtype=dtype, device=device)
+
+    return {
+        "hidden_states": latents(frames),
+        "timestep": torch.full((batch,), 999.0, dtype=torch.float32, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_dim"), dtype=dtype,
+                                        device=device),
+        "indices_hidden_states": window[None],
+        "indices_latents_history_short": torch.cat([prefix, one_x])[None],
+        "indices_latents_history_mid": mid[None],
+        "indices_latents_history_long": long[None],
+        "latents_history_short": latents(_HISTORY_FRAMES["short"]),
+        "latents_history_mid": latents(_HISTORY_FRAMES["mid"]),
+        "latents_history_long": latents(_HISTORY_FRAMES["long"]),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- Flux
 def _flux_tokens(config: Any, size: Size) -> int:
     return (size.height // 16) * (size.width // 16)
@@ -581,6 +638,20 @@ FAMILIES: dict[str, FamilySpec] = {
             text_tokens=512,
             make_inputs_fn=_wan_inputs,  # the T2V / I2V call; diffusion forcing adds per-frame timesteps
             num_tokens_fn=_wan_tokens,
+        ),
+        FamilySpec(
+            name="helios",
+            class_name="HeliosTransformer3DModel",
+            configs={
+                "full": {},  # class defaults are Helios-Base / -Mid / -Distilled (14B, Wan2.1-14B widths)
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "text_dim": 24, "freq_dim": 16,
+                         "ffn_dim": 80, "num_layers": 2, "rope_dim": (4, 6, 6)},
+            },
+            # One denoiser call generates a 33-frame window (9 latent frames) at the pipeline's 384x640.
+            sizes={"default": Size(384, 640, 33), "tiny": Size(48, 80, 5)},
+            text_tokens=512,
+            make_inputs_fn=_helios_inputs,
+            num_tokens_fn=_helios_tokens,
         ),
         FamilySpec(
             name="flux",

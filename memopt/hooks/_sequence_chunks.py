@@ -18,7 +18,7 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from torch.utils._pytree import tree_flatten
 
-from ..plans.sequence import SequenceSplit, TokenProducer
+from ..plans.sequence import SequenceSplit, SplitSpec, TokenCount, TokenProducer
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -117,8 +117,11 @@ class ChunkLayout:
     def owns(self, stream: str, chunk: int) -> bool:
         return self.split[stream] or chunk == 0
 
-    def cut(self, value: Any, spec: SequenceSplit, chunk: int, where: str) -> Any:
-        """Chunk ``chunk``'s piece of a block input tensor per ``spec`` (views unless several segments)."""
+    def cut(self, value: Any, spec: SequenceSplit | TokenCount, chunk: int, where: str) -> Any:
+        """Chunk ``chunk``'s piece of a block input tensor per ``spec`` (views unless several segments), or its share
+        of a :class:`TokenCount`."""
+        if isinstance(spec, TokenCount):
+            return self.count(value, chunk, where)
         deferred = isinstance(value, DeferredTokens)
         if not deferred and not isinstance(value, torch.Tensor):
             return value
@@ -147,6 +150,41 @@ class ChunkLayout:
             return value.rows(ranges)
         pieces = [value.narrow(spec.split_dim, start, end - start) for start, end in ranges]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, spec.split_dim)
+
+
+    def count(self, value: Any, chunk: int, where: str) -> int:
+        """How many of chunk ``chunk``'s image tokens are among the last ``value`` ones."""
+        total = self.lengths["image"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= total:
+            raise ValueError(f"{where}: expected a count of the last tokens of the {total} image tokens, got {value!r}")
+        start, end = self.ranges["image"][chunk]
+        return max(0, end - max(start, total - value))
+
+
+def cut_arguments(arguments: Arguments, inputs: dict[str, SplitSpec], layout: ChunkLayout, chunk: int,
+                  path: str) -> tuple[tuple, dict]:
+    """A module's forward arguments with those named in ``inputs`` cut to chunk ``chunk`` (block or tail inputs)."""
+    values = {}
+    for name, spec in inputs.items():
+        value = arguments.get(name)
+        if value is None:
+            continue
+        where = f"{path} input {name!r}"
+        if isinstance(value, DeferredTokens):
+            # A producer's stand-in: all of its tables cover the same tokens, so one spec locates them.
+            value = layout.cut(value, next(s for s in spec if s is not None) if isinstance(spec, tuple) else spec,
+                               chunk, where)
+        elif isinstance(spec, tuple):
+            if not isinstance(value, (tuple, list)) or len(value) != len(spec):
+                raise ValueError(f"{where}: expected a tuple of {len(spec)} tensors, got {type(value).__name__}")
+            value = type(value)(
+                layout.cut(item, item_spec, chunk, where) if item_spec is not None else item
+                for item, item_spec in zip(value, spec)
+            )
+        else:
+            value = layout.cut(value, spec, chunk, where)
+        values[name] = value
+    return arguments.replaced(values)
 
 
 # ------------------------------------------------------------------------------------------- block outputs

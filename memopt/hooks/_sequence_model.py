@@ -19,8 +19,17 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 
-from ..plans.sequence import TokenProducer
-from ._sequence_chunks import RUNNING, Arguments, DeferredTokens, balanced, running
+from ..plans.sequence import SplitSpec, TokenCount, TokenProducer
+from ._sequence_chunks import (
+    RUNNING,
+    Arguments,
+    ChunkLayout,
+    DeferredTokens,
+    balanced,
+    cut_arguments,
+    positional_index,
+    running,
+)
 
 if TYPE_CHECKING:
     from .sequence import SequenceChunkingConfig
@@ -46,6 +55,8 @@ class ModelRun:
         self.block_calls = 0
         self.last_block: tuple[int, Any, TransformerBlockMetadata] | None = None
         self.ranges: list[tuple[int, int]] = []
+        self.kept_tokens: int | None = None  # the tail's TokenCount: the head keeps only the last tokens
+        self.layout: ChunkLayout | None = None
         self.chunk = 0
         self.gathered: torch.Tensor | None = None
         self.embedded: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = {}
@@ -60,8 +71,22 @@ class ModelRun:
     def start_tail(self) -> None:
         _, output, metadata = self.last_block
         image = output if isinstance(output, torch.Tensor) else output[metadata.return_hidden_states_index]
-        self.ranges = balanced(image.shape[1], min(self.num_chunks, image.shape[1]))
+        total = image.shape[1]
+        first = 0 if self.kept_tokens is None else total - self.kept_tokens
+        kept = total - first
+        self.set_ranges([(first + a, first + b) for a, b in balanced(kept, max(1, min(self.num_chunks, kept)))],
+                        total)
         self.tail = True
+
+    def set_ranges(self, ranges: list[tuple[int, int]], total: int) -> None:
+        """The tail chunks' token ranges in the last block's output (only the kept tokens: from ``ranges[0][0]``)."""
+        self.ranges = ranges
+        self.layout = ChunkLayout(len(ranges), {"image": total}, {"image": ranges}, {"image": True})
+
+    @property
+    def gather_offset(self) -> int:
+        """Where the gathered output starts in the last block's tokens (the tokens the head drops before it)."""
+        return self.ranges[0][0]
 
     def start_tail_chunk(self, chunk: int) -> None:
         self.chunk = chunk
@@ -132,7 +157,7 @@ class SequenceModelHook(ModelHook):
             if not self._warned:
                 logger.warning("%s: the output head runs on the whole sequence (%s)", type(module).__name__, message)
                 self._warned = True
-            run.ranges = [(0, run.ranges[-1][1])]
+            run.set_ranges([(run.ranges[0][0], run.ranges[-1][1])], run.layout.lengths["image"])
             run.gathered = None
             return self._tail_passes(module, run, args, kwargs)
         finally:
@@ -153,12 +178,32 @@ class SequenceModelHook(ModelHook):
 
 
 class SequenceTailHook(ModelHook):
-    """On the first module of the output head: ends the block pass there (the last block's output is kept)."""
+    """On the first module of the output head: ends the block pass there (the last block's output is kept); in the
+    tail passes it cuts the plan's ``tail_inputs`` to the running chunk."""
+
+    def __init__(self, path: str, inputs: dict[str, SplitSpec]) -> None:
+        super().__init__()
+        self.path = path
+        self.inputs = inputs
+        self.index: dict[str, int] = {}
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.index = positional_index(type(module))
+        missing = [name for name in self.inputs if name not in self.index]
+        if missing:
+            raise ValueError(f"{self.path}: {type(module).__name__}.forward has no argument(s) {missing} (plan)")
+        return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: ModelRun | None = running("model_run")
         if run is not None and run.tail_allowed and not run.tail and run.last_block is not None:
+            arguments = Arguments(self.index, args, kwargs)
+            counts = [arguments.get(name) for name, spec in self.inputs.items() if isinstance(spec, TokenCount)]
+            run.kept_tokens = next((count for count in counts if count is not None), None)
             raise TailReached
+        if run is not None and run.tail and self.inputs:
+            args, kwargs = cut_arguments(Arguments(self.index, args, kwargs), self.inputs, run.layout, run.chunk,
+                                         self.path)
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
@@ -175,7 +220,7 @@ class SequenceGatherHook(ModelHook):
         run: ModelRun | None = running("model_run")
         if run is None or not run.tail:
             return output
-        start, end = run.ranges[run.chunk]
+        start, end = (index - run.gather_offset for index in run.ranges[run.chunk])
         dim = self.spec.gather_dim
         if not isinstance(output, torch.Tensor) or output.dim() <= dim or output.shape[dim] != end - start:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
@@ -185,7 +230,7 @@ class SequenceGatherHook(ModelHook):
             )
         if run.gathered is None:
             shape = list(output.shape)
-            shape[dim] = run.ranges[-1][1]
+            shape[dim] = run.ranges[-1][1] - run.gather_offset
             run.gathered = output.new_empty(shape)
         run.gathered.narrow(dim, start, end - start).copy_(output)
         if run.chunk < len(run.ranges) - 1:

@@ -73,7 +73,7 @@ from ._sequence_chunks import (
     Arguments,
     ChunkLayout,
     ChunkOutputs,
-    DeferredTokens,
+    cut_arguments,
     intersect,
     materialized,
     memory_runs,
@@ -441,27 +441,7 @@ class SequenceChunkingHook(ModelHook):
                 )
 
     def _chunk_arguments(self, arguments: Arguments, layout: ChunkLayout, chunk: int) -> tuple[tuple, dict]:
-        values = {}
-        for name, spec in self.plan.inputs.items():
-            value = arguments.get(name)
-            if value is None:
-                continue
-            where = f"{self.path} input {name!r}"
-            if isinstance(value, DeferredTokens):
-                # A producer's stand-in: all of its tables cover the same tokens, so one spec locates them.
-                value = layout.cut(value, next(s for s in spec if s is not None) if isinstance(spec, tuple) else spec,
-                                   chunk, where)
-            elif isinstance(spec, tuple):
-                if not isinstance(value, (tuple, list)) or len(value) != len(spec):
-                    raise ValueError(f"{where}: expected a tuple of {len(spec)} tensors, got {type(value).__name__}")
-                value = type(value)(
-                    layout.cut(item, item_spec, chunk, where) if item_spec is not None else item
-                    for item, item_spec in zip(value, spec)
-                )
-            else:
-                value = layout.cut(value, spec, chunk, where)
-            values[name] = value
-        return arguments.replaced(values)
+        return cut_arguments(arguments, self.plan.inputs, layout, chunk, self.path)
 
     def _can_overwrite(self, module: torch.nn.Module, image: torch.Tensor, arguments: Arguments) -> bool:
         if _foreign_hooks(module, outer_of=SEQUENCE_BLOCK_HOOK):
@@ -793,7 +773,7 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
     gather_modules = {path: _submodule(model, path) for path in gather}
     if tail is not None and len(gather_modules) == 1 and None not in gather_modules.values():
         (gather_path, gather_module), = gather_modules.items()
-        register_memopt_hook(tail, SequenceTailHook(), SEQUENCE_TAIL_HOOK)
+        register_memopt_hook(tail, SequenceTailHook(plan.tail, dict(plan.tail_inputs)), SEQUENCE_TAIL_HOOK)
         register_memopt_hook(gather_module, SequenceGatherHook(gather_path, gather[gather_path]), SEQUENCE_GATHER_HOOK)
         report.tail = f"{plan.tail} -> {gather_path}"
         if any(offloaded(block) for block in blocks):

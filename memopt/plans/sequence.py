@@ -71,7 +71,25 @@ class SequenceSplit:
             raise ValueError(f"SequenceSplit segments must be a non-empty tuple of {STREAMS}, got {self.segments}")
 
 
-SplitSpec = Union[SequenceSplit, tuple[Union[SequenceSplit, None], ...]]
+@dataclass(frozen=True)
+class TokenCount:
+    """An int argument that counts the last tokens of the image stream (a length no ``_cp_plan`` entry can split).
+
+    Helios puts history tokens in front of the noisy window's and passes the window's token count
+    (``original_context_length``) to every block and to its output norm, which cut ``hidden_states`` into
+    ``[history, window]`` with it: cross-attention to the text runs on the window tokens only, and the output head
+    keeps only them. A chunk gets the number of its own tokens among the last ``count`` ones, so the same cut falls
+    inside the chunk (chunks are contiguous ranges: its history tokens first, its window tokens after). Among a
+    :attr:`SequencePlan.tail_inputs` it also says that the output head keeps only those tokens, so the tail chunks
+    cover them alone.
+    """
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return ("image",)
+
+
+SplitSpec = Union[SequenceSplit, TokenCount, tuple[Union[SequenceSplit, None], ...]]
 
 
 @dataclass(frozen=True)
@@ -135,9 +153,9 @@ class BlockPlan:
 
     Attributes:
         inputs: block forward argument name -> how it is split (a tuple of specs for tuple arguments, ``None``
-            entries pass whole). Must split the block's hidden states (the image stream) along dim 1, and its
-            encoder hidden states along dim 1 when the block carries a text stream. Arguments not listed pass whole
-            to every chunk.
+            entries pass whole; a :class:`TokenCount` for an int counting the last image tokens). Must split the
+            block's hidden states (the image stream) along dim 1, and its encoder hidden states along dim 1 when the
+            block carries a text stream. Arguments not listed pass whole to every chunk.
         attention: attention module path relative to the block -> :class:`JointAttention`. A block with several
             runs one collection pass per module (in this order), then the final pass.
         split_text: whether the text stream may be split across chunks. ``False`` when the processor reshapes
@@ -216,6 +234,10 @@ class SequencePlan:
             never read (the blocks answer from the kept output), so it returns a zero-stride stand-in instead of
             recomputing a full hidden state.
         producers: model-level module path -> :class:`TokenProducer` for per-token tables computed per chunk.
+        tail_inputs: arguments of the ``tail`` module other than the hidden states that run over the image tokens
+            (a per-token modulation, like Helios' ``temb``), cut for each tail chunk as block inputs are. A
+            :class:`TokenCount` among them (Helios' ``original_context_length``) makes the tail chunks cover only the
+            last tokens it counts, the ones the output head keeps, and the gather module place them from 0.
         num_chunks: the default number of chunks. A chunk's workspace is the unmodified block's per-token peak
             (8-15 LD for these families) divided by the number of chunks, on top of the ~3 LD floor; the defaults
             keep it near 0.4 LD (measured growth at the defaults: 3.2-3.45 LD per token, fp32).
@@ -229,6 +251,7 @@ class SequencePlan:
     )
     embed: str | None = None
     producers: Mapping[str, TokenProducer] = field(default_factory=dict)
+    tail_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
     num_chunks: int = 32
     source: str = "memopt"
 
@@ -534,6 +557,31 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         },
         embed="patch_embedding",
         producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+    ),
+    "HeliosTransformer3DModel": SequencePlan(
+        # Wan's block with per-token modulation and a history prefix: hidden_states is [history | window] and
+        # original_context_length (an int, the window's token count) says where the window starts. attn1 runs over
+        # all tokens; attn2 (text cross-attention) on the window tokens only, chunk-local; the output norm keeps only
+        # the window tokens. Split dims as _cp_plan["blocks.*.attn1"]; its gathers sit at attn1/attn2/ffn, so the
+        # gather is memopt's proj_out.
+        {
+            "blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "temb": SequenceSplit(1, 4),  # (B, S, 6, D) per token (zero timestep on history tokens)
+                    "rotary_emb": SequenceSplit(1, 3),  # (1, S, 2 x head_dim) cos | sin
+                    "original_context_length": TokenCount(),  # the window tokens at the end of the sequence
+                },
+                attention={"attn1": JointAttention()},
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            )
+        },
+        gather={"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)},
+        embed="patch_embedding",
+        # HeliosOutputNorm(hidden_states, temb, original_context_length): per-token shift / scale from temb (B, S, D),
+        # and only the window tokens are kept.
+        tail_inputs={"temb": _IMAGE_TOKENS, "original_context_length": TokenCount()},
+        source="memopt + HeliosTransformer3DModel._cp_plan",
     ),
     "FluxTransformer2DModel": SequencePlan(
         {

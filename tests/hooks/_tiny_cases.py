@@ -4,8 +4,8 @@ import torch
 
 from memopt.models import Size
 
-FAMILIES = ["wan", "chronoedit", "skyreels_v2", "flux", "flux2", "hunyuanvideo", "hunyuanvideo15", "cogvideox",
-            "ltx", "ltx2", "qwenimage", "sd3", "mochi"]
+FAMILIES = ["wan", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "hunyuanvideo", "hunyuanvideo15",
+            "cogvideox", "ltx", "ltx2", "qwenimage", "sd3", "mochi"]
 # Families whose output head runs whole by plan (FLUX.2 slices the text tokens off the last block's output before its
 # head, which the tail pass cannot follow); apply_sequence_chunking reports it as skipped.
 HEAD_RUNS_WHOLE = {"flux2"}
@@ -13,6 +13,7 @@ SIZES = {
     "wan": Size(80, 112, 5),
     "chronoedit": Size(80, 112, 5),
     "skyreels_v2": Size(80, 112, 9),
+    "helios": Size(48, 80, 9),
     "flux": Size(80, 112),
     "flux2": Size(80, 112),
     "hunyuanvideo": Size(80, 112, 5),

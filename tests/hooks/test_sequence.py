@@ -141,7 +141,9 @@ def test_split_dims_follow_the_models_cp_plan():
 # LTX-2's blocks hold the residual, the video self-attention's K/V and the video-to-audio attention's video K/V at
 # once in the two-pass schedule (measured 4.42; unmodified 16.55). Reaching ~3.4 would need the video-to-audio
 # attention merged over video chunks (log-sum-exp) instead of gathering its K/V.
-GROWTH_BOUND = {"ltx2": 4.5}
+# Helios builds its per-token modulation (B, S, 6, D) before the blocks, outside any module, and keeps it through all
+# of them (6 LD of the 11.7 measured; unmodified 21.25): only a model-level change could defer it.
+GROWTH_BOUND = {"ltx2": 4.5, "helios": 12.0}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,6 +1,7 @@
 """Sequence chunking on the call modes and masks of single families, beyond the parametrized family tests: SkyReels-V2
 diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan leaves whole, LTX-2's guidance passes
-(attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA."""
+(attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
+history/window token count."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations
 from memopt.models import Size, get_family
-from memopt.plans.sequence import SEQUENCE_PLANS
+from memopt.hooks._sequence_chunks import ChunkLayout
+from memopt.plans.sequence import SEQUENCE_PLANS, TokenCount
 
 from _tiny_cases import rel_err  # noqa: E402
 
@@ -153,3 +155,38 @@ def test_flux2_fused_projection_with_lora(schedule):
         out = model(**inputs)[0]
         remove_memory_optimizations(model)
     assert rel_err(out, reference) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["amplified history", "no history"])
+def test_helios_history(case):
+    """Helios cuts [history | window] tokens by the int ``original_context_length`` (``TokenCount``: each chunk gets
+    the count of its own window tokens), in the blocks and in the output head, which keeps only the window. With
+    per-head amplified history keys, and without history (the window alone)."""
+    spec = get_family("helios")
+    config = {**spec.config("tiny"), "is_amplify_history": case == "amplified history"}
+    model = spec.build(config)
+    inputs = spec.make_inputs(model.config, batch_size=2, height=48, width=80, num_frames=9)
+    if case == "amplified history":
+        with torch.no_grad():
+            for block in model.blocks:  # initialised to ones: make the scale differ per head
+                block.attn1.history_key_scale.copy_(torch.randn(2))
+    else:
+        inputs = {key: value for key, value in inputs.items() if "history" not in key}
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for schedule in ("two_pass", "lockstep"):
+            report = apply_sequence_chunking(model, 4, schedule=schedule)
+            assert report.tail, report
+            out = model(**inputs)[0]
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, schedule
+
+
+def test_a_token_count_is_shared_out_by_chunk_and_checked():
+    """10 image tokens in 4 chunks (3, 3, 2, 2): the last 5 are counted 0, 1, 2, 2 per chunk; a count that is not an
+    int in [0, 10] is an error naming where it came from."""
+    layout = ChunkLayout.build(4, 10, None, True)
+    assert [layout.cut(5, TokenCount(), chunk, "here") for chunk in range(4)] == [0, 1, 2, 2]
+    for bad in (11, -1, True, 2.0):
+        with pytest.raises(ValueError, match="here: expected a count of the last tokens of the 10 image tokens"):
+            layout.cut(bad, TokenCount(), 0, "here")
