@@ -354,6 +354,37 @@ def _flux2_inputs(config, batch, size, text_tokens, dtype, device, generator, ma
     return inputs
 
 
+# ----------------------------------------------------------------------------------------------- Chroma
+def _chroma_tokens(config: Any, size: Size) -> int:
+    return (size.height // 16) * (size.width // 16)
+
+
+def _chroma_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Chroma: 2x2-packed latents (B, N, 64), T5 states, position ids, and the pipeline's attention mask.
+
+    ``ChromaPipeline`` passes a ``(B, text + image)`` mask in the latents' dtype: ones for the prompt's tokens and the
+    first padding token, zeros for the other padding, ones for every image token (``_prepare_attention_mask``). The
+    blocks turn it into the query-dependent ``m[q] * m[k]``. ``masked`` pads the last quarter of the text out.
+    """
+    _check_divisible("chroma", size, 16)
+    h, w = size.height // 16, size.width // 16
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    prompt_tokens = text_tokens - max(1, text_tokens // 4) if masked else text_tokens
+    text_mask = (torch.arange(text_tokens) <= prompt_tokens).to(dtype)  # the pipeline keeps one padding token
+    mask = torch.cat([text_mask, torch.ones(h * w, dtype=dtype)]).expand(batch, -1).contiguous()
+    return {
+        "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
+                                        dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),  # the pipeline passes t / 1000
+        "img_ids": img_ids.reshape(h * w, 3).to(device=device, dtype=dtype),
+        "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+        "attention_mask": mask.to(device),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- HunyuanVideo
 def _hunyuan_tokens(config: Any, size: Size) -> int:
     p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t")
@@ -681,6 +712,22 @@ FAMILIES: dict[str, FamilySpec] = {
             make_inputs_fn=_flux2_inputs,
             num_tokens_fn=_flux2_tokens,
             video=False,
+        ),
+        FamilySpec(
+            name="chroma",
+            class_name="ChromaTransformer2DModel",
+            configs={
+                "full": {},  # class defaults are Chroma1-HD (8.9B)
+                "tiny": {**_TINY_HEADS, "in_channels": 16, "num_layers": 1, "num_single_layers": 2,
+                         "joint_attention_dim": 24, "axes_dims_rope": (4, 6, 6), "approximator_num_channels": 16,
+                         "approximator_hidden_dim": 32, "approximator_layers": 2},
+            },
+            sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
+            text_tokens=512,
+            make_inputs_fn=_chroma_inputs,
+            num_tokens_fn=_chroma_tokens,
+            video=False,
+            mask_key="attention_mask",
         ),
         FamilySpec(
             name="hunyuanvideo",

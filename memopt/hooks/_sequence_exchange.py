@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..plans.sequence import JointAttention
+from ..plans.sequence import JointAttention, SequenceSplit
 from ._attention_dispatch import AttentionCall, Proceed
 from ._sequence_chunks import ChunkLayout
 
@@ -34,6 +34,21 @@ class GatheredKeyValues:
 
 
 @dataclass
+class PairMask:
+    """The whole per-token mask a block squares into its query-dependent attention mask (``JointAttention.pair_mask``),
+    and how its tokens are cut into chunks."""
+
+    tokens: torch.Tensor  # (B, S): one entry per key, streams in the attention's key order
+    split: SequenceSplit
+
+    def rows(self, layout: ChunkLayout, chunk: int, path: str) -> torch.Tensor:
+        """``(B, 1, chunk queries, S)``: the block's ``m[:, None, None, :] * m[:, None, :, None]`` for the chunk's
+        query rows (the same products of the same numbers)."""
+        rows = layout.cut(self.tokens, self.split, chunk, f"{path} pair mask")
+        return self.tokens[:, None, None, :] * rows[:, None, :, None]
+
+
+@dataclass
 class AttentionState:
     """One whole-sequence attention module of the running block."""
 
@@ -41,6 +56,7 @@ class AttentionState:
     spec: JointAttention
     stage: int
     expected_calls: int
+    pair_mask: PairMask | None = None
     calls_seen: dict[int, int] = field(default_factory=dict)  # per chunk: kernel calls in the current module forward
     handled: dict[int, int] = field(default_factory=dict)  # per chunk: calls answered with the full K/V
     gathered: dict[int, GatheredKeyValues] = field(default_factory=dict)
@@ -130,7 +146,16 @@ class BlockRun:
         if gathered is None:
             raise RuntimeError(f"{state.path}: attention call {index} reached before its keys/values were collected")
         state.handled[chunk] = state.handled.get(chunk, 0) + 1
-        mask = gathered.mask if gathered.mask is not None else call.attn_mask
+        if state.pair_mask is not None:
+            mask = state.pair_mask.rows(self.layout, chunk, state.path)
+            if mask.shape[-2] != call.query.shape[1] or mask.shape[-1] != gathered.key.shape[1]:
+                raise RuntimeError(
+                    f"{state.path}: the pair mask {state.spec.pair_mask!r} gives {mask.shape[-2]} query rows x "
+                    f"{mask.shape[-1]} keys, the call has {call.query.shape[1]} queries and "
+                    f"{gathered.key.shape[1]} keys"
+                )
+        else:
+            mask = gathered.mask if gathered.mask is not None else call.attn_mask
         output = proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
         if state.spec.padding_mask:
             # The query side of the padding mask: invalid queries are fully masked rows in the unmodified call.
@@ -144,6 +169,14 @@ class BlockRun:
             mask = padding_mask_validity(state.path, call)[:, :, None, :]  # the key side: (B, 1 | H, 1, S_kv)
         pieces, full_length = self._key_pieces(state, key.shape[1])
         gathered = state.gathered.get(index)
+        if state.spec.pair_mask is not None:
+            if (mask is None) != (state.pair_mask is None):
+                raise RuntimeError(
+                    f"{state.path}: the plan names {state.spec.pair_mask!r} as the block argument its attention mask "
+                    f"is made from, but the kernel call has {'no' if mask is None else 'a'} mask while the argument is "
+                    f"{'None' if state.pair_mask is None else 'given'}"
+                )
+            mask = None  # rebuilt from the whole argument in the final pass
         has_key_mask = mask is not None and mask.shape[-1] != 1
         if has_key_mask and mask.shape[-1] == full_length != key.shape[1]:
             # The mask already covers every chunk's keys (a block-causal mask whose query rows the plan cut per

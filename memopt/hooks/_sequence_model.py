@@ -54,6 +54,9 @@ class ModelRun:
         self.tail = False
         self.block_calls = 0
         self.last_block: tuple[int, Any, TransformerBlockMetadata] | None = None
+        self.last_version: int | None = None  # version counter of the last block's image output when it returned
+        self.tail_input: Any = None  # what the output head got in the block pass
+        self.dropped = 0  # leading tokens of the last block's output that the model drops before the head
         self.ranges: list[tuple[int, int]] = []
         self.kept_tokens: int | None = None  # the tail's TokenCount: the head keeps only the last tokens
         self.layout: ChunkLayout | None = None
@@ -66,13 +69,21 @@ class ModelRun:
 
     def block_finished(self, output: Any, metadata: TransformerBlockMetadata) -> None:
         self.last_block = (self.block_calls, output, metadata)
+        self.last_version = _version(_image_output(output, metadata))
         self.block_calls += 1
 
     def start_tail(self) -> None:
         _, output, metadata = self.last_block
-        image = output if isinstance(output, torch.Tensor) else output[metadata.return_hidden_states_index]
+        image = _image_output(output, metadata)
+        if _version(image) != self.last_version:
+            # e.g. a ControlNet residual added in place to the last block's output (Chroma): the tail passes would
+            # add it again to the kept output.
+            raise RuntimeError("the model modified the last block's output in place before its output head; run "
+                               "it with apply_sequence_chunking(..., chunk_tail=False)")
+        self.dropped = dropped_tokens(image, self.tail_input) if self.kept_tokens is None else 0
+        self.tail_input = None
         total = image.shape[1]
-        first = 0 if self.kept_tokens is None else total - self.kept_tokens
+        first = self.dropped if self.kept_tokens is None else total - self.kept_tokens
         kept = total - first
         self.set_ranges([(first + a, first + b) for a, b in balanced(kept, max(1, min(self.num_chunks, kept)))],
                         total)
@@ -101,10 +112,13 @@ class ModelRun:
         hs, ehs = metadata.return_hidden_states_index, metadata.return_encoder_hidden_states_index
         start, end = self.ranges[self.chunk]
         if index == last_index:
+            # With tokens dropped before the head (``output[:, P:]``), the chunk's tokens are preceded by P others
+            # that the model drops again: a view, whatever they are.
+            start, length = start - self.dropped, self.dropped + end - start
             if isinstance(output, torch.Tensor):
-                return output.narrow(1, start, end - start)
+                return output.narrow(1, start, length)
             output = list(output)
-            output[hs] = output[hs].narrow(1, start, end - start)
+            output[hs] = output[hs].narrow(1, start, length)
             return tuple(output)
         image = arguments.get(metadata.hidden_states_argument_name)
         if ehs is None:
@@ -197,6 +211,7 @@ class SequenceTailHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: ModelRun | None = running("model_run")
         if run is not None and run.tail_allowed and not run.tail and run.last_block is not None:
+            run.tail_input = args[0] if args else next(iter(kwargs.values()), None)
             arguments = Arguments(self.index, args, kwargs)
             counts = [arguments.get(name) for name, spec in self.inputs.items() if isinstance(spec, TokenCount)]
             run.kept_tokens = next((count for count in counts if count is not None), None)
@@ -294,6 +309,29 @@ class SequenceReplayHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         run.recorded.setdefault(key, []).append(output)
         return output
+
+
+def _image_output(output: Any, metadata: TransformerBlockMetadata) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[metadata.return_hidden_states_index]
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    return None if tensor.is_inference() else tensor._version
+
+
+def dropped_tokens(output: torch.Tensor, tail_input: Any) -> int:
+    """How many leading tokens of the last block's output the model drops before its output head: ``P`` when the
+    head's input is the view ``output[:, P:]`` (Chroma's single-stream blocks carry ``cat(text, image)`` and the
+    model keeps the image part), else 0."""
+    if not isinstance(tail_input, torch.Tensor) or tail_input.dim() != output.dim() or output.dim() < 2:
+        return 0
+    if tail_input.untyped_storage()._cdata != output.untyped_storage()._cdata or tail_input.stride() != output.stride():
+        return 0
+    shift, stride = tail_input.storage_offset() - output.storage_offset(), output.stride(1)
+    if stride <= 0 or shift <= 0 or shift % stride:
+        return 0
+    dropped = shift // stride
+    return dropped if tail_input.shape == (output.shape[0], output.shape[1] - dropped, *output.shape[2:]) else 0
 
 
 def offloaded(module: torch.nn.Module) -> bool:

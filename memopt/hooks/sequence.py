@@ -84,6 +84,7 @@ from ._sequence_exchange import (
     AttentionState,
     BlockRun,
     KeyValuesCollected,
+    PairMask,
     ReusedOutput,
     modified_under_suspended_chunks,
     refuse_inactive,
@@ -291,6 +292,10 @@ class SequenceChunkingHook(ModelHook):
         model_run: ModelRun | None = running("model_run")
         if model_run is not None and model_run.tail:
             return model_run.tail_block_output(arguments, self.metadata)
+        if model_run is not None:
+            # A new block runs: the previous one's output is no longer the last. Kept, it would stay alive through
+            # this block when the model makes a new tensor in between (Chroma's cat(text, image)).
+            model_run.last_block = None
         output = self._forward(module, arguments)
         if model_run is not None:
             model_run.block_finished(output, self.metadata)
@@ -330,6 +335,7 @@ class SequenceChunkingHook(ModelHook):
                     spec=spec,
                     stage=stage,
                     expected_calls=image.shape[0] if spec.calls == "batch" else spec.calls,
+                    pair_mask=self._pair_mask(arguments, spec),
                 )
                 for stage, (name, attention_module, spec) in enumerate(active)
             },
@@ -439,6 +445,18 @@ class SequenceChunkingHook(ModelHook):
                     f"{self.path}.{name} carries hooks {stateful}: a chunk suspended inside it would find their state "
                     "changed by the other chunks; use schedule='two_pass', or offload whole blocks"
                 )
+
+    def _pair_mask(self, arguments: Arguments, spec: JointAttention) -> PairMask | None:
+        """The whole per-token mask the block squares into this attention's mask (``JointAttention.pair_mask``)."""
+        tokens = arguments.get(spec.pair_mask) if spec.pair_mask is not None else None
+        if tokens is None:
+            return None
+        split = self.plan.inputs[spec.pair_mask]
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != split.expected_dims:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise NotImplementedError(f"{self.path}: pair mask {spec.pair_mask!r} must be a {split.expected_dims}-D "
+                                      f"per-token tensor, got {shape}")
+        return PairMask(tokens, split)
 
     def _chunk_arguments(self, arguments: Arguments, layout: ChunkLayout, chunk: int) -> tuple[tuple, dict]:
         return cut_arguments(arguments, self.plan.inputs, layout, chunk, self.path)
@@ -650,6 +668,15 @@ def _prepare_block(
             )
     if not plan.attention:
         return "the plan names no whole-sequence attention module", []
+    for name, spec in plan.attention.items():
+        split = plan.inputs.get(spec.pair_mask) if spec.pair_mask is not None else None
+        if spec.pair_mask is not None and (
+            not isinstance(split, SequenceSplit) or split.segments != spec.order or split.expected_dims is None
+        ):
+            raise ValueError(
+                f"{path}: {name}'s pair mask {spec.pair_mask!r} must be split by the plan over its key streams "
+                f"{spec.order} (a SequenceSplit with expected_dims), got {split!r}"
+            )
     attention = []
     for name, spec in plan.attention.items():
         try:

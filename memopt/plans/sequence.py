@@ -125,6 +125,13 @@ class JointAttention:
             does not use a role computes only the other blocks' columns (row slices of the weight, views) and
             leaves zeros in the rest: FLUX.2's single-stream ``to_qkv_mlp_proj`` is ``("query", "key_value",
             "key_value", "other", "other")`` (Q, K, V, SwiGLU gate, SwiGLU value).
+        pair_mask: the block argument holding a per-token mask ``m`` over this module's key sequence (its streams
+            in ``order``) that the block turns into the query-dependent ``m[:, None, :, None] * m[:, None, None, :]``
+            before attention (Chroma, whose pipeline passes a float 0/1 mask: additive, so unlike ``padding_mask``
+            its invalid query rows are not fully masked). A chunk sees only its own diagonal block of that mask, so
+            it is not gathered: the final call gets the chunk's rows against every key, made from the whole
+            argument with the same product (any dtype, bit-exact). The block plan must split the argument over the
+            same streams, in the same order.
     """
 
     order: tuple[str, ...] = ("image",)
@@ -137,10 +144,13 @@ class JointAttention:
     active: Callable[[torch.nn.Module, Callable[[str], Any]], bool] | None = None
     padding_mask: bool = False
     fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    pair_mask: str | None = None
 
     def __post_init__(self) -> None:
         if sorted(self.order) != sorted(set(self.order)) or any(s not in STREAMS for s in self.order):
             raise ValueError(f"JointAttention order must list distinct streams of {STREAMS}, got {self.order}")
+        if self.padding_mask and self.pair_mask is not None:
+            raise ValueError("JointAttention takes padding_mask or pair_mask, not both")
         for name, roles in self.fused.items():
             if not roles or any(role not in FUSED_ROLES for role in roles):
                 raise ValueError(f"JointAttention fused[{name!r}] must be a non-empty tuple of {FUSED_ROLES}, got "
@@ -625,14 +635,38 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
                 )},
             ),
         },
-        # The model slices the text tokens off the last block's output before norm_out, which the tail pass (it
-        # narrows the last block's output to each chunk) cannot follow: the output head runs whole (3.4 LD at
-        # 1024^2, below the blocks' 4.2).
-        tail=None,
         gather=None,
         embed="x_embedder",
         num_chunks=48,  # single-stream blocks keep attention + a 3x SwiGLU MLP (9D fused projection) per chunk
         source="memopt + Flux2Transformer2DModel._cp_plan",
+    ),
+    "ChromaTransformer2DModel": SequencePlan(
+        # Flux's layout with an approximator's per-block modulation (passed whole) and the pipeline's (B, text +
+        # image) token mask, which the blocks square into the query-dependent m[q] * m[k] (pair_mask). The model
+        # feeds the single-stream blocks cat(text, image) as one sequence, and so the rotary tables and the mask.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    **_FLUX_INPUTS,
+                    "attention_mask": SequenceSplit(1, 2, ("text", "image")),
+                },
+                attention={"attn": JointAttention(order=("text", "image"), pair_mask="attention_mask", **_JOINT)},
+                metadata=TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0),
+            ),
+            "single_transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "image_rotary_emb": _pair(SequenceSplit(0, 2)),
+                    "attention_mask": SequenceSplit(1, 2),
+                },
+                attention={"attn": JointAttention(pair_mask="attention_mask")},
+                unused_before_attention=_SINGLE_STREAM_MLP,
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            ),
+        },
+        embed="x_embedder",
+        producers={"pos_embed": TokenProducer(_flux_rope_tokens, _flux_rope_rows)},
+        num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk, as Flux
     ),
     "HunyuanVideoTransformer3DModel": SequencePlan(
         {

@@ -31,6 +31,7 @@ SIZES = {
     "helios": dict(height=48, width=80, num_frames=9),
     "flux": dict(height=48, width=80),
     "flux2": dict(height=48, width=80),
+    "chroma": dict(height=48, width=80),
     "hunyuanvideo": dict(height=48, width=80, num_frames=9),
     "hunyuanvideo15": dict(height=80, width=112, num_frames=9),
     "cogvideox": dict(height=48, width=80, num_frames=9),
@@ -41,8 +42,9 @@ SIZES = {
     "mochi": dict(height=48, width=80, num_frames=13),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
-EXPECTED_APPLIED = {"wan": 2, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2, "hunyuanvideo": 4,
-                    "hunyuanvideo15": 5, "cogvideox": 2, "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3}
+EXPECTED_APPLIED = {"wan": 2, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2, "chroma": 2,
+                    "hunyuanvideo": 4, "hunyuanvideo15": 5, "cogvideox": 2, "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3,
+                    "mochi": 3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

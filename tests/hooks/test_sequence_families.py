@@ -1,7 +1,7 @@
 """Sequence chunking on the call modes and masks of single families, beyond the parametrized family tests: SkyReels-V2
 diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan leaves whole, LTX-2's guidance passes
 (attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
-history/window token count."""
+history/window token count, Chroma's pairwise masks and in-place ControlNet residuals."""
 
 from __future__ import annotations
 
@@ -190,3 +190,44 @@ def test_a_token_count_is_shared_out_by_chunk_and_checked():
     for bad in (11, -1, True, 2.0):
         with pytest.raises(ValueError, match="here: expected a count of the last tokens of the 10 image tokens"):
             layout.cut(bad, TokenCount(), 0, "here")
+
+
+def _chroma() -> tuple[torch.nn.Module, dict]:
+    spec = get_family("chroma")
+    model = spec.build("tiny")
+    return model, spec.make_inputs(model.config, batch_size=2, height=80, width=112, masked=True)  # 35 + 8 tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_chroma_per_sample_pair_masks(dtype):
+    """Chroma squares its (B, text + image) token mask into m[q] * m[k] inside the blocks (``pair_mask``): each
+    chunk's final call gets its rows against all keys, rebuilt from the whole token mask; float (the pipeline's,
+    additive) and bool masks, text split (4 chunks) and carried whole (16)."""
+    model, inputs = _chroma()
+    text = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.float32)
+    inputs["attention_mask"] = torch.cat([text, torch.ones(2, 35)], dim=1).to(dtype)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for num_chunks in (4, 16):
+            apply_sequence_chunking(model, num_chunks)
+            out = model(**inputs)[0]
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, num_chunks
+
+
+def test_an_output_modified_in_place_before_the_head_is_refused():
+    """Chroma's ControlNet adds its single-stream residuals in place, also to the last block's output: the chunked
+    output head would add it a second time (rel err 8e-2 when it did), so that is an error pointing to
+    ``chunk_tail=False``, which is exact."""
+    model, inputs = _chroma()
+    inputs["controlnet_block_samples"] = [torch.randn(2, 35, 32)]
+    inputs["controlnet_single_block_samples"] = [torch.randn(2, 35, 32)]
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_sequence_chunking(model, 4)
+        with pytest.raises(RuntimeError, match="modified the last block's output in place .* chunk_tail=False"):
+            model(**inputs)
+        remove_memory_optimizations(model)
+        apply_sequence_chunking(model, 4, chunk_tail=False)
+        out = model(**inputs)[0]
+    assert rel_err(out, reference) <= 1e-5
