@@ -64,6 +64,14 @@ BENCH_CONFIGS: dict[str, dict] = {
     "qwenimage": {"axes_dims_rope": (16, 24, 24)},
     "sd3": {"caption_projection_dim": 512, "pos_embed_max_size": 128, "sample_size": 128},
     "mochi": {"max_sequence_length": 64},
+    "chronoedit": {"ffn_dim": 2208, "added_kv_proj_dim": 512},
+    "skyreels_v2": {"ffn_dim": 2208},
+    "helios": {"ffn_dim": 2208, "rope_dim": (16, 24, 24)},
+    "flux2": {"axes_dims_rope": (16, 16, 16, 16)},
+    "chroma": {"axes_dims_rope": (16, 24, 24)},
+    "hunyuanvideo15": {"rope_axes_dim": (16, 24, 24)},
+    "ltx2": {"cross_attention_dim": 512, "audio_num_attention_heads": 8, "audio_attention_head_dim": 32,
+             "audio_cross_attention_dim": 256},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -74,6 +82,9 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "ltx": [Size(512, 512, 33), Size(512, 1024, 33), Size(1024, 1024, 33), Size(1024, 1024, 65)],
     "mochi": [Size(256, 256, 25), Size(256, 512, 25), Size(512, 512, 25), Size(512, 512, 49)],
     "flux": IMAGE_SIZES, "qwenimage": IMAGE_SIZES, "sd3": IMAGE_SIZES,
+    "chronoedit": VIDEO_SIZES, "skyreels_v2": VIDEO_SIZES, "helios": VIDEO_SIZES, "hunyuanvideo15": VIDEO_SIZES,
+    "flux2": IMAGE_SIZES, "chroma": IMAGE_SIZES,
+    "ltx2": [Size(512, 512, 33), Size(512, 1024, 33), Size(1024, 1024, 33), Size(1024, 1024, 65)],
 }
 
 
