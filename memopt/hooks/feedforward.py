@@ -614,6 +614,21 @@ UNIT_FORWARDS: dict[type, Callable[..., Any]] = {
 module is the FeedForward) are not listed and use :func:`_feedforward_forward`."""
 
 
+def _check_unit_forward(module: torch.nn.Module, layout: FeedForwardLayout) -> None:
+    """A unit with parts outside its FeedForward path (a block with attention and norms) needs its own forward in
+    :data:`UNIT_FORWARDS`; run through the FeedForward-only forward it would compute the wrong function."""
+    if type(module) in UNIT_FORWARDS:
+        return
+    on_path = {path.split(".")[0] for path in layout.ff_modules}
+    outside = [name for name, child in module.named_children()
+               if name not in on_path and (any(True for _ in child.parameters()) or len(child._modules))]
+    if outside:
+        raise UnsupportedFeedForward(
+            f"{type(module).__name__} is registered as a FeedForward unit, but {outside} lie outside its FeedForward "
+            "path and memopt.hooks.feedforward.UNIT_FORWARDS has no forward for it"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ the hook
 class ChunkedFeedForwardHook(ModelHook):
     """Replaces a FeedForward-like module's forward with the chunked computation (see the module docstring).
@@ -844,6 +859,7 @@ def apply_chunked_feedforward(
         name = path or type(module).__name__
         try:
             layout = feedforward_layout(module)
+            _check_unit_forward(module, layout)
             if expanded is not None:
                 _check_plan(module, path, layout, expanded, source)
             _Parts.read(module, layout, name)

@@ -526,3 +526,19 @@ def test_real_kernel_through_the_hook(interpreted_kernels):
         assert rel_err(out, out_ref) <= 1e-5 and rel_err(x_grad, x_grad_ref) <= 1e-5
         assert rel_err(torch.cat([g.flatten() for g in grads.values()]),
                        torch.cat([g.flatten() for g in grads_ref.values()])) <= 1e-5
+
+
+def test_a_block_registered_as_a_unit_without_its_forward_is_skipped(monkeypatch):
+    """Chroma's single-stream block has Flux's MLP layout; registered as a unit without a forward that keeps its
+    attention and norms, the FeedForward-only forward would compute something else (rel err ~1): skipped, reported."""
+    from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
+
+    from memopt.plans import feedforward as plans
+
+    monkeypatch.setitem(plans.FEEDFORWARD_UNITS, ChromaSingleTransformerBlock, plans._single_block)
+    model, inputs = build("chroma")
+    reference = forward(model, inputs)
+    report = apply_chunked_feedforward(model, num_chunks=2)
+    assert len(report.applied) == EXPECTED_APPLIED["chroma"]
+    assert all("UNIT_FORWARDS has no forward" in report.skipped[f"single_transformer_blocks.{i}"] for i in (0, 1))
+    assert rel_err(forward(model, inputs), reference) <= 1e-5
