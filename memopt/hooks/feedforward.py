@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
+from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoSingleTransformerBlock,
@@ -560,6 +561,25 @@ def _flux_single_forward(block: FluxSingleTransformerBlock, ffn: FeedForwardFn, 
     return encoder_hidden_states, hidden_states
 
 
+def _chroma_single_forward(block: ChromaSingleTransformerBlock, ffn: FeedForwardFn, hidden_states: torch.Tensor,
+                           temb: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           attention_mask: torch.Tensor | None = None,
+                           joint_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    """``ChromaSingleTransformerBlock.forward`` (diffusers 0.42) with ``proj_out(cat([attn, mlp]))`` chunked, as
+    :func:`_flux_single_forward` (the model passes ``cat(text, image)`` and the token mask it squares here)."""
+    residual = hidden_states
+    norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
+    joint_attention_kwargs = joint_attention_kwargs or {}
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, None, None, :] * attention_mask[:, None, :, None]
+    attn_output = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                             attention_mask=attention_mask, **joint_attention_kwargs)
+    hidden_states = residual + gate.unsqueeze(1) * ffn(norm_hidden_states, prefix=attn_output)
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states
+
+
 def _hunyuan_attention(block: torch.nn.Module, norm_hidden_states: torch.Tensor, text_seq_length: int,
                        attention_mask: torch.Tensor | None, image_rotary_emb: Any) -> torch.Tensor:
     attn_output, context_attn_output = block.attn(
@@ -607,6 +627,7 @@ def _hunyuan_token_replace_single_forward(
 
 UNIT_FORWARDS: dict[type, Callable[..., Any]] = {
     FluxSingleTransformerBlock: _flux_single_forward,
+    ChromaSingleTransformerBlock: _chroma_single_forward,
     HunyuanVideoSingleTransformerBlock: _hunyuan_single_forward,
     HunyuanVideoTokenReplaceSingleTransformerBlock: _hunyuan_token_replace_single_forward,
 }

@@ -38,6 +38,7 @@ import torch
 from diffusers.hooks.tensor_parallel import PackedColwiseParallel, PackedRowwiseParallel
 from diffusers.models.activations import GEGLU, GELU, ApproximateGELU, LinearActivation, SwiGLU
 from diffusers.models.attention import FeedForward, LuminaFeedForward
+from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from diffusers.models.transformers.transformer_flux2 import Flux2FeedForward
 from diffusers.models.transformers.transformer_hunyuan_video import (
@@ -220,6 +221,7 @@ FEEDFORWARD_UNITS: dict[type, Callable[[torch.nn.Module], FeedForwardLayout]] = 
     LuminaFeedForward: _lumina,
     Flux2FeedForward: _flux2,
     FluxSingleTransformerBlock: _single_block,
+    ChromaSingleTransformerBlock: _single_block,
     HunyuanVideoSingleTransformerBlock: _single_block,
     HunyuanVideoTokenReplaceSingleTransformerBlock: _single_block,
 }

@@ -184,7 +184,7 @@ def test_combines_with_group_offloading(family):
         assert torch.equal(model(**inputs)[0], reference)
 
 
-@pytest.mark.parametrize("family", ["flux", "hunyuanvideo"])
+@pytest.mark.parametrize("family", ["flux", "hunyuanvideo", "chroma"])
 def test_combines_with_chunked_feedforward(family):
     from memopt import apply_chunked_feedforward
 
