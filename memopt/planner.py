@@ -755,7 +755,9 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
     if not considered:
         errors = "; ".join(f"{c.describe()}: {e.error}" for c, e in cache.items() if e.error)
         if errors:
-            return f"no memopt option could be simulated for {name}: {errors}"
+            return (f"no memopt option could be simulated for {name}: {errors}. Apply the techniques directly instead "
+                    "(memopt.apply_sequence_chunking(model), memopt.apply_chunked_feedforward(model), diffusers' "
+                    "enable_group_offload), which need no simulation")
         return (f"{name}: nothing fits the budget of {format_bytes(budget)}: its weights "
                 f"({format_bytes(groups.total_bytes)})"
                 f" with the other components ({format_bytes(other)}) leave no room, and it cannot be offloaded here")
