@@ -139,9 +139,11 @@ class BlockRun:
             self.suspend((state.stage, index))  # returns once every chunk has written this call's K/V
         elif self.collecting == state.stage:
             self._gather(state, index, call)
-            if index == state.expected_calls - 1:
+            if index == state.expected_calls - 1 and self._stage_collected(state.stage, chunk):
                 raise KeyValuesCollected
-            return call.output_like()  # never read: the collection pass stops at this module's last call
+            # Never read: the collection pass stops at this stage's last call, and the other modules of the stage
+            # (JointAttention.collect_with_previous) take their keys/values from before this output.
+            return call.output_like()
         gathered = state.gathered.get(index)
         if gathered is None:
             raise RuntimeError(f"{state.path}: attention call {index} reached before its keys/values were collected")
@@ -162,6 +164,10 @@ class BlockRun:
             valid_queries = padding_mask_validity(state.path, call).transpose(1, 2)  # (B, S_q, 1 | H)
             output = output.masked_fill_(~valid_queries[..., None], 0)
         return output
+
+    def _stage_collected(self, stage: int, chunk: int) -> bool:
+        return all(other.calls_seen.get(chunk, 0) >= other.expected_calls
+                   for other in self.attention.values() if other.stage == stage)
 
     def _gather(self, state: AttentionState, index: int, call: AttentionCall) -> None:
         key, value, mask = call.key, call.value, call.attn_mask

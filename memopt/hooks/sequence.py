@@ -337,7 +337,7 @@ class SequenceChunkingHook(ModelHook):
                     expected_calls=image.shape[0] if spec.calls == "batch" else spec.calls,
                     pair_mask=self._pair_mask(arguments, spec),
                 )
-                for stage, (name, attention_module, spec) in enumerate(active)
+                for stage, (name, attention_module, spec) in zip(self._stages(active), active)
             },
             inactive,
         )
@@ -354,12 +354,31 @@ class SequenceChunkingHook(ModelHook):
         finally:
             RUNNING.block_run = None
 
+    def _stages(self, active: list[tuple[str, torch.nn.Module, JointAttention]]) -> list[int]:
+        """Each active attention module's stage, in call order: two-pass collects one stage per pass, and a module
+        whose keys/values do not depend on the previous one's output (``JointAttention.collect_with_previous``,
+        the previous one active too) shares its stage. Lock-step suspends each module on its own."""
+        stages: list[int] = []
+        for index, (_, attention_module, spec) in enumerate(active):
+            previous = active[index - 1][1] if index else None
+            plan_previous = self._plan_previous(attention_module)
+            shared = (self.config.schedule == "two_pass" and spec.collect_with_previous and previous is not None
+                      and previous is plan_previous)
+            stages.append(stages[-1] if shared else (stages[-1] + 1 if stages else 0))
+        return stages
+
+    def _plan_previous(self, attention_module: torch.nn.Module) -> torch.nn.Module | None:
+        modules = [module for _, module, _ in self.attention]
+        position = next(i for i, module in enumerate(modules) if module is attention_module)
+        return modules[position - 1] if position else None
+
     def _two_pass(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
                   outputs: ChunkOutputs) -> None:
-        """Collection passes (one per attention stage, each stopped at that stage's call), then the final pass."""
+        """Collection passes (one per attention stage, each stopped at the stage's last call), then the final pass."""
         num_chunks = run.layout.num_chunks
-        for state in sorted(run.attention.values(), key=lambda state: state.stage):
-            run.collecting = state.stage
+        for stage in sorted({state.stage for state in run.attention.values()}):
+            paths = ", ".join(state.path for state in run.attention.values() if state.stage == stage)
+            run.collecting = stage
             for chunk in range(num_chunks):
                 run.start_chunk(chunk)
                 chunk_args, chunk_kwargs = chunk_arguments(chunk)
@@ -370,7 +389,7 @@ class SequenceChunkingHook(ModelHook):
                     continue
                 raise RuntimeError(
                     f"{self.path}: chunk {chunk} finished without reaching the attention kernel of "
-                    f"{state.path} (skipped by a cache or processor?)"
+                    f"{paths} (skipped by a cache or processor?)"
                 )
         run.collecting = None
         for chunk in range(num_chunks):

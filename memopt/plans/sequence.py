@@ -132,6 +132,11 @@ class JointAttention:
             it is not gathered: the final call gets the chunk's rows against every key, made from the whole
             argument with the same product (any dtype, bit-exact). The block plan must split the argument over the
             same streams, in the same order.
+        collect_with_previous: its keys and values do not depend on the output of the previous module of
+            ``BlockPlan.attention`` (LTX-2's audio self-attention after the video one, the video-to-audio attention
+            after the audio-to-video one): the two-pass schedule collects both in one pass, and the pass saved is one
+            that would rerun every earlier attention. A wrong claim changes the result, which the family's
+            equivalence tests catch.
     """
 
     order: tuple[str, ...] = ("image",)
@@ -145,6 +150,7 @@ class JointAttention:
     padding_mask: bool = False
     fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     pair_mask: str | None = None
+    collect_with_previous: bool = False
 
     def __post_init__(self) -> None:
         if sorted(self.order) != sorted(set(self.order)) or any(s not in STREAMS for s in self.order):
@@ -497,9 +503,14 @@ def _switch(name: str) -> Callable[[torch.nn.Module, Callable[[str], Any]], bool
 # output gates, like a query projection.
 _QUERY = ("to_q", "to_gate_logits")
 _SELF = JointAttention(order=("image",), query=_QUERY, key_value=("to_k",), active=_self_attention_runs)
-_AUDIO_SELF = JointAttention(order=("text",), query=_QUERY, key_value=("to_k",), active=_self_attention_runs)
+# The audio self-attention's K/V come from the audio stream, which the video self-attention does not touch; the
+# video-to-audio attention's video K/V are normed before the audio-to-video output is added: each is collected in
+# the same two-pass collection pass as the module before it (two passes instead of four).
+_AUDIO_SELF = JointAttention(order=("text",), query=_QUERY, key_value=("to_k",), active=_self_attention_runs,
+                             collect_with_previous=True)
 _AUDIO_KEYS = JointAttention(order=("text",), query=_QUERY, active=_switch("use_a2v_cross_attention"))
-_VIDEO_KEYS = JointAttention(order=("image",), query=_QUERY, active=_switch("use_v2a_cross_attention"))
+_VIDEO_KEYS = JointAttention(order=("image",), query=_QUERY, active=_switch("use_v2a_cross_attention"),
+                             collect_with_previous=True)
 
 _LTX2 = BlockPlan(
     inputs={

@@ -326,9 +326,10 @@ def test_chunked_blocks_do_the_matmul_work_of_the_unmodified_ones(family, schedu
         assert all(reference[block] < chunked[block] <= bound * reference[block] for block in blocks)
 
 
-# LTX-2's two-pass schedule collects four attentions' K/V one stage after another, each collection pass rerunning the
-# earlier attentions of the block (measured 1.88x the unmodified block's matmul FLOPs; lock-step: equal).
-MATMUL_WORK_BOUND = {("ltx2", "two_pass"): 2.0}
+# LTX-2's two-pass schedule collects four attentions' K/V in two passes (JointAttention.collect_with_previous), the
+# second rerunning the two self-attentions (measured 1.44x the unmodified block's matmul FLOPs, 1.88x with one pass
+# per attention; lock-step: equal).
+MATMUL_WORK_BOUND = {("ltx2", "two_pass"): 1.5}
 
 
 def _attention_run(collecting: int | None) -> tuple[BlockRun, int]:

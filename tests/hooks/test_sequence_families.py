@@ -231,3 +231,23 @@ def test_an_output_modified_in_place_before_the_head_is_refused():
         apply_sequence_chunking(model, 4, chunk_tail=False)
         out = model(**inputs)[0]
     assert rel_err(out, reference) <= 1e-5
+
+
+def test_attentions_collected_in_one_pass_must_not_depend_on_each_other():
+    """``collect_with_previous`` puts a module's K/V collection in the previous module's pass, whose output is then a
+    stand-in: claimed for LTX-2's video-to-audio attention (its video K/V are normed before the audio-to-video output
+    is added) it is exact with fewer passes; claimed for the audio-to-video attention, whose audio K/V come after the
+    audio self-attention's output, the result changes (which is why the claim is the plan's, per module)."""
+    model, inputs = _ltx2()
+    plan = SEQUENCE_PLANS[type(model).__name__]
+    block = plan.blocks["transformer_blocks.*"]
+    wrong = dataclasses.replace(block.attention["audio_to_video_attn"], collect_with_previous=True)
+    wrong_plan = dataclasses.replace(plan, blocks={"transformer_blocks.*": dataclasses.replace(
+        block, attention={**block.attention, "audio_to_video_attn": wrong})})
+    with torch.no_grad():
+        reference = model(**inputs)
+        apply_sequence_chunking(model, 4)
+        assert _video_and_audio_close(model(**inputs), reference)
+        remove_memory_optimizations(model)
+        apply_sequence_chunking(model, 4, plan=wrong_plan)
+        assert not _video_and_audio_close(model(**inputs), reference)
