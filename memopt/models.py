@@ -448,6 +448,58 @@ def _hunyuan15_inputs(config, batch, size, text_tokens, dtype, device, generator
     }
 
 
+# ----------------------------------------------------------------------------------------------- HunyuanImage 2.1
+_HUNYUANIMAGE_GLYPH_TOKENS = 128  # HunyuanImagePipeline.tokenizer_2_max_length (byT5 glyph tokens)
+
+
+def _hunyuanimage_vae_ratio(config: Any) -> int:
+    """The base model's 32x VAE (latents (B, 64, H/32, W/32)) or the refiner's 16x video VAE (latents (B, 2 x 64, 1,
+    H/16, W/16): noisy + condition latents); a 3-D patch size marks the refiner."""
+    return 16 if len(_cfg(config, "patch_size")) == 3 else 32
+
+
+def _hunyuanimage_tokens(config: Any, size: Size) -> int:
+    ratio, patch = _hunyuanimage_vae_ratio(config), _cfg(config, "patch_size")
+    return (size.height // ratio // patch[-2]) * (size.width // ratio // patch[-1])
+
+
+def _hunyuanimage_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """HunyuanImage-2.1: latents (B, 64, H/32, W/32), Qwen2.5-VL states + mask, byT5 glyph states + mask (the pipeline
+    always passes them, zeros with an all-zero mask when the prompt quotes no text), and for the distilled / refiner
+    checkpoints the guidance scale and the MeanFlow ``timestep_r``. The refiner (3-D patch size) takes
+    (B, 128, 1, H/16, W/16) (noisy and condition latents concatenated) and no glyph states. The model reorders the
+    text stream per sample as [valid glyph, valid Qwen, padding glyph, padding Qwen]: 1000 + 128 tokens at the
+    released size. ``masked`` pads the last quarter of the Qwen tokens and the last half of the glyph tokens."""
+    refiner = _hunyuanimage_vae_ratio(config) == 16
+    ratio = _hunyuanimage_vae_ratio(config)
+    _check_divisible("hunyuanimage", size, ratio)
+    shape = (1, size.height // ratio, size.width // ratio) if refiner else (size.height // ratio, size.width // ratio)
+    inputs = {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), *shape, dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 999.0, dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
+    }
+    if _cfg(config, "text_embed_2_dim") is not None:
+        glyph_tokens = max(1, text_tokens // 2) if _is_tiny(config) else _HUNYUANIMAGE_GLYPH_TOKENS
+        glyph_mask = _text_mask(batch, glyph_tokens, False, device)
+        if masked:
+            glyph_mask[:, max(1, glyph_tokens // 2):] = 0
+        inputs["encoder_hidden_states_2"] = _randn(generator, batch, glyph_tokens, _cfg(config, "text_embed_2_dim"),
+                                                   dtype=dtype, device=device)
+        inputs["encoder_attention_mask_2"] = glyph_mask
+    if _cfg(config, "guidance_embeds"):
+        inputs["guidance"] = torch.full((batch,), 3250.0, dtype=dtype, device=device)  # 1000 x distilled scale 3.25
+    if _cfg(config, "use_meanflow"):
+        inputs["timestep_r"] = torch.full((batch,), 500.0, dtype=dtype, device=device)  # the next step's timestep
+    return inputs
+
+
+# HunyuanImage-2.1 refiner (HYImageDiffusionTransformer hunyuanimage_refiner_cfg): 26 x 128 heads, 3-D patches,
+# guidance-distilled with MeanFlow, no glyph states.
+
+
 # ----------------------------------------------------------------------------------------------- CogVideoX
 def _cogvideox_tokens(config: Any, size: Size) -> int:
     p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t") or 1
@@ -619,6 +671,11 @@ def _mochi_inputs(config, batch, size, text_tokens, dtype, device, generator, ma
 
 _TINY_HEADS = {"num_attention_heads": 2, "attention_head_dim": 16}
 
+_HUNYUANIMAGE_REFINER = {"in_channels": 128, "num_attention_heads": 26, "patch_size": (1, 1, 1),
+                         "rope_axes_dim": (16, 56, 56), "guidance_embeds": True, "use_meanflow": True}
+_TINY_HUNYUANIMAGE = {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 1, "num_single_layers": 2,
+                      "num_refiner_layers": 1, "text_embed_dim": 24, "text_embed_2_dim": 20, "rope_axes_dim": (8, 8)}
+
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for spec in [
@@ -759,6 +816,26 @@ FAMILIES: dict[str, FamilySpec] = {
             text_tokens=1000,
             make_inputs_fn=_hunyuan15_inputs,
             num_tokens_fn=_hunyuan15_tokens,
+            mask_key="encoder_attention_mask",
+        ),
+        FamilySpec(
+            name="hunyuanimage",
+            class_name="HunyuanImageTransformer2DModel",
+            configs={
+                # HunyuanImage-2.1 (17B): the class defaults plus the byT5-small glyph encoder's width (d_model 1472)
+                "full": {"text_embed_2_dim": 1472},
+                "distilled": {"text_embed_2_dim": 1472, "guidance_embeds": True, "use_meanflow": True},
+                "refiner": _HUNYUANIMAGE_REFINER,
+                "tiny": _TINY_HUNYUANIMAGE,
+                "tiny-refiner": {**_TINY_HUNYUANIMAGE, "in_channels": 8, "patch_size": (1, 1, 1),
+                                 "rope_axes_dim": (4, 6, 6), "text_embed_2_dim": None, "guidance_embeds": True,
+                                 "use_meanflow": True},
+            },
+            sizes={"default": Size(2048, 2048), "tiny": Size(160, 224)},
+            text_tokens=1000,
+            make_inputs_fn=_hunyuanimage_inputs,
+            num_tokens_fn=_hunyuanimage_tokens,
+            video=False,
             mask_key="encoder_attention_mask",
         ),
         FamilySpec(

@@ -409,6 +409,32 @@ def _mochi_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callabl
     return lambda ranges: rope._create_rope(call["pos_frequencies"], _take(positions, 0, ranges))
 
 
+def _hunyuanimage_rope_grid(rope: torch.nn.Module, call: ProducerCall) -> tuple[int, ...]:
+    """The (rows, columns) or (frames, rows, columns) token grid of HunyuanImage's 4-D (base) / 5-D (refiner) input."""
+    return tuple(size // patch for size, patch in zip(call["hidden_states"].shape[2:], rope.patch_size))
+
+
+def _hunyuanimage_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
+    return int(torch.Size(_hunyuanimage_rope_grid(rope, call)).numel())
+
+
+def _hunyuanimage_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges],
+                                                                                                      Any]:
+    """HunyuanImage's ``(S, head_dim)`` tables for some tokens: per-axis 1-D embeddings of their positions (as
+    HunyuanVideo's), gathered. A 2-D grid is one frame whose table has no columns, so the concatenation is the module's
+    two-axis one."""
+    sizes = _hunyuanimage_rope_grid(rope, call)
+    device = call["hidden_states"].device
+    axes = [
+        get_1d_rotary_pos_embed(dim, torch.arange(size, device=device, dtype=torch.float32), rope.theta, use_real=True)
+        for dim, size in zip(rope.rope_dim, sizes)
+    ]
+    if len(sizes) == 2:
+        empty = torch.empty(1, 0, device=device)
+        axes, sizes = [(empty, empty), *axes], (1, *sizes)
+    return _AxisGather(axes, sizes)
+
+
 _IMAGE_TOKENS = SequenceSplit(1, 3)
 _TEXT_TOKENS = SequenceSplit(1, 3, ("text",))
 
@@ -715,6 +741,28 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         embed="x_embedder",
         # HunyuanVideo15RotaryPosEmbed has HunyuanVideo's attributes and per-axis tables.
         producers={"rope": TokenProducer(_hunyuan_rope_tokens, _hunyuan_rope_rows)},
+    ),
+    "HunyuanImageTransformer2DModel": SequencePlan(
+        # HunyuanVideo's layout: dual-stream blocks, then single-stream blocks that take the streams separately and
+        # concatenate cat(image, text) themselves; one (B, 1, 1, S_image + S_text) key mask (the text mask padded with
+        # True for the image tokens) and (S_image, head_dim) rotary tables for both kinds. The text stream is the token
+        # refiner's Qwen2.5-VL tokens and the byT5 glyph tokens, reordered per sample (valid first) before the blocks.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={**_HUNYUAN_INPUTS, "image_rotary_emb": _HUNYUAN_ROPE},
+                attention={"attn": _IMAGE_FIRST},
+                conditioning=_DUAL_STREAM_MODULATION,
+            ),
+            "single_transformer_blocks.*": BlockPlan(
+                inputs={**_HUNYUAN_INPUTS, "image_rotary_emb": _HUNYUAN_ROPE},
+                attention={"attn": JointAttention(order=("image", "text"))},  # one projection for cat(image, text)
+                unused_before_attention=_SINGLE_STREAM_MLP,
+                conditioning=_SINGLE_STREAM_MODULATION,
+            ),
+        },
+        embed="x_embedder",
+        producers={"rope": TokenProducer(_hunyuanimage_rope_tokens, _hunyuanimage_rope_rows)},
+        num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
     ),
     "CogVideoXTransformer3DModel": SequencePlan(
         {

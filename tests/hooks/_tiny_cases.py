@@ -5,7 +5,7 @@ import torch
 from memopt.models import Size
 
 FAMILIES = ["wan", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "chroma", "hunyuanvideo", "hunyuanvideo15",
-            "cogvideox", "ltx", "ltx2", "qwenimage", "sd3", "mochi"]
+            "hunyuanimage", "cogvideox", "ltx", "ltx2", "qwenimage", "sd3", "mochi"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "chronoedit": Size(80, 112, 5),
@@ -16,6 +16,7 @@ SIZES = {
     "chroma": Size(80, 112),
     "hunyuanvideo": Size(80, 112, 5),
     "hunyuanvideo15": Size(80, 112, 9),
+    "hunyuanimage": Size(160, 224),
     "cogvideox": Size(80, 112, 5),
     "ltx": Size(160, 224, 9),
     "ltx2": Size(96, 160, 17),

@@ -429,7 +429,8 @@ def test_a_plan_naming_a_shape_changing_module_as_a_norm_is_an_error():
     remove_memory_optimizations(not_a_norm)
 
 
-@pytest.mark.parametrize("family, token_dim", [("wan", 1), ("hunyuanvideo", 0), ("flux", 0), ("ltx", 1), ("mochi", 0)])
+@pytest.mark.parametrize("family, token_dim", [("wan", 1), ("hunyuanvideo", 0), ("hunyuanimage", 0), ("flux", 0),
+                                               ("ltx", 1), ("mochi", 0)])
 def test_producer_rows_are_the_modules_own_rows(family, token_dim):
     """A chunk's rows of a deferred per-token table (rotary embeddings) equal those rows of the module's own output,
     for single and multi-piece token ranges, asked for repeatedly (Wan and HunyuanVideo keep each chunk's grid)."""

@@ -251,3 +251,20 @@ def test_attentions_collected_in_one_pass_must_not_depend_on_each_other():
         remove_memory_optimizations(model)
         apply_sequence_chunking(model, 4, plan=wrong_plan)
         assert not _video_and_audio_close(model(**inputs), reference)
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_hunyuanimage_refiner(schedule):
+    """HunyuanImage-2.1's refiner is the same class with 3-D patches on (B, 2 x 64, 1, H/16, W/16) latents and no
+    glyph states: its rotary rows come from three axes instead of two (117 tokens)."""
+    spec = get_family("hunyuanimage")
+    model = spec.build("tiny-refiner")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=144, width=208, masked=True)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for num_chunks in (4, 16):
+            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+            assert report.tail and not report.skipped, report
+            out = model(**inputs)[0]
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, num_chunks
