@@ -240,6 +240,27 @@ def _wan_inputs(config, batch, size, text_tokens, dtype, device, generator, mask
     return inputs
 
 
+# ----------------------------------------------------------------------------------------------- Wan VACE
+def _wan_vace_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Wan VACE: Wan's latents (B, C, F', H/8, W/8), umT5 states and integer timestep, plus the VACE context latents
+    ``control_hidden_states`` at the same latent size (as ``WanVACEPipeline`` without reference images) and
+    ``control_hidden_states_scale``, one per VACE layer (not all 1 here, so that a scale applied to the wrong hint
+    shows)."""
+    _check_divisible("wan_vace", size, 16)
+    frames = _latent_frames(size.num_frames, 4)
+    num_vace = len(_cfg(config, "vace_layers"))
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), frames, size.height // 8,
+                                size.width // 8, dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_dim"), dtype=dtype,
+                                        device=device),
+        "control_hidden_states": _randn(generator, batch, _cfg(config, "vace_in_channels"), frames, size.height // 8,
+                                        size.width // 8, dtype=dtype, device=device),
+        "control_hidden_states_scale": torch.linspace(1.0, 0.5, num_vace, dtype=torch.float32).to(device, dtype),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- Helios
 # Helios generates a long video window by window (33 frames = 9 latent frames per call) and conditions each window on
 # compressed history latents: short (the first frame + the last generated one, patchified like the window), mid (2
@@ -692,6 +713,26 @@ FAMILIES: dict[str, FamilySpec] = {
             extra_sizes={"480p": Size(480, 832, 81)},
             text_tokens=512,
             make_inputs_fn=_wan_inputs,
+            num_tokens_fn=_wan_tokens,
+        ),
+        FamilySpec(
+            name="wan_vace",
+            class_name="WanVACETransformer3DModel",
+            configs={
+                # class defaults are Wan2.1-VACE-14B (40 blocks, VACE layers 0, 5, ..., 35, 96 context channels)
+                "full": {},
+                "1.3b": {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30,
+                         "vace_layers": [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28]},  # Wan2.1-VACE-1.3B
+                # Two Wan blocks and one VACE block (layer 0: it has the input projection); the last Wan block is not a
+                # VACE layer, as in the releases (a hint added after the last block keeps the output head whole).
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "text_dim": 24, "freq_dim": 16,
+                         "ffn_dim": 80, "num_layers": 2, "rope_max_seq_len": 64, "vace_layers": [0],
+                         "vace_in_channels": 8},
+            },
+            sizes={"default": Size(720, 1280, 81), "tiny": Size(48, 80, 5)},
+            extra_sizes={"480p": Size(480, 832, 81)},  # WanVACEPipeline's default size (and the 1.3B model's)
+            text_tokens=512,
+            make_inputs_fn=_wan_vace_inputs,
             num_tokens_fn=_wan_tokens,
         ),
         FamilySpec(

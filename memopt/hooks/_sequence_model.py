@@ -18,6 +18,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
+from torch._subclasses.fake_tensor import is_fake
 
 from ..plans.sequence import SplitSpec, TokenCount, TokenProducer
 from ._sequence_chunks import (
@@ -56,6 +57,8 @@ class ModelRun:
         self.last_block: tuple[int, Any, TransformerBlockMetadata] | None = None
         self.last_version: int | None = None  # version counter of the last block's image output when it returned
         self.tail_input: Any = None  # what the output head got in the block pass
+        self.tail_fingerprint: torch.Tensor | None = None  # its checksum, for the whole-sequence fallback
+        self.check_tail_input = False  # the fallback pass: the head must get what it got in the block pass
         self.dropped = 0  # leading tokens of the last block's output that the model drops before the head
         self.ranges: list[tuple[int, int]] = []
         self.kept_tokens: int | None = None  # the tail's TokenCount: the head keeps only the last tokens
@@ -81,6 +84,7 @@ class ModelRun:
             raise RuntimeError("the model modified the last block's output in place before its output head; run "
                                "it with apply_sequence_chunking(..., chunk_tail=False)")
         self.dropped = dropped_tokens(image, self.tail_input) if self.kept_tokens is None else 0
+        self.tail_fingerprint = fingerprint(self.tail_input)
         self.tail_input = None
         total = image.shape[1]
         first = self.dropped if self.kept_tokens is None else total - self.kept_tokens
@@ -173,6 +177,7 @@ class SequenceModelHook(ModelHook):
                 self._warned = True
             run.set_ranges([(run.ranges[0][0], run.ranges[-1][1])], run.layout.lengths["image"])
             run.gathered = None
+            run.check_tail_input = True
             return self._tail_passes(module, run, args, kwargs)
         finally:
             RUNNING.model_run = None
@@ -216,6 +221,14 @@ class SequenceTailHook(ModelHook):
             counts = [arguments.get(name) for name, spec in self.inputs.items() if isinstance(spec, TokenCount)]
             run.kept_tokens = next((count for count in counts if count is not None), None)
             raise TailReached
+        if run is not None and run.tail and run.check_tail_input:
+            head_input = args[0] if args else next(iter(kwargs.values()), None)
+            if not _same_fingerprint(fingerprint(head_input), run.tail_fingerprint):
+                raise RuntimeError(
+                    f"{self.path}: the output head's input differs from the block pass's, so the model mixes values "
+                    "from before its last block into it (e.g. a residual or hint added after the last block), which "
+                    "the tail passes do not recompute; run it with apply_sequence_chunking(..., chunk_tail=False)"
+                )
         if run is not None and run.tail and self.inputs:
             args, kwargs = cut_arguments(Arguments(self.index, args, kwargs), self.inputs, run.layout, run.chunk,
                                          self.path)
@@ -332,6 +345,21 @@ def dropped_tokens(output: torch.Tensor, tail_input: Any) -> int:
         return 0
     dropped = shift // stride
     return dropped if tail_input.shape == (output.shape[0], output.shape[1] - dropped, *output.shape[2:]) else 0
+
+
+def fingerprint(tensor: Any) -> torch.Tensor | None:
+    """Float64 sum of a tensor (token slices at a time, so that no full-size fp64 copy is made); ``None`` for
+    non-tensors and fake tensors (simulations carry no values)."""
+    if not isinstance(tensor, torch.Tensor) or is_fake(tensor) or tensor.dim() < 2 or not tensor.is_floating_point():
+        return None
+    pieces = tensor.split(max(1, -(-tensor.shape[1] // 64)), dim=1)
+    return torch.stack([piece.sum(dtype=torch.float64) for piece in pieces]).sum()
+
+
+def _same_fingerprint(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(torch.equal(a, b) or (torch.isnan(a) and torch.isnan(b)))
 
 
 def offloaded(module: torch.nn.Module) -> bool:

@@ -827,12 +827,14 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
     elif config.chunk_tail:
         report.skipped.append(("<model>", f"output head runs whole (tail {plan.tail!r}, gather {sorted(gather)})"))
     if report.tail:
-        embed = _submodule(model, plan.embed) if plan.embed is not None else None
-        if embed is not None:
-            register_memopt_hook(embed, SequenceEmbedHook(), SEQUENCE_EMBED_HOOK)
-        elif plan.embed is not None:
-            report.skipped.append((plan.embed, "embedding named in the plan does not exist"))
-        special = {plan.embed, plan.tail, *gather, *plan.producers}
+        embeds = (plan.embed,) if isinstance(plan.embed, str) else tuple(plan.embed or ())
+        for embed_path in embeds:
+            embed = _submodule(model, embed_path)
+            if embed is not None:
+                register_memopt_hook(embed, SequenceEmbedHook(), SEQUENCE_EMBED_HOOK)
+            else:
+                report.skipped.append((embed_path, "embedding named in the plan does not exist"))
+        special = {*embeds, plan.tail, *gather, *plan.producers}
         for name, child in model.named_children():
             if name not in special and not any(block is child or _contains(child, block) for block in blocks):
                 register_memopt_hook(child, SequenceReplayHook(), SEQUENCE_REPLAY_HOOK)

@@ -63,6 +63,7 @@ FEEDFORWARD_PLANS: dict[str, dict[str, Style]] = {
     "ChronoEditTransformer3DModel": _ffn("blocks.*.ffn"),  # Wan2.1 I2V blocks
     "SkyReelsV2Transformer3DModel": _ffn("blocks.*.ffn"),  # Wan2.1 blocks
     "HeliosTransformer3DModel": _ffn("blocks.*.ffn"),  # Wan2.1 blocks
+    "WanVACETransformer3DModel": {**_ffn("blocks.*.ffn"), **_ffn("vace_blocks.*.ffn")},
     # HunyuanVideo: MMDiT blocks with image and text FeedForwards, then parallel attention+MLP single blocks.
     # `proj_out` carries no `_tp_packed_row_blocks`; memopt then takes the blocks from the unit, i.e.
     # [hidden, mlp_dim] (the input of proj_out is cat([attn_output, mlp_hidden_states])).

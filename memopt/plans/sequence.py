@@ -246,9 +246,10 @@ class SequencePlan:
             over the model forward (see :mod:`memopt.hooks.sequence`); ``None`` runs it on the whole sequence.
         gather: module path -> ``ContextParallelOutput`` where the chunks of the tail are gathered, exactly as in a
             ``_cp_plan``; ``None`` takes the ``ContextParallelOutput`` entries of the model's own ``_cp_plan``.
-        embed: the model-level module that turns the latents into image tokens. In the tail passes its output is
+        embed: the model-level module that turns the latents into image tokens (a tuple of them for models that embed
+            several token sequences, as Wan VACE's video and control latents). In the tail passes its output is
             never read (the blocks answer from the kept output), so it returns a zero-stride stand-in instead of
-            recomputing a full hidden state.
+            recomputing a full hidden state, and is not kept from the block pass for replay.
         producers: model-level module path -> :class:`TokenProducer` for per-token tables computed per chunk.
         tail_inputs: arguments of the ``tail`` module other than the hidden states that run over the image tokens
             (a per-token modulation, like Helios' ``temb``), cut for each tail chunk as block inputs are. A
@@ -265,7 +266,7 @@ class SequencePlan:
     gather: Mapping[str, ContextParallelOutput] | None = field(
         default_factory=lambda: {"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
     )
-    embed: str | None = None
+    embed: str | tuple[str, ...] | None = None
     producers: Mapping[str, TokenProducer] = field(default_factory=dict)
     tail_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
     num_chunks: int = 32
@@ -576,6 +577,32 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         embed="patch_embedding",
         producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
         source="memopt + WanTransformer3DModel._cp_plan",
+    ),
+    "WanVACETransformer3DModel": SequencePlan(
+        # Wan's blocks as Wan's. A VACE block carries the control tokens as its main stream (split; attn1 exchanges
+        # their K/V; its output written back over its input) and also reads the video tokens and returns a per-token
+        # hint: those go in the text stream's place, the same length as the control stream, so cut into the same
+        # ranges and exchanged by no attention. The model keeps the video tokens, the last control state and the
+        # last hint alive between blocks (~5 LD no plan removes).
+        {
+            "blocks.*": _WAN,
+            "vace_blocks.*": dataclasses.replace(
+                _WAN,
+                inputs={
+                    **_WAN.inputs,
+                    "control_hidden_states": _IMAGE_TOKENS,
+                    "hidden_states": _TEXT_TOKENS,  # the video tokens
+                },
+                metadata=TransformerBlockMetadata(
+                    return_hidden_states_index=1,  # (hint, control_hidden_states)
+                    return_encoder_hidden_states_index=0,
+                    hidden_states_argument_name="control_hidden_states",
+                    encoder_hidden_states_argument_name="hidden_states",
+                ),
+            ),
+        },
+        embed=("patch_embedding", "vace_patch_embedding"),
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
     ),
     "ChronoEditTransformer3DModel": SequencePlan(
         # ChronoEdit's blocks are its own copy of WanTransformerBlock (not in diffusers' TransformerBlockRegistry).

@@ -22,6 +22,9 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "wan": {"num_layers": 1},
     "chronoedit": {"num_layers": 1, "added_kv_proj_dim": 128},
     "skyreels_v2": {"num_layers": 1},
+    # Wan VACE: a Wan block after the VACE one (with num_layers 1 the last block would be a VACE layer, whose hint is
+    # added after it and keeps the output head whole).
+    "wan_vace": {"num_layers": 2, "vace_layers": [0]},
     "helios": {"num_layers": 1, "rope_dim": (2, 2, 4)},
     "flux": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
     "flux2": {"axes_dims_rope": (2, 2, 2, 2), "num_layers": 1, "num_single_layers": 1},
@@ -43,6 +46,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
     "chronoedit": (Size(64, 128, 5), Size(128, 256, 5)),
     "skyreels_v2": (Size(64, 128, 5), Size(128, 256, 5)),
+    "wan_vace": (Size(64, 128, 5), Size(128, 256, 5)),
     "helios": (Size(64, 128, 5), Size(128, 256, 5)),
     "flux": (Size(128, 128), Size(256, 256)),
     "flux2": (Size(128, 128), Size(256, 256)),

@@ -4,10 +4,11 @@ import torch
 
 from memopt.models import Size
 
-FAMILIES = ["wan", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "chroma", "hunyuanvideo", "hunyuanvideo15",
-            "hunyuanimage", "cogvideox", "ltx", "ltx2", "qwenimage", "sd3", "mochi"]
+FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "chroma", "hunyuanvideo",
+            "hunyuanvideo15", "hunyuanimage", "cogvideox", "ltx", "ltx2", "qwenimage", "sd3", "mochi"]
 SIZES = {
     "wan": Size(80, 112, 5),
+    "wan_vace": Size(80, 112, 9),
     "chronoedit": Size(80, 112, 5),
     "skyreels_v2": Size(80, 112, 9),
     "helios": Size(48, 80, 9),

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 # Pixel sizes giving odd token counts at the tiny configs.
 SIZES = {
     "wan": dict(height=48, width=80, num_frames=9),
+    "wan_vace": dict(height=48, width=80, num_frames=9),
     "chronoedit": dict(height=48, width=80, num_frames=9),
     "skyreels_v2": dict(height=48, width=80, num_frames=9),
     "helios": dict(height=48, width=80, num_frames=9),
@@ -43,9 +44,9 @@ SIZES = {
     "mochi": dict(height=48, width=80, num_frames=13),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
-EXPECTED_APPLIED = {"wan": 2, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2, "chroma": 4,
-                    "hunyuanvideo": 4, "hunyuanvideo15": 5, "hunyuanimage": 3, "cogvideox": 2, "ltx": 2, "ltx2": 4,
-                    "qwenimage": 4, "sd3": 3, "mochi": 3}
+EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2,
+                    "chroma": 4, "hunyuanvideo": 4, "hunyuanvideo15": 5, "hunyuanimage": 3, "cogvideox": 2, "ltx": 2,
+                    "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -143,7 +143,9 @@ def test_split_dims_follow_the_models_cp_plan():
 # attention merged over video chunks (log-sum-exp) instead of gathering its K/V.
 # Helios builds its per-token modulation (B, S, 6, D) before the blocks, outside any module, and keeps it through all
 # of them (6 LD of the 11.7 measured; unmodified 21.25): only a model-level change could defer it.
-GROWTH_BOUND = {"ltx2": 4.5, "helios": 12.0}
+# Wan VACE keeps the video tokens, the last control state and the last hint alive between its blocks as Python
+# variables of the model forward (~5 LD; measured 5.26, unmodified 9.62).
+GROWTH_BOUND = {"ltx2": 4.5, "helios": 12.0, "wan_vace": 5.5}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -323,13 +325,15 @@ def test_chunked_blocks_do_the_matmul_work_of_the_unmodified_ones(family, schedu
     if bound is None:
         assert {block: chunked[block] for block in blocks} == {block: reference[block] for block in blocks}
     else:
-        assert all(reference[block] < chunked[block] <= bound * reference[block] for block in blocks)
+        assert all(reference[block] <= chunked[block] <= bound * reference[block] for block in blocks)
 
 
 # LTX-2's two-pass schedule collects four attentions' K/V in two passes (JointAttention.collect_with_previous), the
 # second rerunning the two self-attentions (measured 1.44x the unmodified block's matmul FLOPs, 1.88x with one pass
 # per attention; lock-step: equal).
-MATMUL_WORK_BOUND = {("ltx2", "two_pass"): 1.5}
+# Wan VACE's first VACE block projects the control tokens (proj_in) before its attention: one D x D matmul per
+# token that runs in both passes.
+MATMUL_WORK_BOUND = {("ltx2", "two_pass"): 1.5, ("wan_vace", "two_pass"): 1.2}
 
 
 def _attention_run(collecting: int | None) -> tuple[BlockRun, int]:

@@ -1,7 +1,7 @@
 """Sequence chunking on the call modes and masks of single families, beyond the parametrized family tests: SkyReels-V2
 diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan leaves whole, LTX-2's guidance passes
 (attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
-history/window token count, Chroma's pairwise masks and in-place ControlNet residuals."""
+history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints."""
 
 from __future__ import annotations
 
@@ -268,3 +268,25 @@ def test_hunyuanimage_refiner(schedule):
             out = model(**inputs)[0]
             remove_memory_optimizations(model)
             assert rel_err(out, reference) <= 1e-5, num_chunks
+
+
+def test_wan_vace_hints_and_a_hint_after_the_last_block():
+    """Wan VACE adds its control hints (scaled per layer) to the Wan blocks' outputs: exact, and the hints really
+    count. When the last Wan block is itself a VACE layer the model adds that hint after the last block, so the
+    output head's input is not the last block's output: the chunked head refuses it (it once ran whole and returned
+    rel err 0.33 with a warning) and ``chunk_tail=False`` is exact."""
+    spec = get_family("wan_vace")
+    for layers, chunk_tail in (([0], True), ([0, 1], False)):
+        model = spec.build({**spec.config("tiny"), "vace_layers": layers})
+        inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112, num_frames=9)
+        with torch.no_grad():
+            reference = model(**inputs)[0]
+            apply_sequence_chunking(model, 4, chunk_tail=chunk_tail)
+            out = model(**inputs)[0]
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, layers
+            unhinted = model(**{**inputs, "control_hidden_states_scale": torch.zeros(len(layers))})[0]
+            assert rel_err(unhinted, reference) > 1e-3
+    apply_sequence_chunking(model, 4)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="output head's input differs .* chunk_tail=False"):
+        model(**inputs)
