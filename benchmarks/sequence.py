@@ -72,6 +72,8 @@ BENCH_CONFIGS: dict[str, dict] = {
     "hunyuanvideo15": {"rope_axes_dim": (16, 24, 24)},
     "ltx2": {"cross_attention_dim": 512, "audio_num_attention_heads": 8, "audio_attention_head_dim": 32,
              "audio_cross_attention_dim": 256},
+    "wan_vace": {"ffn_dim": 2208},
+    "hunyuanimage": {"rope_axes_dim": (32, 32)},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -85,6 +87,8 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "chronoedit": VIDEO_SIZES, "skyreels_v2": VIDEO_SIZES, "helios": VIDEO_SIZES, "hunyuanvideo15": VIDEO_SIZES,
     "flux2": IMAGE_SIZES, "chroma": IMAGE_SIZES,
     "ltx2": [Size(512, 512, 33), Size(512, 1024, 33), Size(1024, 1024, 33), Size(1024, 1024, 65)],
+    "wan_vace": VIDEO_SIZES,
+    "hunyuanimage": [Size(1024, 1024), Size(1536, 1536), Size(2048, 2048), Size(2048, 3072)],  # 32x VAE
 }
 
 

@@ -5,7 +5,7 @@ import torch
 from memopt.models import Size
 
 FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "chroma", "hunyuanvideo",
-            "hunyuanvideo15", "hunyuanimage", "cogvideox", "ltx", "ltx2", "qwenimage", "sd3", "mochi"]
+            "hunyuanvideo15", "hunyuanimage", "cogvideox", "cogview4", "ltx", "ltx2", "qwenimage", "sd3", "mochi"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -19,6 +19,7 @@ SIZES = {
     "hunyuanvideo15": Size(80, 112, 9),
     "hunyuanimage": Size(160, 224),
     "cogvideox": Size(80, 112, 5),
+    "cogview4": Size(80, 112),
     "ltx": Size(160, 224, 9),
     "ltx2": Size(96, 160, 17),
     "qwenimage": Size(80, 112),

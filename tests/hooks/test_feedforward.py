@@ -37,6 +37,7 @@ SIZES = {
     "hunyuanvideo15": dict(height=80, width=112, num_frames=9),
     "hunyuanimage": dict(height=160, width=224),
     "cogvideox": dict(height=48, width=80, num_frames=9),
+    "cogview4": dict(height=48, width=80),
     "ltx": dict(height=96, width=160, num_frames=17),
     "ltx2": dict(height=96, width=160, num_frames=17),
     "qwenimage": dict(height=48, width=80),
@@ -45,8 +46,8 @@ SIZES = {
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
 EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2,
-                    "chroma": 4, "hunyuanvideo": 4, "hunyuanvideo15": 5, "hunyuanimage": 3, "cogvideox": 2, "ltx": 2,
-                    "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3}
+                    "chroma": 4, "hunyuanvideo": 4, "hunyuanvideo15": 5, "hunyuanimage": 3, "cogvideox": 2,
+                    "cogview4": 2, "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
 """Sequence chunking on the call modes and masks of single families, beyond the parametrized family tests: SkyReels-V2
 diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan leaves whole, LTX-2's guidance passes
 (attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
-history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints."""
+history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
+optional text mask."""
 
 from __future__ import annotations
 
@@ -290,3 +291,21 @@ def test_wan_vace_hints_and_a_hint_after_the_last_block():
     apply_sequence_chunking(model, 4)
     with torch.no_grad(), pytest.raises(RuntimeError, match="output head's input differs .* chunk_tail=False"):
         model(**inputs)
+
+
+def test_cogview4_text_mask_is_refused_not_computed_wrong():
+    """CogView4's forward takes an optional text mask (no pipeline passes one) that its processor squares into the
+    additive 0/1 mask m[q] * m[k] > 0 over cat(text, image): query-dependent, so chunking refuses it, naming the
+    module, and the unchunked model still runs."""
+    spec = get_family("cogview4")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112)
+    mask = torch.ones(2, 8)
+    mask[:, 6:] = 0
+    inputs["attention_mask"] = mask
+    apply_sequence_chunking(model, 4)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="transformer_blocks.0.attn1: attention mask"):
+        model(**inputs)
+    remove_memory_optimizations(model)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs)[0]).all()
