@@ -74,6 +74,7 @@ BENCH_CONFIGS: dict[str, dict] = {
              "audio_cross_attention_dim": 256},
     "wan_vace": {"ffn_dim": 2208},
     "hunyuanimage": {"rope_axes_dim": (32, 32)},
+    "cogview4": {},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -85,7 +86,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "mochi": [Size(256, 256, 25), Size(256, 512, 25), Size(512, 512, 25), Size(512, 512, 49)],
     "flux": IMAGE_SIZES, "qwenimage": IMAGE_SIZES, "sd3": IMAGE_SIZES,
     "chronoedit": VIDEO_SIZES, "skyreels_v2": VIDEO_SIZES, "helios": VIDEO_SIZES, "hunyuanvideo15": VIDEO_SIZES,
-    "flux2": IMAGE_SIZES, "chroma": IMAGE_SIZES,
+    "flux2": IMAGE_SIZES, "chroma": IMAGE_SIZES, "cogview4": IMAGE_SIZES,
     "ltx2": [Size(512, 512, 33), Size(512, 1024, 33), Size(1024, 1024, 33), Size(1024, 1024, 65)],
     "wan_vace": VIDEO_SIZES,
     "hunyuanimage": [Size(1024, 1024), Size(1536, 1536), Size(2048, 2048), Size(2048, 3072)],  # 32x VAE
