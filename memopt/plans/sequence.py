@@ -483,6 +483,25 @@ def _adaptive_norms(*norms: str) -> tuple[str, ...]:
 _DUAL_STREAM_MODULATION = _adaptive_norms("norm1", "norm1_context")
 _SINGLE_STREAM_MODULATION = _adaptive_norms("norm")
 
+
+def _hunyuan_blocks(dual_rope: str) -> dict[str, BlockPlan]:
+    """HunyuanVideo's layout (HunyuanImage 2.1 shares it): MMDiT blocks, then parallel attention + MLP single-stream
+    blocks that take the streams separately and concatenate cat(image, text) themselves; ``dual_rope`` is the dual
+    blocks' name for the rotary tables."""
+    return {
+        "transformer_blocks.*": BlockPlan(
+            inputs={**_HUNYUAN_INPUTS, dual_rope: _HUNYUAN_ROPE},
+            attention={"attn": _IMAGE_FIRST},
+            conditioning=_DUAL_STREAM_MODULATION,
+        ),
+        "single_transformer_blocks.*": BlockPlan(
+            inputs={**_HUNYUAN_INPUTS, "image_rotary_emb": _HUNYUAN_ROPE},
+            attention={"attn": JointAttention(order=("image", "text"))},  # one projection for cat(image, text)
+            unused_before_attention=_SINGLE_STREAM_MLP,
+            conditioning=_SINGLE_STREAM_MODULATION,
+        ),
+    }
+
 # LTX-2 blocks carry two token streams: the video tokens (the "image" stream, always split) and the audio tokens, in
 # the "text" stream's place (the plan's metadata names ``audio_hidden_states`` as the encoder hidden states, output
 # index 1): split like a text stream when every chunk gets at least one audio token, else carried whole. The prompt
@@ -733,19 +752,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk, as Flux
     ),
     "HunyuanVideoTransformer3DModel": SequencePlan(
-        {
-            "transformer_blocks.*": BlockPlan(
-                inputs={**_HUNYUAN_INPUTS, "freqs_cis": _HUNYUAN_ROPE},
-                attention={"attn": _IMAGE_FIRST},
-                conditioning=_DUAL_STREAM_MODULATION,
-            ),
-            "single_transformer_blocks.*": BlockPlan(
-                inputs={**_HUNYUAN_INPUTS, "image_rotary_emb": _HUNYUAN_ROPE},
-                attention={"attn": JointAttention(order=("image", "text"))},  # one projection for cat(image, text)
-                unused_before_attention=_SINGLE_STREAM_MLP,
-                conditioning=_SINGLE_STREAM_MODULATION,
-            ),
-        },
+        _hunyuan_blocks(dual_rope="freqs_cis"),
         embed="x_embedder",
         producers={"rope": TokenProducer(_hunyuan_rope_tokens, _hunyuan_rope_rows)},
         num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
@@ -774,19 +781,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         # concatenate cat(image, text) themselves; one (B, 1, 1, S_image + S_text) key mask (the text mask padded with
         # True for the image tokens) and (S_image, head_dim) rotary tables for both kinds. The text stream is the token
         # refiner's Qwen2.5-VL tokens and the byT5 glyph tokens, reordered per sample (valid first) before the blocks.
-        {
-            "transformer_blocks.*": BlockPlan(
-                inputs={**_HUNYUAN_INPUTS, "image_rotary_emb": _HUNYUAN_ROPE},
-                attention={"attn": _IMAGE_FIRST},
-                conditioning=_DUAL_STREAM_MODULATION,
-            ),
-            "single_transformer_blocks.*": BlockPlan(
-                inputs={**_HUNYUAN_INPUTS, "image_rotary_emb": _HUNYUAN_ROPE},
-                attention={"attn": JointAttention(order=("image", "text"))},  # one projection for cat(image, text)
-                unused_before_attention=_SINGLE_STREAM_MLP,
-                conditioning=_SINGLE_STREAM_MODULATION,
-            ),
-        },
+        _hunyuan_blocks(dual_rope="image_rotary_emb"),
         embed="x_embedder",
         producers={"rope": TokenProducer(_hunyuanimage_rope_tokens, _hunyuanimage_rope_rows)},
         num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
