@@ -9,10 +9,10 @@ inputs. The entries keep the ``_cp_plan`` shape (argument name -> split dim + ex
 them for tuple arguments such as ``(cos, sin)`` rotary embeddings), and where a model has a ``_cp_plan`` the split
 dims are the ones it declares (Wan ``rope`` dim 1 of 4, LTX ``rope`` dim 1 of 3, QwenImage ``pos_embed`` dim 0 of 2,
 Flux ``img_ids``/``txt_ids`` dim 0, QwenImage ``modulate_index`` / ``encoder_hidden_states_mask`` dim 1 of 2, Wan
-per-token ``timestep`` dim 1); ``tests/hooks/test_sequence.py`` checks that they agree. HunyuanVideo, CogVideoX,
-SD3 and Mochi have no ``_cp_plan`` in diffusers 0.42; their plans below are memopt's. Block classes missing from
-diffusers' ``TransformerBlockRegistry`` (ChronoEdit's copy of ``WanTransformerBlock``) get their layout from
-``BlockPlan.metadata``.
+per-token ``timestep`` dim 1); ``tests/hooks/test_sequence.py`` checks that they agree. HunyuanVideo (1.0, 1.5),
+HunyuanImage 2.1, CogVideoX, CogView4, SD3, Mochi, Chroma, SkyReels-V2 and Wan VACE have no ``_cp_plan`` in diffusers
+0.42; their plans below are memopt's. Block classes missing from diffusers' ``TransformerBlockRegistry`` (ChronoEdit's
+copy of ``WanTransformerBlock``, and others) get their layout from ``BlockPlan.metadata``.
 
 Vocabulary:
 
