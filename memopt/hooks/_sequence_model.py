@@ -57,7 +57,7 @@ class ModelRun:
         self.last_block: tuple[int, Any, TransformerBlockMetadata] | None = None
         self.last_version: int | None = None  # version counter of the last block's image output when it returned
         self.tail_input: Any = None  # what the output head got in the block pass
-        self.tail_fingerprint: torch.Tensor | None = None  # its checksum, for the whole-sequence fallback
+        self.tail_fingerprint: torch.Tensor | None = None  # its checksum (if a new tensor), for the fallback
         self.check_tail_input = False  # the fallback pass: the head must get what it got in the block pass
         self.dropped = 0  # leading tokens of the last block's output that the model drops before the head
         self.ranges: list[tuple[int, int]] = []
@@ -84,7 +84,7 @@ class ModelRun:
             raise RuntimeError("the model modified the last block's output in place before its output head; run "
                                "it with apply_sequence_chunking(..., chunk_tail=False)")
         self.dropped = dropped_tokens(image, self.tail_input) if self.kept_tokens is None else 0
-        self.tail_fingerprint = fingerprint(self.tail_input)
+        self.tail_fingerprint = new_tensor_fingerprint(self.tail_input, image)
         self.tail_input = None
         total = image.shape[1]
         first = self.dropped if self.kept_tokens is None else total - self.kept_tokens
@@ -216,14 +216,14 @@ class SequenceTailHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: ModelRun | None = running("model_run")
         if run is not None and run.tail_allowed and not run.tail and run.last_block is not None:
-            run.tail_input = args[0] if args else next(iter(kwargs.values()), None)
+            run.tail_input = _first_argument(args, kwargs)
             arguments = Arguments(self.index, args, kwargs)
             counts = [arguments.get(name) for name, spec in self.inputs.items() if isinstance(spec, TokenCount)]
             run.kept_tokens = next((count for count in counts if count is not None), None)
             raise TailReached
         if run is not None and run.tail and run.check_tail_input:
-            head_input = args[0] if args else next(iter(kwargs.values()), None)
-            if not _same_fingerprint(fingerprint(head_input), run.tail_fingerprint):
+            kept = _image_output(*run.last_block[1:])
+            if not _same_fingerprint(new_tensor_fingerprint(_first_argument(args, kwargs), kept), run.tail_fingerprint):
                 raise RuntimeError(
                     f"{self.path}: the output head's input differs from the block pass's, so the model mixes values "
                     "from before its last block into it (e.g. a residual or hint added after the last block), which "
@@ -347,10 +347,18 @@ def dropped_tokens(output: torch.Tensor, tail_input: Any) -> int:
     return dropped if tail_input.shape == (output.shape[0], output.shape[1] - dropped, *output.shape[2:]) else 0
 
 
-def fingerprint(tensor: Any) -> torch.Tensor | None:
-    """Float64 sum of a tensor (token slices at a time, so that no full-size fp64 copy is made); ``None`` for
-    non-tensors and fake tensors (simulations carry no values)."""
+def _first_argument(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else next(iter(kwargs.values()), None)
+
+
+def new_tensor_fingerprint(tensor: Any, block_output: torch.Tensor) -> torch.Tensor | None:
+    """Float64 sum of the output head's input (token slices at a time, so that no full-size fp64 copy is made) when
+    the model made it as a new tensor after the last block; ``None`` for a view of the last block's output (which
+    the tail passes reproduce by construction: no reduction on every forward), non-tensors and fake tensors
+    (simulations carry no values)."""
     if not isinstance(tensor, torch.Tensor) or is_fake(tensor) or tensor.dim() < 2 or not tensor.is_floating_point():
+        return None
+    if tensor.untyped_storage()._cdata == block_output.untyped_storage()._cdata:
         return None
     pieces = tensor.split(max(1, -(-tensor.shape[1] // 64)), dim=1)
     return torch.stack([piece.sum(dtype=torch.float64) for piece in pieces]).sum()

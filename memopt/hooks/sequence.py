@@ -323,10 +323,7 @@ class SequenceChunkingHook(ModelHook):
         if running("block_run") is not None:
             raise RuntimeError(f"{self.path}: nested chunked block runs are not supported")
 
-        active = [(name, attention_module, spec) for name, attention_module, spec in self.attention
-                  if spec.active is None or spec.active(module, arguments.get)]
-        inactive = {id(attention_module): f"{self.path}.{name}" for name, attention_module, _ in self.attention
-                    if all(attention_module is not other for _, other, _ in active)}
+        active, inactive = self._stages(module, arguments)
         run = BlockRun(
             layout,
             {
@@ -337,7 +334,7 @@ class SequenceChunkingHook(ModelHook):
                     expected_calls=image.shape[0] if spec.calls == "batch" else spec.calls,
                     pair_mask=self._pair_mask(arguments, spec),
                 )
-                for stage, (name, attention_module, spec) in zip(self._stages(active), active)
+                for stage, name, attention_module, spec in active
             },
             inactive,
         )
@@ -354,23 +351,26 @@ class SequenceChunkingHook(ModelHook):
         finally:
             RUNNING.block_run = None
 
-    def _stages(self, active: list[tuple[str, torch.nn.Module, JointAttention]]) -> list[int]:
-        """Each active attention module's stage, in call order: two-pass collects one stage per pass, and a module
-        whose keys/values do not depend on the previous one's output (``JointAttention.collect_with_previous``,
-        the previous one active too) shares its stage. Lock-step suspends each module on its own."""
-        stages: list[int] = []
-        for index, (_, attention_module, spec) in enumerate(active):
-            previous = active[index - 1][1] if index else None
-            plan_previous = self._plan_previous(attention_module)
-            shared = (self.config.schedule == "two_pass" and spec.collect_with_previous and previous is not None
-                      and previous is plan_previous)
-            stages.append(stages[-1] if shared else (stages[-1] + 1 if stages else 0))
-        return stages
-
-    def _plan_previous(self, attention_module: torch.nn.Module) -> torch.nn.Module | None:
-        modules = [module for _, module, _ in self.attention]
-        position = next(i for i, module in enumerate(modules) if module is attention_module)
-        return modules[position - 1] if position else None
+    def _stages(
+        self, module: torch.nn.Module, arguments: Arguments
+    ) -> tuple[list[tuple[int, str, torch.nn.Module, JointAttention]], dict[int, str]]:
+        """The attention modules that attend over the whole sequence in this forward (``JointAttention.active``),
+        each with its stage, in call order, and the others by id -> path. Two-pass collects one stage per pass; a
+        module whose keys/values do not depend on the previous module's output (``collect_with_previous``, that module
+        active too) shares its stage. Lock-step suspends each module on its own."""
+        active: list[tuple[int, str, torch.nn.Module, JointAttention]] = []
+        inactive: dict[int, str] = {}
+        previous_active = False
+        for name, attention_module, spec in self.attention:
+            if spec.active is not None and not spec.active(module, arguments.get):
+                inactive[id(attention_module)] = f"{self.path}.{name}"
+                previous_active = False
+                continue
+            shared = self.config.schedule == "two_pass" and spec.collect_with_previous and previous_active
+            stage = active[-1][0] if shared else (active[-1][0] + 1 if active else 0)
+            active.append((stage, name, attention_module, spec))
+            previous_active = True
+        return active, inactive
 
     def _two_pass(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
                   outputs: ChunkOutputs) -> None:
@@ -579,8 +579,7 @@ class SequenceFusedSkipHook(ModelHook):
     def _computes_itself(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
         order = list(module._diffusers_hook._hook_order)
         inner = order[: order.index(SEQUENCE_SKIP_HOOK)]
-        return (type(module).forward is torch.nn.Linear.forward and not inner and len(args) == 1 and not kwargs
-                and isinstance(args[0], torch.Tensor))
+        return not inner and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
 
 
 class SequenceReuseHook(ModelHook):
@@ -666,10 +665,9 @@ def _block_metadata(block: torch.nn.Module, plan: BlockPlan) -> TransformerBlock
 
 
 def _prepare_block(
-    path: str, block: torch.nn.Module, plan: BlockPlan
+    path: str, block: torch.nn.Module, plan: BlockPlan, metadata: TransformerBlockMetadata | None
 ) -> tuple[str | None, list[tuple[str, torch.nn.Module, JointAttention]]]:
     """Check one block against its plan: ``(reason to skip or None, [(name, attention module, spec)])``."""
-    metadata = _block_metadata(block, plan)
     if metadata is None:
         return (f"{type(block).__name__} is not in diffusers' TransformerBlockRegistry and its plan gives no metadata "
                 "(output layout unknown)"), []
@@ -907,11 +905,11 @@ def apply_sequence_chunking(
         if block_plan is None:
             report.skipped.append((path, f"{type(block).__name__} is not in the plan"))
             continue
-        reason, attention = _prepare_block(path, block, block_plan)
+        metadata = _block_metadata(block, block_plan)
+        reason, attention = _prepare_block(path, block, block_plan, metadata)
         if reason is not None:
             report.skipped.append((path, reason))
             continue
-        metadata = _block_metadata(block, block_plan)
         hook = SequenceChunkingHook(config, path, block_plan, metadata, attention)
         register_memopt_hook(block, hook, SEQUENCE_BLOCK_HOOK)
         for name, attention_module, _ in attention:
