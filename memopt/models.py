@@ -201,6 +201,24 @@ def _text_mask(batch: int, tokens: int, masked: bool, device: torch.device) -> t
     return mask
 
 
+def _glyph_mask(batch: int, tokens: int, masked: bool, device: torch.device) -> torch.Tensor:
+    """The byT5 glyph-token mask (HunyuanVideo 1.5, HunyuanImage 2.1): ``masked`` pads the last half out (prompts
+    rarely quote much text)."""
+    mask = _text_mask(batch, tokens, False, device)
+    if masked:
+        mask[:, max(1, tokens // 2) :] = 0
+    return mask
+
+
+def _grid_ids(height: int, width: int, axes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(height x width, axes)`` position ids of a packed-latent image (Flux, FLUX.2, Chroma): axis 1 the row,
+    axis 2 the column, the others 0."""
+    ids = torch.zeros(height, width, axes, dtype=dtype)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, axes)
+
+
 def _latent_frames(num_frames: int, temporal_ratio: int) -> int:
     return (num_frames - 1) // temporal_ratio + 1
 
@@ -246,17 +264,12 @@ def _wan_vace_inputs(config, batch, size, text_tokens, dtype, device, generator,
     ``control_hidden_states`` at the same latent size (as ``WanVACEPipeline`` without reference images) and
     ``control_hidden_states_scale``, one per VACE layer (not all 1 here, so that a scale applied to the wrong hint
     shows)."""
-    _check_divisible("wan_vace", size, 16)
-    frames = _latent_frames(size.num_frames, 4)
+    inputs = _wan_inputs(config, batch, size, text_tokens, dtype, device, generator, masked)
     num_vace = len(_cfg(config, "vace_layers"))
     return {
-        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), frames, size.height // 8,
-                                size.width // 8, dtype=dtype, device=device),
-        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
-        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_dim"), dtype=dtype,
-                                        device=device),
-        "control_hidden_states": _randn(generator, batch, _cfg(config, "vace_in_channels"), frames, size.height // 8,
-                                        size.width // 8, dtype=dtype, device=device),
+        **inputs,
+        "control_hidden_states": _randn(generator, batch, _cfg(config, "vace_in_channels"),
+                                        *inputs["hidden_states"].shape[2:], dtype=dtype, device=device),
         "control_hidden_states_scale": torch.linspace(1.0, 0.5, num_vace, dtype=torch.float32).to(device, dtype),
     }
 
@@ -327,9 +340,6 @@ def _flux_inputs(config, batch, size, text_tokens, dtype, device, generator, mas
     """Flux: 2x2-packed latents (B, N, 64), T5 states, pooled CLIP, position ids, guidance for dev."""
     _check_divisible("flux", size, 16)
     h, w = size.height // 16, size.width // 16
-    img_ids = torch.zeros(h, w, 3)
-    img_ids[..., 1] = torch.arange(h)[:, None]
-    img_ids[..., 2] = torch.arange(w)[None, :]
     inputs = {
         "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
         "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
@@ -337,7 +347,7 @@ def _flux_inputs(config, batch, size, text_tokens, dtype, device, generator, mas
         "pooled_projections": _randn(generator, batch, _cfg(config, "pooled_projection_dim"), dtype=dtype,
                                      device=device),
         "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),
-        "img_ids": img_ids.reshape(h * w, 3).to(device=device, dtype=dtype),
+        "img_ids": _grid_ids(h, w, 3).to(device=device, dtype=dtype),
         "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
     }
     if _cfg(config, "guidance_embeds"):
@@ -357,9 +367,6 @@ def _flux2_inputs(config, batch, size, text_tokens, dtype, device, generator, ma
     No text mask: the forward takes none."""
     _check_divisible("flux2", size, 16)
     h, w = size.height // 16, size.width // 16
-    img_ids = torch.zeros(h, w, 4, dtype=torch.long)
-    img_ids[..., 1] = torch.arange(h)[:, None]
-    img_ids[..., 2] = torch.arange(w)[None, :]
     txt_ids = torch.zeros(text_tokens, 4, dtype=torch.long)
     txt_ids[:, 3] = torch.arange(text_tokens)
     inputs = {
@@ -367,7 +374,7 @@ def _flux2_inputs(config, batch, size, text_tokens, dtype, device, generator, ma
         "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
                                         dtype=dtype, device=device),
         "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),
-        "img_ids": img_ids.reshape(1, h * w, 4).expand(batch, -1, -1).to(device),
+        "img_ids": _grid_ids(h, w, 4, torch.long)[None].expand(batch, -1, -1).to(device),
         "txt_ids": txt_ids.reshape(1, text_tokens, 4).expand(batch, -1, -1).to(device),
     }
     if _cfg(config, "guidance_embeds"):
@@ -389,9 +396,6 @@ def _chroma_inputs(config, batch, size, text_tokens, dtype, device, generator, m
     """
     _check_divisible("chroma", size, 16)
     h, w = size.height // 16, size.width // 16
-    img_ids = torch.zeros(h, w, 3)
-    img_ids[..., 1] = torch.arange(h)[:, None]
-    img_ids[..., 2] = torch.arange(w)[None, :]
     prompt_tokens = text_tokens - max(1, text_tokens // 4) if masked else text_tokens
     text_mask = (torch.arange(text_tokens) <= prompt_tokens).to(dtype)  # the pipeline keeps one padding token
     mask = torch.cat([text_mask, torch.ones(h * w, dtype=dtype)]).expand(batch, -1).contiguous()
@@ -400,7 +404,7 @@ def _chroma_inputs(config, batch, size, text_tokens, dtype, device, generator, m
         "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
                                         dtype=dtype, device=device),
         "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),  # the pipeline passes t / 1000
-        "img_ids": img_ids.reshape(h * w, 3).to(device=device, dtype=dtype),
+        "img_ids": _grid_ids(h, w, 3).to(device=device, dtype=dtype),
         "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
         "attention_mask": mask.to(device),
     }
@@ -453,9 +457,7 @@ def _hunyuan15_inputs(config, batch, size, text_tokens, dtype, device, generator
     vision_tokens = 3 if tiny else _HUNYUAN15_VISION_TOKENS
     latents = _randn(generator, batch, _cfg(config, "in_channels"), _latent_frames(size.num_frames, 4),
                      size.height // 16, size.width // 16, dtype=dtype, device=device)
-    glyph_mask = _text_mask(batch, glyph_tokens, False, device)
-    if masked:
-        glyph_mask[:, max(1, glyph_tokens // 2):] = 0
+    glyph_mask = _glyph_mask(batch, glyph_tokens, masked, device)
     return {
         "hidden_states": latents,
         "timestep": torch.full((batch,), 999.0, dtype=dtype, device=device),
@@ -504,9 +506,7 @@ def _hunyuanimage_inputs(config, batch, size, text_tokens, dtype, device, genera
     }
     if _cfg(config, "text_embed_2_dim") is not None:
         glyph_tokens = max(1, text_tokens // 2) if _is_tiny(config) else _HUNYUANIMAGE_GLYPH_TOKENS
-        glyph_mask = _text_mask(batch, glyph_tokens, False, device)
-        if masked:
-            glyph_mask[:, max(1, glyph_tokens // 2):] = 0
+        glyph_mask = _glyph_mask(batch, glyph_tokens, masked, device)
         inputs["encoder_hidden_states_2"] = _randn(generator, batch, glyph_tokens, _cfg(config, "text_embed_2_dim"),
                                                    dtype=dtype, device=device)
         inputs["encoder_attention_mask_2"] = glyph_mask
