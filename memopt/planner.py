@@ -752,8 +752,12 @@ def plan_denoiser(
 def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option], groups: OffloadGroups, inputs: int,
                   other: int, cache: dict[Chunking, Estimate]) -> str:
     name = type(model).__name__
+    failed: dict[str, list[str]] = {}  # why a chunking could not be simulated -> the chunkings, in order
+    for chunking, estimate in cache.items():
+        if estimate.error:
+            failed.setdefault(estimate.error, []).append(chunking.describe())
     if not considered:
-        errors = "; ".join(f"{c.describe()}: {e.error}" for c, e in cache.items() if e.error)
+        errors = "; ".join(f"{', '.join(chunkings)}: {error}" for error, chunkings in failed.items())
         if errors:
             return (f"no memopt option could be simulated for {name}: {errors}. Apply the techniques directly instead "
                     "(memopt.apply_sequence_chunking(model), memopt.apply_chunked_feedforward(model), diffusers' "
@@ -775,8 +779,7 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
         parts["other components kept on the device"] = other
     dominant = max(parts, key=parts.get)
     breakdown = " + ".join(f"{label} {format_bytes(nbytes)}" for label, nbytes in parts.items())
-    errors = dict.fromkeys(e.error for e in cache.values() if e.error)  # one line per reason, in order
-    unavailable = f" Not available for this model: {'; '.join(errors)}" if errors else ""
+    unavailable = f" Not available for this model: {'; '.join(failed)}" if failed else ""
     return (f"{name}: nothing fits the budget of {format_bytes(budget)}. The smallest peak memopt can reach is "
             f"{format_bytes(best.peak_bytes)} ({best.placement}, {best.chunking.describe()}): {breakdown}. "
             f"It is dominated by {dominant}.{unavailable} Give a larger budget, or generate at a smaller size or "
