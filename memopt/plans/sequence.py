@@ -358,13 +358,18 @@ def _hunyuan_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Calla
     once per axis position and gathered (elementwise functions of the position, so the same numbers)."""
     _, _, frames, height, width = call["hidden_states"].shape
     sizes = (frames // rope.patch_size_t, height // rope.patch_size, width // rope.patch_size)
-    device = call["hidden_states"].device
-    axes = [
-        get_1d_rotary_pos_embed(rope.rope_dim[axis], torch.arange(size, device=device, dtype=torch.float32), rope.theta,
-                                use_real=True)
-        for axis, size in enumerate(sizes)
+    return _AxisGather(_rope_axis_tables(rope, sizes, call["hidden_states"].device), sizes)
+
+
+def _rope_axis_tables(
+    rope: torch.nn.Module, sizes: tuple[int, ...], device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(cos, sin)`` per grid axis, one row per position: the 1-D rotary embedding of ``rope.rope_dim[axis]``
+    features (HunyuanVideo's and HunyuanImage's modules build their tables from these)."""
+    return [
+        get_1d_rotary_pos_embed(dim, torch.arange(size, device=device, dtype=torch.float32), rope.theta, use_real=True)
+        for dim, size in zip(rope.rope_dim, sizes)
     ]
-    return _AxisGather(axes, sizes)
 
 
 def _ltx_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
@@ -426,10 +431,7 @@ def _hunyuanimage_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: 
     two-axis one."""
     sizes = _hunyuanimage_rope_grid(rope, call)
     device = call["hidden_states"].device
-    axes = [
-        get_1d_rotary_pos_embed(dim, torch.arange(size, device=device, dtype=torch.float32), rope.theta, use_real=True)
-        for dim, size in zip(rope.rope_dim, sizes)
-    ]
+    axes = _rope_axis_tables(rope, sizes, device)
     if len(sizes) == 2:
         empty = torch.empty(1, 0, device=device)
         axes, sizes = [(empty, empty), *axes], (1, *sizes)
