@@ -51,6 +51,8 @@ class FamilySpec:
         video: whether ``num_frames`` matters.
         mask_key: the forward kwarg holding the text-token mask, for families that take one.
         extra_sizes: further named sizes (``"480p"``) offered by the CLI.
+        width_keys: the config keys whose product is the token width D (``heads x head_dim`` for most classes; one
+            key such as ``"dim"`` for classes that store the width itself).
     """
 
     name: str
@@ -63,6 +65,7 @@ class FamilySpec:
     video: bool = True
     mask_key: str | None = None
     extra_sizes: Mapping[str, Size] = field(default_factory=dict)
+    width_keys: tuple[str, ...] = ("num_attention_heads", "attention_head_dim")
 
     @property
     def model_class(self) -> type[torch.nn.Module]:
@@ -106,8 +109,8 @@ class FamilySpec:
         return model
 
     def hidden_size(self, config: Any) -> int:
-        """Width of the token stream (``heads x head_dim``), the D in LD."""
-        return int(_cfg(config, "num_attention_heads") * _cfg(config, "attention_head_dim"))
+        """Width of the token stream (``heads x head_dim`` for most classes), the D in LD."""
+        return int(math.prod(_cfg(config, key) for key in self.width_keys))
 
     def num_tokens(self, config: Any, size: Size) -> int:
         return self.num_tokens_fn(config, size)
@@ -131,7 +134,7 @@ class FamilySpec:
         otherwise. ``masked=True`` pads the last quarter of the text tokens out with the encoder mask, for
         families whose forward takes one.
         """
-        tiny = _is_tiny(config)
+        tiny = self.hidden_size(config) <= TINY_WIDTH
         base = self.size("tiny" if tiny else "default")
         size = Size(height or base.height, width or base.width, num_frames or base.num_frames if self.video else 1)
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -185,9 +188,14 @@ def _cfg_or(config: Any, key: str, default: Any) -> Any:
     return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
 
 
+TINY_WIDTH = 256
+"""Configs with a token width up to this are test-sized: their inputs get few text/image-encoder tokens and the
+family's tiny size."""
+
+
 def _is_tiny(config: Any) -> bool:
-    """A test-sized config (token width <= 256): inputs get few text/image-encoder tokens and the tiny size."""
-    return _cfg(config, "num_attention_heads") * _cfg(config, "attention_head_dim") <= 256
+    """A test-sized config of a family whose width is ``heads x head_dim`` (see :data:`TINY_WIDTH`)."""
+    return _cfg(config, "num_attention_heads") * _cfg(config, "attention_head_dim") <= TINY_WIDTH
 
 
 def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

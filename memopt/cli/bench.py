@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..models import FAMILIES, FamilySpec, Size, get_family
+from ..models import FAMILIES, TINY_WIDTH, FamilySpec, Size, get_family
 from ..strategies import ALIASES, STRATEGIES, Strategy, StrategyContext, StrategyUnavailable, get_strategies
 from ..trace import MemoryTrace, MemoryTracer, plot_traces, simulate_family
 
@@ -317,7 +317,7 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
         spec, config = _load_config(parser, args.config)
         # A test-sized config at the family's full size would be all attention; small configs get the tiny size.
         variant = args.config.stem
-        natural = spec.size("tiny" if spec.hidden_size(config) <= 256 else "default")
+        natural = spec.size("tiny" if spec.hidden_size(config) <= TINY_WIDTH else "default")
     else:
         default_run = args.model is None and args.variant is None and not args.tiny
         try:

@@ -16,6 +16,7 @@ from ..models import Size, get_family
 from .tracer import trace_memory
 
 GROWTH_HEADS = {"num_attention_heads": 16, "attention_head_dim": 8}
+"""Width 128 for families whose width is ``heads x head_dim``; others set their width in :data:`GROWTH_CONFIGS`."""
 # Per family: tiny-config overrides that keep the model valid at the wider width (rope axes summing to head_dim,
 # dims that must equal the width), one block of each kind.
 GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
@@ -80,7 +81,8 @@ def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | N
     spec = get_family(family)
     peaks, tokens = [], []
     for size in GROWTH_SIZES[family]:
-        config = sized_config(family, {**spec.config("tiny"), **GROWTH_HEADS, **GROWTH_CONFIGS[family]}, size)
+        heads = GROWTH_HEADS if set(spec.width_keys) <= set(GROWTH_HEADS) else {}
+        config = sized_config(family, {**spec.config("tiny"), **heads, **GROWTH_CONFIGS[family]}, size)
         model = spec.build(config).to(torch.float32)  # as from_pretrained(torch_dtype=float32): fp64 buffers cast
         if prepare is not None:
             prepare(model)
