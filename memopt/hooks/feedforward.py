@@ -64,6 +64,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 from torch.utils.checkpoint import checkpoint
 
 from ..plans.feedforward import (
+    UNKNOWN_FEEDFORWARD,
     FeedForwardLayout,
     Style,
     UnsupportedFeedForward,
@@ -804,6 +805,24 @@ def _check_plan(unit: torch.nn.Module, path: str, layout: FeedForwardLayout, exp
             raise UnsupportedFeedForward(f"{source} splits {full!r} as {have}, but this module's layout needs {want}")
 
 
+def _unknown_feedforwards(model: torch.nn.Module, unit_paths: list[str]) -> dict[str, str]:
+    """Modules that look like FeedForwards (:data:`UNKNOWN_FEEDFORWARD`) but have no layout, so the report says they
+    were left unchanged; those inside a known unit or containing one (experts of a mixture) are accounted for."""
+
+    def related(a: str, b: str) -> bool:
+        return a == b or not a or not b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    return {
+        path or type(module).__name__: (
+            f"no FeedForward layout for {type(module).__module__}.{type(module).__name__} "
+            "(memopt.plans.FEEDFORWARD_UNITS); left unchanged"
+        )
+        for path, module in model.named_modules()
+        if UNKNOWN_FEEDFORWARD.search(type(module).__name__) and not is_feedforward_unit(module)
+        and not any(related(path, unit) for unit in unit_paths)
+    }
+
+
 def apply_chunked_feedforward(
     model: torch.nn.Module,
     num_chunks: int = 4,
@@ -818,9 +837,10 @@ def apply_chunked_feedforward(
     :class:`ChunkedFeedForwardConfig` for the options).
 
     Modules are found by type (diffusers ``FeedForward`` with any of its activations, ``LuminaFeedForward``,
-    ``Flux2FeedForward``, and the Flux / HunyuanVideo single blocks' ``proj_mlp -> act -> proj_out`` path) and chunked
-    when ``plan`` -- by default the model class's ``_tp_plan``, else memopt's plan for the family, else all of them --
-    splits their linears as their layout needs. Everything else is listed in the report with the reason.
+    ``Flux2FeedForward``, the Flux / Chroma / HunyuanVideo single blocks' ``proj_mlp -> act -> proj_out`` path and
+    the model-specific MLP classes in :data:`memopt.plans.FEEDFORWARD_UNITS`) and chunked when ``plan`` -- by default
+    the model class's ``_tp_plan``, else memopt's plan for the family, else all of them -- splits their linears as
+    their layout needs. Everything else that looks like a FeedForward is listed in the report with the reason.
 
     Args:
         model: a diffusers transformer (or any module containing FeedForwards, or a FeedForward itself).
@@ -897,6 +917,7 @@ def apply_chunked_feedforward(
             raise ValueError(f"{name}: kernel='triton' cannot compute this module: {reason}")
         selected.append((name, module, layout))
 
+    report.skipped.update(_unknown_feedforwards(model, [path for path, _ in units]))
     for name, module, layout in selected:
         register_memopt_hook(module, ChunkedFeedForwardHook(name, layout, config), FEEDFORWARD_HOOK)
         report.applied.append(name)

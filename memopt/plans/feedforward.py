@@ -11,9 +11,13 @@ Two kinds of facts live here, both data rather than code paths:
 * **Unit layouts** (the *shape* of one FeedForward-like module): which linear is the colwise input projection (and,
   for gated activations, where its value and gate halves start), which activation runs between, which linear is the
   rowwise output projection and at which input column its FeedForward block starts. :func:`feedforward_layout` knows
-  diffusers' ``FeedForward`` (every activation it builds), ``LuminaFeedForward``, ``Flux2FeedForward`` and the
-  parallel attention+MLP single-stream blocks of Flux and HunyuanVideo (``proj_mlp -> act_mlp -> cat with the
-  attention output -> proj_out``, where ``proj_out`` is ``PackedRowwiseParallel`` over ``[attention, mlp]``).
+  diffusers' ``FeedForward`` (every activation it builds), ``LuminaFeedForward``, ``Flux2FeedForward``, the
+  parallel attention+MLP single-stream blocks of Flux, Chroma and HunyuanVideo (``proj_mlp -> act_mlp -> cat with
+  the attention output -> proj_out``, where ``proj_out`` is ``PackedRowwiseParallel`` over ``[attention, mlp]``), and
+  the model-specific MLP classes of other families (Z-Image, Kandinsky 5, QwenImage 2.1, AuraFlow, HiDream, OmniGen,
+  FLUX.3, ...), each declared in one line as a gated MLP with separate or packed gate/value linears or as a plain
+  ``up -> activation -> down`` MLP. Modules whose class name looks like a FeedForward but that have no layout are
+  reported as skipped, with the reason.
 
 A unit is chunked when every linear of its layout appears in the model plan with the style the layout implies
 (:func:`unit_plan`), so a plan handed to memopt reads the same as one handed to ``parallelize_module`` on N GPUs.
@@ -30,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Union
@@ -217,7 +222,140 @@ def _single_block(block: torch.nn.Module) -> FeedForwardLayout:
     )
 
 
-FEEDFORWARD_UNITS: dict[type, Callable[[torch.nn.Module], FeedForwardLayout]] = {
+LayoutFn = Callable[[torch.nn.Module], FeedForwardLayout]
+
+
+def _check_width(module: torch.nn.Module, paths: tuple[str, ...], width: int, down: str) -> None:
+    """The projections of a gated MLP agree on ``F`` (a config that breaks this is not the layout memopt assumes)."""
+    widths = {path: base_linear(module.get_submodule(path)).out_features for path in paths}
+    widths[down] = base_linear(module.get_submodule(down)).in_features
+    if set(widths.values()) != {width}:
+        raise UnsupportedFeedForward(f"{type(module).__name__}: projection widths {widths} do not match")
+
+
+def _gated_mlp(gate: str, value: str, down: str, activation: str = "swiglu", act: str | None = None) -> LayoutFn:
+    """``down(act(gate(x)) * value(x))`` with separate gate and value linears (LLaMA-style SwiGLU MLPs).
+
+    ``act`` names the activation module when the class holds one, checked to be the one ``activation`` computes
+    (``silu`` for ``swiglu``, exact ``gelu`` for ``geglu``); classes calling ``F.silu`` directly have none."""
+    expected = {"swiglu": "silu", "geglu": "gelu"}[activation]
+
+    def layout(module: torch.nn.Module) -> FeedForwardLayout:
+        if act is not None and _activation_module_name(module.get_submodule(act)) != expected:
+            raise UnsupportedFeedForward(f"{type(module).__name__}.{act} is not the {expected} of {activation}")
+        width = base_linear(module.get_submodule(gate)).out_features
+        _check_width(module, (gate, value), width, down)
+        return FeedForwardLayout(
+            up=((value, 0), (gate, 0)),
+            activation=activation,
+            down=down,
+            down_offset=0,
+            width=width,
+            ff_modules=tuple(path for path in (gate, value, act, down) if path is not None),
+        )
+
+    return layout
+
+
+def _packed_swiglu(linear: str, down: str, gate_first: bool, act: str | None = None) -> LayoutFn:
+    """``down(silu(gate) * value)`` where ``(gate, value)`` (or ``(value, gate)``) are the halves of one linear."""
+
+    def layout(module: torch.nn.Module) -> FeedForwardLayout:
+        if act is not None and _activation_module_name(module.get_submodule(act)) != "silu":
+            raise UnsupportedFeedForward(f"{type(module).__name__}.{act} is not a SiLU")
+        width = base_linear(module.get_submodule(linear)).out_features // 2
+        if base_linear(module.get_submodule(down)).in_features != width:
+            raise UnsupportedFeedForward(f"{type(module).__name__}: {down} does not take half of {linear}'s outputs")
+        value, gate = (width, 0) if gate_first else (0, width)
+        return FeedForwardLayout(
+            up=((linear, value), (linear, gate)),
+            activation="swiglu",
+            down=down,
+            down_offset=0,
+            width=width,
+            ff_modules=tuple(path for path in (linear, act, down) if path is not None),
+        )
+
+    return layout
+
+
+def _plain_mlp(up: str, act: str, down: str, dropout: str | None = None, final_dropout: str | None = None,
+               container: str | None = None) -> LayoutFn:
+    """``down(act(up(x)))`` with the activation as a module (``fc1 -> GELU -> fc2``), optional dropouts between and
+    after; ``container`` is the ``nn.Sequential`` holding them, when there is one."""
+
+    def layout(module: torch.nn.Module) -> FeedForwardLayout:
+        width = base_linear(module.get_submodule(up)).out_features
+        if base_linear(module.get_submodule(down)).in_features != width:
+            raise UnsupportedFeedForward(f"{type(module).__name__}: {down} does not take {up}'s outputs")
+        for path in (dropout, final_dropout):
+            if path is not None and type(module.get_submodule(path)) is not torch.nn.Dropout:
+                raise UnsupportedFeedForward(f"{type(module).__name__}.{path} is not an nn.Dropout")
+        if container is not None and len(module.get_submodule(container)) != 3 + (dropout is not None) + (
+            final_dropout is not None
+        ):
+            raise UnsupportedFeedForward(f"unexpected {type(module).__name__}.{container} layout")
+        return FeedForwardLayout(
+            up=((up, 0),),
+            activation=_activation_module_name(module.get_submodule(act)),
+            down=down,
+            down_offset=0,
+            width=width,
+            dropout=dropout,
+            final_dropout=final_dropout,
+            ff_modules=(container,) if container else tuple(p for p in (up, act, dropout, down, final_dropout) if p),
+        )
+
+    return layout
+
+
+def _cosmos3_text_mlp(module: torch.nn.Module) -> FeedForwardLayout:
+    if module.hidden_act != "silu":
+        raise UnsupportedFeedForward(f"Cosmos3VLTextMLP with hidden_act={module.hidden_act!r} (relu squared)")
+    return _gated_mlp("gate_proj", "up_proj", "down_proj", act="act_fn")(module)
+
+
+_MODELS = "diffusers.models"
+_MORE_UNITS: dict[str, LayoutFn] = {
+    # Each entry's forward, as written in diffusers 0.42 (the layouts say which linear is gate and which is value).
+    f"{_MODELS}.transformers.auraflow_transformer_2d.AuraFlowFeedForward":  # silu(linear_1) * linear_2
+        _gated_mlp("linear_1", "linear_2", "out_projection"),
+    f"{_MODELS}.transformers.transformer_z_image.FeedForward": _gated_mlp("w1", "w3", "w2"),  # silu(w1) * w3
+    f"{_MODELS}.controlnets.controlnet_z_image.FeedForward": _gated_mlp("w1", "w3", "w2"),
+    f"{_MODELS}.transformers.transformer_bria_fibo2.FeedForward": _gated_mlp("w1", "w3", "w2"),
+    f"{_MODELS}.transformers.transformer_hidream_image.HiDreamImageFeedForwardSwiGLU": _gated_mlp("w1", "w3", "w2"),
+    f"{_MODELS}.transformers.transformer_ideogram4.Ideogram4MLP": _gated_mlp("w1", "w3", "w2"),
+    f"{_MODELS}.transformers.transformer_krea2.Krea2SwiGLU": _gated_mlp("gate", "up", "down"),
+    f"{_MODELS}.transformers.ace_step_transformer.AceStepMLP": _gated_mlp("gate_proj", "up_proj", "down_proj"),
+    f"{_MODELS}.transformers.transformer_qwenimage21.QwenImage21SwiGLUFeedForward":  # act(gate_layer) * proj
+        _gated_mlp("gate_layer", "proj", "out", act="activation_fn"),
+    f"{_MODELS}.transformers.transformer_ernie_image.ErnieImageFeedForward":  # up_proj * gelu(gate_proj)
+        _gated_mlp("gate_proj", "up_proj", "linear_fc2", activation="geglu"),
+    f"{_MODELS}.transformers.transformer_cosmos3.Cosmos3VLTextMLP": _cosmos3_text_mlp,
+    f"{_MODELS}.transformers.transformer_omnigen.OmniGenFeedForward":  # gate, up = gate_up_proj(x).chunk(2)
+        _packed_swiglu("gate_up_proj", "down_proj", gate_first=True, act="activation_fn"),
+    f"{_MODELS}.transformers.transformer_stable_audio3.StableAudio3FeedForward":  # value, gate = proj_in(x).chunk(2)
+        _packed_swiglu("proj_in", "proj_out", gate_first=False),
+    f"{_MODELS}.transformers.transformer_flux3.Flux3FeedForward": _flux2,  # copied from Flux2FeedForward
+    f"{_MODELS}.transformers.transformer_kandinsky.Kandinsky5FeedForward": _plain_mlp("in_layer", "activation",
+                                                                                     "out_layer"),
+    f"{_MODELS}.transformers.transformer_sana_wm.SanaWMMlp": _plain_mlp("fc1", "act", "fc2", "drop1", "drop2"),
+    f"{_MODELS}.transformers.transformer_longcat_audio_dit.AudioDiTFeedForward":
+        _plain_mlp("ff.0", "ff.1", "ff.3", dropout="ff.2", container="ff"),
+}
+"""More FeedForward-like classes, by import path: resolved when the installed diffusers has them (newer and older
+releases add and drop model files), so memopt imports with any diffusers it supports."""
+
+
+def _resolve(qualified: str) -> type | None:
+    module_name, _, class_name = qualified.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name, None)
+    except ImportError:
+        return None
+
+
+FEEDFORWARD_UNITS: dict[type, LayoutFn] = {
     FeedForward: _feedforward,
     LuminaFeedForward: _lumina,
     Flux2FeedForward: _flux2,
@@ -225,8 +363,13 @@ FEEDFORWARD_UNITS: dict[type, Callable[[torch.nn.Module], FeedForwardLayout]] = 
     ChromaSingleTransformerBlock: _single_block,
     HunyuanVideoSingleTransformerBlock: _single_block,
     HunyuanVideoTokenReplaceSingleTransformerBlock: _single_block,
+    **{cls: fn for name, fn in _MORE_UNITS.items() if (cls := _resolve(name)) is not None},
 }
 """Module class (matched exactly: a subclass may change ``forward``) -> its :class:`FeedForwardLayout`."""
+
+UNKNOWN_FEEDFORWARD = re.compile(r"(FeedForward|FFN|MLP|Mlp|SwiGLU)$|GLUMB")
+"""Class names that look like a FeedForward: such modules without a layout are reported as skipped (instead of
+passing unnoticed), unless they sit inside a known unit or contain one (a mixture of experts of known MLPs)."""
 
 
 def is_feedforward_unit(module: torch.nn.Module) -> bool:

@@ -546,3 +546,96 @@ def test_a_block_registered_as_a_unit_without_its_forward_is_skipped(monkeypatch
     assert len(report.applied) == 2  # the dual-stream block's ff and ff_context
     assert all("UNIT_FORWARDS has no forward" in report.skipped[f"single_transformer_blocks.{i}"] for i in (0, 1))
     assert rel_err(forward(model, inputs), reference) <= 1e-5
+
+
+# Every FeedForward class memopt knows beyond diffusers' own `FeedForward` family, built small with odd widths.
+MORE_UNITS = {
+    "transformers.auraflow_transformer_2d.AuraFlowFeedForward": {"dim": 24, "hidden_dim": 40},
+    "transformers.transformer_z_image.FeedForward": {"dim": 24, "hidden_dim": 37},
+    "controlnets.controlnet_z_image.FeedForward": {"dim": 24, "hidden_dim": 37},
+    "transformers.transformer_bria_fibo2.FeedForward": {"dim": 24, "hidden_dim": 37},
+    "transformers.transformer_hidream_image.HiDreamImageFeedForwardSwiGLU": {"dim": 24, "hidden_dim": 60,
+                                                                            "multiple_of": 7},
+    "transformers.transformer_ideogram4.Ideogram4MLP": {"dim": 24, "hidden_dim": 37},
+    "transformers.transformer_krea2.Krea2SwiGLU": {"dim": 24, "hidden_dim": 37},
+    "transformers.ace_step_transformer.AceStepMLP": {"hidden_size": 24, "intermediate_size": 37},
+    "transformers.transformer_qwenimage21.QwenImage21SwiGLUFeedForward": {"hidden_size": 24, "mlp_hidden_size": 37},
+    "transformers.transformer_ernie_image.ErnieImageFeedForward": {"hidden_size": 24, "ffn_hidden_size": 37},
+    "transformers.transformer_cosmos3.Cosmos3VLTextMLP": {"hidden_size": 24, "intermediate_size": 37},
+    "transformers.transformer_omnigen.OmniGenFeedForward": {"hidden_size": 24, "intermediate_size": 37},
+    "transformers.transformer_stable_audio3.StableAudio3FeedForward": {"dim": 24, "mult": 1.5},
+    "transformers.transformer_flux3.Flux3FeedForward": {"dim": 24, "inner_dim": 37},
+    "transformers.transformer_kandinsky.Kandinsky5FeedForward": {"dim": 24, "ff_dim": 37},
+    "transformers.transformer_sana_wm.SanaWMMlp": {"in_features": 24, "hidden_features": 37},
+    "transformers.transformer_longcat_audio_dit.AudioDiTFeedForward": {"dim": 24, "mult": 1.5},
+}
+
+
+def _diffusers_class(name: str) -> type:
+    module, _, cls = f"diffusers.models.{name}".rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+def test_every_registered_feedforward_class_is_tested():
+    from memopt.plans.feedforward import _MORE_UNITS
+
+    assert {f"diffusers.models.{name}" for name in MORE_UNITS} == set(_MORE_UNITS)
+
+
+@pytest.mark.parametrize("name", sorted(MORE_UNITS), ids=lambda name: name.rpartition(".")[2])
+@pytest.mark.parametrize("split", ["hidden", "sequence"])
+def test_more_diffusers_feedforward_classes(name, split):
+    torch.manual_seed(0)
+    ff = _diffusers_class(name)(**MORE_UNITS[name]).eval()
+    with torch.no_grad():  # SanaWM's and LongCat's default inits are zeros in places; make every weight count
+        for param in ff.parameters():
+            param.normal_(0, 0.2)
+    x = torch.randn(2, 37, 24, requires_grad=True)
+    out_ref = ff(x)
+    grad_ref = torch.autograd.grad(out_ref.square().sum(), [x, *ff.parameters()])
+    state = {k: v.clone() for k, v in ff.state_dict().items()}
+    report = apply_chunked_feedforward(ff, num_chunks=3, split=split)
+    assert report.applied == [type(ff).__name__] and not report.skipped
+    out = ff(x)
+    grad = torch.autograd.grad(out.square().sum(), [x, *ff.parameters()])
+    assert rel_err(out, out_ref) <= 1e-5
+    for g, g_ref in zip(grad, grad_ref):
+        assert rel_err(g, g_ref) <= 1e-5
+    remove_memory_optimizations(ff)
+    assert all(torch.equal(v, state[k]) for k, v in ff.state_dict().items())
+    assert torch.equal(ff(x), out_ref)
+
+
+def test_lora_on_a_gated_mlp_with_separate_linears():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    ff = _diffusers_class("transformers.transformer_z_image.FeedForward")(dim=24, hidden_dim=37).eval()
+    ff = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["w1", "w2", "w3"]), ff)
+    x = torch.randn(2, 37, 24)
+    with torch.no_grad():
+        reference = ff(x)
+        report = apply_chunked_feedforward(ff, num_chunks=3)
+        chunked = ff(x)
+    assert report.applied and rel_err(chunked, reference) <= 1e-5
+
+
+def test_feedforward_lookalikes_without_a_layout_are_reported():
+    from diffusers.models.transformers.sana_transformer import GLUMBConv
+    from diffusers.models.transformers.transformer_cosmos3 import Cosmos3VLTextMLP
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "conv_ff": GLUMBConv(24, 24),
+        "relu2": Cosmos3VLTextMLP(24, 37, hidden_act="relu2"),
+        "moe": MOEFeedForwardSwiGLU(24, 60, num_routed_experts=2, num_activated_experts=1),
+    })
+    report = apply_chunked_feedforward(model, num_chunks=3)
+    # The mixture is not a FeedForward memopt splits, but its experts and shared expert are.
+    assert sorted(report.applied) == ["moe.experts.0", "moe.experts.1", "moe.shared_experts"]
+    assert "GLUMBConv" in report.skipped["conv_ff"] and "no FeedForward layout" in report.skipped["conv_ff"]
+    assert "relu squared" in report.skipped["relu2"]
+    assert "moe" not in report.skipped
+    assert "conv_ff" in str(report)
