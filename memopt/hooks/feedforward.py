@@ -447,9 +447,11 @@ def _kernel_layout_reason(layout: FeedForwardLayout, kernels: ModuleType) -> str
     """Why the fused kernel cannot compute this unit at all, or None."""
     if layout.activation not in kernels.ACTIVATIONS:
         return f"activation {layout.activation!r} is not one of the kernel's {tuple(kernels.ACTIVATIONS)}"
-    offsets = [offset for _, offset in layout.up]
-    if len({path for path, _ in layout.up}) != 1 or offsets not in ([0], [0, layout.width]):
-        return "the input projection is not one Linear with (value, gate) halves in diffusers' order"
+    paths, offsets = [path for path, _ in layout.up], [offset for _, offset in layout.up]
+    packed = len(set(paths)) == 1 and offsets in ([0], [0, layout.width])
+    separate = len(set(paths)) == 2 and offsets == [0, 0]  # (value, gate) Linears of their own
+    if not (packed or separate):
+        return "the input projection is neither one Linear with (value, gate) halves in diffusers' order nor two"
     return None
 
 
@@ -463,6 +465,12 @@ def _kernel_call_reason(parts: _Parts, x: torch.Tensor, kernels: ModuleType) -> 
         return "autocast is enabled"
     if any(t.dtype != x.dtype or t.device != x.device for t in parts.tensors()):
         return "the weights and the input differ in dtype or device"
+    if len(parts.up) == 2 and parts.up[0][0] is not parts.up[1][0]:
+        (value, _), (gate, _) = parts.up
+        if value.weight.stride() != gate.weight.stride() or (value.bias is None) != (gate.bias is None) or (
+            value.bias is not None and value.bias.stride() != gate.bias.stride()
+        ):
+            return "the value and gate Linears differ in weight strides or bias"
     availability = kernels.fused_ffn_available(x.device, x.dtype)
     return None if availability else availability.reason
 
@@ -470,16 +478,19 @@ def _kernel_call_reason(parts: _Parts, x: torch.Tensor, kernels: ModuleType) -> 
 def _kernel_run(kernels: ModuleType, x: torch.Tensor, prefix: torch.Tensor | None, parts: _Parts,
                 config: ChunkedFeedForwardConfig) -> torch.Tensor:
     linear = parts.up[0][0]
+    gate = parts.up[1][0] if len(parts.up) == 2 and parts.up[1][0] is not linear else None
+    separate_gate = {} if gate is None else {"w_gate": gate.weight, "b_gate": gate.bias}
     cols = slice(parts.down_offset, parts.down_offset + parts.width)
     w2, b2 = parts.down.weight[:, cols], parts.down.bias if prefix is None else None
     if config.split == "hidden":
         out = kernels.fused_chunked_ffn(x, linear.weight, linear.bias, w2, b2, activation=parts.activation,
-                                        chunk_size=-(-parts.width // config.num_chunks))
+                                        chunk_size=-(-parts.width // config.num_chunks), **separate_gate)
     else:
         rows = -(-x.shape[0] // config.num_chunks)
         plan = kernels.FusedFFNPlan(rows_per_block=rows, chunk_size=parts.width,
                                     workspace_bytes=rows * parts.width * x.element_size())
-        out = kernels.fused_chunked_ffn_with_plan(x, linear.weight, linear.bias, w2, b2, parts.activation, plan)
+        out = kernels.fused_chunked_ffn_with_plan(x, linear.weight, linear.bias, w2, b2, parts.activation, plan,
+                                                  **separate_gate)
     if prefix is not None:
         out = F.linear(prefix, parts.down.weight[:, : parts.down_offset], parts.down.bias).add_(out)
     return out

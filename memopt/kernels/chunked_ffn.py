@@ -200,49 +200,57 @@ class FusedChunkedFFNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2d, w1, b1, w2, b2, activation: str, plan: FusedFFNPlan):
-        ctx.save_for_backward(x2d, w1, b1, w2, b2)
+    def forward(ctx, x2d, w1, b1, w2, b2, w_gate, b_gate, activation: str, plan: FusedFFNPlan):
+        ctx.save_for_backward(x2d, w1, b1, w2, b2, w_gate, b_gate)
         ctx.activation, ctx.plan = activation, plan
         return _load_kernels().fused_ffn_forward(
-            x2d, w1, b1, w2, b2, activation, plan.chunk_size, plan.rows_per_block, down_gemm=plan.down_gemm
+            x2d, w1, b1, w2, b2, activation, plan.chunk_size, plan.rows_per_block, down_gemm=plan.down_gemm,
+            w_gate=w_gate, b_gate=b_gate,
         )
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x2d, w1, b1, w2, b2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        x2d, w1, b1, w2, b2, w_gate, b_gate = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2, need_wg, need_bg = ctx.needs_input_grad[:7]
         hidden = w2.shape[1]
         gated = ctx.activation in _GATED
         grad_out = grad_out.reshape(-1, w2.shape[0])
+
+        def empty_like(tensor: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+            return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device) if needed else None
+
         grad_x = torch.zeros_like(x2d) if need_x else None
-        grad_w1 = torch.empty(w1.shape, dtype=w1.dtype, device=w1.device) if need_w1 else None
-        grad_b1 = torch.empty(b1.shape, dtype=b1.dtype, device=b1.device) if need_b1 else None
-        grad_w2 = torch.empty(w2.shape, dtype=w2.dtype, device=w2.device) if need_w2 else None
+        grad_w1, grad_b1, grad_w2 = empty_like(w1, need_w1), empty_like(b1, need_b1), empty_like(w2, need_w2)
+        grad_wg, grad_bg = empty_like(w_gate, need_wg), empty_like(b_gate, need_bg)
         chunk = _backward_chunk_size(ctx.plan, hidden)
         for f_start in range(0, hidden, chunk):
-            row_slices = [slice(f_start, min(f_start + chunk, hidden))]
-            if gated:
-                row_slices.append(slice(hidden + f_start, hidden + min(f_start + chunk, hidden)))
-            pre = [F.linear(x2d, w1[rows], None if b1 is None else b1[rows]) for rows in row_slices]
+            value_rows = slice(f_start, min(f_start + chunk, hidden))
+            # (weight, bias, rows, weight grad, bias grad) of each input projection this chunk reads.
+            projections = [(w1, b1, value_rows, grad_w1, grad_b1)]
+            if gated and w_gate is not None:
+                projections.append((w_gate, b_gate, value_rows, grad_wg, grad_bg))
+            elif gated:
+                gate_rows = slice(hidden + f_start, hidden + min(f_start + chunk, hidden))
+                projections.append((w1, b1, gate_rows, grad_w1, grad_b1))
+            pre = [F.linear(x2d, w[rows], None if b is None else b[rows]) for w, b, rows, _, _ in projections]
             with torch.enable_grad():
                 pre = [tensor.detach().requires_grad_() for tensor in pre]
                 h = _activate(pre[0], pre[1] if gated else None, ctx.activation)
-            w2_chunk = w2[:, row_slices[0]]
             if need_w2:
-                grad_w2[:, row_slices[0]] = grad_out.T @ h.detach()
-            if not (need_x or need_w1 or need_b1):
+                grad_w2[:, value_rows] = grad_out.T @ h.detach()
+            if not (need_x or need_w1 or need_b1 or need_wg or need_bg):
                 continue
-            grad_pre = torch.autograd.grad(h, pre, grad_out @ w2_chunk)
-            for rows, grad in zip(row_slices, grad_pre):
-                if need_w1:
-                    grad_w1[rows] = grad.T @ x2d
-                if need_b1:
-                    grad_b1[rows] = grad.sum(0)
+            grad_pre = torch.autograd.grad(h, pre, grad_out @ w2[:, value_rows])
+            for (weight, _, rows, grad_weight, grad_bias), grad in zip(projections, grad_pre):
+                if grad_weight is not None:
+                    grad_weight[rows] = grad.T @ x2d
+                if grad_bias is not None:
+                    grad_bias[rows] = grad.sum(0)
                 if need_x:
-                    grad_x.addmm_(grad, w1[rows])
+                    grad_x.addmm_(grad, weight[rows])
         grad_b2 = grad_out.sum(0) if need_b2 else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_wg, grad_bg, None, None
 
 
 def _check_inputs(
@@ -253,12 +261,14 @@ def _check_inputs(
     b2: torch.Tensor | None,
     activation: str,
     chunk_size: int | None,
+    w_gate: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
 ) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"fused_chunked_ffn: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"fused_chunked_ffn: chunk_size must be a positive int or None, got {chunk_size!r}")
-    tensors = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    tensors = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "w_gate": w_gate, "b_gate": b_gate}
     for name, tensor in tensors.items():
         if tensor is None:
             continue
@@ -275,15 +285,31 @@ def _check_inputs(
             f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}"
         )
     hidden = w2.shape[1]
-    expected_w1 = (2 * hidden if activation in _GATED else hidden, x.shape[-1])
+    packed = activation in _GATED and w_gate is None
+    expected_w1 = (2 * hidden if packed else hidden, x.shape[-1])
     if tuple(w1.shape) != expected_w1:
         raise ValueError(
             f"fused_chunked_ffn: with activation={activation!r}, x {tuple(x.shape)} and w2 {tuple(w2.shape)}, w1 must "
             f"have shape {expected_w1}, got {tuple(w1.shape)}"
         )
-    for name, bias, features in (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0])):
+    biases = (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0]), ("b_gate", b_gate, hidden))
+    for name, bias, features in biases:
         if bias is not None and tuple(bias.shape) != (features,):
             raise ValueError(f"fused_chunked_ffn: {name} must have shape ({features},), got {tuple(bias.shape)}")
+    if w_gate is None:
+        if b_gate is not None:
+            raise ValueError("fused_chunked_ffn: b_gate was given without w_gate")
+        return
+    if activation not in _GATED:
+        raise ValueError(f"fused_chunked_ffn: w_gate needs a gated activation {sorted(_GATED)}, got {activation!r}")
+    # The up kernel reads the value and gate tiles through one set of strides (free for nn.Linear weights).
+    if w_gate.shape != w1.shape or w_gate.stride() != w1.stride():
+        raise ValueError(
+            f"fused_chunked_ffn: w_gate must have w1's shape and strides, got {tuple(w_gate.shape)} / "
+            f"{w_gate.stride()} vs {tuple(w1.shape)} / {w1.stride()}"
+        )
+    if (b1 is None) != (b_gate is None) or (b1 is not None and b1.stride() != b_gate.stride()):
+        raise ValueError("fused_chunked_ffn: b1 and b_gate must both be given (with equal strides) or both be None")
 
 
 def fused_chunked_ffn_with_plan(
@@ -294,6 +320,9 @@ def fused_chunked_ffn_with_plan(
     b2: torch.Tensor | None,
     activation: str,
     plan: FusedFFNPlan,
+    *,
+    w_gate: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`fused_chunked_ffn` with an explicit :class:`FusedFFNPlan` (e.g. a planner's smaller token blocks, or
     the cuBLAS down GEMM).
@@ -304,7 +333,7 @@ def fused_chunked_ffn_with_plan(
         >>> dataclasses.replace(plan, down_gemm="cublas")
         FusedFFNPlan(rows_per_block=8448, chunk_size=13824, workspace_bytes=233570304, down_gemm='cublas')
     """
-    _check_inputs(x, w1, b1, w2, b2, activation, plan.chunk_size)
+    _check_inputs(x, w1, b1, w2, b2, activation, plan.chunk_size, w_gate, b_gate)
     if plan.rows_per_block < 1:
         raise ValueError(f"fused_chunked_ffn: plan.rows_per_block must be >= 1, got {plan.rows_per_block}")
     if plan.down_gemm not in DOWN_GEMMS:
@@ -313,7 +342,7 @@ def fused_chunked_ffn_with_plan(
     if not availability:
         raise RuntimeError(f"fused_chunked_ffn cannot run on {x.device} ({x.dtype}): {availability.reason}")
     x2d = x.reshape(-1, x.shape[-1])
-    out = FusedChunkedFFNFunction.apply(x2d, w1, b1, w2, b2, activation, plan)
+    out = FusedChunkedFFNFunction.apply(x2d, w1, b1, w2, b2, w_gate, b_gate, activation, plan)
     return out.reshape(*x.shape[:-1], w2.shape[0])
 
 
@@ -325,6 +354,9 @@ def fused_chunked_ffn(
     b2: torch.Tensor | None,
     activation: str = "gelu_tanh",
     chunk_size: int | None = None,
+    *,
+    w_gate: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(x @ w1.T + b1) @ w2.T + b2`` without materialising the ``(M, F)`` intermediate; differentiable.
 
@@ -338,6 +370,10 @@ def fused_chunked_ffn(
         activation: One of :data:`ACTIVATIONS` (``"gelu"`` is the erf form, ``"gelu_tanh"`` the tanh approximation).
         chunk_size: Hidden features per chunk; None lets :func:`plan_fused_ffn` cut tokens into blocks instead,
             which keeps the workspace within 1/8 of the unfused intermediate.
+        w_gate: for geglu/swiglu whose gate is a Linear of its own (LLaMA-style ``down(silu(gate(x)) * up(x))``,
+            e.g. Z-Image, Kandinsky 5, HiDream): the ``(F, D)`` gate weight, with ``w1`` the ``(F, D)`` value
+            weight. Same shape and strides as ``w1``.
+        b_gate: the gate's ``(F,)`` bias, given exactly when ``b1`` is.
 
     Raises:
         RuntimeError: The kernel cannot run on ``x.device`` (see :func:`fused_ffn_available`); no silent fallback.
@@ -350,7 +386,7 @@ def fused_chunked_ffn(
         >>> if fused_ffn_available(x.device):  # a GPU, or TRITON_INTERPRET=1 on CPU
         ...     y = fused_chunked_ffn(x, w1, b1, w2, b2, activation="gelu_tanh")
     """
-    _check_inputs(x, w1, b1, w2, b2, activation, chunk_size)
+    _check_inputs(x, w1, b1, w2, b2, activation, chunk_size, w_gate, b_gate)
     num_rows = math.prod(x.shape[:-1])
     plan = plan_fused_ffn(num_rows, w2.shape[1], w2.shape[0], x.element_size(), chunk_size)
-    return fused_chunked_ffn_with_plan(x, w1, b1, w2, b2, activation, plan)
+    return fused_chunked_ffn_with_plan(x, w1, b1, w2, b2, activation, plan, w_gate=w_gate, b_gate=b_gate)

@@ -315,8 +315,13 @@ def fused_ffn_forward(
     chunk_size: int,
     rows_per_block: int,
     down_gemm: str = "triton",
+    w_gate: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the fused FeedForward on a 2-D ``x`` of shape ``(M, D)``; arguments are validated by the caller.
+
+    For gated activations the gate rows are ``w1[F:]`` (diffusers' packed GEGLU/SwiGLU), or ``w_gate`` when the gate
+    is a Linear of its own (LLaMA-style MLPs); the up kernel reads both through one set of strides.
 
     ``chunk_size`` hidden features and ``rows_per_block`` tokens make one slab; the workspace is one slab of the
     activated intermediate plus, when a 16-bit output is built from several hidden chunks, an fp32 accumulator of
@@ -354,11 +359,15 @@ def fused_ffn_forward(
         for chunk_index, f_start in enumerate(range(0, hidden, chunk_size)):
             width = min(chunk_size, hidden - f_start)
             value_rows = slice(f_start, f_start + width)
-            gate_rows = slice(hidden + f_start, hidden + f_start + width) if gated else value_rows
+            if w_gate is not None:
+                gate_weight, gate_bias = w_gate[value_rows], None if b_gate is None else b_gate[value_rows]
+            else:
+                gate_rows = slice(hidden + f_start, hidden + f_start + width) if gated else value_rows
+                gate_weight, gate_bias = w1[gate_rows], None if b1 is None else b1[gate_rows]
             h = h_buffer[:block_rows, :width]
             _ffn_up_kernel[_grid(block_rows, width)](
-                x_block, w1[value_rows], w1[gate_rows],
-                b1[value_rows] if b1 is not None else None, b1[gate_rows] if b1 is not None else None, h,
+                x_block, w1[value_rows], gate_weight,
+                b1[value_rows] if b1 is not None else None, gate_bias, h,
                 block_rows, width, in_features,
                 x_block.stride(0), x_block.stride(1), w1.stride(0), w1.stride(1), b_stride1, h.stride(0), h.stride(1),
                 HAS_BIAS=b1 is not None, ACTIVATION=ACTIVATION_IDS[activation], GATED=gated,

@@ -531,6 +531,22 @@ def test_real_kernel_through_the_hook(interpreted_kernels):
                        torch.cat([g.flatten() for g in grads_ref.values()])) <= 1e-5
 
 
+def test_real_kernel_through_the_hook_with_a_separate_gate_linear(interpreted_kernels):
+    """A LLaMA-style MLP (Z-Image: silu(w1) * w3 -> w2) runs on the kernel with w3 as value and w1 as gate."""
+    torch.manual_seed(0)
+    ff = _diffusers_class("transformers.transformer_z_image.FeedForward")(dim=24, hidden_dim=37).eval()
+    x = torch.randn(2, 37, 24, requires_grad=True)
+    out_ref = ff(x)
+    grad_ref = torch.autograd.grad(out_ref.square().sum(), [x, *ff.parameters()])
+    for split in ("hidden", "sequence"):
+        apply_chunked_feedforward(ff, num_chunks=3, split=split, kernel="triton")
+        out = ff(x)
+        grad = torch.autograd.grad(out.square().sum(), [x, *ff.parameters()])
+        remove_memory_optimizations(ff)
+        assert rel_err(out, out_ref) <= 1e-5
+        assert all(rel_err(g, g_ref) <= 1e-5 for g, g_ref in zip(grad, grad_ref))
+
+
 def test_a_block_registered_as_a_unit_without_its_forward_is_skipped(monkeypatch):
     """A block with attention and norms around its MLP (Chroma's single-stream block) registered as a unit without
     the forward that keeps them: the FeedForward-only forward would compute something else (rel err 1.18 measured),

@@ -192,6 +192,68 @@ def test_gradients_match_diffusers(activation, dtype, bias1, bias2, chunk_size):
         assert rel_err(mine.grad, reference.grad) <= TOLERANCE[dtype], name
 
 
+def make_llama_mlp(activation, dim, hidden, dim_out, dtype, bias, seed=0):
+    """``down(act(gate(x)) * up(x))`` with separate Linears (Z-Image, Kandinsky 5, HiDream...) in fp64 holding
+    ``dtype``-rounded weights, and the kernel's ``(w1=up, b1, w2=down, b2, w_gate=gate, b_gate)``."""
+    torch.manual_seed(seed)
+    up, gate = torch.nn.Linear(dim, hidden, bias=bias).double(), torch.nn.Linear(dim, hidden, bias=bias).double()
+    down = torch.nn.Linear(hidden, dim_out).double()
+    act = torch.nn.functional.silu if activation == "swiglu" else torch.nn.functional.gelu
+    with torch.no_grad():
+        for parameter in [*up.parameters(), *gate.parameters(), *down.parameters()]:
+            parameter.copy_(parameter.to(dtype).double())
+
+    def reference(x):
+        return down(act(gate(x)) * up(x))
+
+    modules = (up.weight, up.bias, down.weight, down.bias, gate.weight, gate.bias)
+    weights = [None if p is None else p.detach().to(DEVICE, dtype) for p in modules]
+    return reference, (up, down, gate), weights
+
+
+@pytest.mark.parametrize(
+    "activation, dtype, bias, chunk_size",
+    [("swiglu", torch.float32, False, None), ("swiglu", torch.float32, True, 32), ("geglu", torch.float32, True, 48),
+     ("swiglu", torch.bfloat16, False, 32)],
+)
+def test_separate_gate_linear_forward_and_gradients(activation, dtype, bias, chunk_size):
+    reference, (up, down, gate), (w1, b1, w2, b2, wg, bg) = make_llama_mlp(activation, 40, 100, 24, dtype, bias)
+    weights = [None if w is None else w.requires_grad_() for w in (w1, b1, w2, b2, wg, bg)]
+    w1, b1, w2, b2, wg, bg = weights
+    x = random_input((2, 17, 40), dtype)
+    grad_y = random_input((2, 17, 24), dtype)
+    x_kernel = x.to(DEVICE).detach().requires_grad_()
+    y = fused_chunked_ffn(x_kernel, w1, b1, w2, b2, activation=activation, chunk_size=chunk_size, w_gate=wg,
+                          b_gate=bg)
+    y.backward(grad_y.to(DEVICE))
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = reference(x_ref)
+    y_ref.backward(grad_y.double())
+    assert rel_err(y, y_ref) <= TOLERANCE[dtype]
+    expected = [x_ref, up.weight, up.bias, down.weight, down.bias, gate.weight, gate.bias]
+    for name, mine, ref in zip(("x", "w1", "b1", "w2", "b2", "w_gate", "b_gate"), [x_kernel, *weights], expected):
+        if ref is None:
+            assert mine is None
+            continue
+        assert rel_err(mine.grad, ref.grad) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda w: {**w, "activation": "gelu"}, "w_gate needs a gated activation"),
+        (lambda w: {**w, "w_gate": w["w_gate"].t().contiguous().t()}, "w_gate must have w1's shape and strides"),
+        (lambda w: {**w, "b_gate": None}, "b1 and b_gate must both be given"),
+        (lambda w: {**w, "w_gate": None}, "w1 must have shape"),
+    ],
+)
+def test_separate_gate_bad_inputs(change, match):
+    _, _, (w1, b1, w2, b2, wg, bg) = make_llama_mlp("swiglu", 16, 48, 16, torch.float32, bias=True)
+    kwargs = change({"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w_gate": wg, "b_gate": bg, "activation": "swiglu"})
+    with pytest.raises(ValueError, match=match):
+        fused_chunked_ffn(torch.randn(5, 16, device=DEVICE), **kwargs)
+
+
 def test_backward_skips_inputs_without_grad():
     ff, (w1, b1, w2, b2) = make_ffn("swiglu", dim=16, hidden=48, dim_out=16, dtype=torch.float32)
     w2.requires_grad_()
