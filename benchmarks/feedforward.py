@@ -29,7 +29,7 @@ import torch
 from diffusers.models.attention import FeedForward
 
 from memopt import apply_chunked_feedforward, remove_memory_optimizations, trace_memory
-from memopt.models import FAMILIES, Size, get_family
+from memopt.models import Size, get_family
 
 RESULTS = Path(__file__).parent / "results" / "feedforward_cpu.md"
 MIB = 2**20
@@ -130,7 +130,7 @@ def markdown(rows: list[dict], title: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", nargs="*", default=sorted(FAMILIES), choices=sorted(FAMILIES))
+    parser.add_argument("--families", nargs="*", default=sorted(BENCH_CONFIGS), choices=sorted(BENCH_CONFIGS))
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one forward of each variant per round)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -75,6 +75,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "wan_vace": {"ffn_dim": 2208},
     "hunyuanimage": {"rope_axes_dim": (32, 32)},
     "cogview4": {},
+    "zimage": {"dim": 512, "n_heads": 8, "n_kv_heads": 8, "axes_dims": [16, 24, 24]},  # width as `dim`, no heads
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -90,6 +91,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "ltx2": [Size(512, 512, 33), Size(512, 1024, 33), Size(1024, 1024, 33), Size(1024, 1024, 65)],
     "wan_vace": VIDEO_SIZES,
     "hunyuanimage": [Size(1024, 1024), Size(1536, 1536), Size(2048, 2048), Size(2048, 3072)],  # 32x VAE
+    "zimage": IMAGE_SIZES,
 }
 
 
@@ -189,7 +191,8 @@ def bench_cpu(family: str, repeats: int, budget: float, chunk_counts: list[int |
     spec = get_family(family)
     chosen = None
     for size in BENCH_SIZES[family]:
-        config = sized_config(family, {**spec.config("tiny"), **BENCH_HEADS, **BENCH_CONFIGS[family]}, size)
+        heads = BENCH_HEADS if set(spec.width_keys) <= set(BENCH_HEADS) else {}
+        config = sized_config(family, {**spec.config("tiny"), **heads, **BENCH_CONFIGS[family]}, size)
         model = spec.build(config).to(torch.float32)
         inputs = _inputs(spec, model, size, "cpu", text_tokens=BENCH_TEXT_TOKENS)
         seconds = _forward_seconds(model, inputs, "cpu")

@@ -43,6 +43,9 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "qwenimage": {"axes_dims_rope": (2, 2, 4), "num_layers": 1},
     "sd3": {"caption_projection_dim": 128, "num_layers": 1},
     "mochi": {"num_layers": 1},
+    # Z-Image stores its width as `dim` (16 heads x 8, rope axes summing to 8); one refiner of each kind.
+    "zimage": {"dim": 128, "n_heads": 16, "n_kv_heads": 16, "axes_dims": [2, 2, 4], "n_layers": 1,
+               "n_refiner_layers": 1},
 }
 GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
@@ -63,6 +66,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "qwenimage": (Size(128, 128), Size(256, 256)),
     "sd3": (Size(128, 128), Size(256, 256)),
     "mochi": (Size(64, 128, 13), Size(128, 256, 13)),
+    "zimage": (Size(128, 128), Size(256, 256)),
 }
 
 

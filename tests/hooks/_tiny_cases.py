@@ -1,11 +1,14 @@
 """Tiny sizes shared by the hook tests: token counts (70 / 35 / 45) not divisible by the chunk counts they use."""
 
+from typing import Any
+
 import torch
 
 from memopt.models import Size
 
 FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "chroma", "hunyuanvideo",
-            "hunyuanvideo15", "hunyuanimage", "cogvideox", "cogview4", "ltx", "ltx2", "qwenimage", "sd3", "mochi"]
+            "hunyuanvideo15", "hunyuanimage", "cogvideox", "cogview4", "ltx", "ltx2", "qwenimage", "sd3", "mochi",
+            "zimage"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -25,8 +28,18 @@ SIZES = {
     "qwenimage": Size(80, 112),
     "sd3": Size(80, 112),
     "mochi": Size(48, 80, 13),
+    "zimage": Size(80, 112),  # 35 image tokens, padded to 64 by the model itself (every sequence to a multiple of 32)
 }
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def prediction(result: Any) -> torch.Tensor:
+    """The prediction of a ``return_dict=False`` call as one tensor: the first element of the returned tuple, where
+    Z-Image puts a list with one tensor per sample, or the tensor itself (Kandinsky 5 returns it bare)."""
+    if isinstance(result, torch.Tensor):
+        return result
+    out = result[0]
+    return torch.stack(out) if isinstance(out, list) else out

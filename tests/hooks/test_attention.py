@@ -12,7 +12,7 @@ from memopt.hooks._common import has_memopt_hooks
 from memopt.hooks.attention import CHUNKED_ATTENTION_HOOK
 from memopt.models import Size, get_family
 
-from _tiny_cases import FAMILIES, SIZES, rel_err  # noqa: E402
+from _tiny_cases import FAMILIES, SIZES, prediction, rel_err  # noqa: E402
 
 
 def build(family: str, size: Size | None = None):
@@ -40,17 +40,17 @@ def test_matches_unmodified_model(family):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     users_before = _attention_dispatch._installed_users
     with torch.no_grad():
-        reference = model(**inputs)[0]
+        reference = prediction(model(**inputs))
         for options in ({"query_chunk": 7}, {"query_chunk": 5, "kv_chunk": 6, "head_chunks": 2}):
             report = apply_chunked_attention(model, **options)
             assert report.attention
-            out = model(**inputs)[0]
+            out = prediction(model(**inputs))
             calls, chunked = chunk_counters(model)
             remove_memory_optimizations(model)
             assert calls and chunked == calls, options  # every call is longer than the chunks here
             assert rel_err(out, reference) <= 1e-5, options
         assert not has_memopt_hooks(model)
-        assert torch.equal(model(**inputs)[0], reference)
+        assert torch.equal(prediction(model(**inputs)), reference)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert _attention_dispatch._installed_users == users_before  # every hook released the dispatch wrappers
 
@@ -60,14 +60,14 @@ def test_combines_with_sequence_chunking(family):
     """Sequence chunking hands the chunked math the full K/V (and key mask), in either application order."""
     _, model, inputs = build(family)
     with torch.no_grad():
-        reference = model(**inputs)[0]
+        reference = prediction(model(**inputs))
         for first_sequence in (True, False):
             if first_sequence:
                 apply_sequence_chunking(model, 4)
             apply_chunked_attention(model, query_chunk=3, kv_chunk=11, head_chunks=2)
             if not first_sequence:
                 apply_sequence_chunking(model, 4)
-            out = model(**inputs)[0]
+            out = prediction(model(**inputs))
             _, chunked = chunk_counters(model)
             remove_memory_optimizations(model)
             assert chunked and rel_err(out, reference) <= 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pathlib
 import sys
 import types
 
@@ -19,6 +20,9 @@ from memopt.hooks import feedforward as ff_hooks
 from memopt.hooks.feedforward import FEEDFORWARD_HOOK, FeedForwardReport, split_sizes
 from memopt.models import FAMILIES, Size, get_family
 from memopt.plans import expand_plan, feedforward_plan
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _tiny_cases import prediction  # noqa: E402
 
 # Mochi's rope runs under a CPU fp32 autocast that torch disables with a warning; nothing memopt does.
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
@@ -43,11 +47,12 @@ SIZES = {
     "qwenimage": dict(height=48, width=80),
     "sd3": dict(height=48, width=80),
     "mochi": dict(height=48, width=80, num_frames=13),
+    "zimage": dict(height=80, width=112),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
 EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2,
                     "chroma": 4, "hunyuanvideo": 4, "hunyuanvideo15": 5, "hunyuanimage": 3, "cogvideox": 2,
-                    "cogview4": 2, "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3}
+                    "cogview4": 2, "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3, "zimage": 4}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -64,18 +69,20 @@ def build(name: str, dtype: torch.dtype = torch.float32, batch_size: int = 2):
 
 def forward(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
-        return model(**inputs)[0]
+        return prediction(model(**inputs))
 
 
 def forward_backward(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Output, input grad and parameter grads of ``(out * fixed random weights).sum()``."""
+    """Output, latent-input grad (flattened) and parameter grads of ``(out * fixed random weights).sum()``."""
     model.zero_grad(set_to_none=True)
-    x = inputs["hidden_states"].detach().clone().requires_grad_(True)
-    out = model(**{**inputs, "hidden_states": x})[0]
+    key = "hidden_states" if "hidden_states" in inputs else "x"  # Z-Image: `x`, a list of per-sample latents
+    latents = inputs[key] if isinstance(inputs[key], list) else [inputs[key]]
+    leaves = [t.detach().clone().requires_grad_(True) for t in latents]
+    out = prediction(model(**{**inputs, key: leaves if isinstance(inputs[key], list) else leaves[0]}))
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     (out * weights).sum().backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-    return out.detach(), x.grad.detach(), grads
+    return out.detach(), torch.cat([t.grad.flatten() for t in leaves]), grads
 
 
 def test_sizes_give_odd_token_counts():

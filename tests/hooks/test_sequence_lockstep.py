@@ -12,7 +12,7 @@ from memopt.hooks import _attention_dispatch
 from memopt.hooks.sequence import SequenceChunkingConfig
 from memopt.models import get_family
 
-from _tiny_cases import FAMILIES, SIZES, rel_err  # noqa: E402
+from _tiny_cases import FAMILIES, SIZES, prediction, rel_err  # noqa: E402
 from test_sequence import ManualAttention, build  # noqa: E402
 
 
@@ -26,12 +26,12 @@ def test_matches_unmodified_model(family):
     _, model, inputs = build(family)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        reference = model(**inputs)[0]
+        reference = prediction(model(**inputs))
         for num_chunks in (4, 16):  # 4 chunks split the text stream of joint blocks, 16 carry it whole
             report = apply_sequence_chunking(model, num_chunks, schedule="lockstep")
             assert report.schedule == "lockstep" and "lockstep" in str(report)
             assert report.blocks and report.attention and report.tail and not report.skipped, report
-            out = model(**inputs)[0]
+            out = prediction(model(**inputs))
             remove_memory_optimizations(model)
             assert rel_err(out, reference) <= 1e-5, (family, num_chunks)
             assert _interception_is_idle()
@@ -79,11 +79,11 @@ def test_combines_with_block_level_group_offloading():
     _, model, inputs = build("wan")
     cpu = torch.device("cpu")
     with torch.no_grad():
-        reference = model(**inputs)[0]
+        reference = prediction(model(**inputs))
         apply_sequence_chunking(model, 5, schedule="lockstep")
         apply_group_offloading(model, onload_device=cpu, offload_device=cpu, offload_type="block_level",
                                num_blocks_per_group=1)
-        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+        assert rel_err(prediction(model(**inputs)), reference) <= 1e-5
 
 
 def test_leaf_level_offloading_inside_a_block_is_refused():
@@ -137,12 +137,12 @@ def test_combines_with_chunked_feedforward_and_chunked_attention(family):
 
     _, model, inputs = build(family)
     with torch.no_grad():
-        reference = model(**inputs)[0]
+        reference = prediction(model(**inputs))
         apply_chunked_feedforward(model, num_chunks=2, split="hidden")
         apply_chunked_attention(model, query_chunk=8, kv_chunk=16, head_chunks=2)
         report = apply_sequence_chunking(model, 5, schedule="lockstep")
         assert not report.skipped
-        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+        assert rel_err(prediction(model(**inputs)), reference) <= 1e-5
         assert _interception_is_idle()
 
 
@@ -164,8 +164,9 @@ def test_chunks_that_take_different_paths_are_an_error_not_a_wrong_result():
     _, model, inputs = build("wan")
     model.blocks[0].attn1.set_processor(SometimesManual())
     apply_sequence_chunking(model, 4, schedule="lockstep")
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"blocks\.0\.attn1 made 0 whole-sequence attention calls .* in "
-                                                              r"chunk 1"):
+    with torch.no_grad(), pytest.raises(
+        RuntimeError, match=r"blocks\.0\.attn1 made 0 whole-sequence attention calls .* in chunk 1"
+    ):
         model(**inputs)
     assert _interception_is_idle()
 
@@ -186,7 +187,7 @@ def test_processor_without_backend_attribute_through_the_dispatcher():
     for block in model.blocks:
         block.attn1.set_processor(Wrapped())
     with torch.no_grad():
-        reference = model(**inputs)[0]
+        reference = prediction(model(**inputs))
         apply_sequence_chunking(model, 4, schedule="lockstep")
-        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+        assert rel_err(prediction(model(**inputs)), reference) <= 1e-5
     assert _interception_is_idle()
