@@ -142,9 +142,9 @@ def main() -> None:
         "# Chunked FeedForward on CPU (fp32, batch 1)",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} at the start; generated"
-        f" by `python benchmarks/feedforward.py` in {time.perf_counter() - start:.0f} s. Peaks: activation bytes above weights and inputs (storage-counting"
-        " tracer); LD = tokens x D x 4 B. Time ratios: median over rounds of (variant / original), each round one"
-        " untraced forward of every variant back to back.",
+        f" by `python benchmarks/feedforward.py` in {time.perf_counter() - start:.0f} s. Peaks: activation bytes"
+        " above weights and inputs (storage-counting tracer); LD = tokens x D x 4 B. Time ratios: median over rounds"
+        " of (variant / original), each round one untraced forward of every variant back to back.",
         "",
         markdown(families, "Whole forward, bench configs (D = 128, 2 blocks)"),
         "",

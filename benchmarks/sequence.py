@@ -76,6 +76,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "hunyuanimage": {"rope_axes_dim": (32, 32)},
     "cogview4": {},
     "zimage": {"dim": 512, "n_heads": 8, "n_kv_heads": 8, "axes_dims": [16, 24, 24]},  # width as `dim`, no heads
+    "kandinsky5": {"model_dim": 512, "ff_dim": 2048, "axes_dims": (16, 24, 24)},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -92,6 +93,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "wan_vace": VIDEO_SIZES,
     "hunyuanimage": [Size(1024, 1024), Size(1536, 1536), Size(2048, 2048), Size(2048, 3072)],  # 32x VAE
     "zimage": IMAGE_SIZES,
+    "kandinsky5": VIDEO_SIZES,
 }
 
 

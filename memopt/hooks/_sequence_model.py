@@ -266,6 +266,47 @@ class SequenceGatherHook(ModelHook):
         return run.gathered
 
 
+class SequenceHeadHook(ModelHook):
+    """On an output head fed a grid-shaped view of the last block's output (``SequencePlan.tail_split``): runs it on
+    pieces of its first argument along ``split_dim`` and writes each piece's output at its place along the gather
+    dim, so only one piece's temporaries (the fp32 upcasts of the output norm) are alive."""
+
+    def __init__(self, path: str, split_dim: int, spec: ContextParallelOutput, num_chunks: int) -> None:
+        super().__init__()
+        self.path = path
+        self.split_dim = split_dim
+        self.spec = spec
+        self.num_chunks = num_chunks
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        original = self.fn_ref.original_forward
+        x = args[0] if args else None
+        if (not isinstance(x, torch.Tensor) or x.dim() <= self.split_dim or x.shape[self.split_dim] < 2 or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+        )):
+            return original(*args, **kwargs)
+        total, dim = x.shape[self.split_dim], self.spec.gather_dim
+        output, scale = None, 0
+        for start, end in balanced(total, min(self.num_chunks, total)):
+            piece = original(x.narrow(self.split_dim, start, end - start), *args[1:], **kwargs)
+            if output is None and isinstance(piece, torch.Tensor) and piece.dim() > dim:
+                scale = piece.shape[dim] // (end - start)
+                shape = list(piece.shape)
+                shape[dim] = total * scale
+                output = piece.new_empty(shape)
+            if output is None or piece.shape[dim] != scale * (end - start) or (
+                piece.shape[:dim] + piece.shape[dim + 1:] != output.shape[:dim] + output.shape[dim + 1:]
+            ):
+                shape = tuple(piece.shape) if isinstance(piece, torch.Tensor) else type(piece).__name__
+                raise RuntimeError(
+                    f"{self.path}: rows {start}:{end} of dim {self.split_dim} of its input gave {shape}, not a piece "
+                    f"of its output along dim {dim}; the plan's tail_split is wrong"
+                )
+            output.narrow(dim, start * scale, (end - start) * scale).copy_(piece)
+            del piece
+        return output
+
+
 class SequenceProducerHook(ModelHook):
     """On a model-level producer of per-token tables: defers them to the chunks during a chunked forward."""
 

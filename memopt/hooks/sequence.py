@@ -93,6 +93,7 @@ from ._sequence_model import (
     ModelRun,
     SequenceEmbedHook,
     SequenceGatherHook,
+    SequenceHeadHook,
     SequenceModelHook,
     SequenceProducerHook,
     SequenceReplayHook,
@@ -107,6 +108,7 @@ SEQUENCE_ATTENTION_HOOK = "memopt.sequence.attention"
 SEQUENCE_MODEL_HOOK = "memopt.sequence.model"
 SEQUENCE_TAIL_HOOK = "memopt.sequence.tail"
 SEQUENCE_GATHER_HOOK = "memopt.sequence.gather"
+SEQUENCE_HEAD_HOOK = "memopt.sequence.head"
 SEQUENCE_PRODUCER_HOOK = "memopt.sequence.producer"
 SEQUENCE_EMBED_HOOK = "memopt.sequence.embed"
 SEQUENCE_SKIP_HOOK = "memopt.sequence.skip"
@@ -815,7 +817,12 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
         gather = {k: v for k, v in cp_plan.items() if isinstance(v, ContextParallelOutput)}
     tail = _submodule(model, plan.tail) if config.chunk_tail and plan.tail else None
     gather_modules = {path: _submodule(model, path) for path in gather}
-    if tail is not None and len(gather_modules) == 1 and None not in gather_modules.values():
+    head = tail is not None and plan.tail_split is not None
+    if head:  # the head runs in pieces of its own input (SequencePlan.tail_split): no tail passes
+        register_memopt_hook(tail, SequenceHeadHook(plan.tail, plan.tail_split, gather[plan.tail], config.num_chunks),
+                             SEQUENCE_HEAD_HOOK)
+        report.tail = f"{plan.tail} in pieces of dim {plan.tail_split}"
+    elif tail is not None and len(gather_modules) == 1 and None not in gather_modules.values():
         (gather_path, gather_module), = gather_modules.items()
         register_memopt_hook(tail, SequenceTailHook(plan.tail, dict(plan.tail_inputs)), SEQUENCE_TAIL_HOOK)
         register_memopt_hook(gather_module, SequenceGatherHook(gather_path, gather[gather_path]), SEQUENCE_GATHER_HOOK)
@@ -824,7 +831,7 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
             report.skipped.append(("<model>", "blocks are group-offloaded: the output head runs whole while they are"))
     elif config.chunk_tail:
         report.skipped.append(("<model>", f"output head runs whole (tail {plan.tail!r}, gather {sorted(gather)})"))
-    if report.tail:
+    if report.tail and not head:
         embeds = (plan.embed,) if isinstance(plan.embed, str) else tuple(plan.embed or ())
         for embed_path in embeds:
             embed = _submodule(model, embed_path)
@@ -836,8 +843,9 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
         for name, child in model.named_children():
             if name not in special and not any(block is child or _contains(child, block) for block in blocks):
                 register_memopt_hook(child, SequenceReplayHook(), SEQUENCE_REPLAY_HOOK)
-    if report.tail or report.producers:
-        register_memopt_hook(model, SequenceModelHook(config, blocks, report.tail is not None), SEQUENCE_MODEL_HOOK)
+    if (report.tail and not head) or report.producers:
+        register_memopt_hook(model, SequenceModelHook(config, blocks, report.tail is not None and not head),
+                             SEQUENCE_MODEL_HOOK)
 
 
 def apply_sequence_chunking(

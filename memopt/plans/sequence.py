@@ -255,6 +255,11 @@ class SequencePlan:
             (a per-token modulation, like Helios' ``temb``), cut for each tail chunk as block inputs are. A
             :class:`TokenCount` among them (Helios' ``original_context_length``) makes the tail chunks cover only the
             last tokens it counts, the ones the output head keeps, and the gather module place them from 0.
+        tail_split: for a head the model feeds a grid-shaped view of the last block's output (Kandinsky 5 reshapes
+            its ``(B, S, D)`` tokens to ``(B, F, H, W, D)`` with the full sizes before ``out_layer``), which a tail
+            pass's chunk cannot take: the ``tail`` module runs once, on pieces of its first argument cut along this
+            dim, and ``gather`` names the tail module itself, with the dim its output pieces go along (each piece
+            scaled by the same factor, e.g. a patch size). No second model pass; the head must be per token.
         num_chunks: the default number of chunks. A chunk's workspace is the unmodified block's per-token peak
             (8-15 LD for these families) divided by the number of chunks, on top of the ~3 LD floor; the defaults
             keep it near 0.4 LD (measured growth at the defaults: 3.2-3.45 LD per token, fp32).
@@ -269,8 +274,16 @@ class SequencePlan:
     embed: str | tuple[str, ...] | None = None
     producers: Mapping[str, TokenProducer] = field(default_factory=dict)
     tail_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
+    tail_split: int | None = None
     num_chunks: int = 32
     source: str = "memopt"
+
+    def __post_init__(self) -> None:
+        if self.tail_split is not None and (
+            self.tail is None or self.gather is None or set(self.gather) != {self.tail} or self.tail_inputs
+        ):
+            raise ValueError(f"SequencePlan.tail_split needs a tail module, gather naming only it and no tail_inputs, "
+                             f"got tail {self.tail!r}, gather {self.gather}, tail_inputs {dict(self.tail_inputs)}")
 
     def match(self, path: str) -> BlockPlan | None:
         """The plan of the block at ``path`` (``*`` stands for one path component, as in a ``_cp_plan``)."""
@@ -613,6 +626,19 @@ _ZIMAGE = BlockPlan(
 )
 
 
+def _dense_attention(block: torch.nn.Module, argument: Callable[[str], Any]) -> bool:
+    """Refuses NABLA sparse attention (``sparse_params``, ``attention_type="nabla"``, the 10 s checkpoints): its block
+    mask is estimated from the whole sequence's pooled queries and keys (``nablaT_v2``), which a chunk does not have,
+    and the model reorders the tokens into 8 x 8 tiles for it (``fractal_flatten``)."""
+    if argument("sparse_params") is not None:
+        raise NotImplementedError(
+            f"{type(block).__name__}: sequence chunking supports Kandinsky 5's dense attention only "
+            "(attention_type='regular', sparse_params=None); NABLA sparse attention estimates its block mask from the "
+            "whole sequence's queries and keys. Run without apply_sequence_chunking, or with a dense checkpoint."
+        )
+    return True
+
+
 SEQUENCE_PLANS: dict[str, SequencePlan] = {
     "WanTransformer3DModel": SequencePlan(
         {"blocks.*": _WAN},
@@ -935,6 +961,41 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         # The tail passes rebuild the unified sequence from stand-ins (the blocks answer from the kept output).
         embed=("all_x_embedder.2-1", "cap_embedder"),
         tail_inputs={"noise_mask": SequenceSplit(1, 2)},  # omni: FinalLayer's per-token scale choice
+    ),
+    "Kandinsky5Transformer3DModel": SequencePlan(
+        # The text encoder blocks (text_transformer_blocks) run first on the text tokens alone and are left whole (a
+        # few hundred tokens). The visual (decoder) blocks carry only the video tokens, flattened (B, F' x H' x W', D):
+        # a self-attention over all of them (exchanges K/V), a cross-attention to the text embeddings (keys/values only
+        # from the text: chunk-local, its K/V projections computed once per block), a GELU MLP.
+        # Kandinsky5AttnProcessor calls dispatch_attention_fn with (B, S, heads, head_dim) Q/K/V after per-head RMSNorm
+        # and rotary. The timestep modulation (time_embed (B, time_dim) -> 9 D) is the same for every chunk. No _cp_plan.
+        {
+            "visual_transformer_blocks.*": BlockPlan(
+                inputs={
+                    "visual_embed": _IMAGE_TOKENS,
+                    "rope": SequenceSplit(1, 6),  # (B, S, 1, head_dim / 2, 2, 2) fp32 rotation matrices
+                },
+                attention={"self_attention": JointAttention(
+                    query=("to_query",), key_value=("to_key", "to_value"),
+                    query_norms=("query_norm",), key_value_norms=("key_norm",),
+                    active=_dense_attention,
+                )},
+                # cross_attention's key/value side has Kandinsky's names (not found by memopt's to_k / to_v defaults).
+                conditioning=("visual_modulation", "cross_attention.to_key", "cross_attention.to_value",
+                              "cross_attention.key_norm"),
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0,
+                                                  hidden_states_argument_name="visual_embed"),
+            )
+        },
+        # The model reshapes the last block's (B, S, D) output to the (B, F', H', W', D) grid with the full sizes before
+        # out_layer (fractal_unflatten), which a tail pass's chunk cannot take. out_layer is per token (fp32 LayerNorm
+        # with timestep shift / scale, a linear, the unpatchify permute), so it runs on pieces of latent rows H' (dim 2
+        # of its input; there for images too, F' = 1), each piece's output rows (x patch size) in place along dim 2 of
+        # its (B, F, H, W, C) output.
+        tail="out_layer",
+        gather={"out_layer": ContextParallelOutput(gather_dim=2, expected_dims=5)},
+        tail_split=2,
+        embed="visual_embeddings",
     ),
 }
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""

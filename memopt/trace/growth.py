@@ -46,6 +46,9 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     # Z-Image stores its width as `dim` (16 heads x 8, rope axes summing to 8); one refiner of each kind.
     "zimage": {"dim": 128, "n_heads": 16, "n_kv_heads": 16, "axes_dims": [2, 2, 4], "n_layers": 1,
                "n_refiner_layers": 1},
+    # Kandinsky 5 stores its width as `model_dim` (16 heads of 8, rope axes summing to 8).
+    "kandinsky5": {"model_dim": 128, "ff_dim": 320, "axes_dims": (2, 2, 4), "num_text_blocks": 1,
+                   "num_visual_blocks": 1},
 }
 GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
@@ -67,6 +70,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "sd3": (Size(128, 128), Size(256, 256)),
     "mochi": (Size(64, 128, 13), Size(128, 256, 13)),
     "zimage": (Size(128, 128), Size(256, 256)),
+    "kandinsky5": (Size(64, 128, 5), Size(128, 256, 5)),
 }
 
 

@@ -8,7 +8,7 @@ from memopt.models import Size
 
 FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "chroma", "hunyuanvideo",
             "hunyuanvideo15", "hunyuanimage", "cogvideox", "cogview4", "ltx", "ltx2", "qwenimage", "sd3", "mochi",
-            "zimage"]
+            "zimage", "kandinsky5"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -28,6 +28,7 @@ SIZES = {
     "qwenimage": Size(80, 112),
     "sd3": Size(80, 112),
     "mochi": Size(48, 80, 13),
+    "kandinsky5": Size(48, 80, 9),  # 3 latent frames x 3 x 5 = 45 tokens
     "zimage": Size(80, 112),  # 35 image tokens, padded to 64 by the model itself (every sequence to a multiple of 32)
 }
 

@@ -2,7 +2,7 @@
 diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan leaves whole, LTX-2's guidance passes
 (attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
-optional text mask."""
+optional text mask, Kandinsky 5's grid-shaped output head and sparse attention."""
 
 from __future__ import annotations
 
@@ -309,3 +309,39 @@ def test_cogview4_text_mask_is_refused_not_computed_wrong():
     remove_memory_optimizations(model)
     with torch.no_grad():
         assert torch.isfinite(model(**inputs)[0]).all()
+
+
+def test_kandinsky5_head_runs_on_pieces_of_its_grid_input():
+    """Kandinsky 5 reshapes the last block's tokens to a (B, F, H, W, D) grid before its head, so the head runs once
+    on pieces of H (``tail_split``) and writes each piece in place: exact, and the head sees no whole grid."""
+    spec = get_family("kandinsky5")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112, num_frames=9)  # 3 x 5 x 7 tokens
+    pieces = []
+    model.out_layer.norm.register_forward_pre_hook(lambda module, args: pieces.append(args[0].shape))
+    with torch.no_grad():
+        reference = model(**inputs)
+        pieces.clear()
+        report = apply_sequence_chunking(model, 4)
+        assert report.tail == "out_layer in pieces of dim 2" and not report.skipped, report
+        out = model(**inputs)
+    remove_memory_optimizations(model)
+    assert rel_err(out, reference) <= 1e-5
+    assert [shape[2] for shape in pieces] == [2, 1, 1, 1] and {shape[:2] + shape[3:] for shape in pieces} == {
+        (2, 3, 7, 32)}
+
+
+def test_kandinsky5_sparse_attention_is_refused():
+    spec = get_family("kandinsky5")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=1, height=48, width=80, num_frames=9)
+    apply_sequence_chunking(model, 4)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="dense attention only"):
+        model(**{**inputs, "sparse_params": {"to_fractal": False, "sta_mask": None, "P": 0.9}})
+    remove_memory_optimizations(model)
+
+
+def test_a_tail_split_needs_the_head_as_its_only_gather_module():
+    plan = SEQUENCE_PLANS["Kandinsky5Transformer3DModel"]
+    with pytest.raises(ValueError, match="tail_split needs a tail module, gather naming only it"):
+        dataclasses.replace(plan, gather={"norm": plan.gather["out_layer"]})
