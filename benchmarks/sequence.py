@@ -77,6 +77,8 @@ BENCH_CONFIGS: dict[str, dict] = {
     "cogview4": {},
     "zimage": {"dim": 512, "n_heads": 8, "n_kv_heads": 8, "axes_dims": [16, 24, 24]},  # width as `dim`, no heads
     "kandinsky5": {"model_dim": 512, "ff_dim": 2048, "axes_dims": (16, 24, 24)},
+    "minimax_h3": {"hidden_size": 512, **BENCH_HEADS, "ffn_dim": 1376, "rope_freq_dim": 10},
+    "qwenimage21": {"axes_dims_rope": (16, 24, 24)},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -94,6 +96,8 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "hunyuanimage": [Size(1024, 1024), Size(1536, 1536), Size(2048, 2048), Size(2048, 3072)],  # 32x VAE
     "zimage": IMAGE_SIZES,
     "kandinsky5": VIDEO_SIZES,
+    "minimax_h3": [Size(256, 512, 39), Size(512, 512, 39), Size(512, 1024, 39), Size(1024, 1024, 39)],
+    "qwenimage21": IMAGE_SIZES,
 }
 
 

@@ -695,6 +695,51 @@ def _qwenimage_inputs(config, batch, size, text_tokens, dtype, device, generator
     }
 
 
+# ----------------------------------------------------------------------------------------------- Qwen-Image 2.1
+def _qwenimage21_tokens(config: Any, size: Size) -> int:
+    """The joint sequence the blocks carry (and memopt chunks): the default prompt (8 tokens for test-sized configs,
+    which also get a 2-slot condition image and a vision-end token: see ``_qwenimage21_inputs``) and the target's
+    ``H / 16 x W / 16`` latent tokens."""
+    text = 8 + 1 + 8 if _is_tiny(config) else 256
+    return text + (size.height // 16) * (size.width // 16)
+
+
+def _qwenimage21_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Qwen-Image 2.1: unpatched latents (B, N, 64), Qwen-VL states over the vision-language sequence, img_mask.
+
+    As the pipeline builds them: ``img_mask`` marks the vision-language sequence's image slots (one per 2x2 latent
+    tokens) and ends with ``N / 4`` slots for the target image; ``encoder_hidden_states`` (and its mask) cover the
+    vision-language sequence without the target slots. Test-sized configs get the editing layout, a condition image
+    inside the prompt (``text_tokens / 2`` prompt tokens, 2 image slots = a (1, 2, 4) latent grid, a vision-end token,
+    the other prompt tokens), so the block-causal prefix has text / image / text segments and the joint sequence
+    ``text_tokens + 1 + 8 + N`` is odd; full-size ones the text-to-image layout (prompt, then the target).
+    ``masked`` pads the last quarter of the prompt tokens out, as the pipeline right-pads a batch's shorter prompts.
+    """
+    _check_divisible("qwenimage21", size, 32)  # the pipeline's multiple: the latent grid has even sides
+    h, w = size.height // 16, size.width // 16
+    condition = [(1, 2, 4)] if _is_tiny(config) else []
+    head = text_tokens // 2
+    slots = [False] * text_tokens
+    if condition:
+        slots = [False] * head + [True] * (8 // 4) + [False] * (1 + text_tokens - head)
+    vlm_tokens = len(slots)
+    img_mask = torch.tensor(slots + [True] * (h * w // 4), device=device).expand(batch, -1)
+    text_mask = torch.ones(batch, vlm_tokens, dtype=torch.long, device=device)
+    if masked:
+        text_mask[:, vlm_tokens - max(1, text_tokens // 4):] = 0
+    image_tokens = sum(c * a * b for c, a, b in condition) + h * w
+    return {
+        "hidden_states": _randn(generator, batch, image_tokens, _cfg(config, "in_channels"), dtype=dtype,
+                                device=device),  # condition latents first, the target's last
+        "encoder_hidden_states": _randn(generator, batch, vlm_tokens, _cfg(config, "context_in_dim"), dtype=dtype,
+                                        device=device),
+        "encoder_hidden_states_mask": text_mask if masked else _text_mask(batch, vlm_tokens, False, device),
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),  # the pipeline's t / 1000
+        "img_shapes": [[*condition, (1, h, w)]] * batch,
+        "img_mask": img_mask,
+    }
+
+
 # ----------------------------------------------------------------------------------------------- SD3
 def _sd3_tokens(config: Any, size: Size) -> int:
     p = _cfg(config, "patch_size")
@@ -815,6 +860,92 @@ def _reset_zero_init(model: torch.nn.Module) -> None:
     for module in model.modules():
         if type(module).__name__ == "Kandinsky5Modulation":
             module.out_layer.reset_parameters()
+
+
+# ----------------------------------------------------------------------------------------------- MiniMax-H3
+# The modular pipeline's constants (diffusers/modular_pipelines/minimax_h3/modular_pipeline.py): the video VAE
+# compresses 16x spatially and encodes 17 n + 5 frames to 5 n + 2 latent frames; the audio VAE makes 40 latents a
+# second of a 24 fps clip, stereo, packed channel-major (one row per channel and latent); modality tags.
+_MINIMAX_SPATIAL = 16
+_MINIMAX_FPS = 24
+_MINIMAX_AUDIO_LATENTS_PER_SECOND = 40
+_MINIMAX_AUDIO_CHANNELS = 2
+_MINIMAX_VIDEO_TAG, _MINIMAX_TEXT_TAG, _MINIMAX_AUDIO_TAG = 0, 1, 2
+
+
+def _minimax_latent_frames(num_frames: int) -> int:
+    """``video_latent_num_frames``: 5 n + 2 latent frames for 17 n + 5 frames (the pipeline rounds up to that form)."""
+    return (num_frames - 5) // 17 * 5 + 2
+
+
+def _minimax_streams(config: Any, size: Size, text_tokens: int) -> tuple[int, int, int]:
+    """``(text rows, audio rows, video rows)`` of the packed sequence."""
+    _, ph, pw = _cfg(config, "patch_size")
+    video = _minimax_latent_frames(size.num_frames) * (size.height // _MINIMAX_SPATIAL // ph) * (
+        size.width // _MINIMAX_SPATIAL // pw)
+    audio = round(size.num_frames / _MINIMAX_FPS * _MINIMAX_AUDIO_LATENTS_PER_SECOND) * _MINIMAX_AUDIO_CHANNELS
+    return text_tokens, audio, video
+
+
+def _minimax_h3_tokens(config: Any, size: Size) -> int:
+    """The audio + video rows of the packed sequence the blocks run over (the prompt's rows come on top, as text
+    tokens do for the joint-attention families)."""
+    return sum(_minimax_streams(config, size, 0))
+
+
+def _minimax_h3_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """MiniMax-H3 text-to-video+audio (``t2va``), as the modular pipeline's ``MiniMaxH3PrepareLayoutStep`` packs it:
+    one sequence ``[text | audio | video]``; patchified video latents (B, N_video, 24 x 1 x 2 x 2), stereo audio
+    latents packed channel-major (B, 2 x L_audio, 32), Qwen3-VL hidden states (B, S_text, 5120) (no padding, so no
+    mask), and the layout's structural tensors: per-row modality tags, ``(t, h, w)`` rotary coordinates (fp64, as the
+    pipeline builds them), row indices of each modality, and ``MiniMaxH3SetTimestepsStep``'s distinct timesteps
+    (sorted: audio 0.8, video 0.9; the text rows take the video's) with each row's index into them. Built from
+    ``arange`` / ``full`` only (no ``torch.unique``), so it also runs under ``FakeTensorMode``."""
+    _check_divisible("minimax_h3", size, _MINIMAX_SPATIAL * _cfg(config, "patch_size")[2])
+    text, audio, video = _minimax_streams(config, size, text_tokens)
+    _, ph, pw = _cfg(config, "patch_size")
+    frames, rows, columns = (_minimax_latent_frames(size.num_frames), size.height // _MINIMAX_SPATIAL // ph,
+                             size.width // _MINIMAX_SPATIAL // pw)
+    latents = audio // _MINIMAX_AUDIO_CHANNELS
+    length = text + audio + video
+    f64 = dict(dtype=torch.float64, device=device)
+    # Text rows on the time axis at their index; audio and video rows continue the time axis from there. Audio rows
+    # have no height and sit at the two extremes of the width grid, one per channel.
+    position_ids = torch.cat([
+        torch.stack([torch.arange(text, **f64), torch.zeros(text, **f64), torch.zeros(text, **f64)], dim=-1),
+        torch.stack([(text + torch.arange(latents, **f64)).repeat(_MINIMAX_AUDIO_CHANNELS), torch.zeros(audio, **f64),
+                     torch.cat([torch.zeros(latents, **f64), torch.full((audio - latents,), columns - 1.0, **f64)])],
+                    dim=-1),
+        torch.stack(torch.meshgrid(text + torch.arange(frames, **f64), torch.arange(rows, **f64),
+                                   torch.arange(columns, **f64), indexing="ij"), dim=-1).reshape(video, 3),
+    ])
+    long = dict(dtype=torch.long, device=device)
+    token_tags = torch.cat([torch.full((text,), _MINIMAX_TEXT_TAG, **long), torch.full((audio,), _MINIMAX_AUDIO_TAG,
+                            **long), torch.full((video,), _MINIMAX_VIDEO_TAG, **long)])
+    timestep_indices = torch.cat([torch.ones(text, **long), torch.zeros(audio, **long), torch.ones(video, **long)])
+    return {
+        "hidden_states": _randn(generator, batch, video, _cfg(config, "in_channels") * ph * pw, dtype=dtype,
+                                device=device),
+        "audio_hidden_states": _randn(generator, batch, audio, _cfg(config, "audio_in_channels"), dtype=dtype,
+                                      device=device),
+        "encoder_hidden_states": _randn(generator, batch, text, _cfg(config, "text_dim"), dtype=dtype, device=device),
+        "timestep": torch.tensor([0.8, 0.9], dtype=torch.float32, device=device),
+        "timestep_indices": timestep_indices,
+        "token_tags": token_tags,
+        "position_ids": position_ids,
+        "video_indices": torch.arange(text + audio, length, **long),
+        "audio_indices": torch.arange(text, text + audio, **long),
+        "text_indices": torch.arange(text, **long),
+    }
+
+
+_MINIMAX_TEXT_TOKENS = 256  # a prompt in the Qwen3-VL chat template (the pipeline does not pad it)
+
+_TINY_MINIMAX_H3 = {
+    "num_attention_heads": 2, "attention_head_dim": 16, "hidden_size": 32, "num_layers": 2, "num_refiner_layers": 1,
+    "ffn_dim": 80, "in_channels": 4, "audio_in_channels": 8, "text_dim": 24, "freq_dim": 16,
+    "time_embed_hidden_dim": 32, "time_embed_dim": 16, "rope_freq_dim": 2,  # 2 x 3 x 2 = 12 rotated of 16 channels
+}
 
 
 _TINY_HEADS = {"num_attention_heads": 2, "attention_head_dim": 16}
@@ -1148,6 +1279,36 @@ FAMILIES: dict[str, FamilySpec] = {
             num_tokens_fn=_kandinsky5_tokens,
             width_keys=("model_dim",),
             init_fn=_reset_zero_init,
+        ),
+        FamilySpec(
+            name="minimax_h3",
+            class_name="MiniMaxH3Transformer3DModel",
+            configs={
+                "full": {},  # class defaults: the released MiniMax-H3 (50 blocks, hidden 5376, 56 x 128 heads)
+                "tiny": _TINY_MINIMAX_H3,
+            },
+            # The pipeline's defaults: 124 frames (5.2 s at 24 fps) on its 16:9 canvas, 768 x 1344 (37 296 video rows,
+            # 414 audio rows, plus the prompt's).
+            sizes={"default": Size(768, 1344, 124), "tiny": Size(96, 96, 22)},
+            text_tokens=_MINIMAX_TEXT_TOKENS,
+            make_inputs_fn=_minimax_h3_inputs,
+            num_tokens_fn=_minimax_h3_tokens,
+            width_keys=("hidden_size",),  # the residual stream; heads x head_dim (7168) is wider
+        ),
+        FamilySpec(
+            name="qwenimage21",
+            class_name="QwenImage21Transformer2DModel",
+            configs={
+                "full": {},  # class defaults are Qwen-Image 2.1 (32 single-stream layers, 32 x 128, SwiGLU 3x)
+                "tiny": {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 16, "out_channels": 16,
+                         "num_layers": 2, "context_in_dim": 24, "axes_dims_rope": (4, 6, 6)},
+            },
+            sizes={"default": Size(1024, 1024), "tiny": Size(64, 96)},  # pipeline's output_resolution=1024
+            text_tokens=256,
+            make_inputs_fn=_qwenimage21_inputs,
+            num_tokens_fn=_qwenimage21_tokens,
+            mask_key="encoder_hidden_states_mask",
+            video=False,
         ),
     ]
 }

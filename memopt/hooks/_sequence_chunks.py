@@ -18,7 +18,7 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from torch.utils._pytree import tree_flatten
 
-from ..plans.sequence import SequenceSplit, SplitSpec, TokenCount, TokenProducer
+from ..plans.sequence import ChunkValue, SequenceSplit, SplitSpec, TokenCount, TokenProducer
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -37,10 +37,11 @@ class Arguments:
     def replaced(self, values: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         args, kwargs = list(self.args), dict(self.kwargs)
         for name, value in values.items():
-            if name in kwargs:
-                kwargs[name] = value
+            position = self.index.get(name)
+            if name in kwargs or position is None or position >= len(args):
+                kwargs[name] = value  # a ChunkValue for an argument the caller left at its default
             else:
-                args[self.index[name]] = value
+                args[position] = value
         return tuple(args), kwargs
 
     def tensors(self) -> list[torch.Tensor]:
@@ -166,6 +167,9 @@ def cut_arguments(arguments: Arguments, inputs: dict[str, SplitSpec], layout: Ch
     """A module's forward arguments with those named in ``inputs`` cut to chunk ``chunk`` (block or tail inputs)."""
     values = {}
     for name, spec in inputs.items():
+        if isinstance(spec, ChunkValue):  # built for the chunk, whether or not the block got the argument
+            values[name] = spec.build(arguments.get, layout.ranges["image"][chunk], layout.lengths["image"])
+            continue
         value = arguments.get(name)
         if value is None:
             continue

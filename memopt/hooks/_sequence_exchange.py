@@ -10,7 +10,7 @@ schedule it writes them and suspends the chunk until every chunk has.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -69,8 +69,17 @@ class ReusedOutput:
     path: str
     input: torch.Tensor  # kept referenced, so its storage cannot be freed and reused while the block runs
     input_key: tuple
-    output: torch.Tensor
-    output_version: int
+    output: Any  # a tensor, or a tuple of tensors (one projection returning several modulation tables)
+    output_version: tuple[int, ...]
+
+
+def output_versions(output: Any) -> tuple[int, ...] | None:
+    """The version counters of a module output that is a tensor or a tuple of tensors (``None`` for anything else,
+    or an inference tensor, which has no version counter): what says that it was not modified in place since."""
+    tensors = (output,) if isinstance(output, torch.Tensor) else output if isinstance(output, tuple) else None
+    if not tensors or not all(isinstance(t, torch.Tensor) and not t.is_inference() for t in tensors):
+        return None
+    return tuple(t._version for t in tensors)
 
 
 class BlockRun:
@@ -113,7 +122,7 @@ class BlockRun:
         """Lock-step: chunks suspended at a barrier hold the outputs they were given; one modified in place since
         (by a later chunk) would have changed under them."""
         for reused in self.reused.values():
-            if reused.output._version != reused.output_version:
+            if output_versions(reused.output) != reused.output_version:
                 raise modified_under_suspended_chunks(reused.path)
 
     def check_answered(self, block_path: str) -> None:

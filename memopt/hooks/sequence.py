@@ -87,6 +87,7 @@ from ._sequence_exchange import (
     PairMask,
     ReusedOutput,
     modified_under_suspended_chunks,
+    output_versions,
     refuse_inactive,
 )
 from ._sequence_model import (
@@ -591,8 +592,9 @@ class SequenceReuseHook(ModelHook):
     layers of adaptive norms the timestep embedding; both are block arguments passed whole to every chunk, so the same
     tensor arrives each time and the first output serves the others (bit-identical to recomputing, and what the
     unmodified model computes once). Reuse needs the very same input (storage, offset, shape, strides and version
-    counter, the storage kept referenced so its memory cannot be handed to another tensor) and an output not modified
-    in place since; anything else, including inference tensors (no version counter), is computed as usual. In the
+    counter, the storage kept referenced so its memory cannot be handed to another tensor) and an output (a tensor, or a
+    tuple of tensors such as the six modulation tables of one projection) not modified in place since;
+    anything else, including inference tensors (no version counter), is computed as usual. In the
     lock-step schedule an output modified in place is an error instead (suspended chunks hold it), checked again when
     the block finishes.
     """
@@ -609,13 +611,14 @@ class SequenceReuseHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         reused = run.reused.get(id(self))
         if reused is not None and reused.input_key == key:
-            if reused.output._version == reused.output_version:
+            if output_versions(reused.output) == reused.output_version:
                 return reused.output
             if run.suspend is not None:
                 raise modified_under_suspended_chunks(self.path)
         output = self.fn_ref.original_forward(x)
-        if isinstance(output, torch.Tensor) and not output.is_inference():
-            run.reused[id(self)] = ReusedOutput(self.path, x, key, output, output._version)
+        versions = output_versions(output)
+        if versions is not None:
+            run.reused[id(self)] = ReusedOutput(self.path, x, key, output, versions)
         return output
 
 

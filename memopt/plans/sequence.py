@@ -89,7 +89,32 @@ class TokenCount:
         return ("image",)
 
 
-SplitSpec = Union[SequenceSplit, TokenCount, tuple[Union[SequenceSplit, None], ...]]
+@dataclass(frozen=True)
+class ChunkValue:
+    """A block input each chunk gets built from the block's whole arguments instead of cut from its own value.
+
+    For processors that take the structure of their whole-sequence attention in a form no split can cut: Qwen-Image
+    2.1's default processor gets its block-causal mask as global ``(start, end, is_text)`` segments and makes one
+    kernel call per segment over a prefix of the keys. A chunk gets ``segments=None`` instead, which selects the
+    processor's single-call path, and the mask rows of its own queries as ``attention_mask``: the exchange passes
+    such a mask (all keys, the chunk's query rows) on with the full keys and values, as a block-causal mask the plan
+    cuts by query rows.
+
+    Attributes:
+        build: ``(argument, rows, tokens) -> value``: ``argument(name)`` reads the block's whole forward arguments,
+            ``rows`` is the chunk's ``(start, end)`` in the image stream and ``tokens`` that stream's length. It
+            must give the chunk's rows of the unmodified block's result (the family's equivalence tests check it),
+            or raise for arguments it cannot serve.
+    """
+
+    build: Callable[[Callable[[str], Any], tuple[int, int], int], Any]
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return ("image",)
+
+
+SplitSpec = Union[SequenceSplit, TokenCount, ChunkValue, tuple[Union[SequenceSplit, None], ...]]
 
 
 @dataclass(frozen=True)
@@ -639,6 +664,67 @@ def _dense_attention(block: torch.nn.Module, argument: Callable[[str], Any]) -> 
     return True
 
 
+# MiniMax-H3 runs one stack of blocks over one packed sequence [text | audio | video] (the model scatters the three
+# projected modalities into it with index_copy before the first block): to the blocks it is a single token stream,
+# the "image" stream here, split like any other, and one self-attention over all of it (no cross-attention). The
+# modality only shows in a per-row index (adaln_indices = timestep_indices x 3 + token_tags) into a per-block table of
+# (timestep, modality) modulation rows, split with the rows as _cp_plan["transformer_blocks.*"] does.
+def _minimax_h3_rope_tokens(rope: Any, call: ProducerCall) -> int:
+    return call["position_ids"].shape[0]
+
+
+def _minimax_h3_rope_rows(rope: Any, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
+    """MiniMax-H3 tables for some rows: the module on those rows' ``(t, h, w)`` coordinates, which it maps to ``(cos,
+    sin)`` one row at a time (elementwise), so the same numbers."""
+    return lambda ranges: forward(_take(call["position_ids"], 0, ranges))
+
+
+_MINIMAX_ROWS = SequenceSplit(0, 1)  # (S,) per-row index tensors, as _cp_plan's adaln_indices / timestep_indices
+
+
+def _qwenimage21_prefill(argument: Callable[[str], Any], rows: tuple[int, int], tokens: int) -> None:
+    """``segments`` for a chunk: ``None``, the processor's single-call path (see :func:`_qwenimage21_mask_rows`).
+
+    The prefix K/V cache is refused: ``"extract"`` stores ``key[:, slice]`` with a slice of the whole sequence (a
+    chunk's keys would be cached wrongly), ``"cached"`` prepends cached keys the exchange does not know.
+    """
+    if argument("kv_cache_mode") is not None:
+        raise NotImplementedError(
+            "QwenImage21TransformerBlock: sequence chunking does not support "
+            f"kv_cache_mode={argument('kv_cache_mode')!r} (the prefix K/V cache); call the model without kv_cache"
+        )
+    return None
+
+
+def _qwenimage21_mask_rows(argument: Callable[[str], Any], rows: tuple[int, int], tokens: int) -> torch.Tensor:
+    """The chunk's query rows of the block-causal mask, ``(B | 1, 1, rows, S)`` bool.
+
+    The default ``QwenImage21AttnProcessor`` gets the mask as the prefix ``segments`` (global ``(start, end,
+    is_text)`` runs of text / condition-image tokens) and makes one kernel call per segment, each segment's queries
+    against the keys ``[0, end)`` (text: causal within the segment), then one for the target image against all keys,
+    padded text keys (``key_valid``) dropped. That is ``(q >= k or same image block) and key_valid[k]``
+    (``build_qwenimage21_block_causal_mask``); here densely, for the chunk's rows only.
+    """
+    segments, key_valid = argument("segments"), argument("key_valid")
+    if segments is None:
+        raise NotImplementedError(
+            "QwenImage21TransformerBlock: sequence chunking needs the block-causal segments of "
+            "QwenImage21AttnProcessor; QwenImage21FlexAttnProcessor's BlockMask cannot be cut by query rows (set "
+            "QwenImage21AttnProcessor)"
+        )
+    device = argument("hidden_states").device
+    block = torch.full((tokens,), -1, dtype=torch.long, device=device)  # -1: text; else the image block's number
+    for number, (start, end, is_text) in enumerate(segments):
+        if not is_text:
+            block[start:end] = number
+    block[segments[-1][1] if segments else 0:] = len(segments)  # the target image
+    start, end = rows
+    query_block = block[start:end, None]
+    causal = torch.arange(start, end, device=device)[:, None] >= torch.arange(tokens, device=device)[None, :]
+    mask = (causal | ((query_block == block[None, :]) & (query_block >= 0)))[None, None]
+    return mask if key_valid is None else mask & key_valid.bool()[:, None, None, :]
+
+
 SEQUENCE_PLANS: dict[str, SequencePlan] = {
     "WanTransformer3DModel": SequencePlan(
         {"blocks.*": _WAN},
@@ -968,7 +1054,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         # a self-attention over all of them (exchanges K/V), a cross-attention to the text embeddings (keys/values only
         # from the text: chunk-local, its K/V projections computed once per block), a GELU MLP.
         # Kandinsky5AttnProcessor calls dispatch_attention_fn with (B, S, heads, head_dim) Q/K/V after per-head RMSNorm
-        # and rotary. The timestep modulation (time_embed (B, time_dim) -> 9 D) is the same for every chunk. No _cp_plan.
+        # and rotary. The timestep modulation (time_embed (B, time_dim) -> 9 D) is the same for every chunk.
         {
             "visual_transformer_blocks.*": BlockPlan(
                 inputs={
@@ -996,6 +1082,58 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         gather={"out_layer": ContextParallelOutput(gather_dim=2, expected_dims=5)},
         tail_split=2,
         embed="visual_embeddings",
+    ),
+    "MiniMaxH3Transformer3DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "adaln_indices": _MINIMAX_ROWS,  # row -> (timestep, modality) modulation row
+                    "rotary_emb": _pair(SequenceSplit(0, 2)),  # (S, 6 rope_freq_dim) cos / sin, as _cp_plan["rope"]
+                },
+                attention={"attn": JointAttention()},
+                # adaln_proj: SiLU + one Linear of the shared temb into all six (timestep, modality) tables
+                # (time_embed_dim x 18 hidden_size: 260 M weights a block at the release), the same for every chunk.
+                conditioning=("adaln_proj",),
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            )
+        },
+        # norm_out(hidden_states, temb, timestep_indices) modulates per row; then both heads (proj_out to 96 video
+        # channels, audio_proj_out to 32 audio channels) run over every row and the model picks each modality's rows
+        # with sequence-wide indices. memopt's tail gathers at one module, and _cp_plan gathers at two (proj_out and
+        # audio_proj_out): the chunks are gathered at norm_out's output instead, so the norm and its modulation
+        # temporaries run per chunk and the two narrow heads (0.02 D wide together) run whole.
+        gather={"norm_out": ContextParallelOutput(gather_dim=1, expected_dims=3)},
+        embed=("proj_in", "audio_proj_in"),
+        producers={"rope": TokenProducer(_minimax_h3_rope_tokens, _minimax_h3_rope_rows)},
+        tail_inputs={"timestep_indices": _MINIMAX_ROWS},
+        source="memopt + MiniMaxH3Transformer3DModel._cp_plan",
+    ),
+    "QwenImage21Transformer2DModel": SequencePlan(
+        # One kind of single-stream block over the joint sequence (prompt with condition images in place, then the
+        # target image): all of it is the "image" stream, split in chunks. The model computes one shared modulation
+        # (B | B + 1, 4D) and passes it whole; under causal_condition target_token_mask (S,) picks each token's row
+        # (t = 0 for text and condition images), so it is cut like the tokens, as are the complex rotary table
+        # (S, head_dim / 2) and, in the tail, norm_out's target_token_mask. Attention is block-causal: a chunk gets the
+        # single-call path of the default processor with its rows of the dense mask (ChunkValue), and the exchange
+        # passes them on with every chunk's keys and values. No _cp_plan in diffusers 0.42.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "rotary_emb": SequenceSplit(0, 2),  # (S, head_dim / 2) complex64
+                    "target_token_mask": SequenceSplit(0, 1),  # (S,) bool: the target image's tokens
+                    "segments": ChunkValue(_qwenimage21_prefill),
+                    "attention_mask": ChunkValue(_qwenimage21_mask_rows),
+                },
+                attention={"attn": JointAttention()},
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),  # not in diffusers' registry
+            )
+        },
+        embed="img_in",
+        # norm_out(hidden_states, temb, target_token_mask) -> proj_out (the output covers the joint sequence; the
+        # pipeline keeps its last target tokens).
+        tail_inputs={"target_token_mask": SequenceSplit(0, 1)},
     ),
 }
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""

@@ -49,6 +49,10 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     # Kandinsky 5 stores its width as `model_dim` (16 heads of 8, rope axes summing to 8).
     "kandinsky5": {"model_dim": 128, "ff_dim": 320, "axes_dims": (2, 2, 4), "num_text_blocks": 1,
                    "num_visual_blocks": 1},
+    # MiniMax-H3: width 128 as hidden_size (heads 16 x 8, 6 of 8 channels rotated), the released SwiGLU ratio 8 / 3.
+    "minimax_h3": {"hidden_size": 128, "num_attention_heads": 16, "attention_head_dim": 8, "rope_freq_dim": 1,
+                   "ffn_dim": 344, "num_layers": 1, "num_refiner_layers": 1},
+    "qwenimage21": {"axes_dims_rope": (2, 2, 4), "num_layers": 1},
 }
 GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
@@ -71,6 +75,8 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "mochi": (Size(64, 128, 13), Size(128, 256, 13)),
     "zimage": (Size(128, 128), Size(256, 256)),
     "kandinsky5": (Size(64, 128, 5), Size(128, 256, 5)),
+    "minimax_h3": (Size(128, 256, 22), Size(256, 512, 22)),  # same clip length: the text and audio rows cancel
+    "qwenimage21": (Size(128, 128), Size(256, 256)),
 }
 
 

@@ -34,6 +34,11 @@ def chunk_counters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(h.calls for h in hooks), sum(h.chunked_calls for h in hooks)
 
 
+# Calls too short to chunk by queries at the tiny size (head chunks still split them): Qwen-Image 2.1's processor calls
+# the kernel once per prompt segment, and its two 4-token text segments (x 2 blocks) fit in one query piece.
+UNCHUNKED_CALLS = {"qwenimage21": 4}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_unmodified_model(family):
     _, model, inputs = build(family)
@@ -47,7 +52,8 @@ def test_matches_unmodified_model(family):
             out = prediction(model(**inputs))
             calls, chunked = chunk_counters(model)
             remove_memory_optimizations(model)
-            assert calls and chunked == calls, options  # every call is longer than the chunks here
+            short = UNCHUNKED_CALLS.get(family, 0) if options.get("head_chunks", 1) == 1 else 0
+            assert calls and chunked == calls - short, options
             assert rel_err(out, reference) <= 1e-5, options
         assert not has_memopt_hooks(model)
         assert torch.equal(prediction(model(**inputs)), reference)

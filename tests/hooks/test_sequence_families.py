@@ -2,7 +2,7 @@
 diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan leaves whole, LTX-2's guidance passes
 (attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
-optional text mask, Kandinsky 5's grid-shaped output head and sparse attention."""
+optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from memopt import apply_sequence_chunking, remove_memory_optimizations
 from memopt.models import Size, get_family
 from memopt.hooks._sequence_chunks import ChunkLayout
-from memopt.plans.sequence import SEQUENCE_PLANS, TokenCount
+from memopt.plans.sequence import SEQUENCE_PLANS, ChunkValue, TokenCount
 
 from _tiny_cases import rel_err  # noqa: E402
 
@@ -345,3 +345,43 @@ def test_a_tail_split_needs_the_head_as_its_only_gather_module():
     plan = SEQUENCE_PLANS["Kandinsky5Transformer3DModel"]
     with pytest.raises(ValueError, match="tail_split needs a tail module, gather naming only it"):
         dataclasses.replace(plan, gather={"norm": plan.gather["out_layer"]})
+
+
+def _qwenimage21():
+    spec = get_family("qwenimage21")
+    model = spec.build("tiny")
+    return model, spec.make_inputs(model.config, batch_size=2, height=64, width=96, masked=True)
+
+
+def test_qwenimage21_block_causal_mask_rows_are_what_makes_it_exact():
+    """Each chunk gets its rows of the dense block-causal mask (``ChunkValue``) instead of the processor's
+    whole-sequence segments; rows with only the key padding (no causal prefix) give a different result."""
+    model, inputs = _qwenimage21()
+    plan = SEQUENCE_PLANS["QwenImage21Transformer2DModel"]
+    block = plan.blocks["transformer_blocks.*"]
+    key_padding_only = ChunkValue(lambda argument, rows, tokens: argument("key_valid").bool()[:, None, None, :])
+    wrong = dataclasses.replace(plan, blocks={"transformer_blocks.*": dataclasses.replace(
+        block, inputs={**block.inputs, "attention_mask": key_padding_only})})
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for schedule in ("two_pass", "lockstep"):
+            apply_sequence_chunking(model, 4, schedule=schedule)
+            assert rel_err(model(**inputs)[0], reference) <= 1e-5
+            remove_memory_optimizations(model)
+        apply_sequence_chunking(model, 4, plan=wrong)
+        assert rel_err(model(**inputs)[0], reference) > 1e-3
+        remove_memory_optimizations(model)
+
+
+def test_qwenimage21_prefix_cache_and_flex_attention_are_refused():
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21FlexAttnProcessor, QwenImage21KVCache
+
+    model, inputs = _qwenimage21()
+    apply_sequence_chunking(model, 4)
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="kv_cache_mode='extract'"):
+            model(**inputs, kv_cache=QwenImage21KVCache(len(model.transformer_blocks)), kv_cache_mode="extract")
+        model.set_attn_processor(QwenImage21FlexAttnProcessor())
+        with pytest.raises(NotImplementedError, match="FlexAttnProcessor's BlockMask cannot be cut"):
+            model(**inputs)
+    remove_memory_optimizations(model)
