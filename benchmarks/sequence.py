@@ -79,6 +79,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "kandinsky5": {"model_dim": 512, "ff_dim": 2048, "axes_dims": (16, 24, 24)},
     "minimax_h3": {"hidden_size": 512, **BENCH_HEADS, "ffn_dim": 1376, "rope_freq_dim": 10},
     "qwenimage21": {"axes_dims_rope": (16, 24, 24)},
+    "flux3": {"axes_dims_rope": (16, 16, 16, 16)},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -98,6 +99,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "kandinsky5": VIDEO_SIZES,
     "minimax_h3": [Size(256, 512, 39), Size(512, 512, 39), Size(512, 1024, 39), Size(1024, 1024, 39)],
     "qwenimage21": IMAGE_SIZES,
+    "flux3": IMAGE_SIZES,
 }
 
 

@@ -397,6 +397,58 @@ def _flux2_inputs(config, batch, size, text_tokens, dtype, device, generator, ma
     return inputs
 
 
+# ----------------------------------------------------------------------------------------------- FLUX.3
+def _flux3_grid_ids(height: int, width: int, image_rope_scale: float = 0.5, l_coord: int = 0) -> torch.Tensor:
+    """``(height x width, 4)`` fp32 (t, h, w, l) ids as the modular pipeline's ``_prepare_image_ids`` builds them:
+    t = 0, rows and columns scaled by the image RoPE scale (0.5), l = 0 for the generated image, -1 - i for the i-th
+    reference image."""
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(height), torch.arange(width),
+                               torch.tensor([l_coord])).to(torch.float32)
+    ids[:, 1:3] = ids[:, 1:3] * image_rope_scale
+    return ids
+
+
+def _flux3_tokens(config: Any, size: Size) -> int:
+    return (size.height // 16) * (size.width // 16)
+
+
+def _flux3_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """FLUX.3 text-to-image: 2x2-patchified latents (B, N, 128), stacked Qwen3-VL states (8 layers: 20480), timestep
+    in [0, 1] (the model scales it by 1000), and 4-axis (t, h, w, l) fp32 ids shared by the batch: (N, 4) for the
+    image, (T, 4) with l = token index for the text. No text mask: the forward takes none (the pipeline pads the
+    prompt window to a multiple of 80 tokens and lets the transformer attend to the padding). ``target_timestep``
+    for flow-map (step-distilled) configs. See :func:`flux3_reference_inputs` for image-to-image."""
+    _check_divisible("flux3", size, 16)
+    h, w = size.height // 16, size.width // 16
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1),
+                                   torch.arange(text_tokens)).to(torch.float32)
+    inputs = {
+        "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
+                                        dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),
+        "img_ids": _flux3_grid_ids(h, w).to(device=device, dtype=dtype),
+        "txt_ids": txt_ids.to(device=device, dtype=dtype),
+    }
+    if _cfg(config, "flow_map"):
+        inputs["target_timestep"] = torch.full((batch,), 0.8, dtype=dtype, device=device)
+    return inputs
+
+
+def flux3_reference_inputs(config: Any, inputs: Inputs, size: Size, num_images: int = 1, seed: int = 1) -> Inputs:
+    """``inputs`` plus ``num_images`` VAE-encoded reference images of ``size`` (image-to-image), as the pipeline's
+    ``Flux3PrepareImageLatentsStep`` passes them: tokens concatenated, ids with l = -1 - index."""
+    _check_divisible("flux3", size, 16)
+    h, w = size.height // 16, size.width // 16
+    hidden = inputs["hidden_states"]
+    generator = torch.Generator("cpu").manual_seed(seed)
+    cond = _randn(generator, hidden.shape[0], num_images * h * w, _cfg(config, "cond_in_channels"),
+                  dtype=hidden.dtype, device=hidden.device)
+    ids = torch.cat([_flux3_grid_ids(h, w, l_coord=-(1 + index)) for index in range(num_images)])
+    return {**inputs, "image_cond_hidden_states": cond,
+            "image_cond_ids": ids.to(device=hidden.device, dtype=inputs["img_ids"].dtype)}
+
+
 # ----------------------------------------------------------------------------------------------- Chroma
 def _chroma_tokens(config: Any, size: Size) -> int:
     return (size.height // 16) * (size.width // 16)
@@ -1308,6 +1360,23 @@ FAMILIES: dict[str, FamilySpec] = {
             make_inputs_fn=_qwenimage21_inputs,
             num_tokens_fn=_qwenimage21_tokens,
             mask_key="encoder_hidden_states_mask",
+            video=False,
+        ),
+        FamilySpec(
+            name="flux3",
+            class_name="Flux3Transformer2DModel",
+            configs={
+                # class defaults are FLUX.3 (5 per-mode + 28 joint single blocks, 24 x 128; the distilled
+                # checkpoints add flow_map=True)
+                "full": {},
+                "tiny": {**_TINY_HEADS, "in_channels": 16, "cond_in_channels": 16, "num_layers": 1,
+                         "num_single_layers": 2, "joint_attention_dim": 24, "timestep_channels": 16,
+                         "axes_dims_rope": (4, 4, 4, 4)},
+            },
+            sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
+            text_tokens=480,  # the prompt window is padded to a multiple of 80 tokens (Flux3TextEncoderStep)
+            make_inputs_fn=_flux3_inputs,
+            num_tokens_fn=_flux3_tokens,
             video=False,
         ),
     ]

@@ -18,7 +18,7 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from torch.utils._pytree import tree_flatten
 
-from ..plans.sequence import ChunkValue, SequenceSplit, SplitSpec, TokenCount, TokenProducer
+from ..plans.sequence import ChunkValue, SequenceSplit, SplitSpec, TokenCount, TokenProducer, _take
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -78,6 +78,41 @@ class DeferredTokens:
 
     def full(self) -> Any:
         return self.rows([(0, self.tokens)])
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """``torch.cat`` of deferred tables (and tensors) along their token dim is deferred as well (a model
+        concatenating its image and reference-image modulation tables before joint blocks). Any other use is
+        refused."""
+        kwargs = kwargs or {}
+        if func is torch.cat:
+            pieces = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            return DeferredConcat(pieces, dim)
+        raise TypeError(f"a deferred per-token table (memopt sequence producer) supports only torch.cat along its "
+                        f"token dim, got {getattr(func, '__name__', func)}")
+
+
+class DeferredConcat(DeferredTokens):
+    """``torch.cat(pieces, dim)`` of deferred tables and tensors, ``dim`` their token dim: a chunk's rows are each
+    piece's rows in its ranges, concatenated (the pieces' tables must be single tensors). A ``dim`` that is not the
+    token dim gives a token count the blocks' split refuses."""
+
+    def __init__(self, pieces: Any, dim: int) -> None:
+        self.pieces, self.dim = list(pieces), dim
+        self.sizes = [p.tokens if isinstance(p, DeferredTokens) else p.shape[dim] for p in self.pieces]
+        self.tokens = sum(self.sizes)
+        self.path = " + ".join(p.path if isinstance(p, DeferredTokens) else "tensor" for p in self.pieces)
+
+    def rows(self, ranges: list[tuple[int, int]]) -> Any:
+        out, offset = [], 0
+        for piece, size in zip(self.pieces, self.sizes):
+            local = [(max(start, offset) - offset, min(end, offset + size) - offset) for start, end in ranges
+                     if min(end, offset + size) > max(start, offset)]
+            if local:
+                out.append(piece.rows(local) if isinstance(piece, DeferredTokens) else _take(piece, self.dim, local))
+            offset += size
+        return out[0] if len(out) == 1 else torch.cat(out, self.dim)
 
 
 def materialized(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -85,8 +85,11 @@ class ModelRun:
                                "it with apply_sequence_chunking(..., chunk_tail=False)")
         self.dropped = dropped_tokens(image, self.tail_input) if self.kept_tokens is None else 0
         self.tail_fingerprint = new_tensor_fingerprint(self.tail_input, image)
+        # The head keeps the leading tokens only (image tokens before reference-image tokens): the tail chunks cover
+        # those, whose tail inputs (per-token modulation) have that many tokens.
+        total = leading_tokens(image, self.tail_input) if self.kept_tokens is None and not self.dropped else None
+        total = total or image.shape[1]
         self.tail_input = None
-        total = image.shape[1]
         first = self.dropped if self.kept_tokens is None else total - self.kept_tokens
         kept = total - first
         self.set_ranges([(first + a, first + b) for a, b in balanced(kept, max(1, min(self.num_chunks, kept)))],
@@ -386,6 +389,18 @@ def dropped_tokens(output: torch.Tensor, tail_input: Any) -> int:
         return 0
     dropped = shift // stride
     return dropped if tail_input.shape == (output.shape[0], output.shape[1] - dropped, *output.shape[2:]) else 0
+
+
+def leading_tokens(output: torch.Tensor, tail_input: Any) -> int | None:
+    """``N`` when the output head's input is the view ``output[:, :N]`` of the last block's output with ``N`` less
+    than its length (the model drops trailing tokens before the head), else ``None``."""
+    if not isinstance(tail_input, torch.Tensor) or tail_input.dim() != output.dim() or output.dim() < 2:
+        return None
+    if tail_input.untyped_storage()._cdata != output.untyped_storage()._cdata or tail_input.stride() != output.stride():
+        return None
+    kept = tail_input.shape[1]
+    same = tail_input.storage_offset() == output.storage_offset() and 0 < kept < output.shape[1]
+    return kept if same and tail_input.shape == (output.shape[0], kept, *output.shape[2:]) else None
 
 
 def _first_argument(args: tuple, kwargs: dict) -> Any:

@@ -790,6 +790,16 @@ def _reuse_hooks(
                 yield submodule, SequenceReuseHook(f"{path}.{name}.{child}")
 
 
+def _called_children(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.nn.Module]]:
+    """The model's children by path, containers (``ModuleDict`` / ``ModuleList``, never called themselves) replaced by
+    their elements (a model calling ``embedders["image"]`` calls the element, never the dict)."""
+    for name, child in module.named_children():
+        if isinstance(child, (torch.nn.ModuleDict, torch.nn.ModuleList)):
+            yield from _called_children(child, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", child
+
+
 def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
     try:
         return model.get_submodule(path)
@@ -843,7 +853,7 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
             else:
                 report.skipped.append((embed_path, "embedding named in the plan does not exist"))
         special = {*embeds, plan.tail, *gather, *plan.producers}
-        for name, child in model.named_children():
+        for name, child in _called_children(model):
             if name not in special and not any(block is child or _contains(child, block) for block in blocks):
                 register_memopt_hook(child, SequenceReplayHook(), SEQUENCE_REPLAY_HOOK)
     if (report.tail and not head) or report.producers:

@@ -43,6 +43,7 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
+from torch._subclasses.fake_tensor import is_fake
 
 STREAMS: tuple[str, ...] = ("image", "text")
 FUSED_ROLES: tuple[str, ...] = ("query", "key_value", "other")
@@ -725,6 +726,41 @@ def _qwenimage21_mask_rows(argument: Callable[[str], Any], rows: tuple[int, int]
     return mask if key_valid is None else mask & key_valid.bool()[:, None, None, :]
 
 
+def _flux3_modulation_tokens(modulation: torch.nn.Module, call: ProducerCall) -> int:
+    return call["temb"].shape[1]
+
+
+def _flux3_modulation_rows(modulation: torch.nn.Module, call: ProducerCall,
+                           forward: Callable) -> Callable[[TokenRanges], Any]:
+    """FLUX.3's per-token modulation ``linear(temb)`` for some tokens.
+
+    The model makes ``temb`` by expanding one timestep embedding per sample over a mode's tokens (then a SiLU, which
+    materializes it), so its rows are all equal: then every row of the table is the linear of the first one, computed
+    once (a GEMV) and expanded, and a chunk's rows are a zero-stride view, with no GEMM per chunk and pass. Otherwise
+    (per-token timesteps, or a fake tensor whose values cannot be compared in a simulation) each chunk computes the
+    linear of its own rows (row-wise: the same numbers).
+    """
+    temb = call["temb"]
+    if not is_fake(temb) and torch.equal(temb, temb[:, :1].expand_as(temb)):
+        row = forward(temb[:, :1])
+        return lambda ranges: row.expand(-1, sum(end - start for start, end in ranges), -1)
+    return lambda ranges: forward(_take(temb, 1, ranges))
+
+
+# FLUX.3 per-mode blocks: parallel attention + SwiGLU MLP from one modulated input, self-attention within one token
+# mode (the text context, the image, or the reference images: each is the block's only, "image", stream). The
+# modulation is per token, (B, S, 3D), made at model level; the rotary tables are (S, head_dim) cos / sin.
+_FLUX3_MODE = BlockPlan(
+    inputs={
+        "hidden_states": _IMAGE_TOKENS,
+        "temb_mod": SequenceSplit(1, 3),
+        "image_rotary_emb": _pair(SequenceSplit(0, 2)),
+    },
+    attention={"attn": JointAttention()},
+    metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+)
+
+
 SEQUENCE_PLANS: dict[str, SequencePlan] = {
     "WanTransformer3DModel": SequencePlan(
         {"blocks.*": _WAN},
@@ -1134,6 +1170,47 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         # norm_out(hidden_states, temb, target_token_mask) -> proj_out (the output covers the joint sequence; the
         # pipeline keeps its last target tokens).
         tail_inputs={"target_token_mask": SequenceSplit(0, 1)},
+    ),
+    "Flux3Transformer2DModel": SequencePlan(
+        # Three token modes: per-mode blocks first (txt_mode_blocks, mode_blocks.image, mode_blocks.image_cond), then
+        # joint single blocks that take the text and the content (image, then reference tokens: one "image" stream)
+        # separately, modulate each with its own per-token (B, S, 3D) table and project cat(text, content) with one
+        # to_q / to_k / to_v (the MLP runs after the attention, on the same input). Neither block class is in diffusers'
+        # TransformerBlockRegistry. No _cp_plan. The rotary tables (tuples) are concatenated by the model from three
+        # pos_embed calls (cat(text, image, reference)): kept whole (1/12 LD). The head keeps the image tokens, the
+        # first of the content stream, and modulates them per token with the (B, S_image, D) timestep embedding (an
+        # expanded view).
+        {
+            "txt_mode_blocks.*": _FLUX3_MODE,
+            "mode_blocks.*.*": _FLUX3_MODE,
+            "single_transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,  # the content: image tokens, then the reference tokens
+                    "encoder_hidden_states": _TEXT_TOKENS,
+                    "temb_mod": SequenceSplit(1, 3),
+                    "temb_mod_context": _TEXT_TOKENS,
+                    "image_rotary_emb": _pair(SequenceSplit(0, 2, ("text", "image"))),
+                },
+                attention={"attn": JointAttention(order=("text", "image"))},  # one projection for cat(text, content)
+                metadata=TransformerBlockMetadata(
+                    return_hidden_states_index=1,  # (encoder_hidden_states, hidden_states)
+                    return_encoder_hidden_states_index=0,
+                    hidden_states_argument_name="hidden_states",
+                    encoder_hidden_states_argument_name="encoder_hidden_states",
+                ),
+            ),
+        },
+        embed=("x_embedders.image", "x_embedders.image_cond"),
+        # The per-token (B, S, 3D) modulation tables of every mode, made before the blocks (3 LD each in a bf16 model,
+        # two per mode): deferred, computed per chunk. The joint blocks' image and reference-image tables are
+        # concatenated by the model, which a deferred table supports (torch.cat along its token dim).
+        producers={
+            f"{stage}_stream_modulations.{mode}": TokenProducer(_flux3_modulation_tokens, _flux3_modulation_rows)
+            for stage in ("early", "single")
+            for mode in ("image", "image_cond", "txt")
+        },
+        tail_inputs={"temb": _IMAGE_TOKENS},  # Flux3AdaLayerNorm(hidden_states, temb): per-token scale / shift
+        num_chunks=48,
     ),
 }
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""

@@ -53,6 +53,7 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "minimax_h3": {"hidden_size": 128, "num_attention_heads": 16, "attention_head_dim": 8, "rope_freq_dim": 1,
                    "ffn_dim": 344, "num_layers": 1, "num_refiner_layers": 1},
     "qwenimage21": {"axes_dims_rope": (2, 2, 4), "num_layers": 1},
+    "flux3": {"axes_dims_rope": (2, 2, 2, 2), "num_layers": 1, "num_single_layers": 1},
 }
 GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
@@ -77,6 +78,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "kandinsky5": (Size(64, 128, 5), Size(128, 256, 5)),
     "minimax_h3": (Size(128, 256, 22), Size(256, 512, 22)),  # same clip length: the text and audio rows cancel
     "qwenimage21": (Size(128, 128), Size(256, 256)),
+    "flux3": (Size(128, 128), Size(256, 256)),
 }
 
 

@@ -8,7 +8,7 @@ from memopt.models import Size
 
 FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "chroma", "hunyuanvideo",
             "hunyuanvideo15", "hunyuanimage", "cogvideox", "cogview4", "ltx", "ltx2", "qwenimage", "sd3", "mochi",
-            "zimage", "kandinsky5", "minimax_h3", "qwenimage21"]
+            "zimage", "kandinsky5", "minimax_h3", "qwenimage21", "flux3"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -31,6 +31,7 @@ SIZES = {
     "kandinsky5": Size(48, 80, 9),  # 3 latent frames x 3 x 5 = 45 tokens
     "minimax_h3": Size(96, 96, 22),  # 8 text + 74 audio + 63 video = 145 packed rows
     "qwenimage21": Size(64, 96),  # 8 text + 2 x 4 condition-image + 1 marker + 24 target = 41 joint tokens
+    "flux3": Size(80, 112),
     "zimage": Size(80, 112),  # 35 image tokens, padded to 64 by the model itself (every sequence to a multiple of 32)
 }
 

@@ -146,7 +146,7 @@ def test_split_dims_follow_the_models_cp_plan():
 # Wan VACE keeps the video tokens, the last control state and the last hint alive between its blocks as Python
 # variables of the model forward (~5 LD; measured 5.26, unmodified 9.62).
 GROWTH_BOUND = {"ltx2": 4.5, "helios": 12.0, "wan_vace": 5.5, "zimage": 4.7, "minimax_h3": 4.6,
-                "qwenimage21": 4.7}
+                "qwenimage21": 4.7, "flux3": 4.7}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -320,8 +320,9 @@ def test_chunked_blocks_do_the_matmul_work_of_the_unmodified_ones(family, schedu
     report = apply_sequence_chunking(model, 4, schedule=schedule)  # 4 chunks: the text stream is split too
     chunked = flops_per_module()
     remove_memory_optimizations(model)
-    blocks = [f"{type(model).__name__}.{path}" for path in report.blocks]
-    assert all(reference[block] > 0 for block in blocks)
+    # Blocks the call runs (FLUX.3 builds reference-image blocks that text-to-image never calls).
+    blocks = [name for path in report.blocks if (name := f"{type(model).__name__}.{path}") in reference]
+    assert blocks and all(reference[block] > 0 for block in blocks)
     bound = MATMUL_WORK_BOUND.get((family, schedule))
     if bound is None:
         assert {block: chunked[block] for block in blocks} == {block: reference[block] for block in blocks}
@@ -334,7 +335,11 @@ def test_chunked_blocks_do_the_matmul_work_of_the_unmodified_ones(family, schedu
 # per attention; lock-step: equal).
 # Wan VACE's first VACE block projects the control tokens (proj_in) before its attention: one D x D matmul per
 # token that runs in both passes.
-MATMUL_WORK_BOUND = {("ltx2", "two_pass"): 1.5, ("wan_vace", "two_pass"): 1.2}
+# FLUX.3's per-token modulation tables are made per chunk: their rows are equal, so one matrix-vector product per
+# table serves every chunk, counted in the first block that reads it (+0.7% to +2.9% of a tiny block; the whole model
+# does 0.88x the unmodified matmul work, the full-length tables no longer being computed).
+MATMUL_WORK_BOUND = {("ltx2", "two_pass"): 1.5, ("wan_vace", "two_pass"): 1.2, ("flux3", "two_pass"): 1.05,
+                     ("flux3", "lockstep"): 1.05}
 
 
 def _attention_run(collecting: int | None) -> tuple[BlockRun, int]:

@@ -2,7 +2,8 @@
 diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan leaves whole, LTX-2's guidance passes
 (attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
-optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix."""
+optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
+FLUX.3's image-to-image call."""
 
 from __future__ import annotations
 
@@ -385,3 +386,25 @@ def test_qwenimage21_prefix_cache_and_flex_attention_are_refused():
         with pytest.raises(NotImplementedError, match="FlexAttnProcessor's BlockMask cannot be cut"):
             model(**inputs)
     remove_memory_optimizations(model)
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_flux3_image_to_image(schedule):
+    """FLUX.3 with a reference image: the model concatenates the image and reference per-token modulation tables
+    (deferred tables concatenate lazily) and its head keeps the leading image tokens of the content stream."""
+    from memopt.models import flux3_reference_inputs
+
+    spec = get_family("flux3")
+    model = spec.build("tiny")
+    size = Size(80, 112)
+    inputs = flux3_reference_inputs(model.config, spec.make_inputs(model.config, batch_size=2, height=size.height,
+                                                                   width=size.width), Size(48, 80))
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        assert reference.shape[1] == 35  # the image tokens only
+        for num_chunks in (4, 16):
+            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+            assert report.tail and report.producers and not report.skipped, report
+            out = model(**inputs)[0]
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, num_chunks
