@@ -75,7 +75,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "wan_vace": {"ffn_dim": 2208},
     "hunyuanimage": {"rope_axes_dim": (32, 32)},
     "cogview4": {},
-    "zimage": {"dim": 512, "n_heads": 8, "n_kv_heads": 8, "axes_dims": [16, 24, 24]},  # width as `dim`, no heads
+    "zimage": {"dim": 512, "n_heads": 8, "n_kv_heads": 8, "axes_dims": [16, 24, 24], "axes_lens": [1536, 512, 512]},
     "kandinsky5": {"model_dim": 512, "ff_dim": 2048, "axes_dims": (16, 24, 24)},
     "minimax_h3": {"hidden_size": 512, **BENCH_HEADS, "ffn_dim": 1376, "rope_freq_dim": 10},
     "qwenimage21": {"axes_dims_rope": (16, 24, 24)},

@@ -757,11 +757,12 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
         if estimate.error:
             failed.setdefault(estimate.error, []).append(chunking.describe())
     if not considered:
-        errors = "; ".join(f"{', '.join(chunkings)}: {error}" for error, chunkings in failed.items())
-        if errors:
-            return (f"no memopt option could be simulated for {name}: {errors}. Apply the techniques directly instead "
-                    "(memopt.apply_sequence_chunking(model), memopt.apply_chunked_feedforward(model), diffusers' "
-                    "enable_group_offload), which need no simulation")
+        baseline = next((estimate.error for chunking, estimate in cache.items() if chunking.is_empty), None)
+        if baseline:  # the unmodified forward itself cannot be simulated: no option can, whatever the budget
+            return f"memopt cannot plan {name}: {baseline.rstrip('.')}. {_apply_directly(model)}"
+        if failed:
+            errors = "; ".join(f"{', '.join(chunkings)}: {error.rstrip('.')}" for error, chunkings in failed.items())
+            return f"no memopt option could be simulated for {name}: {errors}. {_apply_directly(model)}"
         return (f"{name}: nothing fits the budget of {format_bytes(budget)}: its weights "
                 f"({format_bytes(groups.total_bytes)})"
                 f" with the other components ({format_bytes(other)}) leave no room, and it cannot be offloaded here")
@@ -784,6 +785,17 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
             f"{format_bytes(best.peak_bytes)} ({best.placement}, {best.chunking.describe()}): {breakdown}. "
             f"It is dominated by {dominant}.{unavailable} Give a larger budget, or generate at a smaller size or "
             "batch.")
+
+
+def _apply_directly(model: torch.nn.Module) -> str:
+    """What a user can apply without the planner's simulation (sequence chunking only where a plan exists)."""
+    from .plans.sequence import SEQUENCE_PLANS
+
+    techniques = ["memopt.apply_chunked_feedforward(model)", "memopt.apply_chunked_attention(model)",
+                  "diffusers' enable_group_offload"]
+    if type(model).__name__ in SEQUENCE_PLANS:
+        techniques.insert(0, "memopt.apply_sequence_chunking(model)")
+    return f"Apply the techniques directly instead, which need no simulation: {', '.join(techniques)}"
 
 
 def floor_bytes(model: torch.nn.Module, offload: OffloadConfig | None) -> tuple[int, str]:

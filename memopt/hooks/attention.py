@@ -17,6 +17,7 @@ chunking swaps in the full K/V, then the call is computed in pieces).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ from ._attention_dispatch import (
     release_interception,
 )
 from ._common import register_memopt_hook
+
+logger = logging.getLogger(__name__)
 
 CHUNKED_ATTENTION_HOOK = "memopt.chunked_attention"
 
@@ -94,14 +97,17 @@ class ChunkedAttentionHook(ModelHook):
 
     Calls that the chunked math does not cover pass to the original backend unchanged: ``return_lse`` requests,
     diffusers context parallelism, dropout together with K/V chunks, and masks of a dtype SDPA itself would not
-    take. ``calls`` and ``chunked_calls`` count what happened, for reports and tests.
+    take. ``calls`` and ``chunked_calls`` count what happened, for reports and tests. A module whose forward makes
+    no kernel call at all (a linear-attention processor, such as Sana's) is logged once: there is nothing to chunk.
     """
 
-    def __init__(self, config: ChunkedAttentionConfig) -> None:
+    def __init__(self, config: ChunkedAttentionConfig, path: str = "") -> None:
         super().__init__()
         self.config = config
+        self.path = path
         self.calls = 0
         self.chunked_calls = 0
+        self._reported_no_calls = False
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         acquire_interception()
@@ -112,8 +118,15 @@ class ChunkedAttentionHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls_before = self.calls
         with intercept_attention(self._handle, CHUNKED_ATTENTION_PRIORITY, sdpa=calls_sdpa_directly(module)):
-            return self.fn_ref.original_forward(*args, **kwargs)
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        if self.calls == calls_before and not self._reported_no_calls:
+            self._reported_no_calls = True
+            processor = type(getattr(module, "processor", None)).__name__
+            logger.warning("memopt: %s (%s) made no attention kernel call, so chunked attention has nothing to split "
+                           "there", self.path or type(module).__name__, processor)
+        return output
 
     def _handle(self, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
         self.calls += 1
@@ -169,6 +182,7 @@ def apply_chunked_attention(
 
     Raises:
         ValueError: a chunk value that is not a positive int, or a model without attention modules.
+        RuntimeError: the model already has memopt's chunked attention hooks (nothing is changed then).
 
     Undo with ``memopt.remove_memory_optimizations(model)``. Combines with :func:`apply_sequence_chunking` (in
     either order) and with diffusers' group offloading.
@@ -191,10 +205,15 @@ def apply_chunked_attention(
     """
     config = ChunkedAttentionConfig(query_chunk=query_chunk, kv_chunk=kv_chunk, head_chunks=head_chunks)
     report = ChunkedAttentionReport(type(model).__name__, config)
-    for path, module in model.named_modules():
-        if isinstance(module, _ATTENTION_CLASSES):
-            register_memopt_hook(module, ChunkedAttentionHook(config), CHUNKED_ATTENTION_HOOK)
-            report.attention.append(path)
-    if not report.attention:
+    modules = [(path, module) for path, module in model.named_modules() if isinstance(module, _ATTENTION_CLASSES)]
+    if not modules:
         raise ValueError(f"{type(model).__name__} has no diffusers attention modules to chunk")
+    for path, module in modules:  # all or nothing: refuse before hooking any module
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(CHUNKED_ATTENTION_HOOK) is not None:
+            raise RuntimeError(f"{path or type(module).__name__} already has memopt's chunked attention hook; call "
+                               "memopt.remove_memory_optimizations(model) before applying it again")
+    for path, module in modules:
+        register_memopt_hook(module, ChunkedAttentionHook(config, path), CHUNKED_ATTENTION_HOOK)
+        report.attention.append(path)
     return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from diffusers.models.attention_dispatch import attention_backend
@@ -101,7 +103,7 @@ def test_bad_options_and_models_are_refused():
     with pytest.raises(ValueError, match="no diffusers attention modules"):
         apply_chunked_attention(torch.nn.Linear(3, 3))
     apply_chunked_attention(model)
-    with pytest.raises(RuntimeError, match="already has the hook"):
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn1 already has memopt.s chunked attention hook"):
         apply_chunked_attention(model)
 
 
@@ -115,3 +117,38 @@ def test_calls_outside_hooked_modules_are_untouched():
         model(**inputs)
     assert chunk_counters(model)[1] > 0
     assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_applying_twice_changes_nothing_and_names_the_module():
+    _, model, _ = build("flux")
+    apply_chunked_attention(model, query_chunk=7)
+    first = {path for path, module in model.named_modules()
+             if getattr(module, "_diffusers_hook", None) is not None
+             and module._diffusers_hook.get_hook(CHUNKED_ATTENTION_HOOK) is not None}
+    with pytest.raises(RuntimeError, match=r"transformer_blocks\.0\.attn already has memopt's chunked attention hook"):
+        apply_chunked_attention(model, query_chunk=5)
+    assert all(module._diffusers_hook.get_hook(CHUNKED_ATTENTION_HOOK).config.query_chunk == 7
+               for path, module in model.named_modules() if path in first)
+    remove_memory_optimizations(model)
+    assert not has_memopt_hooks(model)
+
+
+def test_a_module_without_attention_kernel_calls_is_logged(caplog):
+    """Sana's linear attention makes no attention kernel call: exact either way, and the log says nothing was split."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=4,
+                                   num_attention_heads=2, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                   cross_attention_dim=8, caption_channels=8, sample_size=8).eval()
+    inputs = dict(hidden_states=torch.randn(2, 4, 5, 7), encoder_hidden_states=torch.randn(2, 9, 8),
+                  timestep=torch.tensor([3, 500]), return_dict=False)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_chunked_attention(model, query_chunk=7, kv_chunk=6, head_chunks=2)
+        with caplog.at_level(logging.WARNING, logger="memopt.hooks.attention"):
+            out = model(**inputs)[0]
+    remove_memory_optimizations(model)
+    assert rel_err(out, reference) <= 1e-5
+    assert "transformer_blocks.0.attn1 (SanaLinearAttnProcessor2_0) made no attention kernel call" in caplog.text
+    assert "transformer_blocks.0.attn2" not in caplog.text  # the cross-attention is chunked
