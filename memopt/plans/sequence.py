@@ -477,6 +477,14 @@ def _hunyuanimage_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: 
     return _AxisGather(axes, sizes)
 
 
+def _returns_text_stream_first(image: str = "hidden_states",
+                               text: str = "encoder_hidden_states") -> TransformerBlockMetadata:
+    """Metadata of a block taking its image and text streams as the arguments ``image`` and ``text`` and returning
+    ``(text, image)``: the signature diffusers' ``TransformerBlockRegistry`` records for dual-stream blocks."""
+    return TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0,
+                                    hidden_states_argument_name=image, encoder_hidden_states_argument_name=text)
+
+
 _IMAGE_TOKENS = SequenceSplit(1, 3)
 _TEXT_TOKENS = SequenceSplit(1, 3, ("text",))
 
@@ -784,12 +792,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
                     "control_hidden_states": _IMAGE_TOKENS,
                     "hidden_states": _TEXT_TOKENS,  # the video tokens
                 },
-                metadata=TransformerBlockMetadata(
-                    return_hidden_states_index=1,  # (hint, control_hidden_states)
-                    return_encoder_hidden_states_index=0,
-                    hidden_states_argument_name="control_hidden_states",
-                    encoder_hidden_states_argument_name="hidden_states",
-                ),
+                metadata=_returns_text_stream_first("control_hidden_states", "hidden_states"),  # (hint, control)
             ),
         },
         embed=("patch_embedding", "vace_patch_embedding"),
@@ -906,7 +909,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
                     "attention_mask": SequenceSplit(1, 2, ("text", "image")),
                 },
                 attention={"attn": JointAttention(order=("text", "image"), pair_mask="attention_mask", **_JOINT)},
-                metadata=TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0),
+                metadata=_returns_text_stream_first(),
             ),
             "single_transformer_blocks.*": BlockPlan(
                 inputs={
@@ -1192,12 +1195,7 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
                     "image_rotary_emb": _pair(SequenceSplit(0, 2, ("text", "image"))),
                 },
                 attention={"attn": JointAttention(order=("text", "image"))},  # one projection for cat(text, content)
-                metadata=TransformerBlockMetadata(
-                    return_hidden_states_index=1,  # (encoder_hidden_states, hidden_states)
-                    return_encoder_hidden_states_index=0,
-                    hidden_states_argument_name="hidden_states",
-                    encoder_hidden_states_argument_name="encoder_hidden_states",
-                ),
+                metadata=_returns_text_stream_first(),  # (encoder_hidden_states, hidden_states)
             ),
         },
         embed=("x_embedders.image", "x_embedders.image_cond"),
