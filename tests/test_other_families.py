@@ -1,0 +1,451 @@
+"""memopt on diffusers transformer families it has no family spec or sequence plan for.
+
+memopt's plans cover the families in ``memopt.models``; users will also point it at every other diffusers
+transformer. On those, each technique must be exact or refuse/skip with a clear message, never compute something
+else, and ``remove_memory_optimizations`` must restore outputs and ``state_dict`` bit for bit. The table below builds
+each class tiny and random (fp32, CPU, batch 2, odd token counts, padded masks where the model takes one); the
+parametrized tests apply chunked FeedForward, chunked attention, sequence chunking (refused: no plan) and the
+planner to each.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, NamedTuple
+
+import diffusers
+import pytest
+import torch
+
+from memopt import (apply_chunked_attention, apply_chunked_feedforward, apply_memory_optimizations,
+                    apply_sequence_chunking, remove_memory_optimizations)
+from memopt.hooks._common import has_memopt_hooks
+from memopt.hooks.attention import CHUNKED_ATTENTION_HOOK
+from memopt.planner import BudgetError
+
+Built = tuple[torch.nn.Module, dict[str, Any]]
+
+
+def _mask(batch: int, length: int, valid: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Key mask over ``length`` text tokens: sample 0 keeps all, sample 1 only the first ``valid``."""
+    mask = torch.ones(batch, length, dtype=dtype)
+    mask[1, valid:] = 0
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------ builders
+def _sana() -> Built:
+    model = diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=8)
+    return model, dict(hidden_states=torch.randn(2, 4, 5, 7), encoder_hidden_states=torch.randn(2, 9, 8),
+                       timestep=torch.tensor([3, 500]), encoder_attention_mask=_mask(2, 9, 6))
+
+
+def _sana_video() -> Built:
+    model = diffusers.SanaVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=16,
+        mlp_ratio=2.5, sample_size=8, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    return model, dict(hidden_states=torch.randn(2, 4, 3, 6, 10), encoder_hidden_states=torch.randn(2, 9, 16),
+                       timestep=torch.tensor([3, 500]), encoder_attention_mask=_mask(2, 9, 6))
+
+
+def _auraflow() -> Built:
+    model = diffusers.AuraFlowTransformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+        out_channels=4, pos_embed_max_size=256)
+    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 32),
+                       timestep=torch.tensor([3, 500]))
+
+
+def _lumina2() -> Built:
+    model = diffusers.Lumina2Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=3, num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
+        scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(128, 128, 128), cap_feat_dim=8)
+    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 8),
+                       timestep=torch.rand(2), encoder_attention_mask=_mask(2, 9, 6, torch.bool))
+
+
+def _hidream() -> Built:
+    model = diffusers.HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2, num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1), force_inference_output=True)
+    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), timesteps=torch.tensor([3, 500]),
+                       encoder_hidden_states_t5=torch.randn(2, 9, 8),
+                       encoder_hidden_states_llama3=torch.randn(2, 2, 9, 4), pooled_embeds=torch.randn(2, 8))
+
+
+def _allegro() -> Built:
+    model = diffusers.AllegroTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1,
+        cross_attention_dim=16, sample_width=8, sample_height=8, sample_frames=8, caption_channels=24)
+    return model, dict(hidden_states=torch.randn(2, 4, 3, 6, 10), encoder_hidden_states=torch.randn(2, 9, 24),
+                       timestep=torch.tensor([3, 500]))
+
+
+def _latte() -> Built:
+    # No encoder_attention_mask: diffusers' own AttnProcessor2_0 cannot reshape Latte's mask (not repeated per frame).
+    model = diffusers.LatteTransformer3DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=4, num_attention_heads=2, caption_channels=8,
+        in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        video_length=3)
+    return model, dict(hidden_states=torch.randn(2, 4, 3, 10, 14), encoder_hidden_states=torch.randn(2, 9, 8),
+                       timestep=torch.tensor([3, 500]))
+
+
+def _cogview3plus() -> Built:
+    model = diffusers.CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4, num_attention_heads=2, out_channels=4,
+        text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=16, sample_size=16)
+    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 8),
+                       timestep=torch.tensor([3, 500]), original_size=torch.tensor([[80, 112]] * 2),
+                       target_size=torch.tensor([[80, 112]] * 2), crop_coords=torch.tensor([[0, 0]] * 2))
+
+
+def _easyanimate() -> Built:
+    model = diffusers.EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=16, num_layers=1, sample_width=16, sample_height=16, patch_size=2)
+    return model, dict(hidden_states=torch.randn(2, 4, 3, 10, 14), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 16))
+
+
+def _omnigen() -> Built:
+    model = diffusers.OmniGenTransformer2DModel(
+        hidden_size=16, num_attention_heads=4, num_key_value_heads=4, intermediate_size=32, num_layers=2,
+        pad_token_id=0, vocab_size=1000, in_channels=4, time_step_dim=4,
+        rope_scaling={"long_factor": [1, 2], "short_factor": [1, 2]})
+    text, height, width = 23, 10, 14
+    tokens = text + 1 + height * width // 4  # text, time, 5 x 7 latent tokens
+    mask = torch.ones(2, tokens, tokens)
+    mask[1, :, :3] = 0  # sample 1: three padded text tokens at the front
+    return model, dict(hidden_states=torch.randn(2, 4, height, width), timestep=torch.rand(2),
+                       input_ids=torch.randint(0, 10, (2, text)), input_img_latents=[torch.randn(1, 4, 6, 6)],
+                       input_image_sizes={0: [[0, 9]]},  # sample 0's 3 x 3 image tokens replace text tokens 0-8
+                       attention_mask=mask, position_ids=torch.arange(tokens).repeat(2, 1))
+
+
+def _cosmos() -> Built:
+    # concat_padding_mask=False: the padding mask needs torchvision, which diffusers imports for it.
+    model = diffusers.CosmosTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
+        text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=False, extra_pos_embed_type="learnable")
+    return model, dict(hidden_states=torch.randn(2, 4, 3, 10, 14), timestep=torch.tensor([3.0, 500.0]),
+                       encoder_hidden_states=torch.randn(2, 9, 16), attention_mask=_mask(2, 9, 6), fps=30)
+
+
+def _consisid() -> Built:
+    model = diffusers.ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=8, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=9, cross_attn_interval=1, is_kps=False, is_train_face=True,
+        cross_attn_dim_head=1, cross_attn_num_heads=1, LFE_id_dim=2, LFE_vit_dim=2, LFE_depth=5, LFE_dim_head=8,
+        LFE_num_heads=2, LFE_num_id_token=1, LFE_num_querie=1, LFE_output_dim=10, LFE_ff_mult=1, LFE_num_scale=1)
+    return model, dict(hidden_states=torch.randn(2, 2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 8),
+                       timestep=torch.tensor([3, 500]), id_vit_hidden=[torch.randn(2, 2, 2)], id_cond=torch.randn(2, 2))
+
+
+def _dit() -> Built:
+    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                            num_layers=2, sample_size=7, patch_size=2)
+    return model, dict(hidden_states=torch.randn(2, 4, 14, 14), timestep=torch.tensor([3, 500]),
+                       class_labels=torch.tensor([1, 7]))
+
+
+def _flux_like(cls: type, **config: Any) -> Callable[[], Built]:
+    """Bria, LongCat-Image and Ovis-Image: Flux-style packed 5 x 7 image tokens and 9 text tokens with ids."""
+    def build() -> Built:
+        model = cls(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                    num_attention_heads=2, joint_attention_dim=32, **config)
+        return model, dict(hidden_states=torch.randn(2, 35, 4), encoder_hidden_states=torch.randn(2, 9, 32),
+                           timestep=torch.tensor([0.1, 0.7]), img_ids=torch.randn(35, 3), txt_ids=torch.randn(9, 3))
+    return build
+
+
+def _framepack() -> Built:
+    model = diffusers.HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None,
+        has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True)
+    frames, height, width = 3, 6, 10
+    history = dict(
+        latents_clean=torch.randn(2, 4, frames - 1, height, width), indices_latents_clean=torch.arange(frames - 1),
+        latents_history_2x=torch.randn(2, 4, frames - 1, height, width),
+        indices_latents_history_2x=torch.arange(frames - 1),
+        latents_history_4x=torch.randn(2, 4, (frames - 1) * 4, height, width),
+        indices_latents_history_4x=torch.arange((frames - 1) * 4))
+    return model, dict(hidden_states=torch.randn(2, 4, frames, height, width), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 16), encoder_attention_mask=_mask(2, 9, 6),
+                       pooled_projections=torch.randn(2, 8), image_embeds=torch.randn(2, 5, 16),
+                       indices_latents=torch.arange(frames), guidance=torch.tensor([3.0, 5.0]), **history)
+
+
+def _krea2() -> Built:
+    model = diffusers.Krea2Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, timestep_embed_dim=16, text_hidden_dim=16, num_text_layers=2, text_num_attention_heads=2,
+        text_num_key_value_heads=2, text_intermediate_size=32, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+        axes_dims_rope=(2, 2, 4))
+    text, height, width = 9, 5, 7
+    position_ids = torch.zeros(text + height * width, 3, dtype=torch.long)
+    position_ids[text:, 1] = torch.arange(height).repeat_interleave(width)
+    position_ids[text:, 2] = torch.arange(width).repeat(height)
+    return model, dict(hidden_states=torch.randn(2, height * width, 16),
+                       encoder_hidden_states=torch.randn(2, text, 2, 16), timestep=torch.tensor([0.1, 0.7]),
+                       position_ids=position_ids, encoder_attention_mask=_mask(2, text, 6, torch.bool))
+
+
+def _ernie_image() -> Built:
+    model = diffusers.ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=48, in_channels=4, out_channels=4,
+        patch_size=1, text_in_dim=16, rope_axes_dim=(4, 6, 6))
+    return model, dict(hidden_states=torch.randn(2, 4, 5, 7), timestep=torch.tensor([3.0, 500.0]),
+                       text_bth=torch.randn(2, 9, 16), text_lens=torch.tensor([9, 6]))
+
+
+def _glm_image() -> Built:
+    model = diffusers.GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=4, prior_vq_quantizer_codebook_size=64)
+    image_tokens = 5 * 7
+    drop = torch.zeros(2, image_tokens, dtype=torch.bool)
+    drop[1, :5] = True  # sample 1 drops five prior tokens
+    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 16),
+                       prior_token_id=torch.randint(0, 64, (2, image_tokens)), prior_token_drop=drop,
+                       timestep=torch.tensor([3, 500]), target_size=torch.tensor([[80, 112]] * 2),
+                       crop_coords=torch.tensor([[0, 0]] * 2), attention_mask=_mask(2, 9, 6))
+
+
+def _prx() -> Built:
+    model = diffusers.PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32,
+                                            mlp_ratio=2.0, num_heads=4, depth=2, axes_dim=[4, 4])
+    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), timestep=torch.tensor([0.1, 0.7]),
+                       encoder_hidden_states=torch.randn(2, 9, 16), attention_mask=_mask(2, 9, 6, torch.bool))
+
+
+def _wan_animate() -> Built:
+    model = diffusers.WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, latent_channels=4,
+        out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", image_dim=16, rope_max_seq_len=32,
+        motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
+        motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=2)
+    frames, height, width = 4, 10, 14
+    return model, dict(hidden_states=torch.randn(2, 12, frames + 1, height, width), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 16), encoder_hidden_states_image=torch.randn(2, 5, 16),
+                       pose_hidden_states=torch.randn(2, 4, frames, height, width),
+                       face_pixel_values=torch.randn(2, 3, 4 * frames - 3, 16, 16))
+
+
+def _motif_video() -> Built:
+    model = diffusers.MotifVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_decoder_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        image_embed_dim=16, rope_axes_dim=(2, 4, 4), enable_text_cross_attention_dual=True,
+        enable_text_cross_attention_single=True)
+    return model, dict(hidden_states=torch.randn(2, 4, 3, 6, 10), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 16), encoder_attention_mask=_mask(2, 9, 6),
+                       image_embeds=torch.randn(2, 5, 16))
+
+
+def _ideogram4() -> Built:
+    model = diffusers.Ideogram4Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, intermediate_size=48,
+        adaln_dim=16, llm_features_dim=24, mrope_section=(2, 1, 1))
+    tokens, height, width = 45, 5, 7
+    indicator = torch.full((2, tokens), -1)  # per sample: text tokens, the 5 x 7 image, then padding (segment 1)
+    segment_ids = torch.ones(2, tokens, dtype=torch.long)
+    position_ids = torch.zeros(2, tokens, 3, dtype=torch.long)
+    for sample, text in enumerate((9, 6)):
+        image = slice(text, text + height * width)
+        indicator[sample, :text], indicator[sample, image] = 3, 2
+        segment_ids[sample, :image.stop] = 0
+        position_ids[sample, :text, 0] = torch.arange(text)
+        position_ids[sample, image, 0] = text
+        position_ids[sample, image, 1] = torch.arange(height).repeat_interleave(width)
+        position_ids[sample, image, 2] = torch.arange(width).repeat(height)
+    return model, dict(hidden_states=torch.randn(2, tokens, 16), timestep=torch.tensor([0.1, 0.7]),
+                       encoder_hidden_states=torch.randn(2, tokens, 24), position_ids=position_ids,
+                       segment_ids=segment_ids, indicator=indicator)
+
+
+class Case(NamedTuple):
+    """One class: its builder, how many FeedForwards apply_chunked_feedforward hooks in the tiny model (0: none it
+    knows, and the report must say why), and whether its forward depends on tensor values (the planner cannot
+    simulate it: MoE routing, ``.item()``, boolean indexing, so apply_memory_optimizations fails at the first call)."""
+
+    build: Callable[[], Built]
+    feedforwards: int
+    data_dependent: bool = False
+
+
+CASES: dict[str, Case] = {
+    "AllegroTransformer3DModel": Case(_allegro, 1),
+    "AuraFlowTransformer2DModel": Case(_auraflow, 3),
+    "BriaTransformer2DModel": Case(_flux_like(diffusers.BriaTransformer2DModel, pooled_projection_dim=None,
+                                              axes_dims_rope=[0, 4, 4]), 2),
+    "CogView3PlusTransformer2DModel": Case(_cogview3plus, 1),
+    "ConsisIDTransformer3DModel": Case(_consisid, 2),
+    "CosmosTransformer3DModel": Case(_cosmos, 2),
+    "DiTTransformer2DModel": Case(_dit, 2),
+    "EasyAnimateTransformer3DModel": Case(_easyanimate, 2),
+    "ErnieImageTransformer2DModel": Case(_ernie_image, 2),
+    "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
+    "HiDreamImageTransformer2DModel": Case(_hidream, 7, data_dependent=True),  # MoE routing (bincount); experts hooked
+    "HunyuanVideoFramepackTransformer3DModel": Case(_framepack, 4, data_dependent=True),  # a tensor read as a number
+    "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
+    "Krea2Transformer2DModel": Case(_krea2, 4),
+    "LatteTransformer3DModel": Case(_latte, 2),
+    "LongCatImageTransformer2DModel": Case(_flux_like(diffusers.LongCatImageTransformer2DModel,
+                                                      pooled_projection_dim=32, axes_dims_rope=[0, 4, 4]), 2),
+    "Lumina2Transformer2DModel": Case(_lumina2, 4, data_dependent=True),  # a tensor read as a number
+    "MotifVideoTransformer3DModel": Case(_motif_video, 2),
+    "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True),  # a tensor read as a number
+    "OvisImageTransformer2DModel": Case(_flux_like(diffusers.OvisImageTransformer2DModel, out_channels=4,
+                                                   axes_dims_rope=(0, 4, 4)), 2),
+    "PRXTransformer2DModel": Case(_prx, 0),  # MLP inline in PRXBlock.forward: "no FeedForward-like module found"
+    "SanaTransformer2DModel": Case(_sana, 0),  # GLUMBConv (a conv FFN): skipped, "no FeedForward layout"
+    "SanaVideoTransformer3DModel": Case(_sana_video, 0),  # GLUMBTempConv: skipped likewise
+    "WanAnimateTransformer3DModel": Case(_wan_animate, 3),
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def build(name: str) -> Built:
+    """The tiny model in eval mode, with every all-zero parameter re-randomised: several of these classes zero-init
+    modulation, output or position-embedding weights (Ernie-Image's adaLN and final linear, Cosmos' learnable
+    positions, ...), and with them at zero a technique could be wrong and still match (Ernie's output was all zeros)."""
+    torch.manual_seed(0)
+    model, inputs = CASES[name].build()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.numel() > 1 and not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    assert type(model).__name__ == name
+    return model.eval(), {**inputs, "return_dict": False}
+
+
+def forward(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "sample", out)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def assert_restored(model: torch.nn.Module, inputs: dict[str, Any], reference: torch.Tensor,
+                    state_before: dict[str, torch.Tensor]) -> None:
+    """No memopt hook left, the output and every state_dict entry bit-identical to before."""
+    assert not has_memopt_hooks(model)
+    assert torch.equal(forward(model, inputs), reference)
+    state_after = model.state_dict()
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(value, state_before[key]) for key, value in state_after.items())
+
+
+def attention_calls(model: torch.nn.Module) -> tuple[int, int]:
+    """(kernel calls seen, calls computed chunked) over all chunked-attention hooks."""
+    hooks = [module._diffusers_hook.get_hook(CHUNKED_ATTENTION_HOOK) for module in model.modules()
+             if getattr(module, "_diffusers_hook", None) is not None]
+    hooks = [hook for hook in hooks if hook is not None]
+    return sum(hook.calls for hook in hooks), sum(hook.chunked_calls for hook in hooks)
+
+
+NAMES = sorted(CASES)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_output_is_finite_and_not_zero(name):
+    """Ernie-Image's would be all zeros without the re-randomised zero-initialised weights (see build)."""
+    reference = forward(*build(name))
+    assert torch.isfinite(reference).all() and reference.abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_feedforward_is_exact_or_says_why_not(name, caplog):
+    model, inputs = build(name)
+    reference, state_before = forward(model, inputs), state(model)
+    expected = CASES[name].feedforwards
+    for split, num_chunks in [("hidden", 3), ("sequence", 2)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="memopt"):
+            report = apply_chunked_feedforward(model, num_chunks=num_chunks, split=split)
+        assert len(report.applied) == expected, str(report)
+        if expected == 0:  # nothing hooked: the report lists what was skipped and why, or the log says none exist
+            assert report.skipped or "no FeedForward-like module found" in caplog.text, str(report)
+            assert all(reason for reason in report.skipped.values())
+        chunked = forward(model, inputs)
+        assert remove_memory_optimizations(model) == expected
+        assert rel_err(chunked, reference) <= 1e-5, (split, num_chunks)
+    assert_restored(model, inputs, reference, state_before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_attention_is_exact(name):
+    model, inputs = build(name)
+    reference, state_before = forward(model, inputs), state(model)
+    report = apply_chunked_attention(model, query_chunk=7, kv_chunk=6, head_chunks=2)
+    assert report.attention
+    chunked = forward(model, inputs)
+    calls, chunked_calls = attention_calls(model)
+    assert chunked_calls > 0 and chunked_calls == calls, (calls, chunked_calls)  # the chunked math really ran
+    assert remove_memory_optimizations(model) == len(report.attention)
+    assert rel_err(chunked, reference) <= 1e-5
+    assert_restored(model, inputs, reference, state_before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sequence_chunking_is_refused(name):
+    model, inputs = build(name)
+    reference, state_before = forward(model, inputs), state(model)
+    with pytest.raises(ValueError, match=f"no sequence plan for {name}"):
+        apply_sequence_chunking(model)
+    assert_restored(model, inputs, reference, state_before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_remove_restores_after_stacked_techniques(name):
+    """FeedForward (hidden split) and attention chunking together, then removed: bit-identical again, and the
+    weights were used in place throughout (state_dict unchanged while the hooks are on)."""
+    model, inputs = build(name)
+    reference, state_before = forward(model, inputs), state(model)
+    apply_chunked_feedforward(model, num_chunks=3, split="hidden")
+    apply_chunked_attention(model, query_chunk=7, kv_chunk=6, head_chunks=2)
+    assert rel_err(forward(model, inputs), reference) <= 1e-5
+    assert all(torch.equal(value, state_before[key]) for key, value in model.state_dict().items())
+    assert remove_memory_optimizations(model) > 0
+    assert_restored(model, inputs, reference, state_before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_memory_optimizations_plan_is_exact_or_refused_at_first_call(name):
+    model, inputs = build(name)
+    reference, state_before = forward(model, inputs), state(model)
+    apply_memory_optimizations(model)  # CPU, default budget: planned at the first forward
+    if CASES[name].data_dependent:
+        with pytest.raises(BudgetError, match=f"memopt cannot plan {name}: .* depends on tensor values"):
+            forward(model, inputs)
+        assert_restored(model, inputs, reference, state_before)  # memopt removed itself: the next call is unmodified
+        return
+    assert rel_err(forward(model, inputs), reference) <= 1e-5
+    remove_memory_optimizations(model)
+    assert_restored(model, inputs, reference, state_before)
