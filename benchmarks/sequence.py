@@ -80,6 +80,9 @@ BENCH_CONFIGS: dict[str, dict] = {
     "minimax_h3": {"hidden_size": 512, **BENCH_HEADS, "ffn_dim": 1376, "rope_freq_dim": 10},
     "qwenimage21": {"axes_dims_rope": (16, 24, 24)},
     "flux3": {"axes_dims_rope": (16, 16, 16, 16)},
+    "auraflow": {"caption_projection_dim": 512, "pos_embed_max_size": 9216},
+    "pixart": {"cross_attention_dim": 512},
+    "bria": {"axes_dims_rope": (16, 24, 24)},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -100,6 +103,9 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "minimax_h3": [Size(256, 512, 39), Size(512, 512, 39), Size(512, 1024, 39), Size(1024, 1024, 39)],
     "qwenimage21": IMAGE_SIZES,
     "flux3": IMAGE_SIZES,
+    "auraflow": IMAGE_SIZES,
+    "pixart": IMAGE_SIZES,
+    "bria": IMAGE_SIZES,
 }
 
 

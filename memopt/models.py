@@ -54,8 +54,9 @@ class FamilySpec:
         width_keys: the config keys whose product is the token width D (``heads x head_dim`` for most classes; one
             key such as ``"dim"`` for classes that store the width itself).
         init_fn: run on every built model (under its own seed) for classes whose constructors zero-initialise layers
-            that trained weights fill: without it a random-weight model would compute a trivial function (every
-            Kandinsky 5 block the identity) and tests against it would test nothing.
+            that trained weights fill, or whose random-weight outputs barely depend on some of them: without it a
+            random-weight model would compute a (nearly) trivial function (every Kandinsky 5 block the identity;
+            AuraFlow's attention moving its output by 2e-4) and tests against it would test little.
     """
 
     name: str
@@ -449,6 +450,32 @@ def flux3_reference_inputs(config: Any, inputs: Inputs, size: Size, num_images: 
             "image_cond_ids": ids.to(device=hidden.device, dtype=inputs["img_ids"].dtype)}
 
 
+# ----------------------------------------------------------------------------------------------- Bria
+def _bria_tokens(config: Any, size: Size) -> int:
+    return (size.height // 16) * (size.width // 16)
+
+
+def _bria_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Bria 3.x: 2x2-packed latents (B, N, 4 x 4) of its 4-channel VAE (8x), T5 states, position ids.
+
+    No pooled projection, no guidance embedding and no text mask: ``BriaPipeline`` zero-pads the T5 states of a short
+    prompt to ``max_sequence_length`` (128) instead, which ``masked`` reproduces on the last quarter of the text. The
+    timestep is the scheduler's, in [0, 1000] (not divided by 1000 as Flux's pipeline does).
+    """
+    _check_divisible("bria", size, 16)
+    h, w = size.height // 16, size.width // 16
+    text = _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"), dtype=dtype, device=device)
+    if masked:
+        text[:, text_tokens - max(1, text_tokens // 4) :] = 0
+    return {
+        "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
+        "encoder_hidden_states": text,
+        "timestep": torch.full((batch,), 900.0, dtype=dtype, device=device),
+        "img_ids": _grid_ids(h, w, 3).to(device=device, dtype=dtype),
+        "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- Chroma
 def _chroma_tokens(config: Any, size: Size) -> int:
     return (size.height // 16) * (size.width // 16)
@@ -789,6 +816,81 @@ def _qwenimage21_inputs(config, batch, size, text_tokens, dtype, device, generat
         "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),  # the pipeline's t / 1000
         "img_shapes": [[*condition, (1, h, w)]] * batch,
         "img_mask": img_mask,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- AuraFlow
+def _auraflow_tokens(config: Any, size: Size) -> int:
+    """Image tokens (the 2x2 patches of the 8x-downsampled SDXL-VAE latents). The single DiT blocks carry the 8
+    register tokens and the text tokens in front of them."""
+    p = _cfg(config, "patch_size")
+    return (size.height // 8 // p) * (size.width // 8 // p)
+
+
+def _auraflow_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """AuraFlow: latents (B, 4, H/8, W/8), Pile-T5 (UMT5) states (B, T, 2048), timestep ``t / 1000`` in [0, 1], as
+    ``AuraFlowPipeline`` calls the transformer. No mask argument: the pipeline multiplies the prompt states by the
+    tokenizer mask instead (padded tokens are zero vectors that are still attended to)."""
+    p = _cfg(config, "patch_size")
+    _check_divisible("auraflow", size, 8 * p)
+    latent_grid = int(_cfg(config, "pos_embed_max_size") ** 0.5)
+    if max(size.height, size.width) // 8 // p > latent_grid:
+        raise ValueError(f"auraflow: {size.height}x{size.width} needs more than the {latent_grid}x{latent_grid} "
+                         "learned positions (pos_embed_max_size)")
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                                dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
+                                        dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),
+    }
+
+
+def _auraflow_init(model: torch.nn.Module) -> None:
+    """Make the random-weight blocks matter. AuraFlow zero-initialises nothing, but its attention reaches the residual
+    stream only through the MLP input (``norm2(residual + gate * attn)`` feeds ``ff``; the block adds only
+    ``gate * ff``), and bias-free SwiGLU MLPs at PyTorch's default init output little: at the tiny config, switching
+    every attention off changes the output by 2.4e-4 relative, too close to the tests' 1e-5 tolerance. Scaling the
+    MLP output projections by 8 and the attention output projections by 4 makes that 8e-3 (the prompt: 2.8e-3)."""
+    for name, param in model.named_parameters():
+        if name.endswith("out_projection.weight"):
+            param.mul_(8.0)
+        elif name.endswith(("to_out.0.weight", "to_add_out.weight")):
+            param.mul_(4.0)
+
+
+# ----------------------------------------------------------------------------------------------- PixArt
+def _pixart_tokens(config: Any, size: Size) -> int:
+    p = _cfg(config, "patch_size")
+    return (size.height // 8 // p) * (size.width // 8 // p)
+
+
+def _pixart_micro_conditions(config: Any) -> bool:
+    """Whether the model embeds resolution and aspect ratio into its timestep embedding (PixArt-Alpha 1024-MS): the
+    class resolves ``use_additional_conditions=None`` to ``sample_size == 128``."""
+    use = _cfg_or(config, "use_additional_conditions", None)
+    return _cfg(config, "sample_size") == 128 if use is None else bool(use)
+
+
+def _pixart_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """PixArt: latents (B, 4, H/8, W/8), T5 states (4096 wide at the release) + their 0/1 mask, the integer timestep
+    per sample, and ``added_cond_kwargs`` as the pipelines pass it: ``{"resolution": None, "aspect_ratio": None}``
+    (PixArt-Sigma), the (B, 2) pixel size and (B, 1) aspect ratio for PixArt-Alpha's micro-conditions."""
+    _check_divisible("pixart", size, 8 * _cfg(config, "patch_size"))
+    added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+    if _pixart_micro_conditions(config):
+        added = {
+            "resolution": torch.tensor([[size.height, size.width]], dtype=dtype, device=device).repeat(batch, 1),
+            "aspect_ratio": torch.tensor([[size.height / size.width]], dtype=dtype, device=device).repeat(batch, 1),
+        }
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                                dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "caption_channels"), dtype=dtype,
+                                        device=device),
+        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "added_cond_kwargs": added,
     }
 
 
@@ -1377,6 +1479,63 @@ FAMILIES: dict[str, FamilySpec] = {
             text_tokens=480,  # the prompt window is padded to a multiple of 80 tokens (Flux3TextEncoderStep)
             make_inputs_fn=_flux3_inputs,
             num_tokens_fn=_flux3_tokens,
+            video=False,
+        ),
+        FamilySpec(
+            name="auraflow",
+            class_name="AuraFlowTransformer2DModel",
+            configs={
+                # fal/AuraFlow-v0.3 transformer/config.json: the class defaults (4 MMDiT + 32 single DiT blocks, 12 x
+                # 256 = 3072, Pile-T5 width 2048) except pos_embed_max_size 9216 (a 96 x 96 learned-position grid; v0.3
+                # centres the latent's patch grid in it for any aspect ratio up to 1536 px a side).
+                "full": {"pos_embed_max_size": 9216},
+                # caption_projection_dim must equal the width (the text stream enters the blocks at it).
+                "tiny": {**_TINY_HEADS, "num_mmdit_layers": 1, "num_single_dit_layers": 2, "joint_attention_dim": 24,
+                         "caption_projection_dim": 32, "sample_size": 16, "pos_embed_max_size": 64},
+            },
+            sizes={"default": Size(1024, 1024), "tiny": Size(80, 112)},
+            text_tokens=256,  # the pipeline's max_sequence_length; the model prepends 8 register tokens
+            make_inputs_fn=_auraflow_inputs,
+            num_tokens_fn=_auraflow_tokens,
+            video=False,
+            init_fn=_auraflow_init,
+        ),
+        FamilySpec(
+            name="pixart",
+            class_name="PixArtTransformer2DModel",
+            configs={
+                # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json (0.6B: 28 blocks, 16 x 72, T5-XXL
+                # captions; scripts/convert_pixart_sigma_to_diffusers.py: interpolation_scale 2 at 1024 px, no
+                # micro-conditions). The other values are the class defaults.
+                "full": {"caption_channels": 4096, "interpolation_scale": 2, "use_additional_conditions": False},
+                # PixArt-alpha/PixArt-XL-2-1024-MS: the same blocks; sample_size 128 turns the micro-conditions on.
+                "alpha": {"caption_channels": 4096},
+                # cross_attention_dim must be the width (the caption projection maps the text to it); micro-conditions
+                # need a width divisible by 3, so the tiny config runs PixArt-Sigma's path.
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 8, "num_layers": 2, "cross_attention_dim": 32,
+                         "caption_channels": 24, "sample_size": 16},
+            },
+            sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
+            text_tokens=300,  # PixArtSigmaPipeline's max_sequence_length (PixArt-Alpha: 120)
+            make_inputs_fn=_pixart_inputs,
+            num_tokens_fn=_pixart_tokens,
+            video=False,
+            mask_key="encoder_attention_mask",
+        ),
+        FamilySpec(
+            name="bria",
+            class_name="BriaTransformer2DModel",
+            configs={
+                # BRIA-3.2 transformer/config.json (4B: 8 double-stream + 28 single-stream blocks, 24 x 96)
+                "full": {"in_channels": 16, "num_layers": 8, "num_single_layers": 28, "attention_head_dim": 96,
+                         "num_attention_heads": 24, "joint_attention_dim": 4096, "axes_dims_rope": (0, 48, 48)},
+                "tiny": {**_TINY_HEADS, "in_channels": 16, "num_layers": 1, "num_single_layers": 2,
+                         "joint_attention_dim": 24, "axes_dims_rope": (4, 6, 6)},
+            },
+            sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
+            text_tokens=128,  # BriaPipeline's max_sequence_length
+            make_inputs_fn=_bria_inputs,
+            num_tokens_fn=_bria_tokens,
             video=False,
         ),
     ]

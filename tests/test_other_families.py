@@ -52,13 +52,6 @@ def _sana_video() -> Built:
                        timestep=torch.tensor([3, 500]), encoder_attention_mask=_mask(2, 9, 6))
 
 
-def _auraflow() -> Built:
-    model = diffusers.AuraFlowTransformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
-        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-        out_channels=4, pos_embed_max_size=256)
-    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 32),
-                       timestep=torch.tensor([3, 500]))
 
 
 def _lumina2() -> Built:
@@ -160,7 +153,7 @@ def _dit() -> Built:
 
 
 def _flux_like(cls: type, **config: Any) -> Callable[[], Built]:
-    """Bria, LongCat-Image and Ovis-Image: Flux-style packed 5 x 7 image tokens and 9 text tokens with ids."""
+    """LongCat-Image and Ovis-Image: Flux-style packed 5 x 7 image tokens and 9 text tokens with ids."""
     def build() -> Built:
         model = cls(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
                     num_attention_heads=2, joint_attention_dim=32, **config)
@@ -290,9 +283,6 @@ class Case(NamedTuple):
 
 CASES: dict[str, Case] = {
     "AllegroTransformer3DModel": Case(_allegro, 1),
-    "AuraFlowTransformer2DModel": Case(_auraflow, 3),
-    "BriaTransformer2DModel": Case(_flux_like(diffusers.BriaTransformer2DModel, pooled_projection_dim=None,
-                                              axes_dims_rope=[0, 4, 4]), 2),
     "CogView3PlusTransformer2DModel": Case(_cogview3plus, 1),
     "ConsisIDTransformer3DModel": Case(_consisid, 2),
     "CosmosTransformer3DModel": Case(_cosmos, 2),

@@ -172,24 +172,22 @@ def test_nothing_fits_says_the_smallest_peak_and_what_dominates() -> None:
     assert "dominated by weights on the device (the whole model)" in message
 
 
-def _pixart_tiny() -> tuple[torch.nn.Module, dict]:
+def _dit_tiny() -> tuple[torch.nn.Module, dict]:
     """A real diffusers family memopt has no sequence plan for (its FeedForwards are found by type)."""
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                     num_layers=2, cross_attention_dim=32, caption_channels=24, sample_size=16,
-                                     patch_size=2, use_additional_conditions=False).eval()
-    inputs = dict(hidden_states=torch.randn(2, 4, 20, 28), encoder_hidden_states=torch.randn(2, 8, 24),
-                  timestep=torch.full((2,), 999), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                  return_dict=False)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=14, patch_size=2).eval()
+    inputs = dict(hidden_states=torch.randn(2, 4, 14, 14), timestep=torch.tensor([3, 500]),
+                  class_labels=torch.tensor([1, 7]), return_dict=False)
     return model, inputs
 
 
 def test_a_family_without_a_sequence_plan_is_planned_with_what_applies() -> None:
     """No sequence plan: the planner chunks the FeedForwards (exactly), and when even that does not fit, the error
     says sequence chunking is unavailable for the model and why."""
-    model, inputs = _pixart_tiny()
+    model, inputs = _dit_tiny()
     with torch.no_grad():
         reference = model(**inputs)[0]
         unmodified = trace_memory(model, **inputs)
@@ -202,7 +200,7 @@ def test_a_family_without_a_sequence_plan_is_planned_with_what_applies() -> None
     remove_memopt_hooks(model)
     assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
     with pytest.raises(BudgetError, match="Not available for this model: .*no sequence plan for "
-                                         "PixArtTransformer2DModel"):
+                                         "DiTTransformer2DModel"):
         plan_denoiser(model, (), inputs, budget=unmodified.baseline_bytes + 64, device="cpu")
 
 

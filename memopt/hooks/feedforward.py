@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
+from diffusers.models.transformers.transformer_bria import BriaSingleTransformerBlock
 from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from diffusers.models.transformers.transformer_hunyuan_video import (
@@ -573,6 +574,16 @@ def _flux_single_forward(block: FluxSingleTransformerBlock, ffn: FeedForwardFn, 
     return encoder_hidden_states, hidden_states
 
 
+def _bria_single_forward(block: BriaSingleTransformerBlock, ffn: FeedForwardFn, hidden_states: torch.Tensor,
+                         encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BriaSingleTransformerBlock.forward`` (diffusers 0.42): Flux's single block with the keyword
+    ``attention_kwargs`` for ``joint_attention_kwargs``."""
+    return _flux_single_forward(block, ffn, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                attention_kwargs)
+
+
 def _chroma_single_forward(block: ChromaSingleTransformerBlock, ffn: FeedForwardFn, hidden_states: torch.Tensor,
                            temb: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                            attention_mask: torch.Tensor | None = None,
@@ -639,6 +650,7 @@ def _hunyuan_token_replace_single_forward(
 
 UNIT_FORWARDS: dict[type, Callable[..., Any]] = {
     FluxSingleTransformerBlock: _flux_single_forward,
+    BriaSingleTransformerBlock: _bria_single_forward,
     ChromaSingleTransformerBlock: _chroma_single_forward,
     HunyuanVideoSingleTransformerBlock: _hunyuan_single_forward,
     HunyuanVideoTokenReplaceSingleTransformerBlock: _hunyuan_token_replace_single_forward,

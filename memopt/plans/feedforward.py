@@ -43,6 +43,7 @@ import torch
 from diffusers.hooks.tensor_parallel import PackedColwiseParallel, PackedRowwiseParallel
 from diffusers.models.activations import GEGLU, GELU, ApproximateGELU, LinearActivation, SwiGLU
 from diffusers.models.attention import FeedForward, LuminaFeedForward
+from diffusers.models.transformers.transformer_bria import BriaSingleTransformerBlock
 from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from diffusers.models.transformers.transformer_flux2 import Flux2FeedForward
@@ -79,6 +80,8 @@ FEEDFORWARD_PLANS: dict[str, dict[str, Style]] = {
         "single_transformer_blocks.*.proj_out": PackedRowwiseParallel(),
     },
     "CogVideoXTransformer3DModel": _ffn("transformer_blocks.*.ff"),
+    # PixArt: the caption projection (PixArtAlphaTextProjection, 300 text tokens) and the timestep MLPs left out.
+    "PixArtTransformer2DModel": _ffn("transformer_blocks.*.ff"),
     "LTXVideoTransformer3DModel": _ffn("transformer_blocks.*.ff"),
     "SD3Transformer2DModel": {**_ffn("transformer_blocks.*.ff"), **_ffn("transformer_blocks.*.ff_context")},
     # Mochi: SwiGLU FeedForwards, (value, gate) packed in net.0.proj like diffusers' SwiGLU.
@@ -360,6 +363,7 @@ FEEDFORWARD_UNITS: dict[type, LayoutFn] = {
     LuminaFeedForward: _lumina,
     Flux2FeedForward: _flux2,
     FluxSingleTransformerBlock: _single_block,
+    BriaSingleTransformerBlock: _single_block,
     ChromaSingleTransformerBlock: _single_block,
     HunyuanVideoSingleTransformerBlock: _single_block,
     HunyuanVideoTokenReplaceSingleTransformerBlock: _single_block,

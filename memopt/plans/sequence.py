@@ -769,6 +769,18 @@ _FLUX3_MODE = BlockPlan(
 )
 
 
+def _pixart_cross_attention_has_text(block: torch.nn.Module, argument: Callable[[str], Any]) -> bool:
+    """Refuses a forward without text states (only possible with ``caption_channels=None``): BasicTransformerBlock's
+    attn2 then attends over the image tokens themselves, a second whole-sequence attention that a chunk would compute
+    over its own tokens only. With text (every pipeline) attn2 is chunk-local and attn1 attends over all tokens."""
+    if block.attn2 is not None and argument("encoder_hidden_states") is None:
+        raise NotImplementedError(
+            f"{type(block).__name__}: sequence chunking needs encoder_hidden_states; without them attn2 becomes a "
+            "self-attention over the whole image sequence. Pass text states, or run without apply_sequence_chunking."
+        )
+    return True
+
+
 SEQUENCE_PLANS: dict[str, SequencePlan] = {
     "WanTransformer3DModel": SequencePlan(
         {"blocks.*": _WAN},
@@ -1209,6 +1221,85 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         },
         tail_inputs={"temb": _IMAGE_TOKENS},  # Flux3AdaLayerNorm(hidden_states, temb): per-token scale / shift
         num_chunks=48,
+    ),
+    "AuraFlowTransformer2DModel": SequencePlan(
+        # SD3-like MMDiT blocks, then single DiT blocks over cat(text, image). The text stream is the 8 learned register
+        # tokens followed by the projected prompt. AuraFlowAttnProcessor2_0 projects each stream (bias-free to_q / to_k
+        # / to_v and add_*_proj), LayerNorms Q and K per head (fp32), concatenates cat(text, image) and calls
+        # F.scaled_dot_product_attention itself, without a mask; no rotary embedding (learned positions are added by the
+        # patch embedding). The timestep modulation (AdaLayerNormZero's SiLU + Linear of temb, (B, D)) is the same for
+        # every chunk. Neither block class is in diffusers' TransformerBlockRegistry. No _cp_plan in diffusers 0.42.
+        {
+            "joint_transformer_blocks.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS, "encoder_hidden_states": _TEXT_TOKENS},
+                attention={"attn": _TEXT_FIRST},
+                conditioning=_DUAL_STREAM_MODULATION,
+                metadata=_returns_text_stream_first(),  # (encoder_hidden_states, hidden_states)
+            ),
+            # The model feeds these blocks cat(register + text, image) as one sequence: one stream to them, split in
+            # chunks; a plain self-attention over it.
+            "single_transformer_blocks.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS},
+                attention={"attn": JointAttention()},
+                conditioning=_adaptive_norms("norm1"),
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            ),
+        },
+        # The model drops the text tokens of the last block's output (combined[:, encoder_seq_len:]), then
+        # norm_out(hidden_states, temb) (AuraFlowPreFinalBlock: scale / shift from temb) -> proj_out -> unpatchify.
+        embed="pos_embed",
+        # Single blocks keep attention + a 2.67x SwiGLU MLP per chunk, as Flux's single-stream ones; and the model's
+        # forward keeps the last MMDiT block's image output (its `hidden_states`) alive through every single block
+        # (it concatenates into `combined_hidden_states`), 1 LD above the 3 LD floor that no plan removes.
+        num_chunks=48,
+    ),
+    "PixArtTransformer2DModel": SequencePlan(
+        # diffusers' generic BasicTransformerBlock with norm_type="ada_norm_single": LayerNorm + shift / scale from the
+        # block's scale_shift_table and the model's (B, 6D) timestep embedding (the same for every chunk, passed whole),
+        # self-attention attn1 (AttnProcessor2_0, which calls F.scaled_dot_product_attention itself), cross-attention
+        # attn2 to the projected T5 tokens under the (B, 1, S_text) bias the model makes from encoder_attention_mask
+        # (keys and values from the text only: chunk-local, its K/V projections computed once per block), a gelu-tanh
+        # FeedForward. No _cp_plan in diffusers 0.42.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    # The forward's optional (B, S) self-attention mask (no pipeline passes one), turned by the model
+                    # into a (B, 1, S) additive key bias: attn1's mask over the chunk's own keys, which the exchange
+                    # gathers.
+                    "attention_mask": SequenceSplit(2, 3),
+                },
+                # attn1 always attends over the whole sequence; the check refuses the one case where attn2 would too.
+                attention={"attn1": JointAttention(active=_pixart_cross_attention_has_text)},
+            )
+        },
+        # The model computes shift / scale ((B, 1, D) each, from its scale_shift_table and the embedded timestep), then
+        # norm_out (LayerNorm) -> modulation -> proj_out -> unpatchify.
+        embed="pos_embed",  # PatchEmbed: conv projection + the 2-D sin-cos position table
+    ),
+    "BriaTransformer2DModel": SequencePlan(
+        # Flux's layout (the class is a copy of FluxTransformer2DModel without pooled / guidance inputs). diffusers'
+        # TransformerBlockRegistry records BriaTransformerBlock as returning the image stream alone at index 0, while it
+        # returns (text, image) like Flux's blocks, and does not list BriaSingleTransformerBlock: both get Flux's
+        # metadata. No _cp_plan: gathered at proj_out.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs=_FLUX_INPUTS,
+                attention={"attn": _TEXT_FIRST},
+                conditioning=_DUAL_STREAM_MODULATION,
+                metadata=_returns_text_stream_first(),
+            ),
+            "single_transformer_blocks.*": BlockPlan(
+                inputs=_FLUX_INPUTS,
+                attention={"attn": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
+                unused_before_attention=_SINGLE_STREAM_MLP,
+                conditioning=_SINGLE_STREAM_MODULATION,
+                metadata=_returns_text_stream_first(),
+            ),
+        },
+        embed="x_embedder",
+        producers={"pos_embed": TokenProducer(_flux_rope_tokens, _flux_rope_rows)},
+        num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk, as Flux
     ),
 }
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""

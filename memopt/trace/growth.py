@@ -54,6 +54,12 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
                    "ffn_dim": 344, "num_layers": 1, "num_refiner_layers": 1},
     "qwenimage21": {"axes_dims_rope": (2, 2, 4), "num_layers": 1},
     "flux3": {"axes_dims_rope": (2, 2, 2, 2), "num_layers": 1, "num_single_layers": 1},
+    # AuraFlow: the text projection at the width; learned positions for 24 x 24 patches. Measured at 256 and 576 image
+    # tokens: at smaller sizes the text MLP every chunk carries whole is the peak and the slope reads low (3.48).
+    "auraflow": {"caption_projection_dim": 128, "num_mmdit_layers": 1, "num_single_dit_layers": 1,
+                 "pos_embed_max_size": 576},
+    "pixart": {"cross_attention_dim": 128, "num_layers": 1},
+    "bria": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
 }
 GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
@@ -79,6 +85,9 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "minimax_h3": (Size(128, 256, 22), Size(256, 512, 22)),  # same clip length: the text and audio rows cancel
     "qwenimage21": (Size(128, 128), Size(256, 256)),
     "flux3": (Size(128, 128), Size(256, 256)),
+    "auraflow": (Size(256, 256), Size(384, 384)),
+    "pixart": (Size(128, 128), Size(256, 256)),
+    "bria": (Size(128, 128), Size(256, 256)),
 }
 
 
@@ -86,6 +95,8 @@ def sized_config(family: str, config: dict[str, Any], size: Size) -> dict[str, A
     """Families whose position tables are sized from the config: match the input, as at their native size."""
     if family == "cogvideox":  # its sin-cos position table then comes from the buffer
         config.update(sample_height=size.height // 8, sample_width=size.width // 8, sample_frames=size.num_frames)
+    if family == "pixart":  # its sin-cos position table is then the buffer made at init, as at 1024 px
+        config.update(sample_size=size.height // 8)
     if family == "sd3":
         config.update(sample_size=size.height // 8, pos_embed_max_size=max(size.height, size.width) // 8)
     return config
