@@ -83,6 +83,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "auraflow": {"caption_projection_dim": 512, "pos_embed_max_size": 9216},
     "pixart": {"cross_attention_dim": 512},
     "bria": {"axes_dims_rope": (16, 24, 24)},
+    "framepack": {"rope_axes_dim": (16, 24, 24)},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -106,6 +107,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "auraflow": IMAGE_SIZES,
     "pixart": IMAGE_SIZES,
     "bria": IMAGE_SIZES,
+    "framepack": VIDEO_SIZES,
 }
 
 

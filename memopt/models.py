@@ -529,6 +529,75 @@ def _hunyuan_inputs(config, batch, size, text_tokens, dtype, device, generator, 
     return inputs
 
 
+# ----------------------------------------------------------------------------------------------- FramePack
+# HunyuanVideoFramepackPipeline for the released checkpoints (lllyasviel/FramePackI2V_HY, FramePack_F1_I2V_HY): one
+# denoiser call generates a window of latent_window_size = 9 latent frames (33 pixel frames) conditioned on history
+# latents at three compressions: 1 + 1 clean frames (the start image and the nearest history frame, 1x), 2 frames at
+# 2x and 16 frames at 4x (history_sizes [1, 2, 16]). HunyuanVideoHistoryPatchEmbed projects them with (1, 2, 2),
+# (2, 4, 4) and (4, 8, 8) convolutions (2x / 4x padded to whole kernels by replication) and the model puts them in
+# front of the window's tokens: [4x | 2x | clean | window]. The SigLIP image embedding (729 tokens of 1152) goes in
+# front of the text tokens.
+_FRAMEPACK_CLEAN_FRAMES = 2
+_FRAMEPACK_HISTORY_2X = 2
+_FRAMEPACK_HISTORY_4X = 16
+_FRAMEPACK_IMAGE_TOKENS = 729  # SigLIP so400m-patch14-384 last_hidden_state (27 x 27 patches)
+
+
+def _framepack_token_counts(config: Any, size: Size) -> tuple[int, int, int, int]:
+    """(4x history, 2x history, clean, window) tokens, in the order the model concatenates them."""
+    p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t")
+    h, w = size.height // 8, size.width // 8
+    window = _latent_frames(size.num_frames, 4) // pt * (h // p) * (w // p)
+    clean = _FRAMEPACK_CLEAN_FRAMES * (h // 2) * (w // 2)
+    history_2x = math.ceil(_FRAMEPACK_HISTORY_2X / 2) * math.ceil(h / 4) * math.ceil(w / 4)
+    history_4x = math.ceil(_FRAMEPACK_HISTORY_4X / 4) * math.ceil(h / 8) * math.ceil(w / 8)
+    return history_4x, history_2x, clean, window
+
+
+def _framepack_tokens(config: Any, size: Size) -> int:
+    """All the tokens the blocks carry: the history tokens and the window's (the output head keeps the window's)."""
+    return sum(_framepack_token_counts(config, size))
+
+
+def _framepack_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """FramePack (one window of the inverted anti-drifting sampler, the pipeline's default, at its last section:
+    no padding frames): window latents (B, 16, F', H/8, W/8), clean / 2x / 4x history latents, their frame indices
+    (1-D, as the pipeline passes them), Llama states + mask, pooled CLIP, SigLIP image states (729 tokens at full
+    size, 3 at tiny configs), guidance (scale 6 x 1000)."""
+    _check_divisible("framepack", size, 16)
+    channels, frames = _cfg(config, "in_channels"), _latent_frames(size.num_frames, 4)
+    h, w = size.height // 8, size.width // 8
+
+    def latents(num_frames: int) -> torch.Tensor:
+        return _randn(generator, batch, channels, num_frames, h, w, dtype=dtype, device=device)
+
+    # indices.split([1, latent_padding_size = 0, latent_window_size, *history_sizes]) of the pipeline
+    sizes = [1, frames, 1, _FRAMEPACK_HISTORY_2X, _FRAMEPACK_HISTORY_4X]
+    prefix, window, history_1x, history_2x, history_4x = torch.arange(sum(sizes), device=device).split(sizes)
+    image_tokens = 3 if _is_tiny(config) else _FRAMEPACK_IMAGE_TOKENS
+    inputs = {
+        "hidden_states": latents(frames),
+        "timestep": torch.full((batch,), 999.0, dtype=torch.float32, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
+        "pooled_projections": _randn(generator, batch, _cfg(config, "pooled_projection_dim"), dtype=dtype,
+                                     device=device),
+        "image_embeds": _randn(generator, batch, image_tokens, _cfg(config, "image_proj_dim"), dtype=dtype,
+                               device=device),
+        "indices_latents": window,
+        "latents_clean": latents(_FRAMEPACK_CLEAN_FRAMES),
+        "indices_latents_clean": torch.cat([prefix, history_1x]),
+        "latents_history_2x": latents(_FRAMEPACK_HISTORY_2X),
+        "indices_latents_history_2x": history_2x,
+        "latents_history_4x": latents(_FRAMEPACK_HISTORY_4X),
+        "indices_latents_history_4x": history_4x,
+    }
+    if _cfg(config, "guidance_embeds"):
+        inputs["guidance"] = torch.full((batch,), 6000.0, dtype=dtype, device=device)
+    return inputs
+
+
 # ----------------------------------------------------------------------------------------------- HunyuanVideo 1.5
 _HUNYUAN15_GLYPH_TOKENS = 256  # HunyuanVideo15Pipeline.tokenizer_2_max_length (byT5 glyph tokens)
 _HUNYUAN15_VISION_TOKENS = 729  # HunyuanVideo15Pipeline.vision_num_semantic_tokens (SigLIP image tokens)
@@ -1537,6 +1606,28 @@ FAMILIES: dict[str, FamilySpec] = {
             make_inputs_fn=_bria_inputs,
             num_tokens_fn=_bria_tokens,
             video=False,
+        ),
+        FamilySpec(
+            name="framepack",
+            class_name="HunyuanVideoFramepackTransformer3DModel",
+            configs={
+                # lllyasviel/FramePackI2V_HY (and FramePack_F1_I2V_HY) transformer config: HunyuanVideo's 13B widths (20
+                # dual-stream + 40 single-stream blocks, 24 x 128) with the SigLIP image projection and the history
+                # embedder; the class defaults but for those two switches.
+                "full": {"has_image_proj": True, "image_proj_dim": 1152, "has_clean_x_embedder": True},
+                "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 1, "num_single_layers": 2,
+                         "num_refiner_layers": 1, "text_embed_dim": 24, "pooled_projection_dim": 12,
+                         "rope_axes_dim": (4, 6, 6), "has_image_proj": True, "image_proj_dim": 20,
+                         "has_clean_x_embedder": True},
+            },
+            # The pipeline's default size (720 x 1280) for one window of latent_window_size 9 (33 frames): 32 400 window
+            # tokens + 9 080 history tokens. "480p" is the pipeline docs' example (832 x 480, FramePack's 640 bucket).
+            sizes={"default": Size(720, 1280, 33), "tiny": Size(48, 80, 9)},
+            extra_sizes={"480p": Size(832, 480, 33)},
+            text_tokens=256,  # max_sequence_length (+ the 729 SigLIP tokens the model puts in front of them)
+            make_inputs_fn=_framepack_inputs,
+            num_tokens_fn=_framepack_tokens,
+            mask_key="encoder_attention_mask",
         ),
     ]
 }

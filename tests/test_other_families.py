@@ -162,23 +162,6 @@ def _flux_like(cls: type, **config: Any) -> Callable[[], Built]:
     return build
 
 
-def _framepack() -> Built:
-    model = diffusers.HunyuanVideoFramepackTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None,
-        has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True)
-    frames, height, width = 3, 6, 10
-    history = dict(
-        latents_clean=torch.randn(2, 4, frames - 1, height, width), indices_latents_clean=torch.arange(frames - 1),
-        latents_history_2x=torch.randn(2, 4, frames - 1, height, width),
-        indices_latents_history_2x=torch.arange(frames - 1),
-        latents_history_4x=torch.randn(2, 4, (frames - 1) * 4, height, width),
-        indices_latents_history_4x=torch.arange((frames - 1) * 4))
-    return model, dict(hidden_states=torch.randn(2, 4, frames, height, width), timestep=torch.tensor([3, 500]),
-                       encoder_hidden_states=torch.randn(2, 9, 16), encoder_attention_mask=_mask(2, 9, 6),
-                       pooled_projections=torch.randn(2, 8), image_embeds=torch.randn(2, 5, 16),
-                       indices_latents=torch.arange(frames), guidance=torch.tensor([3.0, 5.0]), **history)
 
 
 def _krea2() -> Built:
@@ -291,7 +274,6 @@ CASES: dict[str, Case] = {
     "ErnieImageTransformer2DModel": Case(_ernie_image, 2),
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
     "HiDreamImageTransformer2DModel": Case(_hidream, 7, data_dependent=True),  # MoE routing (bincount); experts hooked
-    "HunyuanVideoFramepackTransformer3DModel": Case(_framepack, 4, data_dependent=True),  # a tensor read as a number
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
     "Krea2Transformer2DModel": Case(_krea2, 4),
     "LatteTransformer3DModel": Case(_latte, 2),

@@ -79,6 +79,13 @@ FEEDFORWARD_PLANS: dict[str, dict[str, Style]] = {
         "single_transformer_blocks.*.proj_mlp": "colwise",
         "single_transformer_blocks.*.proj_out": PackedRowwiseParallel(),
     },
+    # FramePack: HunyuanVideo's block classes, called the same way (its image projection left out too).
+    "HunyuanVideoFramepackTransformer3DModel": {
+        **_ffn("transformer_blocks.*.ff"),
+        **_ffn("transformer_blocks.*.ff_context"),
+        "single_transformer_blocks.*.proj_mlp": "colwise",
+        "single_transformer_blocks.*.proj_out": PackedRowwiseParallel(),
+    },
     "CogVideoXTransformer3DModel": _ffn("transformer_blocks.*.ff"),
     # PixArt: the caption projection (PixArtAlphaTextProjection, 300 text tokens) and the timestep MLPs left out.
     "PixArtTransformer2DModel": _ffn("transformer_blocks.*.ff"),

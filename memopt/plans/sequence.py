@@ -1301,6 +1301,28 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         producers={"pos_embed": TokenProducer(_flux_rope_tokens, _flux_rope_rows)},
         num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk, as Flux
     ),
+    "HunyuanVideoFramepackTransformer3DModel": SequencePlan(
+        # HunyuanVideo's blocks (the same classes, called the same way): MMDiT blocks, then parallel attention + MLP
+        # single-stream blocks; one (B, 1, 1, S_image + S_text) key mask, None for batch 1, and (S_image, head_dim)
+        # rotary tables. The image stream is [4x | 2x | clean history | window] tokens, split like any other: every
+        # token attends to all of them. The text stream is the SigLIP image projection (729 tokens) then the refined
+        # Llama tokens (the model concatenates them, in that order, with the mask padded by True for the image tokens).
+        # The rotary tables are the model's concatenation of four rope calls (the history ones down-sampled by
+        # avg_pool3d): computed whole and split (no producer: the model pads, pools and concatenates them itself).
+        # No _cp_plan in diffusers 0.42.
+        _hunyuan_blocks(dual_rope="freqs_cis"),
+        # The model feeds its head hidden_states[:, -original_context_length:]: the window's tokens, the last ones of
+        # the last block's output. Tail passes cannot serve that cut: it counts from the end, so a tail pass's last
+        # block would have to answer with the chunk alone (memopt answers with the dropped history tokens in front of
+        # it, for cuts like Chroma's [:, P:]) and the head then gets too many tokens (memopt falls back to a whole
+        # head, with a warning). norm_out (LayerNorm, shift / scale from temb) is per token, so it runs on pieces of
+        # its own input instead, written into its (B, window, D) output; proj_out (D -> 64 channels) runs whole on that.
+        tail="norm_out",
+        gather={"norm_out": ContextParallelOutput(gather_dim=1, expected_dims=3)},
+        tail_split=1,
+        embed="x_embedder",
+        num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
+    ),
 }
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""
 

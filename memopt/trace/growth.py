@@ -60,6 +60,7 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
                  "pos_embed_max_size": 576},
     "pixart": {"cross_attention_dim": 128, "num_layers": 1},
     "bria": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
+    "framepack": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
 }
 GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
@@ -88,6 +89,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "auraflow": (Size(256, 256), Size(384, 384)),
     "pixart": (Size(128, 128), Size(256, 256)),
     "bria": (Size(128, 128), Size(256, 256)),
+    "framepack": (Size(64, 128, 33), Size(128, 256, 33)),  # one window: the history tokens ~22% of the sequence
 }
 
 
