@@ -81,7 +81,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "qwenimage21": {"axes_dims_rope": (16, 24, 24)},
     "flux3": {"axes_dims_rope": (16, 16, 16, 16)},
     "auraflow": {"caption_projection_dim": 512, "pos_embed_max_size": 9216},
-    "pixart": {"cross_attention_dim": 512},
+    "pixart": {"cross_attention_dim": 512, "use_additional_conditions": False},
     "bria": {"axes_dims_rope": (16, 24, 24)},
     "framepack": {"rope_axes_dim": (16, 24, 24)},
 }
