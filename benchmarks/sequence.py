@@ -84,6 +84,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "pixart": {"cross_attention_dim": 512, "use_additional_conditions": False},
     "bria": {"axes_dims_rope": (16, 24, 24)},
     "framepack": {"rope_axes_dim": (16, 24, 24)},
+    "wan_animate": {"ffn_dim": 2208},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -108,6 +109,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "pixart": IMAGE_SIZES,
     "bria": IMAGE_SIZES,
     "framepack": VIDEO_SIZES,
+    "wan_animate": [Size(128, 256, 33), Size(256, 256, 33), Size(256, 512, 33), Size(512, 512, 33)],
 }
 
 

@@ -201,6 +201,10 @@ TINY_WIDTH = 256
 family's tiny size."""
 
 
+_TINY_HEADS = {"num_attention_heads": 2, "attention_head_dim": 16}
+"""Width 32 (2 heads of 16): the tiny configs' token width."""
+
+
 def _is_tiny(config: Any) -> bool:
     """A test-sized config of a family whose width is ``heads x head_dim`` (see :data:`TINY_WIDTH`)."""
     return _cfg(config, "num_attention_heads") * _cfg(config, "attention_head_dim") <= TINY_WIDTH
@@ -288,6 +292,65 @@ def _wan_vace_inputs(config, batch, size, text_tokens, dtype, device, generator,
                                         *inputs["hidden_states"].shape[2:], dtype=dtype, device=device),
         "control_hidden_states_scale": torch.linspace(1.0, 0.5, num_vace, dtype=torch.float32).to(device, dtype),
     }
+
+
+# ----------------------------------------------------------------------------------------------- Wan Animate
+# WanAnimatePipeline calls the denoiser per segment (segment_frame_length=77 frames, 20 latent frames) with: the noisy
+# latents concatenated with the reference/condition latents on C (2 x 16 + 4 = 36 channels) and the reference image's
+# latent frame in front (T + 1 frames); the pose video latents (16 channels, T frames, added to the patch embedding of
+# frames 1..T); the face video in pixels (B, 3, 77, 512, 512), which the motion and face encoders turn into T + 1
+# frames of face tokens (the first zero: the reference frame's); umT5 states and the CLIP states of the reference image.
+def _wan_animate_tokens(config: Any, size: Size) -> int:
+    pt, ph, pw = _cfg(config, "patch_size")
+    frames = _latent_frames(size.num_frames, 4) + 1  # the reference image's latent frame in front
+    return frames // pt * (size.height // 8 // ph) * (size.width // 8 // pw)
+
+
+def _wan_animate_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Wan Animate's segment call: latents (B, 2C + 4, T + 1, H/8, W/8), pose latents (B, C, T, H/8, W/8), the face
+    video (B, 3, num_frames, S, S) in [-1, 1] at the motion encoder's size S (num_frames = 4T - 3 pixel frames: the
+    face encoder's two stride-2 convolutions give T frames, plus the zero one in front), umT5 states, integer timestep
+    and the CLIP states of the reference image (257 tokens, 5 at tiny configs)."""
+    _check_divisible("wan_animate", size, 16)
+    if (size.num_frames - 1) % 4:
+        raise ValueError(f"wan_animate: num_frames must be 4k + 1, got {size.num_frames}")
+    frames = _latent_frames(size.num_frames, 4)
+    latent_channels = _cfg(config, "latent_channels") or (_cfg(config, "in_channels") - 4) // 2
+    in_channels = _cfg(config, "in_channels") or 2 * latent_channels + 4
+    grid = (size.height // 8, size.width // 8)
+    face = _cfg(config, "motion_encoder_size")
+    inputs = {
+        "hidden_states": _randn(generator, batch, in_channels, frames + 1, *grid, dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_dim"), dtype=dtype,
+                                        device=device),
+        "pose_hidden_states": _randn(generator, batch, latent_channels, frames, *grid, dtype=dtype, device=device),
+        "face_pixel_values": _randn(generator, batch, 3, size.num_frames, face, face, dtype=dtype,
+                                    device=device).clamp_(-1, 1),
+    }
+    image_dim = _cfg(config, "image_dim")
+    if image_dim:
+        inputs["encoder_hidden_states_image"] = _randn(generator, batch, 5 if _is_tiny(config) else 257, image_dim,
+                                                       dtype=dtype, device=device)
+    return inputs
+
+
+def _wan_animate_init(model: torch.nn.Module) -> None:
+    """The face encoder's padding token (the last face token of every frame) starts at zero; trained it is not."""
+    torch.nn.init.normal_(model.face_encoder.padding_tokens)
+
+
+# One face adapter, after block 0 (inject_face_latents_blocks 2): the last block is a Wan block, as
+# in the release (40 blocks, adapters after 0, 5, ..., 35). No added K/V projections at the tiny size: the attention
+# processor hardcodes 512 text tokens to find the image tokens, so the tiny 8-token prompt concatenates the image
+# tokens with the text instead (the call of the released config, added_kv_proj_dim 5120, is simulated at full size).
+_TINY_WAN_ANIMATE = {
+    **_TINY_HEADS, "in_channels": 12, "latent_channels": 4, "out_channels": 4, "text_dim": 24, "freq_dim": 16,
+    "ffn_dim": 80, "num_layers": 2, "rope_max_seq_len": 64, "image_dim": 20, "added_kv_proj_dim": None,
+    "motion_encoder_channel_sizes": {"8": 8, "4": 8}, "motion_encoder_size": 8, "motion_style_dim": 16,
+    "motion_dim": 4, "motion_encoder_dim": 16, "face_encoder_hidden_dim": 16, "face_encoder_num_heads": 2,
+    "inject_face_latents_blocks": 2, "motion_encoder_batch_size": 4,
+}
 
 
 # ----------------------------------------------------------------------------------------------- Helios
@@ -1171,7 +1234,6 @@ _TINY_MINIMAX_H3 = {
 }
 
 
-_TINY_HEADS = {"num_attention_heads": 2, "attention_head_dim": 16}
 
 _HUNYUANIMAGE_REFINER = {"in_channels": 128, "num_attention_heads": 26, "patch_size": (1, 1, 1),
                          "rope_axes_dim": (16, 56, 56), "guidance_embeds": True, "use_meanflow": True}
@@ -1628,6 +1690,22 @@ FAMILIES: dict[str, FamilySpec] = {
             make_inputs_fn=_framepack_inputs,
             num_tokens_fn=_framepack_tokens,
             mask_key="encoder_attention_mask",
+        ),
+        FamilySpec(
+            name="wan_animate",
+            class_name="WanAnimateTransformer3DModel",
+            configs={
+                # Wan2.2-Animate-14B: the class defaults (Wan2.1-14B widths, 40 blocks, face adapter every 5th block,
+                # 512 px motion encoder) with the I2V image-token K/V projections.
+                "full": {"added_kv_proj_dim": 5120},
+                "tiny": _TINY_WAN_ANIMATE,
+            },
+            # WanAnimatePipeline's defaults: 720 x 1280, segments of 77 frames (20 latent frames + the reference frame).
+            sizes={"default": Size(720, 1280, 77), "tiny": Size(48, 80, 5)},
+            text_tokens=512,
+            make_inputs_fn=_wan_animate_inputs,
+            num_tokens_fn=_wan_animate_tokens,
+            init_fn=_wan_animate_init,
         ),
     ]
 }

@@ -207,19 +207,6 @@ def _prx() -> Built:
                        encoder_hidden_states=torch.randn(2, 9, 16), attention_mask=_mask(2, 9, 6, torch.bool))
 
 
-def _wan_animate() -> Built:
-    model = diffusers.WanAnimateTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, latent_channels=4,
-        out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", image_dim=16, rope_max_seq_len=32,
-        motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
-        motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
-        inject_face_latents_blocks=2)
-    frames, height, width = 4, 10, 14
-    return model, dict(hidden_states=torch.randn(2, 12, frames + 1, height, width), timestep=torch.tensor([3, 500]),
-                       encoder_hidden_states=torch.randn(2, 9, 16), encoder_hidden_states_image=torch.randn(2, 5, 16),
-                       pose_hidden_states=torch.randn(2, 4, frames, height, width),
-                       face_pixel_values=torch.randn(2, 3, 4 * frames - 3, 16, 16))
 
 
 def _motif_video() -> Built:
@@ -287,7 +274,6 @@ CASES: dict[str, Case] = {
     "PRXTransformer2DModel": Case(_prx, 0),  # MLP inline in PRXBlock.forward: "no FeedForward-like module found"
     "SanaTransformer2DModel": Case(_sana, 0),  # GLUMBConv (a conv FFN): skipped, "no FeedForward layout"
     "SanaVideoTransformer3DModel": Case(_sana_video, 0),  # GLUMBTempConv: skipped likewise
-    "WanAnimateTransformer3DModel": Case(_wan_animate, 3),
 }
 
 

@@ -63,6 +63,19 @@ def balanced(total: int, pieces: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def grouped(total: int, pieces: int, groups: int) -> list[tuple[int, int]]:
+    """About ``pieces`` contiguous ranges covering ``range(total)`` made of ``groups`` equal groups, each range whole
+    groups (``pieces <= groups``) or inside one group (``BlockPlan.token_groups``)."""
+    if groups < 1 or total % groups:
+        raise ValueError(f"{total} image tokens cannot be cut into {groups} equal token groups")
+    size = total // groups
+    if pieces <= groups:
+        return [(start * size, end * size) for start, end in balanced(groups, pieces)]
+    return [(group * size + start, group * size + end)
+            for group, (first, last) in enumerate(balanced(pieces, groups))
+            for start, end in balanced(size, min(last - first, size))]
+
+
 class DeferredTokens:
     """Stand-in for a producer module's output during a chunked model forward: computes rows on demand."""
 
@@ -137,9 +150,12 @@ class ChunkLayout:
     split: dict[str, bool]
 
     @classmethod
-    def build(cls, num_chunks: int, image_tokens: int, text_tokens: int | None, split_text: bool) -> "ChunkLayout":
+    def build(cls, num_chunks: int, image_tokens: int, text_tokens: int | None, split_text: bool,
+              groups: int | None = None) -> "ChunkLayout":
         num_chunks = min(num_chunks, image_tokens)
-        image_ranges = balanced(image_tokens, num_chunks)
+        image_ranges = balanced(image_tokens, num_chunks) if groups is None else grouped(image_tokens, num_chunks,
+                                                                                         groups)
+        num_chunks = len(image_ranges)
         layout = cls(num_chunks, {"image": image_tokens}, {"image": image_ranges}, {"image": True})
         if text_tokens is not None:
             text_split = split_text and text_tokens >= num_chunks

@@ -317,8 +317,10 @@ class SequenceChunkingHook(ModelHook):
             args, kwargs = materialized(arguments.args, arguments.kwargs)
             return original(*args, **kwargs)
         text = arguments.get(self.metadata.encoder_hidden_states_argument_name) if self.plan.has_text_stream else None
+        groups = self.plan.token_groups(arguments.get) if self.plan.token_groups is not None else None
         layout = ChunkLayout.build(
-            self.config.num_chunks, image.shape[1], None if text is None else text.shape[1], self.plan.split_text
+            self.config.num_chunks, image.shape[1], None if text is None else text.shape[1], self.plan.split_text,
+            groups,
         )
         if layout.num_chunks <= 1:
             args, kwargs = materialized(arguments.args, arguments.kwargs)
@@ -342,8 +344,8 @@ class SequenceChunkingHook(ModelHook):
             inactive,
         )
         chunk_arguments = functools.partial(self._chunk_arguments, arguments, layout)
-        outputs = ChunkOutputs(self.path, self.metadata, layout, image, self.config.inplace and self._can_overwrite(
-            module, image, arguments))
+        outputs = ChunkOutputs(self.path, self.metadata, layout, image, self.config.inplace
+                               and not self.plan.returns_update and self._can_overwrite(module, image, arguments))
         RUNNING.block_run = run
         try:
             if self.config.schedule == "lockstep":
@@ -688,7 +690,7 @@ def _prepare_block(
                 f"{path}: the plan uses a text stream, so it must split "
                 f"{metadata.encoder_hidden_states_argument_name!r} as the text stream on dim 1"
             )
-    if not plan.attention:
+    if not plan.attention and not plan.returns_update:
         return "the plan names no whole-sequence attention module", []
     for name, spec in plan.attention.items():
         split = plan.inputs.get(spec.pair_mask) if spec.pair_mask is not None else None

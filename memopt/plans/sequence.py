@@ -214,6 +214,14 @@ class BlockPlan:
         metadata: the block's argument names and output layout, for block classes diffusers'
             ``TransformerBlockRegistry`` does not list (ChronoEdit's own copy of ``WanTransformerBlock``); ``None``
             takes the registry's entry. A block in neither is skipped and reported.
+        token_groups: ``argument -> G``: the image stream is ``G`` equal groups of tokens (latent frames) that a
+            chunk-local attention of the block treats apart (Wan Animate's face adapter: each frame's tokens attend to
+            that frame's face tokens, its processor cutting the queries into ``G`` equal groups). Chunks then cover
+            whole groups, or lie inside one group, so that the chunk's queries are again equal groups; ``None``:
+            balanced chunks.
+        returns_update: the block returns an update that the model adds to the block's hidden states (Wan Animate's
+            face adapter), not the new hidden states: its output is never written over its input. A block whose
+            attention is all chunk-local (``attention`` empty) runs once per chunk.
     """
 
     inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -222,6 +230,8 @@ class BlockPlan:
     unused_before_attention: tuple[str, ...] = ()
     conditioning: tuple[str, ...] = ()
     metadata: TransformerBlockMetadata | None = None
+    token_groups: Callable[[Callable[[str], Any]], int] | None = None
+    returns_update: bool = False
 
     @property
     def has_text_stream(self) -> bool:
@@ -781,6 +791,23 @@ def _pixart_cross_attention_has_text(block: torch.nn.Module, argument: Callable[
     return True
 
 
+def _wan_animate_face_frames(argument: Callable[[str], Any]) -> int:
+    """The face adapter's token groups: one per latent frame, as many as the motion vector's frames (B, T, N, D)."""
+    return argument("encoder_hidden_states").shape[1]
+
+
+def _wan_animate_face_tokens(argument: Callable[[str], Any], rows: tuple[int, int], tokens: int) -> torch.Tensor:
+    """The face tokens of the frames a chunk's rows cover (a view): the processor cuts the chunk's queries into as
+    many equal groups as it gets frames, so a chunk must be whole frames or lie inside one (``token_groups``)."""
+    motion = argument("encoder_hidden_states")
+    size = tokens // motion.shape[1]
+    start, end = rows
+    first, last = start // size, (end - 1) // size + 1
+    if last - first > 1 and (start % size or end % size):
+        raise ValueError(f"face adapter chunk {rows} is neither whole frames of {size} tokens nor inside one")
+    return motion.narrow(1, first, last - first)
+
+
 SEQUENCE_PLANS: dict[str, SequencePlan] = {
     "WanTransformer3DModel": SequencePlan(
         {"blocks.*": _WAN},
@@ -1322,6 +1349,28 @@ SEQUENCE_PLANS: dict[str, SequencePlan] = {
         tail_split=1,
         embed="x_embedder",
         num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
+    ),
+    "WanAnimateTransformer3DModel": SequencePlan(
+        # Wan's blocks (the module's own copy of WanTransformerBlock, not in diffusers' TransformerBlockRegistry): attn1
+        # exchanges K/V, attn2 (text + CLIP image tokens) is chunk-local. The face adapter that the model runs after
+        # every inject_face_latents_blocks-th block is per-frame cross-attention (each latent frame's tokens attend to
+        # its frame's N face tokens): chunk-local, run as a block of its own whose chunks are whole frames or lie
+        # inside one frame, each given its frames' face tokens; its output is an update the model adds to the hidden
+        # states, so it is not written over them. No _cp_plan in diffusers 0.42. The patch embedding is written in
+        # place (pose latents added to frames 1..T), so it cannot be a zero-stride stand-in in the tail passes: only
+        # the pose embedding is.
+        {
+            "blocks.*": dataclasses.replace(_WAN, metadata=TransformerBlockMetadata(return_hidden_states_index=0)),
+            "face_adapter.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS, "encoder_hidden_states": ChunkValue(_wan_animate_face_tokens)},
+                conditioning=("pre_norm_kv",),  # chunks inside one frame share its face tokens: normed once
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+                token_groups=_wan_animate_face_frames,
+                returns_update=True,
+            ),
+        },
+        embed="pose_patch_embedding",
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
     ),
 }
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""

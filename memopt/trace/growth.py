@@ -61,6 +61,7 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "pixart": {"cross_attention_dim": 128, "num_layers": 1},
     "bria": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
     "framepack": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
+    "wan_animate": {"num_layers": 2},  # a Wan block, the face adapter, the last Wan block
 }
 GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
@@ -90,6 +91,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "pixart": (Size(128, 128), Size(256, 256)),
     "bria": (Size(128, 128), Size(256, 256)),
     "framepack": (Size(64, 128, 33), Size(128, 256, 33)),  # one window: the history tokens ~22% of the sequence
+    "wan_animate": (Size(64, 128, 5), Size(128, 256, 5)),
 }
 
 

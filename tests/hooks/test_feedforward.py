@@ -56,6 +56,7 @@ SIZES = {
     "pixart": dict(height=48, width=80),
     "bria": dict(height=48, width=80),
     "framepack": dict(height=48, width=80, num_frames=9),
+    "wan_animate": dict(height=48, width=80, num_frames=5),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
 EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2,
@@ -63,7 +64,7 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "cogview4": 2, "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3, "zimage": 4,
                     "kandinsky5": 3, "minimax_h3": 3, "qwenimage21": 2,
                     "flux3": 5, "auraflow": 4, "pixart": 2, "bria": 4,
-                    "framepack": 4}
+                    "framepack": 4, "wan_animate": 3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

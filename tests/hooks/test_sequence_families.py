@@ -3,7 +3,7 @@ diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan le
 (attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
-FLUX.3's image-to-image call."""
+FLUX.3's image-to-image call, Wan Animate's per-frame face adapter."""
 
 from __future__ import annotations
 
@@ -408,3 +408,40 @@ def test_flux3_image_to_image(schedule):
             out = model(**inputs)[0]
             remove_memory_optimizations(model)
             assert rel_err(out, reference) <= 1e-5, num_chunks
+
+
+def test_token_groups_give_chunks_of_whole_groups_or_inside_one():
+    from memopt.hooks._sequence_chunks import grouped
+
+    assert grouped(45, 3, 3) == [(0, 15), (15, 30), (30, 45)]
+    assert grouped(45, 2, 3) == [(0, 30), (30, 45)]
+    ranges = grouped(45, 7, 3)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 45 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(start // 15 == (end - 1) // 15 for start, end in ranges)  # each inside one frame
+    with pytest.raises(ValueError, match="cannot be cut into 4 equal token groups"):
+        grouped(45, 3, 4)
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_wan_animate_face_adapter_runs_per_frame_chunk(schedule):
+    """The face adapter attends per latent frame: it runs as a chunked block of its own whose chunks are whole frames
+    or lie inside one, and its output is an update the model adds (never written over its input). Without the frame
+    grouping a chunk straddling two frames is refused, not computed."""
+    spec = get_family("wan_animate")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=48, width=80, num_frames=5)  # 3 frames x 15
+    plan = SEQUENCE_PLANS["WanAnimateTransformer3DModel"]
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for num_chunks in (2, 7):
+            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+            assert "face_adapter.0" in report.blocks and not report.skipped, report
+            out = model(**inputs)[0]
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, num_chunks
+        ungrouped = dataclasses.replace(plan, blocks={**plan.blocks, "face_adapter.*": dataclasses.replace(
+            plan.blocks["face_adapter.*"], token_groups=None)})
+        apply_sequence_chunking(model, 4, plan=ungrouped, schedule=schedule)
+        with pytest.raises(ValueError, match="neither whole frames of 15 tokens nor inside one"):
+            model(**inputs)
+        remove_memory_optimizations(model)
