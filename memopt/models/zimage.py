@@ -1,0 +1,67 @@
+"""Z-Image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._spec import FamilySpec, Inputs, Size, _cfg, _check_divisible, _randn
+
+
+# ----------------------------------------------------------------------------------------------- Z-Image
+_ZIMAGE_SEQ_MULTI_OF = 32  # transformer_z_image.SEQ_MULTI_OF: the model pads every sequence to a multiple of it
+
+
+def _zimage_tokens(config: Any, size: Size) -> int:
+    """Image tokens (the 2x2 patches of the 8x-downsampled latents). The blocks carry more: the model pads the image
+    tokens to a multiple of 32 with a learned pad token, and its main layers run on ``[image | caption]`` (the caption
+    padded to a multiple of 32 too), padded to the longest sample."""
+    patch = _cfg(config, "all_patch_size")[0]
+    return (size.height // 8 // patch) * (size.width // 8 // patch)
+
+
+def _zimage_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Z-Image: per-sample lists, as ``ZImagePipeline`` calls the transformer.
+
+    ``x`` is a list of ``(C, 1, H/8, W/8)`` latents (the pipeline's ``latents.unsqueeze(2).unbind(0)``), ``cap_feats``
+    a list of ``(L_i, cap_feat_dim)`` Qwen3 hidden states holding only each prompt's valid tokens (the pipeline drops
+    the padding with the tokenizer mask, so there is no mask argument), ``t`` the ``(B,)`` flow time
+    ``(1000 - timestep) / 1000`` in ``[0, 1]``. The model pads each caption to a multiple of 32 and builds ``(B, S)``
+    boolean key masks itself when the padded lengths differ (CFG batches prompts with negative prompts).
+    ``masked=True`` gives the odd samples ``text_tokens + 32`` caption tokens, so the padded lengths differ and the
+    caption refiner and main layers run with those masks.
+    """
+    patch = _cfg(config, "all_patch_size")[0]
+    _check_divisible("zimage", size, 8 * patch)
+    lengths = [text_tokens + (_ZIMAGE_SEQ_MULTI_OF if masked and i % 2 else 0) for i in range(batch)]
+    latents = [_randn(generator, _cfg(config, "in_channels"), 1, size.height // 8, size.width // 8, dtype=dtype,
+                      device=device) for _ in range(batch)]
+    captions = [_randn(generator, length, _cfg(config, "cap_feat_dim"), dtype=dtype, device=device)
+                for length in lengths]
+    return {
+        "x": latents,
+        "t": torch.full((batch,), 0.5, dtype=dtype, device=device),
+        "cap_feats": captions,
+    }
+
+
+SPECS: list[FamilySpec] = [
+    FamilySpec(
+        name="zimage",
+        class_name="ZImageTransformer2DModel",
+        configs={
+            # Tongyi-MAI/Z-Image-Turbo (and Z-Image) transformer/config.json: the class defaults (dim 3840, 30
+            # layers, 2 noise- and 2 context-refiner layers, 30 heads, Qwen3-4B captions of width 2560).
+            "full": {},
+            "tiny": {"dim": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "n_refiner_layers": 1,
+                     "in_channels": 4, "cap_feat_dim": 24, "axes_dims": [4, 6, 6], "axes_lens": [256, 64, 64]},
+        },
+        sizes={"default": Size(1024, 1024), "tiny": Size(48, 80)},
+        text_tokens=512,  # the pipeline's max_sequence_length, an upper bound: only valid tokens are passed
+        make_inputs_fn=_zimage_inputs,
+        num_tokens_fn=_zimage_tokens,
+        video=False,
+        width_keys=("dim",),
+    ),
+]
