@@ -83,12 +83,12 @@ class ModelRun:
             # add it again to the kept output.
             raise RuntimeError("the model modified the last block's output in place before its output head; run "
                                "it with apply_sequence_chunking(..., chunk_tail=False)")
-        self.dropped = dropped_tokens(image, self.tail_input) if self.kept_tokens is None else 0
+        # The head may take a view of the last block's output without its leading tokens (Chroma keeps the image part
+        # of cat(text, image)) or its trailing ones (image tokens before reference-image tokens): the tail chunks
+        # cover the kept tokens, as many as the tail inputs (per-token modulation) have.
+        span = kept_span(image, self.tail_input) if self.kept_tokens is None else None
+        self.dropped, total = span or (0, image.shape[1])
         self.tail_fingerprint = new_tensor_fingerprint(self.tail_input, image)
-        # The head keeps the leading tokens only (image tokens before reference-image tokens): the tail chunks cover
-        # those, whose tail inputs (per-token modulation) have that many tokens.
-        total = leading_tokens(image, self.tail_input) if self.kept_tokens is None and not self.dropped else None
-        total = total or image.shape[1]
         self.tail_input = None
         first = self.dropped if self.kept_tokens is None else total - self.kept_tokens
         kept = total - first
@@ -376,31 +376,21 @@ def _version(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
-def dropped_tokens(output: torch.Tensor, tail_input: Any) -> int:
-    """How many leading tokens of the last block's output the model drops before its output head: ``P`` when the
-    head's input is the view ``output[:, P:]`` (Chroma's single-stream blocks carry ``cat(text, image)`` and the
-    model keeps the image part), else 0."""
-    if not isinstance(tail_input, torch.Tensor) or tail_input.dim() != output.dim() or output.dim() < 2:
-        return 0
-    if tail_input.untyped_storage()._cdata != output.untyped_storage()._cdata or tail_input.stride() != output.stride():
-        return 0
-    shift, stride = tail_input.storage_offset() - output.storage_offset(), output.stride(1)
-    if stride <= 0 or shift <= 0 or shift % stride:
-        return 0
-    dropped = shift // stride
-    return dropped if tail_input.shape == (output.shape[0], output.shape[1] - dropped, *output.shape[2:]) else 0
-
-
-def leading_tokens(output: torch.Tensor, tail_input: Any) -> int | None:
-    """``N`` when the output head's input is the view ``output[:, :N]`` of the last block's output with ``N`` less
-    than its length (the model drops trailing tokens before the head), else ``None``."""
+def kept_span(output: torch.Tensor, tail_input: Any) -> tuple[int, int] | None:
+    """``(P, N)`` when the output head's input is the view ``output[:, P:N]`` of the last block's output dropping its
+    leading tokens (``N`` its length) or its trailing ones (``P = 0``), else ``None`` (the head takes it whole, or
+    something the tail passes cannot serve)."""
     if not isinstance(tail_input, torch.Tensor) or tail_input.dim() != output.dim() or output.dim() < 2:
         return None
     if tail_input.untyped_storage()._cdata != output.untyped_storage()._cdata or tail_input.stride() != output.stride():
         return None
-    kept = tail_input.shape[1]
-    same = tail_input.storage_offset() == output.storage_offset() and 0 < kept < output.shape[1]
-    return kept if same and tail_input.shape == (output.shape[0], kept, *output.shape[2:]) else None
+    shift, stride, total = tail_input.storage_offset() - output.storage_offset(), output.stride(1), output.shape[1]
+    if stride <= 0 or shift < 0 or shift % stride:
+        return None
+    start, kept = shift // stride, tail_input.shape[1]
+    if tail_input.shape != (output.shape[0], kept, *output.shape[2:]) or not 0 < kept < total:
+        return None
+    return (start, total) if start + kept == total else (0, kept) if start == 0 else None
 
 
 def _first_argument(args: tuple, kwargs: dict) -> Any:
