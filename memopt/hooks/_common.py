@@ -28,6 +28,18 @@ def register_memopt_hook(module: torch.nn.Module, hook: ModelHook, name: str) ->
     registry.register_hook(hook, name)
 
 
+def refuse_if_hooked(modules: list[tuple[str, torch.nn.Module]], name: str, technique: str) -> None:
+    """Raise before any module is hooked when one of ``modules`` (``(path, module)`` pairs) already has the hook
+    ``name``: applying a technique twice is refused as a whole, never left half-applied."""
+    for path, module in modules:
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(name) is not None:
+            raise RuntimeError(
+                f"{path or type(module).__name__} already has memopt's {technique} hook; call "
+                "memopt.remove_memory_optimizations(model) before applying it again"
+            )
+
+
 def iter_memopt_hooks(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str]]:
     """Yield ``(module_path, submodule, hook_name)`` for every memopt hook under ``module``.
 

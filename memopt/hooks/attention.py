@@ -35,7 +35,7 @@ from ._attention_dispatch import (
     intercept_attention,
     release_interception,
 )
-from ._common import register_memopt_hook
+from ._common import refuse_if_hooked, register_memopt_hook
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +208,7 @@ def apply_chunked_attention(
     modules = [(path, module) for path, module in model.named_modules() if isinstance(module, _ATTENTION_CLASSES)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no diffusers attention modules to chunk")
-    for path, module in modules:  # all or nothing: refuse before hooking any module
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(CHUNKED_ATTENTION_HOOK) is not None:
-            raise RuntimeError(f"{path or type(module).__name__} already has memopt's chunked attention hook; call "
-                               "memopt.remove_memory_optimizations(model) before applying it again")
+    refuse_if_hooked(modules, CHUNKED_ATTENTION_HOOK, "chunked attention")
     for path, module in modules:
         register_memopt_hook(module, ChunkedAttentionHook(config, path), CHUNKED_ATTENTION_HOOK)
         report.attention.append(path)

@@ -76,7 +76,7 @@ from ..plans.feedforward import (
     is_feedforward_unit,
     unit_plan,
 )
-from ._common import register_memopt_hook
+from ._common import refuse_if_hooked, register_memopt_hook
 
 logger = logging.getLogger(__name__)
 
@@ -468,10 +468,9 @@ def _kernel_call_reason(parts: _Parts, x: torch.Tensor, kernels: ModuleType) -> 
         return "the weights and the input differ in dtype or device"
     if len(parts.up) == 2 and parts.up[0][0] is not parts.up[1][0]:
         (value, _), (gate, _) = parts.up
-        if value.weight.stride() != gate.weight.stride() or (value.bias is None) != (gate.bias is None) or (
-            value.bias is not None and value.bias.stride() != gate.bias.stride()
-        ):
-            return "the value and gate Linears differ in weight strides or bias"
+        reason = kernels.separate_gate_reason(value.weight, value.bias, gate.weight, gate.bias)
+        if reason is not None:
+            return reason
     availability = kernels.fused_ffn_available(x.device, x.dtype)
     return None if availability else availability.reason
 
@@ -909,13 +908,7 @@ def apply_chunked_feedforward(
     expanded = None if plan is None else expand_plan(model, plan)
 
     units = [(path, module) for path, module in model.named_modules() if is_feedforward_unit(module)]
-    for path, module in units:
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(FEEDFORWARD_HOOK) is not None:
-            raise RuntimeError(
-                f"{path or type(module).__name__} already has memopt's chunked FeedForward hook; call "
-                "memopt.remove_memory_optimizations(model) before applying it again"
-            )
+    refuse_if_hooked(units, FEEDFORWARD_HOOK, "chunked FeedForward")
 
     report = FeedForwardReport(config, source)
     selected = []

@@ -13,6 +13,7 @@ from .chunked_ffn import (
     fused_chunked_ffn_with_plan,
     fused_ffn_available,
     plan_fused_ffn,
+    separate_gate_reason,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "fused_chunked_ffn_with_plan",
     "fused_ffn_available",
     "plan_fused_ffn",
+    "separate_gate_reason",
 ]

@@ -302,14 +302,21 @@ def _check_inputs(
         return
     if activation not in _GATED:
         raise ValueError(f"fused_chunked_ffn: w_gate needs a gated activation {sorted(_GATED)}, got {activation!r}")
-    # The up kernel reads the value and gate tiles through one set of strides (free for nn.Linear weights).
+    reason = separate_gate_reason(w1, b1, w_gate, b_gate)
+    if reason is not None:
+        raise ValueError(f"fused_chunked_ffn: {reason}")
+
+
+def separate_gate_reason(w1: torch.Tensor, b1: torch.Tensor | None, w_gate: torch.Tensor,
+                         b_gate: torch.Tensor | None) -> str | None:
+    """Why a gate Linear of its own (``w_gate``, ``b_gate``) cannot go with the value projection ``w1``, ``b1``, or
+    None: the up kernel reads the value and gate tiles through one set of strides (free for ``nn.Linear`` weights)."""
     if w_gate.shape != w1.shape or w_gate.stride() != w1.stride():
-        raise ValueError(
-            f"fused_chunked_ffn: w_gate must have w1's shape and strides, got {tuple(w_gate.shape)} / "
-            f"{w_gate.stride()} vs {tuple(w1.shape)} / {w1.stride()}"
-        )
+        return (f"w_gate must have w1's shape and strides, got {tuple(w_gate.shape)} / {w_gate.stride()} vs "
+                f"{tuple(w1.shape)} / {w1.stride()}")
     if (b1 is None) != (b_gate is None) or (b1 is not None and b1.stride() != b_gate.stride()):
-        raise ValueError("fused_chunked_ffn: b1 and b_gate must both be given (with equal strides) or both be None")
+        return "b1 and b_gate must both be given (with equal strides) or both be None"
+    return None
 
 
 def fused_chunked_ffn_with_plan(
