@@ -50,8 +50,9 @@ class TailChunkDone(Exception):
 class ModelRun:
     """State of one chunked model forward: the block pass, then one tail pass per chunk."""
 
-    def __init__(self, num_chunks: int) -> None:
+    def __init__(self, num_chunks: int, align: int = 1) -> None:
         self.num_chunks = num_chunks
+        self.align = align
         self.tail = False
         self.block_calls = 0
         self.last_block: tuple[int, Any, TransformerBlockMetadata] | None = None
@@ -92,8 +93,8 @@ class ModelRun:
         self.tail_input = None
         first = self.dropped if self.kept_tokens is None else total - self.kept_tokens
         kept = total - first
-        self.set_ranges([(first + a, first + b) for a, b in balanced(kept, max(1, min(self.num_chunks, kept)))],
-                        total)
+        pieces = balanced(kept, max(1, min(self.num_chunks, kept)), self.align)
+        self.set_ranges([(first + a, first + b) for a, b in pieces], total)
         self.tail = True
 
     def set_ranges(self, ranges: list[tuple[int, int]], total: int) -> None:
@@ -158,7 +159,7 @@ class SequenceModelHook(ModelHook):
             torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
         ):
             return original(*args, **kwargs)
-        run = ModelRun(self.config.num_chunks)
+        run = ModelRun(self.config.num_chunks, self.config.align)
         run.tail_allowed = self.tail and not any(offloaded(block) for block in self.blocks)
         RUNNING.model_run = run
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -14,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate
 from memopt.hooks import _attention_dispatch
 from memopt.hooks._common import has_memopt_hooks, register_memopt_hook
-from memopt.hooks._sequence_chunks import RUNNING, ChunkLayout
+from memopt.hooks._sequence_chunks import RUNNING, ChunkLayout, balanced
 from memopt.hooks._sequence_exchange import AttentionState, BlockRun
 from memopt.hooks.sequence import (
     SEQUENCE_REUSE_HOOK,
@@ -74,6 +75,61 @@ def test_options_keep_the_result(family):
             out = prediction(model(**inputs))
             remove_memory_optimizations(model)
             assert rel_err(out, reference) <= 1e-5, options
+
+
+def test_chunk_boundaries_fall_on_tile_multiples_only_where_chunks_stay_even():
+    # Wan2.1 at 720p/81f in 32 chunks: 2,362-2,363 tokens each, one part-empty 128-row tile per chunk; aligned, every
+    # chunk but the last is whole tiles and no chunk grows by more than an eighth.
+    ranges = balanced(75_600, 32, 128)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 75_600 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(end % 128 == 0 for _, end in ranges[:-1])
+    assert max(end - start for start, end in ranges) <= 75_600 // 32 * 9 // 8
+    assert balanced(75_600, 32) == balanced(75_600, 32, 1) and len({e - s for s, e in balanced(75_600, 32)}) == 2
+    assert balanced(4_000, 32, 128) == balanced(4_000, 32)  # 125-token chunks: a tile would unbalance them
+    # HunyuanVideo 720p/129f in 48 chunks: each chunk's 5-6 text tokens join its image tokens in joint attention
+    before = [0, *itertools.accumulate(end - start for start, end in balanced(256, 48))]
+    ranges = balanced(118_800, 48, 128, before)
+    assert all((end + before[index + 1]) % 128 == 0 for index, (_, end) in enumerate(ranges[:-1]))
+    assert ranges[-1][1] == 118_800 and max(end - start for start, end in ranges) <= 118_800 // 48 * 9 // 8
+    with pytest.raises(ValueError, match="align must be a positive int, got 0"):
+        SequenceChunkingConfig(align=0)
+
+
+LARGER_TINY = {"auraflow": {"pos_embed_max_size": 256}}  # learned positions for the doubled height and width
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_aligned_chunks_match_unmodified_model(family, monkeypatch):
+    """Chunks of uneven sizes (boundaries moved to multiples of ``align``) at twice the test height and width."""
+    size = SIZES[family]
+    config = {**get_family(family).config("tiny"), **LARGER_TINY.get(family, {})}
+    spec, model, inputs = build(family, config, Size(size.height * 2, size.width * 2, size.num_frames))
+    layouts = []
+    original = ChunkLayout.build.__func__
+
+    def build_layout(cls, *args):
+        layout = original(cls, *args)
+        if args[4] is None:  # chunks free to move (not kept to whole token groups: Wan Animate's face adapter)
+            joint = args[6] and "text" in layout.ranges  # text rows in the same kernels: their sum is aligned
+            text_rows = layout.ranges["text"][0][1] - layout.ranges["text"][0][0] if joint else 0
+            layouts.append((layout, text_rows))
+        return layout
+
+    monkeypatch.setattr(ChunkLayout, "build", classmethod(build_layout))
+    moved = 0
+    with torch.no_grad():
+        reference = prediction(model(**inputs))
+        for align in (8, 7):  # one of them moves the middle boundary of every token count here
+            layouts.clear()
+            apply_sequence_chunking(model, 2, align=align)
+            out = prediction(model(**inputs))
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, align
+            aligned = [(layout.ranges["image"], text_rows) for layout, text_rows in layouts
+                       if layout.ranges["image"] != balanced(layout.lengths["image"], layout.num_chunks)]
+            assert all((ranges[0][1] + text_rows) % align == 0 for ranges, text_rows in aligned)
+            moved += len(aligned)
+    assert moved
 
 
 def test_more_chunks_than_tokens():
