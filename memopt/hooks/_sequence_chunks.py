@@ -19,7 +19,8 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from torch.utils._pytree import tree_flatten
 
-from ..plans.sequence import ChunkValue, SequenceSplit, SplitSpec, TokenCount, TokenProducer, _take
+from ..plans.sequence import ChunkValue, SequenceSplit, SplitSpec, TokenCount, TokenProducer
+from ..plans.sequence._vocabulary import _take
 
 
 # ------------------------------------------------------------------------------------------- arguments

@@ -1,0 +1,182 @@
+"""Wan2.1 / 2.2 and the families built on its blocks: Wan VACE, ChronoEdit, SkyReels-V2, Helios, Wan Animate."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata
+from diffusers.models._modeling_parallel import ContextParallelOutput
+
+from ._vocabulary import (
+    _IMAGE_TOKENS,
+    _TEXT_TOKENS,
+    BlockPlan,
+    ChunkValue,
+    JointAttention,
+    ProducerCall,
+    SequencePlan,
+    SequenceSplit,
+    TokenCount,
+    TokenProducer,
+    TokenRanges,
+    _AxisGather,
+    _pair,
+    _returns_text_stream_first,
+)
+
+
+def _wan_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
+    _, _, frames, height, width = call["hidden_states"].shape
+    p_t, p_h, p_w = rope.patch_size
+    return frames // p_t * (height // p_h) * (width // p_w)
+
+
+def _wan_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
+    """Wan's ``(1, S, 1, head_dim)`` tables for some tokens: the per-axis rows of its frequency buffers, gathered."""
+    _, _, frames, height, width = call["hidden_states"].shape
+    p_t, p_h, p_w = rope.patch_size
+    sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
+    axes = list(zip(rope.freqs_cos.split(sizes, dim=1), rope.freqs_sin.split(sizes, dim=1)))  # views, no copies
+    gather = _AxisGather(axes, (frames // p_t, height // p_h, width // p_w))
+
+    def rows_of(ranges: TokenRanges) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = gather(ranges)
+        return cos[None, :, None, :], sin[None, :, None, :]
+
+    return rows_of
+
+
+_WAN = BlockPlan(
+    inputs={
+        "hidden_states": _IMAGE_TOKENS,
+        "temb": SequenceSplit(1, 4),  # Wan2.2 TI2V per-token timesteps: (B, S, 6, D); (B, 6, D) passes whole
+        "rotary_emb": _pair(SequenceSplit(1, 4)),  # (1, S, 1, head_dim) cos / sin, as _cp_plan["rope"]
+    },
+    attention={"attn1": JointAttention()},  # attn2 is cross-attention to text (and image) tokens: chunk-local
+)
+
+
+def _wan_animate_face_frames(argument: Callable[[str], Any]) -> int:
+    """The face adapter's token groups: one per latent frame, as many as the motion vector's frames (B, T, N, D)."""
+    return argument("encoder_hidden_states").shape[1]
+
+
+def _wan_animate_face_tokens(argument: Callable[[str], Any], rows: tuple[int, int], tokens: int) -> torch.Tensor:
+    """The face tokens of the frames a chunk's rows cover (a view): the processor cuts the chunk's queries into as
+    many equal groups as it gets frames, so a chunk must be whole frames or lie inside one (``token_groups``)."""
+    motion = argument("encoder_hidden_states")
+    size = tokens // motion.shape[1]
+    start, end = rows
+    first, last = start // size, (end - 1) // size + 1
+    if last - first > 1 and (start % size or end % size):
+        raise ValueError(f"face adapter chunk {rows} is neither whole frames of {size} tokens nor inside one")
+    return motion.narrow(1, first, last - first)
+
+
+PLANS: dict[str, SequencePlan] = {
+    "WanTransformer3DModel": SequencePlan(
+        {"blocks.*": _WAN},
+        gather=None,
+        embed="patch_embedding",
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+        source="memopt + WanTransformer3DModel._cp_plan",
+    ),
+    "WanVACETransformer3DModel": SequencePlan(
+        # Wan's blocks as Wan's. A VACE block carries the control tokens as its main stream (split; attn1 exchanges
+        # their K/V; its output written back over its input) and also reads the video tokens and returns a per-token
+        # hint: those go in the text stream's place, the same length as the control stream, so cut into the same
+        # ranges and exchanged by no attention. The model keeps the video tokens, the last control state and the
+        # last hint alive between blocks (~5 LD no plan removes).
+        {
+            "blocks.*": _WAN,
+            "vace_blocks.*": dataclasses.replace(
+                _WAN,
+                inputs={
+                    **_WAN.inputs,
+                    "control_hidden_states": _IMAGE_TOKENS,
+                    "hidden_states": _TEXT_TOKENS,  # the video tokens
+                },
+                metadata=_returns_text_stream_first("control_hidden_states", "hidden_states"),  # (hint, control)
+            ),
+        },
+        embed=("patch_embedding", "vace_patch_embedding"),
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+    ),
+    "ChronoEditTransformer3DModel": SequencePlan(
+        # ChronoEdit's blocks are its own copy of WanTransformerBlock (not in diffusers' TransformerBlockRegistry).
+        # Its rotary tables skip frames for two-frame edits, so they are computed whole (0.1 LD) and split.
+        {"blocks.*": dataclasses.replace(_WAN, metadata=TransformerBlockMetadata(return_hidden_states_index=0))},
+        gather=None,
+        embed="patch_embedding",
+        source="memopt + ChronoEditTransformer3DModel._cp_plan",
+    ),
+    "SkyReelsV2Transformer3DModel": SequencePlan(
+        # Wan2.1 blocks with diffusion forcing, under their own class. The diffusion-forcing call modulates every
+        # token with its frame's timestep, a (B, 6, S, D) temb (tokens on dim 2); with causal_block_size > 1 the
+        # self-attention gets a block-causal (1, 1, S, S) mask, cut per chunk by query rows (the chunk's final call
+        # sees the full K/V with exactly its rows). No _cp_plan; the rotary module has Wan's layout.
+        {
+            "blocks.*": dataclasses.replace(
+                _WAN,
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "temb": SequenceSplit(2, 4),  # diffusion forcing (B, 6, S, D); (B, 6, D) passes whole
+                    "rotary_emb": _pair(SequenceSplit(1, 4)),
+                    "attention_mask": SequenceSplit(2, 4),  # block-causal (1, 1, S_q, S_kv): the chunk's query rows
+                },
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            )
+        },
+        embed="patch_embedding",
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+    ),
+    "HeliosTransformer3DModel": SequencePlan(
+        # Wan's block with per-token modulation and a history prefix: hidden_states is [history | window] and
+        # original_context_length (an int, the window's token count) says where the window starts. attn1 runs over
+        # all tokens; attn2 (text cross-attention) on the window tokens only, chunk-local; the output norm keeps only
+        # the window tokens. Split dims as _cp_plan["blocks.*.attn1"]; its gathers sit at attn1/attn2/ffn, so the
+        # gather is memopt's proj_out.
+        {
+            "blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "temb": SequenceSplit(1, 4),  # (B, S, 6, D) per token (zero timestep on history tokens)
+                    "rotary_emb": SequenceSplit(1, 3),  # (1, S, 2 x head_dim) cos | sin
+                    "original_context_length": TokenCount(),  # the window tokens at the end of the sequence
+                },
+                attention={"attn1": JointAttention()},
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            )
+        },
+        gather={"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)},
+        embed="patch_embedding",
+        # HeliosOutputNorm(hidden_states, temb, original_context_length): per-token shift / scale from temb (B, S, D),
+        # and only the window tokens are kept.
+        tail_inputs={"temb": _IMAGE_TOKENS, "original_context_length": TokenCount()},
+        source="memopt + HeliosTransformer3DModel._cp_plan",
+    ),
+    "WanAnimateTransformer3DModel": SequencePlan(
+        # Wan's blocks (the module's own copy of WanTransformerBlock, not in diffusers' TransformerBlockRegistry): attn1
+        # exchanges K/V, attn2 (text + CLIP image tokens) is chunk-local. The face adapter that the model runs after
+        # every inject_face_latents_blocks-th block is per-frame cross-attention (each latent frame's tokens attend to
+        # its frame's N face tokens): chunk-local, run as a block of its own whose chunks are whole frames or lie
+        # inside one frame, each given its frames' face tokens; its output is an update the model adds to the hidden
+        # states, so it is not written over them. No _cp_plan in diffusers 0.42. The patch embedding is written in
+        # place (pose latents added to frames 1..T), so it cannot be a zero-stride stand-in in the tail passes: only
+        # the pose embedding is.
+        {
+            "blocks.*": dataclasses.replace(_WAN, metadata=TransformerBlockMetadata(return_hidden_states_index=0)),
+            "face_adapter.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS, "encoder_hidden_states": ChunkValue(_wan_animate_face_tokens)},
+                conditioning=("pre_norm_kv",),  # chunks inside one frame share its face tokens: normed once
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+                token_groups=_wan_animate_face_frames,
+                returns_update=True,
+            ),
+        },
+        embed="pose_patch_embedding",
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+    ),
+}
