@@ -62,44 +62,9 @@ __all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "ChunkValue"
 
 _FAMILY_PLANS = [module.PLANS for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky,
                                                minimax, auraflow, pixart)]
-_ALL_PLANS = {name: plan for plans in _FAMILY_PLANS for name, plan in plans.items()}
-assert len(_ALL_PLANS) == sum(map(len, _FAMILY_PLANS)), "two family modules define a plan for the same class"
-
-# SEQUENCE_PLANS keeps the order the plans were added in, which interleaves the lineages.
-_ORDER = (
-    "WanTransformer3DModel",
-    "WanVACETransformer3DModel",
-    "ChronoEditTransformer3DModel",
-    "SkyReelsV2Transformer3DModel",
-    "HeliosTransformer3DModel",
-    "FluxTransformer2DModel",
-    "Flux2Transformer2DModel",
-    "ChromaTransformer2DModel",
-    "HunyuanVideoTransformer3DModel",
-    "HunyuanVideo15Transformer3DModel",
-    "HunyuanImageTransformer2DModel",
-    "CogVideoXTransformer3DModel",
-    "CogView4Transformer2DModel",
-    "LTXVideoTransformer3DModel",
-    "LTX2VideoTransformer3DModel",
-    "QwenImageTransformer2DModel",
-    "SD3Transformer2DModel",
-    "MochiTransformer3DModel",
-    "ZImageTransformer2DModel",
-    "Kandinsky5Transformer3DModel",
-    "MiniMaxH3Transformer3DModel",
-    "QwenImage21Transformer2DModel",
-    "Flux3Transformer2DModel",
-    "AuraFlowTransformer2DModel",
-    "PixArtTransformer2DModel",
-    "BriaTransformer2DModel",
-    "HunyuanVideoFramepackTransformer3DModel",
-    "WanAnimateTransformer3DModel",
-)
-assert sorted(_ORDER) == sorted(_ALL_PLANS), set(_ORDER) ^ set(_ALL_PLANS)
-
-SEQUENCE_PLANS: dict[str, SequencePlan] = {name: _ALL_PLANS[name] for name in _ORDER}
+SEQUENCE_PLANS: dict[str, SequencePlan] = {name: plan for plans in _FAMILY_PLANS for name, plan in plans.items()}
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""
+assert len(SEQUENCE_PLANS) == sum(map(len, _FAMILY_PLANS)), "two family modules define a plan for the same class"
 
 
 def sequence_plan(model: torch.nn.Module) -> SequencePlan:
