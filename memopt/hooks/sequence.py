@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -117,6 +118,8 @@ SEQUENCE_REPLAY_HOOK = "memopt.sequence.replay"
 SEQUENCE_REUSE_HOOK = "memopt.sequence.reuse"
 
 SCHEDULES = ("two_pass", "lockstep")
+SMALL_CHUNK_TOKENS = 512
+"""Below this many tokens a chunk's kernels are too small to keep a GPU busy: see :func:`warn_if_launch_bound`."""
 # Submodules of a chunk-local (cross-)attention module that only see its key/value tokens: text or image-prompt tokens
 # that every chunk passes whole, so the first chunk's outputs serve the others (see `SequenceReuseHook`).
 _CROSS_ATTENTION_KEY_VALUE = ("to_k", "to_v", "norm_k", "add_k_proj", "add_v_proj", "norm_added_k")
@@ -143,7 +146,8 @@ class SequenceChunkingConfig:
     Attributes:
         num_chunks: how many chunks (virtual ranks) each block's image tokens are cut into. More chunks lower the
             per-chunk workspace (about 8-15 LD / num_chunks on top of the ~3 LD floor) and add per-call overhead
-            (small while a chunk keeps ~1000+ tokens). Sequences shorter than ``num_chunks`` use one chunk per
+            (small while a chunk keeps ~1000+ tokens; on a GPU, chunks under :data:`SMALL_CHUNK_TOKENS` are
+            launch-bound and warned about). Sequences shorter than ``num_chunks`` use one chunk per
             token. :func:`apply_sequence_chunking` defaults it to the plan's ``num_chunks`` (32, or 48 for Flux and
             HunyuanVideo, whose single-stream blocks have the largest workspace).
         inplace: write each chunk's block output over its input chunk, saving one full hidden state. Safe for
@@ -333,6 +337,7 @@ class SequenceChunkingHook(ModelHook):
         if layout.num_chunks <= 1:
             args, kwargs = materialized(arguments.args, arguments.kwargs)
             return original(*args, **kwargs)
+        warn_if_launch_bound(image.device, min(end - start for start, end in layout.ranges["image"]), image.shape[1])
         if running("block_run") is not None:
             raise RuntimeError(f"{self.path}: nested chunked block runs are not supported")
 
@@ -869,6 +874,23 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
     if (report.tail and not head) or report.producers:
         register_memopt_hook(model, SequenceModelHook(config, blocks, report.tail is not None and not head),
                              SEQUENCE_MODEL_HOOK)
+
+
+def warn_if_launch_bound(device: torch.device, chunk_tokens: int, tokens: int) -> None:
+    """Warn (once per message) when chunks on an accelerator are smaller than :data:`SMALL_CHUNK_TOKENS`.
+
+    Each chunk launches the block's kernels again, on a few hundred rows: the device then waits for the host.
+    Counted by ``benchmarks/sequence_work.py``: Flux.1 at 1024x1024 in its default 48 chunks (85 image tokens each)
+    launches 499,000 kernels instead of 3,700, most of them a few microseconds long.
+    """
+    if device.type == "cpu" or chunk_tokens >= SMALL_CHUNK_TOKENS:
+        return
+    fewer = max(1, tokens // 1024)
+    warnings.warn(
+        f"sequence chunks of {chunk_tokens} tokens on {device.type}: kernels this small are launch-bound, so the "
+        f"chunked forward can take several times the unchunked one; use fewer chunks (num_chunks={fewer} keeps 1,024 "
+        "or more tokens in each) or memopt.apply_memory_optimizations, which takes the fewest chunks that fit the "
+        "memory budget", stacklevel=2)
 
 
 def apply_sequence_chunking(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from memopt.hooks.sequence import (
     SequenceChunkingConfig,
     SequenceReuseHook,
     SequenceSkipHook,
+    warn_if_launch_bound,
 )
 from memopt.models import Size, get_family
 from memopt.plans.sequence import SEQUENCE_PLANS, JointAttention, SequenceSplit
@@ -130,6 +132,15 @@ def test_aligned_chunks_match_unmodified_model(family, monkeypatch):
             assert all((ranges[0][1] + text_rows) % align == 0 for ranges, text_rows in aligned)
             moved += len(aligned)
     assert moved
+
+
+def test_small_chunks_on_an_accelerator_are_warned_about():
+    with pytest.warns(UserWarning, match=r"chunks of 85 tokens on cuda: .*\(num_chunks=4 keeps 1,024"):
+        warn_if_launch_bound(torch.device("cuda"), 85, 4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_launch_bound(torch.device("cpu"), 85, 4096)  # the CPU's kernels are slow enough
+        warn_if_launch_bound(torch.device("cuda"), 2363, 75_600)
 
 
 def test_more_chunks_than_tokens():
