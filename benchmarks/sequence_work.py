@@ -105,7 +105,7 @@ def markdown(all_rows: list[dict[str, Any]], command: str, elapsed: float) -> st
         f"({H100_BF16.matmul_flops_per_s / 1e12:.0f} TFLOP/s matmul, {H100_BF16.attention_flops_per_s / 1e12:.0f} "
         f"TFLOP/s attention, {H100_BF16.memory_bytes_per_s / 1e12:.1f} TB/s, fitted to the one measured "
         f"unmodified Wan forward; {H100_BF16.launch_s * 1e6:.0f} us per kernel launch, assumed, overlapping the "
-        "kernels): a model for comparing variants. Measured on an H100 (session 1, unaligned chunks): Wan 32 chunks "
+        "kernels): a model for comparing variants. Measured on an H100 (sequence_h100.md, chunks not aligned): Wan 32 chunks "
         "two-pass 1.15x.",
         "",
         "| family | size | tokens | chunks | variant | matmul TFLOP | tile waste | attention TFLOP | tile waste | "
