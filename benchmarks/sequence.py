@@ -164,10 +164,11 @@ def _busy(model: torch.nn.Module, inputs: dict, device: str) -> tuple[float, flo
 
 
 @contextlib.contextmanager
-def _variant(model: torch.nn.Module, schedule: str, num_chunks: int | None) -> Iterator[Any]:
+def _variant(model: torch.nn.Module, schedule: str, num_chunks: int | None, align: int) -> Iterator[Any]:
     """``model`` as the variant runs it (sequence chunking with ``schedule``, or unmodified), restored afterwards;
     yields the chunking report (None when unmodified)."""
-    report = None if schedule == UNMODIFIED else apply_sequence_chunking(model, num_chunks, schedule=schedule)
+    report = None if schedule == UNMODIFIED else apply_sequence_chunking(model, num_chunks, schedule=schedule,
+                                                                         align=align)
     try:
         yield report
     finally:
@@ -175,12 +176,12 @@ def _variant(model: torch.nn.Module, schedule: str, num_chunks: int | None) -> I
 
 
 def timing(model: torch.nn.Module, inputs: dict, device: str, repeats: int, num_chunks: int | None,
-           schedules: tuple[str, ...] = SCHEDULES) -> dict[str, Any]:
+           schedules: tuple[str, ...] = SCHEDULES, align: int = 128) -> dict[str, Any]:
     """Unmodified vs each schedule on the same model and inputs: times per round, activation peaks, op counts, and
     the share of one profiled forward the device was busy."""
     variants: dict[str, dict[str, Any]] = {}
     for schedule in (UNMODIFIED, *schedules):
-        with _variant(model, schedule, num_chunks) as report:
+        with _variant(model, schedule, num_chunks, align) as report:
             peak, ops = _trace(model, inputs)  # also warms the path up
         if report is not None:
             configured_chunks = report.num_chunks
@@ -188,7 +189,7 @@ def timing(model: torch.nn.Module, inputs: dict, device: str, repeats: int, num_
     for _ in range(repeats):
         base = None
         for schedule, variant in variants.items():
-            with _variant(model, schedule, num_chunks):
+            with _variant(model, schedule, num_chunks, align):
                 seconds = _forward_seconds(model, inputs, device)
             base = seconds if base is None else base  # the unmodified model runs first in each round
             variant["times"].append(seconds)
@@ -196,14 +197,14 @@ def timing(model: torch.nn.Module, inputs: dict, device: str, repeats: int, num_
     for schedule, variant in variants.items():
         variant["seconds"] = statistics.median(variant.pop("times"))
         variant["ratio"] = statistics.median(variant.pop("ratios"))
-        with _variant(model, schedule, num_chunks):
+        with _variant(model, schedule, num_chunks, align):
             wall, busy = _busy(model, inputs, device)
         variant["busy"], variant["idle"] = busy, None if busy is None else 1 - busy / wall
     return {"num_chunks": configured_chunks, "variants": variants}
 
 
 def bench_cpu(family: str, repeats: int, budget: float, chunk_counts: list[int | None],
-              schedules: tuple[str, ...]) -> list[dict[str, Any]]:
+              schedules: tuple[str, ...], align: int = 128) -> list[dict[str, Any]]:
     """The largest bench size whose baseline forward leaves room for the timed rounds within ``budget`` seconds; one
     row per chunk count (``None``: the family plan's)."""
     spec = get_family(family)
@@ -221,11 +222,12 @@ def bench_cpu(family: str, repeats: int, budget: float, chunk_counts: list[int |
     size, model, inputs = chosen
     row = {"family": family, "config": "bench", "tokens": spec.num_tokens(model.config, size),
            "hidden": spec.hidden_size(model.config), "size": size, "dtype": "fp32"}
-    return [{**row, **timing(model, inputs, "cpu", repeats, num_chunks, schedules)} for num_chunks in chunk_counts]
+    return [{**row, **timing(model, inputs, "cpu", repeats, num_chunks, schedules, align)}
+            for num_chunks in chunk_counts]
 
 
 def bench_cuda(family: str, repeats: int, config_name: str, size_name: str, dtype: torch.dtype,
-               chunk_counts: list[int | None], schedules: tuple[str, ...]) -> list[dict[str, Any]]:
+               chunk_counts: list[int | None], schedules: tuple[str, ...], align: int = 128) -> list[dict[str, Any]]:
     """The released config at a real size, built once; one row per chunk count (``None``: the family plan's)."""
     spec = get_family(family)
     config, size = spec.config(config_name), spec.size(size_name)
@@ -241,7 +243,8 @@ def bench_cuda(family: str, repeats: int, config_name: str, size_name: str, dtyp
     _forward_seconds(model, inputs, "cuda")  # warm-up (kernels, allocator)
     row = {"family": family, "config": config_name, "tokens": spec.num_tokens(model.config, size),
            "hidden": spec.hidden_size(model.config), "size": size, "dtype": str(dtype).replace("torch.", "")}
-    return [{**row, **timing(model, inputs, "cuda", repeats, num_chunks, schedules)} for num_chunks in chunk_counts]
+    return [{**row, **timing(model, inputs, "cuda", repeats, num_chunks, schedules, align)}
+            for num_chunks in chunk_counts]
 
 
 def _maybe(value: float | None, spec: str) -> str:
@@ -295,6 +298,8 @@ def main() -> None:
                         help="one timing row per count (each against the unmodified model); default: the family plan's")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES,
                         help="sequence-chunking schedules to measure beside the unmodified model")
+    parser.add_argument("--align", type=int, default=128,
+                        help="token multiple the chunk boundaries fall on (apply_sequence_chunking's align; 1: even)")
     parser.add_argument("--config", default="full", help="CUDA: zoo config name (full, 1.3b, ...)")
     parser.add_argument("--size", default="default", help="CUDA: zoo size name (default, 480p, ...)")
     parser.add_argument("--threads", type=int, default=1,
@@ -322,9 +327,10 @@ def main() -> None:
                 growth[schedule] = activation_growth(family, functools.partial(apply_sequence_chunking,
                                                                                schedule=schedule))
             growth_rows.append(growth)
-            rows = bench_cpu(family, args.repeats, args.budget, chunk_counts, schedules)
+            rows = bench_cpu(family, args.repeats, args.budget, chunk_counts, schedules, args.align)
         else:
-            rows = bench_cuda(family, args.repeats, args.config, args.size, torch.bfloat16, chunk_counts, schedules)
+            rows = bench_cuda(family, args.repeats, args.config, args.size, torch.bfloat16, chunk_counts, schedules,
+                              args.align)
             torch.cuda.empty_cache()
         timing_rows += rows
         print(markdown(growth_rows[-1:], rows, args.device), flush=True)
