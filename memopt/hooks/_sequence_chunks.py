@@ -71,6 +71,8 @@ def balanced(total: int, pieces: int, align: int = 1, before: list[int] | None =
     are aligned then, so every chunk's kernels see whole tiles.
     """
     bounds = [index * (total // pieces) + min(index, total % pieces) for index in range(pieces + 1)]
+    if before is not None and len(before) != pieces + 1:
+        raise ValueError(f"before must give the rows ahead of each of the {pieces + 1} boundaries, got {len(before)}")
     if align > 1 and total // pieces >= 8 * align:
         extra = before or [0] * (pieces + 1)
         bounds[1:-1] = [round((bound + rows) / align) * align - rows for bound, rows in zip(bounds[1:-1], extra[1:-1])]
@@ -169,15 +171,16 @@ class ChunkLayout:
         """``joint``: each chunk's text rows join its image rows in the same kernels (joint attention), so the
         image boundaries are aligned with the text rows of the chunks before them counted in."""
         num_chunks = min(num_chunks, image_tokens)
-        if groups is not None:
-            num_chunks = len(grouped(image_tokens, num_chunks, groups))
+        image_ranges = grouped(image_tokens, num_chunks, groups) if groups is not None else None
+        num_chunks = len(image_ranges) if image_ranges is not None else num_chunks
         text_ranges: list[tuple[int, int]] = []
         text_split = text_tokens is not None and split_text and text_tokens >= num_chunks
         if text_tokens is not None:
             text_ranges = balanced(text_tokens, num_chunks, align) if text_split else [(0, text_tokens)] * num_chunks
-        before = [0] + list(itertools.accumulate(end - start for start, end in text_ranges)) if joint else None
-        image_ranges = (balanced(image_tokens, num_chunks, align, before) if groups is None
-                        else grouped(image_tokens, num_chunks, groups))
+        if image_ranges is None:
+            rows = (end - start for start, end in text_ranges)
+            before = [0, *itertools.accumulate(rows)] if joint and text_ranges else None
+            image_ranges = balanced(image_tokens, num_chunks, align, before)
         layout = cls(num_chunks, {"image": image_tokens}, {"image": image_ranges}, {"image": True})
         if text_tokens is not None:
             layout.lengths["text"] = text_tokens

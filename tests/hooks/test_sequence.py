@@ -93,6 +93,10 @@ def test_chunk_boundaries_fall_on_tile_multiples_only_where_chunks_stay_even():
     ranges = balanced(118_800, 48, 128, before)
     assert all((end + before[index + 1]) % 128 == 0 for index, (_, end) in enumerate(ranges[:-1]))
     assert ranges[-1][1] == 118_800 and max(end - start for start, end in ranges) <= 118_800 // 48 * 9 // 8
+    # a joint block called without its text stream aligns the image tokens alone
+    assert ChunkLayout.build(32, 75_600, None, True, None, 128, True).ranges["image"] == balanced(75_600, 32, 128)
+    with pytest.raises(ValueError, match="before must give the rows ahead of each of the 33 boundaries, got 1"):
+        balanced(75_600, 32, 128, [0])
     with pytest.raises(ValueError, match="align must be a positive int, got 0"):
         SequenceChunkingConfig(align=0)
 
