@@ -6,7 +6,7 @@ aligned to 128 tokens, the default, or not aligned), :class:`memopt.trace.work.W
 attention FLOPs (exact and rounded up to whole 128 x 128 tiles), the bytes moved by every other kernel and the number
 of kernels. A forward is counted at one and two blocks per block list and extrapolated to the real depth (blocks of a
 list are identical). The last columns turn the counts into a roofline time on an H100
-(:data:`memopt.trace.work.H100_BF16`, rates fitted to the one unmodified forward measured there) and its ratio to
+(:data:`memopt.trace.work.H100_BF16`, rates chosen to match the one unmodified forward measured there) and its ratio to
 the unmodified forward: a model, for comparing variants; ``benchmarks/sequence.py --device cuda`` measures.
 
 Run::
@@ -103,10 +103,10 @@ def markdown(all_rows: list[dict[str, Any]], command: str, elapsed: float) -> st
         "work rounded up to whole 128 x 128 tiles over the exact FLOPs. Memory: bytes read and written by the "
         "kernels that are neither matmul nor attention. Predicted: roofline time on an H100 "
         f"({H100_BF16.matmul_flops_per_s / 1e12:.0f} TFLOP/s matmul, {H100_BF16.attention_flops_per_s / 1e12:.0f} "
-        f"TFLOP/s attention, {H100_BF16.memory_bytes_per_s / 1e12:.1f} TB/s, fitted to the one measured "
+        f"TFLOP/s attention, {H100_BF16.memory_bytes_per_s / 1e12:.1f} TB/s, chosen to match the one measured "
         f"unmodified Wan forward; {H100_BF16.launch_s * 1e6:.0f} us per kernel launch, assumed, overlapping the "
-        "kernels): a model for comparing variants. Measured on an H100 (sequence_h100.md, chunks not aligned): Wan 32 chunks "
-        "two-pass 1.15x.",
+        "kernels): a model for comparing variants. Measured on an H100 (sequence_h100.md, chunks not aligned): Wan "
+        "32 chunks two-pass 1.15x.",
         "",
         "| family | size | tokens | chunks | variant | matmul TFLOP | tile waste | attention TFLOP | tile waste | "
         "memory GB | kernels | predicted H100 s | ratio |",

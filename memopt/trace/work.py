@@ -50,11 +50,11 @@ class Roofline:
 
 
 H100_BF16 = Roofline("H100 bf16", 6.6e14, 5.9e14, 2.8e12, 1e-5)
-"""The three rates are fitted so that the unmodified Wan2.1-14B 720p/81f forward, counted here, takes the 12.8 s
-measured on an H100 80GB HBM3 (``benchmarks/results/sequence_h100.md``), a fit to one point; the 10 us per launch is
-an assumed figure for a PyTorch eager op with memopt's hooks around it, not a measurement. The ratios this predicts
-are a model (the measured 32-chunk Wan ratio, 1.15, is above the 1.08 it predicts for that run's unaligned
-chunks)."""
+"""Three rates typical of an H100 SXM in bf16, chosen so that the unmodified Wan2.1-14B 720p/81f forward, counted
+here, takes the 12.8 s measured on an H100 80GB HBM3 (``benchmarks/results/sequence_h100.md``): one measured point
+for three rates, so they are plausible, not determined. The 10 us per launch is an assumed figure for a PyTorch eager
+op with memopt's hooks around it, not a measurement. The ratios this predicts are a model (the measured 32-chunk Wan
+ratio, 1.15, is above the 1.08 it predicts for that run's unaligned chunks)."""
 
 
 @dataclass
