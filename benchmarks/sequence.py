@@ -82,6 +82,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "flux3": {"axes_dims_rope": (16, 16, 16, 16)},
     "auraflow": {"caption_projection_dim": 512, "pos_embed_max_size": 9216},
     "pixart": {"cross_attention_dim": 512, "use_additional_conditions": False},
+    "allegro": {"attention_head_dim": 66, "cross_attention_dim": 528},  # RoPE: head_dim % 6 == 0
     "bria": {"axes_dims_rope": (16, 24, 24)},
     "framepack": {"rope_axes_dim": (16, 24, 24)},
     "wan_animate": {"ffn_dim": 2208},
@@ -107,6 +108,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "flux3": IMAGE_SIZES,
     "auraflow": IMAGE_SIZES,
     "pixart": IMAGE_SIZES,
+    "allegro": VIDEO_SIZES,
     "bria": IMAGE_SIZES,
     "framepack": VIDEO_SIZES,
     "wan_animate": [Size(128, 256, 33), Size(256, 256, 33), Size(256, 512, 33), Size(512, 512, 33)],

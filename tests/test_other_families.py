@@ -73,14 +73,6 @@ def _hidream() -> Built:
                        encoder_hidden_states_llama3=torch.randn(2, 2, 9, 4), pooled_embeds=torch.randn(2, 8))
 
 
-def _allegro() -> Built:
-    model = diffusers.AllegroTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1,
-        cross_attention_dim=16, sample_width=8, sample_height=8, sample_frames=8, caption_channels=24)
-    return model, dict(hidden_states=torch.randn(2, 4, 3, 6, 10), encoder_hidden_states=torch.randn(2, 9, 24),
-                       timestep=torch.tensor([3, 500]))
-
-
 def _latte() -> Built:
     # No encoder_attention_mask: diffusers' own AttnProcessor2_0 cannot reshape Latte's mask (not repeated per frame).
     model = diffusers.LatteTransformer3DModel(
@@ -252,7 +244,6 @@ class Case(NamedTuple):
 
 
 CASES: dict[str, Case] = {
-    "AllegroTransformer3DModel": Case(_allegro, 1),
     "CogView3PlusTransformer2DModel": Case(_cogview3plus, 1),
     "ConsisIDTransformer3DModel": Case(_consisid, 2),
     "CosmosTransformer3DModel": Case(_cosmos, 2),

@@ -1,10 +1,12 @@
-"""PixArt-Sigma and PixArt-Alpha."""
+"""PixArt-Sigma, PixArt-Alpha and Allegro (a video DiT with PixArt's block layout)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
 
 from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _cfg_or, _check_divisible, _randn, _text_mask
 
@@ -44,6 +46,55 @@ def _pixart_inputs(config, batch, size, text_tokens, dtype, device, generator, m
     }
 
 
+# ----------------------------------------------------------------------------------------------- Allegro
+def _allegro_latent_frames(num_frames: int) -> int:
+    """AllegroPipeline.prepare_latents with the VAE's temporal ratio 4: ``ceil(F / 4)`` for an even frame count (88
+    frames -> 22 latent frames), ``ceil((F - 1) / 4) + 1`` for an odd one."""
+    return math.ceil(num_frames / 4) if num_frames % 2 == 0 else math.ceil((num_frames - 1) / 4) + 1
+
+
+def _allegro_tokens(config: Any, size: Size) -> int:
+    p = _cfg(config, "patch_size")
+    frames = _allegro_latent_frames(size.num_frames) // _cfg(config, "patch_size_t")
+    return frames * (size.height // 8 // p) * (size.width // 8 // p)
+
+
+def _allegro_rotary(config: Any, size: Size, device: torch.device) -> tuple:
+    """``image_rotary_emb`` exactly as AllegroPipeline._prepare_rotary_positional_embeddings builds it: per axis the
+    (cos, sin) rows of every position (tables, a few KiB), and per axis the (1, S) int64 position of every token."""
+    p = _cfg(config, "patch_size")
+    grid_height, grid_width = size.height // 8 // p, size.width // 8 // p
+    freqs_t, freqs_h, freqs_w, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
+        embed_dim=_cfg(config, "attention_head_dim"),
+        crops_coords=((0, 0), (grid_height, grid_width)),
+        grid_size=(grid_height, grid_width),
+        temporal_size=_allegro_latent_frames(size.num_frames),
+        interpolation_scale=(_cfg(config, "interpolation_scale_t"), _cfg(config, "interpolation_scale_h"),
+                             _cfg(config, "interpolation_scale_w")),
+        device=device,
+    )
+    pos = torch.cartesian_prod(grid_t.to(torch.long), grid_h.to(torch.long), grid_w.to(torch.long))
+    pos = pos.reshape(-1, 3).transpose(0, 1).reshape(3, 1, -1).contiguous()
+    return (freqs_t, freqs_h, freqs_w), tuple(pos)
+
+
+def _allegro_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Allegro: latents (B, 4, F', H/8, W/8) (F' as AllegroPipeline), T5-XXL states (4096 wide at the release) + their
+    0/1 mask, one integer timestep per sample, and the pipeline's 3-axis rotary embedding ``image_rotary_emb`` (the
+    model computes no positions itself: without it the attention is position-free). No video ``attention_mask``: the
+    pipeline never passes one."""
+    _check_divisible("allegro", size, 8 * _cfg(config, "patch_size"))
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), _allegro_latent_frames(size.num_frames),
+                                size.height // 8, size.width // 8, dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "caption_channels"), dtype=dtype,
+                                        device=device),
+        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "image_rotary_emb": _allegro_rotary(config, size, device),
+    }
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="pixart",
@@ -65,6 +116,27 @@ SPECS: list[FamilySpec] = [
         make_inputs_fn=_pixart_inputs,
         num_tokens_fn=_pixart_tokens,
         video=False,
+        mask_key="encoder_attention_mask",
+    ),
+    FamilySpec(
+        name="allegro",
+        class_name="AllegroTransformer3DModel",
+        configs={
+            # rhymes-ai/Allegro transformer/config.json: the class defaults are the release (2.8B DiT: 32 blocks,
+            # 24 x 96 = 2304 wide, T5-XXL captions of 4096, patch 1 x 2 x 2, sample 22 x 90 x 160 latents = 88 x 720 x
+            # 1280 px, interpolation scales 2.2 / 2 / 2).
+            "full": {},
+            # The 3-axis RoPE cuts a head into three equal parts, each rotated by halves: head_dim must be a multiple of
+            # 6, so 2 heads x 18 (not 16). cross_attention_dim must be the width (the caption projection maps the text
+            # to it). sample_* only size PatchEmbed, which has no position table here (pos_embed_type=None).
+            "tiny": {"num_attention_heads": 2, "attention_head_dim": 18, "in_channels": 4, "out_channels": 4,
+                     "num_layers": 2, "cross_attention_dim": 36, "caption_channels": 24, "sample_height": 8,
+                     "sample_width": 8, "sample_frames": 8},
+        },
+        sizes={"default": Size(720, 1280, 88), "tiny": Size(48, 80, 9)},
+        text_tokens=512,  # AllegroPipeline's max_sequence_length
+        make_inputs_fn=_allegro_inputs,
+        num_tokens_fn=_allegro_tokens,
         mask_key="encoder_attention_mask",
     ),
 ]

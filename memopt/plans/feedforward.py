@@ -89,6 +89,8 @@ FEEDFORWARD_PLANS: dict[str, dict[str, Style]] = {
     "CogVideoXTransformer3DModel": _ffn("transformer_blocks.*.ff"),
     # PixArt: the caption projection (PixArtAlphaTextProjection, 300 text tokens) and the timestep MLPs left out.
     "PixArtTransformer2DModel": _ffn("transformer_blocks.*.ff"),
+    # Allegro: likewise (its caption projection sees 512 text tokens).
+    "AllegroTransformer3DModel": _ffn("transformer_blocks.*.ff"),
     "LTXVideoTransformer3DModel": _ffn("transformer_blocks.*.ff"),
     "SD3Transformer2DModel": {**_ffn("transformer_blocks.*.ff"), **_ffn("transformer_blocks.*.ff_context")},
     # Mochi: SwiGLU FeedForwards, (value, gate) packed in net.0.proj like diffusers' SwiGLU.

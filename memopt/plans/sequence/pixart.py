@@ -1,12 +1,13 @@
-"""PixArt-Sigma and PixArt-Alpha."""
+"""PixArt-Sigma, PixArt-Alpha and Allegro."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata
 
-from ._vocabulary import _IMAGE_TOKENS, BlockPlan, JointAttention, SequencePlan, SequenceSplit
+from ._vocabulary import _IMAGE_TOKENS, BlockPlan, ChunkValue, JointAttention, SequencePlan, SequenceSplit
 
 
 def _pixart_cross_attention_has_text(block: torch.nn.Module, argument: Callable[[str], Any]) -> bool:
@@ -19,6 +20,22 @@ def _pixart_cross_attention_has_text(block: torch.nn.Module, argument: Callable[
             "self-attention over the whole image sequence. Pass text states, or run without apply_sequence_chunking."
         )
     return True
+
+
+def _allegro_rotary_rows(argument: Callable[[str], Any], rows: tuple[int, int], tokens: int) -> Any:
+    """The chunk's ``image_rotary_emb``: AllegroPipeline passes ``((t, h, w) (cos, sin) tables per position, (t, h, w)
+    (1, S) int64 token positions)``; apply_rotary_emb_allegro looks each token's rows up by its positions, so a chunk
+    takes the whole tables and its own columns of the three position rows (views). A nested tuple no SequenceSplit
+    entry can describe."""
+    value = argument("image_rotary_emb")
+    if value is None:
+        return None
+    tables, positions = value
+    if len(positions) != 3 or any(p.shape[-1] != tokens for p in positions):
+        raise ValueError(f"AllegroTransformerBlock input 'image_rotary_emb': expected three (1, {tokens}) position "
+                         f"rows, got {[tuple(p.shape) for p in positions]}")
+    start, end = rows
+    return tables, tuple(p[..., start:end] for p in positions)
 
 
 PLANS: dict[str, SequencePlan] = {
@@ -45,5 +62,34 @@ PLANS: dict[str, SequencePlan] = {
         # The model computes shift / scale ((B, 1, D) each, from its scale_shift_table and the embedded timestep), then
         # norm_out (LayerNorm) -> modulation -> proj_out -> unpatchify.
         embed="pos_embed",  # PatchEmbed: conv projection + the 2-D sin-cos position table
+    ),
+    "AllegroTransformer3DModel": SequencePlan(
+        # AllegroTransformerBlock: LayerNorm (no affine) + shift / scale from the block's scale_shift_table and the
+        # model's (B, 6D) timestep embedding (the same for every chunk, passed whole; the block has no modulation layer
+        # of its own), self-attention attn1 with the pipeline's 3-axis RoPE applied to Q and K inside
+        # AllegroAttnProcessor2_0 (which calls F.scaled_dot_product_attention itself), cross-attention attn2 to the
+        # projected T5 tokens with no norm in front, under the (B, 1, S_text) additive bias the model makes from
+        # encoder_attention_mask (keys and values from the text only: chunk-local), a gelu-tanh FeedForward. Not in
+        # diffusers' TransformerBlockRegistry; returns the hidden states alone. No _cp_plan in diffusers 0.42.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    # The forward's optional (B, F', H', W') video mask (no pipeline passes one), max-pooled per
+                    # patch by the model into a (B, 1, S) additive key bias: attn1's mask over the chunk's own keys,
+                    # which the exchange gathers. A (B, S) or (B, 1, S) mask passes through the model unchanged: cut
+                    # on its last dim whatever its rank.
+                    "attention_mask": SequenceSplit(-1),
+                    "image_rotary_emb": ChunkValue(_allegro_rotary_rows),
+                },
+                # attn1 always attends over the whole sequence: the model always passes text states (attn2 never
+                # self-attends).
+                attention={"attn1": JointAttention()},
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            )
+        },
+        # The model computes shift / scale ((B, 1, D) each, from its scale_shift_table and the embedded timestep), then
+        # norm_out (LayerNorm) -> modulation -> proj_out -> unpatchify.
+        embed="pos_embed",  # PatchEmbed per frame (conv projection, no position table: positions come from the RoPE)
     ),
 }
