@@ -83,6 +83,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "auraflow": {"caption_projection_dim": 512, "pos_embed_max_size": 9216},
     "pixart": {"cross_attention_dim": 512, "use_additional_conditions": False},
     "allegro": {"attention_head_dim": 66, "cross_attention_dim": 528},  # RoPE: head_dim % 6 == 0
+    "easyanimate": {"text_embed_dim": 64},
     "bria": {"axes_dims_rope": (16, 24, 24)},
     "framepack": {"rope_axes_dim": (16, 24, 24)},
     "wan_animate": {"ffn_dim": 2208},
@@ -109,6 +110,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "auraflow": IMAGE_SIZES,
     "pixart": IMAGE_SIZES,
     "allegro": VIDEO_SIZES,
+    "easyanimate": VIDEO_SIZES,
     "bria": IMAGE_SIZES,
     "framepack": VIDEO_SIZES,
     "wan_animate": [Size(128, 256, 33), Size(256, 256, 33), Size(256, 512, 33), Size(512, 512, 33)],

@@ -93,14 +93,6 @@ def _cogview3plus() -> Built:
                        target_size=torch.tensor([[80, 112]] * 2), crop_coords=torch.tensor([[0, 0]] * 2))
 
 
-def _easyanimate() -> Built:
-    model = diffusers.EasyAnimateTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
-        text_embed_dim=16, num_layers=1, sample_width=16, sample_height=16, patch_size=2)
-    return model, dict(hidden_states=torch.randn(2, 4, 3, 10, 14), timestep=torch.tensor([3, 500]),
-                       encoder_hidden_states=torch.randn(2, 9, 16))
-
-
 def _omnigen() -> Built:
     model = diffusers.OmniGenTransformer2DModel(
         hidden_size=16, num_attention_heads=4, num_key_value_heads=4, intermediate_size=32, num_layers=2,
@@ -248,7 +240,6 @@ CASES: dict[str, Case] = {
     "ConsisIDTransformer3DModel": Case(_consisid, 2),
     "CosmosTransformer3DModel": Case(_cosmos, 2),
     "DiTTransformer2DModel": Case(_dit, 2),
-    "EasyAnimateTransformer3DModel": Case(_easyanimate, 2),
     "ErnieImageTransformer2DModel": Case(_ernie_image, 2),
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
     "HiDreamImageTransformer2DModel": Case(_hidream, 7, data_dependent=True),  # MoE routing (bincount); experts hooked

@@ -18,7 +18,22 @@ from __future__ import annotations
 
 import torch
 
-from . import auraflow, cogview, flux, hunyuan, kandinsky, ltx, minimax, mochi, pixart, qwenimage, sd3, wan, zimage
+from . import (
+    auraflow,
+    cogview,
+    easyanimate,
+    flux,
+    hunyuan,
+    kandinsky,
+    ltx,
+    minimax,
+    mochi,
+    pixart,
+    qwenimage,
+    sd3,
+    wan,
+    zimage,
+)
 from ._spec import TINY_WIDTH, FamilySpec, Inputs, Size, cast_floating_
 from .flux import flux3_reference_inputs
 
@@ -28,7 +43,7 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart)
+                   pixart, easyanimate)
     for spec in module.SPECS
 }
 """Family name -> :class:`FamilySpec`, for every family with a plan in :mod:`memopt.plans`."""

@@ -55,6 +55,7 @@ SIZES = {
     "auraflow": dict(height=80, width=112),
     "pixart": dict(height=48, width=80),
     "allegro": dict(height=80, width=112, num_frames=1),
+    "easyanimate": dict(height=48, width=80, num_frames=9),
     "bria": dict(height=48, width=80),
     "framepack": dict(height=48, width=80, num_frames=9),
     "wan_animate": dict(height=48, width=80, num_frames=5),
@@ -65,7 +66,8 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "cogview4": 2, "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3, "zimage": 4,
                     "kandinsky5": 3, "minimax_h3": 3, "qwenimage21": 2,
                     "flux3": 5, "auraflow": 4, "pixart": 2, "bria": 4,
-                    "framepack": 4, "wan_animate": 3, "allegro": 2}
+                    "framepack": 4, "wan_animate": 3, "allegro": 2,
+                    "easyanimate": 3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

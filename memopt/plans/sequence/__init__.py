@@ -16,8 +16,8 @@ copy of ``WanTransformerBlock``, and others) get their layout from ``BlockPlan.m
 
 The plans are data, one module per family lineage (as :mod:`memopt.models`): ``wan``, ``flux``, ``hunyuan``,
 ``cogview``, ``ltx``, ``qwenimage``, ``sd3``, ``mochi``, ``zimage``, ``kandinsky``, ``minimax``, ``auraflow``,
-``pixart``, each a ``PLANS`` dict; ``_vocabulary`` holds the dataclasses they are made of (below) and the pieces
-several lineages share.
+``pixart``, ``easyanimate``, each a ``PLANS`` dict; ``_vocabulary`` holds the dataclasses they are made of (below)
+and the pieces several lineages share.
 
 Vocabulary:
 
@@ -41,7 +41,22 @@ from __future__ import annotations
 
 import torch
 
-from . import auraflow, cogview, flux, hunyuan, kandinsky, ltx, minimax, mochi, pixart, qwenimage, sd3, wan, zimage
+from . import (
+    auraflow,
+    cogview,
+    easyanimate,
+    flux,
+    hunyuan,
+    kandinsky,
+    ltx,
+    minimax,
+    mochi,
+    pixart,
+    qwenimage,
+    sd3,
+    wan,
+    zimage,
+)
 from ._vocabulary import (
     FUSED_ROLES,
     STREAMS,
@@ -61,7 +76,7 @@ __all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "ChunkValue"
            "SequencePlan", "SequenceSplit", "SplitSpec", "TokenCount", "TokenProducer", "TokenRanges", "sequence_plan"]
 
 _FAMILY_PLANS = [module.PLANS for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky,
-                                               minimax, auraflow, pixart)]
+                                               minimax, auraflow, pixart, easyanimate)]
 SEQUENCE_PLANS: dict[str, SequencePlan] = {name: plan for plans in _FAMILY_PLANS for name, plan in plans.items()}
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""
 assert len(SEQUENCE_PLANS) == sum(map(len, _FAMILY_PLANS)), "two family modules define a plan for the same class"
