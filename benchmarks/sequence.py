@@ -85,6 +85,8 @@ BENCH_CONFIGS: dict[str, dict] = {
     "allegro": {"attention_head_dim": 66, "cross_attention_dim": 528},  # RoPE: head_dim % 6 == 0
     "easyanimate": {"text_embed_dim": 64},
     "bria": {"axes_dims_rope": (16, 24, 24)},
+    "longcat_image": {"axes_dims_rope": (16, 24, 24)},
+    "ovis_image": {"axes_dims_rope": (16, 24, 24)},
     "framepack": {"rope_axes_dim": (16, 24, 24)},
     "wan_animate": {"ffn_dim": 2208},
 }
@@ -112,6 +114,8 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "allegro": VIDEO_SIZES,
     "easyanimate": VIDEO_SIZES,
     "bria": IMAGE_SIZES,
+    "longcat_image": IMAGE_SIZES,
+    "ovis_image": IMAGE_SIZES,
     "framepack": VIDEO_SIZES,
     "wan_animate": [Size(128, 256, 33), Size(256, 256, 33), Size(256, 512, 33), Size(512, 512, 33)],
 }

@@ -136,18 +136,6 @@ def _dit() -> Built:
                        class_labels=torch.tensor([1, 7]))
 
 
-def _flux_like(cls: type, **config: Any) -> Callable[[], Built]:
-    """LongCat-Image and Ovis-Image: Flux-style packed 5 x 7 image tokens and 9 text tokens with ids."""
-    def build() -> Built:
-        model = cls(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                    num_attention_heads=2, joint_attention_dim=32, **config)
-        return model, dict(hidden_states=torch.randn(2, 35, 4), encoder_hidden_states=torch.randn(2, 9, 32),
-                           timestep=torch.tensor([0.1, 0.7]), img_ids=torch.randn(35, 3), txt_ids=torch.randn(9, 3))
-    return build
-
-
-
-
 def _krea2() -> Built:
     model = diffusers.Krea2Transformer2DModel(
         in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
@@ -246,13 +234,9 @@ CASES: dict[str, Case] = {
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
     "Krea2Transformer2DModel": Case(_krea2, 4),
     "LatteTransformer3DModel": Case(_latte, 2),
-    "LongCatImageTransformer2DModel": Case(_flux_like(diffusers.LongCatImageTransformer2DModel,
-                                                      pooled_projection_dim=32, axes_dims_rope=[0, 4, 4]), 2),
     "Lumina2Transformer2DModel": Case(_lumina2, 4, data_dependent=True),  # a tensor read as a number
     "MotifVideoTransformer3DModel": Case(_motif_video, 2),
     "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True),  # a tensor read as a number
-    "OvisImageTransformer2DModel": Case(_flux_like(diffusers.OvisImageTransformer2DModel, out_channels=4,
-                                                   axes_dims_rope=(0, 4, 4)), 2),
     "PRXTransformer2DModel": Case(_prx, 0),  # MLP inline in PRXBlock.forward: "no FeedForward-like module found"
     "SanaTransformer2DModel": Case(_sana, 0),  # GLUMBConv (a conv FFN): skipped, "no FeedForward layout"
     "SanaVideoTransformer3DModel": Case(_sana_video, 0),  # GLUMBTempConv: skipped likewise

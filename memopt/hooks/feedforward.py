@@ -62,6 +62,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoSingleTransformerBlock,
     HunyuanVideoTokenReplaceSingleTransformerBlock,
 )
+from diffusers.models.transformers.transformer_longcat_image import LongCatImageSingleTransformerBlock
 from torch.utils.checkpoint import checkpoint
 
 from ..plans.feedforward import (
@@ -649,6 +650,7 @@ def _hunyuan_token_replace_single_forward(
 
 UNIT_FORWARDS: dict[type, Callable[..., Any]] = {
     FluxSingleTransformerBlock: _flux_single_forward,
+    LongCatImageSingleTransformerBlock: _flux_single_forward,  # Flux's forward, unchanged
     BriaSingleTransformerBlock: _bria_single_forward,
     ChromaSingleTransformerBlock: _chroma_single_forward,
     HunyuanVideoSingleTransformerBlock: _hunyuan_single_forward,

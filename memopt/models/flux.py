@@ -1,4 +1,4 @@
-"""Flux and its relatives: FLUX.2, FLUX.3, Chroma, Bria."""
+"""Flux and its relatives: FLUX.2, FLUX.3, Chroma, Bria, LongCat-Image, Ovis-Image."""
 
 from __future__ import annotations
 
@@ -162,6 +162,64 @@ def _chroma_inputs(config, batch, size, text_tokens, dtype, device, generator, m
     }
 
 
+# ----------------------------------------------------------------------------------------------- LongCat-Image
+def _longcat_image_ids(height: int, width: int, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image ids (h x w, 3), text ids (T, 3))`` as ``LongCatImagePipeline``'s ``prepare_pos_ids`` builds them:
+    text tokens ``(0, i, i)``, image tokens ``(1, T + row, T + column)`` (the grid starts after the text window)."""
+    text = torch.arange(text_tokens, dtype=torch.float32)
+    txt_ids = torch.stack([torch.zeros(text_tokens), text, text], dim=-1)
+    img_ids = torch.ones(height, width, 3)
+    img_ids[..., 1] = text_tokens + torch.arange(height)[:, None]
+    img_ids[..., 2] = text_tokens + torch.arange(width)[None, :]
+    return img_ids.reshape(height * width, 3), txt_ids
+
+
+def _longcat_image_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """LongCat-Image: 2x2-packed latents (B, N, 64), Qwen2.5-VL states (3584), timestep in [0, 1] (the model scales
+    it by 1000), 3-axis (modality, row, column) position ids.
+
+    No pooled projection (``pooled_projection_dim`` is stored, never used), no guidance embedding (``guidance`` is
+    accepted and ignored) and no text mask: the pipeline pads the prompt to 512 tokens and passes the encoder's states
+    of the padding tokens (not zeroed), so ``masked`` changes nothing.
+    """
+    _check_divisible("longcat_image", size, 16)
+    h, w = size.height // 16, size.width // 16
+    img_ids, txt_ids = _longcat_image_ids(h, w, text_tokens)
+    return {
+        "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"),
+                                        dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),  # the pipeline passes t / 1000
+        "img_ids": img_ids.to(device=device, dtype=dtype),
+        "txt_ids": txt_ids.to(device=device, dtype=dtype),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- Ovis-Image
+def _ovis_image_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Ovis-Image: 2x2-packed latents (B, N, 64), Ovis-U1 (Qwen3) states (2048), timestep in [0, 1] (the model scales
+    it by 1000), position ids: text ``(0, i, i)``, image ``(0, row, column)``.
+
+    No pooled projection, no guidance and no text mask: ``OvisImagePipeline`` pads the prompt to
+    ``max_sequence_length`` (256) and multiplies the states by the tokenizer mask (padding states are zeros), which
+    ``masked`` reproduces on the last quarter of the text.
+    """
+    _check_divisible("ovis_image", size, 16)
+    h, w = size.height // 16, size.width // 16
+    text = _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"), dtype=dtype, device=device)
+    if masked:
+        text[:, text_tokens - max(1, text_tokens // 4) :] = 0
+    txt_ids = torch.zeros(text_tokens, 3)
+    txt_ids[:, 1] = txt_ids[:, 2] = torch.arange(text_tokens, dtype=torch.float32)
+    return {
+        "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
+        "encoder_hidden_states": text,
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),  # the pipeline passes t / 1000
+        "img_ids": _grid_ids(h, w, 3).to(device=device, dtype=dtype),
+        "txt_ids": txt_ids.to(device=device, dtype=dtype),
+    }
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="flux",
@@ -239,6 +297,37 @@ SPECS: list[FamilySpec] = [
         text_tokens=128,  # BriaPipeline's max_sequence_length
         make_inputs_fn=_bria_inputs,
         num_tokens_fn=_bria_tokens,
+        video=False,
+    ),
+    FamilySpec(
+        name="longcat_image",
+        class_name="LongCatImageTransformer2DModel",
+        configs={
+            # LongCat-Image's transformer (6B: 10 double-stream + 20 single-stream blocks, 24 x 128; from public ports
+            # of its config.json, which could not be read here); the class defaults are Flux.1's depth (19 + 38)
+            "full": {"num_layers": 10, "num_single_layers": 20},
+            "tiny": {**_TINY_HEADS, "in_channels": 16, "num_layers": 1, "num_single_layers": 2,
+                     "joint_attention_dim": 24, "pooled_projection_dim": 24, "axes_dims_rope": (4, 6, 6)},
+        },
+        sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},  # the pipeline's default_sample_size 128 x VAE 8
+        text_tokens=512,  # LongCatImagePipeline.tokenizer_max_length: the prompt is padded to it
+        make_inputs_fn=_longcat_image_inputs,
+        num_tokens_fn=_flux_tokens,
+        video=False,
+    ),
+    FamilySpec(
+        name="ovis_image",
+        class_name="OvisImageTransformer2DModel",
+        configs={
+            # The class defaults: Ovis-Image-7B's transformer (6 double + 27 single blocks, 24 x 128, SwiGLU MLPs)
+            "full": {},
+            "tiny": {**_TINY_HEADS, "in_channels": 16, "out_channels": 16, "num_layers": 1, "num_single_layers": 2,
+                     "joint_attention_dim": 24, "axes_dims_rope": (4, 6, 6)},
+        },
+        sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},  # the pipeline's default_sample_size 128 x VAE 8
+        text_tokens=256,  # OvisImagePipeline's max_sequence_length (its maximum too)
+        make_inputs_fn=_ovis_image_inputs,
+        num_tokens_fn=_flux_tokens,
         video=False,
     ),
 ]

@@ -51,6 +51,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoSingleTransformerBlock,
     HunyuanVideoTokenReplaceSingleTransformerBlock,
 )
+from diffusers.models.transformers.transformer_longcat_image import LongCatImageSingleTransformerBlock
 
 Style = Union[str, PackedColwiseParallel, PackedRowwiseParallel]
 """A split style: ``"colwise"``, ``"rowwise"`` or one of diffusers' packed markers."""
@@ -373,6 +374,7 @@ FEEDFORWARD_UNITS: dict[type, LayoutFn] = {
     Flux2FeedForward: _flux2,
     FluxSingleTransformerBlock: _single_block,
     BriaSingleTransformerBlock: _single_block,
+    LongCatImageSingleTransformerBlock: _single_block,
     ChromaSingleTransformerBlock: _single_block,
     HunyuanVideoSingleTransformerBlock: _single_block,
     HunyuanVideoTokenReplaceSingleTransformerBlock: _single_block,

@@ -64,6 +64,8 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     # Allegro: its 3-axis RoPE needs head_dim % 6 == 0, so 10 heads x 12 = 120 wide.
     "allegro": {"num_attention_heads": 10, "attention_head_dim": 12, "cross_attention_dim": 120, "num_layers": 1},
     "bria": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
+    "longcat_image": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
+    "ovis_image": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
     "framepack": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
     "wan_animate": {"num_layers": 2},  # a Wan block, the face adapter, the last Wan block
 }
@@ -96,6 +98,8 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "easyanimate": (Size(64, 128, 5), Size(128, 256, 5)),
     "allegro": (Size(64, 128, 5), Size(128, 256, 5)),  # 2 latent frames: 64 and 256 tokens
     "bria": (Size(128, 128), Size(256, 256)),
+    "longcat_image": (Size(128, 128), Size(256, 256)),
+    "ovis_image": (Size(128, 128), Size(256, 256)),
     "framepack": (Size(64, 128, 33), Size(128, 256, 33)),  # one window: the history tokens ~22% of the sequence
     "wan_animate": (Size(64, 128, 5), Size(128, 256, 5)),
 }
