@@ -118,17 +118,6 @@ def _cosmos() -> Built:
                        encoder_hidden_states=torch.randn(2, 9, 16), attention_mask=_mask(2, 9, 6), fps=30)
 
 
-def _consisid() -> Built:
-    model = diffusers.ConsisIDTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
-        text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=8, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=9, cross_attn_interval=1, is_kps=False, is_train_face=True,
-        cross_attn_dim_head=1, cross_attn_num_heads=1, LFE_id_dim=2, LFE_vit_dim=2, LFE_depth=5, LFE_dim_head=8,
-        LFE_num_heads=2, LFE_num_id_token=1, LFE_num_querie=1, LFE_output_dim=10, LFE_ff_mult=1, LFE_num_scale=1)
-    return model, dict(hidden_states=torch.randn(2, 2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 8),
-                       timestep=torch.tensor([3, 500]), id_vit_hidden=[torch.randn(2, 2, 2)], id_cond=torch.randn(2, 2))
-
-
 def _dit() -> Built:
     model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                             num_layers=2, sample_size=7, patch_size=2)
@@ -225,7 +214,6 @@ class Case(NamedTuple):
 
 CASES: dict[str, Case] = {
     "CogView3PlusTransformer2DModel": Case(_cogview3plus, 1),
-    "ConsisIDTransformer3DModel": Case(_consisid, 2),
     "CosmosTransformer3DModel": Case(_cosmos, 2),
     "DiTTransformer2DModel": Case(_dit, 2),
     "ErnieImageTransformer2DModel": Case(_ernie_image, 2),

@@ -71,9 +71,13 @@ class ModelRun:
         self.replayed: dict[int, int] = {}
         self.tail_allowed = False
 
-    def block_finished(self, output: Any, metadata: TransformerBlockMetadata) -> None:
-        self.last_block = (self.block_calls, output, metadata)
-        self.last_version = _version(_image_output(output, metadata))
+    def block_finished(self, output: Any, metadata: TransformerBlockMetadata, keep: bool = True) -> None:
+        """``keep=False`` for a block that returns an update the model adds to the stream (ConsisID's face
+        cross-attention): the tail passes cannot answer from it, and kept it would stay alive through the model's add
+        (1 LD). A head right after such a block then runs whole (see :class:`SequenceTailHook`)."""
+        if keep:
+            self.last_block = (self.block_calls, output, metadata)
+            self.last_version = _version(_image_output(output, metadata))
         self.block_calls += 1
 
     def start_tail(self) -> None:
@@ -209,6 +213,7 @@ class SequenceTailHook(ModelHook):
         self.path = path
         self.inputs = inputs
         self.index: dict[str, int] = {}
+        self._warned = False
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.index = positional_index(type(module))
@@ -219,7 +224,12 @@ class SequenceTailHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: ModelRun | None = running("model_run")
-        if run is not None and run.tail_allowed and not run.tail and run.last_block is not None:
+        block_pass = run is not None and run.tail_allowed and not run.tail
+        if block_pass and run.last_block is None and run.block_calls and not self._warned:
+            logger.warning("%s: the output head runs on the whole sequence (the block before it returns an update the "
+                           "model adds to its input, which the tail passes cannot answer from)", self.path)
+            self._warned = True
+        if block_pass and run.last_block is not None:
             run.tail_input = _first_argument(args, kwargs)
             arguments = Arguments(self.index, args, kwargs)
             counts = [arguments.get(name) for name, spec in self.inputs.items() if isinstance(spec, TokenCount)]

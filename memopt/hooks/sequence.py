@@ -312,7 +312,7 @@ class SequenceChunkingHook(ModelHook):
             model_run.last_block = None
         output = self._forward(module, arguments)
         if model_run is not None:
-            model_run.block_finished(output, self.metadata)
+            model_run.block_finished(output, self.metadata, keep=not self.plan.returns_update)
         return output
 
     def _forward(self, module: torch.nn.Module, arguments: Arguments) -> Any:

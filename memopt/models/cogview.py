@@ -1,4 +1,4 @@
-"""CogVideoX and CogView4."""
+"""CogVideoX, its identity-preserving derivative ConsisID, and CogView4."""
 
 from __future__ import annotations
 
@@ -6,13 +6,26 @@ import math
 from typing import Any
 
 import torch
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.pipelines.consisid.pipeline_consisid import get_resize_crop_region_for_grid
 
-from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _latent_frames, _randn
+from ._spec import (
+    _TINY_HEADS,
+    FamilySpec,
+    Inputs,
+    Size,
+    _cfg,
+    _cfg_or,
+    _check_divisible,
+    _is_tiny,
+    _latent_frames,
+    _randn,
+)
 
 
 # ----------------------------------------------------------------------------------------------- CogVideoX
 def _cogvideox_tokens(config: Any, size: Size) -> int:
-    p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t") or 1
+    p, pt = _cfg(config, "patch_size"), _cfg_or(config, "patch_size_t", None) or 1  # ConsisID has no patch_size_t
     frames = _latent_frames(size.num_frames, 4)
     return math.ceil(frames / pt) * (size.height // 8 // p) * (size.width // 8 // p)
 
@@ -28,6 +41,59 @@ def _cogvideox_inputs(config, batch, size, text_tokens, dtype, device, generator
                                         device=device),
         "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
     }
+
+# ----------------------------------------------------------------------------------------------- ConsisID
+# CogVideoX-5B-I2V with identity conditioning: the Local Facial Extractor turns the face embedding (id_cond, ArcFace +
+# EVA-CLIP, (B, 1280)) and LFE_num_scale EVA-CLIP hidden states ((B, 577, 1024) each) into LFE_num_querie face tokens,
+# and after every cross_attn_interval-th block the model adds a PerceiverCrossAttention update (video tokens attend to
+# the face tokens) to the video tokens.
+def _consisid_rotary(config: Any, size: Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ConsisIDPipeline._prepare_rotary_positional_embeddings``: fp32 ``(S_image, head_dim)`` cos / sin."""
+    p = _cfg(config, "patch_size")
+    grid = (size.height // 8 // p, size.width // 8 // p)
+    crops = get_resize_crop_region_for_grid(grid, _cfg(config, "sample_width") // p, _cfg(config, "sample_height") // p)
+    return get_3d_rotary_pos_embed(embed_dim=_cfg(config, "attention_head_dim"), crops_coords=crops, grid_size=grid,
+                                   temporal_size=_latent_frames(size.num_frames, 4), device=device)
+
+
+def _consisid_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """ConsisIDPipeline's call: latents (B, F', C, H/8, W/8) with the image latents concatenated on C (in_channels =
+    2 x 16), T5 states, an integer timestep, the rotary tables (when the config uses them), and with is_train_face the
+    identity inputs: id_cond (B, LFE_id_dim) and id_vit_hidden, LFE_num_scale EVA-CLIP hidden states (B, 577,
+    LFE_vit_dim) (5 tokens at tiny configs). The forward takes no text mask."""
+    _check_divisible("consisid", size, 8 * _cfg(config, "patch_size"))
+    inputs = {
+        "hidden_states": _randn(generator, batch, _latent_frames(size.num_frames, 4), _cfg(config, "in_channels"),
+                                size.height // 8, size.width // 8, dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+    }
+    if _cfg(config, "use_rotary_positional_embeddings"):
+        inputs["image_rotary_emb"] = _consisid_rotary(config, size, device)
+    if _cfg(config, "is_train_face"):
+        vit_tokens = 5 if _is_tiny(config) else 577
+        inputs["id_cond"] = _randn(generator, batch, _cfg(config, "LFE_id_dim"), dtype=dtype, device=device)
+        inputs["id_vit_hidden"] = [
+            _randn(generator, batch, vit_tokens, _cfg(config, "LFE_vit_dim"), dtype=dtype, device=device)
+            for _ in range(_cfg(config, "LFE_num_scale"))
+        ]
+    return inputs
+
+
+# Two blocks and one face cross-attention after block 0 (cross_attn_interval 2, as released: 42 blocks, face
+# cross-attention after 0, 2, ..., 40). The face cross-attention's K/V width is int(2/3 x width) (21 here) and must
+# equal LFE_output_dim. No learned position table (the release's, use_learned_positional_embeddings, only allows the
+# sample size): rotary tables only, as the release's blocks see them.
+_TINY_CONSISID = {
+    **_TINY_HEADS, "in_channels": 8, "out_channels": 4, "time_embed_dim": 16, "text_embed_dim": 24, "num_layers": 2,
+    "sample_width": 10, "sample_height": 6, "sample_frames": 9, "max_text_seq_length": 8,
+    "use_rotary_positional_embeddings": True, "is_train_face": True, "cross_attn_interval": 2,
+    "cross_attn_dim_head": 8, "cross_attn_num_heads": 2, "LFE_id_dim": 12, "LFE_vit_dim": 16, "LFE_depth": 2,
+    "LFE_dim_head": 8, "LFE_num_heads": 2, "LFE_num_id_token": 2, "LFE_num_querie": 3, "LFE_output_dim": 21,
+    "LFE_ff_mult": 2, "LFE_num_scale": 2,
+}
+
 
 # ----------------------------------------------------------------------------------------------- CogView4
 def _cogview4_tokens(config: Any, size: Size) -> int:
@@ -89,5 +155,23 @@ SPECS: list[FamilySpec] = [
         make_inputs_fn=_cogview4_inputs,
         num_tokens_fn=_cogview4_tokens,
         video=False,
+    ),
+    FamilySpec(
+        name="consisid",
+        class_name="ConsisIDTransformer3DModel",
+        configs={
+            # BestWishYsh/ConsisID-preview transformer/config.json: CogVideoX-5B-I2V widths (48 x 64, 42 blocks, 32
+            # input channels, rotary + learned positions) with the face modules; the LFE / cross-attention values are
+            # the class defaults (LFE_output_dim 2048 = 2/3 x 3072).
+            "full": {"num_attention_heads": 48, "num_layers": 42, "in_channels": 32,
+                     "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": True,
+                     "is_train_face": True},
+            "tiny": _TINY_CONSISID,
+        },
+        # ConsisIDPipeline's defaults: 480 x 720, 49 frames (13 latent frames).
+        sizes={"default": Size(480, 720, 49), "tiny": Size(48, 80, 9)},
+        text_tokens=226,
+        make_inputs_fn=_consisid_inputs,
+        num_tokens_fn=_cogvideox_tokens,
     ),
 ]

@@ -3,7 +3,8 @@ diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan le
 (attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
-FLUX.3's image-to-image call, Wan Animate's per-frame face adapter."""
+FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
+head."""
 
 from __future__ import annotations
 
@@ -445,3 +446,21 @@ def test_wan_animate_face_adapter_runs_per_frame_chunk(schedule):
         with pytest.raises(ValueError, match="neither whole frames of 15 tokens nor inside one"):
             model(**inputs)
         remove_memory_optimizations(model)
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_consisid_face_update_right_before_the_head(schedule, caplog):
+    """ConsisID adds a face cross-attention update after every ``cross_attn_interval``-th block; with interval 1 the
+    last module before the output head is that update (a ``returns_update`` block, never kept as the last block's
+    output): the head then runs on the whole sequence, with a warning, exact."""
+    spec = get_family("consisid")
+    model = spec.build({**spec.config("tiny"), "cross_attn_interval": 1})
+    inputs = spec.make_inputs(model.config, batch_size=2, height=48, width=80, num_frames=9)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = apply_sequence_chunking(model, 4, schedule=schedule)
+        assert len(report.blocks) == 4 and not report.skipped, report  # 2 blocks + 2 face cross-attentions
+        with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
+            out = model(**inputs)[0]
+    assert rel_err(out, reference) <= 1e-5
+    assert "the output head runs on the whole sequence (the block before it returns an update" in caplog.text

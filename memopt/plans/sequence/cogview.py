@@ -1,6 +1,8 @@
-"""CogVideoX and CogView4."""
+"""CogVideoX, ConsisID and CogView4."""
 
 from __future__ import annotations
+
+from diffusers.hooks._helpers import TransformerBlockMetadata
 
 from ._vocabulary import (
     _IMAGE_TOKENS,
@@ -53,5 +55,42 @@ PLANS: dict[str, SequencePlan] = {
         # norm_out(hidden_states, temb) -> proj_out -> unpatchify; patch_embed returns (image, text), so the image-token
         # embedding is its proj.
         embed="patch_embed.proj",
+    ),
+    "ConsisIDTransformer3DModel": SequencePlan(
+        # CogVideoX's blocks (ConsisIDBlock is a copy of CogVideoXBlock, not in diffusers' TransformerBlockRegistry):
+        # CogVideoXAttnProcessor2_0 projects cat(text, image) with one to_q / to_k / to_v, rotary on the image part
+        # only, and exchanges K/V. The identity conditioning runs at model level: after every cross_attn_interval-th
+        # block the model adds perceiver_cross_attention[i](face_tokens, video_tokens) to the video tokens. Its queries
+        # are the video tokens and its keys / values only the LFE_num_querie face tokens (its own matmul + softmax, no
+        # dispatch call), so it is chunk-local: a block with no whole-sequence attention that returns an update. Its
+        # key/value side (norm1 and to_kv of the face tokens) is the same for every chunk: computed once per call. The
+        # text stream never sees it. Rotary tables come from the pipeline, (S_image, head_dim) fp32 cos / sin: split. No
+        # _cp_plan.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "encoder_hidden_states": _TEXT_TOKENS,
+                    "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) when RoPE is used
+                },
+                attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
+                conditioning=_adaptive_norms("norm1", "norm2"),
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+            ),
+            "perceiver_cross_attention.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS},  # forward(image_embeds, hidden_states): image_embeds whole
+                conditioning=("norm1", "to_kv"),  # LayerNorm + K/V projection of the face tokens
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+                returns_update=True,
+            ),
+        },
+        # cat(text, image) -> norm_final -> image slice -> norm_out(hidden, temb) -> proj_out -> unpatchify, as
+        # CogVideoX.
+        tail="norm_final",
+        # patch_embed gives cat(text, image); embedding_dropout (identity in eval) returns that same tensor. Named as an
+        # embedding too, so that it is not a replayed conditioning module: replay would keep its output (the embedding,
+        # 1 LD) alive through the block pass, and after the first face cross-attention the residual stream is a new
+        # tensor (hidden + scale * update), so the kept embedding would be 1 LD on top of it.
+        embed=("patch_embed", "embedding_dropout"),
     ),
 }
