@@ -85,6 +85,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "allegro": {"attention_head_dim": 66, "cross_attention_dim": 528},  # RoPE: head_dim % 6 == 0
     "easyanimate": {"text_embed_dim": 64},
     "consisid": {"LFE_output_dim": 341, "max_text_seq_length": 64},  # face K/V width int(2/3 x 512)
+    "cosmos": {"text_embed_dim": 64},
     "bria": {"axes_dims_rope": (16, 24, 24)},
     "longcat_image": {"axes_dims_rope": (16, 24, 24)},
     "ovis_image": {"axes_dims_rope": (16, 24, 24)},
@@ -115,6 +116,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "allegro": VIDEO_SIZES,
     "easyanimate": VIDEO_SIZES,
     "consisid": VIDEO_SIZES,
+    "cosmos": VIDEO_SIZES,
     "bria": IMAGE_SIZES,
     "longcat_image": IMAGE_SIZES,
     "ovis_image": IMAGE_SIZES,

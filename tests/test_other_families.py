@@ -108,16 +108,6 @@ def _omnigen() -> Built:
                        attention_mask=mask, position_ids=torch.arange(tokens).repeat(2, 1))
 
 
-def _cosmos() -> Built:
-    # concat_padding_mask=False: the padding mask needs torchvision, which diffusers imports for it.
-    model = diffusers.CosmosTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
-        text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
-        concat_padding_mask=False, extra_pos_embed_type="learnable")
-    return model, dict(hidden_states=torch.randn(2, 4, 3, 10, 14), timestep=torch.tensor([3.0, 500.0]),
-                       encoder_hidden_states=torch.randn(2, 9, 16), attention_mask=_mask(2, 9, 6), fps=30)
-
-
 def _dit() -> Built:
     model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                             num_layers=2, sample_size=7, patch_size=2)
@@ -214,7 +204,6 @@ class Case(NamedTuple):
 
 CASES: dict[str, Case] = {
     "CogView3PlusTransformer2DModel": Case(_cogview3plus, 1),
-    "CosmosTransformer3DModel": Case(_cosmos, 2),
     "DiTTransformer2DModel": Case(_dit, 2),
     "ErnieImageTransformer2DModel": Case(_ernie_image, 2),
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)

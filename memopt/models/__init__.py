@@ -21,6 +21,7 @@ import torch
 from . import (
     auraflow,
     cogview,
+    cosmos,
     easyanimate,
     flux,
     hunyuan,
@@ -43,7 +44,7 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart, easyanimate)
+                   pixart, easyanimate, cosmos)
     for spec in module.SPECS
 }
 """Family name -> :class:`FamilySpec`, for every family with a plan in :mod:`memopt.plans`."""

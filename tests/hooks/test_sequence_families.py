@@ -4,7 +4,7 @@ diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan le
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
-head."""
+head, Cosmos-1.0's per-sample timestep."""
 
 from __future__ import annotations
 
@@ -464,3 +464,21 @@ def test_consisid_face_update_right_before_the_head(schedule, caplog):
             out = model(**inputs)[0]
     assert rel_err(out, reference) <= 1e-5
     assert "the output head runs on the whole sequence (the block before it returns an update" in caplog.text
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_cosmos_per_sample_timestep(schedule):
+    """Cosmos-1.0 passes one timestep per sample ((B,) instead of Predict2's per-frame (B, 1, T, 1, 1)): its
+    modulation tables are then (B, D) and pass whole, the adaLN-LoRA layers run once per block; exact either way."""
+    spec = get_family("cosmos")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=48, width=80, num_frames=9, masked=True)
+    inputs["timestep"] = torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for num_chunks in (4, 16):
+            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+            assert report.tail and report.producers and not report.skipped, report
+            out = model(**inputs)[0]
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, num_chunks

@@ -1,0 +1,82 @@
+"""NVIDIA Cosmos: Cosmos Predict2 Video2World / Text2Image, Cosmos-1.0 Diffusion (one diffusers class)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _latent_frames, _randn
+
+
+# ----------------------------------------------------------------------------------------------- Cosmos
+def _cosmos_tokens(config: Any, size: Size) -> int:
+    p_t, p_h, p_w = _cfg(config, "patch_size")
+    return _latent_frames(size.num_frames, 4) // p_t * (size.height // 8 // p_h) * (size.width // 8 // p_w)
+
+
+def _cosmos_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Cosmos Predict2 Video2World as its pipeline calls the transformer: Wan-VAE latents (B, 16, F', H/8, W/8), the
+    condition mask (B, 1, F', H/8, W/8) marking the conditioning frame (the model concatenates it to the latents: the
+    release's in_channels 17 = 16 + 1), a per-frame timestep (B, 1, F', 1, 1) (conditioning frames carry their own
+    noise level), T5-11B states (1024 wide), fps, and, with ``concat_padding_mask``, the (1, 1, H, W) zero padding mask
+    the model resizes to the latent grid with torchvision and concatenates too. ``masked=True`` adds the optional text
+    mask (bool, last quarter padded), which the model applies in the text cross-attention (no pipeline passes one)."""
+    _check_divisible("cosmos", size, 16)
+    frames, height, width = _latent_frames(size.num_frames, 4), size.height // 8, size.width // 8
+    latent_channels = _cfg(config, "in_channels") - 1  # the condition mask is the last input channel
+    condition_mask = torch.zeros(batch, 1, frames, height, width, dtype=dtype, device=device)
+    condition_mask[:, :, 0] = 1  # the first latent frame is the conditioning image
+    timestep = torch.full((batch, 1, frames, 1, 1), 0.9, dtype=dtype, device=device)
+    timestep[:, :, 0] = 0.0001 / 1.0001  # sigma_conditioning / (sigma_conditioning + 1)
+    inputs: Inputs = {
+        "hidden_states": _randn(generator, batch, latent_channels, frames, height, width, dtype=dtype, device=device),
+        "timestep": timestep,
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "fps": 16,
+        "condition_mask": condition_mask,
+    }
+    if _cfg(config, "concat_padding_mask"):
+        inputs["padding_mask"] = torch.zeros(1, 1, size.height, size.width, dtype=dtype, device=device)
+    if masked:
+        mask = torch.ones(batch, text_tokens, dtype=torch.bool, device=device)
+        mask[:, text_tokens - max(1, text_tokens // 4) :] = False
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+def _cosmos_init(model: torch.nn.Module) -> None:
+    """The learnable position tables (Cosmos-1.0, ``extra_pos_embed_type="learnable"``) are zeros at init."""
+    if model.learnable_pos_embed is not None:
+        for param in model.learnable_pos_embed.parameters():
+            param.normal_(std=0.5)
+
+
+SPECS: list[FamilySpec] = [
+    FamilySpec(
+        name="cosmos",
+        class_name="CosmosTransformer3DModel",
+        configs={
+            # nvidia/Cosmos-Predict2-2B-Video2World transformer/config.json (diffusers'
+            # scripts/convert_cosmos_to_diffusers.py, "Cosmos-2.0-Diffusion-2B-Video2World"): 28 blocks of 16 x 128,
+            # T5-11B text (1024), 16 latent channels + the condition mask, the padding mask concatenated inside, no
+            # learnable position table.
+            "full": {"in_channels": 17, "out_channels": 16, "num_attention_heads": 16, "attention_head_dim": 128,
+                     "num_layers": 28, "mlp_ratio": 4.0, "text_embed_dim": 1024, "adaln_lora_dim": 256,
+                     "max_size": (128, 240, 240), "patch_size": (1, 2, 2), "rope_scale": (1.0, 3.0, 3.0),
+                     "concat_padding_mask": True, "extra_pos_embed_type": None},
+            # The padding mask needs torchvision (not installed here): off, so in_channels is 4 latent + 1 condition
+            # channel. The learnable position table (Cosmos-1.0) is on, so the per-token extra_pos_emb is exercised.
+            "tiny": {**_TINY_HEADS, "in_channels": 5, "out_channels": 4, "num_layers": 2, "mlp_ratio": 2.0,
+                     "text_embed_dim": 16, "adaln_lora_dim": 4, "max_size": (4, 32, 32), "patch_size": (1, 2, 2),
+                     "rope_scale": (1.0, 3.0, 3.0), "concat_padding_mask": False, "extra_pos_embed_type": "learnable"},
+        },
+        sizes={"default": Size(704, 1280, 93), "tiny": Size(48, 80, 9)},  # Cosmos2VideoToWorldPipeline defaults
+        text_tokens=512,
+        make_inputs_fn=_cosmos_inputs,
+        num_tokens_fn=_cosmos_tokens,
+        mask_key="attention_mask",
+        init_fn=_cosmos_init,
+    ),
+]

@@ -1,0 +1,125 @@
+"""NVIDIA Cosmos (Cosmos Predict2, Cosmos-1.0 Diffusion, Cosmos Predict2.5)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata
+
+from ._vocabulary import (
+    _IMAGE_TOKENS,
+    BlockPlan,
+    JointAttention,
+    ProducerCall,
+    SequencePlan,
+    SequenceSplit,
+    TokenProducer,
+    TokenRanges,
+    _pair,
+    _token_grid,
+)
+
+
+def _cosmos_grid(module: torch.nn.Module, call: ProducerCall) -> tuple[int, int, int]:
+    _, _, frames, height, width = call["hidden_states"].shape
+    p_t, p_h, p_w = module.patch_size
+    return frames // p_t, height // p_h, width // p_w
+
+
+def _cosmos_positions_tokens(module: torch.nn.Module, call: ProducerCall) -> int:
+    frames, rows, columns = _cosmos_grid(module, call)
+    return frames * rows * columns
+
+
+def _cosmos_positions_rows(module: torch.nn.Module, call: ProducerCall,
+                           forward: Callable) -> Callable[[TokenRanges], Any]:
+    """Cosmos-1.0's learnable position table for some tokens, ``(B, tokens, D)``: a token's row is its frame's, row's
+    and column's parameter rows summed, divided by its own norm (plus eps), the same operations the module does on
+    the whole ``(B, S, D)`` grid (which it builds in fp32 from three repeated ``(B, S, D)`` tables, ~5 LD of fp32
+    temporaries, and keeps alive through every block)."""
+    hidden_states = call["hidden_states"]
+    batch, sizes = hidden_states.shape[0], _cosmos_grid(module, call)
+
+    def rows_of(ranges: TokenRanges) -> torch.Tensor:
+        t, h, w = _token_grid(ranges, sizes, module.pos_emb_t.device).unbind()
+        emb = module.pos_emb_t[t] + module.pos_emb_h[h] + module.pos_emb_w[w]
+        norm = torch.linalg.vector_norm(emb, dim=-1, keepdim=True, dtype=torch.float32)
+        norm = torch.add(module.eps, norm, alpha=np.sqrt(norm.numel() / emb.numel()))
+        return (emb / norm).type_as(hidden_states)[None].expand(batch, -1, -1)
+
+    return rows_of
+
+
+def _cosmos_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
+    """Cosmos' rotary ``(cos, sin)``, each ``(tokens, head_dim)`` fp32, for some tokens. The module builds per-axis
+    angle tables (frame angles scaled by ``fps``), repeats them over the whole grid, concatenates
+    ``[t, h, w, t, h, w]`` and takes cos / sin: a token's row is the cos / sin of its frame's, row's and column's angle
+    rows, so the per-axis cos / sin tables are made once here and each chunk gathers its rows (the module's
+    operations on the same numbers; the equivalence checks compare with ``torch.equal``)."""
+    frames, rows, columns = sizes = _cosmos_grid(rope, call)
+    fps, device = call["fps"], call["hidden_states"].device
+    seq = torch.arange(max(rope.max_size), device=device, dtype=torch.float32)
+
+    def angles(dim: int, factor: float, positions: torch.Tensor) -> torch.Tensor:
+        theta = 10000.0 * factor
+        dim_range = torch.arange(0, dim, 2, device=device, dtype=torch.float32)[: (dim // 2)] / dim
+        return torch.outer(positions, 1.0 / (theta**dim_range))
+
+    time = seq[:frames] if fps is None else seq[:frames] / fps * rope.base_fps
+    axes = [angles(rope.dim_t, rope.t_ntk_factor, time), angles(rope.dim_h, rope.h_ntk_factor, seq[:rows]),
+            angles(rope.dim_w, rope.w_ntk_factor, seq[:columns])]
+    cos_axes, sin_axes = [torch.cos(a) for a in axes], [torch.sin(a) for a in axes]
+
+    def rows_of(ranges: TokenRanges) -> tuple[torch.Tensor, torch.Tensor]:
+        index = _token_grid(ranges, sizes, device).unbind()
+        cos = torch.cat([table[i] for table, i in zip(cos_axes, index)] * 2, dim=-1)
+        sin = torch.cat([table[i] for table, i in zip(sin_axes, index)] * 2, dim=-1)
+        return cos, sin
+
+    return rows_of
+
+
+def _cosmos_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
+    return _cosmos_positions_tokens(rope, call)
+
+
+_PER_TOKEN = SequenceSplit(1, 3)  # Predict2's per-frame timestep makes (B, S, D) tables; a (B, D) one passes whole
+
+_COSMOS = BlockPlan(
+    inputs={
+        "hidden_states": _IMAGE_TOKENS,
+        "embedded_timestep": _PER_TOKEN,  # (B, S, D) with a (B, 1, T, 1, 1) timestep, (B, D) with a (B,) one
+        "temb": _PER_TOKEN,  # (B, S, 3D) / (B, 3D) likewise
+        "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S, head_dim) fp32 cos / sin
+        "extra_pos_emb": _IMAGE_TOKENS,  # Cosmos-1.0's learnable positions (B, S, D), added to the block input
+        "controlnet_residual": _IMAGE_TOKENS,  # Cosmos Transfer's control residual (B, S, D), added after the MLP
+    },
+    # attn2 is cross-attention to the T5 tokens (Predict2.5: plus image-context tokens through q_img / k_img / v_img)
+    # under the (B, 1, 1, S_text) text mask: chunk-local, its key / value side computed once per block.
+    attention={"attn1": JointAttention()},
+    # CosmosAdaLayerNormZero's adaLN-LoRA: SiLU -> linear_1 (D -> 256) -> linear_2 (256 -> 3D) on the embedded timestep.
+    # Computed once per block when the timestep is per sample; with Predict2's per-frame timestep the input is the
+    # chunk's own rows, so each chunk computes its own (reuse needs the very same tensor).
+    conditioning=tuple(f"{norm}.{layer}" for norm in ("norm1", "norm2", "norm3")
+                       for layer in ("activation", "linear_1", "linear_2")),
+    # Not in diffusers' TransformerBlockRegistry; returns the hidden states alone (a ControlNet block with after_proj
+    # returns a pair, but those live in CosmosControlNetModel, not in this class).
+    metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+)
+
+
+PLANS: dict[str, SequencePlan] = {
+    "CosmosTransformer3DModel": SequencePlan(
+        {"transformer_blocks.*": _COSMOS},
+        # norm_out(hidden_states, embedded_timestep, temb): CosmosAdaLayerNorm, per-token shift / scale with Predict2's
+        # per-frame timestep, then proj_out and the unpatchify. No _cp_plan in diffusers 0.42.
+        tail_inputs={"embedded_timestep": _PER_TOKEN, "temb": _PER_TOKEN},
+        embed="patch_embed",
+        producers={
+            "rope": TokenProducer(_cosmos_rope_tokens, _cosmos_rope_rows),  # (S, head_dim) fp32 cos / sin: 0.25 LD bf16
+            "learnable_pos_embed": TokenProducer(_cosmos_positions_tokens, _cosmos_positions_rows),
+        },
+    ),
+}
