@@ -86,6 +86,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "easyanimate": {"text_embed_dim": 64},
     "consisid": {"LFE_output_dim": 341, "max_text_seq_length": 64},  # face K/V width int(2/3 x 512)
     "cosmos": {"text_embed_dim": 64},
+    "motif_video": {"rope_axes_dim": (16, 24, 24)},
     "bria": {"axes_dims_rope": (16, 24, 24)},
     "longcat_image": {"axes_dims_rope": (16, 24, 24)},
     "ovis_image": {"axes_dims_rope": (16, 24, 24)},
@@ -117,6 +118,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "easyanimate": VIDEO_SIZES,
     "consisid": VIDEO_SIZES,
     "cosmos": VIDEO_SIZES,
+    "motif_video": VIDEO_SIZES,
     "bria": IMAGE_SIZES,
     "longcat_image": IMAGE_SIZES,
     "ovis_image": IMAGE_SIZES,

@@ -160,17 +160,6 @@ def _prx() -> Built:
 
 
 
-def _motif_video() -> Built:
-    model = diffusers.MotifVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
-        num_single_layers=1, num_decoder_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=16,
-        image_embed_dim=16, rope_axes_dim=(2, 4, 4), enable_text_cross_attention_dual=True,
-        enable_text_cross_attention_single=True)
-    return model, dict(hidden_states=torch.randn(2, 4, 3, 6, 10), timestep=torch.tensor([3, 500]),
-                       encoder_hidden_states=torch.randn(2, 9, 16), encoder_attention_mask=_mask(2, 9, 6),
-                       image_embeds=torch.randn(2, 5, 16))
-
-
 def _ideogram4() -> Built:
     model = diffusers.Ideogram4Transformer2DModel(
         in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, intermediate_size=48,
@@ -212,7 +201,6 @@ CASES: dict[str, Case] = {
     "Krea2Transformer2DModel": Case(_krea2, 4),
     "LatteTransformer3DModel": Case(_latte, 2),
     "Lumina2Transformer2DModel": Case(_lumina2, 4, data_dependent=True),  # a tensor read as a number
-    "MotifVideoTransformer3DModel": Case(_motif_video, 2),
     "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True),  # a tensor read as a number
     "PRXTransformer2DModel": Case(_prx, 0),  # MLP inline in PRXBlock.forward: "no FeedForward-like module found"
     "SanaTransformer2DModel": Case(_sana, 0),  # GLUMBConv (a conv FFN): skipped, "no FeedForward layout"

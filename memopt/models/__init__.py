@@ -29,6 +29,7 @@ from . import (
     ltx,
     minimax,
     mochi,
+    motif,
     pixart,
     qwenimage,
     sd3,
@@ -44,7 +45,7 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart, easyanimate, cosmos)
+                   pixart, easyanimate, cosmos, motif)
     for spec in module.SPECS
 }
 """Family name -> :class:`FamilySpec`, for every family with a plan in :mod:`memopt.plans`."""

@@ -9,7 +9,8 @@ from memopt.models import Size
 FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "chroma", "hunyuanvideo",
             "hunyuanvideo15", "hunyuanimage", "cogvideox", "cogview4", "ltx", "ltx2", "qwenimage", "sd3", "mochi",
             "zimage", "kandinsky5", "minimax_h3", "qwenimage21", "flux3",
-            "auraflow", "pixart", "bria", "framepack", "wan_animate", "allegro", "easyanimate", "longcat_image", "ovis_image", "consisid", "cosmos"]
+            "auraflow", "pixart", "bria", "framepack", "wan_animate",
+            "allegro", "easyanimate", "longcat_image", "ovis_image", "consisid", "cosmos", "motif_video"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -38,8 +39,9 @@ SIZES = {
     "longcat_image": Size(80, 112),  # 35 image tokens (+ 8 text in the single-stream blocks)
     "ovis_image": Size(80, 112),
     "consisid": Size(48, 80, 9),  # 45 video tokens (+ 8 text), 3 face tokens
-    "easyanimate": Size(48, 80, 9),
-    "cosmos": Size(48, 80, 9),  # 3 latent frames x 3 x 5 = 45 tokens  # 45 video tokens (+ 8 text in the joint attention)
+    "easyanimate": Size(48, 80, 9),  # 45 video tokens (+ 8 text in the joint attention)
+    "cosmos": Size(48, 80, 9),  # 3 latent frames x 3 x 5 = 45 tokens
+    "motif_video": Size(48, 80, 9),  # 45 video + 8 text tokens
     "wan_animate": Size(48, 80, 5),  # 3 latent frames (2 + the reference) x 3 x 5 = 45 tokens
     "framepack": Size(48, 80, 9),  # 45 window + 30 clean + 6 (2x) + 8 (4x) history tokens = 89
     "bria": Size(80, 112),  # 35 image tokens (+ 8 text in the single-stream blocks)

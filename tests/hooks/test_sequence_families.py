@@ -4,7 +4,7 @@ diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan le
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
-head, Cosmos-1.0's per-sample timestep."""
+head, Cosmos-1.0's per-sample timestep, Motif-Video's image-to-video call."""
 
 from __future__ import annotations
 
@@ -482,3 +482,15 @@ def test_cosmos_per_sample_timestep(schedule):
             out = model(**inputs)[0]
             remove_memory_optimizations(model)
             assert rel_err(out, reference) <= 1e-5, num_chunks
+
+
+def test_motif_video_image_to_video_is_refused_not_computed_wrong():
+    """Motif-Video's image-to-video call puts image tokens in front of the text stream, which its cross-attention
+    drops by count; chunks split that stream, so no chunk can drop them: a clear error, never a wrong result."""
+    spec = get_family("motif_video")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=48, width=80, num_frames=9, masked=True)
+    inputs["image_embeds"] = torch.randn(2, 3, model.config.image_embed_dim, generator=torch.Generator().manual_seed(0))
+    apply_sequence_chunking(model, 4)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="does not support image_embeds .*image_embed_seq_len"):
+        model(**inputs)
