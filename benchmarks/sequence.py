@@ -87,6 +87,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "consisid": {"LFE_output_dim": 341, "max_text_seq_length": 64},  # face K/V width int(2/3 x 512)
     "cosmos": {"text_embed_dim": 64},
     "motif_video": {"rope_axes_dim": (16, 24, 24)},
+    "krea2": {"axes_dims_rope": (16, 24, 24), "num_key_value_heads": 2, "intermediate_size": 1376},
     "bria": {"axes_dims_rope": (16, 24, 24)},
     "longcat_image": {"axes_dims_rope": (16, 24, 24)},
     "ovis_image": {"axes_dims_rope": (16, 24, 24)},
@@ -119,6 +120,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "consisid": VIDEO_SIZES,
     "cosmos": VIDEO_SIZES,
     "motif_video": VIDEO_SIZES,
+    "krea2": IMAGE_SIZES,
     "bria": IMAGE_SIZES,
     "longcat_image": IMAGE_SIZES,
     "ovis_image": IMAGE_SIZES,

@@ -115,21 +115,6 @@ def _dit() -> Built:
                        class_labels=torch.tensor([1, 7]))
 
 
-def _krea2() -> Built:
-    model = diffusers.Krea2Transformer2DModel(
-        in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, timestep_embed_dim=16, text_hidden_dim=16, num_text_layers=2, text_num_attention_heads=2,
-        text_num_key_value_heads=2, text_intermediate_size=32, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
-        axes_dims_rope=(2, 2, 4))
-    text, height, width = 9, 5, 7
-    position_ids = torch.zeros(text + height * width, 3, dtype=torch.long)
-    position_ids[text:, 1] = torch.arange(height).repeat_interleave(width)
-    position_ids[text:, 2] = torch.arange(width).repeat(height)
-    return model, dict(hidden_states=torch.randn(2, height * width, 16),
-                       encoder_hidden_states=torch.randn(2, text, 2, 16), timestep=torch.tensor([0.1, 0.7]),
-                       position_ids=position_ids, encoder_attention_mask=_mask(2, text, 6, torch.bool))
-
-
 def _ernie_image() -> Built:
     model = diffusers.ErnieImageTransformer2DModel(
         hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=48, in_channels=4, out_channels=4,
@@ -198,7 +183,6 @@ CASES: dict[str, Case] = {
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
     "HiDreamImageTransformer2DModel": Case(_hidream, 7, data_dependent=True),  # MoE routing (bincount); experts hooked
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
-    "Krea2Transformer2DModel": Case(_krea2, 4),
     "LatteTransformer3DModel": Case(_latte, 2),
     "Lumina2Transformer2DModel": Case(_lumina2, 4, data_dependent=True),  # a tensor read as a number
     "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True),  # a tensor read as a number

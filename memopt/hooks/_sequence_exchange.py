@@ -192,7 +192,9 @@ class BlockRun:
                     f"{'None' if state.pair_mask is None else 'given'}"
                 )
             mask = None  # rebuilt from the whole argument in the final pass
-        has_key_mask = mask is not None and mask.shape[-1] != 1
+        # A size-1 key dim is a broadcast over keys, unless the chunk has a single key of several: then it is that
+        # key's entry of a key mask the plan split (text chunks of one token when num_chunks >= text tokens).
+        has_key_mask = mask is not None and (mask.shape[-1] != 1 or key.shape[1] == 1 < full_length)
         if has_key_mask and mask.shape[-1] == full_length != key.shape[1]:
             # The mask already covers every chunk's keys (a block-causal mask whose query rows the plan cut per
             # chunk): nothing to gather, each chunk's final call passes its own rows on with the full K/V.
@@ -229,7 +231,8 @@ class BlockRun:
             gathered.key.narrow(1, target, length).copy_(key.narrow(1, local, length))
             gathered.value.narrow(1, target, length).copy_(value.narrow(1, local, length))
             if gathered.mask is not None:
-                gathered.mask.narrow(-1, target, length).copy_(mask.narrow(-1, local, length))
+                source = mask.expand(*mask.shape[:-1], key.shape[1]) if mask.shape[-1] == 1 else mask
+                gathered.mask.narrow(-1, target, length).copy_(source.narrow(-1, local, length))
 
     def _key_pieces(self, state: AttentionState, key_length: int) -> tuple[list[tuple[int, int, int]], int]:
         """``([(position in the chunk's keys, length, position in the full keys)], full key length)``.

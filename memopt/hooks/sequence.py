@@ -358,7 +358,8 @@ class SequenceChunkingHook(ModelHook):
         )
         chunk_arguments = functools.partial(self._chunk_arguments, arguments, layout)
         outputs = ChunkOutputs(self.path, self.metadata, layout, image, self.config.inplace
-                               and not self.plan.returns_update and self._can_overwrite(module, image, arguments))
+                               and not self.plan.returns_update and not self.plan.input_is_view
+                               and self._can_overwrite(module, image, arguments))
         RUNNING.block_run = run
         try:
             if self.config.schedule == "lockstep":

@@ -26,6 +26,7 @@ from . import (
     flux,
     hunyuan,
     kandinsky,
+    krea,
     ltx,
     minimax,
     mochi,
@@ -45,7 +46,7 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart, easyanimate, cosmos, motif)
+                   pixart, easyanimate, cosmos, motif, krea)
     for spec in module.SPECS
 }
 """Family name -> :class:`FamilySpec`, for every family with a plan in :mod:`memopt.plans`."""

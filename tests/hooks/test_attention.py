@@ -37,8 +37,9 @@ def chunk_counters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # Calls too short to chunk by queries at the tiny size (head chunks still split them): Qwen-Image 2.1's processor calls
-# the kernel once per prompt segment, and its two 4-token text segments (x 2 blocks) fit in one query piece.
-UNCHUNKED_CALLS = {"qwenimage21": 4}
+# the kernel once per prompt segment, and its two 4-token text segments (x 2 blocks) fit in one query piece; Krea 2's
+# layerwise text-fusion block attends across the 3 tapped layers of each text token.
+UNCHUNKED_CALLS = {"qwenimage21": 4, "krea2": 1}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

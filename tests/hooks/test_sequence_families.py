@@ -4,7 +4,7 @@ diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan le
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
-head, Cosmos-1.0's per-sample timestep, Motif-Video's image-to-video call."""
+head, Cosmos-1.0's per-sample timestep, Motif-Video's image-to-video call, Krea 2's text fusion."""
 
 from __future__ import annotations
 
@@ -492,5 +492,22 @@ def test_motif_video_image_to_video_is_refused_not_computed_wrong():
     inputs = spec.make_inputs(model.config, batch_size=2, height=48, width=80, num_frames=9, masked=True)
     inputs["image_embeds"] = torch.randn(2, 3, model.config.image_embed_dim, generator=torch.Generator().manual_seed(0))
     apply_sequence_chunking(model, 4)
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="does not support image_embeds .*image_embed_seq_len"):
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="does not support image_embeds .*embed_seq_len"):
         model(**inputs)
+
+
+def test_krea2_text_fusion_keeps_the_callers_prompt_embeddings():
+    """Krea 2's layerwise text-fusion blocks get a view of the model's own ``encoder_hidden_states``
+    (``BlockPlan.input_is_view``): their chunks' outputs must not be written over it, since the pipeline passes the
+    same prompt embeddings at every step. Its refiner blocks' 8 text tokens in 16 chunks make one-token chunks, whose
+    (B, 1, 1, 1) key mask is that token's entry, not a broadcast."""
+    spec = get_family("krea2")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112, masked=True)
+    prompt = inputs["encoder_hidden_states"].clone()
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_sequence_chunking(model, 16)
+        first, second = model(**inputs)[0], model(**inputs)[0]
+    assert torch.equal(inputs["encoder_hidden_states"], prompt)
+    assert rel_err(first, reference) <= 1e-5 and torch.equal(first, second)

@@ -189,6 +189,9 @@ class BlockPlan:
         returns_update: the block returns an update that the model adds to the block's hidden states (Wan Animate's
             face adapter), not the new hidden states: its output is never written over its input. A block whose
             attention is all chunk-local (``attention`` empty) runs once per chunk.
+        input_is_view: the block's hidden states can be a view of a tensor its caller still reads (Krea 2's layerwise
+            text-fusion blocks get ``encoder_hidden_states.reshape(...)``, the model's own input, which the pipeline
+            passes again at every step): its output is never written over its input.
     """
 
     inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -199,6 +202,7 @@ class BlockPlan:
     metadata: TransformerBlockMetadata | None = None
     token_groups: Callable[[Callable[[str], Any]], int] | None = None
     returns_update: bool = False
+    input_is_view: bool = False
 
     @property
     def has_text_stream(self) -> bool:
