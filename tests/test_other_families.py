@@ -63,16 +63,6 @@ def _lumina2() -> Built:
                        timestep=torch.rand(2), encoder_attention_mask=_mask(2, 9, 6, torch.bool))
 
 
-def _hidream() -> Built:
-    model = diffusers.HiDreamImageTransformer2DModel(
-        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2, num_activated_experts=2,
-        axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1), force_inference_output=True)
-    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), timesteps=torch.tensor([3, 500]),
-                       encoder_hidden_states_t5=torch.randn(2, 9, 8),
-                       encoder_hidden_states_llama3=torch.randn(2, 2, 9, 4), pooled_embeds=torch.randn(2, 8))
-
-
 def _latte() -> Built:
     # No encoder_attention_mask: diffusers' own AttnProcessor2_0 cannot reshape Latte's mask (not repeated per frame).
     model = diffusers.LatteTransformer3DModel(
@@ -181,7 +171,6 @@ CASES: dict[str, Case] = {
     "DiTTransformer2DModel": Case(_dit, 2),
     "ErnieImageTransformer2DModel": Case(_ernie_image, 2),
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
-    "HiDreamImageTransformer2DModel": Case(_hidream, 7, data_dependent=True),  # MoE routing (bincount); experts hooked
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
     "LatteTransformer3DModel": Case(_latte, 2),
     "Lumina2Transformer2DModel": Case(_lumina2, 4, data_dependent=True),  # a tensor read as a number

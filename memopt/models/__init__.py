@@ -24,6 +24,7 @@ from . import (
     cosmos,
     easyanimate,
     flux,
+    hidream,
     hunyuan,
     kandinsky,
     krea,
@@ -46,7 +47,7 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart, easyanimate, cosmos, motif, krea)
+                   pixart, easyanimate, cosmos, motif, krea, hidream)
     for spec in module.SPECS
 }
 """Family name -> :class:`FamilySpec`, for every family with a plan in :mod:`memopt.plans`."""

@@ -60,6 +60,7 @@ SIZES = {
     "cosmos": dict(height=48, width=80, num_frames=9),
     "motif_video": dict(height=48, width=80, num_frames=9),
     "krea2": dict(height=80, width=112),
+    "hidream": dict(height=80, width=80),
     "longcat_image": dict(height=48, width=80),
     "ovis_image": dict(height=48, width=80),
     "bria": dict(height=48, width=80),
@@ -74,7 +75,8 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "flux3": 5, "auraflow": 4, "pixart": 2, "bria": 4,
                     "framepack": 4, "wan_animate": 3, "allegro": 2,
                     "easyanimate": 3, "longcat_image": 4, "ovis_image": 2,
-                    "consisid": 2, "cosmos": 2, "motif_video": 2, "krea2": 4}
+                    "consisid": 2, "cosmos": 2, "motif_video": 2, "krea2": 4,
+                    "hidream": 16}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -101,7 +101,8 @@ def test_chunk_boundaries_fall_on_tile_multiples_only_where_chunks_stay_even():
         SequenceChunkingConfig(align=0)
 
 
-LARGER_TINY = {"auraflow": {"pos_embed_max_size": 256}}  # learned positions for the doubled height and width
+# Learned positions (AuraFlow) and the padded latent size (HiDream) for the doubled height and width.
+LARGER_TINY = {"auraflow": {"pos_embed_max_size": 256}, "hidream": {"max_resolution": (28, 36)}}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -16,8 +16,8 @@ copy of ``WanTransformerBlock``, and others) get their layout from ``BlockPlan.m
 
 The plans are data, one module per family lineage (as :mod:`memopt.models`): ``wan``, ``flux``, ``hunyuan``,
 ``cogview``, ``ltx``, ``qwenimage``, ``sd3``, ``mochi``, ``zimage``, ``kandinsky``, ``minimax``, ``auraflow``,
-``pixart``, ``easyanimate``, ``cosmos``, ``motif``, ``krea``, each a ``PLANS`` dict; ``_vocabulary`` holds the
-dataclasses they are made of (below) and the pieces several lineages share.
+``pixart``, ``easyanimate``, ``cosmos``, ``motif``, ``krea``, ``hidream``, each a ``PLANS`` dict; ``_vocabulary``
+holds the dataclasses they are made of (below) and the pieces several lineages share.
 
 Vocabulary:
 
@@ -47,6 +47,7 @@ from . import (
     cosmos,
     easyanimate,
     flux,
+    hidream,
     hunyuan,
     kandinsky,
     krea,
@@ -79,7 +80,8 @@ __all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "ChunkValue"
            "SequencePlan", "SequenceSplit", "SplitSpec", "TokenCount", "TokenProducer", "TokenRanges", "sequence_plan"]
 
 _FAMILY_PLANS = [module.PLANS for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky,
-                                               minimax, auraflow, pixart, easyanimate, cosmos, motif, krea)]
+                                               minimax, auraflow, pixart, easyanimate, cosmos, motif, krea,
+                                               hidream)]
 SEQUENCE_PLANS: dict[str, SequencePlan] = {name: plan for plans in _FAMILY_PLANS for name, plan in plans.items()}
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""
 assert len(SEQUENCE_PLANS) == sum(map(len, _FAMILY_PLANS)), "two family modules define a plan for the same class"
