@@ -269,15 +269,16 @@ class ChunkOutputs:
     """Writes each chunk's block output into the full-length outputs, over the input when ``in_place``."""
 
     def __init__(self, path: str, metadata: TransformerBlockMetadata, layout: ChunkLayout, image_in: torch.Tensor,
-                 in_place: bool) -> None:
+                 in_place: bool, dim: int = 1) -> None:
         self.path, self.metadata, self.layout = path, metadata, layout
         self.image_in, self.in_place = image_in, in_place
+        self.dim = dim  # the token dim of the streams: 1, or 0 for sequence-first (S, B, D) blocks
         self.image_out: torch.Tensor | None = None
         self.text_out: torch.Tensor | None = None
         self.returns_tensor, self.num_outputs = True, 1
 
     def add(self, chunk: int, output: Any) -> None:
-        layout, image_in = self.layout, self.image_in
+        layout, image_in, dim = self.layout, self.image_in, self.dim
         hs_index, ehs_index = self.metadata.return_hidden_states_index, self.metadata.return_encoder_hidden_states_index
         self.returns_tensor = isinstance(output, torch.Tensor)
         outputs = (output,) if self.returns_tensor else tuple(output)
@@ -285,11 +286,12 @@ class ChunkOutputs:
         start, end = layout.ranges["image"][chunk]
         piece = self._piece(outputs, hs_index, "hidden states", end - start)
         if self.image_out is None:
-            same = piece.dtype == image_in.dtype and piece.shape[2:] == image_in.shape[2:]
+            same = piece.dtype == image_in.dtype and piece.shape == image_in.shape[:dim] + (
+                end - start,) + image_in.shape[dim + 1:]
             self.image_out = image_in if self.in_place and same else piece.new_empty(
-                piece.shape[0], layout.lengths["image"], *piece.shape[2:]
+                self._full(piece, layout.lengths["image"])
             )
-        self.image_out.narrow(1, start, end - start).copy_(piece)
+        self.image_out.narrow(dim, start, end - start).copy_(piece)
         if "text" in layout.lengths and ehs_index is not None and outputs[ehs_index] is not None:
             text_start, text_end = layout.ranges["text"][chunk]
             text_piece = self._piece(outputs, ehs_index, "encoder hidden states", text_end - text_start)
@@ -297,8 +299,8 @@ class ChunkOutputs:
                 self.text_out = text_piece if chunk == 0 else self.text_out
                 return
             if self.text_out is None:
-                self.text_out = text_piece.new_empty(text_piece.shape[0], layout.lengths["text"], *text_piece.shape[2:])
-            self.text_out.narrow(1, text_start, text_end - text_start).copy_(text_piece)
+                self.text_out = text_piece.new_empty(self._full(text_piece, layout.lengths["text"]))
+            self.text_out.narrow(dim, text_start, text_end - text_start).copy_(text_piece)
 
     def result(self) -> Any:
         if self.returns_tensor:
@@ -309,9 +311,14 @@ class ChunkOutputs:
             result[self.metadata.return_encoder_hidden_states_index] = self.text_out
         return tuple(result)
 
+    def _full(self, piece: torch.Tensor, tokens: int) -> list[int]:
+        shape = list(piece.shape)
+        shape[self.dim] = tokens
+        return shape
+
     def _piece(self, outputs: tuple, index: int | None, what: str, tokens: int) -> torch.Tensor:
         piece = outputs[index] if index is not None and index < len(outputs) else None
-        if not isinstance(piece, torch.Tensor) or piece.dim() < 2 or piece.shape[1] != tokens:
+        if not isinstance(piece, torch.Tensor) or piece.dim() < 2 or piece.shape[self.dim] != tokens:
             shape = tuple(piece.shape) if isinstance(piece, torch.Tensor) else type(piece).__name__
             raise RuntimeError(f"{self.path}: expected the {what} output (index {index}), {tokens} tokens; got {shape}")
         return piece

@@ -330,14 +330,15 @@ class SequenceChunkingHook(ModelHook):
         text = arguments.get(self.metadata.encoder_hidden_states_argument_name) if self.plan.has_text_stream else None
         groups = self.plan.token_groups(arguments.get) if self.plan.token_groups is not None else None
         joint = any({"image", "text"} <= set(spec.order) for spec in self.plan.attention.values())
+        dim = self.plan.inputs[self.metadata.hidden_states_argument_name].split_dim  # 1, or 0 (sequence-first)
         layout = ChunkLayout.build(
-            self.config.num_chunks, image.shape[1], None if text is None else text.shape[1], self.plan.split_text,
+            self.config.num_chunks, image.shape[dim], None if text is None else text.shape[dim], self.plan.split_text,
             groups, self.config.align, joint,
         )
         if layout.num_chunks <= 1:
             args, kwargs = materialized(arguments.args, arguments.kwargs)
             return original(*args, **kwargs)
-        warn_if_launch_bound(image.device, min(end - start for start, end in layout.ranges["image"]), image.shape[1])
+        warn_if_launch_bound(image.device, min(end - start for start, end in layout.ranges["image"]), image.shape[dim])
         if running("block_run") is not None:
             raise RuntimeError(f"{self.path}: nested chunked block runs are not supported")
 
@@ -349,7 +350,7 @@ class SequenceChunkingHook(ModelHook):
                     path=f"{self.path}.{name}",
                     spec=spec,
                     stage=stage,
-                    expected_calls=image.shape[0] if spec.calls == "batch" else spec.calls,
+                    expected_calls=image.shape[1 - dim] if spec.calls == "batch" else spec.calls,
                     pair_mask=self._pair_mask(arguments, spec),
                 )
                 for stage, name, attention_module, spec in active
@@ -359,7 +360,7 @@ class SequenceChunkingHook(ModelHook):
         chunk_arguments = functools.partial(self._chunk_arguments, arguments, layout)
         outputs = ChunkOutputs(self.path, self.metadata, layout, image, self.config.inplace
                                and not self.plan.returns_update and not self.plan.input_is_view
-                               and self._can_overwrite(module, image, arguments))
+                               and self._can_overwrite(module, image, arguments), dim)
         RUNNING.block_run = run
         try:
             if self.config.schedule == "lockstep":
@@ -693,16 +694,21 @@ def _prepare_block(
         return (f"{type(block).__name__} is not in diffusers' TransformerBlockRegistry and its plan gives no metadata "
                 "(output layout unknown)"), []
     image_spec = plan.inputs.get(metadata.hidden_states_argument_name)
-    if not isinstance(image_spec, SequenceSplit) or image_spec.segments != ("image",) or image_spec.split_dim != 1:
+    if not isinstance(image_spec, SequenceSplit) or image_spec.segments != ("image",) or image_spec.split_dim not in (
+        0, 1
+    ):
         raise ValueError(
-            f"{path}: the plan must split {metadata.hidden_states_argument_name!r} as the image stream on dim 1"
+            f"{path}: the plan must split {metadata.hidden_states_argument_name!r} as the image stream on dim 1 (dim 0 "
+            "for blocks taking sequence-first (S, B, D) hidden states)"
         )
     if plan.has_text_stream:
         text_spec = plan.inputs.get(metadata.encoder_hidden_states_argument_name)
-        if not isinstance(text_spec, SequenceSplit) or text_spec.segments != ("text",) or text_spec.split_dim != 1:
+        if not isinstance(text_spec, SequenceSplit) or text_spec.segments != ("text",) or (
+            text_spec.split_dim != image_spec.split_dim
+        ):
             raise ValueError(
                 f"{path}: the plan uses a text stream, so it must split "
-                f"{metadata.encoder_hidden_states_argument_name!r} as the text stream on dim 1"
+                f"{metadata.encoder_hidden_states_argument_name!r} as the text stream on dim {image_spec.split_dim}"
             )
     if not plan.attention and not plan.returns_update:
         return "the plan names no whole-sequence attention module", []

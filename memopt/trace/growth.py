@@ -69,6 +69,9 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     # HiDream: one block of each kind fed one Llama layer; rope axes summing to 8.
     "hidream": {"axes_dims_rope": (4, 2, 2), "num_layers": 1, "num_single_layers": 1, "llama_layers": (0, 0),
                 "caption_channels": [32, 32], "text_emb_dim": 32, "patch_size": 2, "in_channels": 4, "out_channels": 4},
+    # ERNIE-Image stores its width as hidden_size (16 heads of 8), the released FFN ratio 3.
+    "ernie_image": {"hidden_size": 128, "num_attention_heads": 16, "ffn_hidden_size": 384, "rope_axes_dim": (2, 2, 4),
+                    "num_layers": 1},
     # EasyAnimate: 8 heads x 16 (its 3-D rotary table needs head_dim // 8 even); one block of each kind.
     "easyanimate": {"num_attention_heads": 8, "attention_head_dim": 16, "num_layers": 2, "mmdit_layers": 1},
     # Allegro: its 3-axis RoPE needs head_dim % 6 == 0, so 10 heads x 12 = 120 wide.
@@ -111,6 +114,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "motif_video": (Size(64, 128, 5), Size(128, 256, 5)),
     "krea2": (Size(128, 128), Size(256, 256)),
     "hidream": (Size(128, 128), Size(256, 256)),
+    "ernie_image": (Size(128, 128), Size(256, 256)),
     "allegro": (Size(64, 128, 5), Size(128, 256, 5)),  # 2 latent frames: 64 and 256 tokens
     "bria": (Size(128, 128), Size(256, 256)),
     "longcat_image": (Size(128, 128), Size(256, 256)),

@@ -4,7 +4,8 @@ diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan le
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
-head, Cosmos-1.0's per-sample timestep, Motif-Video's image-to-video call, Krea 2's text fusion."""
+head, Cosmos-1.0's per-sample timestep, Motif-Video's image-to-video call, Krea 2's text fusion,
+ERNIE-Image's sequence-first blocks."""
 
 from __future__ import annotations
 
@@ -511,3 +512,19 @@ def test_krea2_text_fusion_keeps_the_callers_prompt_embeddings():
         first, second = model(**inputs)[0], model(**inputs)[0]
     assert torch.equal(inputs["encoder_hidden_states"], prompt)
     assert rel_err(first, reference) <= 1e-5 and torch.equal(first, second)
+
+
+def test_sequence_first_blocks_need_a_head_run_on_its_own_input():
+    """ERNIE-Image's blocks take (S, B, D) hidden states (split on dim 0). The model-level tail passes cut and gather
+    batch-first streams, so a sequence-first plan must run its head whole or on pieces of its input (tail_split)."""
+    plan = SEQUENCE_PLANS["ErnieImageTransformer2DModel"]
+    with pytest.raises(ValueError, match=r"take sequence-first hidden states .*\(tail=None\) or in pieces"):
+        dataclasses.replace(plan, tail_split=None)
+    spec = get_family("ernie_image")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112, masked=True)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = apply_sequence_chunking(model, 4)
+        out = model(**inputs)[0]
+    assert report.blocks and report.tail and rel_err(out, reference) <= 1e-5

@@ -16,8 +16,8 @@ copy of ``WanTransformerBlock``, and others) get their layout from ``BlockPlan.m
 
 The plans are data, one module per family lineage (as :mod:`memopt.models`): ``wan``, ``flux``, ``hunyuan``,
 ``cogview``, ``ltx``, ``qwenimage``, ``sd3``, ``mochi``, ``zimage``, ``kandinsky``, ``minimax``, ``auraflow``,
-``pixart``, ``easyanimate``, ``cosmos``, ``motif``, ``krea``, ``hidream``, each a ``PLANS`` dict; ``_vocabulary``
-holds the dataclasses they are made of (below) and the pieces several lineages share.
+``pixart``, ``easyanimate``, ``cosmos``, ``motif``, ``krea``, ``hidream``, ``ernie``, each a ``PLANS`` dict;
+``_vocabulary`` holds the dataclasses they are made of (below) and the pieces several lineages share.
 
 Vocabulary:
 
@@ -46,6 +46,7 @@ from . import (
     cogview,
     cosmos,
     easyanimate,
+    ernie,
     flux,
     hidream,
     hunyuan,
@@ -81,7 +82,7 @@ __all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "ChunkValue"
 
 _FAMILY_PLANS = [module.PLANS for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky,
                                                minimax, auraflow, pixart, easyanimate, cosmos, motif, krea,
-                                               hidream)]
+                                               hidream, ernie)]
 SEQUENCE_PLANS: dict[str, SequencePlan] = {name: plan for plans in _FAMILY_PLANS for name, plan in plans.items()}
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""
 assert len(SEQUENCE_PLANS) == sum(map(len, _FAMILY_PLANS)), "two family modules define a plan for the same class"

@@ -291,6 +291,14 @@ class SequencePlan:
         ):
             raise ValueError(f"SequencePlan.tail_split needs a tail module, gather naming only it and no tail_inputs, "
                              f"got tail {self.tail!r}, gather {self.gather}, tail_inputs {dict(self.tail_inputs)}")
+        for pattern, block in self.blocks.items():
+            stream = block.metadata.hidden_states_argument_name if block.metadata is not None else "hidden_states"
+            spec = block.inputs.get(stream)
+            sequence_first = isinstance(spec, SequenceSplit) and spec.split_dim == 0
+            if sequence_first and self.tail is not None and self.tail_split is None:
+                # The tail passes answer from the last block's output cut along dim 1 (batch-first streams).
+                raise ValueError(f"SequencePlan: blocks {pattern!r} take sequence-first hidden states (split dim 0), "
+                                 f"so the output head runs whole (tail=None) or in pieces of its input (tail_split)")
 
     def match(self, path: str) -> BlockPlan | None:
         """The plan of the block at ``path`` (``*`` stands for one path component, as in a ``_cp_plan``)."""
