@@ -54,15 +54,6 @@ def _sana_video() -> Built:
 
 
 
-def _lumina2() -> Built:
-    model = diffusers.Lumina2Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
-        num_attention_heads=3, num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
-        scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(128, 128, 128), cap_feat_dim=8)
-    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 8),
-                       timestep=torch.rand(2), encoder_attention_mask=_mask(2, 9, 6, torch.bool))
-
-
 def _latte() -> Built:
     # No encoder_attention_mask: diffusers' own AttnProcessor2_0 cannot reshape Latte's mask (not repeated per frame).
     model = diffusers.LatteTransformer3DModel(
@@ -164,7 +155,6 @@ CASES: dict[str, Case] = {
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
     "LatteTransformer3DModel": Case(_latte, 2),
-    "Lumina2Transformer2DModel": Case(_lumina2, 4, data_dependent=True),  # a tensor read as a number
     "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True),  # a tensor read as a number
     "PRXTransformer2DModel": Case(_prx, 0),  # MLP inline in PRXBlock.forward: "no FeedForward-like module found"
     "SanaTransformer2DModel": Case(_sana, 0),  # GLUMBConv (a conv FFN): skipped, "no FeedForward layout"

@@ -95,9 +95,10 @@ def grouped(total: int, pieces: int, groups: int) -> list[tuple[int, int]]:
 class DeferredTokens:
     """Stand-in for a producer module's output during a chunked model forward: computes rows on demand."""
 
-    def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict):
+    def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict,
+                 tokens: int | None = None):
         self.path, self.producer, self.module, self.forward, self.call = path, producer, module, forward, call
-        self.tokens = producer.tokens(module, call)
+        self.tokens = producer.tokens(module, call) if tokens is None else tokens
         self._rows_of: Callable[[list[tuple[int, int]]], Any] | None = None  # built at the first request
 
     def rows(self, ranges: list[tuple[int, int]]) -> Any:

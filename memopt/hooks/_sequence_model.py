@@ -324,7 +324,7 @@ class SequenceHeadHook(ModelHook):
 class SequenceProducerHook(ModelHook):
     """On a model-level producer of per-token tables: defers them to the chunks during a chunked forward."""
 
-    def __init__(self, path: str, producer: TokenProducer) -> None:
+    def __init__(self, path: str, producer: TokenProducer | tuple[TokenProducer, ...]) -> None:
         super().__init__()
         self.path = path
         self.producer = producer
@@ -340,7 +340,18 @@ class SequenceProducerHook(ModelHook):
         bound = self.signature.bind(module, *args, **kwargs)
         bound.apply_defaults()
         call = dict(list(bound.arguments.items())[1:])
-        return DeferredTokens(self.path, self.producer, module, self.fn_ref.original_forward, call)
+        forward = self.fn_ref.original_forward
+        if not isinstance(self.producer, tuple):
+            return DeferredTokens(self.path, self.producer, module, forward, call)
+        # Tables inside a tuple output: the module runs, then its tables are dropped for stand-ins (the full ones
+        # live only until this returns).
+        output = list(forward(*args, **kwargs))
+        for producer in self.producer:
+            table = output[producer.output]
+            output[producer.output] = DeferredTokens(f"{self.path}[{producer.output}]", producer, module, forward, call,
+                                                     tokens=table.shape[1])
+            del table
+        return tuple(output)
 
 
 class SequenceEmbedHook(ModelHook):

@@ -1,4 +1,4 @@
-"""Z-Image."""
+"""Z-Image and Lumina-Image 2.0 (refiners, then joint blocks over padded per-sample sequences)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,41 @@ def _zimage_inputs(config, batch, size, text_tokens, dtype, device, generator, m
     }
 
 
+# ----------------------------------------------------------------------------------------------- Lumina-Image 2.0
+def _lumina2_tokens(config: Any, size: Size) -> int:
+    """Image tokens (the 2x2 patches of the 8x-downsampled latents). The joint blocks carry more: each sample's valid
+    caption tokens in front of its image tokens, padded to the longest sample."""
+    patch = _cfg(config, "patch_size")
+    return (size.height // 8 // patch) * (size.width // 8 // patch)
+
+
+def _lumina2_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Lumina-Image 2.0: latents ``(B, C, H/8, W/8)``, Gemma-2 hidden states ``(B, L, cap_feat_dim)`` padded to
+    ``max_sequence_length``, their tokenizer mask ``(B, L)`` (int64, valid tokens first, as ``Lumina2Pipeline`` passes
+    it) and the time ``1 - t / 1000`` in ``[0, 1]`` (the model embeds it as is).
+
+    The model reads the mask's row sums (a tensor read as a number): each sample's joint sequence is its valid caption
+    tokens then its image tokens, padded to the longest, with a boolean key mask when the lengths differ.
+    ``masked=True`` pads out the last quarter of the text of even samples and the last half of odd ones, so the
+    batch's lengths differ and the joint blocks run with that mask.
+    """
+    patch = _cfg(config, "patch_size")
+    _check_divisible("lumina2", size, 8 * patch)
+    mask = torch.ones(batch, text_tokens, dtype=torch.int64, device=device)
+    if masked:
+        quarter = max(1, text_tokens // 4)
+        for i in range(batch):
+            mask[i, text_tokens - quarter * (1 + i % 2):] = 0
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                                dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 0.5, dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "cap_feat_dim"), dtype=dtype,
+                                        device=device),
+        "encoder_attention_mask": mask,
+    }
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="zimage",
@@ -63,5 +98,25 @@ SPECS: list[FamilySpec] = [
         num_tokens_fn=_zimage_tokens,
         video=False,
         width_keys=("dim",),
+    ),
+    FamilySpec(
+        name="lumina2",
+        class_name="Lumina2Transformer2DModel",
+        configs={
+            # Alpha-VLLM/Lumina-Image-2.0 transformer/config.json: the class defaults (hidden 2304 = 24 heads x 96, 8
+            # KV heads, 26 layers, 2 noise- and 2 context-refiner layers, rope axes 32/32/32) but for the Gemma-2-2B
+            # caption width 2304 (the class default is 1024).
+            "full": {"cap_feat_dim": 2304},
+            "tiny": {"hidden_size": 32, "num_attention_heads": 2, "num_kv_heads": 1, "num_layers": 2,
+                     "num_refiner_layers": 1, "in_channels": 4, "multiple_of": 16, "cap_feat_dim": 24,
+                     "axes_dim_rope": (4, 6, 6), "axes_lens": (64, 64, 64), "sample_size": 16},
+        },
+        sizes={"default": Size(1024, 1024), "tiny": Size(80, 112)},
+        text_tokens=256,  # Lumina2Pipeline's max_sequence_length (padding="max_length", the mask marks the valid ones)
+        make_inputs_fn=_lumina2_inputs,
+        num_tokens_fn=_lumina2_tokens,
+        video=False,
+        mask_key="encoder_attention_mask",
+        width_keys=("hidden_size",),
     ),
 ]

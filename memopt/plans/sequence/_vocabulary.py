@@ -236,10 +236,16 @@ class TokenProducer:
             original forward); ``rows_of(ranges)`` returns the output for the tokens in ranges, concatenated along
             the token dim. Every chunk of every block asks for its rows, so what does not depend on the chunk (the
             per-axis tables of a factorised rotary embedding, the token positions) is built once, in ``rows``.
+        output: for a module returning a tuple that holds tables among other values (Lumina 2's rotary embedder
+            returns the patchified latents, three tables and Python lengths): the index of this table in it. The
+            module then runs (the other entries are needed as computed) and only this entry is deferred, its token
+            count read from the computed table (``tokens`` is not called). A plan lists one producer per table, as a
+            tuple, for such a module.
     """
 
     tokens: Callable[[torch.nn.Module, ProducerCall], int]
     rows: Callable[[torch.nn.Module, ProducerCall, Callable[..., Any]], Callable[[TokenRanges], Any]]
+    output: int | None = None
 
 
 @dataclass(frozen=True)
@@ -257,7 +263,8 @@ class SequencePlan:
             several token sequences, as Wan VACE's video and control latents). In the tail passes its output is
             never read (the blocks answer from the kept output), so it returns a zero-stride stand-in instead of
             recomputing a full hidden state, and is not kept from the block pass for replay.
-        producers: model-level module path -> :class:`TokenProducer` for per-token tables computed per chunk.
+        producers: model-level module path -> :class:`TokenProducer` for per-token tables computed per chunk (a tuple
+            of them, each with its ``output`` index, for a module returning several tables in a tuple).
         tail_inputs: arguments of the ``tail`` module other than the hidden states that run over the image tokens
             (a per-token modulation, like Helios' ``temb``), cut for each tail chunk as block inputs are. A
             :class:`TokenCount` among them (Helios' ``original_context_length``) makes the tail chunks cover only the
@@ -279,7 +286,7 @@ class SequencePlan:
         default_factory=lambda: {"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
     )
     embed: str | tuple[str, ...] | None = None
-    producers: Mapping[str, TokenProducer] = field(default_factory=dict)
+    producers: Mapping[str, TokenProducer | tuple[TokenProducer, ...]] = field(default_factory=dict)
     tail_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
     tail_split: int | None = None
     num_chunks: int = 32
