@@ -85,7 +85,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "allegro": {"attention_head_dim": 66, "cross_attention_dim": 528},  # RoPE: head_dim % 6 == 0
     "easyanimate": {"text_embed_dim": 64},
     "consisid": {"LFE_output_dim": 341, "max_text_seq_length": 64},  # face K/V width int(2/3 x 512)
-    "cosmos": {"text_embed_dim": 64},
+    "cosmos": {"text_embed_dim": 64, "max_size": (16, 64, 64)},  # learnable positions for the bench sizes
     "motif_video": {"rope_axes_dim": (16, 24, 24)},
     "krea2": {"axes_dims_rope": (16, 24, 24), "num_key_value_heads": 2, "intermediate_size": 1376},
     "ernie_image": {"hidden_size": 512, "num_attention_heads": 8, "ffn_hidden_size": 1536,
