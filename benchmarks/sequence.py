@@ -90,7 +90,8 @@ BENCH_CONFIGS: dict[str, dict] = {
     "krea2": {"axes_dims_rope": (16, 24, 24), "num_key_value_heads": 2, "intermediate_size": 1376},
     "ernie_image": {"hidden_size": 512, "num_attention_heads": 8, "ffn_hidden_size": 1536,
                     "rope_axes_dim": (16, 24, 24)},
-    "lumina2": {"hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 4, "axes_dim_rope": (16, 24, 24)},
+    "lumina2": {"hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 4, "axes_dim_rope": (16, 24, 24),
+                "axes_lens": (300, 300, 300)},  # rotary positions for the bench sizes
     "hidream": {"axes_dims_rope": (32, 16, 16), "caption_channels": [64, 64], "text_emb_dim": 64},
     "bria": {"axes_dims_rope": (16, 24, 24)},
     "longcat_image": {"axes_dims_rope": (16, 24, 24)},
