@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from diffusers.hooks._helpers import TransformerBlockMetadata
 
 from ._vocabulary import (
@@ -16,19 +18,19 @@ from ._vocabulary import (
 )
 
 
+_COGVIDEOX = BlockPlan(
+    inputs={
+        "hidden_states": _IMAGE_TOKENS,
+        "encoder_hidden_states": _TEXT_TOKENS,
+        "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) when RoPE is used
+    },
+    attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
+    conditioning=_adaptive_norms("norm1", "norm2"),
+)
+
 PLANS: dict[str, SequencePlan] = {
     "CogVideoXTransformer3DModel": SequencePlan(
-        {
-            "transformer_blocks.*": BlockPlan(
-                inputs={
-                    "hidden_states": _IMAGE_TOKENS,
-                    "encoder_hidden_states": _TEXT_TOKENS,
-                    "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) when RoPE is used
-                },
-                attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
-                conditioning=_adaptive_norms("norm1", "norm2"),
-            )
-        },
+        {"transformer_blocks.*": _COGVIDEOX},
         tail="norm_final",
         embed="patch_embed",
     ),
@@ -67,16 +69,8 @@ PLANS: dict[str, SequencePlan] = {
         # text stream never sees it. Rotary tables come from the pipeline, (S_image, head_dim) fp32 cos / sin: split. No
         # _cp_plan.
         {
-            "transformer_blocks.*": BlockPlan(
-                inputs={
-                    "hidden_states": _IMAGE_TOKENS,
-                    "encoder_hidden_states": _TEXT_TOKENS,
-                    "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) when RoPE is used
-                },
-                attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
-                conditioning=_adaptive_norms("norm1", "norm2"),
-                metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
-            ),
+            "transformer_blocks.*": dataclasses.replace(_COGVIDEOX, metadata=TransformerBlockMetadata(
+                return_hidden_states_index=0, return_encoder_hidden_states_index=1)),
             "perceiver_cross_attention.*": BlockPlan(
                 inputs={"hidden_states": _IMAGE_TOKENS},  # forward(image_embeds, hidden_states): image_embeds whole
                 conditioning=("norm1", "to_kv"),  # LayerNorm + K/V projection of the face tokens
