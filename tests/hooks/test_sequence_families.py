@@ -5,7 +5,7 @@ history/window token count, Chroma's pairwise masks and in-place ControlNet resi
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
 head, Cosmos-1.0's per-sample timestep, Motif-Video's image-to-video call, Krea 2's text fusion,
-ERNIE-Image's sequence-first blocks."""
+ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output."""
 
 from __future__ import annotations
 
@@ -528,3 +528,14 @@ def test_sequence_first_blocks_need_a_head_run_on_its_own_input():
         report = apply_sequence_chunking(model, 4)
         out = model(**inputs)[0]
     assert report.blocks and report.tail and rel_err(out, reference) <= 1e-5
+
+
+def test_producers_of_tuple_entries_name_their_index():
+    """TokenProducer.output (Lumina 2's rotary embedder returns three tables inside a tuple): every producer of a
+    tuple names its entry, a single producer none."""
+    plan = SEQUENCE_PLANS["Lumina2Transformer2DModel"]
+    (path, producers), = plan.producers.items()
+    with pytest.raises(ValueError, match="each with its output index"):
+        dataclasses.replace(plan, producers={path: (producers[0], dataclasses.replace(producers[1], output=None))})
+    with pytest.raises(ValueError, match="a single producer for a module returning its table, without one"):
+        dataclasses.replace(plan, producers={path: producers[0]})
