@@ -65,15 +65,6 @@ def _latte() -> Built:
                        timestep=torch.tensor([3, 500]))
 
 
-def _cogview3plus() -> Built:
-    model = diffusers.CogView3PlusTransformer2DModel(
-        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4, num_attention_heads=2, out_channels=4,
-        text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=16, sample_size=16)
-    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 8),
-                       timestep=torch.tensor([3, 500]), original_size=torch.tensor([[80, 112]] * 2),
-                       target_size=torch.tensor([[80, 112]] * 2), crop_coords=torch.tensor([[0, 0]] * 2))
-
-
 def _omnigen() -> Built:
     model = diffusers.OmniGenTransformer2DModel(
         hidden_size=16, num_attention_heads=4, num_key_value_heads=4, intermediate_size=32, num_layers=2,
@@ -150,7 +141,6 @@ class Case(NamedTuple):
 
 
 CASES: dict[str, Case] = {
-    "CogView3PlusTransformer2DModel": Case(_cogview3plus, 1),
     "DiTTransformer2DModel": Case(_dit, 2),
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),

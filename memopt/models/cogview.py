@@ -1,4 +1,4 @@
-"""CogVideoX, its identity-preserving derivative ConsisID, and CogView4."""
+"""CogVideoX, its identity-preserving derivative ConsisID, CogView3-Plus and CogView4."""
 
 from __future__ import annotations
 
@@ -125,6 +125,29 @@ def _cogview4_inputs(config, batch, size, text_tokens, dtype, device, generator,
     }
 
 
+# ----------------------------------------------------------------------------------------------- CogView3-Plus
+def _cogview3plus_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """CogView3-Plus: latents (B, C, H/8, W/8), T5 states, an integer timestep and the SDXL-style size conditions.
+
+    ``CogView3PlusPipeline`` pads the T5 prompt to ``max_sequence_length`` 224 and passes no text mask (the forward
+    takes none, so ``masked`` is ignored), ``original_size`` / ``target_size`` ``(B, 2)`` = ``(height, width)`` and
+    ``crop_coords`` ``(B, 2)`` = ``(0, 0)`` in the prompt's dtype, and the CogVideoX DDIM scheduler's integer timesteps.
+    The learned-free sin-cos position table (``pos_embed_max_size``^2 patches) bounds the size: 2048 px at release.
+    """
+    _check_divisible("cogview3plus", size, 8 * _cfg(config, "patch_size"))
+    sizes = torch.tensor([[size.height, size.width]], dtype=dtype, device=device).repeat(batch, 1)
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                                dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "original_size": sizes,
+        "target_size": sizes.clone(),
+        "crop_coords": torch.zeros(batch, 2, dtype=dtype, device=device),
+    }
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="cogvideox",
@@ -173,5 +196,20 @@ SPECS: list[FamilySpec] = [
         text_tokens=226,
         make_inputs_fn=_consisid_inputs,
         num_tokens_fn=_cogvideox_tokens,
+    ),
+    FamilySpec(
+        name="cogview3plus",
+        class_name="CogView3PlusTransformer2DModel",
+        configs={
+            "full": {},  # class defaults are THUDM/CogView3-Plus-3B's transformer/config.json (64 x 40, 30 blocks)
+            # pos_embed_max_size 16: the sin-cos table covers up to 256 px (16 x 16 patches), the growth sizes included.
+            "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 2, "text_embed_dim": 24,
+                     "time_embed_dim": 16, "condition_dim": 8, "pos_embed_max_size": 16, "sample_size": 16},
+        },
+        sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
+        text_tokens=224,  # CogView3PlusPipeline's max_sequence_length
+        make_inputs_fn=_cogview3plus_inputs,
+        num_tokens_fn=_cogview4_tokens,
+        video=False,
     ),
 ]

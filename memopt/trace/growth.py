@@ -75,6 +75,7 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     # Lumina 2 stores its width as hidden_size (16 heads x 8, GQA 2:1); one refiner of each kind.
     "lumina2": {"hidden_size": 128, "num_attention_heads": 16, "num_kv_heads": 8, "axes_dim_rope": (2, 2, 4),
                 "num_layers": 1, "num_refiner_layers": 1},
+    "cogview3plus": {"num_layers": 1},
     # EasyAnimate: 8 heads x 16 (its 3-D rotary table needs head_dim // 8 even); one block of each kind.
     "easyanimate": {"num_attention_heads": 8, "attention_head_dim": 16, "num_layers": 2, "mmdit_layers": 1},
     # Allegro: its 3-axis RoPE needs head_dim % 6 == 0, so 10 heads x 12 = 120 wide.
@@ -119,6 +120,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "hidream": (Size(128, 128), Size(256, 256)),
     "ernie_image": (Size(128, 128), Size(256, 256)),
     "lumina2": (Size(128, 128), Size(256, 256)),
+    "cogview3plus": (Size(128, 128), Size(256, 256)),
     "allegro": (Size(64, 128, 5), Size(128, 256, 5)),  # 2 latent frames: 64 and 256 tokens
     "bria": (Size(128, 128), Size(256, 256)),
     "longcat_image": (Size(128, 128), Size(256, 256)),

@@ -11,7 +11,7 @@ FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "f
             "zimage", "kandinsky5", "minimax_h3", "qwenimage21", "flux3",
             "auraflow", "pixart", "bria", "framepack", "wan_animate",
             "allegro", "easyanimate", "longcat_image", "ovis_image", "consisid", "cosmos", "motif_video", "krea2",
-            "hidream", "ernie_image", "lumina2"]
+            "hidream", "ernie_image", "lumina2", "cogview3plus"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -45,6 +45,7 @@ SIZES = {
     "motif_video": Size(48, 80, 9),  # 45 video + 8 text tokens
     "ernie_image": Size(80, 112),  # 35 image + 8 text tokens, sequence-first
     "lumina2": Size(80, 112),  # 35 image tokens; the joint blocks add each sample's valid caption tokens
+    "cogview3plus": Size(80, 112),  # 35 image + 8 text tokens
     "hidream": Size(80, 112),  # 35 image tokens padded by the model to 63 (a key mask), + 3 x 8 text tokens
     "krea2": Size(80, 112),  # 35 image + 8 text tokens in the blocks; 8 text tokens x 3 tapped layers in the fusion
     "wan_animate": Size(48, 80, 5),  # 3 latent frames (2 + the reference) x 3 x 5 = 45 tokens

@@ -1,4 +1,4 @@
-"""CogVideoX, ConsisID and CogView4."""
+"""CogVideoX, ConsisID, CogView3-Plus and CogView4."""
 
 from __future__ import annotations
 
@@ -86,5 +86,24 @@ PLANS: dict[str, SequencePlan] = {
         # 1 LD) alive through the block pass, and after the first face cross-attention the residual stream is a new
         # tensor (hidden + scale * update), so the kept embedding would be 1 LD on top of it.
         embed=("patch_embed", "embedding_dropout"),
+    ),
+    "CogView3PlusTransformer2DModel": SequencePlan(
+        # One kind of MMDiT block (CogView3PlusTransformerBlock, not in diffusers' TransformerBlockRegistry: returns
+        # (hidden_states, encoder_hidden_states)). Its attn1 is CogVideoX's: CogVideoXAttnProcessor2_0 projects
+        # cat(text, image) with one to_q / to_k / to_v (per-head LayerNorm on Q and K), no rotary (image_rotary_emb is
+        # never passed), no mask. norm1 (CogView3PlusAdaLayerNormZeroTextImage) computes all twelve modulations of both
+        # streams from the model's emb (SiLU -> linear): the same for every chunk. The FeedForward runs over cat(text,
+        # image) token-wise. The position table is added in patch_embed, before the blocks. No _cp_plan.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS, "encoder_hidden_states": _TEXT_TOKENS},  # emb: (B, D_t), whole
+                attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
+                conditioning=_adaptive_norms("norm1"),
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+            )
+        },
+        # norm_out(hidden_states, emb) -> proj_out -> unpatchify (the default tail / gather); patch_embed returns
+        # cat(text, image) with the position table added, which the model slices into the two streams, as CogVideoX.
+        embed="patch_embed",
     ),
 }
