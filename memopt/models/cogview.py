@@ -111,14 +111,22 @@ def _cogview4_inputs(config, batch, size, text_tokens, dtype, device, generator,
     additive 0/1 mask ``m[q] * m[k] > 0`` (image tokens count as 1). As no pipeline passes it, ``masked`` is ignored
     here (``mask_key`` is ``None``); sequence chunking refuses that mask (it depends on the query position).
     """
-    _check_divisible("cogview4", size, 8 * _cfg(config, "patch_size"))
+    timestep = torch.full((batch,), 999.0, dtype=torch.float32, device=device)
+    return _size_conditioned_inputs("cogview4", config, batch, size, text_tokens, timestep, dtype, device, generator)
+
+
+def _size_conditioned_inputs(name: str, config: Any, batch: int, size: Size, text_tokens: int, timestep: torch.Tensor,
+                             dtype: torch.dtype, device: Any, generator: Any) -> Inputs:
+    """CogView latents (B, C, H/8, W/8), text states and the SDXL-style size conditions its pipelines pass:
+    ``original_size`` / ``target_size`` ``(B, 2)`` = ``(height, width)``, ``crop_coords`` ``(0, 0)``."""
+    _check_divisible(name, size, 8 * _cfg(config, "patch_size"))
     sizes = torch.tensor([[size.height, size.width]], dtype=dtype, device=device).repeat(batch, 1)
     return {
         "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
                                 dtype=dtype, device=device),
         "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
                                         device=device),
-        "timestep": torch.full((batch,), 999.0, dtype=torch.float32, device=device),
+        "timestep": timestep,
         "original_size": sizes,
         "target_size": sizes.clone(),
         "crop_coords": torch.zeros(batch, 2, dtype=dtype, device=device),
@@ -134,18 +142,9 @@ def _cogview3plus_inputs(config, batch, size, text_tokens, dtype, device, genera
     ``crop_coords`` ``(B, 2)`` = ``(0, 0)`` in the prompt's dtype, and the CogVideoX DDIM scheduler's integer timesteps.
     The learned-free sin-cos position table (``pos_embed_max_size``^2 patches) bounds the size: 2048 px at release.
     """
-    _check_divisible("cogview3plus", size, 8 * _cfg(config, "patch_size"))
-    sizes = torch.tensor([[size.height, size.width]], dtype=dtype, device=device).repeat(batch, 1)
-    return {
-        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
-                                dtype=dtype, device=device),
-        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
-                                        device=device),
-        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
-        "original_size": sizes,
-        "target_size": sizes.clone(),
-        "crop_coords": torch.zeros(batch, 2, dtype=dtype, device=device),
-    }
+    timestep = torch.full((batch,), 999, dtype=torch.long, device=device)
+    return _size_conditioned_inputs("cogview3plus", config, batch, size, text_tokens, timestep, dtype, device,
+                                    generator)
 
 
 SPECS: list[FamilySpec] = [
