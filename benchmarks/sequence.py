@@ -93,6 +93,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "lumina2": {"hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 4, "axes_dim_rope": (16, 24, 24),
                 "axes_lens": (300, 300, 300)},  # rotary positions for the bench sizes
     "cogview3plus": {"pos_embed_max_size": 128},
+    "latte": {"cross_attention_dim": 512, "video_length": 16, "sample_size": 64},
     "hidream": {"axes_dims_rope": (32, 16, 16), "caption_channels": [64, 64], "text_emb_dim": 64},
     "bria": {"axes_dims_rope": (16, 24, 24)},
     "longcat_image": {"axes_dims_rope": (16, 24, 24)},
@@ -130,6 +131,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "ernie_image": IMAGE_SIZES,
     "lumina2": IMAGE_SIZES,
     "cogview3plus": IMAGE_SIZES,
+    "latte": [Size(128, 256, 16), Size(256, 256, 16), Size(256, 512, 16), Size(512, 512, 16)],  # 16 frames
     "hidream": [Size(256, 256), Size(512, 512), Size(768, 768), Size(1024, 1024)],  # square: no padding
     "bria": IMAGE_SIZES,
     "longcat_image": IMAGE_SIZES,

@@ -54,17 +54,6 @@ def _sana_video() -> Built:
 
 
 
-def _latte() -> Built:
-    # No encoder_attention_mask: diffusers' own AttnProcessor2_0 cannot reshape Latte's mask (not repeated per frame).
-    model = diffusers.LatteTransformer3DModel(
-        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=4, num_attention_heads=2, caption_channels=8,
-        in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-        video_length=3)
-    return model, dict(hidden_states=torch.randn(2, 4, 3, 10, 14), encoder_hidden_states=torch.randn(2, 9, 8),
-                       timestep=torch.tensor([3, 500]))
-
-
 def _omnigen() -> Built:
     model = diffusers.OmniGenTransformer2DModel(
         hidden_size=16, num_attention_heads=4, num_key_value_heads=4, intermediate_size=32, num_layers=2,
@@ -144,7 +133,6 @@ CASES: dict[str, Case] = {
     "DiTTransformer2DModel": Case(_dit, 2),
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
-    "LatteTransformer3DModel": Case(_latte, 2),
     "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True),  # a tensor read as a number
     "PRXTransformer2DModel": Case(_prx, 0),  # MLP inline in PRXBlock.forward: "no FeedForward-like module found"
     "SanaTransformer2DModel": Case(_sana, 0),  # GLUMBConv (a conv FFN): skipped, "no FeedForward layout"

@@ -710,7 +710,7 @@ def _prepare_block(
                 f"{path}: the plan uses a text stream, so it must split "
                 f"{metadata.encoder_hidden_states_argument_name!r} as the text stream on dim {image_spec.split_dim}"
             )
-    if not plan.attention and not plan.returns_update:
+    if not plan.attention and not (plan.returns_update or plan.chunk_local):
         return "the plan names no whole-sequence attention module", []
     for name, spec in plan.attention.items():
         split = plan.inputs.get(spec.pair_mask) if spec.pair_mask is not None else None

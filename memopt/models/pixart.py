@@ -1,4 +1,4 @@
-"""PixArt-Sigma, PixArt-Alpha and Allegro (a video DiT with PixArt's block layout)."""
+"""PixArt-Sigma, PixArt-Alpha, and the video DiTs with PixArt's block layout: Allegro, Latte."""
 
 from __future__ import annotations
 
@@ -95,6 +95,38 @@ def _allegro_inputs(config, batch, size, text_tokens, dtype, device, generator, 
     }
 
 
+# ----------------------------------------------------------------------------------------------- Latte
+def _latte_frames(config: Any, size: Size) -> int:
+    """LattePipeline encodes every frame with the image VAE (no temporal compression): one latent frame per frame. The
+    model adds its (1, video_length, D) temporal position table to the (B x positions, frames, D) tokens, so a video
+    must have ``video_length`` frames (or one: an image, where the table is not added)."""
+    frames, length = size.num_frames, _cfg(config, "video_length")
+    if frames not in (1, length):
+        raise ValueError(f"latte: {frames} frames, but the model's temporal position table has video_length={length} "
+                         "rows (a video must have video_length frames, or 1)")
+    return frames
+
+
+def _latte_tokens(config: Any, size: Size) -> int:
+    p = _cfg(config, "patch_size")
+    return _latte_frames(config, size) * (size.height // 8 // p) * (size.width // 8 // p)
+
+
+def _latte_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Latte: latents (B, 4, F, H/8, W/8), T5 states (4096 wide at the release), one integer timestep per sample.
+    No text mask: LattePipeline passes none (and diffusers' AttnProcessor2_0 cannot take the model's (B, 1, S_text)
+    bias against its (B x F) spatial batch), so ``masked`` has nothing to mask."""
+    _check_divisible("latte", size, 8 * _cfg(config, "patch_size"))
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), _latte_frames(config, size),
+                                size.height // 8, size.width // 8, dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "caption_channels"), dtype=dtype,
+                                        device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "enable_temporal_attentions": True,
+    }
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="pixart",
@@ -138,5 +170,28 @@ SPECS: list[FamilySpec] = [
         make_inputs_fn=_allegro_inputs,
         num_tokens_fn=_allegro_tokens,
         mask_key="encoder_attention_mask",
+    ),
+    FamilySpec(
+        name="latte",
+        class_name="LatteTransformer3DModel",
+        configs={
+            # maxin-cn/Latte-1 transformer/config.json (28 spatial + 28 temporal blocks, 16 x 72 = 1152 wide, T5-XXL
+            # captions, patch 2, 64 x 64 latents = 512 px, 16 frames).
+            "full": {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
+                     "num_layers": 28, "cross_attention_dim": 1152, "attention_bias": True, "sample_size": 64,
+                     "patch_size": 2, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
+                     "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
+                     "caption_channels": 4096, "video_length": 16},
+            # cross_attention_dim must be the width (the caption projection maps the text to it); video_length = the
+            # tiny size's frames.
+            "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 8, "num_layers": 1, "cross_attention_dim": 32,
+                     "attention_bias": True, "sample_size": 8, "patch_size": 2, "activation_fn": "gelu-approximate",
+                     "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single", "norm_elementwise_affine": False,
+                     "norm_eps": 1e-6, "caption_channels": 24, "video_length": 3},
+        },
+        sizes={"default": Size(512, 512, 16), "tiny": Size(80, 112, 3)},
+        text_tokens=120,  # LattePipeline's max_sequence_length
+        make_inputs_fn=_latte_inputs,
+        num_tokens_fn=_latte_tokens,
     ),
 ]

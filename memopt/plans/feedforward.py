@@ -92,6 +92,8 @@ FEEDFORWARD_PLANS: dict[str, dict[str, Style]] = {
     "PixArtTransformer2DModel": _ffn("transformer_blocks.*.ff"),
     # Allegro: likewise (its caption projection sees 512 text tokens).
     "AllegroTransformer3DModel": _ffn("transformer_blocks.*.ff"),
+    # Latte: one FeedForward per spatial and per temporal block; caption projection and timestep MLPs left out.
+    "LatteTransformer3DModel": {**_ffn("transformer_blocks.*.ff"), **_ffn("temporal_transformer_blocks.*.ff")},
     "LTXVideoTransformer3DModel": _ffn("transformer_blocks.*.ff"),
     "SD3Transformer2DModel": {**_ffn("transformer_blocks.*.ff"), **_ffn("transformer_blocks.*.ff_context")},
     # Mochi: SwiGLU FeedForwards, (value, gate) packed in net.0.proj like diffusers' SwiGLU.

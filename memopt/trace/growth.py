@@ -76,6 +76,8 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "lumina2": {"hidden_size": 128, "num_attention_heads": 16, "num_kv_heads": 8, "axes_dim_rope": (2, 2, 4),
                 "num_layers": 1, "num_refiner_layers": 1},
     "cogview3plus": {"num_layers": 1},
+    # Latte: 16 frames (the release's): the model keeps a per-position timestep copy, 6 / F LD per token.
+    "latte": {"cross_attention_dim": 128, "num_layers": 1, "video_length": 16},
     # EasyAnimate: 8 heads x 16 (its 3-D rotary table needs head_dim // 8 even); one block of each kind.
     "easyanimate": {"num_attention_heads": 8, "attention_head_dim": 16, "num_layers": 2, "mmdit_layers": 1},
     # Allegro: its 3-axis RoPE needs head_dim % 6 == 0, so 10 heads x 12 = 120 wide.
@@ -121,6 +123,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "ernie_image": (Size(128, 128), Size(256, 256)),
     "lumina2": (Size(128, 128), Size(256, 256)),
     "cogview3plus": (Size(128, 128), Size(256, 256)),
+    "latte": (Size(64, 128, 16), Size(128, 256, 16)),
     "allegro": (Size(64, 128, 5), Size(128, 256, 5)),  # 2 latent frames: 64 and 256 tokens
     "bria": (Size(128, 128), Size(256, 256)),
     "longcat_image": (Size(128, 128), Size(256, 256)),

@@ -64,6 +64,7 @@ SIZES = {
     "ernie_image": dict(height=80, width=112),
     "lumina2": dict(height=48, width=80),
     "cogview3plus": dict(height=80, width=112),
+    "latte": dict(height=80, width=112, num_frames=3),
     "longcat_image": dict(height=48, width=80),
     "ovis_image": dict(height=48, width=80),
     "bria": dict(height=48, width=80),
@@ -79,7 +80,7 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "framepack": 4, "wan_animate": 3, "allegro": 2,
                     "easyanimate": 3, "longcat_image": 4, "ovis_image": 2,
                     "consisid": 2, "cosmos": 2, "motif_video": 2, "krea2": 4,
-                    "hidream": 16, "ernie_image": 2, "lumina2": 4, "cogview3plus": 2}
+                    "hidream": 16, "ernie_image": 2, "lumina2": 4, "cogview3plus": 2, "latte": 2}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -189,6 +189,10 @@ class BlockPlan:
         returns_update: the block returns an update that the model adds to the block's hidden states (Wan Animate's
             face adapter), not the new hidden states: its output is never written over its input. A block whose
             attention is all chunk-local (``attention`` empty) runs once per chunk.
+        chunk_local: the block's attention never mixes the tokens the chunks split (Latte's temporal blocks attend
+            over the frames of one position; the chunks split the positions): with ``attention`` empty it runs once
+            per chunk, nothing exchanged. Without this flag (or ``returns_update``) a block that names no
+            whole-sequence attention is skipped and reported, so that a plan forgetting one is not silently wrong.
         input_is_view: the block's hidden states can be a view of a tensor its caller still reads (Krea 2's layerwise
             text-fusion blocks get ``encoder_hidden_states.reshape(...)``, the model's own input, which the pipeline
             passes again at every step): its output is never written over its input.
@@ -202,6 +206,7 @@ class BlockPlan:
     metadata: TransformerBlockMetadata | None = None
     token_groups: Callable[[Callable[[str], Any]], int] | None = None
     returns_update: bool = False
+    chunk_local: bool = False
     input_is_view: bool = False
 
     @property

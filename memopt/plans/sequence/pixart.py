@@ -1,4 +1,4 @@
-"""PixArt-Sigma, PixArt-Alpha and Allegro."""
+"""PixArt-Sigma, PixArt-Alpha, Allegro and Latte."""
 
 from __future__ import annotations
 
@@ -91,5 +91,45 @@ PLANS: dict[str, SequencePlan] = {
         # The model computes shift / scale ((B, 1, D) each, from its scale_shift_table and the embedded timestep), then
         # norm_out (LayerNorm) -> modulation -> proj_out -> unpatchify.
         embed="pos_embed",  # PatchEmbed per frame (conv projection, no position table: positions come from the RoPE)
+    ),
+    "LatteTransformer3DModel": SequencePlan(
+        # Two kinds of diffusers' generic BasicTransformerBlock (norm_type="ada_norm_single", as PixArt's), alternating.
+        # The model reshapes the residual stream between them, in its own forward on the whole tensor: a spatial block
+        # sees (B x F, P, D) (each frame's P positions one sequence), a temporal block (B x P, F, D) (each position's F
+        # frames one sequence). memopt chunks each block on its own, with the whole stream in between, so the two kinds
+        # are cut along different axes: a spatial block by position ranges of every frame (dim 1; attn1 attends over the
+        # whole frame, so its K/V are exchanged), a temporal block by ranges of its (B x P) rows (dim 0; nothing to
+        # exchange). The per-row timestep modulation ((B x F, 6D) spatial, passed whole; (B x P, 6D) temporal, cut with
+        # the rows) and the text (repeated per frame, passed whole) line up with every chunk. The model keeps the
+        # (B x P, 6D) temporal timesteps through all blocks, 6 / F LD per token (0.375 at 16 frames), hence 64 chunks by
+        # default (growth 3.49 LD per token; 3.72 with 32). No _cp_plan in diffusers 0.42.
+        {
+            # Spatial: self-attention attn1 over a frame's positions (AttnProcessor2_0, which calls
+            # F.scaled_dot_product_attention itself), cross-attention attn2 to the projected T5 tokens (keys and values
+            # from the text only: chunk-local, computed once per block), a gelu-tanh FeedForward. No self-attention mask
+            # (the model passes None) and no text mask (the pipeline passes none; the processor could not take one).
+            "transformer_blocks.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS},
+                attention={"attn1": JointAttention(active=_pixart_cross_attention_has_text)},
+            ),
+            # Temporal: self-attention attn1 over a position's F frames (16 at the release), no cross-attention
+            # (cross_attention_dim=None: no attn2), a gelu-tanh FeedForward. Chunked along dim 0, the (B x P) rows, with
+            # the per-row timestep embedding cut alike: attention never mixes rows, so every chunk runs the whole block
+            # on its own positions (all frames), nothing is exchanged and the chunks can be as many as the spatial
+            # blocks' (frame chunks would stop at one frame each: a 1/16 chunk of a 14 LD block).
+            "temporal_transformer_blocks.*": BlockPlan(
+                inputs={"hidden_states": SequenceSplit(0), "timestep": SequenceSplit(0)},
+                chunk_local=True,
+            ),
+        },
+        # The output head runs whole: the last block is a temporal one, whose output the model reshapes back to (B x F,
+        # P, D) before norm_out and modulates with a (B x F, 1, D) shift / scale made from the whole frame count. A tail
+        # pass answering the last block with a chunk of its frames would meet a (B x F) modulation against (B x F_chunk)
+        # rows (and with enable_temporal_attentions=False the last block is a spatial one, chunked on another axis), so
+        # the head cannot be replayed in chunks; it is per token but only ~2-3 LD (norm, modulation, projection to 32
+        # channels), under what the blocks keep.
+        tail=None,
+        num_chunks=64,
+        gather=None,
     ),
 }
