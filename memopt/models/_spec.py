@@ -225,6 +225,13 @@ def _grid_ids(height: int, width: int, axes: int, dtype: torch.dtype = torch.flo
     return ids.reshape(height * width, axes)
 
 
+def _image_tokens(config: Any, size: Size) -> int:
+    """Tokens of one latent frame: the ``patch_size`` x ``patch_size`` patches of the 8x-downsampled latents (the
+    blocks may carry more, text or register tokens, in front or behind)."""
+    p = _cfg(config, "patch_size")
+    return (size.height // 8 // p) * (size.width // 8 // p)
+
+
 def _latent_frames(num_frames: int, temporal_ratio: int) -> int:
     return (num_frames - 1) // temporal_ratio + 1
 

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _randn
+from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _image_tokens, _randn
 
 
 # ----------------------------------------------------------------------------------------------- AuraFlow
-def _auraflow_tokens(config: Any, size: Size) -> int:
-    """Image tokens (the 2x2 patches of the 8x-downsampled SDXL-VAE latents). The single DiT blocks carry the 8
-    register tokens and the text tokens in front of them."""
-    p = _cfg(config, "patch_size")
-    return (size.height // 8 // p) * (size.width // 8 // p)
-
-
 def _auraflow_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
     """AuraFlow: latents (B, 4, H/8, W/8), Pile-T5 (UMT5) states (B, T, 2048), timestep ``t / 1000`` in [0, 1], as
     ``AuraFlowPipeline`` calls the transformer. No mask argument: the pipeline multiplies the prompt states by the
@@ -65,7 +56,7 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(1024, 1024), "tiny": Size(80, 112)},
         text_tokens=256,  # the pipeline's max_sequence_length; the model prepends 8 register tokens
         make_inputs_fn=_auraflow_inputs,
-        num_tokens_fn=_auraflow_tokens,
+        num_tokens_fn=_image_tokens,  # the single DiT blocks carry 8 register and the text tokens in front
         video=False,
         init_fn=_auraflow_init,
     ),

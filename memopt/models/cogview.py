@@ -17,6 +17,7 @@ from ._spec import (
     _cfg,
     _cfg_or,
     _check_divisible,
+    _image_tokens,
     _is_tiny,
     _latent_frames,
     _randn,
@@ -25,9 +26,8 @@ from ._spec import (
 
 # ----------------------------------------------------------------------------------------------- CogVideoX
 def _cogvideox_tokens(config: Any, size: Size) -> int:
-    p, pt = _cfg(config, "patch_size"), _cfg_or(config, "patch_size_t", None) or 1  # ConsisID has no patch_size_t
-    frames = _latent_frames(size.num_frames, 4)
-    return math.ceil(frames / pt) * (size.height // 8 // p) * (size.width // 8 // p)
+    pt = _cfg_or(config, "patch_size_t", None) or 1  # ConsisID has no patch_size_t
+    return math.ceil(_latent_frames(size.num_frames, 4) / pt) * _image_tokens(config, size)
 
 
 def _cogvideox_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
@@ -96,11 +96,6 @@ _TINY_CONSISID = {
 
 
 # ----------------------------------------------------------------------------------------------- CogView4
-def _cogview4_tokens(config: Any, size: Size) -> int:
-    patch = _cfg(config, "patch_size")
-    return (size.height // 8 // patch) * (size.width // 8 // patch)
-
-
 def _cogview4_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
     """CogView4: latents (B, C, H/8, W/8), GLM-4 states, timestep and the SDXL-style size conditions.
 
@@ -175,7 +170,7 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
         text_tokens=224,  # the pipeline pads the prompt to a multiple of 16; 224 is its documented default
         make_inputs_fn=_cogview4_inputs,
-        num_tokens_fn=_cogview4_tokens,
+        num_tokens_fn=_image_tokens,
         video=False,
     ),
     FamilySpec(
@@ -208,7 +203,7 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
         text_tokens=224,  # CogView3PlusPipeline's max_sequence_length
         make_inputs_fn=_cogview3plus_inputs,
-        num_tokens_fn=_cogview4_tokens,
+        num_tokens_fn=_image_tokens,
         video=False,
     ),
 ]

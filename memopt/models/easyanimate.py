@@ -6,14 +6,23 @@ from typing import Any
 
 import torch
 
-from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _latent_frames, _randn
+from ._spec import (
+    _TINY_HEADS,
+    FamilySpec,
+    Inputs,
+    Size,
+    _cfg,
+    _check_divisible,
+    _image_tokens,
+    _latent_frames,
+    _randn,
+)
 
 
 # ----------------------------------------------------------------------------------------------- EasyAnimate
 def _easyanimate_tokens(config: Any, size: Size) -> int:
     """Video tokens: 2x2 patches of the MagViT latents (8x spatial, 4x temporal compression, first frame alone)."""
-    p = _cfg(config, "patch_size")
-    return _latent_frames(size.num_frames, 4) * (size.height // 8 // p) * (size.width // 8 // p)
+    return _latent_frames(size.num_frames, 4) * _image_tokens(config, size)
 
 
 def _easyanimate_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:

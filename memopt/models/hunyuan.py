@@ -15,6 +15,7 @@ from ._spec import (
     _cfg,
     _check_divisible,
     _glyph_mask,
+    _image_tokens,
     _is_tiny,
     _latent_frames,
     _randn,
@@ -24,8 +25,7 @@ from ._spec import (
 
 # ----------------------------------------------------------------------------------------------- HunyuanVideo
 def _hunyuan_tokens(config: Any, size: Size) -> int:
-    p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t")
-    return _latent_frames(size.num_frames, 4) // pt * (size.height // 8 // p) * (size.width // 8 // p)
+    return _latent_frames(size.num_frames, 4) // _cfg(config, "patch_size_t") * _image_tokens(config, size)
 
 
 def _hunyuan_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:

@@ -3,21 +3,13 @@ blocks."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _latent_frames, _randn, _text_mask
+from .hunyuan import _hunyuan_tokens
 
 
 # ----------------------------------------------------------------------------------------------- Motif-Video
-def _motif_video_tokens(config: Any, size: Size) -> int:
-    """Video tokens: (patch_size_t, p, p) patches of the Wan 2.1 VAE latents (8x spatial, 4x temporal compression,
-    first frame alone)."""
-    p, pt = _cfg(config, "patch_size"), _cfg(config, "patch_size_t")
-    return _latent_frames(size.num_frames, 4) // pt * (size.height // 8 // p) * (size.width // 8 // p)
-
-
 def _motif_video_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
     """Motif-Video text-to-video, as ``MotifVideoPipeline`` calls the transformer: ``cat(latents, condition latents,
     condition mask)`` along channels (16 + 16 + 1 = in_channels 33; zeros in text-to-video, random here), the float
@@ -56,7 +48,7 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(736, 1280, 121), "tiny": Size(48, 80, 9)},  # MotifVideoPipeline's defaults
         text_tokens=512,  # MotifVideoPipeline's max_sequence_length; the prompt is padded to it
         make_inputs_fn=_motif_video_inputs,
-        num_tokens_fn=_motif_video_tokens,
+        num_tokens_fn=_hunyuan_tokens,  # the same patching of Wan 2.1 VAE latents
         mask_key="encoder_attention_mask",
     ),
 ]

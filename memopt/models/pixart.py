@@ -8,15 +8,21 @@ from typing import Any
 import torch
 from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
 
-from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _cfg_or, _check_divisible, _randn, _text_mask
+from ._spec import (
+    _TINY_HEADS,
+    FamilySpec,
+    Inputs,
+    Size,
+    _cfg,
+    _cfg_or,
+    _check_divisible,
+    _image_tokens,
+    _randn,
+    _text_mask,
+)
 
 
 # ----------------------------------------------------------------------------------------------- PixArt
-def _pixart_tokens(config: Any, size: Size) -> int:
-    p = _cfg(config, "patch_size")
-    return (size.height // 8 // p) * (size.width // 8 // p)
-
-
 def _pixart_micro_conditions(config: Any) -> bool:
     """Whether the model embeds resolution and aspect ratio into its timestep embedding (PixArt-Alpha 1024-MS): the
     class resolves ``use_additional_conditions=None`` to ``sample_size == 128``."""
@@ -54,9 +60,7 @@ def _allegro_latent_frames(num_frames: int) -> int:
 
 
 def _allegro_tokens(config: Any, size: Size) -> int:
-    p = _cfg(config, "patch_size")
-    frames = _allegro_latent_frames(size.num_frames) // _cfg(config, "patch_size_t")
-    return frames * (size.height // 8 // p) * (size.width // 8 // p)
+    return _allegro_latent_frames(size.num_frames) // _cfg(config, "patch_size_t") * _image_tokens(config, size)
 
 
 def _allegro_rotary(config: Any, size: Size, device: torch.device) -> tuple:
@@ -108,8 +112,7 @@ def _latte_frames(config: Any, size: Size) -> int:
 
 
 def _latte_tokens(config: Any, size: Size) -> int:
-    p = _cfg(config, "patch_size")
-    return _latte_frames(config, size) * (size.height // 8 // p) * (size.width // 8 // p)
+    return _latte_frames(config, size) * _image_tokens(config, size)
 
 
 def _latte_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
@@ -146,7 +149,7 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
         text_tokens=300,  # PixArtSigmaPipeline's max_sequence_length (PixArt-Alpha: 120)
         make_inputs_fn=_pixart_inputs,
-        num_tokens_fn=_pixart_tokens,
+        num_tokens_fn=_image_tokens,
         video=False,
         mask_key="encoder_attention_mask",
     ),

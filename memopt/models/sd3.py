@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _randn
+from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _image_tokens, _randn
 
 
 # ----------------------------------------------------------------------------------------------- SD3
-def _sd3_tokens(config: Any, size: Size) -> int:
-    p = _cfg(config, "patch_size")
-    return (size.height // 8 // p) * (size.width // 8 // p)
-
-
 def _sd3_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
     """SD3: latents (B, C, H/8, W/8), CLIP+T5 joint states, pooled projections, timestep."""
     _check_divisible("sd3", size, 16)
@@ -43,7 +36,7 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
         text_tokens=333,
         make_inputs_fn=_sd3_inputs,
-        num_tokens_fn=_sd3_tokens,
+        num_tokens_fn=_image_tokens,
         video=False,
     ),
 ]

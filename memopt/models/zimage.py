@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._spec import FamilySpec, Inputs, Size, _cfg, _check_divisible, _randn
+from ._spec import FamilySpec, Inputs, Size, _cfg, _check_divisible, _image_tokens, _randn
 
 
 # ----------------------------------------------------------------------------------------------- Z-Image
@@ -47,13 +47,6 @@ def _zimage_inputs(config, batch, size, text_tokens, dtype, device, generator, m
 
 
 # ----------------------------------------------------------------------------------------------- Lumina-Image 2.0
-def _lumina2_tokens(config: Any, size: Size) -> int:
-    """Image tokens (the 2x2 patches of the 8x-downsampled latents). The joint blocks carry more: each sample's valid
-    caption tokens in front of its image tokens, padded to the longest sample."""
-    patch = _cfg(config, "patch_size")
-    return (size.height // 8 // patch) * (size.width // 8 // patch)
-
-
 def _lumina2_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
     """Lumina-Image 2.0: latents ``(B, C, H/8, W/8)``, Gemma-2 hidden states ``(B, L, cap_feat_dim)`` padded to
     ``max_sequence_length``, their tokenizer mask ``(B, L)`` (int64, valid tokens first, as ``Lumina2Pipeline`` passes
@@ -114,7 +107,7 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(1024, 1024), "tiny": Size(80, 112)},
         text_tokens=256,  # Lumina2Pipeline's max_sequence_length (padding="max_length", the mask marks the valid ones)
         make_inputs_fn=_lumina2_inputs,
-        num_tokens_fn=_lumina2_tokens,
+        num_tokens_fn=_image_tokens,  # the joint blocks add each sample's valid caption tokens in front
         video=False,
         mask_key="encoder_attention_mask",
         width_keys=("hidden_size",),
