@@ -375,7 +375,9 @@ def simulate_chunking(
     built: list[torch.nn.Module] = []
 
     def build() -> torch.nn.Module:
-        copy = type(model).from_config(config).eval()
+        # Frozen: FlopCounterMode's module tracker asserts on a module input that requires grad without a grad_fn,
+        # which a view of a parameter made under no_grad is (FIBO 2's Perceiver queries latent_queries[:n]).
+        copy = type(model).from_config(config).eval().requires_grad_(False)
         built.append(copy)
         return copy
 
@@ -403,10 +405,18 @@ def simulate_chunking(
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flops,
         torch.ops.aten.addmm_: addmm_flops, torch.ops.aten.baddbmm_: baddbmm_flops})
     try:
-        with counter:
+        # Functions the model compiles itself (flex attention's kernel) run eagerly here: a compilation under the fake
+        # tensors and tracing modes fails, and a failed one leaves dynamo refusing the model's next real forward.
+        with counter, torch.compiler.set_stance("force_eager"):
             trace = simulate(build, fake_inputs, dtype=dtype, prepare=chunking.apply, round_to=round_to,
                              name=chunking.describe())
-    except (NotImplementedError, ValueError, TypeError) as error:  # a hook that does not support this model
+    except NotImplementedError as error:
+        operator = re.search(r"no rule registered for HigherOrderOperator (\w+)", str(error))
+        if operator:  # the model's own forward: flex attention (Kandinsky 6 SR's NABLA, AnyFlow-FAR's block mask)
+            return Estimate(chunking, error=f"the forward of {type(model).__name__} calls the higher-order operator "
+                                            f"{operator.group(1)}, which memopt's memory tracer cannot simulate")
+        return Estimate(chunking, error=f"{type(error).__name__}: {error}")  # a hook that does not support the model
+    except (ValueError, TypeError) as error:  # a hook that does not support this model
         return Estimate(chunking, error=f"{type(error).__name__}: {error}")
     except (DataDependentOutputException, DynamicOutputShapeException) as error:
         # The model's own forward branches on tensor values or makes data-dependent shapes (HunyuanVideo 1.5's

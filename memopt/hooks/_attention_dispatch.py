@@ -46,7 +46,7 @@ class AttentionCall:
         value: ``(B, S_kv, H_kv, D_v)``.
         attn_mask: ``None`` or a bool/additive mask viewed as 4-D, broadcastable to ``(B, H, S_q, S_kv)`` (a
             ``(B, S_kv)`` key-padding mask given to the dispatcher becomes ``(B, 1, 1, S_kv)``, as the native backend
-            reads it).
+            reads it), or a non-tensor mask object of the backend (flex attention's ``BlockMask``), untouched.
         dropout_p, is_causal, scale, enable_gqa: as in ``F.scaled_dot_product_attention``.
         route: ``"dispatch:<backend name>"`` or ``"sdpa"`` (a processor calling SDPA itself).
         extras: further backend keyword arguments passed through untouched (``return_lse``, ``_parallel_config``).
@@ -67,8 +67,11 @@ class AttentionCall:
         return dataclasses.replace(self, **changes)
 
     def output_like(self) -> torch.Tensor:
-        """An uninitialised tensor of this call's output shape (for calls whose result is never read)."""
-        return self.query.new_empty(*self.query.shape[:-1], self.value.shape[-1])
+        """An uninitialised tensor of this call's output shape (for calls whose result is never read). Its batch is
+        the keys' where the query is an empty stand-in (``JointAttention.empty_stand_ins``), so that the code after
+        the call can still add it to the block's hidden states."""
+        batch = self.query.shape[0] or self.key.shape[0]
+        return self.query.new_empty(batch, *self.query.shape[1:-1], self.value.shape[-1])
 
 
 Proceed = Callable[[AttentionCall], torch.Tensor]
@@ -90,8 +93,10 @@ _original_backends: dict[Any, Callable[..., Any]] = {}
 
 
 def _as_4d_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, dispatch: bool) -> Any:
-    if mask is None:
-        return None
+    if mask is None or not isinstance(mask, torch.Tensor):
+        # None, or a mask object only its backend reads (flex attention's BlockMask: Kandinsky 6 SR's NABLA
+        # sparse attention), passed on untouched; the handlers leave such calls alone.
+        return mask
     if dispatch and mask.ndim == 2 and mask.shape[0] == query.shape[0] and mask.shape[1] == key.shape[1]:
         return mask[:, None, None, :]
     if mask.ndim > 4:

@@ -7,6 +7,7 @@ other hook (group offloading, caches, LoRA hotswap ...) in place.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -54,6 +55,21 @@ def iter_memopt_hooks(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.M
         for hook_name in reversed(list(registry._hook_order)):
             if hook_name.startswith(HOOK_PREFIX):
                 yield path, submodule, hook_name
+
+
+@contextlib.contextmanager
+def removed_on_error(module: torch.nn.Module) -> Iterator[None]:
+    """An ``apply_*`` that raises part-way (a plan the model does not fit, found at its n-th block) takes back the
+    memopt hooks it registered under ``module``, so a model is never left half-optimised; hooks that were there
+    before (other techniques) stay."""
+    before = {(id(submodule), name) for _, submodule, name in iter_memopt_hooks(module)}
+    try:
+        yield
+    except BaseException:
+        for _, submodule, name in list(iter_memopt_hooks(module)):
+            if (id(submodule), name) not in before:
+                submodule._diffusers_hook.remove_hook(name, recurse=False)
+        raise
 
 
 def has_memopt_hooks(module: torch.nn.Module) -> bool:

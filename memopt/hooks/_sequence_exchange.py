@@ -304,5 +304,7 @@ def check_call(path: str, call: AttentionCall) -> None:
         problems.append("return_lse=True")
     if call.extras.get("_parallel_config") is not None:
         problems.append("diffusers context parallelism is enabled")
+    if call.attn_mask is not None and not isinstance(call.attn_mask, torch.Tensor):
+        problems.append(f"a {type(call.attn_mask).__name__} mask ({call.route}), which no chunk can cut")
     if problems:
         raise NotImplementedError(f"{path}: sequence chunking does not support attention with {', '.join(problems)}")

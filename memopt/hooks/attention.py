@@ -96,9 +96,10 @@ class ChunkedAttentionHook(ModelHook):
     """On an attention module: computes its attention kernel calls with :func:`chunked_attention`.
 
     Calls that the chunked math does not cover pass to the original backend unchanged: ``return_lse`` requests,
-    diffusers context parallelism, dropout together with K/V chunks, and masks of a dtype SDPA itself would not
-    take. ``calls`` and ``chunked_calls`` count what happened, for reports and tests. A module whose forward makes
-    no kernel call at all (a linear-attention processor, such as Sana's) is logged once: there is nothing to chunk.
+    diffusers context parallelism, dropout together with K/V chunks, masks of a dtype SDPA itself would not
+    take, and masks that are not tensors (flex attention's ``BlockMask``, logged once). ``calls`` and
+    ``chunked_calls`` count what happened, for reports and tests. A module whose forward makes no kernel call
+    at all (a linear-attention processor, such as Sana's) is logged once: there is nothing to chunk.
     """
 
     def __init__(self, config: ChunkedAttentionConfig, path: str = "") -> None:
@@ -108,6 +109,7 @@ class ChunkedAttentionHook(ModelHook):
         self.calls = 0
         self.chunked_calls = 0
         self._reported_no_calls = False
+        self._reported_block_mask = False
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         acquire_interception()
@@ -136,6 +138,13 @@ class ChunkedAttentionHook(ModelHook):
         kv_chunk = None if config.kv_chunk is None or config.kv_chunk >= seq_kv else config.kv_chunk
         head_chunks = min(config.head_chunks, heads)
         mask = call.attn_mask
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            if not self._reported_block_mask:
+                self._reported_block_mask = True
+                logger.warning("memopt: %s passes a %s attention mask (backend %s), which chunked attention does not "
+                               "cover: its kernel calls run unchunked", self.path or "attention", type(mask).__name__,
+                               call.route)
+            return proceed(call)
         if (
             (query_chunk is None and kv_chunk is None and head_chunks == 1)
             or call.extras.get("return_lse")

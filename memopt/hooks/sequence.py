@@ -47,6 +47,7 @@ This module holds the block hook, the schedules and ``apply_sequence_chunking``;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -68,7 +69,7 @@ from ._attention_dispatch import (
     parked_interception,
     release_interception,
 )
-from ._common import HOOK_PREFIX, register_memopt_hook
+from ._common import HOOK_PREFIX, register_memopt_hook, removed_on_error
 from ._sequence_chunks import (
     RUNNING,
     Arguments,
@@ -403,7 +404,8 @@ class SequenceChunkingHook(ModelHook):
                 run.start_chunk(chunk)
                 chunk_args, chunk_kwargs = chunk_arguments(chunk)
                 try:
-                    original(*chunk_args, **chunk_kwargs)
+                    with self._stand_in_errors(run):
+                        original(*chunk_args, **chunk_kwargs)
                 except KeyValuesCollected:
                     run.check_answered(self.path)
                     continue
@@ -415,10 +417,29 @@ class SequenceChunkingHook(ModelHook):
         for chunk in range(num_chunks):
             run.start_chunk(chunk)
             chunk_args, chunk_kwargs = chunk_arguments(chunk)
-            output = original(*chunk_args, **chunk_kwargs)
+            with self._stand_in_errors(run):
+                output = original(*chunk_args, **chunk_kwargs)
             run.check_answered(self.path)
             outputs.add(chunk, output)
             del output
+
+    @contextlib.contextmanager
+    def _stand_in_errors(self, run: BlockRun) -> Iterator[None]:
+        """Names the empty stand-ins (``JointAttention.empty_stand_ins``) in a shape error of a two-pass chunk: a
+        processor that bypasses diffusers' attention dispatch computes with them and fails there, before the check
+        that would have said so."""
+        try:
+            yield
+        except RuntimeError as error:
+            empty = [state.path for state in run.attention.values() if state.spec.empty_stand_ins]
+            if not empty:
+                raise
+            kind = "final" if run.collecting is None else "collection"
+            raise RuntimeError(
+                f"{self.path}: chunk {run.chunk} failed in a {kind} pass, where the projections it does not use "
+                f"return empty stand-ins ({', '.join(empty)}: JointAttention.empty_stand_ins). Does a processor "
+                f"bypass diffusers' attention dispatch, or reshape them by a batch size of its own? {error}"
+            ) from error
 
     def _lockstep(self, module: torch.nn.Module, original: Callable[..., Any], run: BlockRun,
                   chunk_arguments: Callable[[int], tuple], outputs: ChunkOutputs) -> None:
@@ -521,18 +542,23 @@ class SequenceSkipHook(ModelHook):
 
     ``kind`` is ``"query"`` (unused in its attention's collection pass), ``"key_value"`` (unused once its attention's
     K/V are collected) or ``"before_attention"`` (a branch computed before the first attention and used after it).
-    Linear-like modules return dense zeros (the code after them may write into them), parameter-free
-    (elementwise) ones a zero-stride view, and a norm (``norm=True``: the query/key norms after skipped projections)
-    its own input, the zeros, cast to the dtype the norm returns for that input dtype and its own parameter dtypes
-    (learned from one real call each), so the normalisation of numbers nobody reads costs no kernels either.
+    Projections return zeros: with ``empty`` (``JointAttention.empty_stand_ins``) an empty batch of them, so whatever
+    the processor does with them before the attention call is free too, else dense zeros (the code after them may
+    write into them). A ``"before_attention"`` branch (its output is used only after the attention, which the pass
+    never reaches) and parameter-free (elementwise) modules return a zero-stride view. A norm (``norm=True``: the
+    query/key norms after skipped projections) returns its own input, the zeros, cast to the dtype the norm returns for
+    that input dtype and its own parameter dtypes (learned from one real call each), so the normalisation of numbers
+    nobody reads costs no kernels either.
     """
 
-    def __init__(self, kind: str, attention_id: int | None, path: str, norm: bool = False) -> None:
+    def __init__(self, kind: str, attention_id: int | None, path: str, norm: bool = False, empty: bool = False
+                 ) -> None:
         super().__init__()
         self.kind = kind
         self.attention_id = attention_id
         self.path = path
         self.norm = norm
+        self.empty = empty
         # (input dtype, the norm's parameter dtypes) -> output dtype of the norm
         self._norm_dtypes: dict[tuple[torch.dtype, ...], torch.dtype] = {}
 
@@ -546,9 +572,10 @@ class SequenceSkipHook(ModelHook):
         if self.norm:
             return self._norm_stand_in(module, x, args, kwargs)
         out_features = getattr(module, "out_features", None)
-        if out_features is not None:
-            return x.new_zeros(*x.shape[:-1], out_features)
-        return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
+        if out_features is not None and self.kind != "before_attention":
+            return x.new_zeros(0 if self.empty else x.shape[0], *x.shape[1:-1], out_features)
+        shape = x.shape if out_features is None else (*x.shape[:-1], out_features)
+        return torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
 
     def _norm_stand_in(self, module: torch.nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         key = (x.dtype, *(parameter.dtype for parameter in module.parameters(recurse=False)))
@@ -759,26 +786,34 @@ def _skip_hooks(
                 module = getattr(attention_module, child, None)
                 if isinstance(module, torch.nn.Module):
                     module_path = f"{path}.{name}.{child}"
-                    if child in norms:
-                        yield module, SequenceSkipHook(kind, id(attention_module), module_path, norm=True)
-                    else:
-                        yield _skippable(module_path, module), SequenceSkipHook(kind, id(attention_module), module_path)
+                    hook = SequenceSkipHook(kind, id(attention_module), module_path, norm=child in norms,
+                                            empty=spec.empty_stand_ins)
+                    yield (module if child in norms else _skippable(module_path, module)), hook
         for child, roles in spec.fused.items():
             module = getattr(attention_module, child, None)
             module_path = f"{path}.{name}.{child}"
             while isinstance(getattr(module, "base_layer", None), torch.nn.Module):  # a LoRA layer: hook its base
                 module, module_path = module.base_layer, f"{module_path}.base_layer"
             if isinstance(module, torch.nn.Module) and type(module).forward is torch.nn.Linear.forward:
-                blocks = _column_blocks(module_path, module, roles)  # other linears (quantized) run whole
+                # other linears (quantized) run whole
+                blocks = _column_blocks(module_path, module, roles, spec.fused_blocks.get(child))
                 yield module, SequenceFusedSkipHook(id(attention_module), module_path, blocks)
 
 
-def _column_blocks(path: str, module: torch.nn.Module, roles: tuple[str, ...]) -> list[tuple[str, int, int]]:
-    """``[(role, first column, end column)]`` of a fused linear, adjacent blocks of one role merged."""
+def _column_blocks(path: str, module: torch.nn.Module, roles: tuple[str, ...],
+                   proportions: tuple[int, ...] | None = None) -> list[tuple[str, int, int]]:
+    """``[(role, first column, end column)]`` of a fused linear, adjacent blocks of one role merged. The widths are
+    the linear's ``_tp_packed_col_blocks``, else the plan's proportions (``JointAttention.fused_blocks``) scaled to
+    its output features."""
     widths = getattr(module, "_tp_packed_col_blocks", None)
-    if widths is None:
+    if widths is None and proportions is None:
         raise ValueError(f"{path}: the plan names it as a fused projection, but it has no _tp_packed_col_blocks "
-                         "(its column layout)")
+                         "(its column layout) and the plan gives no fused_blocks for it")
+    if widths is None:
+        if module.out_features % sum(proportions):
+            raise ValueError(f"{path}: the plan's fused_blocks {proportions} do not divide its "
+                             f"{module.out_features} output features")
+        widths = [module.out_features // sum(proportions) * part for part in proportions]
     if len(widths) != len(roles) or sum(widths) != module.out_features:
         raise ValueError(f"{path}: the plan gives {len(roles)} column roles {roles}, but its column blocks are "
                          f"{list(widths)} for {module.out_features} output features")
@@ -930,6 +965,7 @@ def apply_sequence_chunking(
 
     Raises:
         ValueError: no plan for the model, a plan naming arguments the blocks do not take, or no block matched.
+            Hooks already registered by the call are removed again: nothing stays half-applied.
 
     Undo with ``memopt.remove_memory_optimizations(model)``. Inference only (under ``torch.no_grad()``). Combines
     with memopt's FeedForward chunking (apply that first: where its hook sits on a whole block, this one must wrap
@@ -960,34 +996,35 @@ def apply_sequence_chunking(
     if schedule == "lockstep":
         _greenlet_class()  # fail at apply time, not at the first forward
     report = SequenceChunkingReport(type(model).__name__, config.num_chunks, plan.source, config.schedule)
-    TransformerBlockRegistry._register()
-    chunked_prefixes: list[str] = []
-    blocks: list[torch.nn.Module] = []
-    for path, block, block_plan in _iter_blocks(model, plan):
-        if any(path.startswith(prefix + ".") for prefix in chunked_prefixes):
-            continue
-        if block_plan is None:
-            report.skipped.append((path, f"{type(block).__name__} is not in the plan"))
-            continue
-        metadata = _block_metadata(block, block_plan)
-        reason, attention = _prepare_block(path, block, block_plan, metadata)
-        if reason is not None:
-            report.skipped.append((path, reason))
-            continue
-        hook = SequenceChunkingHook(config, path, block_plan, metadata, attention)
-        register_memopt_hook(block, hook, SEQUENCE_BLOCK_HOOK)
-        for name, attention_module, _ in attention:
-            register_memopt_hook(attention_module, SequenceAttentionHook(), SEQUENCE_ATTENTION_HOOK)
-            report.attention.append(f"{path}.{name}")
-        for module, skip_hook in _skip_hooks(path, block, block_plan, attention):
-            register_memopt_hook(module, skip_hook, SEQUENCE_SKIP_HOOK)
-        for module, reuse_hook in _reuse_hooks(path, block, block_plan, attention):
-            register_memopt_hook(module, reuse_hook, SEQUENCE_REUSE_HOOK)
-        report.blocks.append(path)
-        blocks.append(block)
-        chunked_prefixes.append(path)
-    if not report.blocks:
-        raise ValueError(f"no block of {type(model).__name__} matched the sequence plan {sorted(plan.blocks)}:\n"
-                         f"{report}")
-    _apply_model_level(model, plan, config, report, blocks)
+    with removed_on_error(model):
+        TransformerBlockRegistry._register()
+        chunked_prefixes: list[str] = []
+        blocks: list[torch.nn.Module] = []
+        for path, block, block_plan in _iter_blocks(model, plan):
+            if any(path.startswith(prefix + ".") for prefix in chunked_prefixes):
+                continue
+            if block_plan is None:
+                report.skipped.append((path, f"{type(block).__name__} is not in the plan"))
+                continue
+            metadata = _block_metadata(block, block_plan)
+            reason, attention = _prepare_block(path, block, block_plan, metadata)
+            if reason is not None:
+                report.skipped.append((path, reason))
+                continue
+            hook = SequenceChunkingHook(config, path, block_plan, metadata, attention)
+            register_memopt_hook(block, hook, SEQUENCE_BLOCK_HOOK)
+            for name, attention_module, _ in attention:
+                register_memopt_hook(attention_module, SequenceAttentionHook(), SEQUENCE_ATTENTION_HOOK)
+                report.attention.append(f"{path}.{name}")
+            for module, skip_hook in _skip_hooks(path, block, block_plan, attention):
+                register_memopt_hook(module, skip_hook, SEQUENCE_SKIP_HOOK)
+            for module, reuse_hook in _reuse_hooks(path, block, block_plan, attention):
+                register_memopt_hook(module, reuse_hook, SEQUENCE_REUSE_HOOK)
+            report.blocks.append(path)
+            blocks.append(block)
+            chunked_prefixes.append(path)
+        if not report.blocks:
+            raise ValueError(f"no block of {type(model).__name__} matched the sequence plan {sorted(plan.blocks)}:\n"
+                             f"{report}")
+        _apply_model_level(model, plan, config, report, blocks)
     return report

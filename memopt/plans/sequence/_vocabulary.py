@@ -118,6 +118,10 @@ class JointAttention:
             does not use a role computes only the other blocks' columns (row slices of the weight, views) and
             leaves zeros in the rest: FLUX.2's single-stream ``to_qkv_mlp_proj`` is ``("query", "key_value",
             "key_value", "other", "other")`` (Q, K, V, SwiGLU gate, SwiGLU value).
+        fused_blocks: for fused linears that carry no ``_tp_packed_col_blocks`` (JoyImage's ``img_attn_qkv``, cut by
+            ``.chunk(3, -1)``): their column blocks as proportional integers, one per role, like diffusers'
+            ``PackedColwiseParallel(blocks)`` (``(1, 1, 1)``: three equal blocks). A linear's own
+            ``_tp_packed_col_blocks`` takes precedence.
         pair_mask: the block argument holding a per-token mask ``m`` over this module's key sequence (its streams
             in ``order``) that the block turns into the query-dependent ``m[:, None, :, None] * m[:, None, None, :]``
             before attention (Chroma, whose pipeline passes a float 0/1 mask: additive, so unlike ``padding_mask``
@@ -125,6 +129,13 @@ class JointAttention:
             it is not gathered: the final call gets the chunk's rows against every key, made from the whole
             argument with the same product (any dtype, bit-exact). The block plan must split the argument over the
             same streams, in the same order.
+        empty_stand_ins: the stand-ins of skipped projections are empty along dim 0 (the batch), so the norms,
+            rotary embedding and reshapes the processor applies to them before the attention call cost nothing; with
+            the default full-size zeros they cost what the real projection's post-processing does (Wan at 720p: the
+            rotary embedding of the discarded Q or K moves ~30 GB per block, over half of what the second pass
+            adds). Only for processors that take an empty batch: diffusers' shared ``apply_rotary_emb`` reshapes
+            with ``-1`` and ``view(batch_size, -1, heads, dim)`` infers from the element count, both impossible for
+            an empty tensor (an error, never a different result: the stand-in's values are never read).
         collect_with_previous: its keys and values do not depend on the output of the previous module of
             ``BlockPlan.attention`` (LTX-2's audio self-attention after the video one, the video-to-audio attention
             after the audio-to-video one): the two-pass schedule collects both in one pass, and the pass saved is one
@@ -142,7 +153,9 @@ class JointAttention:
     active: Callable[[torch.nn.Module, Callable[[str], Any]], bool] | None = None
     padding_mask: bool = False
     fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    fused_blocks: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     pair_mask: str | None = None
+    empty_stand_ins: bool = False
     collect_with_previous: bool = False
 
     def __post_init__(self) -> None:
@@ -154,6 +167,10 @@ class JointAttention:
             if not roles or any(role not in FUSED_ROLES for role in roles):
                 raise ValueError(f"JointAttention fused[{name!r}] must be a non-empty tuple of {FUSED_ROLES}, got "
                                  f"{roles}")
+        for name, blocks in self.fused_blocks.items():
+            if name not in self.fused or len(blocks) != len(self.fused[name]) or any(b <= 0 for b in blocks):
+                raise ValueError(f"JointAttention fused_blocks[{name!r}] must give one positive integer per role of "
+                                 f"fused[{name!r}], got {blocks}")
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,16 @@ def _wan_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callable)
     return rows_of
 
 
+# Wan's processors apply their own rotary embedding (``unflatten`` of the head dim), which takes an empty batch.
+_WAN_SELF_ATTENTION = JointAttention(empty_stand_ins=True)
+
 _WAN = BlockPlan(
     inputs={
         "hidden_states": _IMAGE_TOKENS,
         "temb": SequenceSplit(1, 4),  # Wan2.2 TI2V per-token timesteps: (B, S, 6, D); (B, 6, D) passes whole
         "rotary_emb": _pair(SequenceSplit(1, 4)),  # (1, S, 1, head_dim) cos / sin, as _cp_plan["rope"]
     },
-    attention={"attn1": JointAttention()},  # attn2 is cross-attention to text (and image) tokens: chunk-local
+    attention={"attn1": _WAN_SELF_ATTENTION},  # attn2 is cross-attention to text (and image) tokens: chunk-local
 )
 
 
@@ -73,6 +76,24 @@ def _wan_animate_face_tokens(argument: Callable[[str], Any], rows: tuple[int, in
     if last - first > 1 and (start % size or end % size):
         raise ValueError(f"face adapter chunk {rows} is neither whole frames of {size} tokens nor inside one")
     return motion.narrow(1, first, last - first)
+
+
+def _anyflow_rotary_rows(argument: Callable[[str], Any], rows: tuple[int, int], tokens: int) -> Any:
+    """The chunk's ``rotary_emb``: AnyFlow passes ``{"query": freqs, "key": freqs}``, complex
+    ``(1, 1, S, head_dim / 2)`` tables (tokens on dim 2, the processor applying them in (B, H, S, D) layout), a dict no
+    SequenceSplit entry can describe; the chunk gets its rows of each (views)."""
+    value = argument("rotary_emb")
+    if value is None:
+        return None
+    start, end = rows
+    pieces = {}
+    for key, table in value.items():
+        if not isinstance(table, torch.Tensor) or table.dim() != 4 or table.shape[2] != tokens:
+            shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+            raise ValueError(f"AnyFlow rotary_emb[{key!r}]: expected a (1, 1, {tokens}, head_dim / 2) table, "
+                             f"got {shape}")
+        pieces[key] = table.narrow(2, start, end - start)
+    return pieces
 
 
 PLANS: dict[str, SequencePlan] = {
@@ -146,7 +167,7 @@ PLANS: dict[str, SequencePlan] = {
                     "rotary_emb": SequenceSplit(1, 3),  # (1, S, 2 x head_dim) cos | sin
                     "original_context_length": TokenCount(),  # the window tokens at the end of the sequence
                 },
-                attention={"attn1": JointAttention()},
+                attention={"attn1": _WAN_SELF_ATTENTION},
                 metadata=TransformerBlockMetadata(return_hidden_states_index=0),
             )
         },
@@ -178,5 +199,32 @@ PLANS: dict[str, SequencePlan] = {
         },
         embed="pose_patch_embedding",
         producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+    ),
+    "AnyFlowTransformer3DModel": SequencePlan(
+        # Wan2.1's block under its own class (not in diffusers' TransformerBlockRegistry): attn1 is bidirectional
+        # self-attention over all video tokens (K/V exchanged; its processor calls dispatch_attention_fn with no mask),
+        # attn2 cross-attention to the umT5 tokens (chunk-local; its key/value side computed once per block). The model
+        # expands its per-frame (t, r) timestep embedding to every token before the blocks, temb (B, S, 6, D), cut
+        # with the tokens. The rotary tables are computed whole (complex, 2 / heads LD) and cut per chunk.
+        #
+        # The output head runs whole (tail=None): the model computes its per-token shift / scale from the whole
+        # (B, S, D) temb in its own forward before norm_out, so a tail pass's chunk would meet full-length tensors.
+        # No _cp_plan in diffusers 0.42.
+        {
+            "blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "temb": SequenceSplit(1, 4),  # (B, S, 6, D): per-frame timesteps repeated over each frame's tokens
+                    "rotary_emb": ChunkValue(_anyflow_rotary_rows),  # {"query", "key"}: (1, 1, S, head_dim / 2)
+                },
+                # AnyFlow's processor applies its own rotary embedding (unflatten of the head dim, complex product),
+                # which takes an empty batch: the skipped projections' stand-ins cost nothing.
+                attention={"attn1": JointAttention(empty_stand_ins=True)},
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            )
+        },
+        tail=None,
+        gather=None,
+        embed="patch_embedding",
     ),
 }
