@@ -100,6 +100,12 @@ BENCH_CONFIGS: dict[str, dict] = {
     "ovis_image": {"axes_dims_rope": (16, 24, 24)},
     "framepack": {"rope_axes_dim": (16, 24, 24)},
     "wan_animate": {"ffn_dim": 2208},
+    "kandinsky6": {"model_dim": 512, "ff_dim": 2048, "axes_dims": (16, 24, 24)},
+    "joyimage_edit": {"hidden_size": 512, "num_attention_heads": 8, "rope_dim_list": (16, 24, 24)},
+    "joyimage_edit_plus": {"hidden_size": 512, "num_attention_heads": 8, "rope_dim_list": (16, 24, 24)},
+    "bria_fibo": {"axes_dims_rope": (16, 24, 24)},
+    "bria_fibo2": {"dim": 512, "n_heads": 8, "axes_dims": (16, 24, 24), "axes_lens": (1024, 512, 512)},
+    "anyflow": {"ffn_dim": 2208},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -138,6 +144,12 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "ovis_image": IMAGE_SIZES,
     "framepack": VIDEO_SIZES,
     "wan_animate": [Size(128, 256, 33), Size(256, 256, 33), Size(256, 512, 33), Size(512, 512, 33)],
+    "kandinsky6": VIDEO_SIZES,
+    "joyimage_edit": IMAGE_SIZES,
+    "joyimage_edit_plus": [Size(512, 512), Size(768, 768), Size(1024, 768), Size(1024, 1024)],  # target + reference
+    "bria_fibo": [Size(1024, 1024), Size(1536, 1536), Size(2048, 2048), Size(2048, 3072)],  # 16x VAE
+    "bria_fibo2": IMAGE_SIZES,
+    "anyflow": VIDEO_SIZES,
 }
 
 

@@ -27,6 +27,7 @@ from . import (
     flux,
     hidream,
     hunyuan,
+    joyimage,
     kandinsky,
     krea,
     ltx,
@@ -48,7 +49,7 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie)
+                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie, joyimage)
     for spec in module.SPECS
 }
 """Family name -> :class:`FamilySpec`, for every family with a plan in :mod:`memopt.plans`."""

@@ -220,6 +220,48 @@ def _ovis_image_inputs(config, batch, size, text_tokens, dtype, device, generato
     }
 
 
+def _bria_fibo_tokens(config: Any, size: Size) -> int:
+    """Latents of the Wan 2.2 VAE (16x, 48 channels), one token per ``patch_size`` x ``patch_size`` latent pixels
+    (the pipeline's default ``do_patching=False`` with patch size 1)."""
+    p = _cfg(config, "patch_size")
+    return (size.height // 16 // p) * (size.width // 16 // p)
+
+
+def _bria_fibo_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Bria FIBO: latent tokens (B, N, 48) of the Wan 2.2 VAE (16x, not patched), SmolLM3 states (the last two layers
+    concatenated: 2 x 2048) plus one SmolLM3 layer per block (``text_encoder_layers``, 2048 wide, projected to D / 2
+    per block), position ids, a timestep in [0, 1000] (the scheduler's, passed as is).
+
+    The mask is not a forward argument of its own: ``BriaFiboPipeline`` pads a batch of prompts to the longest and
+    then passes a bool key-padding mask ``(B, 1, 1, text + image)`` as ``joint_attention_kwargs["attention_mask"]``
+    (only when something is padded). ``masked`` pads the last quarter of the text out that way (and zeroes those
+    states, as ``pad_embedding`` does).
+    """
+    _check_divisible("bria_fibo", size, 16 * _cfg(config, "patch_size"))
+    p = _cfg(config, "patch_size")
+    h, w = size.height // 16 // p, size.width // 16 // p
+    layers = _cfg(config, "num_layers") + _cfg(config, "num_single_layers")
+    text = _randn(generator, batch, text_tokens, _cfg(config, "joint_attention_dim"), dtype=dtype, device=device)
+    text_layers = [_randn(generator, batch, text_tokens, _cfg(config, "text_encoder_dim"), dtype=dtype, device=device)
+                   for _ in range(layers)]
+    valid = torch.ones(batch, text_tokens + h * w, dtype=torch.bool, device=device)
+    if masked:
+        pad = slice(text_tokens - max(1, text_tokens // 4), text_tokens)
+        valid[:, pad] = False
+        text[:, pad] = 0
+    inputs = {
+        "hidden_states": _randn(generator, batch, h * w, _cfg(config, "in_channels"), dtype=dtype, device=device),
+        "encoder_hidden_states": text,
+        "text_encoder_layers": text_layers,
+        "timestep": torch.full((batch,), 900.0, dtype=dtype, device=device),
+        "img_ids": _grid_ids(h, w, 3).to(device=device, dtype=dtype),
+        "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+    }
+    if masked:
+        inputs["joint_attention_kwargs"] = {"attention_mask": valid[:, None, None, :]}
+    return inputs
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="flux",
@@ -329,5 +371,23 @@ SPECS: list[FamilySpec] = [
         make_inputs_fn=_ovis_image_inputs,
         num_tokens_fn=_flux_tokens,
         video=False,
+    ),
+    FamilySpec(
+        name="bria_fibo",
+        class_name="BriaFiboTransformer2DModel",
+        configs={
+            # briaai/FIBO transformer (8B: 8 double-stream + 38 single-stream blocks, 24 x 128, the Wan 2.2 VAE's 48
+            # latent channels unpatched, SmolLM3-3B text states: 2 x 2048 joint, 2048 per block). Its config.json could
+            # not be read here: the class defaults (Flux.1's 19 + 38 blocks, 64 channels) are not the release.
+            "full": {"in_channels": 48, "num_layers": 8, "num_single_layers": 38},
+            "tiny": {**_TINY_HEADS, "in_channels": 16, "num_layers": 1, "num_single_layers": 2,
+                     "joint_attention_dim": 24, "text_encoder_dim": 12, "axes_dims_rope": (4, 6, 6)},
+        },
+        sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},  # default_sample_size 64 x VAE 16
+        text_tokens=1024,  # prompts are padded to the batch's longest; FIBO's structured JSON prompts run ~1k tokens
+        make_inputs_fn=_bria_fibo_inputs,
+        num_tokens_fn=_bria_fibo_tokens,
+        video=False,
+        mask_key="joint_attention_kwargs",  # {"attention_mask": (B, 1, 1, text + image) bool}
     ),
 ]

@@ -180,6 +180,27 @@ def _helios_inputs(config, batch, size, text_tokens, dtype, device, generator, m
     }
 
 
+def _anyflow_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """AnyFlow: per-frame latents laid out (B, F', C, H/8, W/8) (frames before channels, unlike Wan), umT5 text states
+    and a source / target timestep pair per latent frame, (B, F') each, as AnyFlowPipeline passes them. The first
+    latent frame gets timestep 0, as the pipeline's video-continuation call sets it on its context frames, so that the
+    per-token modulation the model expands from the per-frame timesteps differs across frames (a chunk given another
+    frame's rows shows). No text mask: the forward takes none."""
+    _check_divisible("anyflow", size, 16)
+    frames = _latent_frames(size.num_frames, 4)
+    latents = _randn(generator, batch, frames, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                     dtype=dtype, device=device)
+    timestep = torch.full((batch, frames), 999.0, device=device)
+    timestep[:, 0] = 0.0
+    return {
+        "hidden_states": latents,
+        "timestep": timestep,
+        "r_timestep": torch.full((batch, frames), 749.0, device=device),  # the next sigma of a 4-step schedule
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_dim"), dtype=dtype,
+                                        device=device),
+    }
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="wan",
@@ -278,5 +299,21 @@ SPECS: list[FamilySpec] = [
         make_inputs_fn=_wan_animate_inputs,
         num_tokens_fn=_wan_animate_tokens,
         init_fn=_wan_animate_init,
+    ),
+    FamilySpec(
+        name="anyflow",
+        class_name="AnyFlowTransformer3DModel",
+        configs={
+            # nvidia/AnyFlow-Wan2.1-T2V-14B-Diffusers: Wan2.1-T2V-14B widths; the class defaults are those values
+            # (gate_value 0.25, deltatime_type "r" as the paper's stage-1 distillation); config.json not compared.
+            "full": {},
+            "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "text_dim": 24, "freq_dim": 16,
+                     "ffn_dim": 80, "num_layers": 2, "rope_max_seq_len": 64},
+        },
+        sizes={"default": Size(480, 832, 81), "tiny": Size(48, 80, 5)},  # AnyFlowPipeline's default 480x832, 81 frames
+        extra_sizes={"720p": Size(720, 1280, 81)},
+        text_tokens=512,
+        make_inputs_fn=_anyflow_inputs,
+        num_tokens_fn=_wan_tokens,
     ),
 ]

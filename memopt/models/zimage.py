@@ -1,4 +1,5 @@
-"""Z-Image and Lumina-Image 2.0 (refiners, then joint blocks over padded per-sample sequences)."""
+"""Z-Image, Lumina-Image 2.0 (refiners, then joint blocks over padded per-sample sequences) and Bria FIBO 2 (Z-Image's
+blocks behind a Perceiver that turns the prompt into gist tokens)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._spec import FamilySpec, Inputs, Size, _cfg, _check_divisible, _image_tokens, _randn
+from ._spec import FamilySpec, Inputs, Size, _cfg, _check_divisible, _image_tokens, _randn, _text_mask
 
 
 # ----------------------------------------------------------------------------------------------- Z-Image
@@ -74,6 +75,42 @@ def _lumina2_inputs(config, batch, size, text_tokens, dtype, device, generator, 
     }
 
 
+def _bria_fibo2_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """Bria FIBO 2: latents ``(B, C, H/8, W/8)`` (the model patchifies 2x2), the time ``t / 1000`` in ``[0, 1]``,
+    Qwen3-VL bundles ``(B, 1 + len(injection_layer_ids), L, cap_feat_dim)`` (three RMS-normalised layers concatenated
+    per bundle: the Perceiver's, then one per injection block) and the tokenizer mask ``(B, L)`` bool, which
+    ``BriaFibo2Pipeline`` passes always (``padding="longest"``).
+
+    The model reads the mask's row sums as numbers (the gist-token count of each prompt). ``masked=True`` pads out the
+    last quarter of the text of odd samples: their gist count is then smaller, so the model pads the gist tokens, puts
+    them after the image tokens and attends with a ``(B, S)`` key mask; the injection blocks' cross-attention and the
+    Perceiver get the text mask. Without ``masked`` no mask is passed (every prompt as long as the longest).
+    """
+    patch = _cfg(config, "patch_size")
+    _check_divisible("bria_fibo2", size, 8 * patch)
+    bundles = 1 + len(_cfg(config, "injection_layer_ids"))
+    inputs = {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                                dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 0.9, dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, bundles, text_tokens, _cfg(config, "cap_feat_dim"),
+                                        dtype=dtype, device=device),
+    }
+    if masked:
+        mask = _text_mask(batch, text_tokens, False, device).bool()
+        mask[1::2] = _text_mask(len(range(1, batch, 2)), text_tokens, True, device).bool()
+        inputs["encoder_attention_mask"] = mask
+    return inputs
+
+
+def _unit_cross_attention_gates(model: torch.nn.Module) -> None:
+    """The injection blocks' ``cross_attn_gate`` starts at 0 (tanh(0) = 0: the cross-attention to the text adds nothing
+    until trained weights load), so random-weight models would not test it: open the gates."""
+    for module in model.modules():
+        if type(module).__name__ == "BriaFibo2TransformerBlock" and module.cross_attention is not None:
+            module.cross_attn_gate.fill_(1.0)
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="zimage",
@@ -111,5 +148,28 @@ SPECS: list[FamilySpec] = [
         video=False,
         mask_key="encoder_attention_mask",
         width_keys=("hidden_size",),
+    ),
+    FamilySpec(
+        name="bria_fibo2",
+        class_name="BriaFibo2Transformer2DModel",
+        configs={
+            # The class defaults (dim 3584 = 28 heads x 128, 44 layers with cross-attention injection at 6, 14, 22, 30,
+            # 38, 2 noise-refiner layers, a 2-layer Perceiver making 256-512 gist tokens, Qwen3-VL bundles of 3 x 2560,
+            # 32 VAE channels patched 2x2); the release's config.json could not be read here.
+            "full": {},
+            "tiny": {"dim": 32, "n_heads": 2, "n_layers": 2, "n_refiner_layers": 1, "in_channels": 4,
+                     "cap_feat_dim": 24, "injection_layer_ids": (1,), "perceiver_num_layers": 1,
+                     "min_num_gist_tokens": 2, "max_num_gist_tokens": 6, "gist_step": 1, "gist_min_text_len": 4,
+                     "gist_max_text_len": 12,
+                     "axes_dims": (4, 6, 6), "axes_lens": (64, 64, 64)},
+        },
+        sizes={"default": Size(1024, 1024), "tiny": Size(48, 80)},  # default_sample_size 128 x VAE 8
+        text_tokens=1024,  # padding="longest" (max 4096); structured JSON captions run ~1k tokens: 384 gist tokens
+        make_inputs_fn=_bria_fibo2_inputs,
+        num_tokens_fn=_image_tokens,  # the main layers add the gist tokens (in front, or behind when padded)
+        video=False,
+        mask_key="encoder_attention_mask",
+        width_keys=("dim",),
+        init_fn=_unit_cross_attention_gates,
     ),
 ]

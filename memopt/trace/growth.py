@@ -87,6 +87,14 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "ovis_image": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
     "framepack": {"rope_axes_dim": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
     "wan_animate": {"num_layers": 2},  # a Wan block, the face adapter, the last Wan block
+    # Kandinsky 6: as Kandinsky 5, with the audio branch (its length depends on the frame count only: it cancels out).
+    "kandinsky6": {"model_dim": 128, "ff_dim": 320, "axes_dims": (2, 2, 4), "num_text_blocks": 1,
+                   "num_visual_blocks": 1},
+    "joyimage_edit": {"hidden_size": 128, "num_attention_heads": 16, "rope_dim_list": [2, 2, 4], "num_layers": 1},
+    "joyimage_edit_plus": {"hidden_size": 128, "num_attention_heads": 16, "rope_dim_list": [2, 2, 4], "num_layers": 1},
+    "bria_fibo": {"axes_dims_rope": (2, 2, 4), "num_layers": 1, "num_single_layers": 1},
+    "bria_fibo2": {"dim": 128, "n_heads": 16, "axes_dims": (2, 2, 4), "n_layers": 2},
+    "anyflow": {"num_layers": 1},
 }
 GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "wan": (Size(64, 128, 5), Size(128, 256, 5)),
@@ -130,6 +138,12 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "ovis_image": (Size(128, 128), Size(256, 256)),
     "framepack": (Size(64, 128, 33), Size(128, 256, 33)),  # one window: the history tokens ~22% of the sequence
     "wan_animate": (Size(64, 128, 5), Size(128, 256, 5)),
+    "kandinsky6": (Size(64, 128, 5), Size(128, 256, 5)),
+    "joyimage_edit": (Size(128, 128), Size(256, 256)),
+    "joyimage_edit_plus": (Size(128, 128), Size(256, 256)),
+    "bria_fibo": (Size(128, 128), Size(256, 256)),
+    "bria_fibo2": (Size(128, 128), Size(256, 256)),
+    "anyflow": (Size(64, 128, 5), Size(128, 256, 5)),
 }
 
 

@@ -11,7 +11,8 @@ FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "f
             "zimage", "kandinsky5", "minimax_h3", "qwenimage21", "flux3",
             "auraflow", "pixart", "bria", "framepack", "wan_animate",
             "allegro", "easyanimate", "longcat_image", "ovis_image", "consisid", "cosmos", "motif_video", "krea2",
-            "hidream", "ernie_image", "lumina2", "cogview3plus", "latte"]
+            "hidream", "ernie_image", "lumina2", "cogview3plus", "latte", "kandinsky6", "joyimage_edit",
+            "joyimage_edit_plus", "bria_fibo", "bria_fibo2", "anyflow"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -54,12 +55,19 @@ SIZES = {
     "bria": Size(80, 112),  # 35 image tokens (+ 8 text in the single-stream blocks)
     "auraflow": Size(80, 112),  # 35 image tokens; the single blocks carry 8 register + 8 text + 35 = 51
     "zimage": Size(80, 112),  # 35 image tokens, padded to 64 by the model itself (every sequence to a multiple of 32)
+    "kandinsky6": Size(48, 80, 9),  # 3 latent frames x 3 x 5 = 45 video tokens + 17 audio tokens
+    "joyimage_edit": Size(80, 112),  # 35 image + 8 text tokens
+    "joyimage_edit_plus": Size(80, 112),  # target 5 x 7 + reference 5 x 6 = 65 image tokens + 8 text
+    "bria_fibo": Size(80, 112),  # 35 image + 8 text tokens
+    "bria_fibo2": Size(80, 112),  # 35 image tokens + 4 gist tokens (8 text tokens) in the main layers
+    "anyflow": Size(48, 80, 9),  # 3 latent frames x 3 x 5 = 45 tokens
 }
 
 
 # Families whose plan runs the output head whole (reported as skipped): Latte's last block is a temporal one, whose
-# output the model reshapes back to frames and modulates with a table made from the whole frame count.
-HEAD_RUNS_WHOLE = {"latte"}
+# output the model reshapes back to frames and modulates with a table made from the whole frame count; AnyFlow makes
+# the head's per-token shift / scale from the whole per-token timestep embedding in its own forward.
+HEAD_RUNS_WHOLE = {"latte", "anyflow"}
 
 
 def chunked_completely(report: Any, family: str) -> bool:

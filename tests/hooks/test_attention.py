@@ -39,7 +39,8 @@ def chunk_counters(model: torch.nn.Module) -> tuple[int, int]:
 # Calls too short to chunk by queries at the tiny size (head chunks still split them): Qwen-Image 2.1's processor calls
 # the kernel once per prompt segment, and its two 4-token text segments (x 2 blocks) fit in one query piece; Krea 2's
 # layerwise text-fusion block attends across the 3 tapped layers of each text token.
-UNCHUNKED_CALLS = {"qwenimage21": 4, "krea2": 1, "latte": 1}  # Latte: its temporal block attends over 3 frames
+UNCHUNKED_CALLS = {"qwenimage21": 4, "krea2": 1, "latte": 1,  # Latte: its temporal block attends over 3 frames
+                   "bria_fibo2": 2}  # FIBO 2: the Perceiver's two attentions over 4 gist queries
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -70,6 +70,12 @@ SIZES = {
     "bria": dict(height=48, width=80),
     "framepack": dict(height=48, width=80, num_frames=9),
     "wan_animate": dict(height=48, width=80, num_frames=5),
+    "kandinsky6": dict(height=48, width=80, num_frames=9),
+    "joyimage_edit": dict(height=80, width=112),
+    "joyimage_edit_plus": dict(height=80, width=112),
+    "bria_fibo": dict(height=80, width=112),
+    "bria_fibo2": dict(height=80, width=112),
+    "anyflow": dict(height=48, width=80, num_frames=9),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
 EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2,
@@ -80,7 +86,9 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "framepack": 4, "wan_animate": 3, "allegro": 2,
                     "easyanimate": 3, "longcat_image": 4, "ovis_image": 2,
                     "consisid": 2, "cosmos": 2, "motif_video": 2, "krea2": 4,
-                    "hidream": 16, "ernie_image": 2, "lumina2": 4, "cogview3plus": 2, "latte": 2}
+                    "hidream": 16, "ernie_image": 2, "lumina2": 4, "cogview3plus": 2, "latte": 2,
+                    "kandinsky6": 6, "joyimage_edit": 4, "joyimage_edit_plus": 4, "bria_fibo": 2, "bria_fibo2": 4,
+                    "anyflow": 2}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -5,7 +5,8 @@ history/window token count, Chroma's pairwise masks and in-place ControlNet resi
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
 head, Cosmos-1.0's per-sample timestep, Motif-Video's image-to-video call, Krea 2's text fusion,
-ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output."""
+ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output, JoyImage's fused projections without
+packed column blocks."""
 
 from __future__ import annotations
 
@@ -159,6 +160,45 @@ def test_flux2_fused_projection_with_lora(schedule):
         out = model(**inputs)[0]
         remove_memory_optimizations(model)
     assert rel_err(out, reference) <= 1e-5
+
+
+def test_joyimage_fused_qkv_without_packed_blocks_computes_only_the_columns_a_pass_reads():
+    """JoyImage's fused [Q | K | V] linears carry no ``_tp_packed_col_blocks``; the plan gives their column blocks as
+    proportions (``JointAttention.fused_blocks``, like diffusers' ``PackedColwiseParallel``), so a collection pass
+    computes only K and V and the final pass only Q: the block's matmul work equals the unmodified one. Proportions
+    that do not fit the plan's roles are refused when the plan is made, ones that do not divide the width when
+    applied (and nothing stays hooked)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from memopt.plans.sequence import JointAttention
+
+    spec = get_family("joyimage_edit")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112)
+
+    def block_flops() -> tuple[torch.Tensor, int]:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            out = model(**inputs)[0]
+        return out, sum(counter.get_flop_counts()["JoyImageEditTransformer3DModel.double_blocks.0"].values())
+
+    reference, reference_flops = block_flops()
+    apply_sequence_chunking(model, 4)
+    out, flops = block_flops()
+    remove_memory_optimizations(model)
+    assert rel_err(out, reference) <= 1e-5 and flops == reference_flops
+
+    with pytest.raises(ValueError, match="fused_blocks\\['qkv'\\] must give one positive integer per role"):
+        JointAttention(fused={"qkv": ("query", "key_value")}, fused_blocks={"qkv": (1, 1, 1)})
+    plan = SEQUENCE_PLANS["JoyImageEditTransformer3DModel"]
+    block = plan.blocks["double_blocks.*"]
+    spec_attention = block.attention["attn"]
+    uneven = dataclasses.replace(spec_attention,
+                                 fused_blocks={**spec_attention.fused_blocks, "img_attn_qkv": (1, 2, 2)})
+    bad = dataclasses.replace(plan, blocks={"double_blocks.*": dataclasses.replace(block, attention={"attn": uneven})})
+    with pytest.raises(ValueError, match="img_attn_qkv: the plan's fused_blocks \\(1, 2, 2\\) do not divide its 96"):
+        apply_sequence_chunking(model, 4, plan=bad)
+    assert remove_memory_optimizations(model) == 0
 
 
 @pytest.mark.parametrize("case", ["amplified history", "no history"])

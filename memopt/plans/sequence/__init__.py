@@ -50,6 +50,7 @@ from . import (
     flux,
     hidream,
     hunyuan,
+    joyimage,
     kandinsky,
     krea,
     ltx,
@@ -82,7 +83,7 @@ __all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "ChunkValue"
 
 _FAMILY_PLANS = [module.PLANS for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky,
                                                minimax, auraflow, pixart, easyanimate, cosmos, motif, krea,
-                                               hidream, ernie)]
+                                               hidream, ernie, joyimage)]
 SEQUENCE_PLANS: dict[str, SequencePlan] = {name: plan for plans in _FAMILY_PLANS for name, plan in plans.items()}
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""
 assert len(SEQUENCE_PLANS) == sum(map(len, _FAMILY_PLANS)), "two family modules define a plan for the same class"

@@ -232,4 +232,33 @@ PLANS: dict[str, SequencePlan] = {
     # and the 5D concatenation (Flux: 4D + 4D + 5D): 48 chunks measure 3.51 LD per token, 64 chunks 3.39. The text
     # states go through an RMSNorm before context_embedder (model level, whole).
     "OvisImageTransformer2DModel": _flux_copy(num_chunks=64),
+    # Bria FIBO: Flux's layout (dual-stream blocks, then parallel attention + MLP single-stream blocks) with a per-block
+    # text refresh: before every block the model keeps the first D / 2 channels of the text stream and concatenates the
+    # block's own projected text-encoder layer (model level, text-sized, whole). Like FLUX.2 and Chroma it feeds the
+    # single-stream blocks cat(text, image) as one sequence (and splits it again after each), so the rotary tables of
+    # cat(txt_ids, img_ids) are cut as one stream there. The pipeline's mask is a bool key-padding mask
+    # (B, 1, 1, text + image) in joint_attention_kwargs: it passes whole (a dict), covers every key of both block kinds'
+    # attention in their order (text, then image) and does not depend on the query, so the final call uses it as it is.
+    # Neither block class is in diffusers' TransformerBlockRegistry; no _cp_plan. The head gets the image part of the
+    # last single block's output (the model drops the leading text tokens).
+    "BriaFiboTransformer2DModel": SequencePlan(
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs=_FLUX_INPUTS,
+                attention={"attn": _TEXT_FIRST},
+                conditioning=_DUAL_STREAM_MODULATION,
+                metadata=_returns_text_stream_first(),
+            ),
+            "single_transformer_blocks.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS, "image_rotary_emb": _pair(SequenceSplit(0, 2))},
+                attention={"attn": JointAttention()},  # cat(text, image) is the block's one stream
+                unused_before_attention=_SINGLE_STREAM_MLP,
+                conditioning=_SINGLE_STREAM_MODULATION,
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+            ),
+        },
+        embed="x_embedder",
+        producers={"pos_embed": TokenProducer(_flux_rope_tokens, _flux_rope_rows)},
+        num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk, as Flux
+    ),
 }

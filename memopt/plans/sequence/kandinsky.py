@@ -1,4 +1,4 @@
-"""Kandinsky 5."""
+"""Kandinsky 5 and Kandinsky 6 (video + audio)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 
-from ._vocabulary import _IMAGE_TOKENS, BlockPlan, JointAttention, SequencePlan, SequenceSplit
+from ._vocabulary import _IMAGE_TOKENS, _TEXT_TOKENS, BlockPlan, JointAttention, SequencePlan, SequenceSplit
 
 
 def _dense_attention(block: torch.nn.Module, argument: Callable[[str], Any]) -> bool:
@@ -23,6 +23,53 @@ def _dense_attention(block: torch.nn.Module, argument: Callable[[str], Any]) -> 
         )
     return True
 
+
+def _with_audio(block: torch.nn.Module, argument: Callable[[str], Any]) -> bool:
+    """The audio self-attention and the two cross-modal attentions run only when the model got
+    ``audio_hidden_states`` (the fused block skips its audio path when ``aud`` is ``None``)."""
+    return argument("aud") is not None
+
+
+# Kandinsky6AttnProcessor: to_query / to_key / to_value, per-head RMSNorm (query_norm / key_norm), rotary on the
+# queries and keys, then one dispatch_attention_fn call with (B, S, heads, head_dim) Q/K/V.
+_K6 = {"query": ("to_query",), "key_value": ("to_key", "to_value"), "query_norms": ("query_norm",),
+       "key_value_norms": ("key_norm",)}
+
+# The fused block carries two token streams: the video tokens (the "image" stream, always split) and the audio tokens
+# in the "text" stream's place (split like one when every chunk gets at least one audio token, else carried whole),
+# as LTX-2's. The prompt states (text_v / text_a) are only the key/value side of the chunk-local cross-attentions and
+# pass whole with their mask. Four modules attend over a whole stream, in call order:
+_K6_FUSED = BlockPlan(
+    inputs={
+        "vis": _IMAGE_TOKENS,
+        "aud": _TEXT_TOKENS,
+        # Rotary tables without a batch dim: (S, 1, head_dim / 2, 2, 2) fp32 rotation matrices.
+        "vis_rope": SequenceSplit(0, 5),
+        "aud_rope": SequenceSplit(0, 5, ("text",)),
+    },
+    attention={
+        # video self-attention
+        "video_dec_block.self_attention": JointAttention(**_K6),
+        # audio self-attention: its K/V come from the block's audio input, which the video one does not touch
+        "audio_dec_block.self_attention": JointAttention(order=("text",), active=_with_audio,
+                                                         collect_with_previous=True, **_K6),
+        # video queries, keys / values from the audio stream (aud_pre_ca, after the audio self-attention)
+        "va_cross_attention": JointAttention(order=("text",), active=_with_audio, **_K6),
+        # audio queries, keys / values from the video stream (vis_pre_ca, made before va_cross_attention's output is
+        # added): collected in the same pass as va_cross_attention's
+        "av_cross_attention": JointAttention(active=_with_audio, collect_with_previous=True, **_K6),
+    },
+    # The timestep modulations (time embeddings (B, time_dim) -> 9 D, and the cross-modal gates) are the same for every
+    # chunk; the cross-attentions' key/value side has Kandinsky's names (not found by memopt's to_k / to_v defaults).
+    conditioning=("video_dec_block.visual_modulation", "audio_dec_block.visual_modulation", "va_modulation",
+                  "av_modulation",
+                  "video_dec_block.cross_attention.to_key", "video_dec_block.cross_attention.to_value",
+                  "video_dec_block.cross_attention.key_norm",
+                  "audio_dec_block.cross_attention.to_key", "audio_dec_block.cross_attention.to_value",
+                  "audio_dec_block.cross_attention.key_norm"),
+    metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1,
+                                      hidden_states_argument_name="vis", encoder_hidden_states_argument_name="aud"),
+)
 
 PLANS: dict[str, SequencePlan] = {
     "Kandinsky5Transformer3DModel": SequencePlan(
@@ -55,6 +102,19 @@ PLANS: dict[str, SequencePlan] = {
         # with timestep shift / scale, a linear, the unpatchify permute), so it runs on pieces of latent rows H' (dim 2
         # of its input; there for images too, F' = 1), each piece's output rows (x patch size) in place along dim 2 of
         # its (B, F, H, W, C) output.
+        tail="out_layer",
+        gather={"out_layer": ContextParallelOutput(gather_dim=2, expected_dims=5)},
+        tail_split=2,
+        embed="visual_embeddings",
+    ),
+    "Kandinsky6Transformer3DModel": SequencePlan(
+        # The text encoder blocks (video_ / audio_text_transformer_blocks) run first on the prompt tokens alone and are
+        # left whole (a few hundred tokens).
+        {"visual_transformer_blocks.*": _K6_FUSED},
+        # As Kandinsky 5: the model reshapes the last block's (B, S, D) video output to the (B, F', H', W', D) grid
+        # before out_layer, which is per token (fp32 LayerNorm with timestep shift / scale, a linear, the unpatchify
+        # permute): it runs on pieces of latent rows H' (dim 2), each piece's output rows (x patch size) in place along
+        # dim 2. The audio head (audio_out_layer) runs whole on the gathered audio stream.
         tail="out_layer",
         gather={"out_layer": ContextParallelOutput(gather_dim=2, expected_dims=5)},
         tail_split=2,

@@ -1,4 +1,4 @@
-"""Z-Image and Lumina-Image 2.0."""
+"""Z-Image, Lumina-Image 2.0 and Bria FIBO 2."""
 
 from __future__ import annotations
 
@@ -114,6 +114,28 @@ _LUMINA2_ROPE = tuple(TokenProducer(_from_table, _lumina2_rows(table), output=in
                       for index, table in ((1, "caption"), (2, "image"), (3, "joint")))
 
 
+# One block class (Z-Image's), two uses: noise_refiner (the image tokens, then any context-image tokens) and layers
+# (the gist tokens then the image and context tokens; the gist tokens last when the batch pads them). Its self-attention
+# is a plain one over the block's own (B, S, D) sequence, the "image" stream here: to_q / to_k / to_v, RMS-norms of Q
+# and K per head, the complex rotary table (1, S, head_dim / 2), and the (B, S) bool key mask of padded gist tokens
+# (None otherwise), viewed as [:, None, None, :]: a key mask, gathered by the exchange. The modulation is per token
+# when noise_mask is given (always in the layers, with context images in the refiner): adaLN_modulation of the noisy
+# and of the clean timestep embedding, picked per token by the (B, S) noise mask, which is split with the tokens.
+# The injection layers add a gated cross-attention from the chunk's tokens to the whole text (chunk-local, its K/V
+# computed once per block forward). The Perceiver (gist tokens reading the text) runs at model level, whole (gist
+# tokens: 256-512). Not in diffusers' TransformerBlockRegistry; its forward calls the hidden states x. No _cp_plan.
+_FIBO2 = BlockPlan(
+    inputs={
+        "x": _IMAGE_TOKENS,
+        "attn_mask": SequenceSplit(1, 2),  # (B, S) bool, True = valid token (padded gist tokens only)
+        "freqs_cis": SequenceSplit(1, 3),  # (1, S, head_dim / 2) complex64, one row per token
+        "noise_mask": SequenceSplit(1, 2),  # (B, S) long, per-token choice of the noisy / clean modulation
+    },
+    attention={"attention": JointAttention()},
+    conditioning=("adaLN_modulation",),  # Linear of the timestep embedding (B, 256) -> (B, 4D)
+    metadata=TransformerBlockMetadata(return_hidden_states_index=0, hidden_states_argument_name="x"),
+)
+
 PLANS: dict[str, SequencePlan] = {
     "ZImageTransformer2DModel": SequencePlan(
         {"noise_refiner.*": _ZIMAGE, "context_refiner.*": _ZIMAGE, "siglip_refiner.*": _ZIMAGE,
@@ -136,5 +158,17 @@ PLANS: dict[str, SequencePlan] = {
         embed=("x_embedder", "time_caption_embed.caption_embedder"),
         producers={"rope_embedder": _LUMINA2_ROPE},  # needs core.patch (TokenProducer.output)
         num_chunks=48,  # 32 gives 3.51 LD/token of growth, 48 below 3.5 (the FF workspace: inner 4D, fp32 SiLU)
+    ),
+    "BriaFibo2Transformer2DModel": SequencePlan(
+        {"noise_refiner.*": _FIBO2, "layers.*": _FIBO2},
+        # FinalLayer(x, c): LayerNorm, a per-sample scale from c, linear, on the image tokens of the last layer's output
+        # (a view dropping the gist tokens before them, or the padded gist and context tokens after them); the model
+        # unpatchifies the gathered output.
+        tail="final_layer",
+        gather={"final_layer.linear": ContextParallelOutput(gather_dim=1, expected_dims=3)},
+        embed="x_embedder",
+        # The layers always modulate per token (noise_mask): four (B, S, D) tables picked by torch.where per block, on
+        # top of the SwiGLU FFN's 2 x 8/3 D. Measured growth (width 128): 32 chunks 3.85 LD/token, 64 3.57, 96 3.48.
+        num_chunks=96,
     ),
 }
