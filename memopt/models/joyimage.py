@@ -83,22 +83,23 @@ def _joyimage_plus_inputs(config, batch, size, text_tokens, dtype, device, gener
     }
 
 
+# jdopensource/JoyAI-Image-Edit-Diffusers transformer/config.json (as mirrored by vllm-omni's JoyAI loader): hidden 4096
+# (32 heads of 128), 40 layers, MLP ratio 4, 16 latent channels, patch (1, 2, 2), 4096-wide Qwen3-VL states, rope "rope"
+# with axes (16, 56, 56), theta 10000; the class defaults (3072 wide, 20 layers, theta 256) are not the release. Plus
+# shares the layout (trained from the same base).
+_JOYIMAGE_CONFIGS = {
+    "full": {"hidden_size": 4096, "num_attention_heads": 32, "num_layers": 40, "mlp_width_ratio": 4.0,
+             "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2], "text_dim": 4096,
+             "rope_dim_list": [16, 56, 56], "rope_type": "rope", "theta": 10000},
+    "tiny": {"hidden_size": 32, "num_attention_heads": 2, "num_layers": 2, "mlp_width_ratio": 2.0,
+             "in_channels": 4, "out_channels": 4, "patch_size": [1, 2, 2], "text_dim": 16, "rope_dim_list": [4, 6, 6]},
+}
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="joyimage_edit",
         class_name="JoyImageEditTransformer3DModel",
-        configs={
-            # jdopensource/JoyAI-Image-Edit-Diffusers transformer/config.json (as mirrored by vllm-omni's JoyAI
-            # loader): hidden 4096 (32 heads of 128), 40 layers, MLP ratio 4, 16 latent channels, patch (1, 2, 2),
-            # 4096-wide Qwen3-VL states, rope "rope" with axes (16, 56, 56), theta 10000. The class defaults (3072
-            # wide, 20 layers, theta 256) are not the release.
-            "full": {"hidden_size": 4096, "num_attention_heads": 32, "num_layers": 40, "mlp_width_ratio": 4.0,
-                     "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2], "text_dim": 4096,
-                     "rope_dim_list": [16, 56, 56], "rope_type": "rope", "theta": 10000},
-            "tiny": {"hidden_size": 32, "num_attention_heads": 2, "num_layers": 2, "mlp_width_ratio": 2.0,
-                     "in_channels": 4, "out_channels": 4, "patch_size": [1, 2, 2], "text_dim": 16,
-                     "rope_dim_list": [4, 6, 6]},
-        },
+        configs=_JOYIMAGE_CONFIGS,
         sizes={"default": Size(1024, 1024), "tiny": Size(80, 112)},
         # The pipeline keeps each prompt's tokens (system template + instruction, the Qwen3-VL image tokens of the
         # reference when editing) up to max_sequence_length 4096, padded to the longest; 512 stands for a typical
@@ -112,17 +113,7 @@ SPECS: list[FamilySpec] = [
     FamilySpec(
         name="joyimage_edit_plus",
         class_name="JoyImageEditPlusTransformer3DModel",
-        configs={
-            # JoyAI-Image-Edit-Plus shares JoyAI-Image-Edit's weights layout (trained from the same base): its
-            # transformer/config.json values (hidden 4096 = 32 heads of 128, 40 layers, theta 10000, 4096-wide Qwen3-VL
-            # states); the class defaults (3072 wide, 20 layers, theta 256) are not the release.
-            "full": {"hidden_size": 4096, "num_attention_heads": 32, "num_layers": 40, "mlp_width_ratio": 4.0,
-                     "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2], "text_dim": 4096,
-                     "rope_dim_list": [16, 56, 56], "rope_type": "rope", "theta": 10000},
-            "tiny": {"hidden_size": 32, "num_attention_heads": 2, "num_layers": 2, "mlp_width_ratio": 2.0,
-                     "in_channels": 4, "out_channels": 4, "patch_size": [1, 2, 2], "text_dim": 16,
-                     "rope_dim_list": [4, 6, 6]},
-        },
+        configs=_JOYIMAGE_CONFIGS,
         # 1024 x 1024 target + a 1024 x 1008 reference: 4096 + 4032 = 8128 image tokens.
         sizes={"default": Size(1024, 1024), "tiny": Size(80, 112)},
         text_tokens=512,  # prompt template + instruction + the Qwen3-VL tokens of the reference images

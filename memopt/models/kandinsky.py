@@ -10,8 +10,9 @@ import torch
 from ._spec import FamilySpec, Inputs, Size, _cfg, _check_divisible, _latent_frames, _randn, _text_mask
 
 
-# ----------------------------------------------------------------------------------------------- Kandinsky 5
-def _kandinsky5_tokens(config: Any, size: Size) -> int:
+# ----------------------------------------------------------------------------------------------- Kandinsky 5 and 6
+def _kandinsky_tokens(config: Any, size: Size) -> int:
+    """Video tokens (Kandinsky 6's audio tokens come on top, in their own stream)."""
     pt, ph, pw = _cfg(config, "patch_size")
     return _latent_frames(size.num_frames, 4) // pt * (size.height // 8 // ph) * (size.width // 8 // pw)
 
@@ -23,6 +24,16 @@ def _kandinsky5_scale_factor(size: Size) -> tuple[float, float, float]:
     return (1, 2, 2) if 480 <= size.height <= 854 and 480 <= size.width <= 854 else (1, 3.16, 3.16)
 
 
+def _kandinsky_latents(config: Any, batch: int, size: Size, dtype, device, generator) -> torch.Tensor:
+    """Channels-last latents ``(B, F', H/8, W/8, C)``; ``visual_cond`` models take ``[latents | condition latents |
+    mask]`` (2C + 1 channels)."""
+    frames, height, width = _latent_frames(size.num_frames, 4), size.height // 8, size.width // 8
+    channels = _cfg(config, "in_visual_dim")
+    if _cfg(config, "visual_cond"):
+        channels = 2 * channels + 1
+    return _randn(generator, batch, frames, height, width, channels, dtype=dtype, device=device)
+
+
 def _kandinsky5_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
     """Kandinsky 5: channels-last latents (B, F', H/8, W/8, C) (``visual_cond`` models concatenate the condition latents
     and a 1-channel mask: 2C + 1), Qwen2.5-VL text states padded to the longest prompt (no mask: the pipelines pass
@@ -31,11 +42,8 @@ def _kandinsky5_inputs(config, batch, size, text_tokens, dtype, device, generato
     _check_divisible("kandinsky5", size, 16)
     pt, ph, pw = _cfg(config, "patch_size")
     frames, height, width = _latent_frames(size.num_frames, 4), size.height // 8, size.width // 8
-    channels = _cfg(config, "in_visual_dim")
-    if _cfg(config, "visual_cond"):
-        channels = 2 * channels + 1
     return {
-        "hidden_states": _randn(generator, batch, frames, height, width, channels, dtype=dtype, device=device),
+        "hidden_states": _kandinsky_latents(config, batch, size, dtype, device, generator),
         "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "in_text_dim"), dtype=dtype,
                                         device=device),
         "timestep": torch.full((batch,), 999.0, dtype=dtype, device=device),
@@ -55,11 +63,6 @@ def _reset_zero_init(model: torch.nn.Module) -> None:
             module.out_layer.reset_parameters()
 
 
-def _kandinsky6_tokens(config: Any, size: Size) -> int:
-    pt, ph, pw = _cfg(config, "patch_size")
-    return _latent_frames(size.num_frames, 4) // pt * (size.height // 8 // ph) * (size.width // 8 // pw)
-
-
 def _kandinsky6_audio_tokens(size: Size, frame_rate: float = 24.0) -> int:
     """Audio latents ``Kandinsky6TI2VAPipeline`` makes for the clip: ``ceil(frames / fps x 44100 / 1024)`` (the audio
     VAE's sample rate and latent hop length), frames counted back from the latent frames."""
@@ -75,12 +78,8 @@ def _kandinsky6_inputs(config, batch, size, text_tokens, dtype, device, generato
     timestep per sample. ``visual_rope_pos`` / ``visual_token_type_ids`` stay ``None`` (text-to-video: no appended
     reference frame)."""
     _check_divisible("kandinsky6", size, 16)
-    frames, height, width = _latent_frames(size.num_frames, 4), size.height // 8, size.width // 8
-    channels = _cfg(config, "in_visual_dim")
-    if _cfg(config, "visual_cond"):
-        channels = 2 * channels + 1
     return {
-        "hidden_states": _randn(generator, batch, frames, height, width, channels, dtype=dtype, device=device),
+        "hidden_states": _kandinsky_latents(config, batch, size, dtype, device, generator),
         "audio_hidden_states": _randn(generator, batch, _kandinsky6_audio_tokens(size), _cfg(config, "in_audio_dim"),
                                       dtype=dtype, device=device),
         "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "in_text_dim"), dtype=dtype,
@@ -113,7 +112,7 @@ SPECS: list[FamilySpec] = [
         extra_sizes={"10s": Size(512, 768, 241)},
         text_tokens=256,
         make_inputs_fn=_kandinsky5_inputs,
-        num_tokens_fn=_kandinsky5_tokens,
+        num_tokens_fn=_kandinsky_tokens,
         width_keys=("model_dim",),
         init_fn=_reset_zero_init,
     ),
@@ -134,7 +133,7 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(512, 768, 121), "tiny": Size(48, 80, 5)},
         text_tokens=256,
         make_inputs_fn=_kandinsky6_inputs,
-        num_tokens_fn=_kandinsky6_tokens,
+        num_tokens_fn=_kandinsky_tokens,
         mask_key="encoder_attention_mask",
         width_keys=("model_dim",),
     ),

@@ -80,6 +80,15 @@ _FLUX3_MODE = BlockPlan(
 )
 
 
+# The dual-stream block of Flux copies outside diffusers' TransformerBlockRegistry (returning text, then image).
+_FLUX_COPY_DUAL_STREAM = BlockPlan(
+    inputs=_FLUX_INPUTS,
+    attention={"attn": _TEXT_FIRST},
+    conditioning=_DUAL_STREAM_MODULATION,
+    metadata=_returns_text_stream_first(),
+)
+
+
 def _flux_copy(num_chunks: int = 48) -> SequencePlan:
     """Flux's plan for classes copied from Flux that diffusers' ``TransformerBlockRegistry`` does not list (or lists
     wrongly) and that have no ``_cp_plan``: both block kinds get Flux's metadata ((text, image) returned), and the
@@ -87,12 +96,7 @@ def _flux_copy(num_chunks: int = 48) -> SequencePlan:
     concatenation per chunk: Flux needs 48 chunks to reach the floor."""
     return SequencePlan(
         {
-            "transformer_blocks.*": BlockPlan(
-                inputs=_FLUX_INPUTS,
-                attention={"attn": _TEXT_FIRST},
-                conditioning=_DUAL_STREAM_MODULATION,
-                metadata=_returns_text_stream_first(),
-            ),
+            "transformer_blocks.*": _FLUX_COPY_DUAL_STREAM,
             "single_transformer_blocks.*": BlockPlan(
                 inputs=_FLUX_INPUTS,
                 attention={"attn": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
@@ -243,12 +247,7 @@ PLANS: dict[str, SequencePlan] = {
     # last single block's output (the model drops the leading text tokens).
     "BriaFiboTransformer2DModel": SequencePlan(
         {
-            "transformer_blocks.*": BlockPlan(
-                inputs=_FLUX_INPUTS,
-                attention={"attn": _TEXT_FIRST},
-                conditioning=_DUAL_STREAM_MODULATION,
-                metadata=_returns_text_stream_first(),
-            ),
+            "transformer_blocks.*": _FLUX_COPY_DUAL_STREAM,
             "single_transformer_blocks.*": BlockPlan(
                 inputs={"hidden_states": _IMAGE_TOKENS, "image_rotary_emb": _pair(SequenceSplit(0, 2))},
                 attention={"attn": JointAttention()},  # cat(text, image) is the block's one stream
