@@ -82,6 +82,9 @@ op counts run slightly high (about 1% for a 3-block Wan)."""
 
 FEEDFORWARD_SERIES = (2, 4, 8)
 SEQUENCE_SERIES = (2, 4, 8, 16, 32, 64)
+LOCKSTEP_SERIES = (4, 8, 16)
+"""Lock-step holds every chunk's pre-attention state at once, so more chunks lower its peak little (Wan: 7.2 LD per
+token at 32 chunks) while each costs a simulation: it is tried at a few counts."""
 SEQUENCE_FEEDFORWARD_SERIES = (2, 4, 8)
 SEQUENCE_FEEDFORWARD_CHUNKS = 4
 """FeedForward shards combined with a few sequence chunks, where one chunk's FF intermediate can still be the largest
@@ -204,11 +207,15 @@ class Chunking:
             the model's forward per chunk with the blocks answering from the saved last output, so every block is
             *called* again per chunk: with group offloading that would onload every block again, so offloaded plans
             keep the head whole (it then runs with only the top-level weights on the device).
+        schedule: with sequence chunks, ``"two_pass"`` (the part of each block before attention runs twice, at about
+            3 LD) or ``"lockstep"`` (nothing rerun, every chunk's pre-attention state alive at once: about twice the
+            memory, less time; see :func:`memopt.apply_sequence_chunking`).
     """
 
     sequence_chunks: int = 0
     feedforward_chunks: int = 0
     chunk_tail: bool = True
+    schedule: str = "two_pass"
 
     @property
     def is_empty(self) -> bool:
@@ -217,8 +224,9 @@ class Chunking:
     def describe(self) -> str:
         parts = []
         if self.sequence_chunks:
-            head = "" if self.chunk_tail else " (output head whole)"
-            parts.append(f"{self.sequence_chunks} sequence chunks{head}")
+            head = "" if self.chunk_tail else ", output head whole"
+            schedule = "lock-step" if self.schedule == "lockstep" else "two-pass"
+            parts.append(f"{self.sequence_chunks} sequence chunks ({schedule}{head})")
         if self.feedforward_chunks:
             parts.append(f"FeedForward in {self.feedforward_chunks} hidden shards")
         return " + ".join(parts) or "no chunking"
@@ -236,7 +244,8 @@ class Chunking:
         if self.sequence_chunks:
             from .hooks.sequence import apply_sequence_chunking
 
-            reports.append(apply_sequence_chunking(model, num_chunks=self.sequence_chunks, chunk_tail=self.chunk_tail))
+            reports.append(apply_sequence_chunking(model, num_chunks=self.sequence_chunks, chunk_tail=self.chunk_tail,
+                                                   schedule=self.schedule))
         return reports
 
 
@@ -253,6 +262,8 @@ def candidate_series(tokens: int | None = None) -> list[list[Chunking]]:
         [Chunking()],
         [Chunking(feedforward_chunks=k) for k in FEEDFORWARD_SERIES],
         [Chunking(sequence_chunks=n) for n in counts(SEQUENCE_SERIES)],
+        # Lock-step reruns nothing: where its larger peak fits, it is the faster of the two schedules.
+        [Chunking(sequence_chunks=n, schedule="lockstep") for n in counts(LOCKSTEP_SERIES)],
         [Chunking(sequence_chunks=n, feedforward_chunks=SEQUENCE_FEEDFORWARD_CHUNKS)
          for n in counts(SEQUENCE_FEEDFORWARD_SERIES)],
     ]
@@ -423,6 +434,11 @@ def simulate_chunking(
         # `if torch.all(image_embeds == 0)` and per-sample boolean indexing of its text tokens): no fake trace.
         return Estimate(chunking, error=f"the forward of {type(model).__name__} depends on tensor values "
                                         f"({type(error).__name__}: {error}), so it cannot be simulated")
+    except RuntimeError as error:  # after its subclasses above
+        if chunking.schedule != "lockstep":
+            raise
+        # The lock-step schedule's refusals (a shared output modified in place while chunks are suspended)
+        return Estimate(chunking, error=f"{type(error).__name__}: {error}")
     finally:
         for copy in built:
             remove_memopt_hooks(copy)  # hooks may hold global interception state until removed
@@ -716,11 +732,19 @@ def plan_denoiser(
     for placement in placements:
         floor = fixed + max(phase_weights(groups, placement, ["before", "after", *block_lists(model)]).values())
         unchunked_fits = False
+        two_pass_fits: list[int] = []  # sequence chunk counts at which the two-pass schedule fits
         for chunkings in series or candidate_series(per_sample):
+            if chunkings and chunkings[0].schedule == "lockstep":
+                # Lock-step holds more than two-pass at any count: start where two-pass fits, and only when the
+                # series' lowest peak (its most chunks) fits at all.
+                chunkings = [c for c in chunkings if c.sequence_chunks >= min(two_pass_fits, default=0)]
+                probe = estimate(_placed(chunkings[-1], placement)) if chunkings else None
+                if probe is None or probe.error is not None or (
+                        _option(probe, groups, placement, fixed, profile).peak_bytes > budget_bytes):
+                    continue
             previous: Option | None = None
             for chunking in chunkings:
-                if placement is not None:
-                    chunking = dataclasses.replace(chunking, chunk_tail=False)
+                chunking = _placed(chunking, placement)
                 result = estimate(chunking)
                 if result.error is not None:
                     break  # this hook does not support the model: the rest of the series neither
@@ -728,6 +752,8 @@ def plan_denoiser(
                 considered.append(option)
                 fits = option.peak_bytes <= budget_bytes
                 unchunked_fits = unchunked_fits or (fits and chunking.is_empty)
+                if fits and chunking.sequence_chunks and chunking.schedule == "two_pass":
+                    two_pass_fits.append(chunking.sequence_chunks)
                 if fits or (previous and option.peak_bytes >= previous.peak_bytes):
                     break  # fits, or more chunks of this kind stopped lowering the peak
                 previous = option
@@ -757,6 +783,11 @@ def plan_denoiser(
         element_size=torch.tensor([], dtype=dtype).element_size(), planning_seconds=time.perf_counter() - start,
         **token_info,
     )
+
+
+def _placed(chunking: Chunking, placement: OffloadConfig | None) -> Chunking:
+    """Offloaded plans keep the output head whole (see :class:`Chunking`)."""
+    return chunking if placement is None else dataclasses.replace(chunking, chunk_tail=False)
 
 
 def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option], groups: OffloadGroups, inputs: int,

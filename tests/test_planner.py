@@ -233,3 +233,27 @@ def test_a_forward_that_depends_on_tensor_values_is_refused_clearly(family: str)
     inputs = spec.make_inputs(model.config, batch_size=1, masked=True)
     with pytest.raises(BudgetError, match="depends on tensor values .* so it cannot be simulated"):
         plan_denoiser(model, (), inputs, budget="1GiB", device="cpu")
+
+
+def test_lockstep_is_chosen_where_its_peak_fits() -> None:
+    """Lock-step reruns nothing, so where its (larger) peak fits the budget the planner takes it over two-pass at the
+    same chunk count; where only two-pass fits, two-pass. Either plan is exact."""
+    spec = get_family("wan")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=1, height=96, width=160, num_frames=9)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+    series = [[Chunking()], [Chunking(sequence_chunks=4)], [Chunking(sequence_chunks=4, schedule="lockstep")]]
+    roomy = plan_denoiser(model, (), inputs, budget=10 * GIB, device="cpu", series=series[1:])
+    peaks = {option.chunking.schedule: option.peak_bytes for option in roomy.considered}
+    times = {option.chunking.schedule: option.time_s for option in roomy.considered}
+    assert peaks["two_pass"] < peaks["lockstep"] and times["lockstep"] < times["two_pass"]
+    for budget, schedule in ((peaks["lockstep"], "lockstep"), (peaks["lockstep"] - 1, "two_pass")):
+        plan = plan_denoiser(model, (), inputs, budget=budget, device="cpu", series=series)
+        assert plan.chunking == Chunking(sequence_chunks=4, schedule=schedule)
+        assert ("lock-step" in str(plan)) == (schedule == "lockstep")
+        plan.apply(model)
+        with torch.no_grad():
+            out = model(**inputs)[0]
+        remove_memopt_hooks(model)
+        assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
