@@ -92,8 +92,8 @@ _installed_users = 0
 _original_backends: dict[Any, Callable[..., Any]] = {}
 
 
-def _as_4d_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, dispatch: bool) -> Any:
-    if mask is None or not isinstance(mask, torch.Tensor):
+def _as_4d_mask(mask: Any, query: torch.Tensor, key: torch.Tensor, dispatch: bool) -> Any:
+    if not isinstance(mask, torch.Tensor):
         # None, or a mask object only its backend reads (flex attention's BlockMask: Kandinsky 6 SR's NABLA
         # sparse attention), passed on untouched; the handlers leave such calls alone.
         return mask
