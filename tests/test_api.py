@@ -260,3 +260,56 @@ def test_first_call_plan_goes_under_existing_offloading(monkeypatch: pytest.Monk
     assert _rel(output, reference.result[0]) <= 1e-5
     memopt.remove_memory_optimizations(model)
     assert placement(model) is None and not model._diffusers_hook._hook_order
+
+
+def _stable_diffusion_pipeline():
+    """A tiny ``StableDiffusionPipeline`` from configs: a UNet (memopt has no sequence plan for UNets), a one-layer CLIP
+    text encoder with a character-level tokenizer (no merges, no download), a 4-level VAE (72 x 56 px -> 9 x 7
+    latents), DDIM."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from test_other_families import _unet_2d_condition
+
+    torch.manual_seed(0)
+    unet, _ = _unet_2d_condition()
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=[], model_max_length=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=128)
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_unet_pipeline_is_planned_with_what_applies_to_it() -> None:
+    """A UNet denoiser (Stable Diffusion): at a budget that needs chunking the planner shards its FeedForwards (no
+    sequence plan), the latents match the unmodified pipeline's, and removal restores them bit for bit."""
+    pipe = _stable_diffusion_pipeline()
+
+    def latents() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(["a red cat", "a much longer prompt here"], negative_prompt=["", "blurry"], height=72,
+                        width=56, num_inference_steps=2, guidance_scale=5.0, output_type="latent",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    reference = latents()
+    weights = sum(module_bytes(module) for module in (pipe.unet, pipe.vae, pipe.text_encoder))
+    unet_inputs = dict(sample=torch.randn(4, 4, 9, 7), timestep=torch.tensor(500),
+                       encoder_hidden_states=torch.randn(4, 32, 12))
+    with torch.no_grad():
+        activations = trace_memory(pipe.unet, **unet_inputs).peak_bytes
+    plan = memopt.apply_memory_optimizations(pipe, budget=weights + activations * 6 // 10)
+    assert _rel(latents(), reference) <= 1e-5
+    denoiser = plan.components["unet"].denoiser
+    assert denoiser is not None and denoiser.chunking.feedforward_chunks and not denoiser.chunking.sequence_chunks
+    assert memopt.remove_memory_optimizations(pipe) > 0
+    assert torch.equal(latents(), reference)

@@ -1,4 +1,4 @@
-"""memopt on diffusers transformer families it has no family spec or sequence plan for.
+"""memopt on diffusers denoisers it has no family spec or sequence plan for (transformers and UNets).
 
 memopt's plans cover the families in ``memopt.models``; users will also point it at every other diffusers
 transformer. On those, each technique must be exact or refuse/skip with a clear message, never compute something
@@ -156,6 +156,123 @@ def _nucleus_image() -> Built:
                        img_shapes=[(1, height, width)] * 2)
 
 
+def _wan_animate2() -> Built:
+    # The reference pass (kv_cache_mode="extract", the only call without a flex BlockMask): dense self-attention over
+    # the reference video's 3 x 3 x 5 = 45 tokens, each block storing its pre-RoPE K/V into the cache (overwritten at
+    # every call). Latents and text states are per-sample lists; the two prompts are 8 and 5 tokens long, padded by
+    # the model to text_len with zeros (no mask argument exists). CLIP states are 1280 wide (hardcoded in MLPProj).
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    model = diffusers.WanAnimate2Transformer3DModel(
+        dim=32, num_heads=2, ffn_dim=80, freq_dim=16, text_dim=24, text_len=8, in_dim=12, out_dim=4, num_layers=2)
+    frames, height, width = 3, 6, 10  # patch (1, 2, 2): 3 x 3 x 5 tokens
+    return model, dict(hidden_states=[torch.randn(4, frames, height, width) for _ in range(2)],
+                       timestep=torch.tensor([999, 999]),
+                       encoder_hidden_states=[torch.randn(8, 24), torch.randn(5, 24)],
+                       condition_latents=[torch.randn(8, frames, height, width) for _ in range(2)],
+                       encoder_hidden_states_image=torch.randn(2, 5, 1280),
+                       kv_cache=WanAnimate2KVCache(2), kv_cache_mode="extract", seq_len=45,
+                       offset_grid_sizes=torch.tensor([[3, 3, 5]] * 2))
+
+
+def _ace_step() -> Built:
+    # Two layers: sliding-window self-attention (window 4, a dense additive band mask) then full attention, each with
+    # cross-attention over the condition states (the forward takes no padding mask). 21 latent frames are padded to
+    # the patch size 2 by the model: 11 tokens. in_channels = context (8) + latent (4) channels.
+    model = diffusers.AceStepTransformer1DModel(
+        hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, in_channels=12, audio_acoustic_hidden_dim=4, patch_size=2, sliding_window=4,
+        encoder_hidden_size=24)
+    return model, dict(hidden_states=torch.randn(2, 21, 4), timestep=torch.tensor([0.3, 0.9]),
+                       timestep_r=torch.tensor([0.3, 0.5]), encoder_hidden_states=torch.randn(2, 9, 24),
+                       context_latents=torch.randn(2, 21, 8))
+
+
+def _minimax_music3() -> Built:
+    # 22 latent frames + the prepended timestep token: 23 tokens; frame-aligned condition states (no mask).
+    model = diffusers.MiniMaxMusic3Transformer1DModel(
+        in_channels=4, condition_dim=8, num_layers=2, num_attention_heads=2, attention_head_dim=16, ff_inner_dim=48,
+        rotary_dim=8, fourier_embedding_dim=16)
+    return model, dict(hidden_states=torch.randn(2, 4, 22), timestep=torch.tensor([0.2, 0.8]),
+                       encoder_hidden_states=torch.randn(2, 22, 8))
+
+
+def _sana_wm_refiner() -> Built:
+    # One plain forward (no KV cache): 3 latent frames x 3 x 5 = 45 packed tokens, caller-made rotary tables (the
+    # model computes none itself; built here exactly as the refiner pipeline does), a padded text mask. The audio
+    # modules exist for the checkpoint but never run.
+    model = diffusers.SanaWMLTX2RefinerTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=8, cross_attention_dim=32,
+        caption_channels=24, num_layers=2, audio_num_attention_heads=2, audio_attention_head_dim=8,
+        audio_in_channels=8, audio_out_channels=8, audio_cross_attention_dim=16)
+    frames, height, width = 3, 3, 5
+    rotary = model.build_rotary_emb_for_absolute_positions(batch_size=2, frame_positions=list(range(frames)),
+                                                           height=height, width=width, device=torch.device("cpu"),
+                                                           fps=24.0)
+    return model, dict(hidden_states=torch.randn(2, frames * height * width, 8),
+                       encoder_hidden_states=torch.randn(2, 9, 24), timestep=torch.full((2, 1), 600.0),
+                       video_rotary_emb=rotary, encoder_attention_mask=_mask(2, 9, 6))
+
+
+def _unet_2d_condition() -> Built:
+    # SD-style: one cross-attention down block (9 x 7 = 63 latent tokens), a plain one (5 x 4 after the stride-2
+    # conv; the odd size is restored by the upsampler's forwarded upsample_size), the cross-attention mid block and
+    # a cross-attention up block (2 transformers): 4 BasicTransformerBlocks, 4 GEGLU FeedForwards.
+    model = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8, cross_attention_dim=12, attention_head_dim=2)
+    return model, dict(sample=torch.randn(2, 4, 9, 7), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 12), encoder_attention_mask=_mask(2, 9, 6))
+
+
+def _dreamlite_unet() -> Built:
+    # The class defaults' layout shrunk: 320/640-channel stages without self-attention, the last with it (MQA,
+    # RMSNorm qk_norm, DreamLiteAttnProcessor2_0 installed by the constructor), depthwise-separable resnets, x6 GEGLU.
+    # Down: no-self-attn (1 transformer), self-attn (1); mid (num_mid_layers=1: 1); up: self-attn (2), no-self-attn
+    # (2): 7 FeedForwards. 9 x 7 latent (63 tokens), 5 x 4 at the second stage.
+    model = diffusers.DreamLiteUNetModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DreamLiteCrossAttnNoSelfAttnDownBlock2D", "DreamLiteCrossAttnDownBlock2D"),
+        up_block_types=("DreamLiteCrossAttnUpBlock2D", "DreamLiteCrossAttnNoSelfAttnUpBlock2D"),
+        norm_num_groups=8, cross_attention_dim=12, attention_head_dim=2, num_kv_heads=1, ff_mult=2)
+    return model, dict(sample=torch.randn(2, 4, 9, 7), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 12), encoder_attention_mask=_mask(2, 9, 6))
+
+
+def _svd_unet() -> Built:
+    # SVD: spatial transformer (BasicTransformerBlock) + temporal one (TemporalBasicTransformerBlock: ff_in and ff)
+    # per TransformerSpatioTemporalModel; 3 frames of 9 x 7. One spatio-temporal down block, a plain one, the mid
+    # block, one spatio-temporal up block (2 transformers). No text mask: SVD's conditioning is one image token.
+    model = diffusers.UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=12, cross_attention_dim=12,
+        num_attention_heads=(2, 4))
+    return model, dict(sample=torch.randn(2, 3, 8, 9, 7), timestep=torch.tensor([3.0, 500.0]),
+                       encoder_hidden_states=torch.randn(2, 1, 12),
+                       added_time_ids=torch.tensor([[6.0, 127.0, 0.02], [7.0, 100.0, 0.05]]))
+
+
+def _transformer_2d() -> Built:
+    # The legacy generic class, continuous input (GroupNorm, conv proj_in), 2 BasicTransformerBlocks with
+    # cross-attention to 9 text tokens under a padded mask; 5 x 7 = 35 tokens.
+    model = diffusers.Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=8, num_layers=2,
+        cross_attention_dim=12)
+    return model, dict(hidden_states=torch.randn(2, 16, 5, 7), encoder_hidden_states=torch.randn(2, 9, 12),
+                       encoder_attention_mask=_mask(2, 9, 6))
+
+
+def _transformer_temporal() -> Built:
+    # As in UNet3DConditionModel's temp_attentions: attention over 5 frames at each of the 3 x 3 positions (no text),
+    # batch 2 -> 18 sequences of 5 tokens; 2 BasicTransformerBlocks (self-attention only).
+    model = diffusers.TransformerTemporalModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=8, num_layers=2)
+    return model, dict(hidden_states=torch.randn(2 * 5, 16, 3, 3), num_frames=5)
+
+
 def _ideogram4() -> Built:
     model = diffusers.Ideogram4Transformer2DModel(
         in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, intermediate_size=48,
@@ -191,11 +308,15 @@ class Case(NamedTuple):
 
 
 CASES: dict[str, Case] = {
+    # AceStepMLP: memopt's gated-MLP layout (gate/up/down); the sliding band is a dense additive mask.
+    "AceStepTransformer1DModel": Case(_ace_step, 2),
     "AnyFlowFARTransformer3DModel": Case(_anyflow_far, 2, flex_calls=2),  # causal block mask; KV caches
     "DiTTransformer2DModel": Case(_dit, 2),
+    "DreamLiteUNetModel": Case(_dreamlite_unet, 7),
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
     "Kandinsky6SRTransformer3DModel": Case(_kandinsky6_sr, 1, flex_calls=1),  # NABLA sparse attention only
+    "MiniMaxMusic3Transformer1DModel": Case(_minimax_music3, 0),  # MLP inline in the block's forward
     # Experts choose their top tokens over the whole sequence (not chunkable); FeedForward chunking: the dense block's
     # MLP and the MoE block's shared expert (the routed experts are not FeedForwards); routing reads .tolist().
     "NucleusMoEImageTransformer2DModel": Case(_nucleus_image, 2, data_dependent=True),
@@ -203,7 +324,14 @@ CASES: dict[str, Case] = {
     "PRXTransformer2DModel": Case(_prx, 0),  # MLP inline in PRXBlock.forward: "no FeedForward-like module found"
     "SanaTransformer2DModel": Case(_sana, 0),  # GLUMBConv (a conv FFN): skipped, "no FeedForward layout"
     "SanaVideoTransformer3DModel": Case(_sana_video, 0),  # GLUMBTempConv: skipped likewise
+    "SanaWMLTX2RefinerTransformer3DModel": Case(_sana_wm_refiner, 4),  # ff + audio_ff per block (audio never runs)
     "SanaWMTransformer3DModel": Case(_sana_wm, 1),  # gated delta-net linear attention; GLUMBConvTemp skipped
+    "Transformer2DModel": Case(_transformer_2d, 2),  # the legacy generic class
+    "TransformerTemporalModel": Case(_transformer_temporal, 2),
+    "UNet2DConditionModel": Case(_unet_2d_condition, 4),
+    "UNetSpatioTemporalConditionModel": Case(_svd_unet, 12),  # 4 spatial ff + 4 temporal (ff_in, ff)
+    # ffn is an nn.Sequential (no FeedForward); the rotary embedding reads grid_sizes.tolist(): data dependent.
+    "WanAnimate2Transformer3DModel": Case(_wan_animate2, 0, data_dependent=True),
 }
 
 

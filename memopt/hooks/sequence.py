@@ -13,7 +13,8 @@ the same split runs as N virtual ranks one after another, and the K/V exchange b
 What is alive then is the residual stream, K and V (about 3 LD, LD = tokens x width x bytes) plus one chunk's
 workspace, instead of the 10-17 LD an unchunked block peaks at. The price is that the part of the block before
 attention runs twice (the projections whose output a pass does not use, the unused columns of fused ones, and the
-query/key norms after them, are skipped, see ``SequenceSkipHook`` and ``SequenceFusedSkipHook``). What would be the
+query/key norms after them, are skipped, see ``SequenceSkipHook`` and ``SequenceFusedSkipHook``; where the processor
+takes it, a skipped projection returns an empty batch, so its rotary embedding is skipped too). What would be the
 same in every chunk, the key/value side of cross-attention to text and the timestep modulation of adaptive norms,
 is computed once per block (``SequenceReuseHook``), so chunked blocks do the matmul work of unchunked ones.
 Outputs match the unmodified model to rounding (the final pass runs the same kernels on the same numbers, only with
