@@ -273,6 +273,111 @@ def _transformer_temporal() -> Built:
     return model, dict(hidden_states=torch.randn(2 * 5, 16, 3, 3), num_frames=5)
 
 
+def _unet_3d_condition() -> Built:
+    # ModelScope T2V layout shrunk: transformer_in (temporal, 1 layer), then per cross-attention block a spatial
+    # Transformer2DModel and a temporal TransformerTemporalModel: 3 frames of 9 x 7 (63 tokens; 5 x 4 after the
+    # stride-2 conv, restored by the forwarded upsample_size). The forward takes no text mask.
+    model = diffusers.UNet3DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        norm_num_groups=8, cross_attention_dim=12, attention_head_dim=2)
+    return model, dict(sample=torch.randn(2, 4, 3, 9, 7), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 12))
+
+
+def _i2vgen_xl() -> Built:
+    # UNet3D's layout plus the image conditioning: image latents (4 channels, hardcoded) are concatenated to the
+    # sample and, pooled to 8 x 8, appended as 64 context tokens; image_embeddings become in_channels more tokens.
+    model = diffusers.I2VGenXLUNet(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        norm_num_groups=8, cross_attention_dim=12, attention_head_dim=2)
+    return model, dict(sample=torch.randn(2, 4, 3, 9, 7), timestep=torch.tensor([3, 500]), fps=torch.tensor([8, 16]),
+                       image_latents=torch.randn(2, 4, 3, 9, 7), image_embeddings=torch.randn(2, 12),
+                       encoder_hidden_states=torch.randn(2, 9, 12))
+
+
+def _unet_motion() -> Built:
+    # AnimateDiff with its own motion-module config (no MotionAdapter needed): a spatial transformer per
+    # cross-attention block and a motion module (temporal transformer over the 3 frames) after every resnet.
+    model = diffusers.UNetMotionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), norm_num_groups=8, cross_attention_dim=12,
+        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=8)
+    # the pipeline repeats the text states per frame (batch x frames rows)
+    return model, dict(sample=torch.randn(2, 4, 3, 9, 7), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 12).repeat_interleave(3, dim=0))
+
+
+def _kandinsky3() -> Built:
+    # Two levels: the first without attention, the second (5 x 7 = 35 tokens) with cross- and self-attention; the
+    # pooled-text time condition is attention with one query. layers_per_block=1 breaks the class's channel
+    # bookkeeping, and odd latents are silently cropped (9 x 7 -> 8 x 6), hence 10 x 14.
+    model = diffusers.Kandinsky3UNet(in_channels=4, time_embedding_dim=16, groups=4, attention_head_dim=4,
+                                     layers_per_block=2, block_out_channels=(16, 32), cross_attention_dim=16,
+                                     encoder_hid_dim=12)
+    return model, dict(sample=torch.randn(2, 4, 10, 14), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 12), encoder_attention_mask=_mask(2, 9, 6))
+
+
+def _stable_cascade() -> Built:
+    # Two levels of (ResBlock, TimestepBlock, AttnBlock): self-attention over the 9 x 7 map (63 tokens) concatenated
+    # with the 2 x 9 text + 2 pooled-text condition tokens as K/V. sca/crp stay None (the forward tests them with
+    # `cond or ...`, which a tensor cannot pass).
+    model = diffusers.StableCascadeUNet(
+        in_channels=4, out_channels=4, timestep_ratio_embedding_dim=8, patch_size=1, conditioning_dim=16,
+        block_out_channels=(16, 32), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
+        up_num_layers_per_block=(1, 1), down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1),
+        clip_text_in_channels=12, clip_text_pooled_in_channels=12, clip_seq=2, dropout=(0.0, 0.0))
+    return model, dict(sample=torch.randn(2, 4, 9, 7), timestep_ratio=torch.tensor([0.2, 0.9]),
+                       clip_text_pooled=torch.randn(2, 1, 12), clip_text=torch.randn(2, 9, 12))
+
+
+def _audioldm2() -> Built:
+    # Each cross-attention block holds three transformers: self-attention only (None), cross to
+    # encoder_hidden_states (12 wide, 9 tokens, padded mask), cross to encoder_hidden_states_1 (16 wide, 5 tokens).
+    model = diffusers.AudioLDM2UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8, cross_attention_dim=([None, 12, 16], [None, 12, 16]),
+        attention_head_dim=2)
+    return model, dict(sample=torch.randn(2, 4, 9, 7), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 12), encoder_attention_mask=_mask(2, 9, 6),
+                       encoder_hidden_states_1=torch.randn(2, 5, 16), encoder_attention_mask_1=_mask(2, 5, 3))
+
+
+def _controlnet_xs() -> Built:
+    # Base UNet and a thin control UNet run side by side, exchanging features at every block; odd latents break the
+    # ctrl -> base additions, so 10 x 14 (140 tokens, 5 x 7 = 35 at the second level). Control image at 2x.
+    model = diffusers.UNetControlNetXSModel(
+        sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32), norm_num_groups=8,
+        cross_attention_dim=12, num_attention_heads=2, ctrl_conditioning_embedding_out_channels=(4, 8),
+        ctrl_block_out_channels=(4, 8), ctrl_num_attention_heads=2, ctrl_max_norm_num_groups=2)
+    return model, dict(sample=torch.randn(2, 4, 10, 14), timestep=torch.tensor([3, 500]),
+                       encoder_hidden_states=torch.randn(2, 9, 12), controlnet_cond=torch.randn(2, 3, 20, 28))
+
+
+def _unet_1d() -> Built:
+    # Dance Diffusion's layout: SelfAttention1d (channels // 32 heads, its own bmm + softmax, not a diffusers
+    # Attention) in the last down block, the mid block and the first up block; no FeedForward. The length is halved
+    # four times (mid block included), so it must be a multiple of 8 and at least 24: no odd length is valid.
+    model = diffusers.UNet1DModel(sample_size=24, in_channels=2, out_channels=2, block_out_channels=(32, 32, 32),
+                                  extra_in_channels=8, time_embedding_dim=8, norm_num_groups=8)
+    return model, dict(sample=torch.randn(2, 2, 24), timestep=torch.tensor([3, 500]))
+
+
+def _unet_2d() -> Built:
+    # Unconditional DDPM-style: resnets and, at the second level (5 x 7 = 35 tokens) and in the mid block, Attention
+    # without FeedForward. Odd latents are not valid (the up blocks get no upsample_size).
+    model = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=4)
+    return model, dict(sample=torch.randn(2, 3, 10, 14), timestep=torch.tensor([3, 500]))
+
+
 def _ideogram4() -> Built:
     model = diffusers.Ideogram4Transformer2DModel(
         in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, intermediate_size=48,
@@ -298,23 +403,32 @@ class Case(NamedTuple):
     """One class: its builder, how many FeedForwards apply_chunked_feedforward hooks in the tiny model (0: none it
     knows, and the report must say why), whether its forward depends on tensor values (the planner cannot
     simulate it: MoE routing, ``.item()``, boolean indexing, so apply_memory_optimizations fails at the first call),
-    and how many of its attention-kernel calls pass flex attention's ``BlockMask`` (chunked attention leaves those
-    to their backend, and the planner cannot trace them either)."""
+    how many of its attention-kernel calls pass flex attention's ``BlockMask`` (chunked attention leaves those
+    to their backend, and the planner cannot trace them either), and whether it has any diffusers ``Attention``
+    module at all (without one, apply_chunked_attention refuses: UNet1DModel's SelfAttention1d computes its own
+    softmax)."""
 
     build: Callable[[], Built]
     feedforwards: int
     data_dependent: bool = False
     flex_calls: int = 0
+    attention: bool = True
 
 
 CASES: dict[str, Case] = {
     # AceStepMLP: memopt's gated-MLP layout (gate/up/down); the sliding band is a dense additive mask.
     "AceStepTransformer1DModel": Case(_ace_step, 2),
     "AnyFlowFARTransformer3DModel": Case(_anyflow_far, 2, flex_calls=2),  # causal block mask; KV caches
+    # 2 BasicTransformerBlocks per Transformer2DModel-in-a-list (self-attention-only, cross to encoder_hidden_states,
+    # cross to encoder_hidden_states_1), x (down 1, mid 1, up 2): 12 GEGLU FeedForwards
+    "AudioLDM2UNet2DConditionModel": Case(_audioldm2, 12),
     "DiTTransformer2DModel": Case(_dit, 2),
     "DreamLiteUNetModel": Case(_dreamlite_unet, 7),
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
+    # UNet3D's 9 + the image-latents temporal encoder's gelu FeedForward
+    "I2VGenXLUNet": Case(_i2vgen_xl, 10),
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
+    "Kandinsky3UNet": Case(_kandinsky3, 0),  # feed_forward is a 1x1-conv nn.Sequential: "no FeedForward-like module"
     "Kandinsky6SRTransformer3DModel": Case(_kandinsky6_sr, 1, flex_calls=1),  # NABLA sparse attention only
     "MiniMaxMusic3Transformer1DModel": Case(_minimax_music3, 0),  # MLP inline in the block's forward
     # Experts choose their top tokens over the whole sequence (not chunkable); FeedForward chunking: the dense block's
@@ -326,9 +440,20 @@ CASES: dict[str, Case] = {
     "SanaVideoTransformer3DModel": Case(_sana_video, 0),  # GLUMBTempConv: skipped likewise
     "SanaWMLTX2RefinerTransformer3DModel": Case(_sana_wm_refiner, 4),  # ff + audio_ff per block (audio never runs)
     "SanaWMTransformer3DModel": Case(_sana_wm, 1),  # gated delta-net linear attention; GLUMBConvTemp skipped
+    # ResBlock's channelwise MLP is an nn.Sequential around GlobalResponseNorm (statistics over all positions)
+    "StableCascadeUNet": Case(_stable_cascade, 0),
     "Transformer2DModel": Case(_transformer_2d, 2),  # the legacy generic class
     "TransformerTemporalModel": Case(_transformer_temporal, 2),
+    # SelfAttention1d computes its own bmm/softmax: no diffusers Attention, apply_chunked_attention refuses (test.patch)
+    "UNet1DModel": Case(_unet_1d, 0, attention=False),
     "UNet2DConditionModel": Case(_unet_2d_condition, 4),
+    "UNet2DModel": Case(_unet_2d, 0),  # unconditional: attention blocks without FeedForward
+    # transformer_in + spatial (down 1, mid 1, up 2) + temporal (down 1, mid 1, up 2)
+    "UNet3DConditionModel": Case(_unet_3d_condition, 9),
+    # base + ctrl transformers in the down (2 + 2) and mid (1 + 1) blocks, base only in the up block (3)
+    "UNetControlNetXSModel": Case(_controlnet_xs, 9),
+    # spatial (down 1, mid 1, up 2) + motion modules (down 2, mid 1, up 4)
+    "UNetMotionModel": Case(_unet_motion, 11),
     "UNetSpatioTemporalConditionModel": Case(_svd_unet, 12),  # 4 spatial ff + 4 temporal (ff_in, ff)
     # ffn is an nn.Sequential (no FeedForward); the rotary embedding reads grid_sizes.tolist(): data dependent.
     "WanAnimate2Transformer3DModel": Case(_wan_animate2, 0, data_dependent=True),
@@ -419,6 +544,11 @@ def test_chunked_feedforward_is_exact_or_says_why_not(name, caplog):
 def test_chunked_attention_is_exact(name):
     model, inputs = build(name)
     reference, state_before = forward(model, inputs), state(model)
+    if not CASES[name].attention:
+        with pytest.raises(ValueError, match=f"{name} has no diffusers attention modules to chunk"):
+            apply_chunked_attention(model, query_chunk=7, kv_chunk=6, head_chunks=2)
+        assert_restored(model, inputs, reference, state_before)
+        return
     report = apply_chunked_attention(model, query_chunk=7, kv_chunk=6, head_chunks=2)
     assert report.attention
     chunked = forward(model, inputs)
@@ -445,11 +575,12 @@ def test_remove_restores_after_stacked_techniques(name):
     weights were used in place throughout (state_dict unchanged while the hooks are on)."""
     model, inputs = build(name)
     reference, state_before = forward(model, inputs), state(model)
-    apply_chunked_feedforward(model, num_chunks=3, split="hidden")
-    apply_chunked_attention(model, query_chunk=7, kv_chunk=6, head_chunks=2)
+    hooks = len(apply_chunked_feedforward(model, num_chunks=3, split="hidden").applied)
+    if CASES[name].attention:
+        hooks += len(apply_chunked_attention(model, query_chunk=7, kv_chunk=6, head_chunks=2).attention)
     assert rel_err(forward(model, inputs), reference) <= 1e-5
     assert all(torch.equal(value, state_before[key]) for key, value in model.state_dict().items())
-    assert remove_memory_optimizations(model) > 0
+    assert remove_memory_optimizations(model) == hooks
     assert_restored(model, inputs, reference, state_before)
 
 
