@@ -421,23 +421,22 @@ def simulate_chunking(
         with counter, torch.compiler.set_stance("force_eager"):
             trace = simulate(build, fake_inputs, dtype=dtype, prepare=chunking.apply, round_to=round_to,
                              name=chunking.describe())
-    except NotImplementedError as error:
-        operator = re.search(r"no rule registered for HigherOrderOperator (\w+)", str(error))
-        if operator:  # the model's own forward: flex attention (Kandinsky 6 SR's NABLA, AnyFlow-FAR's block mask)
-            return Estimate(chunking, error=f"the forward of {type(model).__name__} calls the higher-order operator "
-                                            f"{operator.group(1)}, which memopt's memory tracer cannot simulate")
-        return Estimate(chunking, error=f"{type(error).__name__}: {error}")  # a hook that does not support the model
-    except (ValueError, TypeError) as error:  # a hook that does not support this model
-        return Estimate(chunking, error=f"{type(error).__name__}: {error}")
     except (DataDependentOutputException, DynamicOutputShapeException) as error:
         # The model's own forward branches on tensor values or makes data-dependent shapes (HunyuanVideo 1.5's
         # `if torch.all(image_embeds == 0)` and per-sample boolean indexing of its text tokens): no fake trace.
         return Estimate(chunking, error=f"the forward of {type(model).__name__} depends on tensor values "
                                         f"({type(error).__name__}: {error}), so it cannot be simulated")
-    except RuntimeError as error:  # after its subclasses above
-        if chunking.schedule != "lockstep":
+    except (NotImplementedError, ValueError, TypeError, RuntimeError) as error:
+        # A hook that does not support this model (NotImplementedError, ValueError, TypeError), or a lock-step
+        # refusal (a RuntimeError: a shared output modified in place while chunks are suspended); any other
+        # RuntimeError is a fault, not a reason to try another chunking.
+        lockstep_refusal = chunking.schedule == "lockstep"
+        if isinstance(error, RuntimeError) and not isinstance(error, NotImplementedError) and not lockstep_refusal:
             raise
-        # The lock-step schedule's refusals (a shared output modified in place while chunks are suspended)
+        operator = re.search(r"no rule registered for HigherOrderOperator (\w+)", str(error))
+        if operator:  # the model's own forward: flex attention (Kandinsky 6 SR's NABLA, AnyFlow-FAR's block mask)
+            return Estimate(chunking, error=f"the forward of {type(model).__name__} calls the higher-order operator "
+                                            f"{operator.group(1)}, which memopt's memory tracer cannot simulate")
         return Estimate(chunking, error=f"{type(error).__name__}: {error}")
     finally:
         for copy in built:

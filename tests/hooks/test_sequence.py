@@ -28,7 +28,7 @@ from memopt.hooks.sequence import (
     warn_if_launch_bound,
 )
 from memopt.models import Size, get_family
-from memopt.plans.sequence import SEQUENCE_PLANS, JointAttention, SequenceSplit
+from memopt.plans.sequence import SEQUENCE_PLANS, JointAttention, SequenceSplit, sequence_plan
 from memopt.trace.growth import activation_growth
 
 from _tiny_cases import FAMILIES, SIZES, chunked_completely, prediction, rel_err  # noqa: E402
@@ -336,8 +336,6 @@ class ManualAttention:
 def test_a_processor_that_bypasses_the_dispatcher_is_an_error_not_a_wrong_result(empty_stand_ins):
     """With Wan's empty stand-ins the manual attention fails on them (named in the error); with full-size zeros it
     runs through and the missing kernel call is caught."""
-    from memopt.plans.sequence import sequence_plan
-
     _, model, inputs = build("wan")
     model.blocks[0].attn1.set_processor(ManualAttention())
     plan = sequence_plan(model)

@@ -389,6 +389,15 @@ def _returns_text_stream_first(image: str = "hidden_states",
                                     hidden_states_argument_name=image, encoder_hidden_states_argument_name=text)
 
 
+def _returns_image_stream_first(image: str = "hidden_states",
+                                text: str = "encoder_hidden_states") -> TransformerBlockMetadata:
+    """Metadata of a block taking its image and text (or second) streams as the arguments ``image`` and ``text`` and
+    returning ``(image, text)``, the other order (blocks outside diffusers' registry: HunyuanVideo 1.5, EasyAnimate,
+    JoyImage, LTX-2, Kandinsky 6)."""
+    return TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1,
+                                    hidden_states_argument_name=image, encoder_hidden_states_argument_name=text)
+
+
 _IMAGE_TOKENS = SequenceSplit(1, 3)
 _TEXT_TOKENS = SequenceSplit(1, 3, ("text",))
 

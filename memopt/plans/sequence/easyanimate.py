@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from diffusers.hooks._helpers import TransformerBlockMetadata
 
 from ._vocabulary import (
     _IMAGE_TOKENS,
@@ -13,6 +12,7 @@ from ._vocabulary import (
     SequenceSplit,
     _adaptive_norms,
     _pair,
+    _returns_image_stream_first,
 )
 
 PLANS: dict[str, SequencePlan] = {
@@ -34,7 +34,7 @@ PLANS: dict[str, SequencePlan] = {
                 },
                 attention={"attn1": _TEXT_FIRST},
                 conditioning=_adaptive_norms("norm1", "norm2"),
-                metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+                metadata=_returns_image_stream_first(),
             )
         },
         # norm_final (LayerNorm) -> norm_out(hidden_states, temb) (AdaLayerNorm: per-token) -> proj_out -> unpatchify,

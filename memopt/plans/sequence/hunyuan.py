@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 from ._vocabulary import (
+    _AxisGather,
     _DUAL_STREAM_MODULATION,
     _IMAGE_FIRST,
     _IMAGE_TOKENS,
@@ -24,8 +24,8 @@ from ._vocabulary import (
     SequenceSplit,
     TokenProducer,
     TokenRanges,
-    _AxisGather,
     _pair,
+    _returns_image_stream_first,
 )
 
 
@@ -122,7 +122,7 @@ PLANS: dict[str, SequencePlan] = {
                 # The processor turns the token mask into valid[q] & valid[k], (B, 1, S, S): a padding mask.
                 attention={"attn": JointAttention(order=("image", "text"), padding_mask=True, **_JOINT)},
                 conditioning=_DUAL_STREAM_MODULATION,
-                metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+                metadata=_returns_image_stream_first(),
             )
         },
         embed="x_embedder",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from diffusers.hooks._helpers import TransformerBlockMetadata
 
 from ._vocabulary import (
     _IMAGE_TOKENS,
@@ -15,6 +14,7 @@ from ._vocabulary import (
     SequencePlan,
     SequenceSplit,
     _pair,
+    _returns_image_stream_first,
 )
 
 
@@ -51,8 +51,6 @@ _JOYIMAGE_ATTENTION = JointAttention(
     fused={"img_attn_qkv": ("query", "key_value", "key_value"), "txt_attn_qkv": ("query", "key_value", "key_value")},
     fused_blocks={"img_attn_qkv": (1, 1, 1), "txt_attn_qkv": (1, 1, 1)},
 )
-# Not in diffusers' TransformerBlockRegistry; returns (image, text).
-_IMAGE_FIRST_OUTPUTS = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1)
 
 PLANS: dict[str, SequencePlan] = {
     "JoyImageEditTransformer3DModel": SequencePlan(
@@ -67,7 +65,7 @@ PLANS: dict[str, SequencePlan] = {
                     "image_rotary_emb": ChunkValue(_joyimage_rope_rows),
                 },
                 attention={"attn": _JOYIMAGE_ATTENTION},
-                metadata=_IMAGE_FIRST_OUTPUTS,
+                metadata=_returns_image_stream_first(),  # not in diffusers' block registry
             )
         },
         # proj_out(norm_out(img)) (LayerNorm without modulation, linear): per token, gathered at proj_out, then
@@ -93,7 +91,7 @@ PLANS: dict[str, SequencePlan] = {
                     "attention_mask": SequenceSplit(3, 4, ("image", "text")),  # (B, 1, 1, S_image + S_text) key mask
                 },
                 attention={"attn": _JOYIMAGE_ATTENTION},
-                metadata=_IMAGE_FIRST_OUTPUTS,
+                metadata=_returns_image_stream_first(),  # not in diffusers' block registry
             )
         },
         # proj_out(norm_out(img)) (LayerNorm without modulation, linear): per token, gathered at proj_out, then reshaped

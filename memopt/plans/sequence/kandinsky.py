@@ -8,7 +8,22 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 
-from ._vocabulary import _IMAGE_TOKENS, _TEXT_TOKENS, BlockPlan, JointAttention, SequencePlan, SequenceSplit
+from ._vocabulary import (
+    _IMAGE_TOKENS,
+    _TEXT_TOKENS,
+    BlockPlan,
+    JointAttention,
+    SequencePlan,
+    SequenceSplit,
+    _returns_image_stream_first,
+)
+
+
+# Kandinsky's attention module names (both generations' processors): to_query / to_key / to_value, per-head RMSNorm
+# (query_norm / key_norm), rotary on the queries and keys, then one dispatch_attention_fn call with
+# (B, S, heads, head_dim) Q/K/V.
+_KANDINSKY_PROJECTIONS = {"query": ("to_query",), "key_value": ("to_key", "to_value"), "query_norms": ("query_norm",),
+                          "key_value_norms": ("key_norm",)}
 
 
 def _dense_attention(block: torch.nn.Module, argument: Callable[[str], Any]) -> bool:
@@ -30,11 +45,6 @@ def _with_audio(block: torch.nn.Module, argument: Callable[[str], Any]) -> bool:
     return argument("aud") is not None
 
 
-# Kandinsky6AttnProcessor: to_query / to_key / to_value, per-head RMSNorm (query_norm / key_norm), rotary on the
-# queries and keys, then one dispatch_attention_fn call with (B, S, heads, head_dim) Q/K/V.
-_K6 = {"query": ("to_query",), "key_value": ("to_key", "to_value"), "query_norms": ("query_norm",),
-       "key_value_norms": ("key_norm",)}
-
 # The fused block carries two token streams: the video tokens (the "image" stream, always split) and the audio tokens
 # in the "text" stream's place (split like one when every chunk gets at least one audio token, else carried whole),
 # as LTX-2's. The prompt states (text_v / text_a) are only the key/value side of the chunk-local cross-attentions and
@@ -49,15 +59,15 @@ _K6_FUSED = BlockPlan(
     },
     attention={
         # video self-attention
-        "video_dec_block.self_attention": JointAttention(**_K6),
+        "video_dec_block.self_attention": JointAttention(**_KANDINSKY_PROJECTIONS),
         # audio self-attention: its K/V come from the block's audio input, which the video one does not touch
         "audio_dec_block.self_attention": JointAttention(order=("text",), active=_with_audio,
-                                                         collect_with_previous=True, **_K6),
+                                                         collect_with_previous=True, **_KANDINSKY_PROJECTIONS),
         # video queries, keys / values from the audio stream (aud_pre_ca, after the audio self-attention)
-        "va_cross_attention": JointAttention(order=("text",), active=_with_audio, **_K6),
+        "va_cross_attention": JointAttention(order=("text",), active=_with_audio, **_KANDINSKY_PROJECTIONS),
         # audio queries, keys / values from the video stream (vis_pre_ca, made before va_cross_attention's output is
         # added): collected in the same pass as va_cross_attention's
-        "av_cross_attention": JointAttention(active=_with_audio, collect_with_previous=True, **_K6),
+        "av_cross_attention": JointAttention(active=_with_audio, collect_with_previous=True, **_KANDINSKY_PROJECTIONS),
     },
     # The timestep modulations (time embeddings (B, time_dim) -> 9 D, and the cross-modal gates) are the same for every
     # chunk; the cross-attentions' key/value side has Kandinsky's names (not found by memopt's to_k / to_v defaults).
@@ -67,8 +77,7 @@ _K6_FUSED = BlockPlan(
                   "video_dec_block.cross_attention.key_norm",
                   "audio_dec_block.cross_attention.to_key", "audio_dec_block.cross_attention.to_value",
                   "audio_dec_block.cross_attention.key_norm"),
-    metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1,
-                                      hidden_states_argument_name="vis", encoder_hidden_states_argument_name="aud"),
+    metadata=_returns_image_stream_first("vis", "aud"),
 )
 
 PLANS: dict[str, SequencePlan] = {
@@ -85,11 +94,7 @@ PLANS: dict[str, SequencePlan] = {
                     "visual_embed": _IMAGE_TOKENS,
                     "rope": SequenceSplit(1, 6),  # (B, S, 1, head_dim / 2, 2, 2) fp32 rotation matrices
                 },
-                attention={"self_attention": JointAttention(
-                    query=("to_query",), key_value=("to_key", "to_value"),
-                    query_norms=("query_norm",), key_value_norms=("key_norm",),
-                    active=_dense_attention,
-                )},
+                attention={"self_attention": JointAttention(active=_dense_attention, **_KANDINSKY_PROJECTIONS)},
                 # cross_attention's key/value side has Kandinsky's names (not found by memopt's to_k / to_v defaults).
                 conditioning=("visual_modulation", "cross_attention.to_key", "cross_attention.to_value",
                               "cross_attention.key_norm"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from diffusers.hooks._helpers import TransformerBlockMetadata
 
 from ._vocabulary import (
     _IMAGE_TOKENS,
@@ -18,6 +17,7 @@ from ._vocabulary import (
     TokenProducer,
     TokenRanges,
     _pair,
+    _returns_image_stream_first,
     _take,
 )
 
@@ -132,12 +132,7 @@ _LTX2 = BlockPlan(
         "audio_to_video_attn": _AUDIO_KEYS,
         "video_to_audio_attn": _VIDEO_KEYS,
     },  # attn2 / audio_attn2: cross-attention to the prompt, chunk-local
-    metadata=TransformerBlockMetadata(
-        return_hidden_states_index=0,
-        return_encoder_hidden_states_index=1,
-        hidden_states_argument_name="hidden_states",
-        encoder_hidden_states_argument_name="audio_hidden_states",
-    ),
+    metadata=_returns_image_stream_first(text="audio_hidden_states"),
 )
 
 

@@ -211,15 +211,15 @@ PLANS: dict[str, SequencePlan] = {
         # (B, S, D) temb in its own forward before norm_out, so a tail pass's chunk would meet full-length tensors.
         # No _cp_plan in diffusers 0.42.
         {
-            "blocks.*": BlockPlan(
+            # Wan's block plan with AnyFlow's inputs (its processor applies its own rotary embedding, an unflatten of
+            # the head dim and a complex product, which takes Wan's empty stand-ins too)
+            "blocks.*": dataclasses.replace(
+                _WAN,
                 inputs={
                     "hidden_states": _IMAGE_TOKENS,
                     "temb": SequenceSplit(1, 4),  # (B, S, 6, D): per-frame timesteps repeated over each frame's tokens
                     "rotary_emb": ChunkValue(_anyflow_rotary_rows),  # {"query", "key"}: (1, 1, S, head_dim / 2)
                 },
-                # AnyFlow's processor applies its own rotary embedding (unflatten of the head dim, complex product),
-                # which takes an empty batch: the skipped projections' stand-ins cost nothing.
-                attention={"attn1": JointAttention(empty_stand_ins=True)},
                 metadata=TransformerBlockMetadata(return_hidden_states_index=0),
             )
         },
