@@ -98,11 +98,15 @@ class BlockRun:
         # Lock-step schedule: suspends the running chunk at a whole-sequence attention call until all chunks have
         # written that call's K/V (None in the two-pass schedule).
         self.suspend: Callable[[tuple[int, int]], None] | None = None
+        # The recorded collection passes of a chunked backward (memopt.hooks._sequence_backward): the chunk's keys and
+        # values with their rows of the full buffers' gradients, instead of writes into the buffers.
+        self.key_value_grads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def start_chunk(self, chunk: int) -> None:
         self.chunk = chunk
         for state in self.attention.values():
             state.handled[chunk] = 0
+            state.calls_seen[chunk] = 0  # a module not reached yet in this pass has not collected in it
 
     def skips(self, kind: str, attention_id: int | None) -> bool:
         """Whether a projection of ``kind`` is unused in the running pass (see ``JointAttention.query``; ``"other"``:
@@ -171,7 +175,9 @@ class BlockRun:
         if state.spec.padding_mask:
             # The query side of the padding mask: invalid queries are fully masked rows in the unmodified call.
             valid_queries = padding_mask_validity(state.path, call).transpose(1, 2)  # (B, S_q, 1 | H)
-            output = output.masked_fill_(~valid_queries[..., None], 0)
+            invalid = ~valid_queries[..., None]
+            # In place unless autograd records: the attention kernel saves its output for its backward.
+            output = output.masked_fill(invalid, 0) if output.requires_grad else output.masked_fill_(invalid, 0)
         return output
 
     def _stage_collected(self, stage: int, chunk: int) -> bool:
@@ -227,6 +233,15 @@ class BlockRun:
                 f"{state.path}: attention call {index} has {full_length} keys in chunk {self.chunk}, "
                 f"{gathered.key.shape[1]} in chunk 0"
             )
+        if self.key_value_grads is not None:
+            if gathered.mask is not None and call.attn_mask.requires_grad:
+                raise NotImplementedError(f"{state.path}: its attention mask requires grad; the chunked backward "
+                                          "gathers key masks without autograd")
+            for local, length, target in pieces:
+                for own, full in ((key, gathered.key), (value, gathered.value)):
+                    if full.grad is not None:
+                        self.key_value_grads.append((own.narrow(1, local, length), full.grad.narrow(1, target, length)))
+            return
         for local, length, target in pieces:
             gathered.key.narrow(1, target, length).copy_(key.narrow(1, local, length))
             gathered.value.narrow(1, target, length).copy_(value.narrow(1, local, length))

@@ -38,8 +38,9 @@ Two model-level pieces keep the rest of the forward under that floor:
 
 What is split and where the exchange happens is data (:mod:`memopt.plans.sequence`); the interception goes through
 diffusers' attention dispatch (:mod:`memopt.hooks._attention_dispatch`), so processors run unchanged. Calls that
-only need the chunk's own tokens (cross-attention to text) are left alone. Inference only: with autograd recording
-a block runs unchunked.
+only need the chunk's own tokens (cross-attention to text) are left alone. With autograd recording a block runs
+unchunked, or, with ``training=True``, in chunks that save only the block's inputs and are recomputed chunk by chunk
+in the backward (:mod:`memopt.hooks._sequence_backward`).
 
 This module holds the block hook, the schedules and ``apply_sequence_chunking``; the pieces they use live beside it:
 :mod:`memopt.hooks._sequence_chunks` (cutting arguments, putting outputs back), :mod:`memopt.hooks._sequence_exchange`
@@ -60,6 +61,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models._modeling_parallel import ContextParallelOutput
+from torch.utils._pytree import tree_flatten
 
 from ..plans.sequence import BlockPlan, JointAttention, SequencePlan, SequenceSplit, sequence_plan
 from ._attention_dispatch import (
@@ -71,6 +73,7 @@ from ._attention_dispatch import (
     release_interception,
 )
 from ._common import HOOK_PREFIX, register_memopt_hook, removed_on_error
+from ._sequence_backward import backward_passes, chunk_output_grads, recorded_forward
 from ._sequence_chunks import (
     RUNNING,
     Arguments,
@@ -170,6 +173,10 @@ class SequenceChunkingConfig:
             eighth (chunks of ``8 * align`` tokens or more): GPU kernels compute whole tiles of 64-128 rows, so an
             unaligned chunk pays for a part-empty tile. 1 splits as evenly as possible. Chunks that must be whole
             token groups (``BlockPlan.token_groups``) are not moved.
+        training: while autograd records, run the blocks in chunks too, saving only each block's inputs, and
+            recompute them chunk by chunk in the backward (:mod:`memopt.hooks._sequence_backward`: gradient
+            checkpointing at the memory of sequence chunks; ``loss.backward()`` only, like reentrant checkpointing).
+            Without it a recorded block runs unchunked, with a warning.
     """
 
     num_chunks: int = 32
@@ -177,12 +184,15 @@ class SequenceChunkingConfig:
     chunk_tail: bool = True
     schedule: str = "two_pass"
     align: int = 128
+    training: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_chunks", "align"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.training, bool):
+            raise ValueError(f"training must be a bool, got {self.training!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
@@ -318,17 +328,72 @@ class SequenceChunkingHook(ModelHook):
         return output
 
     def _forward(self, module: torch.nn.Module, arguments: Arguments) -> Any:
-        original = self.fn_ref.original_forward
+        image = self._image(arguments)
+        if torch.is_grad_enabled() and (image.requires_grad or any(p.requires_grad for p in module.parameters())):
+            if self.config.training:
+                return recorded_forward(self, module, arguments)
+            if not self._warned:
+                logger.warning("%s: autograd is recording, running unchunked (apply_sequence_chunking(..., "
+                               "training=True) chunks it; or wrap the call in torch.no_grad())", self.path)
+                self._warned = True
+            args, kwargs = materialized(arguments.args, arguments.kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.chunked(module, arguments, in_place=self.config.inplace)
+
+    def _image(self, arguments: Arguments) -> torch.Tensor:
         image = arguments.get(self.metadata.hidden_states_argument_name)
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"{self.path}: expected a tensor for {self.metadata.hidden_states_argument_name!r}")
-        if torch.is_grad_enabled() and (image.requires_grad or any(p.requires_grad for p in module.parameters())):
-            if not self._warned:
-                logger.warning("%s: autograd is recording, running unchunked (sequence chunking is inference-only; "
-                               "wrap the call in torch.no_grad())", self.path)
-                self._warned = True
+        return image
+
+    def chunked(self, module: torch.nn.Module, arguments: Arguments, in_place: bool) -> Any:
+        """The block's output computed in chunks, in the configured schedule (``in_place``: the output may be written
+        over the input, see :class:`SequenceChunkingConfig`)."""
+        original = self.fn_ref.original_forward
+        image = self._image(arguments)
+        prepared = self._prepare(module, arguments, image)
+        if prepared is None:
             args, kwargs = materialized(arguments.args, arguments.kwargs)
             return original(*args, **kwargs)
+        run, chunk_arguments, dim = prepared
+        outputs = ChunkOutputs(self.path, self.metadata, run.layout, image, in_place
+                               and not self.plan.returns_update and not self.plan.input_is_view
+                               and self._can_overwrite(module, image, arguments), dim)
+        RUNNING.block_run = run
+        try:
+            if self.config.schedule == "lockstep":
+                self._lockstep(module, original, run, chunk_arguments, outputs)
+            else:
+                self._two_pass(original, run, chunk_arguments, outputs)
+            return outputs.result()
+        finally:
+            RUNNING.block_run = None
+
+    def chunked_backward(self, module: torch.nn.Module, arguments: Arguments, grad_output: Any) -> None:
+        """Back-propagates ``grad_output`` through the block in chunks (:mod:`memopt.hooks._sequence_backward`);
+        gradients land in ``.grad`` of the parameters and of the tensors in ``arguments``."""
+        original = self.fn_ref.original_forward
+        prepared = self._prepare(module, arguments, self._image(arguments))
+        if prepared is None:
+            args, kwargs = materialized(arguments.args, arguments.kwargs)
+            output = original(*args, **kwargs)
+            pairs = [(o, g) for o, g in zip(tree_flatten(output)[0], tree_flatten(grad_output)[0])
+                     if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            return
+        run, chunk_arguments, dim = prepared
+        grads = chunk_output_grads(run.layout, self.metadata.return_hidden_states_index,
+                                   self.metadata.return_encoder_hidden_states_index, dim, grad_output)
+        RUNNING.block_run = run
+        try:
+            backward_passes(self.path, original, run, chunk_arguments, grads)
+        finally:
+            RUNNING.block_run = None
+
+    def _prepare(self, module: torch.nn.Module, arguments: Arguments, image: torch.Tensor
+                 ) -> tuple[BlockRun, Callable[[int], tuple], int] | None:
+        """The chunked run of this call (``None`` when it has a single chunk), its per-chunk arguments and the token
+        dim."""
         text = arguments.get(self.metadata.encoder_hidden_states_argument_name) if self.plan.has_text_stream else None
         groups = self.plan.token_groups(arguments.get) if self.plan.token_groups is not None else None
         joint = any({"image", "text"} <= set(spec.order) for spec in self.plan.attention.values())
@@ -338,8 +403,7 @@ class SequenceChunkingHook(ModelHook):
             groups, self.config.align, joint,
         )
         if layout.num_chunks <= 1:
-            args, kwargs = materialized(arguments.args, arguments.kwargs)
-            return original(*args, **kwargs)
+            return None
         warn_if_launch_bound(image.device, min(end - start for start, end in layout.ranges["image"]), image.shape[dim])
         if running("block_run") is not None:
             raise RuntimeError(f"{self.path}: nested chunked block runs are not supported")
@@ -359,19 +423,7 @@ class SequenceChunkingHook(ModelHook):
             },
             inactive,
         )
-        chunk_arguments = functools.partial(self._chunk_arguments, arguments, layout)
-        outputs = ChunkOutputs(self.path, self.metadata, layout, image, self.config.inplace
-                               and not self.plan.returns_update and not self.plan.input_is_view
-                               and self._can_overwrite(module, image, arguments), dim)
-        RUNNING.block_run = run
-        try:
-            if self.config.schedule == "lockstep":
-                self._lockstep(module, original, run, chunk_arguments, outputs)
-            else:
-                self._two_pass(original, run, chunk_arguments, outputs)
-            return outputs.result()
-        finally:
-            RUNNING.block_run = None
+        return run, functools.partial(self._chunk_arguments, arguments, layout), dim
 
     def _stages(
         self, module: torch.nn.Module, arguments: Arguments
@@ -944,6 +996,7 @@ def apply_sequence_chunking(
     chunk_tail: bool = True,
     schedule: str = "two_pass",
     align: int = 128,
+    training: bool = False,
     plan: SequencePlan | None = None,
 ) -> SequenceChunkingReport:
     """Run every transformer block of ``model`` in ``num_chunks`` sequence chunks with a K/V exchange.
@@ -958,6 +1011,8 @@ def apply_sequence_chunking(
             see :class:`SequenceChunkingConfig`.
         align: token multiple the chunk boundaries fall on (1: the most even split); see
             :class:`SequenceChunkingConfig`.
+        training: also chunk blocks while autograd records, with a chunked recomputing backward; see
+            :class:`SequenceChunkingConfig`.
         plan: a :class:`~memopt.plans.sequence.SequencePlan` to use instead of the built-in one.
 
     Returns:
@@ -968,7 +1023,7 @@ def apply_sequence_chunking(
         ValueError: no plan for the model, a plan naming arguments the blocks do not take, or no block matched.
             Hooks already registered by the call are removed again: nothing stays half-applied.
 
-    Undo with ``memopt.remove_memory_optimizations(model)``. Inference only (under ``torch.no_grad()``). Combines
+    Undo with ``memopt.remove_memory_optimizations(model)``. Under autograd only with ``training=True``. Combines
     with memopt's FeedForward chunking (apply that first: where its hook sits on a whole block, this one must wrap
     it) and with diffusers' group offloading (apply that after, as ``memopt.hooks.offload.apply_offloading`` does,
     so it wraps the block hook and a block's weights move once for all chunks; while blocks are offloaded the output
@@ -993,7 +1048,7 @@ def apply_sequence_chunking(
     plan = plan if plan is not None else sequence_plan(model)
     num_chunks = plan.num_chunks if num_chunks is None else num_chunks
     config = SequenceChunkingConfig(num_chunks=num_chunks, inplace=inplace, chunk_tail=chunk_tail, schedule=schedule,
-                                    align=align)
+                                    align=align, training=training)
     if schedule == "lockstep":
         _greenlet_class()  # fail at apply time, not at the first forward
     report = SequenceChunkingReport(type(model).__name__, config.num_chunks, plan.source, config.schedule)

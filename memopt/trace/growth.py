@@ -158,12 +158,17 @@ def sized_config(family: str, config: dict[str, Any], size: Size) -> dict[str, A
     return config
 
 
-def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | None = None) -> float:
+def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | None = None,
+                      backward: bool = False) -> float:
     """Activation growth of ``family`` in LD per token; ``prepare`` (e.g. ``apply_sequence_chunking``) is applied to
-    each model before its trace."""
+    each model before its trace. ``backward``: of a training step instead, the forward with autograd recording and
+    the backward of the squared prediction's mean, into parameter gradients that exist before it (as in every step
+    after the first with ``zero_grad(set_to_none=False)``)."""
     spec = get_family(family)
     peaks, tokens = [], []
     for size in GROWTH_SIZES[family]:
+        if backward:  # 4x the tokens: a training step's chunks at the small size hold a token or two
+            size = Size(2 * size.height, 2 * size.width, size.num_frames)
         heads = GROWTH_HEADS if set(spec.width_keys) <= set(GROWTH_HEADS) else {}
         config = sized_config(family, {**spec.config("tiny"), **heads, **GROWTH_CONFIGS[family]}, size)
         model = spec.build(config).to(torch.float32)  # as from_pretrained(torch_dtype=float32): fp64 buffers cast
@@ -171,7 +176,18 @@ def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | N
             prepare(model)
         inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
                                   num_frames=size.num_frames, masked=True)
-        with torch.no_grad():
-            peaks.append(trace_memory(model, **inputs).peak_bytes)
+        if backward:
+            for parameter in model.parameters():  # a later step's gradients: in the baseline, accumulated in place
+                parameter.grad = torch.zeros_like(parameter)
+            peaks.append(trace_memory(_training_step, model, inputs).peak_bytes)
+        else:
+            with torch.no_grad():
+                peaks.append(trace_memory(model, **inputs).peak_bytes)
         tokens.append(spec.num_tokens(model.config, size))
     return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * spec.hidden_size(model.config) * 4)
+
+
+def _training_step(model: torch.nn.Module, inputs: dict[str, Any]) -> None:
+    output = model(**{**inputs, "return_dict": False})[0]
+    output = torch.stack(output) if isinstance(output, list) else output  # Z-Image: one tensor per sample
+    output.square().mean().backward()

@@ -1,0 +1,175 @@
+"""Training through sequence-chunked blocks (``apply_sequence_chunking(model, training=True)``): memory, time, error.
+
+Three variants of one training step (forward with autograd recording, then the backward of the squared prediction's
+mean), each against the unmodified model in the same run:
+
+* ``unmodified``: diffusers' forward and backward;
+* ``checkpointing``: diffusers' own ``model.enable_gradient_checkpointing()`` (each block recomputed whole in the
+  backward);
+* ``memopt``: ``apply_sequence_chunking(model, training=True)``, the family plan's chunk count and 8 chunks (the
+  blocks run in chunks and save only their inputs; the backward recomputes them chunk by chunk).
+
+Per family: the activation growth of a step in LD per token (``memopt.trace.activation_growth(..., backward=True)``:
+fp32 tracer, width 128, one block of each kind, parameter gradients allocated before the step), the relative error
+of the input and parameter gradients against the unmodified model, and the CPU time of a step at the bench width
+(``benchmarks/sequence.py``'s config, 8 heads x 64) at about 2k tokens, median of ``--repeats`` rounds.
+
+Run::
+
+    python benchmarks/sequence_training.py                      # -> results/sequence_training_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from memopt import apply_sequence_chunking, remove_memory_optimizations
+from memopt.models import FAMILIES, get_family
+from memopt.trace.growth import activation_growth, sized_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sequence import BENCH_CONFIGS, BENCH_HEADS, BENCH_SIZES, BENCH_TEXT_TOKENS  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "sequence_training_cpu.md"
+DEFAULT_FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
+
+
+def _checkpointing(model: torch.nn.Module) -> None:
+    model.enable_gradient_checkpointing()
+
+
+def _memopt(num_chunks: int | None) -> Callable[[torch.nn.Module], None]:
+    return lambda model: apply_sequence_chunking(model, num_chunks, training=True) and None
+
+
+VARIANTS: dict[str, Callable[[torch.nn.Module], None] | None] = {
+    "unmodified": None, "checkpointing": _checkpointing, "memopt": _memopt(None), "memopt 8": _memopt(8),
+}
+
+
+def _prediction(output: Any) -> torch.Tensor:
+    output = output[0]
+    return torch.stack(output) if isinstance(output, list) else output
+
+
+def _step(model: torch.nn.Module, inputs: dict, key: str) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """``(seconds, input gradient, parameter gradients concatenated)`` of one training step."""
+    model.zero_grad(set_to_none=True)
+    latents = inputs[key]  # Z-Image lineage: a list with one latent per sample
+    x = [t.detach().clone().requires_grad_() for t in latents] if isinstance(latents, list) else (
+        latents.detach().clone().requires_grad_())
+    start = time.perf_counter()
+    _prediction(model(**{**inputs, key: x, "return_dict": False})).square().mean().backward()
+    seconds = time.perf_counter() - start
+    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    return seconds, torch.stack([t.grad for t in x]) if isinstance(x, list) else x.grad, torch.cat(grads)
+
+
+def _undo(model: torch.nn.Module) -> None:
+    remove_memory_optimizations(model)
+    if model.is_gradient_checkpointing:
+        model.disable_gradient_checkpointing()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def bench(family: str, repeats: int) -> dict[str, Any]:
+    spec = get_family(family)
+    row: dict[str, Any] = {"family": family}
+    for name, prepare in VARIANTS.items():
+        row[f"growth {name}"] = activation_growth(family, prepare, backward=True)
+    size = BENCH_SIZES[family][1]
+    heads = BENCH_HEADS if set(spec.width_keys) <= set(BENCH_HEADS) else {}
+    config = sized_config(family, {**spec.config("tiny"), **heads, **BENCH_CONFIGS[family]}, size)
+    model = spec.build(config).to(torch.float32)
+    inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
+                              num_frames=size.num_frames, text_tokens=BENCH_TEXT_TOKENS,
+                              masked=spec.mask_key is not None)
+    key = "hidden_states" if "hidden_states" in inputs else "x"  # Z-Image family: `x`
+    row["tokens"] = spec.num_tokens(model.config, size)
+    _, reference_x, reference_params = _step(model, inputs, key)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for round_index in range(repeats + 1):  # round 0 warms up and gives the gradients
+        for name, prepare in VARIANTS.items():
+            if prepare is not None:
+                prepare(model)
+            seconds, grad_x, grad_params = _step(model, inputs, key)
+            _undo(model)
+            if round_index == 0:
+                row[f"error {name}"] = max(_rel(grad_x, reference_x), _rel(grad_params, reference_params))
+            else:
+                times[name].append(seconds)
+    base = statistics.median(times["unmodified"])
+    for name in VARIANTS:
+        row[f"time {name}"] = statistics.median(times[name]) / base
+    row["seconds"] = base
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| family | step growth, LD/token: unmodified | diffusers checkpointing | **memopt** (plan's chunks) | memopt, "
+        "8 chunks | tokens timed | step time unmodified | checkpointing | memopt | memopt, 8 chunks | gradient error: "
+        "checkpointing | memopt | memopt, 8 chunks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['family']} | {row['growth unmodified']:.2f} | {row['growth checkpointing']:.2f} | "
+            f"**{row['growth memopt']:.2f}** | {row['growth memopt 8']:.2f} | {row['tokens']:,} | "
+            f"{row['seconds']:.2f} s | {row['time checkpointing']:.2f}x | {row['time memopt']:.2f}x | "
+            f"{row['time memopt 8']:.2f}x | {row['error checkpointing']:.1e} | {row['error memopt']:.1e} | "
+            f"{row['error memopt 8']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="*", default=DEFAULT_FAMILIES, choices=sorted(FAMILIES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    rows = []
+    for family in args.families:
+        rows.append(bench(family, args.repeats))
+        print(markdown(rows[-1:]), flush=True)
+    text = "\n".join([
+        f"# Training through sequence-chunked blocks (CPU, {torch.get_num_threads()} thread(s))",
+        "",
+        f"torch {torch.__version__}, load average {load:.1f} at the start; generated by "
+        f"`{shlex.join(['python', 'benchmarks/sequence_training.py', *sys.argv[1:]])}` in "
+        f"{time.perf_counter() - start:.0f} s. Step growth: the activation peak of a training step (forward with "
+        "autograd, backward of the squared prediction's mean) between two sequence lengths, in LD per token (fp32 "
+        "tracer, width 128, one block of each kind, parameter gradients allocated before the step); every further "
+        "block adds the activations autograd saves for it: all of them unmodified (the growth above, again), its "
+        "inputs (about 1 LD) with checkpointing or memopt. Step time: median over rounds of one training step of "
+        "each variant / the unmodified one, at the bench width (8 heads x 64, two blocks of each kind). Gradient "
+        "error: the larger of the input's and the parameters' relative error against the unmodified model.",
+        "",
+        markdown(rows),
+        "",
+    ])
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Training through sequence-chunked blocks (``apply_sequence_chunking(..., training=True)``): the gradients of the
+input and of every parameter match the unmodified model's on every family, the chunked backward really runs, a
+training step's memory, and what is refused."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from memopt import apply_chunked_feedforward, apply_sequence_chunking, remove_memory_optimizations
+from memopt.hooks._common import has_memopt_hooks
+from memopt.models import get_family
+from memopt.trace.growth import activation_growth
+
+from _tiny_cases import FAMILIES, SIZES, chunked_completely, prediction, rel_err  # noqa: E402
+
+RECOMPUTED_NODE = "_RecomputedBlockBackward"
+
+
+def build(family: str):
+    spec = get_family(family)
+    model = spec.build("tiny").train()
+    size = SIZES[family]
+    inputs = spec.make_inputs(model.config, batch_size=2, height=size.height, width=size.width,
+                              num_frames=size.num_frames, masked=True)
+    return model, inputs, "hidden_states" if "hidden_states" in inputs else "x"
+
+
+def recorded_nodes(tensor: torch.Tensor) -> int:
+    """How many chunked-block nodes the autograd graph of ``tensor`` holds."""
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == RECOMPUTED_NODE
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+def step(model: torch.nn.Module, inputs: dict, key: str) -> dict:
+    """One training step: the prediction, the input's and every parameter's gradient, and the chunked nodes."""
+    model.zero_grad(set_to_none=True)
+    latents = inputs[key]  # Z-Image lineage: a list with one latent per sample
+    x = [t.detach().clone().requires_grad_() for t in latents] if isinstance(latents, list) else (
+        latents.detach().clone().requires_grad_())
+    out = prediction(model(**{**inputs, key: x}))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    loss = (out * weights).sum()
+    nodes = recorded_nodes(loss)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    grad_x = torch.stack([t.grad for t in x]) if isinstance(x, list) else x.grad
+    return {"out": out.detach(), "x": grad_x, "params": grads, "nodes": nodes}
+
+
+def assert_same_gradients(result: dict, reference: dict, where: str) -> None:
+    assert rel_err(result["out"], reference["out"]) <= 1e-5, where
+    assert rel_err(result["x"], reference["x"]) <= 1e-5, where
+    # Same parameters reached (an unused output's gradient stays None: no zero gradients an optimizer would step on).
+    assert result["params"].keys() == reference["params"].keys(), where
+    flat = torch.cat([g.flatten() for g in reference["params"].values()])
+    assert rel_err(torch.cat([result["params"][n].flatten() for n in reference["params"]]), flat) <= 1e-5, where
+    # Per parameter, against its own gradient, or a hundredth of the largest one for gradients that are zero up to
+    # rounding (a key bias: softmax ignores it).
+    floor = 1e-2 * max(g.norm().item() for g in reference["params"].values())
+    for name, ref in reference["params"].items():
+        error = (result["params"][name] - ref).norm().item()
+        assert error <= 1e-5 * max(ref.norm().item(), floor), (where, name, error, ref.norm().item())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_match_unmodified_model(family):
+    model, inputs, key = build(family)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = step(model, inputs, key)
+    assert reference["nodes"] == 0
+    for num_chunks in (4, 16):  # 4 chunks split the 8 text tokens of joint blocks, 16 carry them whole
+        report = apply_sequence_chunking(model, num_chunks, training=True)
+        assert chunked_completely(report, family), report
+        result = step(model, inputs, key)
+        assert remove_memory_optimizations(model) > 0
+        assert result["nodes"] > 0, family  # one per block call (FLUX.3's image-condition block is not called)
+        assert_same_gradients(result, reference, f"{family}, {num_chunks} chunks")
+    assert not has_memopt_hooks(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["wan", "flux", "ltx2", "hunyuanvideo15"])
+def test_lockstep_forward_and_options(family):
+    """The forward may run lock-step (the backward recomputes in passes either way); FeedForward shards inside the
+    blocks, the output head left whole and diffusers' own gradient checkpointing around the blocks all compose."""
+    model, inputs, key = build(family)
+    reference = step(model, inputs, key)
+    setups = {
+        "lockstep": lambda: apply_sequence_chunking(model, 4, training=True, schedule="lockstep"),
+        "feedforward shards": lambda: (apply_chunked_feedforward(model, 3),
+                                       apply_sequence_chunking(model, 4, training=True)),
+        "chunk_tail=False": lambda: apply_sequence_chunking(model, 4, training=True, chunk_tail=False),
+        "gradient checkpointing": lambda: (model.enable_gradient_checkpointing(),
+                                           apply_sequence_chunking(model, 4, training=True)),
+    }
+    for name, setup in setups.items():
+        setup()
+        result = step(model, inputs, key)
+        remove_memory_optimizations(model)
+        if model.is_gradient_checkpointing:
+            model.disable_gradient_checkpointing()
+        assert result["nodes"] > 0, name
+        assert_same_gradients(result, reference, f"{family}, {name}")
+
+
+def test_frozen_model_gives_input_gradients():
+    """Only the input requires grad (guidance through a frozen model): the blocks still run in chunks."""
+    model, inputs, key = build("wan")
+    model.requires_grad_(False)
+    reference = step(model, inputs, key)
+    apply_sequence_chunking(model, 4, training=True)
+    result = step(model, inputs, key)
+    remove_memory_optimizations(model)
+    assert result["nodes"] == len(model.blocks) and not result["params"]
+    assert rel_err(result["x"], reference["x"]) <= 1e-5
+
+
+def test_without_training_a_recorded_block_runs_unchunked(caplog):
+    model, inputs, key = build("wan")
+    reference = step(model, inputs, key)
+    apply_sequence_chunking(model, 4)
+    with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
+        result = step(model, inputs, key)
+    remove_memory_optimizations(model)
+    assert result["nodes"] == 0 and "training=True" in caplog.text
+    assert_same_gradients(result, reference, "wan, training=False")
+
+
+def test_refusals():
+    model, inputs, key = build("wan")
+    apply_sequence_chunking(model, 4, training=True)
+    x = inputs[key].clone().requires_grad_()
+    out = prediction(model(**{**inputs, key: x}))
+    with pytest.raises(RuntimeError, match=r"blocks\.1: .*loss\.backward\(\).*torch\.autograd\.grad"):
+        torch.autograd.grad(out.square().mean(), [x])
+    model.blocks[0].ffn.net[1].p = 0.1  # the FeedForward's dropout, in training mode
+    with pytest.raises(NotImplementedError, match=r"blocks\.0\.ffn\.net\.1: dropout p=0\.1 in training mode"):
+        model(**inputs)
+    model.eval()  # an inactive dropout is fine
+    assert recorded_nodes(prediction(model(**inputs))) == len(model.blocks)
+    remove_memory_optimizations(model)
+    with pytest.raises(ValueError, match="training must be a bool"):
+        apply_sequence_chunking(model, 4, training="yes")
+
+
+# Activation growth of a training step (memopt.trace.activation_growth(..., backward=True)), LD per token: unmodified
+# and with diffusers' gradient checkpointing, then the bound memopt keeps (measured: Wan 9.96, Flux 10.63 at the
+# plan's 32 / 48 chunks; benchmarks/results/sequence_training_cpu.md).
+TRAINING_GROWTH = {"wan": (28.84, 26.82, 10.5), "flux": (52.42, 29.64, 11.0)}
+
+
+@pytest.mark.parametrize("family", sorted(TRAINING_GROWTH))
+def test_training_step_memory(family):
+    unmodified, checkpointing, bound = TRAINING_GROWTH[family]
+    assert activation_growth(family, backward=True) == pytest.approx(unmodified, abs=0.01)
+    assert activation_growth(family, lambda m: m.enable_gradient_checkpointing(), backward=True) == pytest.approx(
+        checkpointing, abs=0.01)
+    assert activation_growth(family, lambda m: apply_sequence_chunking(m, training=True), backward=True) <= bound
