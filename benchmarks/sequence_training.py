@@ -7,7 +7,8 @@ mean), each against the unmodified model in the same run:
 * ``checkpointing``: diffusers' own ``model.enable_gradient_checkpointing()`` (each block recomputed whole in the
   backward);
 * ``memopt``: ``apply_sequence_chunking(model, training=True)``, the family plan's chunk count and 8 chunks (the
-  blocks run in chunks and save only their inputs; the backward recomputes them chunk by chunk).
+  blocks run in chunks and save only their inputs; the backward recomputes them chunk by chunk), and 8 chunks with a
+  lock-step forward (nothing rerun in the forward; the backward is the same).
 
 Per family: the activation growth of a step in LD per token (``memopt.trace.activation_growth(..., backward=True)``:
 fp32 tracer, width 128, one block of each kind, parameter gradients allocated before the step), the relative error
@@ -42,18 +43,21 @@ from sequence import BENCH_CONFIGS, BENCH_HEADS, BENCH_SIZES, BENCH_TEXT_TOKENS 
 
 RESULTS = Path(__file__).parent / "results" / "sequence_training_cpu.md"
 DEFAULT_FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimage", "sd3", "mochi"]
+# Deeper configs for the growth at depth: every block adds what autograd saves for it.
+DEPTH: dict[str, dict[str, int]] = {"wan": {"num_layers": 8}, "hunyuanvideo": {"num_layers": 4, "num_single_layers": 4}}
 
 
 def _checkpointing(model: torch.nn.Module) -> None:
     model.enable_gradient_checkpointing()
 
 
-def _memopt(num_chunks: int | None) -> Callable[[torch.nn.Module], None]:
-    return lambda model: apply_sequence_chunking(model, num_chunks, training=True) and None
+def _memopt(num_chunks: int | None, schedule: str = "two_pass") -> Callable[[torch.nn.Module], None]:
+    return lambda model: apply_sequence_chunking(model, num_chunks, training=True, schedule=schedule) and None
 
 
 VARIANTS: dict[str, Callable[[torch.nn.Module], None] | None] = {
     "unmodified": None, "checkpointing": _checkpointing, "memopt": _memopt(None), "memopt 8": _memopt(8),
+    "memopt 8 lockstep": _memopt(8, "lockstep"),
 }
 
 
@@ -90,6 +94,11 @@ def bench(family: str, repeats: int) -> dict[str, Any]:
     row: dict[str, Any] = {"family": family}
     for name, prepare in VARIANTS.items():
         row[f"growth {name}"] = activation_growth(family, prepare, backward=True)
+    if family in DEPTH:
+        row["depth"] = DEPTH[family]
+        for name in ("unmodified", "checkpointing", "memopt"):
+            row[f"depth growth {name}"] = activation_growth(family, VARIANTS[name], backward=True,
+                                                            overrides=DEPTH[family])
     size = BENCH_SIZES[family][1]
     heads = BENCH_HEADS if set(spec.width_keys) <= set(BENCH_HEADS) else {}
     config = sized_config(family, {**spec.config("tiny"), **heads, **BENCH_CONFIGS[family]}, size)
@@ -119,20 +128,23 @@ def bench(family: str, repeats: int) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    names = list(VARIANTS)
     lines = [
-        "| family | step growth, LD/token: unmodified | diffusers checkpointing | **memopt** (plan's chunks) | memopt, "
-        "8 chunks | tokens timed | step time unmodified | checkpointing | memopt | memopt, 8 chunks | gradient error: "
-        "checkpointing | memopt | memopt, 8 chunks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| family | tokens timed | unmodified step | " + " | ".join(
+            f"{name}: growth, time, gradient error" for name in names) + " |",
+        "|---|---|---|" + "---|" * len(names),
     ]
     for row in rows:
-        lines.append(
-            f"| {row['family']} | {row['growth unmodified']:.2f} | {row['growth checkpointing']:.2f} | "
-            f"**{row['growth memopt']:.2f}** | {row['growth memopt 8']:.2f} | {row['tokens']:,} | "
-            f"{row['seconds']:.2f} s | {row['time checkpointing']:.2f}x | {row['time memopt']:.2f}x | "
-            f"{row['time memopt 8']:.2f}x | {row['error checkpointing']:.1e} | {row['error memopt']:.1e} | "
-            f"{row['error memopt 8']:.1e} |"
-        )
+        cells = [f"{row[f'growth {name}']:.2f} LD, {row[f'time {name}']:.2f}x, {row[f'error {name}']:.0e}"
+                 for name in names]
+        lines.append(f"| {row['family']} | {row['tokens']:,} | {row['seconds']:.2f} s | " + " | ".join(cells) + " |")
+    deep = [row for row in rows if "depth" in row]
+    if deep:
+        lines += ["", "| family, deeper | unmodified | checkpointing | memopt |", "|---|---|---|---|"]
+        lines += [f"| {row['family']}, {', '.join(f'{k}={v}' for k, v in row['depth'].items())} | "
+                  + " | ".join(f"{row[f'depth growth {name}']:.2f} LD" for name in ("unmodified", "checkpointing",
+                                                                                   "memopt")) + " |"
+                  for row in deep]
     return "\n".join(lines)
 
 
@@ -161,7 +173,8 @@ def main() -> None:
         "block adds the activations autograd saves for it: all of them unmodified (the growth above, again), its "
         "inputs (about 1 LD) with checkpointing or memopt. Step time: median over rounds of one training step of "
         "each variant / the unmodified one, at the bench width (8 heads x 64, two blocks of each kind). Gradient "
-        "error: the larger of the input's and the parameters' relative error against the unmodified model.",
+        "error: the larger of the input's and the parameters' relative error against the unmodified model. The "
+        "second table: the step growth of deeper configs.",
         "",
         markdown(rows),
         "",

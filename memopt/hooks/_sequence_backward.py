@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._sequence_chunks import Arguments, ChunkLayout, materialized
+from ._sequence_chunks import RUNNING, Arguments, ChunkLayout, intersect, materialized, memory_runs
 from ._sequence_exchange import BlockRun, KeyValuesCollected
+from ._sequence_model import offloaded
 
 if TYPE_CHECKING:
     from .sequence import SequenceChunkingHook
@@ -40,6 +41,12 @@ def recorded_forward(hook: SequenceChunkingHook, module: torch.nn.Module, argume
     """The block's output, computed in chunks without autograd and recorded as one node whose backward recomputes
     the block in chunks (module docstring)."""
     _refuse_dropout(hook.path, module)
+    if offloaded(module):
+        raise NotImplementedError(
+            f"{hook.path}: group-offloaded; training=True recomputes the block in the backward, after the offloading "
+            "hook has moved its weights off the device again. Offload the optimizer state or the saved block inputs "
+            "(torch.autograd.graph.save_on_cpu) instead"
+        )
     args, kwargs = materialized(arguments.args, arguments.kwargs)  # deferred per-token tables: computed, recorded
     flat, spec = tree_flatten((args, kwargs))
     positions = [i for i, value in enumerate(flat) if isinstance(value, torch.Tensor)]
@@ -103,20 +110,106 @@ class _RecomputedBlock(torch.autograd.Function):
                 "backward inside the backward (like reentrant checkpointing): use loss.backward() without `inputs`, "
                 "not torch.autograd.grad"
             )
-        needs = ctx.needs_input_grad[2:]
-        leaves = tuple(
-            tensor.detach().requires_grad_(need) if tensor.is_floating_point() or tensor.is_complex() else tensor
-            for tensor, need in zip(ctx.saved_tensors, needs)
-        )
         grad_output = call.rebuild_output(grads)
         with torch.enable_grad(), _autocast(ctx.autocast):
-            call.hook.chunked_backward(call.module, call.arguments(leaves), grad_output)
-        return (None, None, *(leaf.grad if need else None for leaf, need in zip(leaves, needs)))
+            gradients = InputGradients(ctx.saved_tensors, ctx.needs_input_grad[2:])
+            with gradients:
+                call.hook.chunked_backward(call.module, call.arguments(gradients.inputs), grad_output)
+        return (None, None, *gradients.gradients())
+
+
+class InputGradients:
+    """The block inputs of a recomputation, each that requires grad sending its gradient into a full-size buffer of
+    its own, in place.
+
+    Not leaves whose ``.grad`` autograd accumulates: the backward runs once per chunk and pass, and autograd may make
+    the first ``.grad`` of two leaves views of one tensor (both given views of one gradient, e.g. a modulation table
+    parameter and a per-sample timestep embedding added with no broadcast over a batch of 1), after which it
+    accumulates into both in place: each would count the other's gradients (found on LTX-Video at batch 1). And a
+    chunk's rows cut from an input (``ChunkLayout.cut`` calls :meth:`narrow` while installed) add their gradient to
+    the buffer's rows directly, instead of through ``narrow``'s backward, which allocates a full-size zero tensor per
+    chunk for autograd to add up: one more hidden state at the peak, and its zero-fill for every chunk.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], needs: tuple[bool, ...]) -> None:
+        anchor = torch.empty(0, requires_grad=True)  # makes the stand-ins require grad; receives none
+        self.inputs: list[torch.Tensor] = []
+        self._gradients: list[_Gradient | None] = []
+        self._by_input: dict[int, _Gradient] = {}
+        for tensor, need in zip(tensors, needs):
+            tensor = tensor.detach()
+            gradient = _Gradient(torch.zeros_like(tensor)) if need else None
+            if gradient is not None:
+                tensor = _GradientInto.apply(tensor, anchor, gradient)
+                self._by_input[id(tensor)] = gradient
+            self.inputs.append(tensor)
+            self._gradients.append(gradient)
+
+    def __enter__(self) -> "InputGradients":
+        RUNNING.narrow_rows = self.narrow
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        RUNNING.narrow_rows = None
+
+    def narrow(self, value: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+        gradient = self._by_input.get(id(value))
+        if gradient is None:
+            return value.narrow(dim, start, length)
+        return _RowsGradientInto.apply(value, dim, start, length, gradient)
+
+    def gradients(self) -> list[torch.Tensor | None]:
+        """Per input, its gradient; ``None`` where none reached it (as autograd leaves it, so nothing upstream gets
+        zero gradients an optimizer would step on)."""
+        return [g.buffer if g is not None and g.reached else None for g in self._gradients]
+
+
+class _Gradient:
+    """A full-size gradient buffer and whether any gradient reached it."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer, self.reached = buffer, False
+
+    def add(self, grad: torch.Tensor, dim: int = 0, start: int = 0, length: int | None = None) -> None:
+        rows = self.buffer if length is None else self.buffer.narrow(dim, start, length)
+        rows.add_(grad)
+        self.reached = True
+
+
+class _GradientInto(torch.autograd.Function):
+    """``value`` as is, its gradient added into ``gradient`` (see :class:`InputGradients`)."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, anchor: torch.Tensor, gradient: _Gradient) -> torch.Tensor:
+        ctx.gradient = gradient
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
+        ctx.gradient.add(grad)
+        return None, None, None
+
+
+class _RowsGradientInto(torch.autograd.Function):
+    """``value.narrow(dim, start, length)``, its gradient added into ``gradient``'s rows (see
+    :class:`InputGradients`)."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, dim: int, start: int, length: int, gradient: _Gradient
+                ) -> torch.Tensor:
+        ctx.gradient, ctx.rows = gradient, (dim, start, length)
+        return value.narrow(dim, start, length)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
+        ctx.gradient.add(grad, *ctx.rows)
+        return None, None, None, None, None
 
 
 def backward_passes(path: str, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
-                    output_grads: Callable[[int, Any], tuple[list, list]]) -> None:
-    """Steps 1-3 of the module docstring, with ``run`` installed as the running block."""
+                    output_grads: Callable[[int, Any], tuple[list, list]], parameters: list[torch.Tensor]) -> None:
+    """Steps 1-3 of the module docstring, with ``run`` installed as the running block (``parameters``: the block's,
+    whose ``.grad`` the passes accumulate)."""
     num_chunks = run.layout.num_chunks
     stages = sorted({state.stage for state in run.attention.values()})
     with torch.no_grad():
@@ -125,24 +218,24 @@ def backward_passes(path: str, original: Callable[..., Any], run: BlockRun, chun
             for chunk in range(num_chunks):
                 _collect(path, original, run, chunk, chunk_arguments)
     run.reused.clear()  # computed without autograd: the recorded passes compute (and share) their own
+    leaves = list(parameters)
     for state in run.attention.values():
         for gathered in state.gathered.values():
-            gathered.key.requires_grad_()
-            gathered.value.requires_grad_()
+            leaves += [gathered.key.requires_grad_(), gathered.value.requires_grad_()]
     run.collecting = None
     for chunk in range(num_chunks):
         run.start_chunk(chunk)
         chunk_args, chunk_kwargs = chunk_arguments(chunk)
         output = original(*chunk_args, **chunk_kwargs)
         run.check_answered(path)
-        _backward(*output_grads(chunk, output))
+        _backward(*output_grads(chunk, output), leaves)
         del output
     run.key_value_grads = []
     for stage in reversed(stages):
         run.collecting = stage
         for chunk in range(num_chunks):
             _collect(path, original, run, chunk, chunk_arguments)
-            _backward([t for t, _ in run.key_value_grads], [g for _, g in run.key_value_grads])
+            _backward([t for t, _ in run.key_value_grads], [g for _, g in run.key_value_grads], leaves)
             run.key_value_grads.clear()
     run.key_value_grads = None
 
@@ -184,12 +277,34 @@ def _collect(path: str, original: Callable[..., Any], run: BlockRun, chunk: int,
                        f"{run.collecting} (skipped by a cache or processor?)")
 
 
-def _backward(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+def _backward(tensors: list[torch.Tensor], grads: list[torch.Tensor], leaves: list[torch.Tensor]) -> None:
     pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
     if pairs:
         # Outputs shared by the chunks (SequenceReuseHook: a cross-attention's text K/V, a modulation table) are
         # back-propagated once per chunk: their graph must outlive the first chunk's backward.
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs], retain_graph=True)
+        separate_shared_gradients(leaves)
+
+
+def separate_shared_gradients(leaves: list[torch.Tensor]) -> None:
+    """Give every leaf whose ``.grad`` overlaps another's memory a copy of its own.
+
+    A leaf's first gradient may be taken by autograd as is, and two leaves given views of one gradient tensor (a
+    parameter and another leaf added with no broadcast to reduce over) end up sharing it; the next backward then
+    accumulates into both in place, and each counts the other's gradient. A single backward per step never
+    accumulates twice; the chunked backward runs one per chunk and pass, so the sharing is undone after each.
+    """
+    kept: dict[int, list[torch.Tensor]] = {}
+    for leaf in leaves:
+        grad = leaf.grad
+        if grad is None or grad.numel() == 0:
+            continue
+        same_storage = kept.setdefault(grad.untyped_storage().data_ptr(), [])
+        runs = memory_runs(grad)
+        if any(runs is None or (other := memory_runs(g)) is None or intersect(runs, other) for g in same_storage):
+            leaf.grad = grad.clone()
+        else:
+            same_storage.append(grad)
 
 
 def _refuse_dropout(path: str, module: torch.nn.Module) -> None:

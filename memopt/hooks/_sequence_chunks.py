@@ -223,7 +223,8 @@ class ChunkLayout:
             offset += length
         if deferred:
             return value.rows(ranges)
-        pieces = [value.narrow(spec.split_dim, start, end - start) for start, end in ranges]
+        narrow = running("narrow_rows") or torch.narrow  # a chunked backward's: see _sequence_backward.GradientRows
+        pieces = [narrow(value, spec.split_dim, start, end - start) for start, end in ranges]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, spec.split_dim)
 
 

@@ -386,7 +386,8 @@ class SequenceChunkingHook(ModelHook):
                                    self.metadata.return_encoder_hidden_states_index, dim, grad_output)
         RUNNING.block_run = run
         try:
-            backward_passes(self.path, original, run, chunk_arguments, grads)
+            backward_passes(self.path, original, run, chunk_arguments, grads,
+                            [p for p in module.parameters() if p.requires_grad])
         finally:
             RUNNING.block_run = None
 

@@ -159,18 +159,20 @@ def sized_config(family: str, config: dict[str, Any], size: Size) -> dict[str, A
 
 
 def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | None = None,
-                      backward: bool = False) -> float:
+                      backward: bool = False, overrides: dict[str, Any] | None = None) -> float:
     """Activation growth of ``family`` in LD per token; ``prepare`` (e.g. ``apply_sequence_chunking``) is applied to
     each model before its trace. ``backward``: of a training step instead, the forward with autograd recording and
     the backward of the squared prediction's mean, into parameter gradients that exist before it (as in every step
-    after the first with ``zero_grad(set_to_none=False)``)."""
+    after the first with ``zero_grad(set_to_none=False)``). ``overrides``: config entries over
+    :data:`GROWTH_CONFIGS` (e.g. more blocks)."""
     spec = get_family(family)
     peaks, tokens = [], []
     for size in GROWTH_SIZES[family]:
         if backward:  # 4x the tokens: a training step's chunks at the small size hold a token or two
             size = Size(2 * size.height, 2 * size.width, size.num_frames)
         heads = GROWTH_HEADS if set(spec.width_keys) <= set(GROWTH_HEADS) else {}
-        config = sized_config(family, {**spec.config("tiny"), **heads, **GROWTH_CONFIGS[family]}, size)
+        config = sized_config(family, {**spec.config("tiny"), **heads, **GROWTH_CONFIGS[family], **(overrides or {})},
+                              size)
         model = spec.build(config).to(torch.float32)  # as from_pretrained(torch_dtype=float32): fp64 buffers cast
         if prepare is not None:
             prepare(model)

@@ -1,5 +1,6 @@
 """Tiny sizes shared by the hook tests: token counts (70 / 35 / 45) not divisible by the chunk counts they use."""
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -91,3 +92,10 @@ def prediction(result: Any) -> torch.Tensor:
         return result
     out = result[0]
     return torch.stack(out) if isinstance(out, list) else out
+
+
+def with_attention_spec(plan: Any, pattern: str, name: str, **changes: Any) -> Any:
+    """``plan`` (a ``SequencePlan``) with the ``JointAttention`` ``name`` of its block pattern ``pattern`` changed."""
+    block = plan.blocks[pattern]
+    attention = {**block.attention, name: dataclasses.replace(block.attention[name], **changes)}
+    return dataclasses.replace(plan, blocks={**plan.blocks, pattern: dataclasses.replace(block, attention=attention)})

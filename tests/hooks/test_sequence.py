@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import warnings
@@ -31,7 +30,7 @@ from memopt.models import Size, get_family
 from memopt.plans.sequence import SEQUENCE_PLANS, JointAttention, SequenceSplit, sequence_plan
 from memopt.trace.growth import activation_growth
 
-from _tiny_cases import FAMILIES, SIZES, chunked_completely, prediction, rel_err  # noqa: E402
+from _tiny_cases import FAMILIES, SIZES, chunked_completely, prediction, rel_err, with_attention_spec  # noqa: E402
 
 
 def build(family: str, config: str | dict = "tiny", size: Size | None = None, batch_size: int = 2):
@@ -330,9 +329,7 @@ def test_a_processor_that_bypasses_the_dispatcher_is_an_error_not_a_wrong_result
     plan = sequence_plan(model)
     assert plan.blocks["blocks.*"].attention["attn1"].empty_stand_ins
     if not empty_stand_ins:
-        block = plan.blocks["blocks.*"]
-        attention = {"attn1": dataclasses.replace(block.attention["attn1"], empty_stand_ins=False)}
-        plan = dataclasses.replace(plan, blocks={"blocks.*": dataclasses.replace(block, attention=attention)})
+        plan = with_attention_spec(plan, "blocks.*", "attn1", empty_stand_ins=False)
     apply_sequence_chunking(model, 4, plan=plan)
     message = "empty stand-ins .*blocks.0.attn1" if empty_stand_ins else "without reaching the attention kernel"
     with torch.no_grad(), pytest.raises(RuntimeError, match=message):

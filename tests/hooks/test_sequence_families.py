@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -21,7 +22,20 @@ from memopt.models import Size, get_family
 from memopt.hooks._sequence_chunks import ChunkLayout
 from memopt.plans.sequence import SEQUENCE_PLANS, ChunkValue, TokenCount
 
-from _tiny_cases import rel_err  # noqa: E402
+from _tiny_cases import rel_err, with_attention_spec  # noqa: E402
+
+
+def chunked_outputs(model: torch.nn.Module, inputs: dict, chunk_counts: tuple[int, ...] = (4, 16), **options: Any
+                    ) -> Iterator[tuple[int, Any, Any]]:
+    """``(num_chunks, report, output)`` of the model under ``apply_sequence_chunking(model, num_chunks, **options)``
+    for each chunk count, the hooks removed after each call."""
+    for num_chunks in chunk_counts:
+        report = apply_sequence_chunking(model, num_chunks, **options)
+        try:
+            output = model(**inputs)
+        finally:
+            remove_memory_optimizations(model)
+        yield num_chunks, report, output
 
 
 def _skyreels_diffusion_forcing(causal_block_size: int, size: Size) -> tuple[torch.nn.Module, dict]:
@@ -112,10 +126,7 @@ def test_ltx2_guidance_passes(schedule, config, extra):
     model, inputs = _ltx2(config)
     with torch.no_grad():
         reference = model(**inputs, **extra)
-        for num_chunks in (4, 32):
-            apply_sequence_chunking(model, num_chunks, schedule=schedule)
-            out = model(**inputs, **extra)
-            remove_memory_optimizations(model)
+        for num_chunks, _, out in chunked_outputs(model, {**inputs, **extra}, (4, 32), schedule=schedule):
             assert _video_and_audio_close(out, reference), num_chunks
 
 
@@ -133,11 +144,9 @@ def test_ltx2_per_token_timesteps():
 
 def test_a_plan_saying_an_attention_is_inactive_when_it_attends_is_an_error():
     model, inputs = _ltx2()
-    plan = SEQUENCE_PLANS[type(model).__name__]
-    block = plan.blocks["transformer_blocks.*"]
-    wrong = dataclasses.replace(block.attention["video_to_audio_attn"], active=lambda block, argument: False)
-    block = dataclasses.replace(block, attention={**block.attention, "video_to_audio_attn": wrong})
-    apply_sequence_chunking(model, 5, plan=dataclasses.replace(plan, blocks={"transformer_blocks.*": block}))
+    wrong = with_attention_spec(SEQUENCE_PLANS[type(model).__name__], "transformer_blocks.*", "video_to_audio_attn",
+                                active=lambda block, argument: False)
+    apply_sequence_chunking(model, 5, plan=wrong)
     with torch.no_grad(), pytest.raises(RuntimeError, match="video_to_audio_attn: made an attention-kernel call"):
         model(**inputs)
 
@@ -191,11 +200,8 @@ def test_joyimage_fused_qkv_without_packed_blocks_computes_only_the_columns_a_pa
     with pytest.raises(ValueError, match="fused_blocks\\['qkv'\\] must give one positive integer per role"):
         JointAttention(fused={"qkv": ("query", "key_value")}, fused_blocks={"qkv": (1, 1, 1)})
     plan = SEQUENCE_PLANS["JoyImageEditTransformer3DModel"]
-    block = plan.blocks["double_blocks.*"]
-    spec_attention = block.attention["attn"]
-    uneven = dataclasses.replace(spec_attention,
-                                 fused_blocks={**spec_attention.fused_blocks, "img_attn_qkv": (1, 2, 2)})
-    bad = dataclasses.replace(plan, blocks={"double_blocks.*": dataclasses.replace(block, attention={"attn": uneven})})
+    fused_blocks = plan.blocks["double_blocks.*"].attention["attn"].fused_blocks
+    bad = with_attention_spec(plan, "double_blocks.*", "attn", fused_blocks={**fused_blocks, "img_attn_qkv": (1, 2, 2)})
     with pytest.raises(ValueError, match="img_attn_qkv: the plan's fused_blocks \\(1, 2, 2\\) do not divide its 96"):
         apply_sequence_chunking(model, 4, plan=bad)
     assert remove_memory_optimizations(model) == 0
@@ -252,11 +258,8 @@ def test_chroma_per_sample_pair_masks(dtype):
     inputs["attention_mask"] = torch.cat([text, torch.ones(2, 35)], dim=1).to(dtype)
     with torch.no_grad():
         reference = model(**inputs)[0]
-        for num_chunks in (4, 16):
-            apply_sequence_chunking(model, num_chunks)
-            out = model(**inputs)[0]
-            remove_memory_optimizations(model)
-            assert rel_err(out, reference) <= 1e-5, num_chunks
+        for num_chunks, _, out in chunked_outputs(model, inputs):
+            assert rel_err(out[0], reference) <= 1e-5, num_chunks
 
 
 def test_an_output_modified_in_place_before_the_head_is_refused():
@@ -283,11 +286,8 @@ def test_attentions_collected_in_one_pass_must_not_depend_on_each_other():
     is added) it is exact with fewer passes; claimed for the audio-to-video attention, whose audio K/V come after the
     audio self-attention's output, the result changes (which is why the claim is the plan's, per module)."""
     model, inputs = _ltx2()
-    plan = SEQUENCE_PLANS[type(model).__name__]
-    block = plan.blocks["transformer_blocks.*"]
-    wrong = dataclasses.replace(block.attention["audio_to_video_attn"], collect_with_previous=True)
-    wrong_plan = dataclasses.replace(plan, blocks={"transformer_blocks.*": dataclasses.replace(
-        block, attention={**block.attention, "audio_to_video_attn": wrong})})
+    wrong_plan = with_attention_spec(SEQUENCE_PLANS[type(model).__name__], "transformer_blocks.*",
+                                     "audio_to_video_attn", collect_with_previous=True)
     with torch.no_grad():
         reference = model(**inputs)
         apply_sequence_chunking(model, 4)
@@ -306,12 +306,9 @@ def test_hunyuanimage_refiner(schedule):
     inputs = spec.make_inputs(model.config, batch_size=2, height=144, width=208, masked=True)
     with torch.no_grad():
         reference = model(**inputs)[0]
-        for num_chunks in (4, 16):
-            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+        for num_chunks, report, out in chunked_outputs(model, inputs, schedule=schedule):
             assert report.tail and not report.skipped, report
-            out = model(**inputs)[0]
-            remove_memory_optimizations(model)
-            assert rel_err(out, reference) <= 1e-5, num_chunks
+            assert rel_err(out[0], reference) <= 1e-5, num_chunks
 
 
 def test_wan_vace_hints_and_a_hint_after_the_last_block():
@@ -444,12 +441,9 @@ def test_flux3_image_to_image(schedule):
     with torch.no_grad():
         reference = model(**inputs)[0]
         assert reference.shape[1] == 35  # the image tokens only
-        for num_chunks in (4, 16):
-            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+        for num_chunks, report, out in chunked_outputs(model, inputs, schedule=schedule):
             assert report.tail and report.producers and not report.skipped, report
-            out = model(**inputs)[0]
-            remove_memory_optimizations(model)
-            assert rel_err(out, reference) <= 1e-5, num_chunks
+            assert rel_err(out[0], reference) <= 1e-5, num_chunks
 
 
 def test_token_groups_give_chunks_of_whole_groups_or_inside_one():
@@ -475,12 +469,9 @@ def test_wan_animate_face_adapter_runs_per_frame_chunk(schedule):
     plan = SEQUENCE_PLANS["WanAnimateTransformer3DModel"]
     with torch.no_grad():
         reference = model(**inputs)[0]
-        for num_chunks in (2, 7):
-            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+        for num_chunks, report, out in chunked_outputs(model, inputs, (2, 7), schedule=schedule):
             assert "face_adapter.0" in report.blocks and not report.skipped, report
-            out = model(**inputs)[0]
-            remove_memory_optimizations(model)
-            assert rel_err(out, reference) <= 1e-5, num_chunks
+            assert rel_err(out[0], reference) <= 1e-5, num_chunks
         ungrouped = dataclasses.replace(plan, blocks={**plan.blocks, "face_adapter.*": dataclasses.replace(
             plan.blocks["face_adapter.*"], token_groups=None)})
         apply_sequence_chunking(model, 4, plan=ungrouped, schedule=schedule)
@@ -517,12 +508,9 @@ def test_cosmos_per_sample_timestep(schedule):
     inputs["timestep"] = torch.tensor([0.3, 0.9])
     with torch.no_grad():
         reference = model(**inputs)[0]
-        for num_chunks in (4, 16):
-            report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+        for num_chunks, report, out in chunked_outputs(model, inputs, schedule=schedule):
             assert report.tail and report.producers and not report.skipped, report
-            out = model(**inputs)[0]
-            remove_memory_optimizations(model)
-            assert rel_err(out, reference) <= 1e-5, num_chunks
+            assert rel_err(out[0], reference) <= 1e-5, num_chunks
 
 
 def test_motif_video_image_to_video_is_refused_not_computed_wrong():

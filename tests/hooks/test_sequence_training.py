@@ -8,9 +8,11 @@ import logging
 
 import pytest
 import torch
+from diffusers.hooks import apply_group_offloading
 
 from memopt import apply_chunked_feedforward, apply_sequence_chunking, remove_memory_optimizations
 from memopt.hooks._common import has_memopt_hooks
+from memopt.hooks._sequence_backward import separate_shared_gradients
 from memopt.models import get_family
 from memopt.trace.growth import activation_growth
 
@@ -19,13 +21,17 @@ from _tiny_cases import FAMILIES, SIZES, chunked_completely, prediction, rel_err
 RECOMPUTED_NODE = "_RecomputedBlockBackward"
 
 
-def build(family: str):
+def build(family: str, batch_size: int = 2):
     spec = get_family(family)
     model = spec.build("tiny").train()
-    size = SIZES[family]
-    inputs = spec.make_inputs(model.config, batch_size=2, height=size.height, width=size.width,
-                              num_frames=size.num_frames, masked=True)
+    inputs = make_inputs(family, model, batch_size)
     return model, inputs, "hidden_states" if "hidden_states" in inputs else "x"
+
+
+def make_inputs(family: str, model: torch.nn.Module, batch_size: int) -> dict:
+    size = SIZES[family]
+    return get_family(family).make_inputs(model.config, batch_size=batch_size, height=size.height, width=size.width,
+                                          num_frames=size.num_frames, masked=True)
 
 
 def recorded_nodes(tensor: torch.Tensor) -> int:
@@ -76,15 +82,18 @@ def assert_same_gradients(result: dict, reference: dict, where: str) -> None:
 def test_gradients_match_unmodified_model(family):
     model, inputs, key = build(family)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = step(model, inputs, key)
-    assert reference["nodes"] == 0
-    for num_chunks in (4, 16):  # 4 chunks split the 8 text tokens of joint blocks, 16 carry them whole
+    # 4 chunks split the 8 text tokens of joint blocks, 16 carry them whole; at batch 1 no per-sample table is
+    # reduced over the batch in the backward (the case of separate_shared_gradients)
+    for batch_size, num_chunks in ((2, 4), (2, 16), (1, 4)):
+        inputs = make_inputs(family, model, batch_size)
+        reference = step(model, inputs, key)
+        assert reference["nodes"] == 0
         report = apply_sequence_chunking(model, num_chunks, training=True)
         assert chunked_completely(report, family), report
         result = step(model, inputs, key)
         assert remove_memory_optimizations(model) > 0
         assert result["nodes"] > 0, family  # one per block call (FLUX.3's image-condition block is not called)
-        assert_same_gradients(result, reference, f"{family}, {num_chunks} chunks")
+        assert_same_gradients(result, reference, f"{family}, batch {batch_size}, {num_chunks} chunks")
     assert not has_memopt_hooks(model)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
@@ -92,7 +101,8 @@ def test_gradients_match_unmodified_model(family):
 @pytest.mark.parametrize("family", ["wan", "flux", "ltx2", "hunyuanvideo15"])
 def test_lockstep_forward_and_options(family):
     """The forward may run lock-step (the backward recomputes in passes either way); FeedForward shards inside the
-    blocks, the output head left whole and diffusers' own gradient checkpointing around the blocks all compose."""
+    blocks, the output head left whole, a single chunk (the block recomputed whole) and diffusers' own gradient
+    checkpointing around the blocks all compose."""
     model, inputs, key = build(family)
     reference = step(model, inputs, key)
     setups = {
@@ -100,6 +110,7 @@ def test_lockstep_forward_and_options(family):
         "feedforward shards": lambda: (apply_chunked_feedforward(model, 3),
                                        apply_sequence_chunking(model, 4, training=True)),
         "chunk_tail=False": lambda: apply_sequence_chunking(model, 4, training=True, chunk_tail=False),
+        "one chunk": lambda: apply_sequence_chunking(model, 1, training=True),
         "gradient checkpointing": lambda: (model.enable_gradient_checkpointing(),
                                            apply_sequence_chunking(model, 4, training=True)),
     }
@@ -123,6 +134,41 @@ def test_frozen_model_gives_input_gradients():
     remove_memory_optimizations(model)
     assert result["nodes"] == len(model.blocks) and not result["params"]
     assert rel_err(result["x"], reference["x"]) <= 1e-5
+
+
+def test_saved_inputs_go_through_saved_tensor_hooks():
+    """The block inputs are saved with save_for_backward, so torch.autograd.graph.save_on_cpu (or any saved-tensor
+    hook) moves them like the rest of the saved activations."""
+    model, inputs, key = build("wan")
+    reference = step(model, inputs, key)
+    apply_sequence_chunking(model, 4, training=True)
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = step(model, inputs, key)
+    remove_memory_optimizations(model)
+    hidden = inputs[key].shape[0], model.config.num_attention_heads * model.config.attention_head_dim
+    assert sum(shape[0] == hidden[0] and shape[-1] == hidden[1] for shape in packed) >= len(model.blocks)
+    assert_same_gradients(result, reference, "wan under saved_tensors_hooks")
+
+
+def test_shared_first_gradients_are_separated():
+    """Two leaves given views of one gradient (no broadcast to reduce over, as LTX-Video's modulation table and
+    timestep embedding at batch 1) may both keep it as their first ``.grad``; a second backward would accumulate into
+    both in place. Separated after each backward, the sums are right."""
+    table = torch.randn(6, 4, requires_grad=True)
+    temb = torch.randn(1, 1, 24, requires_grad=True)
+    weights = [torch.randn(1, 5, 6, 4, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1)]
+    for w in weights:
+        ((table[None, None] + temb.reshape(1, 1, 6, 4)) * w).sum().backward()
+        separate_shared_gradients([table, temb])
+        assert table.grad.untyped_storage().data_ptr() != temb.grad.untyped_storage().data_ptr()
+    expected = sum(w.sum((0, 1)) for w in weights)
+    assert torch.allclose(table.grad, expected) and torch.allclose(temb.grad.view(6, 4), expected)
 
 
 def test_without_training_a_recorded_block_runs_unchunked(caplog):
@@ -151,6 +197,13 @@ def test_refusals():
     remove_memory_optimizations(model)
     with pytest.raises(ValueError, match="training must be a bool"):
         apply_sequence_chunking(model, 4, training="yes")
+    model.blocks[0].ffn.net[1].p = 0.0
+    model.train()
+    apply_sequence_chunking(model, 4, training=True)
+    apply_group_offloading(model, onload_device=torch.device("cpu"), offload_type="block_level",
+                           num_blocks_per_group=1)
+    with pytest.raises(NotImplementedError, match=r"blocks\.0: group-offloaded"):
+        model(**inputs)
 
 
 # Activation growth of a training step (memopt.trace.activation_growth(..., backward=True)), LD per token: unmodified
