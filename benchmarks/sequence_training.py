@@ -18,6 +18,11 @@ of the input and parameter gradients against the unmodified model, and the CPU t
 Run::
 
     python benchmarks/sequence_training.py                      # -> results/sequence_training_cpu.md
+    python benchmarks/sequence_training.py --device cuda --families wan --config 1.3b --size 480p \\
+        --num-chunks 8 16                                        # -> results/sequence_training_cuda_1.3b.md
+
+On CUDA: a released config at a real size in bf16 (Wan2.1-1.3B at 480x832 x 81 frames by default), the device peak
+of a step and its time per variant against diffusers' gradient checkpointing (unmodified where it fits).
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import triton
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations
-from memopt.models import FAMILIES, get_family
+from memopt.models import FAMILIES, cast_floating_, get_family
 from memopt.trace.growth import activation_growth, sized_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,8 +78,13 @@ def _step(model: torch.nn.Module, inputs: dict, key: str) -> tuple[float, torch.
     latents = inputs[key]  # Z-Image lineage: a list with one latent per sample
     x = [t.detach().clone().requires_grad_() for t in latents] if isinstance(latents, list) else (
         latents.detach().clone().requires_grad_())
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    _prediction(model(**{**inputs, key: x, "return_dict": False})).square().mean().backward()
+    _prediction(model(**{**inputs, key: x, "return_dict": False})).float().square().mean().backward()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
     return seconds, torch.stack([t.grad for t in x]) if isinstance(x, list) else x.grad, torch.cat(grads)
@@ -127,6 +138,80 @@ def bench(family: str, repeats: int) -> dict[str, Any]:
     return row
 
 
+def bench_device(family: str, device: str, config_name: str, size_name: str, repeats: int, chunk_counts: list[int]
+                 ) -> dict[str, Any]:
+    """A released config at a real size in bf16 on ``device`` (``cuda``; ``cpu`` runs the same steps without peaks,
+    which checks the code at a tiny config): per variant the device peak of a step above the weights (``torch.cuda.max_memory_allocated``;
+    the parameters' gradients included), its time and its gradient error against diffusers' checkpointing;
+    unmodified where it fits."""
+    spec = get_family(family)
+    config, size = spec.config(config_name), spec.size(size_name)
+    cuda = device == "cuda"
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):  # random weights made on the device directly
+            model = spec.model_class(**config).train()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    cast_floating_(model, torch.bfloat16)  # _keep_in_fp32_modules back to fp32, as from_pretrained(torch_dtype=...)
+    inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
+                              num_frames=size.num_frames, masked=spec.mask_key is not None, dtype=torch.bfloat16,
+                              device=device)
+    key = "hidden_states" if "hidden_states" in inputs else "x"
+    variants = {"checkpointing": _checkpointing, **{f"memopt {n}": _memopt(n) for n in chunk_counts},
+                "unmodified": None}
+    row: dict[str, Any] = {"family": family, "config": config_name, "size": size,
+                           "tokens": spec.num_tokens(model.config, size), "variants": {}}
+    reference = None
+    for name, prepare in variants.items():
+        if prepare is not None:
+            prepare(model)
+        try:
+            times, peak = [], None
+            for _ in range(repeats + 1):  # the first step warms up
+                model.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    baseline = torch.cuda.memory_allocated()
+                seconds, grad_x, grad_params = _step(model, inputs, key)
+                times.append(seconds)
+                if cuda:
+                    peak = max(peak or 0, torch.cuda.max_memory_allocated() - baseline)
+            result = {"seconds": statistics.median(times[1:]), "peak": peak}
+            if reference is None:
+                reference = (grad_x, grad_params)
+            result["error"] = max(_rel(grad_x, reference[0]), _rel(grad_params, reference[1]))
+            del grad_x, grad_params
+        except torch.cuda.OutOfMemoryError:
+            result = {"oom": True}
+        finally:
+            _undo(model)
+            model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.empty_cache()
+        row["variants"][name] = result
+        print(name, result, flush=True)
+    return row
+
+
+def markdown_cuda(rows: list[dict[str, Any]]) -> str:
+    lines = ["| family | config, size | tokens | variant | step peak above weights | step time | vs checkpointing | "
+             "gradient error vs checkpointing |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        base = row["variants"]["checkpointing"].get("seconds")
+        for name, result in row["variants"].items():
+            where = f"| {row['family']} | {row['config']}, {row['size'].height}x{row['size'].width}x" \
+                    f"{row['size'].num_frames} | {row['tokens']:,} | {name} |"
+            if result.get("oom"):
+                lines.append(f"{where} out of memory | | | |")
+                continue
+            ratio = f"{result['seconds'] / base:.3f}x" if base else "n/a"
+            peak = "n/a" if result["peak"] is None else f"{result['peak'] / 2**30:.2f} GiB"
+            lines.append(f"{where} {peak} | {result['seconds']:.3f} s | {ratio} | {result['error']:.1e} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     names = list(VARIANTS)
     lines = [
@@ -150,13 +235,24 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", nargs="*", default=DEFAULT_FAMILIES, choices=sorted(FAMILIES))
+    parser.add_argument("--families", nargs="*", default=None, choices=sorted(FAMILIES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", default="1.3b", help="CUDA: zoo config name (Wan2.1-1.3B by default)")
+    parser.add_argument("--size", default="480p", help="CUDA: zoo size name")
+    parser.add_argument("--num-chunks", type=int, nargs="+", default=[8, 16], help="CUDA: memopt variants")
+    parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda needs a CUDA GPU; this machine has none")
+        main_cuda(args)
+        return
+    torch.set_num_threads(args.threads)
+    args.output = args.output or RESULTS
+    args.families = args.families or DEFAULT_FAMILIES
     start, load = time.perf_counter(), os.getloadavg()[0]
     rows = []
     for family in args.families:
@@ -182,6 +278,30 @@ def main() -> None:
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
+
+
+def main_cuda(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    rows = [bench_device(family, "cuda", args.config, args.size, args.repeats, args.num_chunks)
+            for family in args.families or ["wan"]]
+    text = "\n".join([
+        f"# Training through sequence-chunked blocks ({torch.cuda.get_device_name()})",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}; generated by "
+        f"`{shlex.join(['python', 'benchmarks/sequence_training.py', *sys.argv[1:]])}` in "
+        f"{time.perf_counter() - start:.0f} s. One training step (forward with autograd, backward of the squared "
+        "prediction's mean) of a random-weight bf16 model, batch 1; peak: torch.cuda.max_memory_allocated above "
+        "what was allocated before the step (weights, inputs), the parameters' gradients included; time: median of "
+        f"{args.repeats} steps after a warm-up; gradient error: input and parameters against diffusers' "
+        "gradient checkpointing (bf16 rounding).",
+        "",
+        markdown_cuda(rows),
+        "",
+    ])
+    print(text)
+    output = args.output or RESULTS.with_name(f"sequence_training_cuda_{args.config}.md")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
 
 
 if __name__ == "__main__":

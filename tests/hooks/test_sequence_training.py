@@ -219,3 +219,18 @@ def test_training_step_memory(family):
     assert activation_growth(family, lambda m: m.enable_gradient_checkpointing(), backward=True) == pytest.approx(
         checkpointing, abs=0.01)
     assert activation_growth(family, lambda m: apply_sequence_chunking(m, training=True), backward=True) <= bound
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu():
+    """benchmarks/sequence_training.py's real-size steps at a tiny config on the CPU (its logic; peaks need a GPU)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sequence_training.py"
+    spec = importlib.util.spec_from_file_location("sequence_training_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    row = benchmark.bench_device("wan", "cpu", "tiny", "tiny", repeats=1, chunk_counts=[4])
+    assert list(row["variants"]) == ["checkpointing", "memopt 4", "unmodified"]
+    assert all(result["error"] <= 2e-2 for result in row["variants"].values()), row  # bf16
+    assert "| memopt 4 | n/a |" in benchmark.markdown_cuda([row])
