@@ -171,6 +171,35 @@ def test_shared_first_gradients_are_separated():
     assert torch.allclose(table.grad, expected) and torch.allclose(temb.grad.view(6, 4), expected)
 
 
+def test_autocast_is_restored_for_the_recomputation(monkeypatch):
+    """A forward under autocast is recomputed under the same autocast in the backward (which autograd runs outside
+    it): the gradients then agree with the unmodified model's to bf16 rounding."""
+    import memopt.hooks.sequence as sequence
+
+    model, inputs, _ = build("wan")
+    in_backward = []
+
+    def backward_passes(*args, **kwargs):
+        in_backward.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return original(*args, **kwargs)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = prediction(model(**inputs))
+        out.float().square().mean().backward()
+        return torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+
+    original = sequence.backward_passes
+    monkeypatch.setattr(sequence, "backward_passes", backward_passes)
+    reference = step()
+    apply_sequence_chunking(model, 4, training=True)
+    result = step()
+    remove_memory_optimizations(model)
+    assert in_backward == [(True, torch.bfloat16)] * len(model.blocks)
+    assert rel_err(result, reference) <= 1e-2
+
+
 def test_without_training_a_recorded_block_runs_unchunked(caplog):
     model, inputs, key = build("wan")
     reference = step(model, inputs, key)
