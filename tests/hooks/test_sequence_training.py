@@ -124,6 +124,24 @@ def test_lockstep_forward_and_options(family):
         assert_same_gradients(result, reference, f"{family}, {name}")
 
 
+@pytest.mark.parametrize("family, targets", [("wan", ["to_q", "to_k", "to_v", "to_out.0"]),
+                                             ("flux2", ["to_qkv_mlp_proj", "to_q", "to_k"])])
+def test_lora_training(family, targets):
+    """LoRA fine-tuning, the base frozen: the adapters' gradients match (FLUX.2: also on its fused projection,
+    whose column blocks a pass skips)."""
+    from peft import LoraConfig
+
+    model, inputs, key = build(family, batch_size=1)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
+    reference = step(model, inputs, key)
+    apply_sequence_chunking(model, 4, training=True)
+    result = step(model, inputs, key)
+    remove_memory_optimizations(model)
+    assert reference["params"] and all("lora_" in name for name in reference["params"])
+    assert_same_gradients(result, reference, f"{family} LoRA")
+
+
 def test_frozen_model_gives_input_gradients():
     """Only the input requires grad (guidance through a frozen model): the blocks still run in chunks."""
     model, inputs, key = build("wan")
