@@ -30,7 +30,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._sequence_chunks import RUNNING, Arguments, ChunkLayout, intersect, materialized, memory_runs
-from ._sequence_exchange import BlockRun, KeyValuesCollected
+from ._sequence_exchange import BlockRun
 from ._sequence_model import offloaded
 
 if TYPE_CHECKING:
@@ -206,35 +206,32 @@ class _RowsGradientInto(torch.autograd.Function):
         return None, None, None, None, None
 
 
-def backward_passes(path: str, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
+def backward_passes(run: BlockRun, collect: Callable[[int], None], final: Callable[[int], Any],
                     output_grads: Callable[[int, Any], tuple[list, list]], parameters: list[torch.Tensor]) -> None:
-    """Steps 1-3 of the module docstring, with ``run`` installed as the running block (``parameters``: the block's,
-    whose ``.grad`` the passes accumulate)."""
-    num_chunks = run.layout.num_chunks
+    """Steps 1-3 of the module docstring, with ``run`` installed as the running block: ``collect(chunk)`` runs a
+    chunk in the collection pass of ``run.collecting``, ``final(chunk)`` returns its output in the final pass
+    (``SequenceChunkingHook``'s, as in the forward); ``parameters``: the block's, whose ``.grad`` the passes
+    accumulate."""
+    chunks = range(run.layout.num_chunks)
     stages = sorted({state.stage for state in run.attention.values()})
     with torch.no_grad():
         for stage in stages:
             run.collecting = stage
-            for chunk in range(num_chunks):
-                _collect(path, original, run, chunk, chunk_arguments)
+            for chunk in chunks:
+                collect(chunk)
     run.reused.clear()  # computed without autograd: the recorded passes compute (and share) their own
     leaves = list(parameters)
     for state in run.attention.values():
         for gathered in state.gathered.values():
             leaves += [gathered.key.requires_grad_(), gathered.value.requires_grad_()]
     run.collecting = None
-    for chunk in range(num_chunks):
-        run.start_chunk(chunk)
-        chunk_args, chunk_kwargs = chunk_arguments(chunk)
-        output = original(*chunk_args, **chunk_kwargs)
-        run.check_answered(path)
-        _backward(*output_grads(chunk, output), leaves)
-        del output
+    for chunk in chunks:
+        _backward(*output_grads(chunk, final(chunk)), leaves)
     run.key_value_grads = []
     for stage in reversed(stages):
         run.collecting = stage
-        for chunk in range(num_chunks):
-            _collect(path, original, run, chunk, chunk_arguments)
+        for chunk in chunks:
+            collect(chunk)
             _backward([t for t, _ in run.key_value_grads], [g for _, g in run.key_value_grads], leaves)
             run.key_value_grads.clear()
     run.key_value_grads = None
@@ -262,19 +259,6 @@ def chunk_output_grads(layout: ChunkLayout, hs_index: int | None, ehs_index: int
         return tensors, piece_grads
 
     return pieces
-
-
-def _collect(path: str, original: Callable[..., Any], run: BlockRun, chunk: int,
-             chunk_arguments: Callable[[int], tuple]) -> None:
-    run.start_chunk(chunk)
-    chunk_args, chunk_kwargs = chunk_arguments(chunk)
-    try:
-        original(*chunk_args, **chunk_kwargs)
-    except KeyValuesCollected:
-        run.check_answered(path)
-        return
-    raise RuntimeError(f"{path}: chunk {chunk} finished without reaching the attention kernel of stage "
-                       f"{run.collecting} (skipped by a cache or processor?)")
 
 
 def _backward(tensors: list[torch.Tensor], grads: list[torch.Tensor], leaves: list[torch.Tensor]) -> None:

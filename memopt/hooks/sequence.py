@@ -386,7 +386,8 @@ class SequenceChunkingHook(ModelHook):
                                    self.metadata.return_encoder_hidden_states_index, dim, grad_output)
         RUNNING.block_run = run
         try:
-            backward_passes(self.path, original, run, chunk_arguments, grads,
+            backward_passes(run, functools.partial(self._collect, original, run, chunk_arguments),
+                            functools.partial(self._final, original, run, chunk_arguments), grads,
                             [p for p in module.parameters() if p.requires_grad])
         finally:
             RUNNING.block_run = None
@@ -450,32 +451,40 @@ class SequenceChunkingHook(ModelHook):
     def _two_pass(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
                   outputs: ChunkOutputs) -> None:
         """Collection passes (one per attention stage, each stopped at the stage's last call), then the final pass."""
-        num_chunks = run.layout.num_chunks
         for stage in sorted({state.stage for state in run.attention.values()}):
-            paths = ", ".join(state.path for state in run.attention.values() if state.stage == stage)
             run.collecting = stage
-            for chunk in range(num_chunks):
-                run.start_chunk(chunk)
-                chunk_args, chunk_kwargs = chunk_arguments(chunk)
-                try:
-                    with self._stand_in_errors(run):
-                        original(*chunk_args, **chunk_kwargs)
-                except KeyValuesCollected:
-                    run.check_answered(self.path)
-                    continue
-                raise RuntimeError(
-                    f"{self.path}: chunk {chunk} finished without reaching the attention kernel of "
-                    f"{paths} (skipped by a cache or processor?)"
-                )
+            for chunk in range(run.layout.num_chunks):
+                self._collect(original, run, chunk_arguments, chunk)
         run.collecting = None
-        for chunk in range(num_chunks):
-            run.start_chunk(chunk)
-            chunk_args, chunk_kwargs = chunk_arguments(chunk)
-            with self._stand_in_errors(run):
-                output = original(*chunk_args, **chunk_kwargs)
-            run.check_answered(self.path)
+        for chunk in range(run.layout.num_chunks):
+            output = self._final(original, run, chunk_arguments, chunk)
             outputs.add(chunk, output)
             del output
+
+    def _collect(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
+                 chunk: int) -> None:
+        """Runs ``chunk`` in the collection pass of stage ``run.collecting``, up to the stage's last attention call."""
+        run.start_chunk(chunk)
+        chunk_args, chunk_kwargs = chunk_arguments(chunk)
+        try:
+            with self._stand_in_errors(run):
+                original(*chunk_args, **chunk_kwargs)
+        except KeyValuesCollected:
+            run.check_answered(self.path)
+            return
+        paths = ", ".join(state.path for state in run.attention.values() if state.stage == run.collecting)
+        raise RuntimeError(f"{self.path}: chunk {chunk} finished without reaching the attention kernel of {paths} "
+                           "(skipped by a cache or processor?)")
+
+    def _final(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
+               chunk: int) -> Any:
+        """``chunk``'s block output in the final pass (its attention calls answered from the full K/V)."""
+        run.start_chunk(chunk)
+        chunk_args, chunk_kwargs = chunk_arguments(chunk)
+        with self._stand_in_errors(run):
+            output = original(*chunk_args, **chunk_kwargs)
+        run.check_answered(self.path)
+        return output
 
     @contextlib.contextmanager
     def _stand_in_errors(self, run: BlockRun) -> Iterator[None]:
