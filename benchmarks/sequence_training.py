@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 import triton
 
-from memopt import apply_sequence_chunking, remove_memory_optimizations
+from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate_family
 from memopt.models import FAMILIES, cast_floating_, get_family
 from memopt.trace.growth import activation_growth, sized_config
 
@@ -141,9 +141,9 @@ def bench(family: str, repeats: int) -> dict[str, Any]:
 def bench_device(family: str, device: str, config_name: str, size_name: str, repeats: int, chunk_counts: list[int]
                  ) -> dict[str, Any]:
     """A released config at a real size in bf16 on ``device`` (``cuda``; ``cpu`` runs the same steps without peaks,
-    which checks the code at a tiny config): per variant the device peak of a step above the weights (``torch.cuda.max_memory_allocated``;
-    the parameters' gradients included), its time and its gradient error against diffusers' checkpointing;
-    unmodified where it fits."""
+    which checks the code at a tiny config): per variant the device peak of a step above the weights
+    (``torch.cuda.max_memory_allocated``; the parameters' gradients included), its time and its gradient error
+    against diffusers' checkpointing; unmodified where it fits."""
     spec = get_family(family)
     config, size = spec.config(config_name), spec.size(size_name)
     cuda = device == "cuda"
@@ -212,6 +212,44 @@ def markdown_cuda(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# Full-size configs simulated under FakeTensorMode (memopt.simulate_family(..., backward=True)), bf16: a few blocks
+# (peaks per block) and Wan2.1-14B whole.
+SIMULATED: dict[str, list[dict[str, int]]] = {
+    "wan": [{"num_layers": 2}, {"num_layers": 40}],
+    "hunyuanvideo": [{"num_layers": 1, "num_single_layers": 1}],
+}
+
+
+def simulated_rows() -> list[dict[str, Any]]:
+    """The activation peak of a full-size training step (above the weights, their gradients and the inputs) per
+    variant, at each family's default size."""
+    rows = []
+    for family, configs in SIMULATED.items():
+        spec = get_family(family)
+        for overrides in configs:
+            config = {**spec.config("full"), **overrides}
+            row: dict[str, Any] = {"family": family, "blocks": overrides, "size": spec.size("default")}
+            for name in ("unmodified", "checkpointing", "memopt"):
+                trace = simulate_family(family, config, backward=True, prepare=VARIANTS[name])
+                row[name], row["ld"] = trace.peak_bytes, trace.meta["ld_bytes"]
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def markdown_simulated(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model, size | blocks | unmodified | diffusers checkpointing | **memopt** (plan's chunks) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        size = row["size"]
+        cells = [f"{row[name] / 2**30:.2f} GiB ({row[name] / row['ld']:.1f} LD)"
+                 for name in ("unmodified", "checkpointing", "memopt")]
+        lines.append(f"| {row['family']}, {size.height}x{size.width}x{size.num_frames} | "
+                     f"{', '.join(f'{k}={v}' for k, v in row['blocks'].items())} | {cells[0]} | {cells[1]} | "
+                     f"**{cells[2]}** |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     names = list(VARIANTS)
     lines = [
@@ -242,6 +280,7 @@ def main() -> None:
     parser.add_argument("--config", default="1.3b", help="CUDA: zoo config name (Wan2.1-1.3B by default)")
     parser.add_argument("--size", default="480p", help="CUDA: zoo size name")
     parser.add_argument("--num-chunks", type=int, nargs="+", default=[8, 16], help="CUDA: memopt variants")
+    parser.add_argument("--no-simulate", action="store_true", help="CPU: skip the full-size simulations")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -258,6 +297,7 @@ def main() -> None:
     for family in args.families:
         rows.append(bench(family, args.repeats))
         print(markdown(rows[-1:]), flush=True)
+    simulated = [] if args.no_simulate else simulated_rows()
     text = "\n".join([
         f"# Training through sequence-chunked blocks (CPU, {torch.get_num_threads()} thread(s))",
         "",
@@ -274,6 +314,10 @@ def main() -> None:
         "",
         markdown(rows),
         "",
+        *(["Full size, simulated under FakeTensorMode (bf16, `memopt.simulate_family(..., backward=True)`): the "
+           "activation peak of a training step above the weights, their gradients and the inputs; with a few blocks "
+           "the peak is one block's backward plus the saved inputs of the others.", "",
+           markdown_simulated(simulated), ""] if simulated else []),
     ])
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

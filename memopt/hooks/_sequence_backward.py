@@ -283,7 +283,7 @@ def separate_shared_gradients(leaves: list[torch.Tensor]) -> None:
         grad = leaf.grad
         if grad is None or grad.numel() == 0:
             continue
-        same_storage = kept.setdefault(grad.untyped_storage().data_ptr(), [])
+        same_storage = kept.setdefault(grad.untyped_storage()._cdata, [])
         runs = memory_runs(grad)
         if any(runs is None or (other := memory_runs(g)) is None or intersect(runs, other) for g in same_storage):
             leaf.grad = grad.clone()

@@ -28,6 +28,7 @@ def simulate(
     prepare: ModelTransform | None = None,
     round_to: int = 1,
     name: str = "simulation",
+    backward: bool = False,
 ) -> MemoryTrace:
     """Trace ``model(**inputs)`` for a model too large to allocate.
 
@@ -38,6 +39,9 @@ def simulate(
         prepare: optional ``model -> Any`` applied before tracing, e.g. ``lambda m: apply_sequence_chunking(m, 16)``.
         round_to: allocation rounding (512 mimics the CUDA caching allocator).
         name: trace name.
+        backward: trace a training step instead (:func:`training_step`: the forward with autograd recording and the
+            backward), into parameter gradients allocated before it (in the baseline), as in every step after the
+            first with ``zero_grad(set_to_none=False)``.
 
     Returns:
         The :class:`MemoryTrace`; ``baseline_bytes`` is weights + inputs, ``peak_bytes`` the activation peak.
@@ -57,9 +61,12 @@ def simulate(
         if prepare is not None:
             prepare(model)
         inputs = build_inputs(model)
+        if backward:
+            for parameter in model.parameters():
+                parameter.grad = torch.zeros_like(parameter)
     tracer = MemoryTracer(round_to=round_to, root=model, device="dispatch")
-    with torch.no_grad(), fake_mode:
-        trace = tracer.run(model, **inputs)
+    with torch.set_grad_enabled(backward), fake_mode:
+        trace = tracer.run(training_step, model, inputs) if backward else tracer.run(model, **inputs)
     trace.name = name
     trace.result = None  # fake outputs are useless outside the mode
     trace.meta.update({"dtype": str(dtype).replace("torch.", ""), "simulated": True})
@@ -75,6 +82,7 @@ def simulate_family(
     prepare: ModelTransform | None = None,
     round_to: int = 1,
     name: str | None = None,
+    backward: bool = False,
 ) -> MemoryTrace:
     """:func:`simulate` for a zoo family (``"wan"``, ``"hunyuanvideo"``, ``"flux"``, ...) at a named or explicit size.
 
@@ -89,7 +97,7 @@ def simulate_family(
                                 num_frames=pixels.num_frames, dtype=dtype)
 
     trace = simulate(lambda: spec.build(cfg), build_inputs, dtype=dtype, prepare=prepare, round_to=round_to,
-                     name=name or f"{spec.name}-{config if isinstance(config, str) else 'custom'}")
+                     name=name or f"{spec.name}-{config if isinstance(config, str) else 'custom'}", backward=backward)
     tokens = spec.num_tokens(cfg, pixels) * batch_size
     hidden = spec.hidden_size(cfg)
     element = torch.tensor([], dtype=dtype).element_size()
@@ -101,3 +109,11 @@ def simulate_family(
     })
     return trace
 
+
+
+def training_step(model: torch.nn.Module, inputs: dict[str, Any]) -> None:
+    """One training step's compute: the forward (autograd recording) and the backward of the squared prediction's
+    mean (a stand-in loss: its own memory is the prediction's, tiny next to the hidden states)."""
+    output = model(**{**inputs, "return_dict": False})[0]
+    output = torch.stack(output) if isinstance(output, list) else output  # Z-Image: one tensor per sample
+    output.float().square().mean().backward()

@@ -281,3 +281,17 @@ def test_the_gpu_benchmark_runs_on_the_cpu():
     assert list(row["variants"]) == ["checkpointing", "memopt 4", "unmodified"]
     assert all(result["error"] <= 2e-2 for result in row["variants"].values()), row  # bf16
     assert "| memopt 4 | n/a |" in benchmark.markdown_cuda([row])
+
+
+def test_full_size_training_step_simulated():
+    """Wan2.1-14B at 720p/81f (two blocks, bf16, FakeTensorMode): a training step's activation peak above weights,
+    their gradients and the inputs, with diffusers' checkpointing and with memopt (measured: 48.6 and 12.1 LD;
+    benchmarks/results/sequence_training_cpu.md)."""
+    from memopt import simulate_family
+
+    config = {**get_family("wan").config("full"), "num_layers": 2}
+    checkpointing = simulate_family("wan", config, backward=True, prepare=lambda m: m.enable_gradient_checkpointing())
+    chunked = simulate_family("wan", config, backward=True, prepare=lambda m: apply_sequence_chunking(m, training=True))
+    ld = chunked.meta["ld_bytes"]
+    assert checkpointing.peak_bytes / ld > 45 and chunked.peak_bytes / ld < 12.5, (checkpointing.peak_bytes,
+                                                                                   chunked.peak_bytes)
