@@ -25,7 +25,11 @@ def build(family: str, batch_size: int = 2):
     spec = get_family(family)
     model = spec.build("tiny").train()
     inputs = make_inputs(family, model, batch_size)
-    return model, inputs, "hidden_states" if "hidden_states" in inputs else "x"
+    return model, inputs, latent_key(inputs)
+
+
+def latent_key(inputs: dict) -> str:
+    return "hidden_states" if "hidden_states" in inputs else "x"  # the Z-Image lineage calls it x
 
 
 def make_inputs(family: str, model: torch.nn.Module, batch_size: int) -> dict:
@@ -80,12 +84,13 @@ def assert_same_gradients(result: dict, reference: dict, where: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_match_unmodified_model(family):
-    model, inputs, key = build(family)
+    model = get_family(family).build("tiny").train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     # 4 chunks split the 8 text tokens of joint blocks, 16 carry them whole; at batch 1 no per-sample table is
     # reduced over the batch in the backward (the case of separate_shared_gradients)
     for batch_size, num_chunks in ((2, 4), (2, 16), (1, 4)):
         inputs = make_inputs(family, model, batch_size)
+        key = latent_key(inputs)
         reference = step(model, inputs, key)
         assert reference["nodes"] == 0
         report = apply_sequence_chunking(model, num_chunks, training=True)
