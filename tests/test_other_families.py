@@ -33,6 +33,13 @@ def _mask(batch: int, length: int, valid: int, dtype: torch.dtype = torch.float3
     return mask
 
 
+def _sd_unet_inputs(**extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A Stable-Diffusion-style UNet call at the builders' sizes: 2 latents of 4 x 9 x 7, 9 prompt tokens 12 wide
+    with a padded key mask, and ``extra`` arguments."""
+    return dict(sample=torch.randn(2, 4, 9, 7), timestep=torch.tensor([3, 500]),
+                encoder_hidden_states=torch.randn(2, 9, 12), encoder_attention_mask=_mask(2, 9, 6), **extra)
+
+
 # ------------------------------------------------------------------------------------------------ builders
 def _sana() -> Built:
     model = diffusers.SanaTransformer2DModel(
@@ -222,8 +229,7 @@ def _unet_2d_condition() -> Built:
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=8, cross_attention_dim=12, attention_head_dim=2)
-    return model, dict(sample=torch.randn(2, 4, 9, 7), timestep=torch.tensor([3, 500]),
-                       encoder_hidden_states=torch.randn(2, 9, 12), encoder_attention_mask=_mask(2, 9, 6))
+    return model, _sd_unet_inputs()
 
 
 def _dreamlite_unet() -> Built:
@@ -236,8 +242,7 @@ def _dreamlite_unet() -> Built:
         down_block_types=("DreamLiteCrossAttnNoSelfAttnDownBlock2D", "DreamLiteCrossAttnDownBlock2D"),
         up_block_types=("DreamLiteCrossAttnUpBlock2D", "DreamLiteCrossAttnNoSelfAttnUpBlock2D"),
         norm_num_groups=8, cross_attention_dim=12, attention_head_dim=2, num_kv_heads=1, ff_mult=2)
-    return model, dict(sample=torch.randn(2, 4, 9, 7), timestep=torch.tensor([3, 500]),
-                       encoder_hidden_states=torch.randn(2, 9, 12), encoder_attention_mask=_mask(2, 9, 6))
+    return model, _sd_unet_inputs()
 
 
 def _svd_unet() -> Built:
@@ -342,9 +347,8 @@ def _audioldm2() -> Built:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=8, cross_attention_dim=([None, 12, 16], [None, 12, 16]),
         attention_head_dim=2)
-    return model, dict(sample=torch.randn(2, 4, 9, 7), timestep=torch.tensor([3, 500]),
-                       encoder_hidden_states=torch.randn(2, 9, 12), encoder_attention_mask=_mask(2, 9, 6),
-                       encoder_hidden_states_1=torch.randn(2, 5, 16), encoder_attention_mask_1=_mask(2, 5, 3))
+    return model, _sd_unet_inputs(encoder_hidden_states_1=torch.randn(2, 5, 16),
+                                  encoder_attention_mask_1=_mask(2, 5, 3))
 
 
 def _controlnet_xs() -> Built:
