@@ -43,6 +43,7 @@ import triton
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate_family
 from memopt.models import FAMILIES, cast_floating_, get_family
 from memopt.trace.growth import activation_growth, sized_config
+from memopt.trace.simulate import training_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sequence import BENCH_CONFIGS, BENCH_HEADS, BENCH_SIZES, BENCH_TEXT_TOKENS  # noqa: E402
@@ -57,19 +58,14 @@ def _checkpointing(model: torch.nn.Module) -> None:
     model.enable_gradient_checkpointing()
 
 
-def _memopt(num_chunks: int | None, schedule: str = "two_pass") -> Callable[[torch.nn.Module], None]:
-    return lambda model: apply_sequence_chunking(model, num_chunks, training=True, schedule=schedule) and None
+def _memopt(num_chunks: int | None, schedule: str = "two_pass") -> Callable[[torch.nn.Module], Any]:
+    return lambda model: apply_sequence_chunking(model, num_chunks, training=True, schedule=schedule)
 
 
-VARIANTS: dict[str, Callable[[torch.nn.Module], None] | None] = {
+VARIANTS: dict[str, Callable[[torch.nn.Module], Any] | None] = {
     "unmodified": None, "checkpointing": _checkpointing, "memopt": _memopt(None), "memopt 8": _memopt(8),
     "memopt 8 lockstep": _memopt(8, "lockstep"),
 }
-
-
-def _prediction(output: Any) -> torch.Tensor:
-    output = output[0]
-    return torch.stack(output) if isinstance(output, list) else output
 
 
 def _step(model: torch.nn.Module, inputs: dict, key: str) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -82,7 +78,7 @@ def _step(model: torch.nn.Module, inputs: dict, key: str) -> tuple[float, torch.
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    _prediction(model(**{**inputs, key: x, "return_dict": False})).float().square().mean().backward()
+    training_step(model, {**inputs, key: x})
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -223,7 +223,7 @@ class ChunkLayout:
             offset += length
         if deferred:
             return value.rows(ranges)
-        narrow = running("narrow_rows") or torch.narrow  # a chunked backward's: see _sequence_backward.GradientRows
+        narrow = running("narrow_rows") or torch.narrow  # a chunked backward's: see _sequence_backward.InputGradients
         pieces = [narrow(value, spec.split_dim, start, end - start) for start, end in ranges]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, spec.split_dim)
 

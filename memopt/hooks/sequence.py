@@ -370,8 +370,8 @@ class SequenceChunkingHook(ModelHook):
             RUNNING.block_run = None
 
     def chunked_backward(self, module: torch.nn.Module, arguments: Arguments, grad_output: Any) -> None:
-        """Back-propagates ``grad_output`` through the block in chunks (:mod:`memopt.hooks._sequence_backward`);
-        gradients land in ``.grad`` of the parameters and of the tensors in ``arguments``."""
+        """Back-propagates ``grad_output`` through the block in chunks (:mod:`memopt.hooks._sequence_backward`):
+        into the parameters' ``.grad`` and along the autograd graphs of the tensors in ``arguments``."""
         original = self.fn_ref.original_forward
         prepared = self._prepare(module, arguments, self._image(arguments))
         if prepared is None:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from ..models import Size, get_family
-from .simulate import training_step
+from .simulate import allocate_gradients, training_step
 from .tracer import trace_memory
 
 GROWTH_HEADS = {"num_attention_heads": 16, "attention_head_dim": 8}
@@ -180,12 +180,10 @@ def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | N
         inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
                                   num_frames=size.num_frames, masked=True)
         if backward:
-            for parameter in model.parameters():  # a later step's gradients: in the baseline, accumulated in place
-                parameter.grad = torch.zeros_like(parameter)
+            allocate_gradients(model)
             peaks.append(trace_memory(training_step, model, inputs).peak_bytes)
         else:
             with torch.no_grad():
                 peaks.append(trace_memory(model, **inputs).peak_bytes)
         tokens.append(spec.num_tokens(model.config, size))
     return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * spec.hidden_size(model.config) * 4)
-

@@ -40,8 +40,7 @@ def simulate(
         round_to: allocation rounding (512 mimics the CUDA caching allocator).
         name: trace name.
         backward: trace a training step instead (:func:`training_step`: the forward with autograd recording and the
-            backward), into parameter gradients allocated before it (in the baseline), as in every step after the
-            first with ``zero_grad(set_to_none=False)``.
+            backward), into parameter gradients made before it (:func:`allocate_gradients`).
 
     Returns:
         The :class:`MemoryTrace`; ``baseline_bytes`` is weights + inputs, ``peak_bytes`` the activation peak.
@@ -62,8 +61,7 @@ def simulate(
             prepare(model)
         inputs = build_inputs(model)
         if backward:
-            for parameter in model.parameters():
-                parameter.grad = torch.zeros_like(parameter)
+            allocate_gradients(model)
     tracer = MemoryTracer(round_to=round_to, root=model, device="dispatch")
     with torch.set_grad_enabled(backward), fake_mode:
         trace = tracer.run(training_step, model, inputs) if backward else tracer.run(model, **inputs)
@@ -109,6 +107,12 @@ def simulate_family(
     })
     return trace
 
+
+def allocate_gradients(model: torch.nn.Module) -> None:
+    """Zero gradients for every parameter, made before a traced training step so that they count in its baseline and
+    the step accumulates into them in place, as every step after the first with ``zero_grad(set_to_none=False)``."""
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
 
 
 def training_step(model: torch.nn.Module, inputs: dict[str, Any]) -> None:
