@@ -15,6 +15,10 @@ What :func:`apply_memory_optimizations` does with each component of a ``Diffusio
 
 Without CUDA nothing is moved (offloading is skipped with a message) and chunking is still planned and applied.
 
+For training (``training=True``) the denoisers stay resident and are planned for a training step: the unmodified
+model, diffusers' gradient checkpointing or memopt's sequence chunks recomputed chunk by chunk in the backward,
+whichever is fastest among those that fit (:func:`memopt.planner.plan_denoiser`).
+
 Multi-GPU: memopt's sequence chunking is the sequential form of context parallelism (the N "ranks" run one after
 another and exchange keys/values through full-length buffers). With N GPUs, run the same model with diffusers' own
 engine instead, one process per GPU (``torchrun --nproc-per-node=N generate.py``)::
@@ -61,7 +65,16 @@ from .hooks.offload import (
     remove_offloading,
     remove_vae_tiling,
 )
-from .planner import BudgetError, DenoiserPlan, DeviceProfile, floor_bytes, format_bytes, parse_budget, plan_denoiser
+from .planner import (
+    BudgetError,
+    DenoiserPlan,
+    DeviceProfile,
+    floor_bytes,
+    format_bytes,
+    parse_budget,
+    plan_denoiser,
+    trainable_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +146,7 @@ class MemoryPlan:
         device: where the pipeline computes.
         budget_bytes: the device memory planned for.
         budget_source: where the budget came from.
+        training: the denoisers are planned for training steps (see :func:`apply_memory_optimizations`).
         components: per component, in pipeline order.
         messages: notes (e.g. offloading skipped without CUDA).
     """
@@ -140,6 +154,7 @@ class MemoryPlan:
     device: torch.device
     budget_bytes: int
     budget_source: str
+    training: bool = False
     components: dict[str, ComponentPlan] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
 
@@ -186,6 +201,7 @@ class PlanOnFirstCallHook(ModelHook):
             denoiser_plan = _isolated(lambda: plan_denoiser(
                 module, args, kwargs, self.plan.budget_bytes, self.plan.device, offload=self.offload,
                 other_resident_bytes=other_resident, idle_reserve_bytes=other_working, profile=_profile(self.plan),
+                training=self.plan.training,
             ))
             _apply_denoiser_plan(module, component, denoiser_plan)
         except BaseException:
@@ -249,6 +265,7 @@ def apply_memory_optimizations(
     num_frames: int | None = None,
     batch_size: int = 1,
     vae_tiling: bool = True,
+    training: bool = False,
 ) -> MemoryPlan:
     """Plan and apply memopt to a ``DiffusionPipeline`` or a bare diffusers denoiser so it fits ``budget``.
 
@@ -262,6 +279,13 @@ def apply_memory_optimizations(
             each denoiser is planned at its first forward, from the shapes it is called with.
         batch_size: the denoiser's batch for ``height``/``width`` planning (2 for pipelines that batch CFG).
         vae_tiling: turn on the VAE's tiled/sliced decoding.
+        training: plan the denoisers for training steps (the forward with autograd, then ``loss.backward()``) instead
+            of forwards: they stay resident (offloaded weights would be gone by the backward), and the planner
+            chooses, by a simulated step, the fastest of the unmodified model, diffusers' gradient checkpointing and
+            memopt's sequence chunks recomputed chunk by chunk in the backward (``apply_sequence_chunking(
+            training=True)``) that fits. The gradients of the trainable parameters count in the budget; an
+            optimizer's state does not: the default budget leaves room for Adam's (two fp32 values per trainable
+            parameter), a given one is for the step alone.
 
     Returns:
         A :class:`MemoryPlan`; ``print(plan)`` shows per component what was applied and the predicted peak (the
@@ -295,8 +319,13 @@ def apply_memory_optimizations(
         raise ValueError(f"give both height and width to plan for a size (got height={height}, width={width})")
     device = _device(device)
     budget_bytes, source = _budget(budget, device, components)
+    if training and budget is None:
+        state = sum(8 * param.numel() for name in denoisers for param in components[name].parameters()
+                    if param.requires_grad)
+        budget_bytes -= state
+        source += f" - Adam's state of the trainable parameters {format_bytes(state)}"
     movable = device.type != "cpu"
-    plan = MemoryPlan(device, budget_bytes, source)
+    plan = MemoryPlan(device, budget_bytes, source, training)
     if not movable:
         message = "no CUDA device: offloading skipped, weights stay where they are; chunking is planned and applied"
         plan.messages.append(message)
@@ -317,7 +346,7 @@ def apply_memory_optimizations(
             entry.place(module, device)
             if name in denoisers:
                 register_memopt_hook(module, PlanOnFirstCallHook(pipe_or_model, plan, name, entry.offload), PLAN_HOOK)
-                entry.action += "; chunking planned at the first forward"
+                entry.action += "; chunking planned at the first forward" + (" for training" if plan.training else "")
             if vae_tiling and entry.kind == "vae":
                 tiling = apply_vae_tiling(module)
                 if tiling:
@@ -424,6 +453,11 @@ def _plan_components(plan: MemoryPlan, components: dict[str, torch.nn.Module], d
         if not movable:
             entry.action = f"stays on {module_device(module)}"
             entry.device_bytes = entry.working_bytes = weights
+        elif kind == "denoiser" and plan.training:
+            entry.action = f"resident on {device} (training: offloaded weights would be gone by the backward)"
+            entry.resident = True
+            entry.device_bytes = weights
+            entry.working_bytes = weights + trainable_bytes(module)
         elif kind == "denoiser":
             # Offloaded now so the pipeline computes on the device from its first step; the first forward may make
             # it resident instead. Pinned host copies need about the model's size of free host RAM.
@@ -452,6 +486,10 @@ def _check_floor(plan: MemoryPlan, components: dict[str, torch.nn.Module], denoi
         other_resident = sum(c.device_bytes for key, c in plan.components.items() if key != name)
         if name in denoisers:
             working, what = floor_bytes(components[name], entry.offload)
+            if plan.training:
+                gradients = trainable_bytes(components[name])
+                working += gradients
+                what += f" + the gradients of its trainable parameters ({format_bytes(gradients)})"
         else:
             working, what = entry.working_bytes, f"{entry.action} ({format_bytes(entry.working_bytes)})"
         floor = other_resident + working
@@ -483,4 +521,5 @@ def _plan_for_size(model: torch.nn.Module, plan: MemoryPlan, name: str, height: 
     other_resident, other_working = _other_device_bytes(plan, name)
     return _isolated(lambda: plan_denoiser(model, (), inputs, plan.budget_bytes, plan.device,
                                            offload=plan.components[name].offload, other_resident_bytes=other_resident,
-                                           idle_reserve_bytes=other_working, profile=_profile(plan)))
+                                           idle_reserve_bytes=other_working, profile=_profile(plan),
+                                           training=plan.training))

@@ -25,6 +25,11 @@ How a plan is made (:func:`plan_denoiser`):
    fits the budget with the least predicted time. Memory falls monotonically with the chunk count, so each series is
    walked upwards until it fits. If nothing fits, :class:`BudgetError` says the smallest peak memopt can reach and
    what dominates it.
+6. **Training** (``training=True``): the same for one training step (forward with autograd, then backward) of the
+   resident model, among the unmodified model, diffusers' gradient checkpointing and memopt's sequence chunks with
+   their chunked recomputation. A step's peak grows with the depth (every block saves something for the backward), so
+   it is extrapolated from the reduced copy and one copy per list with one block more (exact for identical blocks:
+   ``tests/test_planner_training.py``); the trainable parameters' gradients are added to the weights.
 
 Example::
 
@@ -52,7 +57,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
 
 from .hooks._common import remove_memopt_hooks
 from .hooks.offload import OffloadConfig, OffloadGroups, apply_offloading, module_bytes, offload_groups, place_on
@@ -210,23 +223,33 @@ class Chunking:
         schedule: with sequence chunks, ``"two_pass"`` (the part of each block before attention runs twice, at about
             3 LD) or ``"lockstep"`` (nothing rerun, every chunk's pre-attention state alive at once: about twice the
             memory, less time; see :func:`memopt.apply_sequence_chunking`).
+        training: planned for a training step (forward with autograd, then backward) instead of a forward: sequence
+            chunks are applied with ``training=True`` (blocks save only their inputs and are recomputed chunk by
+            chunk in the backward).
+        checkpointing: diffusers' own gradient checkpointing (``enable_gradient_checkpointing``, through
+            :func:`memopt.hooks.checkpointing.apply_gradient_checkpointing`); training plans only.
     """
 
     sequence_chunks: int = 0
     feedforward_chunks: int = 0
     chunk_tail: bool = True
     schedule: str = "two_pass"
+    training: bool = False
+    checkpointing: bool = False
 
     @property
     def is_empty(self) -> bool:
-        return not (self.sequence_chunks or self.feedforward_chunks)
+        return not (self.sequence_chunks or self.feedforward_chunks or self.checkpointing)
 
     def describe(self) -> str:
         parts = []
+        if self.checkpointing:
+            parts.append("diffusers gradient checkpointing")
         if self.sequence_chunks:
             head = "" if self.chunk_tail else ", output head whole"
             schedule = "lock-step" if self.schedule == "lockstep" else "two-pass"
-            parts.append(f"{self.sequence_chunks} sequence chunks ({schedule}{head})")
+            backward = ", recomputed in chunks in the backward" if self.training else ""
+            parts.append(f"{self.sequence_chunks} sequence chunks ({schedule}{head}{backward})")
         if self.feedforward_chunks:
             parts.append(f"FeedForward in {self.feedforward_chunks} hidden shards")
         return " + ".join(parts) or "no chunking"
@@ -245,19 +268,31 @@ class Chunking:
             from .hooks.sequence import apply_sequence_chunking
 
             reports.append(apply_sequence_chunking(model, num_chunks=self.sequence_chunks, chunk_tail=self.chunk_tail,
-                                                   schedule=self.schedule))
+                                                   schedule=self.schedule, training=self.training))
+        if self.checkpointing:
+            from .hooks.checkpointing import apply_gradient_checkpointing
+
+            reports.append(apply_gradient_checkpointing(model))
         return reports
 
 
-def candidate_series(tokens: int | None = None) -> list[list[Chunking]]:
+def candidate_series(tokens: int | None = None, training: bool = False) -> list[list[Chunking]]:
     """The chunkings the planner tries, as series ordered by increasing chunk count (memory falls along each).
 
     ``tokens`` (image tokens per sample) caps the sequence chunk counts: more chunks than tokens run as one chunk per
-    token, the same as ``tokens`` chunks.
+    token, the same as ``tokens`` chunks. For a training step (``training``): the unmodified model, diffusers' gradient
+    checkpointing (blocks save their inputs and are recomputed whole), and memopt's sequence chunks recomputed chunk
+    by chunk, which also bound a block's backward workspace by a chunk's.
     """
     def counts(series: tuple[int, ...]) -> list[int]:
         return [n for n in series if tokens is None or n <= tokens]
 
+    if training:
+        return [
+            [Chunking(training=True)],
+            [Chunking(training=True, checkpointing=True)],
+            [Chunking(sequence_chunks=n, training=True) for n in counts(SEQUENCE_SERIES)],
+        ]
     return [
         [Chunking()],
         [Chunking(feedforward_chunks=k) for k in FEEDFORWARD_SERIES],
@@ -317,6 +352,11 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
+def trainable_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the gradients a training step makes: one per parameter that requires grad."""
+    return sum(param.numel() * param.element_size() for param in model.parameters() if param.requires_grad)
+
+
 def input_bytes(args: Any, kwargs: Any) -> int:
     """Bytes of the distinct tensor storages among the forward's inputs."""
     seen: dict[Any, int] = {}
@@ -333,15 +373,15 @@ def block_lists(model: torch.nn.Module) -> list[str]:
             if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))]
 
 
-def _reduced_config(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
-    """The config to simulate with and, per block list, (real depth, simulated depth)."""
+def _reduced_config(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, tuple[str, int, int]]]:
+    """The config to simulate with and, per block list, (its config key, real depth, simulated depth)."""
     config = {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
-    depths: dict[str, tuple[int, int]] = {}
+    depths: dict[str, tuple[str, int, int]] = {}
     for key, list_name in REPEATED_LAYERS.get(type(model).__name__, {}).items():
         blocks = getattr(model, list_name, None)
         if key in config and isinstance(blocks, torch.nn.ModuleList) and len(blocks) == config[key]:
             config[key] = min(config[key], SIMULATED_BLOCKS)
-            depths[list_name] = (len(blocks), config[key])
+            depths[list_name] = (key, len(blocks), config[key])
     return config, depths
 
 
@@ -364,6 +404,18 @@ def _phases(modules: list[str], live_bytes: list[int], ops: list[str], lists: li
     return peaks
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One traced forward (or training step) of a fake copy: its timeline, FLOPs per module and op count."""
+
+    trace: Any
+    flop_counts: dict[str, float]
+
+    @property
+    def flops(self) -> float:
+        return float(self.flop_counts.get("Global", 0))
+
+
 def simulate_chunking(
     model: torch.nn.Module,
     args: Sequence[Any],
@@ -372,55 +424,105 @@ def simulate_chunking(
     dtype: torch.dtype | None = None,
     round_to: int = 1,
 ) -> Estimate:
-    """Trace one forward of a fake copy of ``model`` with ``chunking`` applied, on fake inputs shaped like ``args`` /
-    ``kwargs`` (real or fake tensors; only their shapes and dtypes are used)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    """Trace one forward (a training step when ``chunking.training``) of a fake copy of ``model`` with ``chunking``
+    applied, on fake inputs shaped like ``args`` / ``kwargs`` (real or fake tensors; only their shapes and dtypes are
+    used).
 
-    from .trace import simulate
-
+    A forward's activation peak does not depend on the depth, so it is read from the reduced copy (see
+    :data:`REPEATED_LAYERS`) and only FLOPs and ops are scaled to the real depth. A training step's peak does: every
+    block saves something for the backward (all it computed unmodified, its inputs with checkpointing or memopt's
+    recomputation). Its peak, FLOPs and ops are linear in each list's depth, so they are extrapolated from the
+    reduced copy and one copy per list with one block more.
+    """
     dtype = dtype or model_dtype(model)
     config, depths = _reduced_config(model)
+    base = _simulate_once(model, config, args, kwargs, chunking, dtype, round_to)
+    if isinstance(base, Estimate):
+        return base
+    lists = block_lists(model)
+    prefix = type(model).__name__
+    if chunking.training:
+        return _extrapolated(model, config, depths, base, args, kwargs, chunking, dtype, round_to)
+    flops, num_ops = base.flops, base.trace.num_ops
+    block_flops: dict[str, float] = {}
+    block_ops: dict[str, int] = {}
+    for list_name, (_, real, simulated) in depths.items():
+        first = f"{list_name}.0"
+        block_flops[list_name] = float(base.flop_counts.get(f"{prefix}.{first}", 0))
+        block_ops[list_name] = sum(1 for module in base.trace.modules
+                                   if module == first or module.startswith(first + "."))
+        flops += (real - simulated) * block_flops[list_name]
+        num_ops += (real - simulated) * block_ops[list_name]
+    phases = _phases(base.trace.modules, base.trace.live_bytes, base.trace.ops, lists)
+    return Estimate(chunking, phases, flops, num_ops, block_flops, block_ops)
+
+
+def _extrapolated(model: torch.nn.Module, config: dict[str, Any], depths: dict[str, tuple[str, int, int]], base: _Run,
+                  args: Sequence[Any], kwargs: dict[str, Any], chunking: Chunking, dtype: torch.dtype,
+                  round_to: int) -> Estimate:
+    """A training step at the real depth from the reduced copy and, per list, a copy with one block more."""
+    trace = base.trace
+    peak, flops, num_ops = float(trace.peak_bytes), base.flops, float(trace.num_ops)
+    block_flops: dict[str, float] = {}
+    block_ops: dict[str, int] = {}
+    for list_name, (key, real, simulated) in depths.items():
+        if real == simulated:
+            continue
+        deeper = _simulate_once(model, {**config, key: simulated + 1}, args, kwargs, chunking, dtype, round_to)
+        if isinstance(deeper, Estimate):
+            return deeper
+        block_flops[list_name] = deeper.flops - base.flops
+        block_ops[list_name] = deeper.trace.num_ops - trace.num_ops
+        peak += (real - simulated) * (deeper.trace.peak_bytes - trace.peak_bytes)
+        flops += (real - simulated) * block_flops[list_name]
+        num_ops += (real - simulated) * block_ops[list_name]
+    return Estimate(chunking, {"step": PhasePeak(int(peak), trace.peak_module, trace.peak_op)}, flops, int(num_ops),
+                    block_flops, block_ops)
+
+
+def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequence[Any], kwargs: dict[str, Any],
+                   chunking: Chunking, dtype: torch.dtype, round_to: int) -> _Run | Estimate:
+    """Trace a fake copy built from ``config``; an :class:`Estimate` with ``error`` when it cannot be simulated."""
+    from .trace import simulate
+
     names = list(_positional_names(model))
     if len(args) > len(names):
         raise TypeError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
     built: list[torch.nn.Module] = []
 
     def build() -> torch.nn.Module:
-        # Frozen: FlopCounterMode's module tracker asserts on a module input that requires grad without a grad_fn,
-        # which a view of a parameter made under no_grad is (FIBO 2's Perceiver queries latent_queries[:n]).
+        # Frozen for a forward: FlopCounterMode's module tracker asserts on a module input that requires grad without
+        # a grad_fn, which a view of a parameter made under no_grad is (FIBO 2's Perceiver queries latent_queries[:n]).
         copy = type(model).from_config(config).eval().requires_grad_(False)
+        if chunking.training:
+            _mirror_training(copy, model)
         built.append(copy)
         return copy
 
-    def fake_inputs(_: torch.nn.Module) -> dict[str, Any]:
+    def fake_inputs(copy: torch.nn.Module) -> dict[str, Any]:
         def like(value: Any) -> Any:
             if isinstance(value, torch.Tensor):
                 return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device="cpu")
             return value
 
         fake_args, fake_kwargs = tree_map(like, (tuple(args), dict(kwargs)))
-        return {**dict(zip(names, fake_args)), **fake_kwargs}
+        inputs = {**dict(zip(names, fake_args)), **fake_kwargs}
+        if chunking.training and not any(param.requires_grad for param in copy.parameters()):
+            # Adapters only (LoRA): they are not in the copy, but the backward still runs through every block to
+            # reach them, which a gradient for the latents reproduces.
+            inputs["hidden_states"] = inputs["hidden_states"].requires_grad_(True)
+        return inputs
 
-    # Ops torch has no FLOP formula for: the CPU flash kernel the fake forward takes (counted like the CUDA ones)
-    # and the in-place matmul accumulation of TP-equivalent FeedForward shards.
-    def cpu_flash_flops(query_shape, key_shape, value_shape, *_, **__) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    def addmm_flops(self_shape, a_shape, b_shape, *_, **__) -> int:
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-    def baddbmm_flops(self_shape, a_shape, b_shape, *_, **__) -> int:
-        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
-
-    counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flops,
-        torch.ops.aten.addmm_: addmm_flops, torch.ops.aten.baddbmm_: baddbmm_flops})
+    # FlopCounterMode attributes FLOPs to modules (the offloading overlap needs one block's), but its module
+    # tracker's autograd hooks keep what a non-reentrant checkpoint frees alive and reject block inputs that are leaves
+    # requiring grad (the recomputing backward's): a training step counts only the total.
+    counter = _StepFlopCounter() if chunking.training else FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS)
     try:
         # Functions the model compiles itself (flex attention's kernel) run eagerly here: a compilation under the fake
         # tensors and tracing modes fails, and a failed one leaves dynamo refusing the model's next real forward.
         with counter, torch.compiler.set_stance("force_eager"):
             trace = simulate(build, fake_inputs, dtype=dtype, prepare=chunking.apply, round_to=round_to,
-                             name=chunking.describe())
+                             name=chunking.describe(), backward=chunking.training)
     except (DataDependentOutputException, DynamicOutputShapeException) as error:
         # The model's own forward branches on tensor values or makes data-dependent shapes (HunyuanVideo 1.5's
         # `if torch.all(image_embeds == 0)` and per-sample boolean indexing of its text tokens): no fake trace.
@@ -441,20 +543,62 @@ def simulate_chunking(
     finally:
         for copy in built:
             remove_memopt_hooks(copy)  # hooks may hold global interception state until removed
-    prefix = type(model).__name__
-    flop_counts = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
-    flops = float(flop_counts.get("Global", 0))
-    num_ops = trace.num_ops
-    block_flops: dict[str, float] = {}
-    block_ops: dict[str, int] = {}
-    for list_name, (real, simulated) in depths.items():
-        first = f"{list_name}.0"
-        block_flops[list_name] = float(flop_counts.get(f"{prefix}.{first}", 0))
-        block_ops[list_name] = sum(1 for module in trace.modules if module == first or module.startswith(first + "."))
-        flops += (real - simulated) * block_flops[list_name]
-        num_ops += (real - simulated) * block_ops[list_name]
-    phases = _phases(trace.modules, trace.live_bytes, trace.ops, block_lists(model))
-    return Estimate(chunking, phases, flops, num_ops, block_flops, block_ops)
+    if isinstance(counter, _StepFlopCounter):
+        return _Run(trace, {"Global": float(counter.flops)})
+    return _Run(trace, {name: float(sum(counts.values())) for name, counts in counter.get_flop_counts().items()})
+
+
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *_, **__) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *_, **__) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _addmm_flops(self_shape, a_shape, b_shape, *_, **__) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _baddbmm_flops(self_shape, a_shape, b_shape, *_, **__) -> int:
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+EXTRA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+    torch.ops.aten.addmm_: _addmm_flops,
+    torch.ops.aten.baddbmm_: _baddbmm_flops,
+}
+"""FLOP formulas (on shapes) for ops torch has none for: the CPU flash kernel a fake forward takes (counted like the
+CUDA ones) and its backward, and the in-place matmul accumulation of TP-equivalent FeedForward shards."""
+
+
+class _StepFlopCounter(TorchDispatchMode):
+    """The FLOPs of every op with a formula in ``torch.utils.flop_counter`` or :data:`EXTRA_FLOPS`, in total."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.formulas = {**flop_registry, **{op: shape_wrapper(formula) for op, formula in EXTRA_FLOPS.items()}}
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def _mirror_training(copy: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Give the fake copy ``model``'s trainable parameters (by name; a PEFT-wrapped ``base_layer`` counts as the
+    plain layer) and its diffusers gradient checkpointing switch."""
+    trainable = {name.replace(".base_layer.", ".") for name, param in model.named_parameters() if param.requires_grad}
+    for name, param in copy.named_parameters():
+        param.requires_grad_(name in trainable)
+    if getattr(model, "is_gradient_checkpointing", False):
+        copy.enable_gradient_checkpointing()
 
 
 def _positional_names(model: torch.nn.Module) -> Iterable[str]:
@@ -581,6 +725,8 @@ class DenoiserPlan:
         reports: the ``apply_*`` reports once applied.
         note: why nothing was moved, when nothing was.
         planning_seconds: how long planning took (simulations included).
+        gradient_bytes: the trainable parameters' gradients (training plans; in the predicted peak).
+        training: planned for a training step rather than a forward.
     """
 
     chunking: Chunking
@@ -604,6 +750,8 @@ class DenoiserPlan:
     reports: list[Any] = field(default_factory=list)
     note: str = ""
     planning_seconds: float = 0.0
+    gradient_bytes: int = 0
+    training: bool = False
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -634,16 +782,18 @@ class DenoiserPlan:
         ld = self.ld(option.activation_bytes)
         ld_text = f", {ld:.1f} LD" if ld is not None else ""
         others = f" + other components {format_bytes(self.other_resident_bytes)}" if self.other_resident_bytes else ""
+        gradients = f" + gradients {format_bytes(self.gradient_bytes)}" if self.gradient_bytes else ""
         where = f"{option.peak.module or '<top level>'} {option.peak.op}"
         return (f"predicted peak {format_bytes(option.peak_bytes)} of {format_bytes(self.budget_bytes)} "
-                f"({option.phase} phase): weights {format_bytes(option.weight_bytes)} + inputs "
+                f"({option.phase} phase): weights {format_bytes(option.weight_bytes)}{gradients} + inputs "
                 f"{format_bytes(self.input_bytes)} + activations {format_bytes(option.activation_bytes)}{ld_text} at "
                 f"{where}{others}")
 
     def time_line(self) -> str:
         shape = self.shapes.get("hidden_states")
         at = f"hidden_states {tuple(shape)}" if shape is not None else "the call's shapes"
-        return (f"predicted time x{self.predicted_slowdown:.2f} of the unmodified model kept resident "
+        baseline = "the unmodified model's training step" if self.training else "the unmodified model kept resident"
+        return (f"predicted time x{self.predicted_slowdown:.2f} of {baseline} "
                 f"({self.profile.name}; {len(self.considered)} options simulated at {at} in "
                 f"{self.planning_seconds:.1f} s)")
 
@@ -675,8 +825,10 @@ def plan_denoiser(
     profile: DeviceProfile | None = None,
     series: list[list[Chunking]] | None = None,
     runtime_overhead_bytes: int | None = None,
+    training: bool = False,
 ) -> DenoiserPlan:
-    """Choose chunking and placement for ``model`` so one forward on ``args``/``kwargs`` fits ``budget``.
+    """Choose chunking and placement for ``model`` so one forward on ``args``/``kwargs`` (with ``training``: one
+    training step) fits ``budget``.
 
     Args:
         model: the denoiser (real or built under ``FakeTensorMode``); only its config, class and weight sizes are
@@ -694,9 +846,16 @@ def plan_denoiser(
             tried with ``chunk_tail=False`` (see :class:`Chunking`).
         runtime_overhead_bytes: device memory outside the traced tensors (default:
             :data:`CUDA_RUNTIME_OVERHEAD_BYTES` on CUDA, 0 elsewhere).
+        training: plan a training step (the forward with autograd, then the backward) instead of a forward: the
+            model stays resident (offloaded weights would be gone by the backward), the gradients of its trainable
+            parameters count in the peak (an optimizer's state does not: leave room for it), and the candidates are
+            the unmodified model, diffusers' gradient checkpointing and memopt's sequence chunks with their chunked
+            recomputation (:func:`candidate_series`). Trainable parameters are the model's (``requires_grad``); with
+            adapters only (LoRA), the step back-propagates through every block to them, as simulated.
 
     Raises:
         BudgetError: no option fits; the message names the smallest reachable peak and what dominates it.
+        ValueError: ``training`` with ``offload``.
     """
     start = time.perf_counter()
     budget_bytes = parse_budget(budget)
@@ -704,19 +863,23 @@ def plan_denoiser(
     dtype = model_dtype(model)
     profile = profile or DeviceProfile.defaults(device, dtype)
     round_to = 512 if device.type == "cuda" else 1
+    if training and offload is not None:
+        raise ValueError(f"a training plan keeps {type(model).__name__} resident: its offloaded weights would be gone "
+                         "by the backward; pass offload=None")
     weights = module_bytes(model)
+    gradients = trainable_bytes(model) if training else 0
     inputs = input_bytes(args, kwargs)
     groups = offload_groups(model, "block_level", offload.num_blocks_per_group if offload else 1)
     movable = device.type != "cpu"
     if runtime_overhead_bytes is None:
         runtime_overhead_bytes = CUDA_RUNTIME_OVERHEAD_BYTES if device.type == "cuda" else 0
-    fixed = other_resident_bytes + inputs + runtime_overhead_bytes
+    fixed = other_resident_bytes + inputs + gradients + runtime_overhead_bytes
     shapes = {name: tuple(value.shape) for name, value in _named_tensors(model, args, kwargs)}
     token_info = _tokens(model, shapes)
     batch = shapes["hidden_states"][0] if "hidden_states" in shapes else 1
     per_sample = token_info["tokens"] // batch if token_info["tokens"] else None
     placements: list[OffloadConfig | None] = []
-    if not movable or other_resident_bytes + weights + idle_reserve_bytes <= budget_bytes:
+    if not movable or other_resident_bytes + weights + gradients + idle_reserve_bytes <= budget_bytes:
         placements.append(None)
     if offload is not None and movable:
         placements.append(offload)
@@ -732,7 +895,9 @@ def plan_denoiser(
         floor = fixed + max(phase_weights(groups, placement, ["before", "after", *block_lists(model)]).values())
         unchunked_fits = False
         two_pass_fits: list[int] = []  # sequence chunk counts at which the two-pass schedule fits
-        for chunkings in series or candidate_series(per_sample):
+        for chunkings in series or candidate_series(per_sample, training):
+            if getattr(model, "is_gradient_checkpointing", False):  # already on: the simulated copies have it too
+                chunkings = [chunking for chunking in chunkings if not chunking.checkpointing]
             if chunkings and chunkings[0].schedule == "lockstep":
                 # Lock-step holds more than two-pass at any count: start where two-pass fits, and only when the
                 # series' lowest peak (its most chunks) fits at all.
@@ -750,7 +915,9 @@ def plan_denoiser(
                 option = _option(result, groups, placement, fixed, profile)
                 considered.append(option)
                 fits = option.peak_bytes <= budget_bytes
-                unchunked_fits = unchunked_fits or (fits and chunking.is_empty)
+                # Checkpointing, which reruns each block once, is faster than memopt's chunked recomputation.
+                unchunked_fits = unchunked_fits or (
+                    fits and not (chunking.sequence_chunks or chunking.feedforward_chunks))
                 if fits and chunking.sequence_chunks and chunking.schedule == "two_pass":
                     two_pass_fits.append(chunking.sequence_chunks)
                 if fits or (previous and option.peak_bytes >= previous.peak_bytes):
@@ -765,13 +932,14 @@ def plan_denoiser(
             break  # resident and unchunked: nothing is faster
     fitting = [option for option in considered if option.peak_bytes <= budget_bytes]
     if not fitting:
-        raise BudgetError(_nothing_fits(model, budget_bytes, considered, groups, inputs, other_resident_bytes, cache))
+        raise BudgetError(_nothing_fits(model, budget_bytes, considered, groups, inputs, other_resident_bytes, cache,
+                                        gradients))
     # Within 1% of the fastest (the time model's resolution), prefer fewer hooks, then the lower peak.
     fastest = min(option.time_s for option in fitting)
     best = min((option for option in fitting if option.time_s <= 1.01 * fastest),
                key=lambda option: (option.chunking.sequence_chunks + option.chunking.feedforward_chunks,
                                    option.peak_bytes))
-    baseline = estimate(Chunking())
+    baseline = estimate(Chunking(training=training))
     return DenoiserPlan(
         chunking=best.chunking, offload=best.offload, device=device, move_to_device=movable and best.offload is None,
         budget_bytes=budget_bytes, other_resident_bytes=other_resident_bytes, weight_bytes=weights,
@@ -780,7 +948,7 @@ def plan_denoiser(
         shapes=shapes, groups=groups, considered=considered, profile=profile,
         note="" if movable else "no CUDA device: nothing moved (weights stay where they are); chunking only",
         element_size=torch.tensor([], dtype=dtype).element_size(), planning_seconds=time.perf_counter() - start,
-        **token_info,
+        gradient_bytes=gradients, training=training, **token_info,
     )
 
 
@@ -790,7 +958,7 @@ def _placed(chunking: Chunking, placement: OffloadConfig | None) -> Chunking:
 
 
 def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option], groups: OffloadGroups, inputs: int,
-                  other: int, cache: dict[Chunking, Estimate]) -> str:
+                  other: int, cache: dict[Chunking, Estimate], gradients: int) -> str:
     name = type(model).__name__
     failed: dict[str, list[str]] = {}  # why a chunking could not be simulated -> the chunkings, in order
     for chunking, estimate in cache.items():
@@ -803,9 +971,11 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
         if failed:
             errors = "; ".join(f"{', '.join(chunkings)}: {error.rstrip('.')}" for error, chunkings in failed.items())
             return f"no memopt option could be simulated for {name}: {errors}. {_apply_directly(model)}"
-        return (f"{name}: nothing fits the budget of {format_bytes(budget)}: its weights "
-                f"({format_bytes(groups.total_bytes)})"
-                f" with the other components ({format_bytes(other)}) leave no room, and it cannot be offloaded here")
+        weights = f"its weights ({format_bytes(groups.total_bytes)})"
+        if gradients:
+            weights += f" and their gradients ({format_bytes(gradients)}; a training step keeps the model resident)"
+        return (f"{name}: nothing fits the budget of {format_bytes(budget)}: {weights} with the other components "
+                f"({format_bytes(other)}) leave no room, and it cannot be offloaded here")
     best = min(considered, key=lambda option: option.peak_bytes)
     weights = ("the whole model" if best.offload is None
                else f"{best.phase} phase of block-level offloading (top-level group "
@@ -816,6 +986,8 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
         f"weights on the device ({weights})": best.weight_bytes,
         "the forward's inputs": inputs,
     }
+    if gradients:
+        parts["the trainable parameters' gradients"] = gradients
     if other:
         parts["other components kept on the device"] = other
     dominant = max(parts, key=parts.get)
