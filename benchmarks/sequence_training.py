@@ -8,7 +8,11 @@ mean), each against the unmodified model in the same run:
   backward);
 * ``memopt``: ``apply_sequence_chunking(model, training=True)``, the family plan's chunk count and 8 chunks (the
   blocks run in chunks and save only their inputs; the backward recomputes them chunk by chunk), and 8 chunks with a
-  lock-step forward (nothing rerun in the forward; the backward is the same).
+  lock-step forward (nothing rerun in the forward; the backward is the same); at full size (simulated) and on CUDA
+  also with ``saved_inputs="host"`` (the saved block inputs wait in host memory).
+
+And what ``apply_memory_optimizations(model, budget, training=True)`` chooses for full-size models (simulated for a
+CUDA device under FakeTensorMode: :func:`memopt.planner.plan_denoiser` with ``training=True``).
 
 Per family: the activation growth of a step in LD per token (``memopt.trace.activation_growth(..., backward=True)``:
 fp32 tracer, width 128, one block of each kind, parameter gradients allocated before the step), the relative error
@@ -40,8 +44,11 @@ from typing import Any, Callable
 import torch
 import triton
 
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate_family
 from memopt.models import FAMILIES, cast_floating_, get_family
+from memopt.planner import BudgetError, plan_denoiser
 from memopt.trace.growth import activation_growth, sized_config
 from memopt.trace.simulate import training_step
 
@@ -58,8 +65,10 @@ def _checkpointing(model: torch.nn.Module) -> None:
     model.enable_gradient_checkpointing()
 
 
-def _memopt(num_chunks: int | None, schedule: str = "two_pass") -> Callable[[torch.nn.Module], Any]:
-    return lambda model: apply_sequence_chunking(model, num_chunks, training=True, schedule=schedule)
+def _memopt(num_chunks: int | None, schedule: str = "two_pass", saved_inputs: str = "device"
+            ) -> Callable[[torch.nn.Module], Any]:
+    return lambda model: apply_sequence_chunking(model, num_chunks, training=True, schedule=schedule,
+                                                 saved_inputs=saved_inputs)
 
 
 VARIANTS: dict[str, Callable[[torch.nn.Module], Any] | None] = {
@@ -156,6 +165,7 @@ def bench_device(family: str, device: str, config_name: str, size_name: str, rep
                               device=device)
     key = "hidden_states" if "hidden_states" in inputs else "x"
     variants = {"checkpointing": _checkpointing, **{f"memopt {n}": _memopt(n) for n in chunk_counts},
+                f"memopt {chunk_counts[0]}, saved inputs on the host": _memopt(chunk_counts[0], saved_inputs="host"),
                 "unmodified": None}
     row: dict[str, Any] = {"family": family, "config": config_name, "size": size,
                            "tokens": spec.num_tokens(model.config, size), "variants": {}}
@@ -208,6 +218,11 @@ def markdown_cuda(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+SIMULATED_VARIANTS: dict[str, Callable[[torch.nn.Module], Any] | None] = {
+    "unmodified": None, "checkpointing": _checkpointing, "memopt": _memopt(None),
+    "memopt host": _memopt(None, saved_inputs="host"),
+}
+
 # Full-size configs simulated under FakeTensorMode (memopt.simulate_family(..., backward=True)), bf16: a few blocks
 # (peaks per block) and Wan2.1-14B whole.
 SIMULATED: dict[str, list[dict[str, int]]] = {
@@ -225,24 +240,80 @@ def simulated_rows() -> list[dict[str, Any]]:
         for overrides in configs:
             config = {**spec.config("full"), **overrides}
             row: dict[str, Any] = {"family": family, "blocks": overrides, "size": spec.size("default")}
-            for name in ("unmodified", "checkpointing", "memopt"):
-                trace = simulate_family(family, config, backward=True, prepare=VARIANTS[name])
+            for name, prepare in SIMULATED_VARIANTS.items():
+                trace = simulate_family(family, config, backward=True, prepare=prepare)
                 row[name], row["ld"] = trace.peak_bytes, trace.meta["ld_bytes"]
+                row[f"{name} host"] = trace.meta.get("host_bytes", 0)
             rows.append(row)
             print(row, flush=True)
     return rows
 
 
 def markdown_simulated(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model, size | blocks | unmodified | diffusers checkpointing | **memopt** (plan's chunks) |",
-             "|---|---|---|---|---|"]
+    lines = ["| model, size | blocks | unmodified | diffusers checkpointing | **memopt** (plan's chunks) | "
+             "memopt, saved inputs on the host (host memory) |", "|---|---|---|---|---|---|"]
     for row in rows:
         size = row["size"]
-        cells = [f"{row[name] / 2**30:.2f} GiB ({row[name] / row['ld']:.1f} LD)"
-                 for name in ("unmodified", "checkpointing", "memopt")]
+        cells = [f"{row[name] / 2**30:.2f} GiB ({row[name] / row['ld']:.1f} LD)" for name in SIMULATED_VARIANTS]
         lines.append(f"| {row['family']}, {size.height}x{size.width}x{size.num_frames} | "
                      f"{', '.join(f'{k}={v}' for k, v in row['blocks'].items())} | {cells[0]} | {cells[1]} | "
-                     f"**{cells[2]}** |")
+                     f"**{cells[2]}** | {cells[3]} ({row['memopt host host'] / 2**30:.2f} GiB) |")
+    return "\n".join(lines)
+
+
+# apply_memory_optimizations(model, budget, training=True) at full size: (family, config, size, LoRA, budgets). LoRA:
+# the base frozen, the adapters (not simulated: rank-sized) take their gradients from a backward through every block.
+PLANNED: list[tuple[str, str, str, bool, list[str]]] = [
+    ("wan", "full", "default", True, ["80GiB", "48GiB", "40GiB", "24GiB"]),
+    ("wan", "1.3b", "480p", False, ["24GiB", "12GiB", "8GiB"]),
+]
+
+
+def planned_rows() -> list[dict[str, Any]]:
+    """What the training planner chooses per budget, simulated for a CUDA device (H100 speeds for its time model)."""
+    rows = []
+    for family, config_name, size_name, lora, budgets in PLANNED:
+        spec = get_family(family)
+        size = spec.size(size_name)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = cast_floating_(spec.build(config_name), torch.bfloat16)
+            model.requires_grad_(not lora)
+            inputs = spec.make_inputs(model.config, height=size.height, width=size.width, num_frames=size.num_frames,
+                                      dtype=torch.bfloat16)
+        for budget in budgets:
+            row: dict[str, Any] = {"family": family, "config": config_name, "size": size, "lora": lora,
+                                   "budget": budget}
+            try:
+                plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", training=True)
+            except BudgetError as error:
+                row["error"] = str(error)
+            else:
+                row.update(chosen=plan.chunking.describe(), peak=plan.predicted_peak_bytes,
+                           weights=plan.weight_bytes, gradients=plan.gradient_bytes,
+                           activations=plan.option.activation_bytes, slowdown=plan.predicted_slowdown,
+                           ld=plan.ld(plan.option.activation_bytes),
+                           checkpointing=next((o.peak_bytes for o in plan.considered if o.chunking.checkpointing),
+                                              None))
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def markdown_planned(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model, size | training | budget | chosen | predicted peak: weights + gradients + activations | "
+             "predicted step time | diffusers checkpointing would need |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        size = row["size"]
+        where = (f"| {row['family']} {row['config']}, {size.height}x{size.width}x{size.num_frames} | "
+                 f"{'LoRA (base frozen)' if row['lora'] else 'all parameters'} | {row['budget']} |")
+        if "error" in row:
+            lines.append(f"{where} {row['error'].split(': ', 1)[-1]} | | | |")  # BudgetError, after the class name
+            continue
+        gib = 2**30
+        checkpointing = "-" if row["checkpointing"] is None else f"{row['checkpointing'] / gib:.2f} GiB"
+        lines.append(f"{where} {row['chosen']} | {row['peak'] / gib:.2f} GiB: {row['weights'] / gib:.2f} + "
+                     f"{row['gradients'] / gib:.2f} + {row['activations'] / gib:.2f} ({row['ld']:.1f} LD) | "
+                     f"x{row['slowdown']:.2f} | {checkpointing} |")
     return "\n".join(lines)
 
 
@@ -294,6 +365,7 @@ def main() -> None:
         rows.append(bench(family, args.repeats))
         print(markdown(rows[-1:]), flush=True)
     simulated = [] if args.no_simulate else simulated_rows()
+    planned = [] if args.no_simulate else planned_rows()
     text = "\n".join([
         f"# Training through sequence-chunked blocks (CPU, {torch.get_num_threads()} thread(s))",
         "",
@@ -313,7 +385,13 @@ def main() -> None:
         *(["Full size, simulated under FakeTensorMode (bf16, `memopt.simulate_family(..., backward=True)`): the "
            "activation peak of a training step above the weights, their gradients and the inputs; with a few blocks "
            "the peak is one block's backward plus the saved inputs of the others.", "",
-           markdown_simulated(simulated), ""] if simulated else []),
+           markdown_simulated(simulated), "",
+           "`apply_memory_optimizations(model, budget, training=True)` at full size, simulated for a CUDA device "
+           "(`plan_denoiser(..., device='cuda', training=True)`; bf16; the budget holds the weights, the trainable "
+           "parameters' gradients, the inputs and the step's activations; an optimizer's state comes on top; the "
+           "step time relative to the unmodified model's, from the planner's H100 time model; the last column is the "
+           "peak of diffusers' checkpointing where the planner simulated it):", "",
+           markdown_planned(planned), ""] if simulated else []),
     ])
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

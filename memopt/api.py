@@ -283,7 +283,8 @@ def apply_memory_optimizations(
             of forwards: they stay resident (offloaded weights would be gone by the backward), and the planner
             chooses, by a simulated step, the fastest of the unmodified model, diffusers' gradient checkpointing and
             memopt's sequence chunks recomputed chunk by chunk in the backward (``apply_sequence_chunking(
-            training=True)``) that fits. The gradients of the trainable parameters count in the budget; an
+            training=True)``; on CUDA, where nothing else fits, with the blocks' saved inputs in host memory) that
+            fits. The gradients of the trainable parameters count in the budget; an
             optimizer's state does not: the default budget leaves room for Adam's (two fp32 values per trainable
             parameter), a given one is for the step alone.
 

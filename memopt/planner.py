@@ -228,6 +228,9 @@ class Chunking:
             chunk in the backward).
         checkpointing: diffusers' own gradient checkpointing (``enable_gradient_checkpointing``, through
             :func:`memopt.hooks.checkpointing.apply_gradient_checkpointing`); training plans only.
+        saved_inputs: with training sequence chunks, ``"device"`` or ``"host"``: where the blocks' saved inputs
+            wait for the backward (``apply_sequence_chunking(saved_inputs=...)``); planned on CUDA only (on the CPU
+            the host is the device).
     """
 
     sequence_chunks: int = 0
@@ -236,6 +239,7 @@ class Chunking:
     schedule: str = "two_pass"
     training: bool = False
     checkpointing: bool = False
+    saved_inputs: str = "device"
 
     @property
     def is_empty(self) -> bool:
@@ -249,6 +253,7 @@ class Chunking:
             head = "" if self.chunk_tail else ", output head whole"
             schedule = "lock-step" if self.schedule == "lockstep" else "two-pass"
             backward = ", recomputed in chunks in the backward" if self.training else ""
+            backward += ", saved inputs on the host" if self.saved_inputs == "host" else ""
             parts.append(f"{self.sequence_chunks} sequence chunks ({schedule}{head}{backward})")
         if self.feedforward_chunks:
             parts.append(f"FeedForward in {self.feedforward_chunks} hidden shards")
@@ -268,7 +273,8 @@ class Chunking:
             from .hooks.sequence import apply_sequence_chunking
 
             reports.append(apply_sequence_chunking(model, num_chunks=self.sequence_chunks, chunk_tail=self.chunk_tail,
-                                                   schedule=self.schedule, training=self.training))
+                                                   schedule=self.schedule, training=self.training,
+                                                   saved_inputs=self.saved_inputs))
         if self.checkpointing:
             from .hooks.checkpointing import apply_gradient_checkpointing
 
@@ -276,13 +282,15 @@ class Chunking:
         return reports
 
 
-def candidate_series(tokens: int | None = None, training: bool = False) -> list[list[Chunking]]:
+def candidate_series(tokens: int | None = None, training: bool = False, host: bool = False
+                     ) -> list[list[Chunking]]:
     """The chunkings the planner tries, as series ordered by increasing chunk count (memory falls along each).
 
     ``tokens`` (image tokens per sample) caps the sequence chunk counts: more chunks than tokens run as one chunk per
     token, the same as ``tokens`` chunks. For a training step (``training``): the unmodified model, diffusers' gradient
     checkpointing (blocks save their inputs and are recomputed whole), and memopt's sequence chunks recomputed chunk
-    by chunk, which also bound a block's backward workspace by a chunk's.
+    by chunk, which also bound a block's backward workspace by a chunk's; with ``host`` (a CUDA device), the same
+    with the blocks' saved inputs in host memory, tried only when nothing before fits (the transfers cost time).
     """
     def counts(series: tuple[int, ...]) -> list[int]:
         return [n for n in series if tokens is None or n <= tokens]
@@ -292,6 +300,8 @@ def candidate_series(tokens: int | None = None, training: bool = False) -> list[
             [Chunking(training=True)],
             [Chunking(training=True, checkpointing=True)],
             [Chunking(sequence_chunks=n, training=True) for n in counts(SEQUENCE_SERIES)],
+            *([[Chunking(sequence_chunks=n, training=True, saved_inputs="host") for n in counts(SEQUENCE_SERIES)]]
+              if host else []),
         ]
     return [
         [Chunking()],
@@ -326,6 +336,8 @@ class Estimate:
         flops: FLOPs of the forward at the real depth (the simulated depth scaled per block list).
         num_ops: aten ops of the forward at the real depth.
         block_flops / block_ops: per block list, one block's FLOPs and ops (for the offloading overlap).
+        host_bytes: bytes copied to host memory and back (a training step's saved inputs with
+            ``saved_inputs="host"``).
         error: why the chunking could not be applied to this model (then the other fields are meaningless).
     """
 
@@ -335,6 +347,7 @@ class Estimate:
     num_ops: int = 0
     block_flops: dict[str, float] = field(default_factory=dict)
     block_ops: dict[str, int] = field(default_factory=dict)
+    host_bytes: float = 0.0
     error: str | None = None
 
     @property
@@ -463,6 +476,7 @@ def _extrapolated(model: torch.nn.Module, config: dict[str, Any], depths: dict[s
     """A training step at the real depth from the reduced copy and, per list, a copy with one block more."""
     trace = base.trace
     peak, flops, num_ops = float(trace.peak_bytes), base.flops, float(trace.num_ops)
+    host = float(trace.meta.get("host_bytes", 0))
     block_flops: dict[str, float] = {}
     block_ops: dict[str, int] = {}
     for list_name, (key, real, simulated) in depths.items():
@@ -474,10 +488,11 @@ def _extrapolated(model: torch.nn.Module, config: dict[str, Any], depths: dict[s
         block_flops[list_name] = deeper.flops - base.flops
         block_ops[list_name] = deeper.trace.num_ops - trace.num_ops
         peak += (real - simulated) * (deeper.trace.peak_bytes - trace.peak_bytes)
+        host += (real - simulated) * (deeper.trace.meta.get("host_bytes", 0) - trace.meta.get("host_bytes", 0))
         flops += (real - simulated) * block_flops[list_name]
         num_ops += (real - simulated) * block_ops[list_name]
     return Estimate(chunking, {"step": PhasePeak(int(peak), trace.peak_module, trace.peak_op)}, flops, int(num_ops),
-                    block_flops, block_ops)
+                    block_flops, block_ops, host)
 
 
 def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequence[Any], kwargs: dict[str, Any],
@@ -640,8 +655,10 @@ def phase_weights(groups: OffloadGroups, offload: OffloadConfig | None, phases: 
 
 def estimate_time(estimate: Estimate, profile: DeviceProfile, groups: OffloadGroups | None,
                   offload: OffloadConfig | None) -> float:
-    """Predicted seconds of one forward: compute (FLOPs and ops) plus the weight transfers compute cannot hide."""
-    compute = estimate.flops / profile.flops_per_s + estimate.num_ops * profile.op_overhead_s
+    """Predicted seconds of one forward (or training step): compute (FLOPs and ops) plus the weight transfers compute
+    cannot hide, plus the saved inputs' round trip to the host (on the compute stream)."""
+    compute = (estimate.flops / profile.flops_per_s + estimate.num_ops * profile.op_overhead_s
+               + 2 * estimate.host_bytes / profile.h2d_bytes_per_s)
     if offload is None or groups is None:
         return compute
     bandwidth = profile.h2d_bytes_per_s
@@ -895,9 +912,12 @@ def plan_denoiser(
         floor = fixed + max(phase_weights(groups, placement, ["before", "after", *block_lists(model)]).values())
         unchunked_fits = False
         two_pass_fits: list[int] = []  # sequence chunk counts at which the two-pass schedule fits
-        for chunkings in series or candidate_series(per_sample, training):
+        for chunkings in series or candidate_series(per_sample, training, host=movable):
             if getattr(model, "is_gradient_checkpointing", False):  # already on: the simulated copies have it too
                 chunkings = [chunking for chunking in chunkings if not chunking.checkpointing]
+            if chunkings and chunkings[0].saved_inputs == "host" and any(
+                    option.peak_bytes <= budget_bytes for option in considered):
+                continue  # the same chunks with their transfers: only worth it where nothing else fits
             if chunkings and chunkings[0].schedule == "lockstep":
                 # Lock-step holds more than two-pass at any count: start where two-pass fits, and only when the
                 # series' lowest peak (its most chunks) fits at all.

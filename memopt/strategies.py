@@ -37,6 +37,10 @@ CUDA = "cuda"
 """Requirement: a CUDA device (``--device cuda``)."""
 REAL = "real"
 """Requirement: real tensors, i.e. not ``--simulate`` (offloading moves real weights between devices)."""
+TRAINING = "training"
+"""Requirement: a training step (``--training``): the strategy only changes what autograd keeps for the backward."""
+INFERENCE = "inference"
+"""Requirement: a forward without autograd (not ``--training``)."""
 
 
 class StrategyUnavailable(Exception):
@@ -55,6 +59,7 @@ class StrategyContext:
         height, width, num_frames, batch_size: the generation size, so ``all`` plans for it when applied (planning
             at the first forward would simulate inside the benchmark's own trace).
         budget: device memory the ``all`` strategy plans for (bytes or ``"24GiB"``; ``None``: memopt's default).
+        training: the run measures a training step (forward with autograd, then backward) instead of a forward.
     """
 
     device: torch.device
@@ -66,6 +71,7 @@ class StrategyContext:
     num_frames: int | None = None
     batch_size: int = 1
     budget: int | str | None = None
+    training: bool = False
 
 
 ApplyFn = Callable[[torch.nn.Module, StrategyContext], Any]
@@ -81,7 +87,7 @@ class Strategy:
         apply: ``(model, context) -> report`` changes the model in place (hooks, offloading); the report (any object,
             may be ``None``) is shown in the summary. Raises :class:`StrategyUnavailable` when the model does not
             support it.
-        requires: :data:`CUDA` and/or :data:`REAL`.
+        requires: :data:`CUDA`, :data:`REAL`, :data:`TRAINING` or :data:`INFERENCE`.
         modules: memopt modules the strategy imports; while one does not exist the strategy is unavailable.
         places_model: ``apply`` puts the weights where they belong itself (offloading keeps them on the CPU);
             otherwise the runner moves the model to the device before applying.
@@ -106,6 +112,11 @@ class Strategy:
             return f"needs a CUDA device (--device cuda); this run is on {context.device.type}"
         if REAL in self.requires and context.simulate:
             return "moves real weights between devices, so it cannot be simulated"
+        if TRAINING in self.requires and not context.training:
+            return "changes only what autograd keeps for the backward: run with --training"
+        if INFERENCE in self.requires and context.training:
+            return ("offloads each block's weights after its forward, but the backward needs them again (autograd "
+                    "keeps them on the device)")
         for module in self.modules:
             if importlib.util.find_spec(module) is None:
                 return f"{module} is not available in this memopt build"
@@ -172,13 +183,22 @@ def _feedforward(split: str, kernel: str, default_chunks: int) -> ApplyFn:
     return apply
 
 
-def _sequence(schedule: str) -> ApplyFn:
+def _sequence(schedule: str, saved_inputs: str = "device") -> ApplyFn:
     def apply(model: torch.nn.Module, context: StrategyContext) -> Any:
         apply_sequence_chunking = _import("memopt.hooks.sequence", "apply_sequence_chunking")
         # num_chunks None: the family plan's default
-        return apply_sequence_chunking(model, num_chunks=context.num_chunks, schedule=schedule)
+        return apply_sequence_chunking(model, num_chunks=context.num_chunks, schedule=schedule,
+                                       training=context.training, saved_inputs=saved_inputs)
 
     return apply
+
+
+def _checkpointing(model: torch.nn.Module, context: StrategyContext) -> str:
+    apply_gradient_checkpointing = _import("memopt.hooks.checkpointing", "apply_gradient_checkpointing")
+    try:
+        return apply_gradient_checkpointing(model)
+    except ValueError as error:
+        raise StrategyUnavailable(str(error)) from error
 
 
 def _attention(model: torch.nn.Module, context: StrategyContext) -> Any:
@@ -193,7 +213,7 @@ def _all(model: torch.nn.Module, context: StrategyContext) -> Any:
     apply_memory_optimizations = _import("memopt.api", "apply_memory_optimizations")
     return apply_memory_optimizations(model, budget=context.budget, device=context.device, height=context.height,
                                       width=context.width, num_frames=context.num_frames,
-                                      batch_size=context.batch_size)
+                                      batch_size=context.batch_size, training=context.training)
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -203,9 +223,9 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("diffusers-chunking", "diffusers' enable_forward_chunking (only some classes have it)",
                  _diffusers_chunking),
         Strategy("group-offload", "diffusers' enable_group_offload, block level, no streams", _group_offload(False),
-                 requires=frozenset({CUDA, REAL}), places_model=True),
+                 requires=frozenset({CUDA, REAL, INFERENCE}), places_model=True),
         Strategy("group-offload-stream", "diffusers' enable_group_offload, block level, prefetch on a CUDA stream",
-                 _group_offload(True), requires=frozenset({CUDA, REAL}), places_model=True),
+                 _group_offload(True), requires=frozenset({CUDA, REAL, INFERENCE}), places_model=True),
         Strategy("model-cpu-offload", "accelerate's model offload hook (enable_model_cpu_offload's per-component "
                  "step): onloaded whole at its forward, stays until another component runs",
                  _model_cpu_offload, requires=frozenset({CUDA, REAL}), places_model=True),
@@ -213,9 +233,16 @@ STRATEGIES: dict[str, Strategy] = {
                  _feedforward("hidden", "torch", 4), modules=("memopt.hooks.feedforward",)),
         Strategy("ffn-sequence", "memopt: FeedForward over sequence chunks, 8 chunks",
                  _feedforward("sequence", "torch", 8), modules=("memopt.hooks.feedforward",)),
+        Strategy("checkpointing", "diffusers' enable_gradient_checkpointing (blocks save their inputs and are "
+                 "recomputed whole in the backward)", _checkpointing, requires=frozenset({TRAINING}),
+                 modules=("memopt.hooks.checkpointing",)),
         Strategy("sequence", "memopt: blocks over sequence chunks (the family plan's count), attention sees all "
-                 "chunks' K/V (two-pass schedule: the part before attention runs twice)",
+                 "chunks' K/V (two-pass schedule: the part before attention runs twice; with --training, blocks save "
+                 "their inputs and are recomputed chunk by chunk in the backward)",
                  _sequence("two_pass"), modules=("memopt.hooks.sequence",)),
+        Strategy("sequence-host", "memopt: sequence, and the blocks' saved inputs wait in host memory for the backward",
+                 _sequence("two_pass", saved_inputs="host"), requires=frozenset({TRAINING}),
+                 modules=("memopt.hooks.sequence",)),
         Strategy("sequence-lockstep", "memopt: blocks over sequence chunks, lock-step schedule (chunks suspended at "
                  "attention until all K/V exist: nothing runs twice, more memory)",
                  _sequence("lockstep"), modules=("memopt.hooks.sequence",)),
@@ -233,18 +260,21 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "ffn": ("ffn-hidden",),
     "offload": ("group-offload", "group-offload-stream", "model-cpu-offload"),
     "memopt": ("ffn-hidden", "ffn-sequence", "sequence", "sequence-lockstep", "attention", "kernel", "all"),
+    "training": ("checkpointing", "sequence", "sequence-host", "all"),
 }
 """Shorthands accepted by :func:`get_strategies` besides the strategy names."""
 
 
-def get_strategies(spec: str | None = None) -> list[Strategy]:
-    """Parse a comma list of strategy names / aliases (``None``, ``""`` or ``"all-strategies"``: every strategy).
+def get_strategies(spec: str | None = None, training: bool = False) -> list[Strategy]:
+    """Parse a comma list of strategy names / aliases (``None``, ``""`` or ``"all-strategies"``: every strategy for a
+    forward, or with ``training`` every strategy for a training step).
 
     ``baseline`` is always run first (errors are measured against it) even when the list omits it. Unknown names
     raise ``ValueError`` listing the valid ones.
     """
     if spec is None or spec.strip() in ("", "all-strategies"):
-        return list(STRATEGIES.values())
+        excluded = INFERENCE if training else TRAINING
+        return [strategy for strategy in STRATEGIES.values() if excluded not in strategy.requires]
     names: list[str] = []
     for raw in spec.split(","):
         name = raw.strip().lower()

@@ -13,7 +13,15 @@ from memopt import trace_memory
 from memopt.hooks.checkpointing import apply_gradient_checkpointing
 from memopt.hooks.offload import OffloadConfig, module_bytes
 from memopt.models import get_family
-from memopt.planner import BudgetError, Chunking, plan_denoiser, simulate_chunking, trainable_bytes
+from memopt.planner import (
+    BudgetError,
+    Chunking,
+    candidate_series,
+    input_bytes,
+    plan_denoiser,
+    simulate_chunking,
+    trainable_bytes,
+)
 from memopt.trace import simulate
 from memopt.trace.simulate import allocate_gradients, training_step
 
@@ -172,3 +180,30 @@ def test_gradient_checkpointing_hook_restores_the_switch() -> None:
     assert model.is_gradient_checkpointing
     with pytest.raises(ValueError, match="Linear does not support diffusers' gradient checkpointing"):
         apply_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_saved_inputs_go_to_the_host_where_nothing_else_fits_on_cuda() -> None:
+    """Planned for a CUDA device (simulated here): below every option that keeps the saved block inputs on the
+    device, they go to the host; applied on the CPU, the step's device-side peak is the prediction. On the CPU,
+    where the host is the device, this option is not offered."""
+    model, inputs = _wan(num_layers=8)
+    reference = _gradients(model, inputs)
+    budget = module_bytes(model) + trainable_bytes(model) + input_bytes((), inputs) + 850_000
+    # The default series with up to 8 chunks (as for 8 tokens per sample), to keep the test short.
+    with pytest.raises(BudgetError) as refused:
+        plan_denoiser(model, (), inputs, budget=budget, device="cpu", training=True,
+                      series=candidate_series(8, training=True, host=False))
+    assert "host" not in str(refused.value) and "8 sequence chunks" in str(refused.value)
+    plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", training=True, runtime_overhead_bytes=0,
+                         series=candidate_series(8, training=True, host=True))
+    assert plan.chunking == Chunking(sequence_chunks=4, training=True, saved_inputs="host"), plan.chunking
+    assert "saved inputs on the host" in str(plan)
+    device_saved = [option for option in plan.considered if option.chunking.saved_inputs == "device"]
+    assert device_saved and all(option.peak_bytes > plan.budget_bytes for option in device_saved)
+    estimate = simulate_chunking(model, (), inputs, plan.chunking)  # as the CPU allocates (the plan rounds as CUDA)
+    plan.chunking.apply(model)  # not plan.apply: that would move the model to CUDA
+    measured = _step_trace(model, inputs)
+    assert measured.peak_bytes == estimate.activation.bytes
+    assert measured.meta["host_bytes"] == estimate.host_bytes > 0
+    _assert_same_gradients(_gradients(model, inputs), reference)
+    memopt.remove_memory_optimizations(model)

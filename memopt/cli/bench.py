@@ -3,7 +3,9 @@
 For every strategy (the unmodified model, diffusers' own options, memopt's) the model is built from the same seed,
 the strategy applied, and one forward traced: peak memory (total and activations, also in LD = tokens x hidden width x
 bytes per element), where the peak is (aten op, module), the median time of a few untraced forwards, and the output's
-relative L2 error against the unmodified model. A table goes to the terminal; ``--out`` gets one trace JSON per
+relative L2 error against the unmodified model. With ``--training``, one training step instead (the forward with
+autograd, then the backward of the squared prediction's mean, into gradients made before it), and the error of the
+parameters' gradients. A table goes to the terminal; ``--out`` gets one trace JSON per
 strategy, a PNG with all timelines overlaid, and ``summary.csv`` / ``summary.json``.
 
 Examples::
@@ -12,6 +14,7 @@ Examples::
     memopt-bench --model wan --size 720p --frames 81 --simulate  # Wan2.1-14B at full size under FakeTensorMode
     memopt-bench --model flux --height 1024 --width 1024 --strategies baseline,ffn,sequence,all --simulate
     memopt-bench --model wan --tiny --device cuda              # the allocator's numbers + memory_viz snapshots
+    memopt-bench --training                                    # a training step: checkpointing, sequence, ...
     memopt-bench --list                                        # models, sizes, strategies
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import inspect
 import json
@@ -31,13 +35,14 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..models import FAMILIES, TINY_WIDTH, FamilySpec, Size, get_family
 from ..strategies import ALIASES, STRATEGIES, Strategy, StrategyContext, StrategyUnavailable, get_strategies
 from ..trace import MemoryTrace, MemoryTracer, plot_traces, simulate_family
+from ..trace.simulate import allocate_gradients, training_step
 
 GIB = 1024**3
 MIB = 1024**2
@@ -75,6 +80,7 @@ class Run:
     repeats: int
     num_chunks: int | None
     budget: str | int | None
+    training: bool
     strategies: list[Strategy]
     max_timeline_points: int
     out: Path
@@ -101,6 +107,7 @@ class Run:
     def describe(self) -> str:
         size = f"{self.size.height}x{self.size.width}" + (f", {self.size.num_frames} frames" if self.spec.video else "")
         where = "simulated under FakeTensorMode" if self.simulate else f"on {self.device}"
+        where += ", a training step" if self.training else ""
         return (f"{self.spec.name} ({self.spec.class_name}, config {self.variant}: {self.config.get('num_layers')} "
                 f"layers, hidden {self.hidden}), {size} -> {self.tokens:,} tokens, batch {self.batch_size}, "
                 f"{self.dtype_name} {where}; 1 LD = {_bytes(self.ld_bytes)}")
@@ -149,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--frames", type=int, help="video frames (video families only)")
     size.add_argument("--batch-size", type=int, default=1)
     how = parser.add_argument_group("how")
-    how.add_argument("--strategies", help="comma list of strategies or shorthands (see --list); default: all of them")
+    how.add_argument("--strategies", help="comma list of strategies or shorthands (see --list); default: all of them "
+                                          "(for a forward, or with --training for a training step)")
+    how.add_argument("--training", action="store_true",
+                     help="measure a training step (forward with autograd, then backward) instead of a forward")
     how.add_argument("--simulate", action="store_true",
                      help="trace a full-size model under FakeTensorMode: exact bytes, nothing allocated, no timing")
     how.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -268,13 +278,15 @@ def _check_fits_on_cpu(parser: argparse.ArgumentParser, spec: FamilySpec, config
 
 
 def _run_name(spec: FamilySpec, variant: str, size: Size, batch_size: int, dtype: torch.dtype, simulate: bool,
-              device: torch.device) -> str:
+              device: torch.device, training: bool) -> str:
     parts = [spec.name] + ([variant] if variant != "full" else [])
     parts.append(f"{size.height}x{size.width}" + (f"x{size.num_frames}f" if spec.video else ""))
     if batch_size != 1:
         parts.append(f"b{batch_size}")
     parts.append({torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
     parts.append("simulated" if simulate else device.type)
+    if training:
+        parts.append("training")
     return "-".join(parts)
 
 
@@ -299,7 +311,7 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
     if args.simulate and device.type != "cpu":
         parser.error("--simulate traces fake tensors on the host; it takes no --device")
     try:
-        strategies = get_strategies(args.strategies)
+        strategies = get_strategies(args.strategies, training=args.training)
     except ValueError as error:
         parser.error(str(error))
     if args.budget is not None:
@@ -333,12 +345,12 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
                                                    else torch.float32)
     if not args.simulate and device.type == "cpu":
         _check_fits_on_cpu(parser, spec, config, dtype)
-    name = _run_name(spec, variant, size, args.batch_size, dtype, args.simulate, device)
+    name = _run_name(spec, variant, size, args.batch_size, dtype, args.simulate, device, args.training)
     return Run(
         spec=spec, variant=variant, config=config, size=size, batch_size=args.batch_size, dtype=dtype, device=device,
         simulate=args.simulate, seed=args.seed,
         repeats=0 if args.simulate else (3 if args.repeats is None else args.repeats),
-        num_chunks=args.num_chunks, budget=args.budget, strategies=strategies,
+        num_chunks=args.num_chunks, budget=args.budget, training=args.training, strategies=strategies,
         max_timeline_points=args.max_timeline_points,
         out=args.out or Path("traces") / name, name=name,
         command=" ".join(["memopt-bench", *map(shlex.quote, argv)]),
@@ -365,7 +377,7 @@ def _context(run: Run) -> StrategyContext:
                            tokens=run.tokens * run.batch_size, simulate=run.simulate, num_chunks=run.num_chunks,
                            height=run.size.height, width=run.size.width,
                            num_frames=run.size.num_frames if run.spec.video else None, batch_size=run.batch_size,
-                           budget=run.budget)
+                           budget=run.budget, training=run.training)
 
 
 def _apply(strategy: Strategy, model: torch.nn.Module, run: Run, result: Result) -> None:
@@ -378,7 +390,7 @@ def _apply(strategy: Strategy, model: torch.nn.Module, run: Run, result: Result)
 def _measure_simulated(run: Run, result: Result) -> None:
     trace = simulate_family(run.spec, config=run.config, size=run.size, batch_size=run.batch_size, dtype=run.dtype,
                             prepare=lambda model: _apply(result.strategy, model, run, result),
-                            name=result.strategy.name)
+                            name=result.strategy.name, backward=run.training)
     result.trace = trace
     result.total_peak_bytes = trace.total_peak_bytes
     result.resident_bytes = trace.baseline_bytes
@@ -389,16 +401,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_forward(model: torch.nn.Module, inputs: dict[str, Any], device: torch.device) -> float:
+def _time_call(call: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        model(**inputs)
+        call()
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1000
     begin = time.perf_counter()
-    model(**inputs)
+    call()
     return time.perf_counter() - begin
 
 
@@ -409,22 +421,30 @@ def _measure_real(run: Run, result: Result, reference: torch.Tensor | None) -> t
                                   width=run.size.width, num_frames=run.size.num_frames, dtype=run.dtype,
                                   device=run.device, seed=run.seed)
     cuda = run.device.type == "cuda"
-    with torch.no_grad():
+    if run.training:
+        allocate_gradients(model)  # as every step after the first (zero_grad(set_to_none=False)): in the baseline
+    call = functools.partial(training_step, model, inputs) if run.training else functools.partial(model, **inputs)
+
+    with torch.set_grad_enabled(run.training):
         if cuda:
-            # One untraced forward first: CUDA allocates lazily and keeps what it allocated (the cuBLAS workspace,
+            # One untraced call first: CUDA allocates lazily and keeps what it allocated (the cuBLAS workspace,
             # Triton autotuning's copies, offloading's streams), and the strategy run first must not be charged for
             # what every later one finds already there.
-            model(**inputs)
+            call()
+            model.zero_grad(set_to_none=False)
             gc.collect()
             torch.cuda.empty_cache()
             _synchronize(run.device)
             resident = torch.cuda.memory_allocated(run.device)
         tracer = MemoryTracer(root=model, record_snapshot=cuda)
-        trace = tracer.run(model, **inputs)
-        output = _first_tensor(trace.result).detach()
+        trace = tracer.run(call)
+        if run.training:  # the parameters' gradients of the one step
+            output = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
+        else:
+            output = _first_tensor(trace.result).detach()
         trace.result = None
-        gc.collect()  # the trace's garbage, so no collection lands inside a timed forward
-        result.times_s = [_time_forward(model, inputs, run.device) for _ in range(run.repeats)]
+        gc.collect()  # the trace's garbage, so no collection lands inside a timed call
+        result.times_s = [_time_call(call, run.device) for _ in range(run.repeats)]
     trace.name = result.strategy.name
     result.trace = trace
     if cuda:  # what the device held before the call: offloaded weights are not there, the cuBLAS workspace is
@@ -437,7 +457,7 @@ def _measure_real(run: Run, result: Result, reference: torch.Tensor | None) -> t
         result.rel_error = 0.0
     elif reference is not None:
         result.rel_error = _relative_error(output, reference)
-    del model, inputs
+    del model, inputs, call
     return output
 
 
@@ -549,7 +569,7 @@ def write_outputs(run: Run, results: list[Result]) -> list[Path]:
     if traced:
         title = f"{run.spec.class_name} ({run.variant}), {run.size.height}x{run.size.width}" + (
             f"x{run.size.num_frames}f" if run.spec.video else "") + f", {run.dtype_name}, " + (
-            "simulated" if run.simulate else str(run.device))
+            "simulated" if run.simulate else str(run.device)) + (", a training step" if run.training else "")
         written.append(plot_traces(traced, run.out / "timelines.png", title=title))
     rows = _rows(run, results)
     with open(run.out / "summary.csv", "w", newline="") as handle:
@@ -566,7 +586,7 @@ def write_outputs(run: Run, results: list[Result]) -> list[Path]:
             "height": run.size.height, "width": run.size.width, "num_frames": run.size.num_frames,
             "batch_size": run.batch_size, "dtype": run.dtype_name, "simulated": run.simulate,
             "device": "simulated" if run.simulate else _device_name(run.device), "seed": run.seed,
-            "budget": run.budget,
+            "budget": run.budget, "training": run.training,
             "repeats": run.repeats, "tokens": run.tokens * run.batch_size, "hidden": run.hidden,
             "ld_bytes": run.ld_bytes, "num_layers": run.config.get("num_layers"),
             "versions": _versions(),

@@ -19,16 +19,21 @@ Every chunk sees the same numbers as in the forward, so the gradients are the un
 ``torch.utils.checkpoint(use_reentrant=True)``, the parameters' gradients are accumulated into ``.grad`` by a
 backward run inside the backward: ``loss.backward()`` works; ``torch.autograd.grad`` through a chunked block is
 refused with an error (the parameters' gradients would not reach it).
+
+With ``saved_inputs="host"`` the saved inputs wait in pinned host memory (:class:`SavedOnHost`), so the device holds
+one block's backward workspace whatever the depth.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..trace.tracer import host_memory
 from ._sequence_chunks import RUNNING, Arguments, ChunkLayout, intersect, materialized, memory_runs
 from ._sequence_exchange import BlockRun
 from ._sequence_model import offloaded
@@ -44,8 +49,8 @@ def recorded_forward(hook: SequenceChunkingHook, module: torch.nn.Module, argume
     if offloaded(module):
         raise NotImplementedError(
             f"{hook.path}: group-offloaded; training=True recomputes the block in the backward, after the offloading "
-            "hook has moved its weights off the device again. Offload the optimizer state or the saved block inputs "
-            "(torch.autograd.graph.save_on_cpu) instead"
+            "hook has moved its weights off the device again. Offload the optimizer state, or the saved block inputs "
+            "(apply_sequence_chunking(..., saved_inputs='host')), instead"
         )
     args, kwargs = materialized(arguments.args, arguments.kwargs)  # deferred per-token tables: computed, recorded
     flat, spec = tree_flatten((args, kwargs))
@@ -54,8 +59,42 @@ def recorded_forward(hook: SequenceChunkingHook, module: torch.nn.Module, argume
     # (only the parameters), as in reentrant checkpointing.
     anchor = torch.empty(0, requires_grad=True)
     call = _Call(hook, module, flat, spec, positions)
-    outputs = _RecomputedBlock.apply(call, anchor, *(flat[i] for i in positions))
+    with SavedOnHost() if hook.config.saved_inputs == "host" else contextlib.nullcontext():
+        outputs = _RecomputedBlock.apply(call, anchor, *(flat[i] for i in positions))
     return call.rebuild_output(outputs)
+
+
+class SavedOnHost(torch.autograd.graph.saved_tensors_hooks):
+    """Saved tensors copied to (pinned) host memory when saved and back to their device when the backward unpacks
+    them, like ``torch.autograd.graph.save_on_cpu``, with two differences. A tensor saved again while its host copy
+    lives (the same tensor object, unchanged: rotary tables and timestep embeddings every block is given) reuses the
+    copy. And the copies are made under :func:`memopt.trace.tracer.host_memory`, so a traced or simulated step counts
+    them as host memory. The copies run on the current stream, in order with the compute (no synchronisation).
+    """
+
+    _copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+    """``id(tensor)`` -> (the tensor, its version when copied, the host copy), while the tensor lives."""
+
+    def __init__(self) -> None:
+        super().__init__(self._pack, self._unpack)
+
+    @classmethod
+    def _pack(cls, tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
+        key = id(tensor)
+        known = cls._copies.get(key)
+        if known is not None and known[0]() is tensor and known[1] == tensor._version:
+            return tensor.device, known[2]
+        with host_memory():
+            copy = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, device="cpu",
+                               pin_memory=tensor.is_cuda)
+            copy.copy_(tensor, non_blocking=tensor.is_cuda)
+        cls._copies[key] = (weakref.ref(tensor, lambda _: cls._copies.pop(key, None)), tensor._version, copy)
+        return tensor.device, copy
+
+    @staticmethod
+    def _unpack(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+        device, copy = packed
+        return copy.to(device, non_blocking=True, copy=True)
 
 
 class _Call:

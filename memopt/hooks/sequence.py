@@ -123,6 +123,7 @@ SEQUENCE_REPLAY_HOOK = "memopt.sequence.replay"
 SEQUENCE_REUSE_HOOK = "memopt.sequence.reuse"
 
 SCHEDULES = ("two_pass", "lockstep")
+SAVED_INPUTS = ("device", "host")
 SMALL_CHUNK_TOKENS = 512
 """Below this many tokens a chunk's kernels are too small to keep a GPU busy: see :func:`warn_if_launch_bound`."""
 # Submodules of a chunk-local (cross-)attention module that only see its key/value tokens: text or image-prompt tokens
@@ -177,6 +178,12 @@ class SequenceChunkingConfig:
             recompute them chunk by chunk in the backward (:mod:`memopt.hooks._sequence_backward`: gradient
             checkpointing at the memory of sequence chunks; ``loss.backward()`` only, like reentrant checkpointing).
             Without it a recorded block runs unchunked, with a warning.
+        saved_inputs: with ``training``, where the inputs a recorded block saves for its backward wait: ``"device"``
+            (about one hidden state per block, the part of a training step that grows with the depth, as with any
+            gradient checkpointing) or ``"host"`` (copied to pinned host memory in the forward and back, one block
+            at a time, in the backward: the device then holds one block's backward workspace whatever the depth,
+            for two transfers of the block's inputs on the compute stream; a tensor several blocks save, such as
+            the rotary tables, is copied once). On the CPU, where the host is the device, it only adds copies.
     """
 
     num_chunks: int = 32
@@ -185,6 +192,7 @@ class SequenceChunkingConfig:
     schedule: str = "two_pass"
     align: int = 128
     training: bool = False
+    saved_inputs: str = "device"
 
     def __post_init__(self) -> None:
         for name in ("num_chunks", "align"):
@@ -195,6 +203,11 @@ class SequenceChunkingConfig:
             raise ValueError(f"training must be a bool, got {self.training!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.saved_inputs not in SAVED_INPUTS:
+            raise ValueError(f"saved_inputs must be one of {SAVED_INPUTS}, got {self.saved_inputs!r}")
+        if self.saved_inputs == "host" and not self.training:
+            raise ValueError("saved_inputs='host' places what recorded blocks save for their backward; it needs "
+                             "training=True")
 
 
 @dataclass
@@ -1007,6 +1020,7 @@ def apply_sequence_chunking(
     schedule: str = "two_pass",
     align: int = 128,
     training: bool = False,
+    saved_inputs: str = "device",
     plan: SequencePlan | None = None,
 ) -> SequenceChunkingReport:
     """Run every transformer block of ``model`` in ``num_chunks`` sequence chunks with a K/V exchange.
@@ -1023,6 +1037,8 @@ def apply_sequence_chunking(
             :class:`SequenceChunkingConfig`.
         training: also chunk blocks while autograd records, with a chunked recomputing backward; see
             :class:`SequenceChunkingConfig`.
+        saved_inputs: with ``training``, ``"device"`` or ``"host"``: where the blocks' saved inputs wait for the
+            backward; see :class:`SequenceChunkingConfig`.
         plan: a :class:`~memopt.plans.sequence.SequencePlan` to use instead of the built-in one.
 
     Returns:
@@ -1058,7 +1074,7 @@ def apply_sequence_chunking(
     plan = plan if plan is not None else sequence_plan(model)
     num_chunks = plan.num_chunks if num_chunks is None else num_chunks
     config = SequenceChunkingConfig(num_chunks=num_chunks, inplace=inplace, chunk_tail=chunk_tail, schedule=schedule,
-                                    align=align, training=training)
+                                    align=align, training=training, saved_inputs=saved_inputs)
     if schedule == "lockstep":
         _greenlet_class()  # fail at apply time, not at the first forward
     report = SequenceChunkingReport(type(model).__name__, config.num_chunks, plan.source, config.schedule)

@@ -109,10 +109,12 @@ def simulate_family(
 
 
 def allocate_gradients(model: torch.nn.Module) -> None:
-    """Zero gradients for every parameter, made before a traced training step so that they count in its baseline and
-    the step accumulates into them in place, as every step after the first with ``zero_grad(set_to_none=False)``."""
+    """Zero gradients for every trainable parameter, made before a traced training step so that they count in its
+    baseline and the step accumulates into them in place, as every step after the first with
+    ``zero_grad(set_to_none=False)``."""
     for parameter in model.parameters():
-        parameter.grad = torch.zeros_like(parameter)
+        if parameter.requires_grad:
+            parameter.grad = torch.zeros_like(parameter)
 
 
 def training_step(model: torch.nn.Module, inputs: dict[str, Any]) -> None:

@@ -14,16 +14,19 @@ Accounting rules (CPU / fake / meta):
   alive exactly as long as the storage);
 * ``peak_bytes`` is the largest amount of such new memory alive at once, i.e. bytes above what was live before the
   call; weights and inputs are reported separately as ``baseline_bytes``.
+* storages made under :func:`host_memory` are host memory beside the device (saved activations moved off it): not
+  counted, their bytes reported as ``meta["host_bytes"]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import threading
 import weakref
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -48,7 +51,11 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 
 def _module_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
-    yield from module.parameters()
+    """What the module holds: parameters, their gradients (made before a training step) and buffers."""
+    for parameter in module.parameters():
+        yield parameter
+        if parameter.grad is not None:
+            yield parameter.grad
     yield from module.buffers()
 
 
@@ -157,6 +164,9 @@ class MemoryTracer:
         self.module_stats: dict[str, ModuleStats] = defaultdict(ModuleStats)
         self._snapshot: dict | None = None
         self._cuda_start = 0
+        self._host_depth = 0
+        self._host: set[int] = set()
+        self.host_bytes = 0
 
     def _unique_bytes(self, tensors: Iterable[torch.Tensor], rounded: bool) -> int:
         seen: dict[int, int] = {}
@@ -222,9 +232,14 @@ class MemoryTracer:
                 if storage is None:
                     continue
                 key = storage._cdata
-                if key in aliased or key in self._live:
+                if key in aliased or key in self._live or key in self._host:
                     continue
                 nbytes = self._rounded(storage.nbytes())
+                if self._host_depth:
+                    self._host.add(key)
+                    self.host_bytes += nbytes
+                    weakref.finalize(storage, self._host.discard, key)
+                    continue
                 self._live[key] = nbytes
                 self.current += nbytes
                 weakref.finalize(storage, self._on_free, key)
@@ -282,9 +297,30 @@ class MemoryTracer:
             device="cuda" if self._cuda else "dispatch",
             round_to=1 if self._cuda else self.round_to,
             snapshot=self._snapshot,
-            meta={"root": type(root).__name__ if root is not None else None},
+            meta={"root": type(root).__name__ if root is not None else None,
+                  **({"host_bytes": self.host_bytes} if self.host_bytes else {})},
             result=result,
         )
+
+
+@contextlib.contextmanager
+def host_memory() -> Iterator[None]:
+    """Storages made inside are host memory standing in for the device's (saved activations moved off the GPU): the
+    tracer active in this thread does not count them, and reports their bytes as ``trace.meta["host_bytes"]``.
+
+    On a CUDA trace they are not CUDA memory anyway. On a CPU or fake trace, which is how a CUDA run is simulated,
+    the host and the device are one memory, and this is what keeps them apart. What is made from them outside (the
+    copy back to the device) is counted as usual.
+    """
+    tracer = getattr(_ACTIVE, "tracer", None)
+    if tracer is None or tracer._cuda:
+        yield
+        return
+    tracer._host_depth += 1
+    try:
+        yield
+    finally:
+        tracer._host_depth -= 1
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:

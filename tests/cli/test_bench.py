@@ -90,13 +90,23 @@ def test_list_prints_models_sizes_and_strategies(capsys) -> None:
 
 
 def test_strategy_parsing() -> None:
-    assert [s.name for s in get_strategies(None)] == list(STRATEGIES)
+    assert [s.name for s in get_strategies(None)] == [name for name in STRATEGIES
+                                                      if name not in ("checkpointing", "sequence-host")]
     # baseline first (errors are measured against it), aliases expanded, duplicates dropped.
     assert [s.name for s in get_strategies("all, ffn,baseline,ffn-hidden")] == ["baseline", "all", "ffn-hidden"]
     assert [s.name for s in get_strategies("offload")] == ["baseline", "group-offload", "group-offload-stream",
                                                              "model-cpu-offload"]
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):
         get_strategies("nope")
+
+
+def test_training_strategy_parsing() -> None:
+    forward = [s.name for s in get_strategies(None)]
+    training = [s.name for s in get_strategies(None, training=True)]
+    assert "checkpointing" not in forward and "sequence-host" not in forward and "group-offload" in forward
+    assert "checkpointing" in training and "sequence-host" in training and "group-offload" not in training
+    assert [s.name for s in get_strategies("training")] == ["baseline", "checkpointing", "sequence", "sequence-host",
+                                                             "all"]
 
 
 def test_unavailable_reasons() -> None:
@@ -106,6 +116,11 @@ def test_unavailable_reasons() -> None:
     assert "needs a CUDA device" in STRATEGIES["group-offload"].unavailable_reason(cpu)
     assert "needs a CUDA device" in STRATEGIES["kernel"].unavailable_reason(cpu)
     assert STRATEGIES["baseline"].unavailable_reason(simulated) is None
+    assert "run with --training" in STRATEGIES["checkpointing"].unavailable_reason(cpu)
+    cuda_training = StrategyContext(device=torch.device("cuda"), tokens=16, training=True)
+    assert "the backward needs them again" in STRATEGIES["group-offload"].unavailable_reason(cuda_training)
+    with pytest.raises(StrategyUnavailable, match="Linear does not support diffusers' gradient checkpointing"):
+        STRATEGIES["checkpointing"].apply(model, cpu)
     missing = Strategy("future", "not written yet", lambda m, c: None, modules=("memopt.hooks.not_written_yet",))
     assert "memopt.hooks.not_written_yet is not available" in missing.unavailable_reason(cpu)
     with pytest.raises(StrategyUnavailable, match="not supported by Linear"):
@@ -176,6 +191,37 @@ def test_simulated_run(tmp_path) -> None:
     assert summary["run"]["simulated"] and summary["run"]["dtype"] == "bfloat16"
     assert baseline["time_s"] is None and baseline["rel_error"] is None  # fake tensors: no time, no values
     assert offload["status"] == "unavailable"
+
+
+def test_training_run(tmp_path, capsys) -> None:
+    """--training: a training step per strategy; the parameters' gradients match the unmodified model's, and what
+    autograd keeps shrinks with checkpointing, sequence chunks and the saved inputs on the host."""
+    out = tmp_path / "train"
+    argv = ["--model", "wan", "--tiny", "--batch-size", "2", "--training", "--strategies", "training", "--repeats", "1",
+            "--num-chunks", "4", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert "a training step" in capsys.readouterr().out
+    names = ["baseline", "checkpointing", "sequence", "sequence-host", "all"]
+    summary = _check_outputs(out, names)
+    assert summary["run"]["training"] and summary["run"]["name"].endswith("-training")
+    rows = {row["strategy"]: row for row in summary["strategies"]}
+    assert all(row["status"] == "ok" and row["rel_error"] <= 1e-5 for row in rows.values()), rows
+    peak = {name: row["activation_peak_bytes"] for name, row in rows.items()}
+    assert peak["sequence-host"] < peak["sequence"] < peak["checkpointing"] < peak["baseline"], peak
+    # The planner's budget is the baseline's weights, gradients and inputs plus half its activations.
+    assert rows["all"]["total_peak_bytes"] <= rows["baseline"]["resident_bytes"] + peak["baseline"] // 2
+    assert "training step" in rows["all"]["report"]
+    parameters = sum(p.numel() for p in get_family("wan").build("tiny").parameters())
+    assert rows["baseline"]["resident_bytes"] >= 2 * 4 * parameters  # weights and their gradients
+
+
+def test_simulated_training_run(tmp_path) -> None:
+    out = tmp_path / "sim-train"
+    assert bench.main(["--model", "wan", "--tiny", "--simulate", "--training", "--strategies",
+                       "baseline,checkpointing,sequence", "--out", str(out)]) == 0
+    rows = _check_outputs(out, ["baseline", "checkpointing", "sequence"])["strategies"]
+    assert [row["status"] for row in rows] == ["ok"] * 3
+    assert rows[2]["activation_peak_bytes"] < rows[1]["activation_peak_bytes"] < rows[0]["activation_peak_bytes"]
 
 
 def test_a_failing_strategy_is_reported_and_exits_1(tmp_path, monkeypatch, capsys) -> None:

@@ -249,6 +249,10 @@ def test_refusals():
     remove_memory_optimizations(model)
     with pytest.raises(ValueError, match="training must be a bool"):
         apply_sequence_chunking(model, 4, training="yes")
+    with pytest.raises(ValueError, match="saved_inputs='host' .* needs training=True"):
+        apply_sequence_chunking(model, 4, saved_inputs="host")
+    with pytest.raises(ValueError, match=r"saved_inputs must be one of \('device', 'host'\), got 'disk'"):
+        apply_sequence_chunking(model, 4, training=True, saved_inputs="disk")
     model.blocks[0].ffn.net[1].p = 0.0
     model.train()
     apply_sequence_chunking(model, 4, training=True)
@@ -283,9 +287,38 @@ def test_the_gpu_benchmark_runs_on_the_cpu():
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     row = benchmark.bench_device("wan", "cpu", "tiny", "tiny", repeats=1, chunk_counts=[4])
-    assert list(row["variants"]) == ["checkpointing", "memopt 4", "unmodified"]
+    assert list(row["variants"]) == ["checkpointing", "memopt 4", "memopt 4, saved inputs on the host", "unmodified"]
     assert all(result["error"] <= 2e-2 for result in row["variants"].values()), row  # bf16
     assert "| memopt 4 | n/a |" in benchmark.markdown_cuda([row])
+
+
+@pytest.mark.parametrize("family", ["wan", "flux", "hunyuanvideo"])
+def test_saved_inputs_on_the_host(family):
+    """saved_inputs="host": the same gradients, and a step's device peak no longer grows with the depth; what grows
+    is host memory, one block's saved inputs per block (the tensors every block is given are copied once)."""
+    from memopt.planner import REPEATED_LAYERS
+    from memopt.trace import trace_memory
+    from memopt.trace.simulate import allocate_gradients, training_step
+
+    spec = get_family(family)
+    peaks, host = {}, {}
+    for extra in (0, 2):
+        torch.manual_seed(0)
+        config = {**spec.config("tiny"), **{key: 2 + extra for key in REPEATED_LAYERS[spec.class_name]}}
+        model = spec.build(config).train()
+        inputs = make_inputs(family, model, 2)
+        reference = step(model, inputs, "hidden_states")
+        for saved_inputs in ("device", "host"):
+            apply_sequence_chunking(model, 4, training=True, saved_inputs=saved_inputs)
+            assert_same_gradients(step(model, inputs, "hidden_states"), reference, f"{family}, {saved_inputs}")
+            allocate_gradients(model)
+            trace = trace_memory(training_step, model, inputs)
+            remove_memory_optimizations(model)
+            peaks[extra, saved_inputs], host[extra, saved_inputs] = trace.peak_bytes, trace.meta.get("host_bytes", 0)
+    assert peaks[2, "host"] == peaks[0, "host"] < peaks[0, "device"] < peaks[2, "device"], peaks
+    # Each extra block saves its inputs on the host instead: what the device side grew by.
+    assert host[2, "host"] - host[0, "host"] == peaks[2, "device"] - peaks[0, "device"], (host, peaks)
+    assert host[0, "device"] == host[2, "device"] == 0
 
 
 def test_full_size_training_step_simulated():

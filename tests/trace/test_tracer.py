@@ -145,3 +145,24 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     assert set(data["timeline"]) == {"op", "module", "live_bytes"}
     loaded = MemoryTrace.load(paths[0])
     assert loaded.timeline == trace.timeline and loaded.by_module() == trace.by_module()
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["cpu", "fake"])
+def test_host_memory_is_not_counted_and_its_copies_back_are(fake: bool) -> None:
+    """Storages made under host_memory() stand for host memory beside the device (how a CUDA run with activations
+    moved off the GPU is simulated): reported as host bytes, not in the peak; a copy made from them is counted."""
+    from memopt.trace.tracer import host_memory
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        with host_memory():
+            saved = torch.empty(L, D)
+            saved.copy_(x)
+        back = saved.to(x.device, copy=True)
+        return back + 1
+
+    mode = FakeTensorMode() if fake else _null()
+    with mode:
+        x = torch.randn(L, D)
+        trace = trace_memory(step, x)
+    assert trace.meta["host_bytes"] == L * D * FP32
+    assert trace.peak_bytes == 2 * L * D * FP32  # the copy back and the sum
