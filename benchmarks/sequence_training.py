@@ -243,22 +243,28 @@ def simulated_rows() -> list[dict[str, Any]]:
             for name, prepare in SIMULATED_VARIANTS.items():
                 trace = simulate_family(family, config, backward=True, prepare=prepare)
                 row[name], row["ld"] = trace.peak_bytes, trace.meta["ld_bytes"]
-                row[f"{name} host"] = trace.meta.get("host_bytes", 0)
+                row.setdefault("host_bytes", {})[name] = trace.meta.get("host_bytes", 0)
             rows.append(row)
             print(row, flush=True)
     return rows
 
 
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def markdown_simulated(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model, size | blocks | unmodified | diffusers checkpointing | **memopt** (plan's chunks) | "
-             "memopt, saved inputs on the host (host memory) |", "|---|---|---|---|---|---|"]
+    cells = []
     for row in rows:
         size = row["size"]
-        cells = [f"{row[name] / 2**30:.2f} GiB ({row[name] / row['ld']:.1f} LD)" for name in SIMULATED_VARIANTS]
-        lines.append(f"| {row['family']}, {size.height}x{size.width}x{size.num_frames} | "
-                     f"{', '.join(f'{k}={v}' for k, v in row['blocks'].items())} | {cells[0]} | {cells[1]} | "
-                     f"**{cells[2]}** | {cells[3]} ({row['memopt host host'] / 2**30:.2f} GiB) |")
-    return "\n".join(lines)
+        peaks = [f"{row[name] / 2**30:.2f} GiB ({row[name] / row['ld']:.1f} LD)" for name in SIMULATED_VARIANTS]
+        cells.append([f"{row['family']}, {size.height}x{size.width}x{size.num_frames}",
+                      ", ".join(f"{k}={v}" for k, v in row["blocks"].items()), peaks[0], peaks[1], f"**{peaks[2]}**",
+                      f"{peaks[3]} ({row['host_bytes']['memopt host'] / 2**30:.2f} GiB)"])
+    return _table(["model, size", "blocks", "unmodified", "diffusers checkpointing", "**memopt** (plan's chunks)",
+                   "memopt, saved inputs on the host (host memory)"], cells)
 
 
 # apply_memory_optimizations(model, budget, training=True) at full size: (family, config, size, LoRA, budgets). LoRA:
@@ -300,21 +306,21 @@ def planned_rows() -> list[dict[str, Any]]:
 
 
 def markdown_planned(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model, size | training | budget | chosen | predicted peak: weights + gradients + activations | "
-             "predicted step time | diffusers checkpointing would need |", "|---|---|---|---|---|---|---|"]
+    cells = []
+    gib = 2**30
     for row in rows:
         size = row["size"]
-        where = (f"| {row['family']} {row['config']}, {size.height}x{size.width}x{size.num_frames} | "
-                 f"{'LoRA (base frozen)' if row['lora'] else 'all parameters'} | {row['budget']} |")
+        where = [f"{row['family']} {row['config']}, {size.height}x{size.width}x{size.num_frames}",
+                 "LoRA (base frozen)" if row["lora"] else "all parameters", row["budget"]]
         if "error" in row:
-            lines.append(f"{where} {row['error'].split(': ', 1)[-1]} | | | |")  # BudgetError, after the class name
+            cells.append(where + [row["error"].split(": ", 1)[-1], "", "", ""])  # BudgetError, after the class name
             continue
-        gib = 2**30
         checkpointing = "-" if row["checkpointing"] is None else f"{row['checkpointing'] / gib:.2f} GiB"
-        lines.append(f"{where} {row['chosen']} | {row['peak'] / gib:.2f} GiB: {row['weights'] / gib:.2f} + "
-                     f"{row['gradients'] / gib:.2f} + {row['activations'] / gib:.2f} ({row['ld']:.1f} LD) | "
-                     f"x{row['slowdown']:.2f} | {checkpointing} |")
-    return "\n".join(lines)
+        cells.append(where + [
+            row["chosen"], f"{row['peak'] / gib:.2f} GiB: {row['weights'] / gib:.2f} + {row['gradients'] / gib:.2f} + "
+            f"{row['activations'] / gib:.2f} ({row['ld']:.1f} LD)", f"x{row['slowdown']:.2f}", checkpointing])
+    return _table(["model, size", "training", "budget", "chosen", "predicted peak: weights + gradients + activations",
+                   "predicted step time", "diffusers checkpointing would need"], cells)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
