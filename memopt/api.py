@@ -16,8 +16,9 @@ What :func:`apply_memory_optimizations` does with each component of a ``Diffusio
 Without CUDA nothing is moved (offloading is skipped with a message) and chunking is still planned and applied.
 
 For training (``training=True``) the denoisers stay resident and are planned for a training step: the unmodified
-model, diffusers' gradient checkpointing or memopt's sequence chunks recomputed chunk by chunk in the backward,
-whichever is fastest among those that fit (:func:`memopt.planner.plan_denoiser`).
+model, diffusers' gradient checkpointing or memopt's sequence chunks recomputed chunk by chunk in the backward (on
+CUDA, where nothing else fits, with the blocks' saved inputs in host memory), whichever is fastest among those that
+fit (:func:`memopt.planner.plan_denoiser`).
 
 Multi-GPU: memopt's sequence chunking is the sequential form of context parallelism (the N "ranks" run one after
 another and exchange keys/values through full-length buffers). With N GPUs, run the same model with diffusers' own
@@ -284,9 +285,9 @@ def apply_memory_optimizations(
             chooses, by a simulated step, the fastest of the unmodified model, diffusers' gradient checkpointing and
             memopt's sequence chunks recomputed chunk by chunk in the backward (``apply_sequence_chunking(
             training=True)``; on CUDA, where nothing else fits, with the blocks' saved inputs in host memory) that
-            fits. The gradients of the trainable parameters count in the budget; an
-            optimizer's state does not: the default budget leaves room for Adam's (two fp32 values per trainable
-            parameter), a given one is for the step alone.
+            fits. The gradients of the trainable parameters count in the budget; an optimizer's state does not: the
+            default budget leaves room for Adam's (two fp32 values per trainable parameter), a given one is for the
+            step alone.
 
     Returns:
         A :class:`MemoryPlan`; ``print(plan)`` shows per component what was applied and the predicted peak (the
