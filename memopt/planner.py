@@ -452,10 +452,9 @@ def simulate_chunking(
     base = _simulate_once(model, config, args, kwargs, chunking, dtype, round_to)
     if isinstance(base, Estimate):
         return base
-    lists = block_lists(model)
-    prefix = type(model).__name__
     if chunking.training:
         return _extrapolated(model, config, depths, base, args, kwargs, chunking, dtype, round_to)
+    prefix = type(model).__name__
     flops, num_ops = base.flops, base.trace.num_ops
     block_flops: dict[str, float] = {}
     block_ops: dict[str, int] = {}
@@ -466,7 +465,7 @@ def simulate_chunking(
                                    if module == first or module.startswith(first + "."))
         flops += (real - simulated) * block_flops[list_name]
         num_ops += (real - simulated) * block_ops[list_name]
-    phases = _phases(base.trace.modules, base.trace.live_bytes, base.trace.ops, lists)
+    phases = _phases(base.trace.modules, base.trace.live_bytes, base.trace.ops, block_lists(model))
     return Estimate(chunking, phases, flops, num_ops, block_flops, block_ops)
 
 
@@ -524,8 +523,11 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
         inputs = {**dict(zip(names, fake_args)), **fake_kwargs}
         if chunking.training and not any(param.requires_grad for param in copy.parameters()):
             # Adapters only (LoRA): they are not in the copy, but the backward still runs through every block to
-            # reach them, which a gradient for the latents reproduces.
-            inputs["hidden_states"] = inputs["hidden_states"].requires_grad_(True)
+            # reach them, which a gradient for the latents (the forward's first argument: `hidden_states`, Z-Image's
+            # list `x`) reproduces.
+            inputs[names[0]] = tree_map(
+                lambda value: value.requires_grad_() if isinstance(value, torch.Tensor) and value.is_floating_point()
+                else value, inputs[names[0]])
         return inputs
 
     # FlopCounterMode attributes FLOPs to modules (the offloading overlap needs one block's), but its module
