@@ -5,7 +5,7 @@ mean), each against the unmodified model in the same run:
 
 * ``unmodified``: diffusers' forward and backward;
 * ``checkpointing``: diffusers' own ``model.enable_gradient_checkpointing()`` (each block recomputed whole in the
-  backward);
+  backward), switched on through memopt's removable hook (``memopt.hooks.checkpointing``);
 * ``memopt``: ``apply_sequence_chunking(model, training=True)``, the family plan's chunk count and 8 chunks (the
   blocks run in chunks and save only their inputs; the backward recomputes them chunk by chunk), and 8 chunks with a
   lock-step forward (nothing rerun in the forward; the backward is the same); at full size (simulated) and on CUDA
@@ -47,6 +47,7 @@ import triton
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate_family
+from memopt.hooks.checkpointing import apply_gradient_checkpointing
 from memopt.models import FAMILIES, cast_floating_, get_family
 from memopt.planner import BudgetError, plan_denoiser
 from memopt.trace.growth import activation_growth, sized_config
@@ -61,10 +62,6 @@ DEFAULT_FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "ltx", "qwenimag
 DEPTH: dict[str, dict[str, int]] = {"wan": {"num_layers": 8}, "hunyuanvideo": {"num_layers": 4, "num_single_layers": 4}}
 
 
-def _checkpointing(model: torch.nn.Module) -> None:
-    model.enable_gradient_checkpointing()
-
-
 def _memopt(num_chunks: int | None, schedule: str = "two_pass", saved_inputs: str = "device"
             ) -> Callable[[torch.nn.Module], Any]:
     return lambda model: apply_sequence_chunking(model, num_chunks, training=True, schedule=schedule,
@@ -72,8 +69,8 @@ def _memopt(num_chunks: int | None, schedule: str = "two_pass", saved_inputs: st
 
 
 VARIANTS: dict[str, Callable[[torch.nn.Module], Any] | None] = {
-    "unmodified": None, "checkpointing": _checkpointing, "memopt": _memopt(None), "memopt 8": _memopt(8),
-    "memopt 8 lockstep": _memopt(8, "lockstep"),
+    "unmodified": None, "checkpointing": apply_gradient_checkpointing, "memopt": _memopt(None),
+    "memopt 8": _memopt(8), "memopt 8 lockstep": _memopt(8, "lockstep"),
 }
 
 
@@ -93,12 +90,6 @@ def _step(model: torch.nn.Module, inputs: dict, key: str) -> tuple[float, torch.
     seconds = time.perf_counter() - start
     grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
     return seconds, torch.stack([t.grad for t in x]) if isinstance(x, list) else x.grad, torch.cat(grads)
-
-
-def _undo(model: torch.nn.Module) -> None:
-    remove_memory_optimizations(model)
-    if model.is_gradient_checkpointing:
-        model.disable_gradient_checkpointing()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,7 +122,7 @@ def bench(family: str, repeats: int) -> dict[str, Any]:
             if prepare is not None:
                 prepare(model)
             seconds, grad_x, grad_params = _step(model, inputs, key)
-            _undo(model)
+            remove_memory_optimizations(model)
             if round_index == 0:
                 row[f"error {name}"] = max(_rel(grad_x, reference_x), _rel(grad_params, reference_params))
             else:
@@ -164,7 +155,7 @@ def bench_device(family: str, device: str, config_name: str, size_name: str, rep
                               num_frames=size.num_frames, masked=spec.mask_key is not None, dtype=torch.bfloat16,
                               device=device)
     key = "hidden_states" if "hidden_states" in inputs else "x"
-    variants = {"checkpointing": _checkpointing, **{f"memopt {n}": _memopt(n) for n in chunk_counts},
+    variants = {"checkpointing": apply_gradient_checkpointing, **{f"memopt {n}": _memopt(n) for n in chunk_counts},
                 f"memopt {chunk_counts[0]}, saved inputs on the host": _memopt(chunk_counts[0], saved_inputs="host"),
                 "unmodified": None}
     row: dict[str, Any] = {"family": family, "config": config_name, "size": size,
@@ -192,7 +183,7 @@ def bench_device(family: str, device: str, config_name: str, size_name: str, rep
         except torch.cuda.OutOfMemoryError:
             result = {"oom": True}
         finally:
-            _undo(model)
+            remove_memory_optimizations(model)
             model.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.empty_cache()
@@ -219,7 +210,7 @@ def markdown_cuda(rows: list[dict[str, Any]]) -> str:
 
 
 SIMULATED_VARIANTS: dict[str, Callable[[torch.nn.Module], Any] | None] = {
-    "unmodified": None, "checkpointing": _checkpointing, "memopt": _memopt(None),
+    "unmodified": None, "checkpointing": apply_gradient_checkpointing, "memopt": _memopt(None),
     "memopt host": _memopt(None, saved_inputs="host"),
 }
 

@@ -5,8 +5,8 @@ the strategy applied, and one forward traced: peak memory (total and activations
 bytes per element), where the peak is (aten op, module), the median time of a few untraced forwards, and the output's
 relative L2 error against the unmodified model. With ``--training``, one training step instead (the forward with
 autograd, then the backward of the squared prediction's mean, into gradients made before it), and the error of the
-parameters' gradients. A table goes to the terminal; ``--out`` gets one trace JSON per
-strategy, a PNG with all timelines overlaid, and ``summary.csv`` / ``summary.json``.
+parameters' gradients. A table goes to the terminal; ``--out`` gets one trace JSON per strategy, a PNG with all
+timelines overlaid, and ``summary.csv`` / ``summary.json``.
 
 Examples::
 

@@ -43,7 +43,8 @@ def simulate(
             backward), into parameter gradients made before it (:func:`allocate_gradients`).
 
     Returns:
-        The :class:`MemoryTrace`; ``baseline_bytes`` is weights + inputs, ``peak_bytes`` the activation peak.
+        The :class:`MemoryTrace`; ``baseline_bytes`` is weights + inputs (+ gradients with ``backward``),
+        ``peak_bytes`` the activation peak.
 
     Example::
 
