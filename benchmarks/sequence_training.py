@@ -22,6 +22,7 @@ of the input and parameter gradients against the unmodified model, and the CPU t
 Run::
 
     python benchmarks/sequence_training.py                      # -> results/sequence_training_cpu.md
+    python benchmarks/sequence_training.py --planned            # -> results/sequence_training_planned.md
     python benchmarks/sequence_training.py --device cuda --families wan --config 1.3b --size 480p \\
         --num-chunks 8 16                                        # -> results/sequence_training_cuda_1.3b.md
 
@@ -48,6 +49,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate_family
 from memopt.hooks.checkpointing import apply_gradient_checkpointing
+from memopt.hooks.offload import OffloadConfig, apply_offloading, remove_offloading
 from memopt.models import FAMILIES, cast_floating_, get_family
 from memopt.planner import BudgetError, plan_denoiser
 from memopt.trace.growth import activation_growth, sized_config
@@ -80,7 +82,7 @@ def _step(model: torch.nn.Module, inputs: dict, key: str) -> tuple[float, torch.
     latents = inputs[key]  # Z-Image lineage: a list with one latent per sample
     x = [t.detach().clone().requires_grad_() for t in latents] if isinstance(latents, list) else (
         latents.detach().clone().requires_grad_())
-    cuda = next(model.parameters()).is_cuda
+    cuda = (latents[0] if isinstance(latents, list) else latents).is_cuda  # the weights may be offloaded
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -88,7 +90,8 @@ def _step(model: torch.nn.Module, inputs: dict, key: str) -> tuple[float, torch.
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.flatten().to(x.device if torch.is_tensor(x) else x[0].device)  # offloaded: on the host
+             for p in model.parameters() if p.grad is not None]
     return seconds, torch.stack([t.grad for t in x]) if isinstance(x, list) else x.grad, torch.cat(grads)
 
 
@@ -155,8 +158,15 @@ def bench_device(family: str, device: str, config_name: str, size_name: str, rep
                               num_frames=size.num_frames, masked=spec.mask_key is not None, dtype=torch.bfloat16,
                               device=device)
     key = "hidden_states" if "hidden_states" in inputs else "x"
+    host = _memopt(chunk_counts[0], saved_inputs="host")
+
+    def offloaded(model: torch.nn.Module) -> None:  # the blocks onloaded again for their backward
+        host(model)
+        apply_offloading(model, OffloadConfig(device, use_stream=cuda))
+
     variants = {"checkpointing": apply_gradient_checkpointing, **{f"memopt {n}": _memopt(n) for n in chunk_counts},
-                f"memopt {chunk_counts[0]}, saved inputs on the host": _memopt(chunk_counts[0], saved_inputs="host"),
+                f"memopt {chunk_counts[0]}, saved inputs on the host": host,
+                f"memopt {chunk_counts[0]}, saved inputs on the host, blocks group-offloaded": offloaded,
                 "unmodified": None}
     row: dict[str, Any] = {"family": family, "config": config_name, "size": size,
                            "tokens": spec.num_tokens(model.config, size), "variants": {}}
@@ -175,7 +185,9 @@ def bench_device(family: str, device: str, config_name: str, size_name: str, rep
                 times.append(seconds)
                 if cuda:
                     peak = max(peak or 0, torch.cuda.max_memory_allocated() - baseline)
-            result = {"seconds": statistics.median(times[1:]), "peak": peak}
+                    device_peak = torch.cuda.max_memory_allocated()
+            result = {"seconds": statistics.median(times[1:]), "peak": peak,
+                      "device_peak": device_peak if cuda else None}
             if reference is None:
                 reference = (grad_x, grad_params)
             result["error"] = max(_rel(grad_x, reference[0]), _rel(grad_params, reference[1]))
@@ -184,6 +196,7 @@ def bench_device(family: str, device: str, config_name: str, size_name: str, rep
             result = {"oom": True}
         finally:
             remove_memory_optimizations(model)
+            remove_offloading(model)  # back on the device (nothing when not offloaded)
             model.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.empty_cache()
@@ -193,19 +206,22 @@ def bench_device(family: str, device: str, config_name: str, size_name: str, rep
 
 
 def markdown_cuda(rows: list[dict[str, Any]]) -> str:
-    lines = ["| family | config, size | tokens | variant | step peak above weights | step time | vs checkpointing | "
-             "gradient error vs checkpointing |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| family | config, size | tokens | variant | step peak above what the device held before it | "
+             "device peak (all allocations) | step time | vs checkpointing | gradient error vs checkpointing |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base = row["variants"]["checkpointing"].get("seconds")
         for name, result in row["variants"].items():
             where = f"| {row['family']} | {row['config']}, {row['size'].height}x{row['size'].width}x" \
                     f"{row['size'].num_frames} | {row['tokens']:,} | {name} |"
             if result.get("oom"):
-                lines.append(f"{where} out of memory | | | |")
+                lines.append(f"{where} out of memory | | | | |")
                 continue
             ratio = f"{result['seconds'] / base:.3f}x" if base else "n/a"
-            peak = "n/a" if result["peak"] is None else f"{result['peak'] / 2**30:.2f} GiB"
-            lines.append(f"{where} {peak} | {result['seconds']:.3f} s | {ratio} | {result['error']:.1e} |")
+            peak, device_peak = ("n/a" if result[key] is None else f"{result[key] / 2**30:.2f} GiB"
+                                 for key in ("peak", "device_peak"))
+            lines.append(f"{where} {peak} | {device_peak} | {result['seconds']:.3f} s | {ratio} | "
+                         f"{result['error']:.1e} |")
     return "\n".join(lines)
 
 
@@ -261,13 +277,15 @@ def markdown_simulated(rows: list[dict[str, Any]]) -> str:
 # apply_memory_optimizations(model, budget, training=True) at full size: (family, config, size, LoRA, budgets). LoRA:
 # the base frozen, the adapters (not simulated: rank-sized) take their gradients from a backward through every block.
 PLANNED: list[tuple[str, str, str, bool, list[str]]] = [
-    ("wan", "full", "default", True, ["80GiB", "48GiB", "40GiB", "24GiB"]),
-    ("wan", "1.3b", "480p", False, ["24GiB", "12GiB", "8GiB"]),
+    ("wan", "full", "default", True, ["80GiB", "48GiB", "40GiB", "24GiB", "16GiB"]),
+    ("wan", "1.3b", "480p", False, ["24GiB", "12GiB", "8GiB", "6GiB"]),
 ]
+PLANNED_RESULTS = Path(__file__).parent / "results" / "sequence_training_planned.md"
 
 
 def planned_rows() -> list[dict[str, Any]]:
-    """What the training planner chooses per budget, simulated for a CUDA device (H100 speeds for its time model)."""
+    """What the training planner chooses per budget, simulated for a CUDA device (H100 speeds for its time model),
+    with block-level group offloading on a prefetch stream allowed, as ``apply_memory_optimizations`` allows it."""
     rows = []
     for family, config_name, size_name, lora, budgets in PLANNED:
         spec = get_family(family)
@@ -281,12 +299,14 @@ def planned_rows() -> list[dict[str, Any]]:
             row: dict[str, Any] = {"family": family, "config": config_name, "size": size, "lora": lora,
                                    "budget": budget}
             try:
-                plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", training=True)
+                plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", training=True,
+                                     offload=OffloadConfig("cuda", use_stream=True))
             except BudgetError as error:
                 row["error"] = str(error)
             else:
-                row.update(chosen=plan.chunking.describe(), peak=plan.predicted_peak_bytes,
-                           weights=plan.weight_bytes, gradients=plan.gradient_bytes,
+                row.update(chosen=plan.chunking.describe(), placement=plan.describe_placement(),
+                           peak=plan.predicted_peak_bytes, weights=plan.option.weight_bytes,
+                           gradients=plan.gradient_bytes,
                            activations=plan.option.activation_bytes, slowdown=plan.predicted_slowdown,
                            ld=plan.ld(plan.option.activation_bytes),
                            checkpointing=next((o.peak_bytes for o in plan.considered if o.chunking.checkpointing),
@@ -304,14 +324,40 @@ def markdown_planned(rows: list[dict[str, Any]]) -> str:
         where = [f"{row['family']} {row['config']}, {size.height}x{size.width}x{size.num_frames}",
                  "LoRA (base frozen)" if row["lora"] else "all parameters", row["budget"]]
         if "error" in row:
-            cells.append(where + [row["error"].split(": ", 1)[-1], "", "", ""])  # BudgetError, after the class name
+            cells.append(where + [row["error"].split(": ", 1)[-1], "", "", "", ""])  # BudgetError, after its class
             continue
         checkpointing = "-" if row["checkpointing"] is None else f"{row['checkpointing'] / gib:.2f} GiB"
         cells.append(where + [
-            row["chosen"], f"{row['peak'] / gib:.2f} GiB: {row['weights'] / gib:.2f} + {row['gradients'] / gib:.2f} + "
+            row["chosen"], row["placement"],
+            f"{row['peak'] / gib:.2f} GiB: {row['weights'] / gib:.2f} + {row['gradients'] / gib:.2f} + "
             f"{row['activations'] / gib:.2f} ({row['ld']:.1f} LD)", f"x{row['slowdown']:.2f}", checkpointing])
-    return _table(["model, size", "training", "budget", "chosen", "predicted peak: weights + gradients + activations",
+    return _table(["model, size", "training", "budget", "chosen", "weights",
+                   "predicted peak: weights on the device + gradients on the device + activations",
                    "predicted step time", "diffusers checkpointing would need"], cells)
+
+
+def main_planned(output: Path) -> None:
+    start = time.perf_counter()
+    rows = planned_rows()
+    text = "\n".join([
+        "# Training steps planned at full size (simulated for CUDA)",
+        "",
+        f"torch {torch.__version__}; generated by `python benchmarks/sequence_training.py --planned` in "
+        f"{time.perf_counter() - start:.0f} s. `apply_memory_optimizations(model, budget, training=True)` at full "
+        "size: `plan_denoiser(..., device='cuda', training=True, offload=OffloadConfig('cuda', use_stream=True))` "
+        "under FakeTensorMode, bf16. The budget holds the weights on the device (all of them resident; offloaded: "
+        "the top-level group and two blocks), the trainable parameters' gradients on the device (offloaded: the top "
+        "level's and one block's; the others wait on the host with their weights), the inputs and the step's "
+        "activations; an optimizer's state comes on top. Step time relative to the unmodified model's, from the "
+        "planner's H100 time model (offloaded: the backward onloads every block again, unprefetched). The last "
+        "column is the peak of diffusers' checkpointing where the planner simulated it.",
+        "",
+        markdown_planned(rows),
+        "",
+    ])
+    print(text)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -345,9 +391,14 @@ def main() -> None:
     parser.add_argument("--size", default="480p", help="CUDA: zoo size name")
     parser.add_argument("--num-chunks", type=int, nargs="+", default=[8, 16], help="CUDA: memopt variants")
     parser.add_argument("--no-simulate", action="store_true", help="CPU: skip the full-size simulations")
+    parser.add_argument("--planned", action="store_true",
+                        help=f"only the training planner's choices at full size -> {PLANNED_RESULTS.name}")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    if args.planned:
+        main_planned(args.output or PLANNED_RESULTS)
+        return
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda needs a CUDA GPU; this machine has none")
@@ -362,7 +413,6 @@ def main() -> None:
         rows.append(bench(family, args.repeats))
         print(markdown(rows[-1:]), flush=True)
     simulated = [] if args.no_simulate else simulated_rows()
-    planned = [] if args.no_simulate else planned_rows()
     text = "\n".join([
         f"# Training through sequence-chunked blocks (CPU, {torch.get_num_threads()} thread(s))",
         "",
@@ -383,12 +433,8 @@ def main() -> None:
            "activation peak of a training step above the weights, their gradients and the inputs; with a few blocks "
            "the peak is one block's backward plus the saved inputs of the others.", "",
            markdown_simulated(simulated), "",
-           "`apply_memory_optimizations(model, budget, training=True)` at full size, simulated for a CUDA device "
-           "(`plan_denoiser(..., device='cuda', training=True)`; bf16; the budget holds the weights, the trainable "
-           "parameters' gradients, the inputs and the step's activations; an optimizer's state comes on top; the "
-           "step time relative to the unmodified model's, from the planner's H100 time model; the last column is the "
-           "peak of diffusers' checkpointing where the planner simulated it):", "",
-           markdown_planned(planned), ""] if simulated else []),
+           f"What the training planner chooses at full size: `{PLANNED_RESULTS.name}` (`--planned`).", ""]
+          if simulated else []),
     ])
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

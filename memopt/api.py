@@ -15,10 +15,11 @@ What :func:`apply_memory_optimizations` does with each component of a ``Diffusio
 
 Without CUDA nothing is moved (offloading is skipped with a message) and chunking is still planned and applied.
 
-For training (``training=True``) the denoisers stay resident and are planned for a training step: the unmodified
-model, diffusers' gradient checkpointing or memopt's sequence chunks recomputed chunk by chunk in the backward (on
-CUDA, where nothing else fits, with the blocks' saved inputs in host memory), whichever is fastest among those that
-fit (:func:`memopt.planner.plan_denoiser`).
+For training (``training=True``) the denoisers are planned for a training step: the unmodified model, diffusers'
+gradient checkpointing or memopt's sequence chunks recomputed chunk by chunk in the backward (on CUDA, where nothing
+else fits, with the blocks' saved inputs in host memory, and where the weights do not fit either, group-offloaded
+with the blocks onloaded again for their backward), whichever is fastest among those that fit
+(:func:`memopt.planner.plan_denoiser`).
 
 Multi-GPU: memopt's sequence chunking is the sequential form of context parallelism (the N "ranks" run one after
 another and exchange keys/values through full-length buffers). With N GPUs, run the same model with diffusers' own
@@ -281,13 +282,14 @@ def apply_memory_optimizations(
         batch_size: the denoiser's batch for ``height``/``width`` planning (2 for pipelines that batch CFG).
         vae_tiling: turn on the VAE's tiled/sliced decoding.
         training: plan the denoisers for training steps (the forward with autograd, then ``loss.backward()``) instead
-            of forwards: they stay resident (offloaded weights would be gone by the backward), and the planner
-            chooses, by a simulated step, the fastest of the unmodified model, diffusers' gradient checkpointing and
-            memopt's sequence chunks recomputed chunk by chunk in the backward (``apply_sequence_chunking(
-            training=True)``; on CUDA, where nothing else fits, with the blocks' saved inputs in host memory) that
-            fits. The gradients of the trainable parameters count in the budget; an optimizer's state does not: the
-            default budget leaves room for Adam's (two fp32 values per trainable parameter), a given one is for the
-            step alone.
+            of forwards: the planner chooses, by a simulated step, the fastest of the unmodified model, diffusers'
+            gradient checkpointing and memopt's sequence chunks recomputed chunk by chunk in the backward
+            (``apply_sequence_chunking(training=True)``; on CUDA, where nothing else fits, with the blocks' saved
+            inputs in host memory, and, where the weights do not fit either, with the blocks group-offloaded: each
+            block is onloaded again for its backward) that fits. The gradients of the trainable parameters count in
+            the budget (offloaded, a block's travel with its weights: an optimizer then steps those parameters on
+            the host); an optimizer's state does not: the default budget leaves room for Adam's (two fp32 values
+            per trainable parameter), a given one is for the step alone.
 
     Returns:
         A :class:`MemoryPlan`; ``print(plan)`` shows per component what was applied and the predicted peak (the
@@ -455,14 +457,10 @@ def _plan_components(plan: MemoryPlan, components: dict[str, torch.nn.Module], d
         if not movable:
             entry.action = f"stays on {module_device(module)}"
             entry.device_bytes = entry.working_bytes = weights
-        elif kind == "denoiser" and plan.training:
-            entry.action = f"resident on {device} (training: offloaded weights would be gone by the backward)"
-            entry.resident = True
-            entry.device_bytes = weights
-            entry.working_bytes = weights + trainable_bytes(module)
         elif kind == "denoiser":
             # Offloaded now so the pipeline computes on the device from its first step; the first forward may make
-            # it resident instead. Pinned host copies need about the model's size of free host RAM.
+            # it resident instead. Pinned host copies need about the model's size of free host RAM. (Training too:
+            # memopt's recorded blocks onload their weights again for their backward.)
             entry.offload = OffloadConfig(device, "block_level", 1, use_stream=device.type == "cuda",
                                           low_cpu_mem_usage=host_free < 1.1 * denoiser_bytes)
             entry.action = entry.offload.describe()
@@ -488,8 +486,9 @@ def _check_floor(plan: MemoryPlan, components: dict[str, torch.nn.Module], denoi
         other_resident = sum(c.device_bytes for key, c in plan.components.items() if key != name)
         if name in denoisers:
             working, what = floor_bytes(components[name], entry.offload)
-            if plan.training:
-                gradients = trainable_bytes(components[name])
+            if plan.training:  # offloaded, each group's gradients travel with its weights
+                gradients = (trainable_bytes(components[name]) if entry.offload is None
+                             else offload_groups(components[name]).device_gradient_bytes())
                 working += gradients
                 what += f" + the gradients of its trainable parameters ({format_bytes(gradients)})"
         else:

@@ -25,11 +25,13 @@ How a plan is made (:func:`plan_denoiser`):
    fits the budget with the least predicted time. Memory falls monotonically with the chunk count, so each series is
    walked upwards until it fits. If nothing fits, :class:`BudgetError` says the smallest peak memopt can reach and
    what dominates it.
-6. **Training** (``training=True``): the same for one training step (forward with autograd, then backward) of the
-   resident model, among the unmodified model, diffusers' gradient checkpointing and memopt's sequence chunks with
-   their chunked recomputation. A step's peak grows with the depth (every block saves something for the backward), so
-   it is extrapolated from the reduced copy and one copy per list with one block more (exact for identical blocks:
-   ``tests/test_planner_training.py``); the trainable parameters' gradients are added to the weights.
+6. **Training** (``training=True``): the same for one training step (forward with autograd, then backward), among
+   the unmodified model, diffusers' gradient checkpointing and memopt's sequence chunks with their chunked
+   recomputation; offloaded (only where the resident model does not fit), memopt's chunks alone, whose blocks onload
+   their weights again for the backward. A step's peak grows with the depth (every block saves something for the
+   backward), so it is extrapolated from the reduced copy and one copy per list with one block more (exact for
+   identical blocks: ``tests/test_planner_training.py``); the trainable parameters' gradients on the device are added
+   to the weights.
 
 Example::
 
@@ -664,6 +666,11 @@ def estimate_time(estimate: Estimate, profile: DeviceProfile, groups: OffloadGro
     if offload is None or groups is None:
         return compute
     bandwidth = profile.h2d_bytes_per_s
+    if estimate.chunking.training:
+        # The backward onloads the top level and every block again, without prefetching, and moves each group's
+        # gradients to the device and back (memopt.hooks.offload.onloaded).
+        gradient_bytes = sum(groups.group_gradient_bytes) + groups.top_level_gradient_bytes
+        compute += (groups.total_bytes + 2 * gradient_bytes) / bandwidth
     if not offload.use_stream:
         return compute + groups.total_bytes / bandwidth
     exposed = groups.top_level_bytes / bandwidth  # onloaded synchronously on entry
@@ -866,15 +873,17 @@ def plan_denoiser(
         runtime_overhead_bytes: device memory outside the traced tensors (default:
             :data:`CUDA_RUNTIME_OVERHEAD_BYTES` on CUDA, 0 elsewhere).
         training: plan a training step (the forward with autograd, then the backward) instead of a forward: the
-            model stays resident (offloaded weights would be gone by the backward), the gradients of its trainable
-            parameters count in the peak (an optimizer's state does not: leave room for it), and the candidates are
-            the unmodified model, diffusers' gradient checkpointing and memopt's sequence chunks with their chunked
-            recomputation (:func:`candidate_series`). Trainable parameters are the model's (``requires_grad``); with
-            adapters only (LoRA), the step back-propagates through every block to them, as simulated.
+            gradients of the trainable parameters count in the peak (an optimizer's state does not: leave room for
+            it), and the candidates are the unmodified model, diffusers' gradient checkpointing and memopt's sequence
+            chunks with their chunked recomputation (:func:`candidate_series`). Trainable parameters are the model's
+            (``requires_grad``); with adapters only (LoRA), the step back-propagates through every block to them, as
+            simulated. With ``offload``, the offloaded placement takes only memopt's sequence chunks (its recorded
+            blocks onload their weights again for their backward, :func:`memopt.hooks.offload.onloaded`; diffusers'
+            checkpointing and plain autograd would find them on the host), and each group's gradients travel with its
+            weights, so the device holds the top level's and one group's.
 
     Raises:
         BudgetError: no option fits; the message names the smallest reachable peak and what dominates it.
-        ValueError: ``training`` with ``offload``.
     """
     start = time.perf_counter()
     budget_bytes = parse_budget(budget)
@@ -882,17 +891,20 @@ def plan_denoiser(
     dtype = model_dtype(model)
     profile = profile or DeviceProfile.defaults(device, dtype)
     round_to = 512 if device.type == "cuda" else 1
-    if training and offload is not None:
-        raise ValueError(f"a training plan keeps {type(model).__name__} resident: its offloaded weights would be gone "
-                         "by the backward; pass offload=None")
     weights = module_bytes(model)
-    gradients = trainable_bytes(model) if training else 0
     inputs = input_bytes(args, kwargs)
     groups = offload_groups(model, "block_level", offload.num_blocks_per_group if offload else 1)
+    gradients = trainable_bytes(model) if training else 0
     movable = device.type != "cpu"
     if runtime_overhead_bytes is None:
         runtime_overhead_bytes = CUDA_RUNTIME_OVERHEAD_BYTES if device.type == "cuda" else 0
-    fixed = other_resident_bytes + inputs + gradients + runtime_overhead_bytes
+
+    def device_gradients(placement: OffloadConfig | None) -> int:
+        """Offloaded, a group's gradients travel with its weights (memopt.hooks.offload.onloaded)."""
+        return gradients if placement is None or not training else groups.device_gradient_bytes()
+
+    def fixed_bytes(placement: OffloadConfig | None) -> int:
+        return other_resident_bytes + inputs + device_gradients(placement) + runtime_overhead_bytes
     shapes = {name: tuple(value.shape) for name, value in _named_tensors(model, args, kwargs)}
     token_info = _tokens(model, shapes)
     batch = shapes["hidden_states"][0] if "hidden_states" in shapes else 1
@@ -911,12 +923,18 @@ def plan_denoiser(
 
     considered: list[Option] = []
     for placement in placements:
+        if training and placement is not None and any(option.peak_bytes <= budget_bytes for option in considered):
+            break  # resident fits: offloading a training step only adds transfers
+        fixed = fixed_bytes(placement)
         floor = fixed + max(phase_weights(groups, placement, ["before", "after", *block_lists(model)]).values())
         unchunked_fits = False
         two_pass_fits: list[int] = []  # sequence chunk counts at which the two-pass schedule fits
         for chunkings in series or candidate_series(per_sample, training, host=movable):
             if getattr(model, "is_gradient_checkpointing", False):  # already on: the simulated copies have it too
                 chunkings = [chunking for chunking in chunkings if not chunking.checkpointing]
+            if training and placement is not None:
+                # Only memopt's recorded blocks onload their weights again for the backward (hooks.offload.onloaded).
+                chunkings = [chunking for chunking in chunkings if chunking.sequence_chunks]
             if chunkings and chunkings[0].saved_inputs == "host" and any(
                     option.peak_bytes <= budget_bytes for option in considered):
                 continue  # the same chunks with their transfers: only worth it where nothing else fits
@@ -955,7 +973,7 @@ def plan_denoiser(
     fitting = [option for option in considered if option.peak_bytes <= budget_bytes]
     if not fitting:
         raise BudgetError(_nothing_fits(model, budget_bytes, considered, groups, inputs, other_resident_bytes, cache,
-                                        gradients))
+                                        device_gradients(offload if movable else None)))
     # Within 1% of the fastest (the time model's resolution), prefer fewer hooks, then the lower peak.
     fastest = min(option.time_s for option in fitting)
     best = min((option for option in fitting if option.time_s <= 1.01 * fastest),
@@ -970,7 +988,7 @@ def plan_denoiser(
         shapes=shapes, groups=groups, considered=considered, profile=profile,
         note="" if movable else "no CUDA device: nothing moved (weights stay where they are); chunking only",
         element_size=torch.tensor([], dtype=dtype).element_size(), planning_seconds=time.perf_counter() - start,
-        gradient_bytes=gradients, training=training, **token_info,
+        gradient_bytes=device_gradients(best.offload), training=training, **token_info,
     )
 
 
@@ -995,7 +1013,7 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
             return f"no memopt option could be simulated for {name}: {errors}. {_apply_directly(model)}"
         weights = f"its weights ({format_bytes(groups.total_bytes)})"
         if gradients:
-            weights += f" and their gradients ({format_bytes(gradients)}; a training step keeps the model resident)"
+            weights += f" and the gradients on the device ({format_bytes(gradients)})"
         return (f"{name}: nothing fits the budget of {format_bytes(budget)}: {weights} with the other components "
                 f"({format_bytes(other)}) leave no room, and it cannot be offloaded here")
     best = min(considered, key=lambda option: option.peak_bytes)

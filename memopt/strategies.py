@@ -115,8 +115,8 @@ class Strategy:
         if TRAINING in self.requires and not context.training:
             return "changes only what autograd keeps for the backward: run with --training"
         if INFERENCE in self.requires and context.training:
-            return ("offloads each block's weights after its forward, but the backward needs them again (autograd "
-                    "keeps them on the device)")
+            return ("offloads each block's weights after its forward, but the backward needs them again; memopt's "
+                    "chunked training onloads them again for the backward: strategy 'sequence-offload'")
         for module in self.modules:
             if importlib.util.find_spec(module) is None:
                 return f"{module} is not available in this memopt build"
@@ -193,6 +193,13 @@ def _sequence(schedule: str, saved_inputs: str = "device") -> ApplyFn:
     return apply
 
 
+def _sequence_offload(model: torch.nn.Module, context: StrategyContext) -> Any:
+    report = _sequence("two_pass", saved_inputs="host")(model, context)
+    # Applied after the chunking hooks, so that it wraps them (memopt.hooks.offload).
+    _group_offload(use_stream=True)(model, context)
+    return report
+
+
 def _checkpointing(model: torch.nn.Module, context: StrategyContext) -> str:
     apply_gradient_checkpointing = _import("memopt.hooks.checkpointing", "apply_gradient_checkpointing")
     try:
@@ -243,6 +250,10 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("sequence-host", "memopt: sequence, and the blocks' saved inputs wait in host memory for the backward",
                  _sequence("two_pass", saved_inputs="host"), requires=frozenset({TRAINING}),
                  modules=("memopt.hooks.sequence",)),
+        Strategy("sequence-offload", "memopt: sequence-host, and the blocks group-offloaded (diffusers' "
+                 "enable_group_offload with a prefetch stream; each block onloaded again for its backward)",
+                 _sequence_offload, requires=frozenset({CUDA, REAL, TRAINING}), places_model=True,
+                 modules=("memopt.hooks.sequence",)),
         Strategy("sequence-lockstep", "memopt: blocks over sequence chunks, lock-step schedule (chunks suspended at "
                  "attention until all K/V exist: nothing runs twice, more memory)",
                  _sequence("lockstep"), modules=("memopt.hooks.sequence",)),
@@ -260,7 +271,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "ffn": ("ffn-hidden",),
     "offload": ("group-offload", "group-offload-stream", "model-cpu-offload"),
     "memopt": ("ffn-hidden", "ffn-sequence", "sequence", "sequence-lockstep", "attention", "kernel", "all"),
-    "training": ("checkpointing", "sequence", "sequence-host", "all"),
+    "training": ("checkpointing", "sequence", "sequence-host", "sequence-offload", "all"),
 }
 """Shorthands accepted by :func:`get_strategies` besides the strategy names."""
 

@@ -11,7 +11,7 @@ import torch
 import memopt
 from memopt import trace_memory
 from memopt.hooks.checkpointing import apply_gradient_checkpointing
-from memopt.hooks.offload import OffloadConfig, module_bytes
+from memopt.hooks.offload import OffloadConfig, module_bytes, offload_groups
 from memopt.models import get_family
 from memopt.planner import (
     BudgetError,
@@ -152,9 +152,36 @@ def test_training_below_the_weights_and_gradients_is_refused_clearly() -> None:
     model, inputs = _wan()
     with pytest.raises(BudgetError, match="WanTransformer3DModel.*gradients"):
         plan_denoiser(model, (), inputs, budget=module_bytes(model), device="cpu", training=True)
-    with pytest.raises(ValueError, match="training plan keeps WanTransformer3DModel resident"):
-        plan_denoiser(model, (), inputs, budget="1GiB", device="cpu", training=True,
-                      offload=OffloadConfig("cuda", use_stream=True))
+
+
+def test_training_is_offloaded_where_the_weights_do_not_fit() -> None:
+    """Simulated for CUDA: below weights + gradients the blocks are group-offloaded, with memopt's chunks only (they
+    onload their blocks again for the backward), and the device holds the top level's and one group's gradients."""
+    model, _ = _wan()
+    inputs = get_family("wan").make_inputs(model.config, batch_size=1, height=48, width=80, num_frames=5)
+    offload = OffloadConfig("cuda", use_stream=True)
+    groups = offload_groups(model)
+    budget = module_bytes(model) + trainable_bytes(model) - 1
+    series = [[Chunking(training=True)], [Chunking(training=True, checkpointing=True)],
+              [Chunking(sequence_chunks=n, training=True) for n in (2, 4)]]
+    plan = plan_denoiser(model, (), inputs, budget=budget, device="cuda", offload=offload, training=True,
+                         series=series, runtime_overhead_bytes=0)
+    assert plan.offload == offload and plan.chunking.training and plan.chunking.sequence_chunks
+    assert not plan.chunking.chunk_tail and plan.predicted_peak_bytes <= budget
+    assert plan.gradient_bytes == groups.device_gradient_bytes() < trainable_bytes(model)
+    assert plan.gradient_bytes == groups.top_level_gradient_bytes + max(groups.group_gradient_bytes) > 0
+    assert plan.considered and all(option.offload == offload and option.chunking.sequence_chunks
+                                   for option in plan.considered)
+    assert plan.predicted_peak_bytes == (input_bytes((), inputs) + plan.gradient_bytes + plan.option.weight_bytes
+                                         + plan.option.activation_bytes)
+    # The backward onloads every block again: slower than the same chunks resident.
+    resident = plan_denoiser(model, (), inputs, budget="1GiB", device="cuda", training=True,
+                             series=[[plan.chunking]], runtime_overhead_bytes=0)
+    assert plan.predicted_time_s > resident.predicted_time_s
+    # Where the resident model fits, a training step is not offloaded.
+    roomy = plan_denoiser(model, (), inputs, budget="1GiB", device="cuda", offload=offload, training=True,
+                          series=series, runtime_overhead_bytes=0)
+    assert roomy.offload is None and all(option.offload is None for option in roomy.considered)
 
 
 def test_checkpointing_already_on_is_simulated_and_kept() -> None:

@@ -21,7 +21,10 @@ backward run inside the backward: ``loss.backward()`` works; ``torch.autograd.gr
 refused with an error (the parameters' gradients would not reach it).
 
 With ``saved_inputs="host"`` the saved inputs wait in pinned host memory (:class:`SavedOnHost`), so the device holds
-one block's backward workspace whatever the depth.
+one block's backward workspace whatever the depth. Under diffusers' block-level group offloading (applied after this
+hook, as for inference) each block onloads its weights again for its backward, and the model's top-level group is
+onloaded when the backward starts (:class:`SequenceTrainingHook`), so the device also holds only a few blocks'
+weights: the training counterpart of offloaded inference.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
+from diffusers.hooks import ModelHook
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..trace.tracer import host_memory
 from ._sequence_chunks import RUNNING, Arguments, ChunkLayout, intersect, materialized, memory_runs
 from ._sequence_exchange import BlockRun
-from ._sequence_model import offloaded
+from .offload import offloading_group, onloaded, onloaded_for_backward
 
 if TYPE_CHECKING:
     from .sequence import SequenceChunkingHook
@@ -46,12 +50,6 @@ def recorded_forward(hook: SequenceChunkingHook, module: torch.nn.Module, argume
     """The block's output, computed in chunks without autograd and recorded as one node whose backward recomputes
     the block in chunks (module docstring)."""
     _refuse_dropout(hook.path, module)
-    if offloaded(module):
-        raise NotImplementedError(
-            f"{hook.path}: group-offloaded; training=True recomputes the block in the backward, after the offloading "
-            "hook has moved its weights off the device again. Offload the optimizer state, or the saved block inputs "
-            "(apply_sequence_chunking(..., saved_inputs='host')), instead"
-        )
     args, kwargs = materialized(arguments.args, arguments.kwargs)  # deferred per-token tables: computed, recorded
     flat, spec = tree_flatten((args, kwargs))
     positions = [i for i, value in enumerate(flat) if isinstance(value, torch.Tensor)]
@@ -62,6 +60,34 @@ def recorded_forward(hook: SequenceChunkingHook, module: torch.nn.Module, argume
     with SavedOnHost() if hook.config.saved_inputs == "host" else contextlib.nullcontext():
         outputs = _RecomputedBlock.apply(call, anchor, *(flat[i] for i in positions))
     return call.rebuild_output(outputs)
+
+
+class SequenceTrainingHook(ModelHook):
+    """On the model, with ``training=True``: makes a group-offloaded model trainable through the chunked blocks.
+
+    The chunked blocks onload themselves for their backward (:func:`memopt.hooks.offload.onloaded`); the rest of the
+    model (embedders, output head: the top-level group of block-level offloading) runs under plain autograd, so its
+    group is onloaded when the backward reaches the model's output (:func:`~memopt.hooks.offload.onloaded_for_backward`)
+    and offloaded when the backward ends. Any other offloaded module would find its weights on the host in the
+    backward: refused by name before a forward under autograd runs. Without offloading it changes nothing.
+    """
+
+    def __init__(self, blocks: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.blocks = {id(block) for block in blocks}
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.fn_ref.original_forward(*args, **kwargs)
+        offloaded = [(path, sub) for path, sub in module.named_modules() if offloading_group(sub) is not None]
+        unchunked = [path for path, sub in offloaded if sub is not module and id(sub) not in self.blocks]
+        if unchunked:
+            raise NotImplementedError(
+                f"{type(module).__name__}: training through group offloading needs every offloaded module to be a "
+                f"block memopt recomputes in chunks (block-level offloading), but {unchunked[:4]} are offloaded and "
+                "not chunked: their backward would find their weights on the host"
+            )
+        return onloaded_for_backward(module, self.fn_ref.original_forward(*args, **kwargs))
 
 
 class SavedOnHost(torch.autograd.graph.saved_tensors_hooks):
@@ -150,7 +176,8 @@ class _RecomputedBlock(torch.autograd.Function):
                 "not torch.autograd.grad"
             )
         grad_output = call.rebuild_output(grads)
-        with torch.enable_grad(), _autocast(ctx.autocast):
+        # Group-offloaded, the block's weights went back to the host when its forward returned.
+        with onloaded(call.module), torch.enable_grad(), _autocast(ctx.autocast):
             gradients = InputGradients(ctx.saved_tensors, ctx.needs_input_grad[2:])
             with gradients:
                 call.hook.chunked_backward(call.module, call.arguments(gradients.inputs), grad_output)

@@ -15,7 +15,11 @@ around it:
   offloaded, ``remove_offloading(model, restore=False)``, add the hooks, and ``apply_offloading`` again;
 * **undo** (:func:`remove_offloading`): diffusers' hooks removed and the module back on the device it came from;
 * **refusals**: a model already offloaded by accelerate (``_hf_hook``) or by the user's own group offloading, or
-  already context/tensor parallel, is reported with a clear error instead of being offloaded twice.
+  already context/tensor parallel, is reported with a clear error instead of being offloaded twice;
+* **the backward** (:func:`onloaded`, :func:`onloaded_for_backward`): diffusers' hooks move weights around forwards
+  only. memopt's chunked training recomputes each block in its backward and onloads the block's group for it with
+  the group's own ``onload_`` / ``offload_``, and the top-level group (output head) when the backward starts;
+  trainable parameters' gradients travel with their weights.
 
 There is no memopt ``ModelHook`` in this file on purpose: the hooks that move weights are diffusers' (named
 ``"group_offloading"``, ``"lazy_prefetch_group_offloading"``, ``"layer_execution_tracker"``).
@@ -36,11 +40,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from diffusers.hooks import HookRegistry, apply_group_offloading
+from diffusers.hooks.group_offloading import ModuleGroup
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 GROUP_OFFLOADING_HOOKS = ("layer_execution_tracker", "lazy_prefetch_group_offloading", "group_offloading")
 """diffusers' hook names for group offloading (``hooks/group_offloading.py``), outermost first."""
@@ -114,11 +121,21 @@ class OffloadGroups:
         top_level_bytes: weights that are not in any group (embedders, final norm and projection, loose parameters):
             diffusers onloads them for the whole forward of the module.
         total_bytes: all weights of the module.
+        group_gradient_bytes: per group (in the order of ``groups``), the gradients of its trainable parameters.
+        top_level_gradient_bytes: the gradients of the top level's trainable parameters.
     """
 
     groups: tuple[tuple[str, int], ...]
     top_level_bytes: int
     total_bytes: int
+    group_gradient_bytes: tuple[int, ...] = ()
+    top_level_gradient_bytes: int = 0
+
+    def device_gradient_bytes(self) -> int:
+        """Gradient bytes on the device during a training step's backward through offloaded blocks: the top level's,
+        plus those of the group being recomputed (each group's gradients travel with its weights, see
+        :func:`onloaded`)."""
+        return self.top_level_gradient_bytes + max(self.group_gradient_bytes, default=0)
 
     @property
     def largest(self) -> tuple[str, int]:
@@ -168,15 +185,24 @@ def offload_groups(module: torch.nn.Module, offload_type: str = "block_level",
     """
     total = module_bytes(module)
     groups: list[tuple[str, int]] = []
+    gradients: list[int] = []
+
+    def add(name: str, tensors: list[torch.Tensor]) -> None:
+        groups.append((name, tensor_bytes(tensors)))
+        gradients.append(_gradient_bytes(tensors))
+
+    def result(grouped_ids: set[int]) -> OffloadGroups:
+        rest = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in grouped_ids]
+        return OffloadGroups(tuple(groups), tensor_bytes(rest), total, tuple(gradients), _gradient_bytes(rest))
+
     if offload_type == "leaf_level":
         grouped: set[int] = set()
         for name, sub in module.named_modules():
             if isinstance(sub, _LEAF_TYPES):
                 tensors = [*sub.parameters(), *sub.buffers()]
-                groups.append((name, tensor_bytes(tensors)))
+                add(name, tensors)
                 grouped.update(id(t) for t in tensors)
-        rest = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in grouped]
-        return OffloadGroups(tuple(groups), tensor_bytes(rest), total)
+        return result(grouped)
     if offload_type != "block_level":
         raise ValueError(f"offload_type must be 'block_level' or 'leaf_level', got {offload_type!r}")
 
@@ -193,12 +219,16 @@ def offload_groups(module: torch.nn.Module, offload_type: str = "block_level",
                     tensors = [t for m in members for t in (*m.parameters(), *m.buffers())]
                     last = start + len(members) - 1
                     label = f"{prefix}{name}.{start}" + (f"-{last}" if last != start else "")
-                    groups.append((label, tensor_bytes(tensors)))
+                    add(label, tensors)
                     grouped_ids.update(id(t) for t in tensors)
 
     visit(module, "")
-    rest = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in grouped_ids]
-    return OffloadGroups(tuple(groups), tensor_bytes(rest), total)
+    return result(grouped_ids)
+
+
+def _gradient_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the gradients of the distinct tensors among ``tensors`` that require grad (trainable parameters)."""
+    return tensor_bytes(t for t in tensors if t.requires_grad)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -336,6 +366,115 @@ def remove_group_offloading_hooks(module: torch.nn.Module) -> None:
 def has_group_offloading(module: torch.nn.Module) -> bool:
     return any(isinstance(getattr(sub, "_diffusers_hook", None), HookRegistry)
                and sub._diffusers_hook.get_hook("group_offloading") is not None for sub in module.modules())
+
+
+# ------------------------------------------------------------------------------------------------ backward
+def offloading_group(module: torch.nn.Module) -> ModuleGroup | None:
+    """The diffusers ``ModuleGroup`` whose hook sits on ``module`` itself (``None``: not group-offloaded there)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook("group_offloading") if isinstance(registry, HookRegistry) else None
+    return hook.group if hook is not None else None
+
+
+def _group_parameters(group: ModuleGroup) -> list[torch.nn.Parameter]:
+    unique = {id(p): p for m in group.modules for p in m.parameters()} | {id(p): p for p in group.parameters}
+    return list(unique.values())
+
+
+def _gradients_follow(group: ModuleGroup) -> None:
+    """Move each trainable parameter's ``.grad`` to where the parameter now is.
+
+    diffusers moves a group by swapping ``param.data`` (with a stream: to the pinned host copy and back), which
+    leaves ``.grad`` behind; an optimizer step would then meet a host parameter with a device gradient, and the next
+    backward would accumulate a device gradient into a host one. Gradients therefore travel with their parameters,
+    as ``nn.Module.to`` moves them (which diffusers uses without a stream).
+    """
+    for param in _group_parameters(group):
+        if param.grad is not None and param.grad.device != param.device:
+            param.grad = param.grad.to(param.device)
+
+
+def _onload(group: ModuleGroup) -> None:
+    group.onload_()
+    if group.stream is not None:
+        group.stream.synchronize()  # the copies ran on the side stream: done before the compute reads them
+    _gradients_follow(group)
+
+
+def _offload(group: ModuleGroup) -> None:
+    group.offload_()
+    _gradients_follow(group)
+
+
+@contextlib.contextmanager
+def onloaded(module: torch.nn.Module) -> Iterator[None]:
+    """``module``'s offloading group on its onload device for the duration, offloaded again after (nothing when
+    ``module`` carries no group offloading hook).
+
+    For a backward that reruns an offloaded block: diffusers' hooks onload a group when its forward is called and
+    offload it when that returns, so by the backward every block is back on the host. memopt's chunked training
+    (``apply_sequence_chunking(..., training=True)``) recomputes each block inside its backward and onloads it here
+    for that (synchronously: a block's backward at a size worth offloading takes far longer than its copy). The
+    parameters' gradients come and go with them (:func:`_gradients_follow`).
+    """
+    group = offloading_group(module)
+    if group is None:
+        yield
+        return
+    _onload(group)
+    try:
+        yield
+    finally:
+        _offload(group)
+
+
+def onloaded_for_backward(module: torch.nn.Module, output: Any) -> Any:
+    """``output`` with its tensors passed through a node whose backward onloads ``module``'s group (the top-level
+    group of block-level offloading: embedders, output head) and offloads it again when that backward pass ends.
+
+    The backward starts at the model's output, so the output head's weights, which autograd saved as the parameters
+    themselves, are back on the device before any of its gradients are computed. The node returns copies (the size of
+    the model's prediction, a small fraction of one hidden state): views would refuse the caller's in-place ops, and a
+    hook on the output tensor would be bypassed by an in-place op on it when it is a view (an unpatchified
+    prediction).
+    """
+    group = offloading_group(module)
+    if group is None:
+        return output
+    flat, spec = tree_flatten(output)
+    positions = [i for i, value in enumerate(flat) if isinstance(value, torch.Tensor) and value.requires_grad]
+    if not positions:
+        return output
+    copies = _OnloadInBackward.apply(group, *(flat[i] for i in positions))
+    for position, tensor in zip(positions, copies):
+        flat[position] = tensor
+    return tree_unflatten(flat, spec)
+
+
+class _OnloadInBackward(torch.autograd.Function):
+    """Copies its inputs; its backward onloads a group and queues the group's offload for the end of the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, group: ModuleGroup, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.group = group
+        return tuple(tensor.clone() for tensor in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        group: ModuleGroup = ctx.group
+        if not getattr(group, _ONLOADED_FOR_BACKWARD, False):  # the model called twice before one backward
+            setattr(group, _ONLOADED_FOR_BACKWARD, True)
+            _onload(group)
+
+            def offload() -> None:
+                setattr(group, _ONLOADED_FOR_BACKWARD, False)
+                _offload(group)
+
+            torch.autograd.Variable._execution_engine.queue_callback(offload)
+        return (None, *grads)
+
+
+_ONLOADED_FOR_BACKWARD = "_memopt_onloaded_for_backward"
 
 
 # ------------------------------------------------------------------------------------------------ VAE

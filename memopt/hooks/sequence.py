@@ -73,7 +73,7 @@ from ._attention_dispatch import (
     release_interception,
 )
 from ._common import HOOK_PREFIX, register_memopt_hook, removed_on_error
-from ._sequence_backward import backward_passes, chunk_output_grads, recorded_forward
+from ._sequence_backward import SequenceTrainingHook, backward_passes, chunk_output_grads, recorded_forward
 from ._sequence_chunks import (
     RUNNING,
     Arguments,
@@ -120,6 +120,7 @@ SEQUENCE_PRODUCER_HOOK = "memopt.sequence.producer"
 SEQUENCE_EMBED_HOOK = "memopt.sequence.embed"
 SEQUENCE_SKIP_HOOK = "memopt.sequence.skip"
 SEQUENCE_REPLAY_HOOK = "memopt.sequence.replay"
+SEQUENCE_TRAINING_HOOK = "memopt.sequence.training"
 SEQUENCE_REUSE_HOOK = "memopt.sequence.reuse"
 
 SCHEDULES = ("two_pass", "lockstep")
@@ -1109,4 +1110,6 @@ def apply_sequence_chunking(
             raise ValueError(f"no block of {type(model).__name__} matched the sequence plan {sorted(plan.blocks)}:\n"
                              f"{report}")
         _apply_model_level(model, plan, config, report, blocks)
+        if training:
+            register_memopt_hook(model, SequenceTrainingHook(blocks), SEQUENCE_TRAINING_HOOK)
     return report

@@ -91,7 +91,8 @@ def test_list_prints_models_sizes_and_strategies(capsys) -> None:
 
 def test_strategy_parsing() -> None:
     assert [s.name for s in get_strategies(None)] == [name for name in STRATEGIES
-                                                      if name not in ("checkpointing", "sequence-host")]
+                                                      if name not in ("checkpointing", "sequence-host",
+                                                                      "sequence-offload")]
     # baseline first (errors are measured against it), aliases expanded, duplicates dropped.
     assert [s.name for s in get_strategies("all, ffn,baseline,ffn-hidden")] == ["baseline", "all", "ffn-hidden"]
     assert [s.name for s in get_strategies("offload")] == ["baseline", "group-offload", "group-offload-stream",
@@ -106,7 +107,7 @@ def test_training_strategy_parsing() -> None:
     assert "checkpointing" not in forward and "sequence-host" not in forward and "group-offload" in forward
     assert "checkpointing" in training and "sequence-host" in training and "group-offload" not in training
     assert [s.name for s in get_strategies("training")] == ["baseline", "checkpointing", "sequence", "sequence-host",
-                                                             "all"]
+                                                             "sequence-offload", "all"]
 
 
 def test_unavailable_reasons() -> None:
@@ -119,6 +120,9 @@ def test_unavailable_reasons() -> None:
     assert "run with --training" in STRATEGIES["checkpointing"].unavailable_reason(cpu)
     cuda_training = StrategyContext(device=torch.device("cuda"), tokens=16, training=True)
     assert "the backward needs them again" in STRATEGIES["group-offload"].unavailable_reason(cuda_training)
+    assert "'sequence-offload'" in STRATEGIES["group-offload"].unavailable_reason(cuda_training)
+    assert "needs a CUDA device" in STRATEGIES["sequence-offload"].unavailable_reason(
+        StrategyContext(device=torch.device("cpu"), tokens=16, training=True))
     with pytest.raises(StrategyUnavailable, match="Linear does not support diffusers' gradient checkpointing"):
         STRATEGIES["checkpointing"].apply(model, cpu)
     missing = Strategy("future", "not written yet", lambda m, c: None, modules=("memopt.hooks.not_written_yet",))
@@ -201,10 +205,11 @@ def test_training_run(tmp_path, capsys) -> None:
             "--num-chunks", "4", "--out", str(out)]
     assert bench.main(argv) == 0
     assert "a training step" in capsys.readouterr().out
-    names = ["baseline", "checkpointing", "sequence", "sequence-host", "all"]
+    names = ["baseline", "checkpointing", "sequence", "sequence-host", "sequence-offload", "all"]
     summary = _check_outputs(out, names)
     assert summary["run"]["training"] and summary["run"]["name"].endswith("-training")
     rows = {row["strategy"]: row for row in summary["strategies"]}
+    assert rows.pop("sequence-offload")["status"] == "unavailable"  # needs CUDA
     assert all(row["status"] == "ok" and row["rel_error"] <= 1e-5 for row in rows.values()), rows
     peak = {name: row["activation_peak_bytes"] for name, row in rows.items()}
     assert peak["sequence-host"] < peak["sequence"] < peak["checkpointing"] < peak["baseline"], peak

@@ -8,7 +8,6 @@ import logging
 
 import pytest
 import torch
-from diffusers.hooks import apply_group_offloading
 
 from memopt import apply_chunked_feedforward, apply_sequence_chunking, remove_memory_optimizations
 from memopt.hooks._common import has_memopt_hooks
@@ -253,13 +252,6 @@ def test_refusals():
         apply_sequence_chunking(model, 4, saved_inputs="host")
     with pytest.raises(ValueError, match=r"saved_inputs must be one of \('device', 'host'\), got 'disk'"):
         apply_sequence_chunking(model, 4, training=True, saved_inputs="disk")
-    model.blocks[0].ffn.net[1].p = 0.0
-    model.train()
-    apply_sequence_chunking(model, 4, training=True)
-    apply_group_offloading(model, onload_device=torch.device("cpu"), offload_type="block_level",
-                           num_blocks_per_group=1)
-    with pytest.raises(NotImplementedError, match=r"blocks\.0: group-offloaded"):
-        model(**inputs)
 
 
 # Activation growth of a training step (memopt.trace.activation_growth(..., backward=True)), LD per token: unmodified
@@ -287,9 +279,10 @@ def test_the_gpu_benchmark_runs_on_the_cpu():
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     row = benchmark.bench_device("wan", "cpu", "tiny", "tiny", repeats=1, chunk_counts=[4])
-    assert list(row["variants"]) == ["checkpointing", "memopt 4", "memopt 4, saved inputs on the host", "unmodified"]
+    assert list(row["variants"]) == ["checkpointing", "memopt 4", "memopt 4, saved inputs on the host",
+                                     "memopt 4, saved inputs on the host, blocks group-offloaded", "unmodified"]
     assert all(result["error"] <= 2e-2 for result in row["variants"].values()), row  # bf16
-    assert "| memopt 4 | n/a |" in benchmark.markdown_cuda([row])
+    assert "| memopt 4 | n/a | n/a |" in benchmark.markdown_cuda([row])
 
 
 @pytest.mark.parametrize("family", ["wan", "flux", "hunyuanvideo"])
