@@ -7,7 +7,8 @@ chunked, it needs the saved inputs, the full-length K/V with their gradients and
 backward of a block whose whole-sequence attentions form stages ``0..n`` (see ``SequenceChunkingHook._stages``):
 
 1. the collection passes of the forward, without autograd, fill the K/V buffers; the buffers are then made leaves
-   that require grad;
+   that require grad, in groups of heads (:data:`BACKWARD_HEAD_GROUPS`) that the recorded attention calls attend
+   over one after another, so that an attention backward's transient K/V gradients are a group's, not 2 LD;
 2. the final pass, recorded: each chunk runs the whole block with its attention over the buffers, and its output
    rows are back-propagated at once (into the chunk's inputs, the parameters and the buffers' ``.grad``);
 3. for each stage from the last to the first, its collection pass, recorded: each chunk runs to the stage's
@@ -21,7 +22,9 @@ backward run inside the backward: ``loss.backward()`` works; ``torch.autograd.gr
 refused with an error (the parameters' gradients would not reach it).
 
 With ``saved_inputs="host"`` the saved inputs wait in pinned host memory (:class:`SavedOnHost`), so the device holds
-one block's backward workspace whatever the depth. Under diffusers' block-level group offloading (applied after this
+one block's backward workspace whatever the depth; so do the tensors the rest of the model (embedders, the output
+head, which runs whole under autograd) saves, each brought back when its own backward runs
+(:class:`SequenceTrainingHook`). Under diffusers' block-level group offloading (applied after this
 hook, as for inference) each block onloads its weights again for its backward, and the model's top-level group is
 onloaded when the backward starts (:class:`SequenceTrainingHook`), so the device also holds only a few blocks'
 weights: the training counterpart of offloaded inference.
@@ -44,6 +47,12 @@ from .offload import offloading_group, onloaded, onloaded_for_backward
 
 if TYPE_CHECKING:
     from .sequence import SequenceChunkingHook
+
+
+BACKWARD_HEAD_GROUPS = 8
+"""The recorded passes attend over the full-length keys and values in up to this many groups of heads, one after
+another, so that each attention backward's transient key/value gradients are a group's share of 2 LD
+(:meth:`~memopt.hooks._sequence_exchange.GatheredKeyValues.recorded`)."""
 
 
 def recorded_forward(hook: SequenceChunkingHook, module: torch.nn.Module, arguments: Arguments) -> Any:
@@ -69,12 +78,17 @@ class SequenceTrainingHook(ModelHook):
     model (embedders, output head: the top-level group of block-level offloading) runs under plain autograd, so its
     group is onloaded when the backward reaches the model's output (:func:`~memopt.hooks.offload.onloaded_for_backward`)
     and offloaded when the backward ends. Any other offloaded module would find its weights on the host in the
-    backward: refused by name before a forward under autograd runs. Without offloading it changes nothing.
+    backward: refused by name before a forward under autograd runs.
+
+    With ``saved_inputs="host"`` it also puts what the rest of the model saves for its backward on the host
+    (:class:`SavedOnHost` around the whole forward; the blocks save only their inputs): the output head, which runs
+    whole, would otherwise hold its fp32 normalisation and modulation (about 4 LD in Wan) through its backward.
     """
 
-    def __init__(self, blocks: list[torch.nn.Module]) -> None:
+    def __init__(self, blocks: list[torch.nn.Module], saved_inputs: str) -> None:
         super().__init__()
         self.blocks = {id(block) for block in blocks}
+        self.saved_inputs = saved_inputs
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -87,7 +101,9 @@ class SequenceTrainingHook(ModelHook):
                 f"block memopt recomputes in chunks (block-level offloading), but {unchunked[:4]} are offloaded and "
                 "not chunked: their backward would find their weights on the host"
             )
-        return onloaded_for_backward(module, self.fn_ref.original_forward(*args, **kwargs))
+        with SavedOnHost() if self.saved_inputs == "host" else contextlib.nullcontext():
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        return onloaded_for_backward(module, output)
 
 
 class SavedOnHost(torch.autograd.graph.saved_tensors_hooks):
@@ -96,6 +112,7 @@ class SavedOnHost(torch.autograd.graph.saved_tensors_hooks):
     lives (the same tensor object, unchanged: rotary tables and timestep embeddings every block is given) reuses the
     copy. And the copies are made under :func:`memopt.trace.tracer.host_memory`, so a traced or simulated step counts
     them as host memory. The copies run on the current stream, in order with the compute (no synchronisation).
+    Parameters (and views of them, such as the transposed weight a linear layer saves) stay where they are.
     """
 
     _copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
@@ -105,7 +122,9 @@ class SavedOnHost(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self._pack, self._unpack)
 
     @classmethod
-    def _pack(cls, tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
+    def _pack(cls, tensor: torch.Tensor) -> tuple[torch.device | None, torch.Tensor]:
+        if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
+            return None, tensor  # a weight (or its transpose, which a linear layer saves): it stays where it is
         key = id(tensor)
         known = cls._copies.get(key)
         if known is not None and known[0]() is tensor and known[1] == tensor._version:
@@ -118,9 +137,9 @@ class SavedOnHost(torch.autograd.graph.saved_tensors_hooks):
         return tensor.device, copy
 
     @staticmethod
-    def _unpack(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+    def _unpack(packed: tuple[torch.device | None, torch.Tensor]) -> torch.Tensor:
         device, copy = packed
-        return copy.to(device, non_blocking=True, copy=True)
+        return copy if device is None else copy.to(device, non_blocking=True, copy=True)
 
 
 class _Call:
@@ -248,11 +267,15 @@ class _GradientInto(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, value: torch.Tensor, anchor: torch.Tensor, gradient: _Gradient) -> torch.Tensor:
         ctx.gradient = gradient
+        # Where the block uses the input only in chunk rows (_RowsGradientInto), no gradient reaches this node:
+        # materialized, that would be a full-size zero tensor added into the buffer per chunk and pass.
+        ctx.set_materialize_grads(False)
         return value.view_as(value)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
-        ctx.gradient.add(grad)
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[None, ...]:
+        if grad is not None:
+            ctx.gradient.add(grad)
         return None, None, None
 
 
@@ -289,7 +312,7 @@ def backward_passes(run: BlockRun, collect: Callable[[int], None], final: Callab
     leaves = list(parameters)
     for state in run.attention.values():
         for gathered in state.gathered.values():
-            leaves += [gathered.key.requires_grad_(), gathered.value.requires_grad_()]
+            leaves += gathered.recorded(BACKWARD_HEAD_GROUPS)
     run.collecting = None
     for chunk in chunks:
         _backward(*output_grads(chunk, final(chunk)), leaves)

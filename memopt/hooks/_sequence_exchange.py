@@ -25,12 +25,39 @@ class KeyValuesCollected(Exception):
 
 # ------------------------------------------------------------------------------------------- K/V exchange
 @dataclass
+class HeadGroup:
+    """Leaves of a chunked backward: one group of heads of the full-length keys and values (views of the buffers)."""
+
+    heads: slice  # of the key/value heads
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclass
 class GatheredKeyValues:
     """Full-length keys, values and key-side mask of one attention call, filled chunk by chunk."""
 
     key: torch.Tensor
     value: torch.Tensor
     mask: torch.Tensor | None
+    head_groups: list[HeadGroup] | None = None  # the recorded passes of a chunked backward (see ``recorded``)
+
+    def recorded(self, num_groups: int) -> list[torch.Tensor]:
+        """Make the buffers leaves of the recorded passes, in up to ``num_groups`` groups of heads; return them.
+
+        Each chunk's attention backward returns gradients for all keys and values, which autograd then adds into
+        the leaves' ``.grad``: as one leaf that is a second full-length K/V at once (2 LD at the peak of the
+        backward), as groups of heads, run one after another (:meth:`BlockRun.handle`), a group's share. Heads are
+        independent in attention, so the results are the same.
+        """
+        heads = self.key.shape[2]
+        bounds = [heads * i // min(num_groups, heads) for i in range(min(num_groups, heads) + 1)]
+        self.head_groups = [
+            HeadGroup(slice(a, b), self.key[:, :, a:b].detach().requires_grad_(),
+                      self.value[:, :, a:b].detach().requires_grad_())
+            for a, b in zip(bounds, bounds[1:])
+        ]
+        return [tensor for group in self.head_groups for tensor in (group.key, group.value)]
 
 
 @dataclass
@@ -171,7 +198,10 @@ class BlockRun:
                 )
         else:
             mask = gathered.mask if gathered.mask is not None else call.attn_mask
-        output = proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
+        if gathered.head_groups is None:
+            output = proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
+        else:
+            output = torch.cat([proceed(_heads_of(call, group, mask)) for group in gathered.head_groups], dim=2)
         if state.spec.padding_mask:
             # The query side of the padding mask: invalid queries are fully masked rows in the unmodified call.
             valid_queries = padding_mask_validity(state.path, call).transpose(1, 2)  # (B, S_q, 1 | H)
@@ -238,9 +268,11 @@ class BlockRun:
                 raise NotImplementedError(f"{state.path}: its attention mask requires grad; the chunked backward "
                                           "gathers key masks without autograd")
             for local, length, target in pieces:
-                for own, full in ((key, gathered.key), (value, gathered.value)):
-                    if full.grad is not None:
-                        self.key_value_grads.append((own.narrow(1, local, length), full.grad.narrow(1, target, length)))
+                for group in gathered.head_groups:
+                    for own, leaf in ((key, group.key), (value, group.value)):
+                        if leaf.grad is not None:
+                            self.key_value_grads.append((own[:, :, group.heads].narrow(1, local, length),
+                                                         leaf.grad.narrow(1, target, length)))
             return
         for local, length, target in pieces:
             gathered.key.narrow(1, target, length).copy_(key.narrow(1, local, length))
@@ -277,6 +309,16 @@ class BlockRun:
             local += sizes[stream]
             full += layout.lengths[stream] if layout.split[stream] else sizes[stream]
         return pieces, full
+
+
+def _heads_of(call: AttentionCall, group: HeadGroup, mask: torch.Tensor | None) -> AttentionCall:
+    """The call restricted to one group of key/value heads, with the query heads that attend to them (``enable_gqa``:
+    several per key head) and the mask's heads where it has them."""
+    per_key_head = call.query.shape[2] // call.key.shape[2]
+    queries = slice(group.heads.start * per_key_head, group.heads.stop * per_key_head)
+    if mask is not None and mask.dim() == 4 and mask.shape[1] != 1:
+        mask = mask[:, queries]
+    return call.replace(query=call.query[:, :, queries], key=group.key, value=group.value, attn_mask=mask)
 
 
 def refuse_inactive(path: str, call: AttentionCall, proceed: Proceed) -> torch.Tensor:

@@ -1111,5 +1111,5 @@ def apply_sequence_chunking(
                              f"{report}")
         _apply_model_level(model, plan, config, report, blocks)
         if training:
-            register_memopt_hook(model, SequenceTrainingHook(blocks), SEQUENCE_TRAINING_HOOK)
+            register_memopt_hook(model, SequenceTrainingHook(blocks, saved_inputs), SEQUENCE_TRAINING_HOOK)
     return report
