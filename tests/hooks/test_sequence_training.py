@@ -102,6 +102,38 @@ def test_gradients_match_unmodified_model(family):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_head_groups_of_grouped_query_attention():
+    """The recorded passes attend in groups of key/value heads (GatheredKeyValues.recorded), each group with the
+    query heads that share its keys (enable_gqa) and its heads of the mask: the same output and key/value gradients
+    as one call. 4 query heads over 2 key/value heads: two groups of two query heads."""
+    from memopt.hooks._attention_dispatch import AttentionCall
+    from memopt.hooks._sequence_exchange import GatheredKeyValues, _heads_of
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 5, 4, 8)
+    key, value = torch.randn(2, 7, 2, 8), torch.randn(2, 7, 2, 8)
+    mask = torch.randn(2, 4, 5, 7)  # additive, per query head
+
+    def attend(call: AttentionCall) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (call.query, call.key, call.value))
+        output = torch.nn.functional.scaled_dot_product_attention(q, k, v, call.attn_mask, enable_gqa=True)
+        return output.transpose(1, 2)
+
+    gathered = GatheredKeyValues(key.clone(), value.clone(), None)
+    leaves = gathered.recorded(8)
+    assert [group.heads for group in gathered.head_groups] == [slice(0, 1), slice(1, 2)] and len(leaves) == 4
+    call = AttentionCall(query, gathered.key, gathered.value, enable_gqa=True)
+    grouped = torch.cat([attend(_heads_of(call, group, mask)) for group in gathered.head_groups], dim=2)
+    reference_key, reference_value = key.clone().requires_grad_(), value.clone().requires_grad_()
+    reference = attend(AttentionCall(query, reference_key, reference_value, mask, enable_gqa=True))
+    assert rel_err(grouped, reference) <= 1e-6
+    weights = torch.randn_like(reference)
+    (grouped * weights).sum().backward()
+    (reference * weights).sum().backward()
+    assert rel_err(torch.cat([g.key.grad for g in gathered.head_groups], 2), reference_key.grad) <= 1e-6
+    assert rel_err(torch.cat([g.value.grad for g in gathered.head_groups], 2), reference_value.grad) <= 1e-6
+
+
 @pytest.mark.parametrize("family", ["wan", "flux", "ltx2", "hunyuanvideo15"])
 def test_lockstep_forward_and_options(family):
     """The forward may run lock-step (the backward recomputes in passes either way); FeedForward shards inside the
