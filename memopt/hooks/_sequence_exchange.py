@@ -198,10 +198,12 @@ class BlockRun:
                 )
         else:
             mask = gathered.mask if gathered.mask is not None else call.attn_mask
-        if gathered.head_groups is None:
-            output = proceed(call.replace(key=gathered.key, value=gathered.value, attn_mask=mask))
+        groups = gathered.head_groups
+        if groups is None or len(groups) == 1:  # one group: the whole buffers, as leaves of the recorded passes
+            key, value = (gathered.key, gathered.value) if groups is None else (groups[0].key, groups[0].value)
+            output = proceed(call.replace(key=key, value=value, attn_mask=mask))
         else:
-            output = torch.cat([proceed(_heads_of(call, group, mask)) for group in gathered.head_groups], dim=2)
+            output = torch.cat([proceed(_heads_of(call, group, mask)) for group in groups], dim=2)
         if state.spec.padding_mask:
             # The query side of the padding mask: invalid queries are fully masked rows in the unmodified call.
             valid_queries = padding_mask_validity(state.path, call).transpose(1, 2)  # (B, S_q, 1 | H)
