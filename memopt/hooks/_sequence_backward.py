@@ -23,11 +23,11 @@ refused with an error (the parameters' gradients would not reach it).
 
 With ``saved_inputs="host"`` the saved inputs wait in pinned host memory (:class:`SavedOnHost`), so the device holds
 one block's backward workspace whatever the depth; so do the tensors the rest of the model (embedders, the output
-head, which runs whole under autograd) saves, each brought back when its own backward runs
-(:class:`SequenceTrainingHook`). Under diffusers' block-level group offloading (applied after this
-hook, as for inference) each block onloads its weights again for its backward, and the model's top-level group is
-onloaded when the backward starts (:class:`SequenceTrainingHook`), so the device also holds only a few blocks'
-weights: the training counterpart of offloaded inference.
+head, which runs whole under autograd) saves, each brought back when its own backward runs. Under diffusers'
+block-level group offloading (applied after this hook, as for inference) each block onloads its weights again for
+its backward, and the model's top-level group is onloaded when the backward starts, so the device also holds only a
+few blocks' weights: the training counterpart of offloaded inference. :class:`SequenceTrainingHook`, on the model,
+does both.
 """
 
 from __future__ import annotations
