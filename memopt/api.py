@@ -71,11 +71,11 @@ from .planner import (
     BudgetError,
     DenoiserPlan,
     DeviceProfile,
+    device_gradient_bytes,
     floor_bytes,
     format_bytes,
     parse_budget,
     plan_denoiser,
-    trainable_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -486,9 +486,8 @@ def _check_floor(plan: MemoryPlan, components: dict[str, torch.nn.Module], denoi
         other_resident = sum(c.device_bytes for key, c in plan.components.items() if key != name)
         if name in denoisers:
             working, what = floor_bytes(components[name], entry.offload)
-            if plan.training:  # offloaded, each group's gradients travel with its weights
-                gradients = (trainable_bytes(components[name]) if entry.offload is None
-                             else offload_groups(components[name]).device_gradient_bytes())
+            if plan.training:
+                gradients = device_gradient_bytes(components[name], entry.offload)
                 working += gradients
                 what += f" + the gradients of its trainable parameters ({format_bytes(gradients)})"
         else:

@@ -372,6 +372,17 @@ def trainable_bytes(model: torch.nn.Module) -> int:
     return sum(param.numel() * param.element_size() for param in model.parameters() if param.requires_grad)
 
 
+def device_gradient_bytes(model: torch.nn.Module, offload: OffloadConfig | None,
+                          groups: OffloadGroups | None = None) -> int:
+    """Bytes of the gradients a training step keeps on the device: every trainable parameter's when resident;
+    offloaded, the top level's and one group's, since each group's travel with its weights
+    (:func:`memopt.hooks.offload.onloaded`). ``groups``: the offloading groups, when already computed."""
+    if offload is None:
+        return trainable_bytes(model)
+    groups = groups or offload_groups(model, offload.offload_type, offload.num_blocks_per_group)
+    return groups.device_gradient_bytes()
+
+
 def input_bytes(args: Any, kwargs: Any) -> int:
     """Bytes of the distinct tensor storages among the forward's inputs."""
     seen: dict[Any, int] = {}
@@ -894,23 +905,22 @@ def plan_denoiser(
     weights = module_bytes(model)
     inputs = input_bytes(args, kwargs)
     groups = offload_groups(model, "block_level", offload.num_blocks_per_group if offload else 1)
-    gradients = trainable_bytes(model) if training else 0
     movable = device.type != "cpu"
     if runtime_overhead_bytes is None:
         runtime_overhead_bytes = CUDA_RUNTIME_OVERHEAD_BYTES if device.type == "cuda" else 0
 
     def device_gradients(placement: OffloadConfig | None) -> int:
-        """Offloaded, a group's gradients travel with its weights (memopt.hooks.offload.onloaded)."""
-        return gradients if placement is None or not training else groups.device_gradient_bytes()
+        return device_gradient_bytes(model, placement, groups) if training else 0
 
     def fixed_bytes(placement: OffloadConfig | None) -> int:
         return other_resident_bytes + inputs + device_gradients(placement) + runtime_overhead_bytes
+
     shapes = {name: tuple(value.shape) for name, value in _named_tensors(model, args, kwargs)}
     token_info = _tokens(model, shapes)
     batch = shapes["hidden_states"][0] if "hidden_states" in shapes else 1
     per_sample = token_info["tokens"] // batch if token_info["tokens"] else None
     placements: list[OffloadConfig | None] = []
-    if not movable or other_resident_bytes + weights + gradients + idle_reserve_bytes <= budget_bytes:
+    if not movable or other_resident_bytes + weights + device_gradients(None) + idle_reserve_bytes <= budget_bytes:
         placements.append(None)
     if offload is not None and movable:
         placements.append(offload)
@@ -922,8 +932,12 @@ def plan_denoiser(
         return cache[chunking]
 
     considered: list[Option] = []
+
+    def something_fits() -> bool:
+        return any(option.peak_bytes <= budget_bytes for option in considered)
+
     for placement in placements:
-        if training and placement is not None and any(option.peak_bytes <= budget_bytes for option in considered):
+        if training and placement is not None and something_fits():
             break  # resident fits: offloading a training step only adds transfers
         fixed = fixed_bytes(placement)
         floor = fixed + max(phase_weights(groups, placement, ["before", "after", *block_lists(model)]).values())
@@ -935,8 +949,7 @@ def plan_denoiser(
             if training and placement is not None:
                 # Only memopt's recorded blocks onload their weights again for the backward (hooks.offload.onloaded).
                 chunkings = [chunking for chunking in chunkings if chunking.sequence_chunks]
-            if chunkings and chunkings[0].saved_inputs == "host" and any(
-                    option.peak_bytes <= budget_bytes for option in considered):
+            if chunkings and chunkings[0].saved_inputs == "host" and something_fits():
                 continue  # the same chunks with their transfers: only worth it where nothing else fits
             if chunkings and chunkings[0].schedule == "lockstep":
                 # Lock-step holds more than two-pass at any count: start where two-pass fits, and only when the

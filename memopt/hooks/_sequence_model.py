@@ -21,6 +21,7 @@ from diffusers.models._modeling_parallel import ContextParallelOutput
 from torch._subclasses.fake_tensor import is_fake
 
 from ..plans.sequence import SplitSpec, TokenCount, TokenProducer
+from .offload import offloading_group
 from ._sequence_chunks import (
     RUNNING,
     Arguments,
@@ -439,5 +440,4 @@ def _same_fingerprint(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def offloaded(module: torch.nn.Module) -> bool:
-    registry = getattr(module, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook("group_offloading") is not None
+    return offloading_group(module) is not None

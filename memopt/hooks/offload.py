@@ -364,8 +364,7 @@ def remove_group_offloading_hooks(module: torch.nn.Module) -> None:
 
 
 def has_group_offloading(module: torch.nn.Module) -> bool:
-    return any(isinstance(getattr(sub, "_diffusers_hook", None), HookRegistry)
-               and sub._diffusers_hook.get_hook("group_offloading") is not None for sub in module.modules())
+    return any(offloading_group(sub) is not None for sub in module.modules())
 
 
 # ------------------------------------------------------------------------------------------------ backward
