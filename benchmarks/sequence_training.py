@@ -82,7 +82,8 @@ def _step(model: torch.nn.Module, inputs: dict, key: str) -> tuple[float, torch.
     latents = inputs[key]  # Z-Image lineage: a list with one latent per sample
     x = [t.detach().clone().requires_grad_() for t in latents] if isinstance(latents, list) else (
         latents.detach().clone().requires_grad_())
-    cuda = (latents[0] if isinstance(latents, list) else latents).is_cuda  # the weights may be offloaded
+    device = (latents[0] if isinstance(latents, list) else latents).device  # the weights may be offloaded
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -90,8 +91,7 @@ def _step(model: torch.nn.Module, inputs: dict, key: str) -> tuple[float, torch.
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    grads = [p.grad.flatten().to(x.device if torch.is_tensor(x) else x[0].device)  # offloaded: on the host
-             for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.flatten().to(device) for p in model.parameters() if p.grad is not None]  # offloaded: host
     return seconds, torch.stack([t.grad for t in x]) if isinstance(x, list) else x.grad, torch.cat(grads)
 
 
@@ -175,7 +175,7 @@ def bench_device(family: str, device: str, config_name: str, size_name: str, rep
         if prepare is not None:
             prepare(model)
         try:
-            times, peak = [], None
+            times, peak, device_peak = [], None, None
             for _ in range(repeats + 1):  # the first step warms up
                 model.zero_grad(set_to_none=True)
                 if cuda:
@@ -185,9 +185,8 @@ def bench_device(family: str, device: str, config_name: str, size_name: str, rep
                 times.append(seconds)
                 if cuda:
                     peak = max(peak or 0, torch.cuda.max_memory_allocated() - baseline)
-                    device_peak = torch.cuda.max_memory_allocated()
-            result = {"seconds": statistics.median(times[1:]), "peak": peak,
-                      "device_peak": device_peak if cuda else None}
+                    device_peak = max(device_peak or 0, torch.cuda.max_memory_allocated())
+            result = {"seconds": statistics.median(times[1:]), "peak": peak, "device_peak": device_peak}
             if reference is None:
                 reference = (grad_x, grad_params)
             result["error"] = max(_rel(grad_x, reference[0]), _rel(grad_params, reference[1]))
