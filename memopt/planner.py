@@ -521,6 +521,7 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
         # Frozen for a forward: FlopCounterMode's module tracker asserts on a module input that requires grad without
         # a grad_fn, which a view of a parameter made under no_grad is (FIBO 2's Perceiver queries latent_queries[:n]).
         copy = type(model).from_config(config).eval().requires_grad_(False)
+        _mirror_construction(copy, model)
         if chunking.training:
             _mirror_training(copy, model)
         built.append(copy)
@@ -619,6 +620,29 @@ class _StepFlopCounter(TorchDispatchMode):
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
         return out
+
+
+def _mirror_construction(copy: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Give the fake copy what ``model`` was given after its construction, or refuse it by name.
+
+    Attention processors set on the model (a pipeline installing the only processor that handles its grouped-query
+    heads, as DreamLite's UNet does; an attention backend set on the processors) are shared with the copy when they
+    hold no weights (an IP-Adapter processor's weights are the model's own tensors: such a copy runs its default).
+    Submodules attached after construction (Z-Image's ControlNet takes its embedders and refiners from the transformer
+    with ``from_transformer``) cannot be rebuilt from the config: refused, naming them.
+    """
+    attached = [name for name, child in model.named_children() if getattr(copy, name, None) is None]
+    if attached:
+        raise ValueError(f"{type(model).__name__}: {attached} were attached after construction (not built from its "
+                         "config), so memopt cannot simulate it")
+    copied = dict(copy.named_modules())
+    for name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        target = copied.get(name)
+        if processor is None or target is None or not hasattr(target, "set_processor"):
+            continue
+        if not (isinstance(processor, torch.nn.Module) and any(True for _ in processor.parameters())):
+            target.set_processor(processor)
 
 
 def _mirror_training(copy: torch.nn.Module, model: torch.nn.Module) -> None:

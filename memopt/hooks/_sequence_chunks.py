@@ -1,11 +1,10 @@
 """How a transformer block's arguments are cut into sequence chunks and its outputs put back together.
 
 Shared by the block hook and the model-level hooks of :mod:`memopt.hooks.sequence`: reading arguments by name,
-the chunk ranges of each token stream (:class:`ChunkLayout`), per-token tables computed a chunk at a time
-(:class:`DeferredTokens`), the full-length outputs written chunk by chunk (:class:`ChunkOutputs`), the memory-overlap
-test that decides whether an output may be written over its input, and the thread-local state of the running
-chunked forward.
-"""
+the chunk ranges of each token stream (:class:`ChunkLayout`; deferred per-token tables, see
+:mod:`memopt.hooks._deferred_tokens`, give a chunk its rows), the full-length outputs written chunk by chunk
+(:class:`ChunkOutputs`), the memory-overlap test that decides whether an output may be written over its input, and the
+thread-local state of the running chunked forward."""
 
 from __future__ import annotations
 
@@ -13,14 +12,14 @@ import inspect
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from torch.utils._pytree import tree_flatten
 
-from ..plans.sequence import ChunkValue, SequenceSplit, SplitSpec, TokenCount, TokenProducer
-from ..plans.sequence._vocabulary import _take
+from ..plans.sequence import ChunkValue, SequenceSplit, SplitSpec, TokenCount
+from ._deferred_tokens import DeferredTokens
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -90,59 +89,6 @@ def grouped(total: int, pieces: int, groups: int) -> list[tuple[int, int]]:
     return [(group * size + start, group * size + end)
             for group, (first, last) in enumerate(balanced(pieces, groups))
             for start, end in balanced(size, min(last - first, size))]
-
-
-class DeferredTokens:
-    """Stand-in for a producer module's output during a chunked model forward: computes rows on demand."""
-
-    def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict,
-                 tokens: int | None = None):
-        self.path, self.producer, self.module, self.forward, self.call = path, producer, module, forward, call
-        self.tokens = producer.tokens(module, call) if tokens is None else tokens
-        self._rows_of: Callable[[list[tuple[int, int]]], Any] | None = None  # built at the first request
-
-    def rows(self, ranges: list[tuple[int, int]]) -> Any:
-        if self._rows_of is None:
-            self._rows_of = self.producer.rows(self.module, self.call, self.forward)
-        return self._rows_of(ranges)
-
-    def full(self) -> Any:
-        return self.rows([(0, self.tokens)])
-
-    @classmethod
-    def __torch_function__(cls, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
-        """``torch.cat`` of deferred tables (and tensors) along their token dim is deferred as well (a model
-        concatenating its image and reference-image modulation tables before joint blocks). Any other use is
-        refused."""
-        kwargs = kwargs or {}
-        if func is torch.cat:
-            pieces = args[0]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            return DeferredConcat(pieces, dim)
-        raise TypeError(f"a deferred per-token table (memopt sequence producer) supports only torch.cat along its "
-                        f"token dim, got {getattr(func, '__name__', func)}")
-
-
-class DeferredConcat(DeferredTokens):
-    """``torch.cat(pieces, dim)`` of deferred tables and tensors, ``dim`` their token dim: a chunk's rows are each
-    piece's rows in its ranges, concatenated (the pieces' tables must be single tensors). A ``dim`` that is not the
-    token dim gives a token count the blocks' split refuses."""
-
-    def __init__(self, pieces: Any, dim: int) -> None:
-        self.pieces, self.dim = list(pieces), dim
-        self.sizes = [p.tokens if isinstance(p, DeferredTokens) else p.shape[dim] for p in self.pieces]
-        self.tokens = sum(self.sizes)
-        self.path = " + ".join(p.path if isinstance(p, DeferredTokens) else "tensor" for p in self.pieces)
-
-    def rows(self, ranges: list[tuple[int, int]]) -> Any:
-        out, offset = [], 0
-        for piece, size in zip(self.pieces, self.sizes):
-            local = [(max(start, offset) - offset, min(end, offset + size) - offset) for start, end in ranges
-                     if min(end, offset + size) > max(start, offset)]
-            if local:
-                out.append(piece.rows(local) if isinstance(piece, DeferredTokens) else _take(piece, self.dim, local))
-            offset += size
-        return out[0] if len(out) == 1 else torch.cat(out, self.dim)
 
 
 def materialized(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from diffusers.hooks import ModelHook
@@ -323,7 +323,8 @@ class SequenceHeadHook(ModelHook):
 
 
 class SequenceProducerHook(ModelHook):
-    """On a model-level producer of per-token tables: defers them to the chunks during a chunked forward."""
+    """On a model-level producer of per-token tables: defers them to the chunks during a chunked forward. The tail
+    passes get the block pass's output again (the stand-ins compute rows on demand; nothing is recomputed)."""
 
     def __init__(self, path: str, producer: TokenProducer | tuple[TokenProducer, ...]) -> None:
         super().__init__()
@@ -336,14 +337,29 @@ class SequenceProducerHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if running("model_run") is None:
+        run: ModelRun | None = running("model_run")
+        if run is None:
             return self.fn_ref.original_forward(*args, **kwargs)
+        return replayed(run, id(self), lambda: self._deferred(module, args, kwargs))
+
+    def _deferred(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         bound = self.signature.bind(module, *args, **kwargs)
         bound.apply_defaults()
         call = dict(list(bound.arguments.items())[1:])
         forward = self.fn_ref.original_forward
         if not isinstance(self.producer, tuple):
             return DeferredTokens(self.path, self.producer, module, forward, call)
+        sliver = self.producer[0].sliver
+        if sliver is not None:
+            tokens = self.producer[0].tokens(module, call)
+            if tokens is None:  # no per-token tables in this call
+                return forward(*args, **kwargs)
+            # The other entries, from a call with one token per sample: the full tables are never computed.
+            output = list(forward(**sliver(call)))
+            for producer in self.producer:
+                output[producer.output] = DeferredTokens(f"{self.path}[{producer.output}]", producer, module, forward,
+                                                         call, tokens=tokens)
+            return tuple(output)
         # Tables inside a tuple output: the module runs, then its tables are dropped for stand-ins (the full ones
         # live only until this returns).
         output = list(forward(*args, **kwargs))
@@ -376,19 +392,26 @@ class SequenceReplayHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: ModelRun | None = running("model_run")
-        if run is None or run.block_calls:
+        if run is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        key = id(self)
-        if run.tail:
-            index = run.replayed.get(key, 0)
-            recorded = run.recorded.get(key, [])
-            if index < len(recorded):
-                run.replayed[key] = index + 1
-                return recorded[index]
-            return self.fn_ref.original_forward(*args, **kwargs)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        run.recorded.setdefault(key, []).append(output)
-        return output
+        return replayed(run, id(self), lambda: self.fn_ref.original_forward(*args, **kwargs))
+
+
+def replayed(run: ModelRun, key: int, compute: Callable[[], Any]) -> Any:
+    """``compute()`` in the block pass (before the first block), recorded; in the tail passes the recorded outputs in
+    call order, as long as there are any."""
+    if run.block_calls:
+        return compute()
+    if run.tail:
+        index = run.replayed.get(key, 0)
+        recorded = run.recorded.get(key, [])
+        if index < len(recorded):
+            run.replayed[key] = index + 1
+            return recorded[index]
+        return compute()
+    output = compute()
+    run.recorded.setdefault(key, []).append(output)
+    return output
 
 
 def _image_output(output: Any, metadata: TransformerBlockMetadata) -> torch.Tensor:

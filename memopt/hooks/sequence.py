@@ -63,7 +63,7 @@ from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockR
 from diffusers.models._modeling_parallel import ContextParallelOutput
 from torch.utils._pytree import tree_flatten
 
-from ..plans.sequence import BlockPlan, JointAttention, SequencePlan, SequenceSplit, sequence_plan
+from ..plans.sequence import SEQUENCE_PLANS, BlockPlan, JointAttention, SequencePlan, SequenceSplit, sequence_plan
 from ._attention_dispatch import (
     SEQUENCE_PRIORITY,
     acquire_interception,
@@ -1016,7 +1016,7 @@ def apply_sequence_chunking(
     model: torch.nn.Module,
     num_chunks: int | None = None,
     *,
-    inplace: bool = True,
+    inplace: bool | None = None,
     chunk_tail: bool = True,
     schedule: str = "two_pass",
     align: int = 128,
@@ -1030,7 +1030,9 @@ def apply_sequence_chunking(
         model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (Wan, Flux,
             HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi), or any model with ``plan`` given.
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.
-        inplace: see :class:`SequenceChunkingConfig`.
+        inplace: see :class:`SequenceChunkingConfig`. ``None`` (default): on with the model's built-in plan, off with
+            a ``plan`` given for another class, whose forward may keep each block's output (a ControlNet returns
+            them all as residuals: written over, they would be the next block's output).
         chunk_tail: see :class:`SequenceChunkingConfig`.
         schedule: ``"two_pass"`` (default, the memory floor) or ``"lockstep"`` (no recomputation, more memory);
             see :class:`SequenceChunkingConfig`.
@@ -1072,6 +1074,8 @@ def apply_sequence_chunking(
         print(((chunked - reference).norm() / reference.norm()).item())   # ~1e-7
         remove_memory_optimizations(model)
     """
+    if inplace is None:
+        inplace = plan is None or plan is SEQUENCE_PLANS.get(type(model).__name__)
     plan = plan if plan is not None else sequence_plan(model)
     num_chunks = plan.num_chunks if num_chunks is None else num_chunks
     config = SequenceChunkingConfig(num_chunks=num_chunks, inplace=inplace, chunk_tail=chunk_tail, schedule=schedule,

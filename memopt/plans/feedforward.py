@@ -357,6 +357,8 @@ _MORE_UNITS: dict[str, LayoutFn] = {
     f"{_MODELS}.transformers.transformer_sana_wm.SanaWMMlp": _plain_mlp("fc1", "act", "fc2", "drop1", "drop2"),
     f"{_MODELS}.transformers.transformer_longcat_audio_dit.AudioDiTFeedForward":
         _plain_mlp("ff.0", "ff.1", "ff.3", dropout="ff.2", container="ff"),
+    # the LTX-2 diffusion decoder's blocks: w_down(silu(w_gate) * w_up), channels-last 5-D inputs
+    f"{_MODELS}.autoencoders.ltx2_diffusion_decoder.LTX2VideoVaeSwiGLU": _gated_mlp("w_gate", "w_up", "w_down"),
 }
 """More FeedForward-like classes, by import path: resolved when the installed diffusers has them (newer and older
 releases add and drop model files), so memopt imports with any diffusers it supports."""

@@ -160,12 +160,14 @@ def sized_config(family: str, config: dict[str, Any], size: Size) -> dict[str, A
 
 
 def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | None = None,
-                      backward: bool = False, overrides: dict[str, Any] | None = None) -> float:
+                      backward: bool = False, overrides: dict[str, Any] | None = None,
+                      inputs: Callable[[dict[str, Any], int], dict[str, Any]] | None = None) -> float:
     """Activation growth of ``family`` in LD per token; ``prepare`` (e.g. ``apply_sequence_chunking``) is applied to
     each model before its trace. ``backward``: of a training step instead, the forward with autograd recording and
     the backward of the squared prediction's mean, into parameter gradients that exist before it (as in every step
     after the first with ``zero_grad(set_to_none=False)``). ``overrides``: config entries over
-    :data:`GROWTH_CONFIGS` (e.g. more blocks)."""
+    :data:`GROWTH_CONFIGS` (e.g. more blocks). ``inputs``: ``(inputs, tokens) -> inputs``, the family's inputs at a
+    size changed for the call (e.g. per-token timesteps)."""
     spec = get_family(family)
     peaks, tokens = [], []
     for size in GROWTH_SIZES[family]:
@@ -177,13 +179,15 @@ def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | N
         model = spec.build(config).to(torch.float32)  # as from_pretrained(torch_dtype=float32): fp64 buffers cast
         if prepare is not None:
             prepare(model)
-        inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
-                                  num_frames=size.num_frames, masked=True)
+        call = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
+                                num_frames=size.num_frames, masked=True)
+        tokens.append(spec.num_tokens(model.config, size))
+        if inputs is not None:
+            call = inputs(call, tokens[-1])
         if backward:
             allocate_gradients(model)
-            peaks.append(trace_memory(training_step, model, inputs).peak_bytes)
+            peaks.append(trace_memory(training_step, model, call).peak_bytes)
         else:
             with torch.no_grad():
-                peaks.append(trace_memory(model, **inputs).peak_bytes)
-        tokens.append(spec.num_tokens(model.config, size))
+                peaks.append(trace_memory(model, **call).peak_bytes)
     return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * spec.hidden_size(model.config) * 4)

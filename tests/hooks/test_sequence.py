@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate
 from memopt.hooks import _attention_dispatch
 from memopt.hooks._common import has_memopt_hooks, register_memopt_hook
+from memopt.hooks._deferred_tokens import DeferredTokens
 from memopt.hooks._sequence_chunks import RUNNING, ChunkLayout, balanced
 from memopt.hooks._sequence_exchange import AttentionState, BlockRun
 from memopt.hooks.sequence import (
@@ -27,7 +28,7 @@ from memopt.hooks.sequence import (
     warn_if_launch_bound,
 )
 from memopt.models import Size, get_family
-from memopt.plans.sequence import SEQUENCE_PLANS, JointAttention, SequenceSplit, sequence_plan
+from memopt.plans.sequence import SEQUENCE_PLANS, JointAttention, SequenceSplit, TokenProducer, sequence_plan
 from memopt.trace.growth import activation_growth
 
 from _tiny_cases import FAMILIES, SIZES, chunked_completely, prediction, rel_err, with_attention_spec  # noqa: E402
@@ -156,23 +157,67 @@ def test_more_chunks_than_tokens():
         assert rel_err(prediction(model(**inputs)), reference) <= 1e-5
 
 
+def _first_frame_clean(batch: int, tokens: int, frame_tokens: int) -> torch.Tensor:
+    """Per-token timesteps as Wan2.2 TI2V's image-to-video call makes them: the conditioning frame's tokens at 0,
+    the rest at the step's timestep (one per sample)."""
+    timesteps = torch.tensor([700.0, 300.0][:batch])[:, None].repeat(1, tokens)
+    timesteps[:, :frame_tokens] = 0
+    return timesteps
+
+
 @pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
 def test_per_token_timesteps_are_split(schedule, caplog):
-    """Wan2.2 TI2V and LTX-Video condition every token on its own timestep: (B, S, ...) block inputs, and an
-    output head modulated per token (which then runs on the whole sequence, with a warning)."""
-    for family in ("wan", "ltx"):
+    """Wan2.2 TI2V, ChronoEdit and LTX-Video condition every token on its own timestep: the conditioning embedder's
+    per-token tables (7 LD made whole) are computed a chunk at a time, the model's own view of them and its output
+    head's per-token shift and scale deferred with them, so the head runs in chunks too. Distinct timesteps per
+    token and the image-to-video pattern (two values), batch 2, 6 chunks over an odd token count."""
+    for family in ("wan", "chronoedit", "ltx"):
         spec, model, inputs = build(family)
         tokens = spec.num_tokens(model.config, SIZES[family])
-        inputs["timestep"] = torch.randint(0, 1000, (2, tokens))
-        with torch.no_grad():
-            reference = prediction(model(**inputs))
-            apply_sequence_chunking(model, 6, schedule=schedule)
-            with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
-                out = prediction(model(**inputs))
-                out_again = prediction(model(**inputs))
-        assert rel_err(out, reference) <= 1e-5, family
-        assert torch.equal(out, out_again)
-    assert "output head runs on the whole sequence" in caplog.text
+        for timesteps in (torch.randint(0, 1000, (2, tokens)), _first_frame_clean(2, tokens, tokens // 3)):
+            inputs["timestep"] = timesteps
+            with torch.no_grad():
+                reference = prediction(model(**inputs))
+                report = apply_sequence_chunking(model, 6, schedule=schedule)
+                with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
+                    out = prediction(model(**inputs))
+                    out_again = prediction(model(**inputs))
+            remove_memory_optimizations(model)
+            assert rel_err(out, reference) <= 1e-5, family
+            assert torch.equal(out, out_again)
+            assert report.tail is not None and {"condition_embedder", "time_embed"} & set(report.producers), family
+    assert "output head runs on the whole sequence" not in caplog.text
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_per_token_timesteps_with_group_offloading(family):
+    """Under block-level offloading the head runs whole (no tail passes): the deferred head modulation meets the
+    whole hidden states and is computed for all tokens; the offloading hooks move the deferred tables' rows."""
+    spec, model, inputs = build(family)
+    tokens = spec.num_tokens(model.config, SIZES[family])
+    inputs["timestep"] = _first_frame_clean(2, tokens, tokens // 3)
+    with torch.no_grad():
+        reference = prediction(model(**inputs))
+        apply_sequence_chunking(model, 5)
+        cpu = torch.device("cpu")
+        apply_group_offloading(model, onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                               num_blocks_per_group=1)
+        assert rel_err(prediction(model(**inputs)), reference) <= 1e-5
+        remove_memory_optimizations(model)
+        assert torch.equal(prediction(model(**inputs)), reference)
+
+
+def test_per_token_timesteps_stay_near_the_floor():
+    """Activation growth with image-to-video timesteps (fp32, LD per token): unmodified, the per-token tables and the
+    head's per-token modulation add 13 LD (Wan 7.62 -> 20.62, LTX 14.00 -> 27.00); chunked, they add under 1 LD
+    (Wan 3.41 -> 4.17, LTX 3.81 -> 4.59 at 16 chunks), where the whole tables would be 13.00 for both."""
+    def image_to_video(inputs: dict, tokens: int) -> dict:
+        return {**inputs, "timestep": _first_frame_clean(1, tokens, tokens // 5)}
+
+    chunked = lambda model: apply_sequence_chunking(model, 16)  # noqa: E731
+    for family, bound in (("wan", 4.3), ("ltx", 4.7)):
+        assert activation_growth(family, inputs=image_to_video) > 20
+        assert activation_growth(family, chunked, inputs=image_to_video) <= bound, family
 
 
 @pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
@@ -534,7 +579,8 @@ def test_producer_rows_are_the_modules_own_rows(family, token_dim):
 
     _, model, inputs = build(family)
     plan = SEQUENCE_PLANS[type(model).__name__]
-    (path, producer), = plan.producers.items()
+    # the rotary tables (Wan's and LTX-Video's conditioning embedders, producers of a tuple's entries, come after)
+    path, producer = next(iter(plan.producers.items()))
     module = model.get_submodule(path)
     seen = {}
 
@@ -559,3 +605,82 @@ def test_producer_rows_are_the_modules_own_rows(family, token_dim):
         for mine, theirs in zip(got, expected):
             assert mine.shape == theirs.shape and mine.dtype == theirs.dtype, (family, ranges)
             assert torch.equal(mine, theirs), (family, ranges)  # bit-identical: per-token functions
+
+
+def test_deferred_tables_defer_only_row_wise_operations():
+    """A deferred per-token table goes through a model's row-wise operations on it (its own views, indexing, the
+    head's modulation arithmetic) without being computed, gives the same rows as the operations on the whole
+    table, is computed where a real operand runs over its tokens, and refuses what would mix tokens."""
+    table = torch.randn(2, 10, 12)
+    rows = lambda ranges: torch.cat([table[:, a:b] for a, b in ranges], 1)  # noqa: E731
+    producer = TokenProducer(lambda module, call: 10, lambda module, call, forward: rows)
+    deferred = DeferredTokens("table", producer, None, None, {})
+    assert deferred.shape == (2, 10, 12) and deferred.ndim == 3 and deferred.size(-1) == 12
+
+    bias = torch.randn(1, 1, 2, 3, 4)
+
+    def head(values):  # what a model's output head does with a per-token table: view, index, add, chunk, squeeze
+        shift, scale = (bias + values.unflatten(2, (3, 4))[:, :, None].float()).chunk(2, dim=2)
+        return shift.squeeze(2), 1 + scale.squeeze(2) * 2
+
+    deferred_shift, deferred_scale = head(deferred)
+    assert isinstance(deferred_scale, DeferredTokens) and deferred_scale.shape == (2, 10, 3, 4)
+    for ranges in ([(3, 7)], [(0, 2), (8, 10)]):
+        shift, scale = head(rows(ranges))
+        assert torch.equal(deferred_shift.rows(ranges), shift) and torch.equal(deferred_scale.rows(ranges), scale)
+    linear = torch.nn.Linear(12, 5)
+    projected = linear(torch.nn.functional.silu(deferred))
+    assert torch.allclose(projected.rows([(2, 9)]), linear(torch.nn.functional.silu(table[:, 2:9])))
+    # a real operand over all tokens: computed whole
+    assert torch.equal(torch.ones(2, 10, 12) * deferred, table)
+
+    # (B S, X) batch-major, viewed as (B, S, X) by the model
+    flat = DeferredTokens("flat", TokenProducer(lambda m, c: 10, lambda m, c, f: lambda r: rows(r).flatten(0, 1)),
+                          None, None, {})
+    assert torch.equal(flat.view(2, -1, 12).rows([(4, 9)]), table[:, 4:9])
+    with pytest.raises(TypeError, match="regroups the token dim"):
+        flat.view(-1, 2, 12)  # token-major: would interleave the samples
+
+    with pytest.raises(TypeError, match="indexes the token dim"):
+        deferred[:, :5]
+    with pytest.raises(TypeError, match="regroups the token dim"):
+        deferred.view(2, -1)
+    with pytest.raises(TypeError, match="splits the token dim"):
+        deferred.chunk(2, dim=1)
+    with pytest.raises(TypeError, match="row-wise operations, got softmax"):
+        torch.softmax(deferred, 1)
+    with pytest.raises(AttributeError):
+        deferred.sum
+    with pytest.raises(RuntimeError, match="meets a tensor with 7 entries at its token dim"):
+        deferred * torch.ones(2, 7, 12)
+
+
+def test_a_plan_given_for_another_class_writes_nothing_in_place():
+    """SD3's ControlNet runs SD3's blocks and returns every block's output as a residual: with SD3's plan given,
+    writing a block's output over its input (the previous block's output) would change the returned residuals
+    (measured: rel err 3.4e-2). A plan given for another class therefore writes out of place unless asked."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.SD3ControlNetModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():  # zero-initialised controlnet_blocks / pos_embed_input
+                param.normal_(std=0.05)
+    inputs = dict(hidden_states=torch.randn(2, 4, 10, 14), controlnet_cond=torch.randn(2, 4, 10, 14),
+                  encoder_hidden_states=torch.randn(2, 9, 24), pooled_projections=torch.randn(2, 16),
+                  timestep=torch.tensor([3.0, 500.0]), return_dict=False)
+
+    def residuals() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return list(model(**inputs)[0])
+
+    reference = residuals()
+    for inplace, exact in ((None, True), (True, False)):
+        apply_sequence_chunking(model, 2, align=1, inplace=inplace, plan=SEQUENCE_PLANS["SD3Transformer2DModel"])
+        errors = [rel_err(out, ref) for out, ref in zip(residuals(), reference)]
+        remove_memory_optimizations(model)
+        assert (max(errors) <= 1e-5) == exact, (inplace, errors)

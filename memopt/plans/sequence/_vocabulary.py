@@ -263,11 +263,17 @@ class TokenProducer:
             module then runs (the other entries are needed as computed) and only this entry is deferred, its token
             count read from the computed table (``tokens`` is not called). A plan lists one producer per table, as a
             tuple, for such a module.
+        sliver: with ``output``, for a module whose other entries do not depend on the tokens (Wan's conditioning
+            embedder: the text embedding next to the per-token timestep tables): ``call -> call`` for one token per
+            sample, which the module runs instead, so that its full tables are never computed; ``tokens`` then gives
+            the count, and may return ``None`` for a call that has no per-token tables (one timestep per sample):
+            the module then runs as is.
     """
 
-    tokens: Callable[[torch.nn.Module, ProducerCall], int]
+    tokens: Callable[[torch.nn.Module, ProducerCall], int | None]
     rows: Callable[[torch.nn.Module, ProducerCall, Callable[..., Any]], Callable[[TokenRanges], Any]]
     output: int | None = None
+    sliver: Callable[[ProducerCall], ProducerCall] | None = None
 
 
 @dataclass(frozen=True)
@@ -346,6 +352,48 @@ class SequencePlan:
 def _take(tensor: torch.Tensor, dim: int, ranges: TokenRanges) -> torch.Tensor:
     pieces = [tensor.narrow(dim, start, end - start) for start, end in ranges]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def distinct_timestep_rows(
+    timesteps: Callable[[ProducerCall], torch.Tensor],
+    tables: Callable[[torch.nn.Module, ProducerCall, Callable[..., Any], torch.Tensor], tuple[torch.Tensor, ...]],
+    index: int,
+    flat: bool = False,
+) -> Callable[[torch.nn.Module, ProducerCall, Callable[..., Any]], Callable[[TokenRanges], torch.Tensor]]:
+    """:attr:`TokenProducer.rows` for a conditioning module's per-token timestep tables (Wan2.2 TI2V, LTX-Video's
+    conditioning tokens): ``timesteps(call)`` gives the ``(B, S)`` timesteps, ``tables(module, call, forward, values)``
+    the module's tables for a 1-D tensor of timestep values, one row each, of which entry ``index`` is deferred.
+
+    The tables are computed once per forward, for the distinct timesteps (two in a TI2V call: the clean first frame's
+    and the noisy rest's), and a chunk's rows are gathered from them: the same numbers as the module's own per-token
+    rows, without the embedding MLP run again per block and chunk (for Wan, 7 D^2 multiply-adds per token against the
+    block's ~15). Under a fake mode (the planner's simulation: no values to compare) each chunk's rows are computed
+    instead, which holds the same memory. ``flat``: rows as ``(B s, ...)``, batch-major, as the module returns them
+    for flattened timesteps (LTX-Video), instead of ``(B, s, ...)``.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    def rows(module: torch.nn.Module, call: ProducerCall, forward: Callable[..., Any]
+             ) -> Callable[[TokenRanges], torch.Tensor]:
+        per_token = timesteps(call)
+        if is_fake(per_token):
+            def computed(ranges: TokenRanges) -> torch.Tensor:
+                picked = _take(per_token, 1, ranges)
+                table = tables(module, call, forward, picked.flatten())[index]
+                return table if flat else table.unflatten(0, picked.shape)
+
+            return computed
+        values, inverse = torch.unique(per_token, return_inverse=True)
+        table = tables(module, call, forward, values)[index]
+
+        def gathered(ranges: TokenRanges) -> torch.Tensor:
+            picked = _take(inverse, 1, ranges)
+            out = table[picked.flatten()]
+            return out if flat else out.unflatten(0, picked.shape)
+
+        return gathered
+
+    return rows
 
 
 def _token_grid(ranges: TokenRanges, sizes: tuple[int, int, int], device: torch.device) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ._vocabulary import (
     _pair,
     _returns_image_stream_first,
     _take,
+    distinct_timestep_rows,
 )
 
 
@@ -136,6 +137,38 @@ _LTX2 = BlockPlan(
 )
 
 
+def _ltx_timestep_tokens(time_embed: torch.nn.Module, call: ProducerCall) -> int | None:
+    """LTX-Video's call has one timestep per token when it conditions on frames (its flattened ``(B, S)``
+    timesteps); one per sample otherwise."""
+    batch = call["batch_size"]
+    tokens = call["timestep"].numel() // batch if batch else 1
+    return tokens if tokens > 1 else None
+
+
+def _ltx_timesteps(call: ProducerCall) -> torch.Tensor:
+    return call["timestep"].view(call["batch_size"], -1)
+
+
+def _ltx_one_timestep(call: ProducerCall) -> ProducerCall:
+    return {**call, "timestep": _ltx_timesteps(call)[:, 0]}
+
+
+def _ltx_timestep_tables(time_embed: torch.nn.Module, call: ProducerCall, forward: Callable[..., Any],
+                         values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``AdaLayerNormSingle`` itself on timestep ``values``: the blocks' ``(U, 6 D)`` modulation and the head's
+    ``(U, D)`` embedding."""
+    return forward(values, call["added_cond_kwargs"], batch_size=values.numel(), hidden_dtype=call["hidden_dtype"])
+
+
+_LTX_TIMESTEP_TABLES = tuple(
+    # Per-token timesteps (frame conditioning): (B S, 6 D) and (B S, D) tables, viewed as (B, S, ...) by the model
+    # (7 LD alive through the blocks), computed per chunk; the views and the head's shift / scale are deferred too.
+    TokenProducer(_ltx_timestep_tokens, distinct_timestep_rows(_ltx_timesteps, _ltx_timestep_tables, index, flat=True),
+                  output=index, sliver=_ltx_one_timestep)
+    for index in (0, 1)
+)
+
+
 PLANS: dict[str, SequencePlan] = {
     "LTXVideoTransformer3DModel": SequencePlan(
         {
@@ -150,7 +183,7 @@ PLANS: dict[str, SequencePlan] = {
         },
         gather=None,
         embed="proj_in",
-        producers={"rope": TokenProducer(_ltx_rope_tokens, _ltx_rope_rows)},
+        producers={"rope": TokenProducer(_ltx_rope_tokens, _ltx_rope_rows), "time_embed": _LTX_TIMESTEP_TABLES},
         source="memopt + LTXVideoTransformer3DModel._cp_plan",
     ),
     "LTX2VideoTransformer3DModel": SequencePlan(

@@ -24,6 +24,7 @@ from ._vocabulary import (
     _AxisGather,
     _pair,
     _returns_text_stream_first,
+    distinct_timestep_rows,
 )
 
 
@@ -46,6 +47,38 @@ def _wan_rope_rows(rope: torch.nn.Module, call: ProducerCall, forward: Callable)
         return cos[None, :, None, :], sin[None, :, None, :]
 
     return rows_of
+
+
+def _wan_timestep_tokens(embedder: torch.nn.Module, call: ProducerCall) -> int | None:
+    """Wan2.2 TI2V's call has one timestep per token (``timestep_seq_len``); others one per sample."""
+    return call["timestep_seq_len"]
+
+
+def _wan_timesteps(call: ProducerCall) -> torch.Tensor:
+    return call["timestep"].view(-1, call["timestep_seq_len"])
+
+
+def _wan_one_timestep(call: ProducerCall) -> ProducerCall:
+    """The embedder's call with each sample's first timestep only (its text and image embeddings as in the call)."""
+    return {**call, "timestep": _wan_timesteps(call)[:, 0], "timestep_seq_len": 1}
+
+
+def _wan_timestep_tables(embedder: torch.nn.Module, call: ProducerCall, forward: Callable[..., Any],
+                         values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedder itself on timestep ``values`` (one row each): ``temb`` ``(U, D)`` and its projection ``(U, 6 D)``
+    (its text embedding made from one text token, and dropped)."""
+    temb, projection, _, _ = forward(values, call["encoder_hidden_states"][:1, :1], None, timestep_seq_len=None)
+    return temb, projection
+
+
+_WAN_TIMESTEP_TABLES = tuple(
+    # Wan2.2 TI2V: the (B, S, D) timestep embedding the output head reads and its (B, S, 6 D) projection every block
+    # reads (7 LD alive through the blocks, made whole), computed per chunk; the model's own unflatten of the
+    # projection and its head's shift / scale are deferred with them (memopt.hooks._deferred_tokens).
+    TokenProducer(_wan_timestep_tokens, distinct_timestep_rows(_wan_timesteps, _wan_timestep_tables, index),
+                  output=index, sliver=_wan_one_timestep)
+    for index in (0, 1)
+)
 
 
 # Wan's processors apply their own rotary embedding (``unflatten`` of the head dim), which takes an empty batch.
@@ -101,7 +134,7 @@ PLANS: dict[str, SequencePlan] = {
         {"blocks.*": _WAN},
         gather=None,
         embed="patch_embedding",
-        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows), "condition_embedder": _WAN_TIMESTEP_TABLES},
         source="memopt + WanTransformer3DModel._cp_plan",
     ),
     "WanVACETransformer3DModel": SequencePlan(
@@ -131,6 +164,7 @@ PLANS: dict[str, SequencePlan] = {
         {"blocks.*": dataclasses.replace(_WAN, metadata=TransformerBlockMetadata(return_hidden_states_index=0))},
         gather=None,
         embed="patch_embedding",
+        producers={"condition_embedder": _WAN_TIMESTEP_TABLES},
         source="memopt + ChronoEditTransformer3DModel._cp_plan",
     ),
     "SkyReelsV2Transformer3DModel": SequencePlan(

@@ -1,0 +1,309 @@
+"""Per-token tables computed a chunk at a time: the stand-ins a chunked model forward hands around in their place.
+
+A producer module's per-token output (rotary tables, per-token timestep embeddings: see
+:class:`~memopt.plans.sequence.TokenProducer`) is replaced by a :class:`DeferredTokens` while a chunked forward runs;
+the blocks' split asks it for each chunk's rows. Some models also transform such a table in their own forward before
+the blocks or the output head read it: Wan2.2 TI2V unflattens its ``(B, S, 6 D)`` timestep projection and builds its
+head's shift and scale from a ``(B, S, D)`` embedding; LTX-Video views its flattened ``(B S, 6 D)`` tables as
+``(B, S, 6 D)`` and indexes them. Those operations act on each token's row alone, so they are deferred too
+(:class:`DeferredOp`, computed on the rows asked for); one that meets a real tensor running over the tokens (the output
+head's hidden states) computes the rows that tensor covers: all of them, or the running tail chunk's. Anything else
+is refused with a :class:`TypeError` rather than computed on the wrong rows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..plans.sequence._vocabulary import _take
+
+if TYPE_CHECKING:
+    from ..plans.sequence import TokenProducer
+
+TokenRanges = list[tuple[int, int]]
+
+ELEMENTWISE = frozenset({
+    "add", "sub", "mul", "div", "true_divide", "rsub",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+})
+"""Broadcasting elementwise operations: a real operand whose dim at the tokens' place has more than one entry runs
+over the tokens, and the deferred operands are computed for the rows it covers."""
+
+RESHAPES = frozenset({"view", "reshape", "unflatten", "flatten"})
+"""Operations that may regroup dims: the dims before the tokens must stay as they are (see :func:`_check`)."""
+
+ROW_WISE = ELEMENTWISE | RESHAPES | frozenset({
+    "__neg__", "neg", "silu", "gelu", "sigmoid", "tanh", "linear",
+    "float", "half", "bfloat16", "to", "type_as", "contiguous",
+    "unsqueeze", "squeeze", "chunk", "split", "__getitem__",
+})
+"""Operations a deferred table may go through: each output row depends only on the same token's input row (and on
+operands without a token dim). :meth:`DeferredTokens._apply` checks the rest: where the tokens end up, by computing
+the operation on one token's rows and on two."""
+
+METHODS = frozenset(name for name in ROW_WISE if not name.startswith("__") and hasattr(torch.Tensor, name))
+"""The :data:`ROW_WISE` operations that models call as tensor methods."""
+
+
+class DeferredTokens:
+    """Stand-in for a producer module's output during a chunked model forward: computes rows on demand.
+
+    ``tokens``: how many tokens it covers. Its shape is known (from its rows for one token and for two) when its rows
+    are one tensor; the tokens' dim may hold ``scale`` entries per token (a ``(B S, ...)`` table flattened
+    batch-major, as ``timestep.flatten()`` of ``(B, S)`` timesteps gives).
+    """
+
+    def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict,
+                 tokens: int | None = None):
+        self.path, self.producer, self.module, self.forward, self.call = path, producer, module, forward, call
+        self.tokens = producer.tokens(module, call) if tokens is None else tokens
+        self._rows_of: Callable[[TokenRanges], Any] | None = None  # built at the first request
+
+    def rows(self, ranges: TokenRanges) -> Any:
+        if self._rows_of is None:
+            self._rows_of = self.producer.rows(self.module, self.call, self.forward)
+        return self._rows_of(ranges)
+
+    def full(self) -> Any:
+        return self.rows([(0, self.tokens)])
+
+    # ---------------------------------------------------------------------------------- shape, from its rows
+    def _probe(self) -> tuple[torch.Tensor, int, int]:
+        """Its rows for one token, the tokens' dim and the entries per token there (measured once)."""
+        probe = self.__dict__.get("_probed")
+        if probe is None:
+            one, two = (self.rows([(0, n)]) for n in (1, 2)) if self.tokens >= 2 else (None, None)
+            if not isinstance(one, torch.Tensor) or not isinstance(two, torch.Tensor):
+                raise AttributeError(f"{self.path}: a deferred table of {self.tokens} token(s) whose rows are not one "
+                                     "tensor has no shape")
+            dim, scale = token_dim(one, two, self.path)
+            probe = self.__dict__["_probed"] = (one, dim, scale)
+        return probe
+
+    @property
+    def shape(self) -> torch.Size:
+        one, dim, scale = self._probe()
+        return torch.Size((*one.shape[:dim], self.tokens * scale, *one.shape[dim + 1:]))
+
+    @property
+    def ndim(self) -> int:
+        return self._probe()[0].dim()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._probe()[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._probe()[0].device
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    # ---------------------------------------------------------------------------------- deferred operations
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """``torch.cat`` of deferred tables (and tensors) along their token dim is deferred as well (a model
+        concatenating its image and reference-image modulation tables before joint blocks); so are the row-wise
+        operations of :data:`ROW_WISE`. Any other use is refused."""
+        kwargs = kwargs or {}
+        if func is torch.cat:
+            pieces = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            return DeferredConcat(pieces, dim)
+        return _apply(func, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in METHODS:
+            # Only a table of one tensor has tensor methods (an AttributeError otherwise): callers that move whatever
+            # has a ``to`` (diffusers' offloading hooks onloading block inputs) leave rotary pairs alone, as before.
+            self._probe()
+            method = getattr(torch.Tensor, name)
+            return lambda *args, **kwargs: _apply(method, (self, *args), kwargs)
+        raise AttributeError(f"{type(self).__name__} ({self.__dict__.get('path', '?')}) has no attribute {name!r}")
+
+    def __add__(self, other: Any) -> Any:
+        return _apply(torch.Tensor.__add__, (self, other), {})
+
+    def __radd__(self, other: Any) -> Any:
+        return _apply(torch.Tensor.__radd__, (self, other), {})
+
+    def __sub__(self, other: Any) -> Any:
+        return _apply(torch.Tensor.__sub__, (self, other), {})
+
+    def __rsub__(self, other: Any) -> Any:
+        return _apply(torch.Tensor.__rsub__, (self, other), {})
+
+    def __mul__(self, other: Any) -> Any:
+        return _apply(torch.Tensor.__mul__, (self, other), {})
+
+    def __rmul__(self, other: Any) -> Any:
+        return _apply(torch.Tensor.__rmul__, (self, other), {})
+
+    def __truediv__(self, other: Any) -> Any:
+        return _apply(torch.Tensor.__truediv__, (self, other), {})
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return _apply(torch.Tensor.__rtruediv__, (self, other), {})
+
+    def __neg__(self) -> Any:
+        return _apply(torch.Tensor.__neg__, (self,), {})
+
+    def __getitem__(self, key: Any) -> Any:
+        return _apply(torch.Tensor.__getitem__, (self, key), {})
+
+
+class DeferredConcat(DeferredTokens):
+    """``torch.cat(pieces, dim)`` of deferred tables and tensors, ``dim`` their token dim: a chunk's rows are each
+    piece's rows in its ranges, concatenated (the pieces' tables must be single tensors). A ``dim`` that is not the
+    token dim gives a token count the blocks' split refuses."""
+
+    def __init__(self, pieces: Any, dim: int) -> None:
+        self.pieces, self.dim_ = list(pieces), dim
+        self.sizes = [p.tokens if isinstance(p, DeferredTokens) else p.shape[dim] for p in self.pieces]
+        self.tokens = sum(self.sizes)
+        self.path = " + ".join(p.path if isinstance(p, DeferredTokens) else "tensor" for p in self.pieces)
+
+    def rows(self, ranges: TokenRanges) -> Any:
+        out, offset = [], 0
+        for piece, size in zip(self.pieces, self.sizes):
+            local = [(max(start, offset) - offset, min(end, offset + size) - offset) for start, end in ranges
+                     if min(end, offset + size) > max(start, offset)]
+            if local:
+                out.append(piece.rows(local) if isinstance(piece, DeferredTokens) else _take(piece, self.dim_, local))
+            offset += size
+        return out[0] if len(out) == 1 else torch.cat(out, self.dim_)
+
+
+class DeferredOp(DeferredTokens):
+    """A row-wise operation on deferred tables (:data:`ROW_WISE`), computed on the rows asked for; ``item``: the
+    output's entry, for an operation returning several tensors (``chunk``, ``split``)."""
+
+    def __init__(self, func: Callable, flat: list[Any], spec: Any, tokens: int, path: str, item: int | None = None):
+        self.func, self.flat, self.spec, self.item = func, flat, spec, item
+        self.tokens = tokens
+        self.path = path
+
+    def rows(self, ranges: TokenRanges) -> Any:
+        args, kwargs = tree_unflatten([v.rows(ranges) if isinstance(v, DeferredTokens) else v for v in self.flat],
+                                      self.spec)
+        out = self.func(*args, **kwargs)
+        return out if self.item is None else out[self.item]
+
+
+def token_dim(one: torch.Tensor, two: torch.Tensor, path: str) -> tuple[int, int]:
+    """The dim where rows for two tokens differ from rows for one (twice as many entries), and the entries per token
+    there; refused unless exactly that dim differs."""
+    differ = [d for d in range(one.dim()) if one.shape[d] != two.shape[d]]
+    if one.dim() != two.dim() or len(differ) != 1 or two.shape[differ[0]] != 2 * one.shape[differ[0]]:
+        raise TypeError(f"{path}: rows for one token {tuple(one.shape)} and for two {tuple(two.shape)} do not differ "
+                        "in one token dim; memopt cannot defer this per-token table")
+    return differ[0], one.shape[differ[0]]
+
+
+def _apply(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``func`` on deferred tables: deferred (:class:`DeferredOp`) when it is row-wise and no operand runs over the
+    tokens; computed on the rows such an operand covers otherwise."""
+    name = getattr(func, "__name__", str(func))
+    flat, spec = tree_flatten((args, kwargs))
+    deferred = [value for value in flat if isinstance(value, DeferredTokens)]
+    path = deferred[0].path
+    if name not in ROW_WISE:
+        raise TypeError(f"a deferred per-token table ({path}, memopt sequence producer) supports torch.cat along its "
+                        f"token dim and row-wise operations, got {name}")
+    if len({d.tokens for d in deferred}) != 1:
+        raise TypeError(f"{name} of deferred per-token tables covering {[d.tokens for d in deferred]} tokens")
+    if deferred[0].tokens < 2:  # nothing to defer: computed now
+        return _computed(func, flat, spec, [(0, deferred[0].tokens)])
+    ranges = _rows_covered(name, flat, deferred)
+    if ranges is not None:
+        return _computed(func, flat, spec, ranges)
+    if name == "__getitem__":
+        _check_index(args[1], deferred[0], path)
+    tokens = deferred[0].tokens
+    op = DeferredOp(func, flat, spec, tokens, f"{path}.{name}")
+    one, two = op.rows([(0, 1)]), op.rows([(0, 2)])
+    if isinstance(one, (tuple, list)):
+        if len(two) != len(one):
+            raise TypeError(f"{path}.{name}: splits the token dim; memopt cannot defer it")
+        items = [DeferredOp(func, flat, spec, tokens, f"{path}.{name}[{i}]", item=i) for i in range(len(one))]
+        for item, a, b in zip(items, one, two):
+            _check(item, a, b, deferred[0], name)
+        return type(one)(items) if isinstance(one, tuple) else items
+    _check(op, one, two, deferred[0], name)
+    return op
+
+
+def _computed(func: Callable, flat: list[Any], spec: Any, ranges: TokenRanges) -> Any:
+    args, kwargs = tree_unflatten([v.rows(ranges) if isinstance(v, DeferredTokens) else v for v in flat], spec)
+    return func(*args, **kwargs)
+
+
+def _rows_covered(name: str, flat: list[Any], deferred: list[DeferredTokens]) -> TokenRanges | None:
+    """For an elementwise operation with a real operand running over the tokens (broadcast against the deferred
+    ones): the token ranges it covers, all of them or the running tail chunk's; ``None`` when no operand does."""
+    if name not in ELEMENTWISE:
+        return None
+    table = deferred[0]
+    _, dim, scale = table._probe()
+    from_end = table.ndim - dim  # the tokens' place, counted from the last dim (broadcasting aligns from there)
+    if any(d.ndim - d._probe()[1] != from_end for d in deferred):
+        raise TypeError(f"{name} of deferred per-token tables ({table.path}) with their tokens at different dims")
+    covered = None
+    for value in flat:
+        if isinstance(value, torch.Tensor) and value.dim() >= from_end and value.shape[-from_end] != 1:
+            covered = value.shape[-from_end]
+    if covered is None:
+        return None
+    if covered == table.tokens * scale:
+        return [(0, table.tokens)]
+    from ._sequence_chunks import running
+
+    run = running("model_run")
+    if run is not None and run.tail and run.layout is not None and run.layout.lengths.get("image") == table.tokens:
+        start, end = run.ranges[run.chunk]
+        if covered == (end - start) * scale:
+            return [(start, end)]
+    raise RuntimeError(f"{table.path}: a deferred per-token table of {table.tokens} tokens meets a tensor with "
+                       f"{covered} entries at its token dim in {name}")
+
+
+def _check_index(key: Any, table: DeferredTokens, path: str) -> None:
+    """Indexing may add dims (``None``) and pick entries of other dims, never cut or reorder the tokens."""
+    _, dim, _ = table._probe()
+    entries = key if isinstance(key, tuple) else (key,)
+    position = 0
+    for entry in entries:
+        if entry is None:
+            continue
+        if entry is Ellipsis or isinstance(entry, torch.Tensor) or (
+            position == dim and entry != slice(None)
+        ):
+            raise TypeError(f"{path}[{key!r}]: indexes the token dim {dim}; memopt cannot defer it")
+        position += 1
+
+
+def _check(op: DeferredOp, one: Any, two: Any, source: DeferredTokens, name: str) -> None:
+    """The operation's rows for one token and for two must differ in one dim (where its tokens are now); a
+    regrouping (:data:`RESHAPES`) must leave the dims before the tokens as they were, or unflatten a batch-major
+    ``(B S)`` dim into ``(B, S)``."""
+    if not isinstance(one, torch.Tensor) or not isinstance(two, torch.Tensor):
+        raise TypeError(f"{op.path}: not a tensor ({type(one).__name__}); memopt cannot defer it")
+    dim, scale = token_dim(one, two, op.path)
+    op.__dict__["_probed"] = (one, dim, scale)
+    source_one, source_dim, source_scale = source._probe()
+    if name in RESHAPES:
+        prefix = tuple(source_one.shape[:source_dim])
+        kept = dim == source_dim and scale == source_scale and tuple(one.shape[:dim]) == prefix
+        unflattened = (scale == 1 and dim == source_dim + 1 and tuple(one.shape[:dim]) == (*prefix, source_scale))
+        if not (kept or unflattened):
+            raise TypeError(f"{op.path}: regroups the token dim ({tuple(source_one.shape)} -> {tuple(one.shape)} per "
+                            "token); memopt cannot defer it")
+    elif scale != source_scale:
+        raise TypeError(f"{op.path}: changes the entries per token ({source_scale} -> {scale}); memopt cannot defer it")
