@@ -66,9 +66,8 @@ SIZES = {
 
 
 # Families whose plan runs the output head whole (reported as skipped): Latte's last block is a temporal one, whose
-# output the model reshapes back to frames and modulates with a table made from the whole frame count; AnyFlow makes
-# the head's per-token shift / scale from the whole per-token timestep embedding in its own forward.
-HEAD_RUNS_WHOLE = {"latte", "anyflow"}
+# output the model reshapes back to frames and modulates with a table made from the whole frame count.
+HEAD_RUNS_WHOLE = {"latte"}
 
 
 def chunked_completely(report: Any, family: str) -> bool:

@@ -627,6 +627,7 @@ MORE_UNITS = {
     "transformers.transformer_kandinsky.Kandinsky5FeedForward": {"dim": 24, "ff_dim": 37},
     "transformers.transformer_sana_wm.SanaWMMlp": {"in_features": 24, "hidden_features": 37},
     "transformers.transformer_longcat_audio_dit.AudioDiTFeedForward": {"dim": 24, "mult": 1.5},
+    "autoencoders.ltx2_diffusion_decoder.LTX2VideoVaeSwiGLU": {"dim": 24, "hidden_dim": 37},
 }
 
 

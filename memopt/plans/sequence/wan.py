@@ -129,6 +129,43 @@ def _anyflow_rotary_rows(argument: Callable[[str], Any], rows: tuple[int, int], 
     return pieces
 
 
+def _anyflow_frame_tokens(embedder: torch.nn.Module, call: ProducerCall) -> int:
+    """AnyFlow's per-frame timesteps ``(B, F)`` expanded to each frame's tokens."""
+    return call["timestep"].shape[1] * call["layout_cfg"]["full_token_per_frame"]
+
+
+def _anyflow_one_token_per_frame(call: ProducerCall) -> ProducerCall:
+    """The embedder's call with one token per frame: its (t, r) tables per frame, its text and image embeddings."""
+    return {**call, "layout_cfg": {**call["layout_cfg"], "full_token_per_frame": 1}}
+
+
+def _anyflow_frame_rows(index: int) -> Callable[[torch.nn.Module, ProducerCall, Callable],
+                                                Callable[[TokenRanges], Any]]:
+    """:attr:`TokenProducer.rows` for entry ``index`` of AnyFlow's embedder (``temb`` ``(B, S, D)``, its projection
+    ``(B, S, 6 D)``): the per-frame table made once per forward (the embedder on one token per frame and one text
+    token), each chunk's rows gathered by frame, the rows the embedder's ``repeat_interleave`` gives."""
+
+    def rows(embedder: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
+        per_frame = {**_anyflow_one_token_per_frame(call), "encoder_hidden_states_image": None,
+                     "encoder_hidden_states": call["encoder_hidden_states"][:1, :1]}
+        table = forward(**per_frame)[index]  # (B, F, ...)
+        tokens_per_frame = call["layout_cfg"]["full_token_per_frame"]
+
+        def rows_of(ranges: TokenRanges) -> torch.Tensor:
+            tokens = torch.cat([torch.arange(start, end, device=table.device) for start, end in ranges])
+            return table[:, tokens // tokens_per_frame]
+
+        return rows_of
+
+    return rows
+
+
+_ANYFLOW_TIMESTEP_TABLES = tuple(
+    TokenProducer(_anyflow_frame_tokens, _anyflow_frame_rows(index), output=index, sliver=_anyflow_one_token_per_frame)
+    for index in (0, 1)
+)
+
+
 PLANS: dict[str, SequencePlan] = {
     "WanTransformer3DModel": SequencePlan(
         {"blocks.*": _WAN},
@@ -238,12 +275,11 @@ PLANS: dict[str, SequencePlan] = {
         # Wan2.1's block under its own class (not in diffusers' TransformerBlockRegistry): attn1 is bidirectional
         # self-attention over all video tokens (K/V exchanged; its processor calls dispatch_attention_fn with no mask),
         # attn2 cross-attention to the umT5 tokens (chunk-local; its key/value side computed once per block). The model
-        # expands its per-frame (t, r) timestep embedding to every token before the blocks, temb (B, S, 6, D), cut
-        # with the tokens. The rotary tables are computed whole (complex, 2 / heads LD) and cut per chunk.
-        #
-        # The output head runs whole (tail=None): the model computes its per-token shift / scale from the whole
-        # (B, S, D) temb in its own forward before norm_out, so a tail pass's chunk would meet full-length tensors.
-        # No _cp_plan in diffusers 0.42.
+        # expands its per-frame (t, r) timestep embedding to every token in its conditioning embedder: temb (B, S, D)
+        # and its projection (B, S, 6 D), deferred (per-frame tables gathered per chunk), the model's unflatten and
+        # its output head's per-token shift / scale with them, so the head runs in chunks. The rotary tables are
+        # computed whole (complex, 2 / heads LD) and cut per chunk. No _cp_plan in diffusers 0.42: gathered at
+        # proj_out (the default), whose (B, S, C) output the model only reshapes.
         {
             # Wan's block plan with AnyFlow's inputs (its processor applies its own rotary embedding, an unflatten of
             # the head dim and a complex product, which takes Wan's empty stand-ins too)
@@ -257,8 +293,7 @@ PLANS: dict[str, SequencePlan] = {
                 metadata=TransformerBlockMetadata(return_hidden_states_index=0),
             )
         },
-        tail=None,
-        gather=None,
         embed="patch_embedding",
+        producers={"condition_embedder": _ANYFLOW_TIMESTEP_TABLES},
     ),
 }
