@@ -42,6 +42,7 @@ MODELS = {
     # Wan's family inputs assume Wan2.1's 8x VAE; TI2V's 16x VAE turns 704x1280 into the latents of 352x640 there.
     "Wan2.2-TI2V-5B 704x1280x121": ("wan", WAN22_TI2V_5B, Size(352, 640, 121), 704 // 16 * 1280 // 16 // 4),
     "LTX-Video 0.9 (2B) 512x768x121": ("ltx", {"num_layers": 2}, Size(512, 768, 121), 512 // 32 * 768 // 32),
+    "LTX-2 (19B) 512x768x121": ("ltx2", {"num_layers": 2}, Size(512, 768, 121), 512 // 32 * 768 // 32),
 }
 """label -> (family, config over the family's full one, size, tokens of the clean conditioning frame)."""
 
@@ -54,7 +55,8 @@ def per_token_inputs(family: str, config: dict[str, Any], size: Size, clean_toke
                                   num_frames=size.num_frames, dtype=torch.bfloat16)
         timesteps = torch.full((1, spec.num_tokens(model.config, size)), 999.0)
         timesteps[:, :clean_tokens] = 0
-        return {**inputs, "timestep": timesteps}
+        audio = {"audio_timestep": inputs["timestep"]} if "audio_hidden_states" in inputs else {}  # one per sample
+        return {**inputs, **audio, "timestep": timesteps}
 
     return make
 

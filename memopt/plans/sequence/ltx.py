@@ -195,6 +195,13 @@ PLANS: dict[str, SequencePlan] = {
         producers={
             "rope": TokenProducer(_ltx2_rope_tokens, _ltx2_rope_rows),
             "cross_attn_rope": TokenProducer(_ltx2_rope_tokens, _ltx2_rope_rows),
+            # Image-to-video: one timestep per video token (the conditioning frame's at 0). The video modulation
+            # tables (temb (B, S, 6 D), the head's embedding (B, S, D), the a2v cross-attention's scale / shift
+            # (B, S, 4 D) and gate (B, S, D)) are made like LTX-Video's, by the same AdaLayerNormSingle call; the
+            # audio ones cover 2 % of the tokens and are made whole.
+            "time_embed": _LTX_TIMESTEP_TABLES,
+            "av_cross_attn_video_scale_shift": _LTX_TIMESTEP_TABLES,
+            "av_cross_attn_video_a2v_gate": _LTX_TIMESTEP_TABLES,
         },
         source="memopt + LTX2VideoTransformer3DModel._cp_plan",
     ),
