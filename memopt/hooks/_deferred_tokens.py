@@ -41,7 +41,7 @@ ROW_WISE = ELEMENTWISE | RESHAPES | frozenset({
     "unsqueeze", "squeeze", "chunk", "split", "__getitem__",
 })
 """Operations a deferred table may go through: each output row depends only on the same token's input row (and on
-operands without a token dim). :meth:`DeferredTokens._apply` checks the rest: where the tokens end up, by computing
+operands without a token dim). :func:`_apply` checks the rest: where the tokens end up, by computing
 the operation on one token's rows and on two."""
 
 METHODS = frozenset(name for name in ROW_WISE if not name.startswith("__") and hasattr(torch.Tensor, name))
@@ -55,6 +55,9 @@ class DeferredTokens:
     are one tensor; the tokens' dim may hold ``scale`` entries per token (a ``(B S, ...)`` table flattened
     batch-major, as ``timestep.flatten()`` of ``(B, S)`` timesteps gives).
     """
+
+    _probed: tuple[torch.Tensor, int, int] | None = None
+    """Its rows for one token, the tokens' dim and the entries per token there, once measured (:meth:`_probe`)."""
 
     def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict,
                  tokens: int | None = None):
@@ -73,14 +76,14 @@ class DeferredTokens:
     # ---------------------------------------------------------------------------------- shape, from its rows
     def _probe(self) -> tuple[torch.Tensor, int, int]:
         """Its rows for one token, the tokens' dim and the entries per token there (measured once)."""
-        probe = self.__dict__.get("_probed")
+        probe = self._probed
         if probe is None:
             one, two = (self.rows([(0, n)]) for n in (1, 2)) if self.tokens >= 2 else (None, None)
             if not isinstance(one, torch.Tensor) or not isinstance(two, torch.Tensor):
                 raise AttributeError(f"{self.path}: a deferred table of {self.tokens} token(s) whose rows are not one "
                                      "tensor has no shape")
             dim, scale = token_dim(one, two, self.path)
-            probe = self.__dict__["_probed"] = (one, dim, scale)
+            probe = self._probed = (one, dim, scale)
         return probe
 
     @property
@@ -123,40 +126,30 @@ class DeferredTokens:
         if name in METHODS:
             # Only a table of one tensor has tensor methods (an AttributeError otherwise): callers that move whatever
             # has a ``to`` (diffusers' offloading hooks onloading block inputs) leave rotary pairs alone, as before.
-            self._probe()
+            try:
+                self._probe()
+            except TypeError as error:
+                raise AttributeError(str(error)) from error
             method = getattr(torch.Tensor, name)
             return lambda *args, **kwargs: _apply(method, (self, *args), kwargs)
         raise AttributeError(f"{type(self).__name__} ({self.__dict__.get('path', '?')}) has no attribute {name!r}")
 
-    def __add__(self, other: Any) -> Any:
-        return _apply(torch.Tensor.__add__, (self, other), {})
 
-    def __radd__(self, other: Any) -> Any:
-        return _apply(torch.Tensor.__radd__, (self, other), {})
+def _operator(name: str) -> Callable[..., Any]:
+    """A Python operator of deferred tables, as the tensor's (``table + x``, ``1 + table``, ``table[:, :, None]``)."""
+    method = getattr(torch.Tensor, name)
 
-    def __sub__(self, other: Any) -> Any:
-        return _apply(torch.Tensor.__sub__, (self, other), {})
+    def operator(self: DeferredTokens, *other: Any) -> Any:
+        return _apply(method, (self, *other), {})
 
-    def __rsub__(self, other: Any) -> Any:
-        return _apply(torch.Tensor.__rsub__, (self, other), {})
+    operator.__name__ = name
+    return operator
 
-    def __mul__(self, other: Any) -> Any:
-        return _apply(torch.Tensor.__mul__, (self, other), {})
 
-    def __rmul__(self, other: Any) -> Any:
-        return _apply(torch.Tensor.__rmul__, (self, other), {})
-
-    def __truediv__(self, other: Any) -> Any:
-        return _apply(torch.Tensor.__truediv__, (self, other), {})
-
-    def __rtruediv__(self, other: Any) -> Any:
-        return _apply(torch.Tensor.__rtruediv__, (self, other), {})
-
-    def __neg__(self) -> Any:
-        return _apply(torch.Tensor.__neg__, (self,), {})
-
-    def __getitem__(self, key: Any) -> Any:
-        return _apply(torch.Tensor.__getitem__, (self, key), {})
+OPERATORS = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+             "__neg__", "__getitem__")
+for _name in OPERATORS:
+    setattr(DeferredTokens, _name, _operator(_name))
 
 
 class DeferredConcat(DeferredTokens):
@@ -296,7 +289,7 @@ def _check(op: DeferredOp, one: Any, two: Any, source: DeferredTokens, name: str
     if not isinstance(one, torch.Tensor) or not isinstance(two, torch.Tensor):
         raise TypeError(f"{op.path}: not a tensor ({type(one).__name__}); memopt cannot defer it")
     dim, scale = token_dim(one, two, op.path)
-    op.__dict__["_probed"] = (one, dim, scale)
+    op._probed = (one, dim, scale)
     source_one, source_dim, source_scale = source._probe()
     if name in RESHAPES:
         prefix = tuple(source_one.shape[:source_dim])
