@@ -8,6 +8,9 @@ What :func:`apply_memory_optimizations` does with each component of a ``Diffusio
   shapes and chooses sequence chunking / FeedForward shards and whether it may stay resident instead, so that the
   predicted peak fits the budget at the least predicted slowdown. The chunking hooks go *under* the offloading
   hooks: a block's weights are onloaded once and serve every chunk of both passes.
+* **a ControlNet** (``controlnet``), which runs once per step too: like a denoiser, planned at its first forward (its
+  residuals then count among the denoiser's inputs); one whose forward cannot be simulated runs as placed, with a
+  warning, instead of failing the pipeline.
 * **text and image encoders** (transformers models): resident when everything fits easily, else offloaded whole
   (onloaded for their one forward per prompt), else offloaded layer by layer (leaf-level group offloading).
 * **the VAE**: diffusers' tiled (and sliced) decoding, resident.
@@ -74,6 +77,7 @@ from .planner import (
     device_gradient_bytes,
     floor_bytes,
     format_bytes,
+    UnplannableError,
     parse_budget,
     plan_denoiser,
 )
@@ -83,6 +87,11 @@ logger = logging.getLogger(__name__)
 PLAN_HOOK = "memopt.plan"
 DENOISER_NAMES = ("transformer", "transformer_2", "unet")
 """Pipeline components memopt treats as denoisers (what runs once per step)."""
+
+CONTROLNET_NAME = "controlnet"
+"""A pipeline's ControlNet runs once per step too, before the denoiser: offloaded and planned at its first forward
+like a denoiser (its residuals are the denoiser's inputs, counted in the denoiser's plan). A multi-ControlNet wrapper
+(``MultiControlNetModel`` and the like: built from its nets, not from a config) is not; it stays as before."""
 
 RESIDENT_FRACTION = 0.5
 """Encoders stay resident when all components' weights fit in this fraction of the budget (the rest is left for the
@@ -206,6 +215,13 @@ class PlanOnFirstCallHook(ModelHook):
                 training=self.plan.training,
             ))
             _apply_denoiser_plan(module, component, denoiser_plan)
+        except UnplannableError as error:
+            if self.name != CONTROLNET_NAME:
+                remove_memory_optimizations(self.owner)
+                raise
+            # The denoiser is what the budget is about: the pipeline goes on with the ControlNet as placed.
+            component.action += "; not planned: its forward cannot be simulated"
+            logger.warning("memopt: %s. The ControlNet runs unchunked; its activations are outside the budget.", error)
         except BaseException:
             remove_memory_optimizations(self.owner)  # nothing fits (BudgetError) or planning failed: undo all
             raise
@@ -340,7 +356,8 @@ def apply_memory_optimizations(
     explicit = {}
     if height is not None:
         for name in denoisers:  # plans (and may raise) before anything is changed
-            explicit[name] = _plan_for_size(components[name], plan, name, height, width, num_frames, batch_size)
+            if name != CONTROLNET_NAME:  # no family spec makes a ControlNet's inputs: planned at its first forward
+                explicit[name] = _plan_for_size(components[name], plan, name, height, width, num_frames, batch_size)
     try:
         for name, module in components.items():
             entry = plan.components[name]
@@ -387,6 +404,9 @@ def _denoisers(obj: Any, components: dict[str, torch.nn.Module]) -> list[str]:
     if not found:
         raise ValueError(f"{type(obj).__name__} has no denoiser (none of {list(DENOISER_NAMES)} among its components "
                          f"{sorted(components)}); memopt plans around the denoiser")
+    controlnet = components.get(CONTROLNET_NAME)
+    if controlnet is not None and "Multi" not in type(controlnet).__name__:
+        found.append(CONTROLNET_NAME)
     return found
 
 

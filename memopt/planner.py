@@ -722,6 +722,11 @@ class BudgetError(ValueError):
     """Nothing memopt can do fits the budget; the message says the smallest reachable peak and what dominates it."""
 
 
+class UnplannableError(BudgetError):
+    """The model's own forward cannot be simulated (it depends on tensor values, calls flex attention, or holds
+    modules attached after construction), so no plan is made at any budget; the message says what applies directly."""
+
+
 @dataclass
 class Option:
     """One (placement, chunking) combination the planner considered, with its predicted peak.
@@ -1009,8 +1014,11 @@ def plan_denoiser(
             break  # resident and unchunked: nothing is faster
     fitting = [option for option in considered if option.peak_bytes <= budget_bytes]
     if not fitting:
-        raise BudgetError(_nothing_fits(model, budget_bytes, considered, groups, inputs, other_resident_bytes, cache,
-                                        device_gradients(offload if movable else None)))
+        unplannable = not considered and any(estimate.error for chunking, estimate in cache.items()
+                                             if chunking.is_empty)
+        raise (UnplannableError if unplannable else BudgetError)(_nothing_fits(
+            model, budget_bytes, considered, groups, inputs, other_resident_bytes, cache,
+            device_gradients(offload if movable else None)))
     # Within 1% of the fastest (the time model's resolution), prefer fewer hooks, then the lower peak.
     fastest = min(option.time_s for option in fitting)
     best = min((option for option in fitting if option.time_s <= 1.01 * fastest),

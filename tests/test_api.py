@@ -290,6 +290,76 @@ def _stable_diffusion_pipeline():
     return pipe
 
 
+def _controlnet_pipeline(nets: int = 1):
+    """The tiny Stable Diffusion pipeline with a ControlNet (SD 1.5's layout shrunk; its conditioning embedding takes
+    the 72 x 56 px control image down to the 9 x 7 latents), or a ``MultiControlNetModel`` of ``nets`` of them."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    base = _stable_diffusion_pipeline()
+    torch.manual_seed(1)
+    controlnets = [ControlNetModel(
+        in_channels=4, conditioning_channels=3, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=12,
+        attention_head_dim=2, conditioning_embedding_out_channels=(8, 8, 8, 16)).eval() for _ in range(nets)]
+    with torch.no_grad():  # zero-initialised residual convolutions: with them the ControlNet would change nothing
+        for param in (p for net in controlnets for p in net.parameters()):
+            if param.numel() > 1 and not param.any():
+                param.normal_(std=0.05)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=controlnets[0] if nets == 1 else controlnets, scheduler=base.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _controlnet_latents(pipe) -> torch.Tensor:
+    image = torch.rand(1, 3, 72, 56, generator=torch.Generator().manual_seed(2))
+    images = [image, image.flip(2)] if "Multi" in type(pipe.controlnet).__name__ else image
+    with torch.no_grad():
+        return pipe(["a red cat", "a much longer prompt here"], image=images, negative_prompt=["", "blurry"],
+                    height=72, width=56, num_inference_steps=2, guidance_scale=5.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+
+def test_a_controlnet_is_planned_like_a_denoiser() -> None:
+    """A pipeline's ControlNet runs every step: it is planned at its first forward like the denoiser, so its own
+    activations (here its conditioning embedding at the control image's resolution, 1 MiB against the UNet's 0.4)
+    are in the budget. Exact, removed bit for bit; a budget its activations do not fit in is refused, naming it; one
+    that cannot be simulated runs unplanned. A MultiControlNetModel (built from its nets, no config to simulate)
+    stays as before."""
+    pipe = _controlnet_pipeline()
+    reference = _controlnet_latents(pipe)
+    weights = sum(module_bytes(module) for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet))
+    plan = memopt.apply_memory_optimizations(pipe, budget=weights + 2 * 1024**2)
+    assert _rel(_controlnet_latents(pipe), reference) <= 1e-5
+    assert plan.components["controlnet"].denoiser is not None and plan.components["unet"].denoiser is not None
+    memopt.remove_memory_optimizations(pipe)
+    assert torch.equal(_controlnet_latents(pipe), reference)
+
+    memopt.apply_memory_optimizations(pipe, budget=weights + 600 * 1024)  # the UNet's 0.4 MiB fit, not the 1 MiB
+    with pytest.raises(BudgetError, match="ControlNetModel: nothing fits .* controlnet_cond_embedding"):
+        _controlnet_latents(pipe)
+    assert torch.equal(_controlnet_latents(pipe), reference)  # memopt removed itself
+
+    # A ControlNet that cannot be simulated (Z-Image's takes modules from its transformer after construction; here
+    # one module attached likewise) runs as placed, with a warning: the pipeline goes on, the UNet planned.
+    pipe.controlnet.attached = torch.nn.Identity()
+    plan = memopt.apply_memory_optimizations(pipe, budget=weights + 2 * 1024**2)
+    assert _rel(_controlnet_latents(pipe), reference) <= 1e-5
+    assert plan.components["controlnet"].action.endswith("not planned: its forward cannot be simulated")
+    assert plan.components["unet"].denoiser is not None
+    memopt.remove_memory_optimizations(pipe)
+    del pipe.controlnet.attached
+
+    multi = _controlnet_pipeline(nets=2)
+    reference = _controlnet_latents(multi)
+    plan = memopt.apply_memory_optimizations(multi, budget=weights * 2 + 2 * 1024**2)
+    assert _rel(_controlnet_latents(multi), reference) <= 1e-5
+    assert plan.components["controlnet"].kind == "other" and plan.components["controlnet"].denoiser is None
+    memopt.remove_memory_optimizations(multi)
+
+
 def test_unet_pipeline_is_planned_with_what_applies_to_it() -> None:
     """A UNet denoiser (Stable Diffusion): at a budget that needs chunking the planner shards its FeedForwards (no
     sequence plan), the latents match the unmodified pipeline's, and removal restores them bit for bit."""
