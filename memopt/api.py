@@ -8,9 +8,9 @@ What :func:`apply_memory_optimizations` does with each component of a ``Diffusio
   shapes and chooses sequence chunking / FeedForward shards and whether it may stay resident instead, so that the
   predicted peak fits the budget at the least predicted slowdown. The chunking hooks go *under* the offloading
   hooks: a block's weights are onloaded once and serve every chunk of both passes.
-* **a ControlNet** (``controlnet``), which runs once per step too: like a denoiser, planned at its first forward (its
-  residuals then count among the denoiser's inputs); one whose forward cannot be simulated runs as placed, with a
-  warning, instead of failing the pipeline.
+* **ControlNets** (``controlnet``, or each net of a multi-ControlNet), which run once per step too: like a denoiser,
+  planned at their first forward (their residuals then count among the denoiser's inputs); one whose forward cannot
+  be simulated runs as placed, with a warning, instead of failing the pipeline.
 * **text and image encoders** (transformers models): resident when everything fits easily, else offloaded whole
   (onloaded for their one forward per prompt), else offloaded layer by layer (leaf-level group offloading).
 * **the VAE**: diffusers' tiled (and sliced) decoding, resident.
@@ -91,7 +91,8 @@ DENOISER_NAMES = ("transformer", "transformer_2", "unet")
 CONTROLNET_NAME = "controlnet"
 """A pipeline's ControlNet runs once per step too, before the denoiser: offloaded and planned at its first forward
 like a denoiser (its residuals are the denoiser's inputs, counted in the denoiser's plan). A multi-ControlNet wrapper
-(``MultiControlNetModel`` and the like: built from its nets, not from a config) is not; it stays as before."""
+(``MultiControlNetModel`` and the like, built from its nets, not from a config) stands for its nets: each is a
+component of its own, ``controlnet.nets.<i>``."""
 
 RESIDENT_FRACTION = 0.5
 """Encoders stay resident when all components' weights fit in this fraction of the budget (the rest is left for the
@@ -110,7 +111,18 @@ def _components(obj: Any) -> dict[str, torch.nn.Module]:
     components = getattr(obj, "components", None)
     if not isinstance(components, dict):
         raise TypeError(f"expected a diffusers DiffusionPipeline or a torch.nn.Module, got {type(obj).__name__}")
-    return {name: module for name, module in components.items() if isinstance(module, torch.nn.Module)}
+    modules = {}
+    for name, module in components.items():
+        nets = getattr(module, "nets", None)
+        if name == CONTROLNET_NAME and isinstance(nets, torch.nn.ModuleList) and "Multi" in type(module).__name__:
+            modules.update({f"{name}.nets.{index}": net for index, net in enumerate(nets)})
+        elif isinstance(module, torch.nn.Module):
+            modules[name] = module
+    return modules
+
+
+def _is_controlnet(name: str) -> bool:
+    return name == CONTROLNET_NAME or name.startswith(f"{CONTROLNET_NAME}.nets.")
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -216,7 +228,7 @@ class PlanOnFirstCallHook(ModelHook):
             ))
             _apply_denoiser_plan(module, component, denoiser_plan)
         except UnplannableError as error:
-            if self.name != CONTROLNET_NAME:
+            if not _is_controlnet(self.name):
                 remove_memory_optimizations(self.owner)
                 raise
             # The denoiser is what the budget is about: the pipeline goes on with the ControlNet as placed.
@@ -356,7 +368,7 @@ def apply_memory_optimizations(
     explicit = {}
     if height is not None:
         for name in denoisers:  # plans (and may raise) before anything is changed
-            if name != CONTROLNET_NAME:  # no family spec makes a ControlNet's inputs: planned at its first forward
+            if not _is_controlnet(name):  # no family spec makes a ControlNet's inputs: planned at its first forward
                 explicit[name] = _plan_for_size(components[name], plan, name, height, width, num_frames, batch_size)
     try:
         for name, module in components.items():
@@ -404,10 +416,7 @@ def _denoisers(obj: Any, components: dict[str, torch.nn.Module]) -> list[str]:
     if not found:
         raise ValueError(f"{type(obj).__name__} has no denoiser (none of {list(DENOISER_NAMES)} among its components "
                          f"{sorted(components)}); memopt plans around the denoiser")
-    controlnet = components.get(CONTROLNET_NAME)
-    if controlnet is not None and "Multi" not in type(controlnet).__name__:
-        found.append(CONTROLNET_NAME)
-    return found
+    return found + [name for name in components if _is_controlnet(name)]
 
 
 def _device(device: str | torch.device | None) -> torch.device:

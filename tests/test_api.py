@@ -327,7 +327,7 @@ def test_a_controlnet_is_planned_like_a_denoiser() -> None:
     activations (here its conditioning embedding at the control image's resolution, 1 MiB against the UNet's 0.4)
     are in the budget. Exact, removed bit for bit; a budget its activations do not fit in is refused, naming it; one
     that cannot be simulated runs unplanned. A MultiControlNetModel (built from its nets, no config to simulate)
-    stays as before."""
+    stands for its nets: each is planned."""
     pipe = _controlnet_pipeline()
     reference = _controlnet_latents(pipe)
     weights = sum(module_bytes(module) for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet))
@@ -356,8 +356,10 @@ def test_a_controlnet_is_planned_like_a_denoiser() -> None:
     reference = _controlnet_latents(multi)
     plan = memopt.apply_memory_optimizations(multi, budget=weights * 2 + 2 * 1024**2)
     assert _rel(_controlnet_latents(multi), reference) <= 1e-5
-    assert plan.components["controlnet"].kind == "other" and plan.components["controlnet"].denoiser is None
+    assert "controlnet" not in plan.components
+    assert all(plan.components[f"controlnet.nets.{index}"].denoiser is not None for index in range(2))
     memopt.remove_memory_optimizations(multi)
+    assert torch.equal(_controlnet_latents(multi), reference)
 
 
 def test_unet_pipeline_is_planned_with_what_applies_to_it() -> None:

@@ -5,7 +5,8 @@ transformer. On those, each technique must be exact or refuse/skip with a clear 
 else, and ``remove_memory_optimizations`` must restore outputs and ``state_dict`` bit for bit. The table below builds
 each class tiny and random (fp32, CPU, batch 2 where the class takes a batch, odd token counts, padded masks where the
 model takes one); the parametrized tests apply chunked FeedForward, chunked attention, sequence chunking (refused: no
-plan) and the planner to each, and compare every tensor the model returns.
+plan; the Flux, SD3 and Qwen-Image ControlNets run their family's plan, exact) and the planner to each, and compare
+every tensor the model returns.
 """
 
 from __future__ import annotations
@@ -769,7 +770,9 @@ class Case(NamedTuple):
     to their backend, and the planner cannot trace them either), and whether it has any diffusers ``Attention``
     module at all (without one, apply_chunked_attention refuses: UNet1DModel's SelfAttention1d computes its own
     softmax). ``planner_refusal``: part of the message with which the planner refuses the class for another reason
-    at the first call (empty: it plans it, or refuses it as data dependent / flex attention)."""
+    at the first call (empty: it plans it, or refuses it as data dependent / flex attention). ``sequence_plan``: a
+    ControlNet made of a planned family's blocks, which memopt chunks with that family's plan (out of place: it
+    returns every block's output); the others are refused."""
 
     build: Callable[[], Built]
     feedforwards: int
@@ -777,6 +780,7 @@ class Case(NamedTuple):
     flex_calls: int = 0
     attention: bool = True
     planner_refusal: str = ""
+    sequence_plan: bool = False
 
 
 CASES: dict[str, Case] = {
@@ -796,7 +800,7 @@ CASES: dict[str, Case] = {
     "DiTTransformer2DModel": Case(_dit, 2),
     "DreamLiteTransformer2DModel": Case(_dreamlite_transformer, 2),  # GEGLU FeedForward per block; MQA + qk RMSNorm
     "DreamLiteUNetModel": Case(_dreamlite_unet, 7),
-    "FluxControlNetModel": Case(_flux_controlnet, 3),  # ff + ff_context, the single block's proj_mlp/proj_out
+    "FluxControlNetModel": Case(_flux_controlnet, 3, sequence_plan=True),  # ff + ff_context, the single block's proj_mlp/proj_out
     "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
     "HunyuanDiT2DControlNetModel": Case(_hunyuandit_controlnet, 2),  # one FeedForward per HunyuanDiTBlock
     "HunyuanDiT2DModel": Case(_hunyuan_dit, 4),  # one gelu-approximate FeedForward per HunyuanDiTBlock
@@ -819,11 +823,11 @@ CASES: dict[str, Case] = {
     "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True),  # a tensor read as a number
     "PRXTransformer2DModel": Case(_prx, 0),  # MLP inline in PRXBlock.forward: "no FeedForward-like module found"
     "PriorTransformer": Case(_prior, 2),  # BasicTransformerBlock gelu FeedForwards
-    "QwenImageControlNetModel": Case(_qwenimage_controlnet, 4),  # img_mlp + txt_mlp per block
+    "QwenImageControlNetModel": Case(_qwenimage_controlnet, 4, sequence_plan=True),  # img_mlp + txt_mlp per block
     # RFD4ProteinaTransition (packed SwiGLU, forward(values, mask)) has no memopt layout and no FeedForward-like name:
     # nothing hooked; attention takes a dense (B, H, T, T) pair bias with the padded keys at -1e4.
     "RFD4ProteinaTransformer": Case(_rfd4_proteina, 0),
-    "SD3ControlNetModel": Case(_sd3_controlnet, 4),  # ff + ff_context per JointTransformerBlock
+    "SD3ControlNetModel": Case(_sd3_controlnet, 4, sequence_plan=True),  # ff + ff_context per JointTransformerBlock
     "SanaControlNetModel": Case(_sana_controlnet, 0),  # GLUMBConv: skipped, "no FeedForward layout"
     "SanaTransformer2DModel": Case(_sana, 0),  # GLUMBConv (a conv FFN): skipped, "no FeedForward layout"
     "SanaVideoTransformer3DModel": Case(_sana_video, 0),  # GLUMBTempConv: skipped likewise
@@ -977,11 +981,19 @@ def test_chunked_attention_is_exact(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_sequence_chunking_is_refused(name):
+def test_sequence_chunking_is_refused_or_exact(name):
     model, inputs = build(name)
     reference, state_before = forward(model, inputs), state(model)
-    with pytest.raises(ValueError, match=f"no sequence plan for {name}"):
-        apply_sequence_chunking(model)
+    if not CASES[name].sequence_plan:
+        with pytest.raises(ValueError, match=f"no sequence plan for {name}"):
+            apply_sequence_chunking(model)
+        assert_restored(model, inputs, reference, state_before)
+        return
+    for num_chunks, schedule in ((2, "two_pass"), (5, "two_pass"), (5, "lockstep")):
+        report = apply_sequence_chunking(model, num_chunks, align=1, schedule=schedule)
+        assert report.blocks and report.attention, str(report)
+        assert rel_err(forward(model, inputs), reference) <= 1e-5, (num_chunks, schedule)  # every residual
+        remove_memory_optimizations(model)
     assert_restored(model, inputs, reference, state_before)
 
 

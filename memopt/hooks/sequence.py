@@ -1030,9 +1030,10 @@ def apply_sequence_chunking(
         model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (Wan, Flux,
             HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi), or any model with ``plan`` given.
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.
-        inplace: see :class:`SequenceChunkingConfig`. ``None`` (default): on with the model's built-in plan, off with
-            a ``plan`` given for another class, whose forward may keep each block's output (a ControlNet returns
-            them all as residuals: written over, they would be the next block's output).
+        inplace: see :class:`SequenceChunkingConfig`. ``None`` (default): on with the model's built-in plan unless
+            it says the model keeps its blocks' outputs (``SequencePlan.keeps_block_outputs``: a ControlNet returns
+            them all as residuals; written over, each would be the next block's output), off with a ``plan`` given
+            for another class, whose forward may do the same.
         chunk_tail: see :class:`SequenceChunkingConfig`.
         schedule: ``"two_pass"`` (default, the memory floor) or ``"lockstep"`` (no recomputation, more memory);
             see :class:`SequenceChunkingConfig`.
@@ -1074,9 +1075,10 @@ def apply_sequence_chunking(
         print(((chunked - reference).norm() / reference.norm()).item())   # ~1e-7
         remove_memory_optimizations(model)
     """
-    if inplace is None:
-        inplace = plan is None or plan is SEQUENCE_PLANS.get(type(model).__name__)
+    own_plan = plan is None or plan is SEQUENCE_PLANS.get(type(model).__name__)
     plan = plan if plan is not None else sequence_plan(model)
+    if inplace is None:
+        inplace = own_plan and not plan.keeps_block_outputs
     num_chunks = plan.num_chunks if num_chunks is None else num_chunks
     config = SequenceChunkingConfig(num_chunks=num_chunks, inplace=inplace, chunk_tail=chunk_tail, schedule=schedule,
                                     align=align, training=training, saved_inputs=saved_inputs)

@@ -305,6 +305,8 @@ class SequencePlan:
         num_chunks: the default number of chunks. A chunk's workspace is the unmodified block's per-token peak
             (8-15 LD for these families) divided by the number of chunks, on top of the ~3 LD floor; the defaults
             keep it near 0.4 LD (measured growth at the defaults: 3.2-3.45 LD per token, fp32).
+        keeps_block_outputs: the model keeps every block's output (a ControlNet returns them all as residuals), so
+            the blocks write their outputs out of place (``apply_sequence_chunking``'s default ``inplace``).
         source: where the plan comes from (shown in reports).
     """
 
@@ -318,6 +320,7 @@ class SequencePlan:
     tail_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
     tail_split: int | None = None
     num_chunks: int = 32
+    keeps_block_outputs: bool = False
     source: str = "memopt"
 
     def __post_init__(self) -> None:

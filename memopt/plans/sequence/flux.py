@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable
 
 import torch
@@ -261,3 +263,10 @@ PLANS: dict[str, SequencePlan] = {
         num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk, as Flux
     ),
 }
+
+PLANS["FluxControlNetModel"] = dataclasses.replace(
+    # Flux's double and single blocks under the ControlNet's own class: it returns every block's output (through its
+    # controlnet_blocks projections) as a residual, so the blocks write out of place; it has no output head.
+    PLANS["FluxTransformer2DModel"], tail=None, keeps_block_outputs=True,
+    source="memopt: FluxTransformer2DModel's plan",
+)

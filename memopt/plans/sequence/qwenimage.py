@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable
 
 import torch
@@ -108,3 +110,10 @@ PLANS: dict[str, SequencePlan] = {
         tail_inputs={"target_token_mask": SequenceSplit(0, 1)},
     ),
 }
+
+PLANS["QwenImageControlNetModel"] = dataclasses.replace(
+    # Qwen-Image's blocks under the ControlNet's own class: it returns every block's output (through its
+    # controlnet_blocks projections) as a residual, so the blocks write out of place; it has no output head.
+    PLANS["QwenImageTransformer2DModel"], tail=None, keeps_block_outputs=True,
+    source="memopt: QwenImageTransformer2DModel's plan",
+)

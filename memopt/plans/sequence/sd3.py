@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ._vocabulary import (
     _DUAL_STREAM_MODULATION,
     _IMAGE_FIRST,
@@ -28,3 +30,10 @@ PLANS: dict[str, SequencePlan] = {
         embed="pos_embed",
     ),
 }
+
+PLANS["SD3ControlNetModel"] = dataclasses.replace(
+    # SD3's joint blocks under the ControlNet's own class: it returns every block's output (through its
+    # controlnet_blocks projections) as a residual, so the blocks write out of place; it has no output head.
+    PLANS["SD3Transformer2DModel"], tail=None, keeps_block_outputs=True,
+    source="memopt: SD3Transformer2DModel's plan",
+)
