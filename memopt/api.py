@@ -74,10 +74,10 @@ from .planner import (
     BudgetError,
     DenoiserPlan,
     DeviceProfile,
+    UnplannableError,
     device_gradient_bytes,
     floor_bytes,
     format_bytes,
-    UnplannableError,
     parse_budget,
     plan_denoiser,
 )
