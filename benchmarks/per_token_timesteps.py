@@ -47,7 +47,7 @@ MODELS = {
 """label -> (family, config over the family's full one, size, tokens of the clean conditioning frame)."""
 
 
-def per_token_inputs(family: str, config: dict[str, Any], size: Size, clean_tokens: int) -> Any:
+def per_token_inputs(family: str, size: Size, clean_tokens: int) -> Any:
     spec = get_family(family)
 
     def make(model: torch.nn.Module) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def main() -> None:
         spec = get_family(family)
         config = {**spec.config("full"), **overrides}
         build = lambda: spec.build(config)  # noqa: E731  (called under the fake mode: nothing is allocated)
-        inputs = per_token_inputs(family, config, size, clean_tokens)
+        inputs = per_token_inputs(family, size, clean_tokens)
         plan = SEQUENCE_PLANS[spec.class_name]
         whole = dataclasses.replace(plan, producers={path: producer for path, producer in plan.producers.items()
                                                      if not isinstance(producer, tuple)})
