@@ -148,7 +148,8 @@ class SequenceModelHook(ModelHook):
     The tail passes call every block again (each answers at once), so they are skipped when the blocks carry
     diffusers' group offloading, which would move every block's weights again per chunk: the output head then runs
     on the whole sequence. It also runs whole (one more pass, with a warning) when the first chunk's head fails
-    because the model code mixes it with full-length tensors, e.g. per-token modulation (Wan2.2 TI2V).
+    because the model code mixes it with full-length tensors, e.g. per-token modulation the model builds inline
+    (SkyReels-V2's diffusion-forcing call; per-token tables a producer defers, as Wan2.2 TI2V's, are cut to the chunk).
     """
 
     def __init__(self, config: SequenceChunkingConfig, blocks: list[torch.nn.Module], tail: bool) -> None:
@@ -179,8 +180,8 @@ class SequenceModelHook(ModelHook):
                 if run.chunk != 0 or len(run.ranges) == 1:
                     raise
                 message = str(error)
-            # The head mixes the chunk with full-length tensors (per-token modulation: Wan2.2 TI2V, LTX per-token
-            # timesteps): run it once on the whole sequence instead.
+            # The head mixes the chunk with full-length tensors (per-token modulation the model builds inline:
+            # SkyReels-V2's diffusion forcing): run it once on the whole sequence instead.
             if not self._warned:
                 logger.warning("%s: the output head runs on the whole sequence (%s)", type(module).__name__, message)
                 self._warned = True
