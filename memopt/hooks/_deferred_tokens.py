@@ -184,9 +184,7 @@ class DeferredOp(DeferredTokens):
         self.path = path
 
     def rows(self, ranges: TokenRanges) -> Any:
-        args, kwargs = tree_unflatten([v.rows(ranges) if isinstance(v, DeferredTokens) else v for v in self.flat],
-                                      self.spec)
-        out = self.func(*args, **kwargs)
+        out = _computed(self.func, self.flat, self.spec, ranges)
         return out if self.item is None else out[self.item]
 
 
@@ -234,6 +232,7 @@ def _apply(func: Callable, args: tuple, kwargs: dict) -> Any:
 
 
 def _computed(func: Callable, flat: list[Any], spec: Any, ranges: TokenRanges) -> Any:
+    """``func`` on its flattened arguments with every deferred table replaced by its rows in ``ranges``."""
     args, kwargs = tree_unflatten([v.rows(ranges) if isinstance(v, DeferredTokens) else v for v in flat], spec)
     return func(*args, **kwargs)
 
