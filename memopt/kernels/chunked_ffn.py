@@ -39,6 +39,11 @@ autotuning may pick, can leave one partial tile per block)."""
 DOWN_GEMMS = ("triton", "cublas")
 """Implementations of the second GEMM, :attr:`FusedFFNPlan.down_gemm`."""
 
+MIN_CUDA_CAPABILITY = (8, 0)
+"""Oldest NVIDIA GPUs the kernel runs on (Ampere). On Turing (7.5) Triton compiles ``tl.dot`` to FMA instructions, no
+tensor cores and no asynchronous copies, whatever the dtype (``benchmarks/results/ffn_kernel_codegen.md``): many
+times slower than cuBLAS, so the hooks keep the PyTorch path there."""
+
 _GATED = frozenset({"geglu", "swiglu"})
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -131,7 +136,8 @@ def fused_ffn_available(
     """Tell whether :func:`fused_chunked_ffn` can run on ``device`` (default: the current CUDA device, else CPU).
 
     CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported),
-    which is exact but slow and meant for tests. ``dtype`` (optional) also checks bf16 support of the GPU.
+    which is exact but slow and meant for tests. ``dtype`` is accepted for callers that know it; every GPU the kernel
+    runs on (:data:`MIN_CUDA_CAPABILITY`) has bf16, fp16 and fp32 tensor-core GEMMs, so it changes nothing today.
 
     Example:
         >>> availability = fused_ffn_available("cpu")
@@ -162,10 +168,12 @@ def fused_ffn_available(
     if not torch.cuda.is_available():
         return KernelAvailability(False, f"{device} was requested but torch.cuda.is_available() is False")
     capability = torch.cuda.get_device_capability(device)
-    if torch.version.hip is None and capability < (7, 5):
-        return KernelAvailability(False, f"the fused FFN kernel needs compute capability >= 7.5, got {capability}")
-    if dtype == torch.bfloat16 and torch.version.hip is None and capability < (8, 0):
-        return KernelAvailability(False, f"bfloat16 tensor-core GEMMs need compute capability >= 8.0, got {capability}")
+    if torch.version.hip is None and capability < MIN_CUDA_CAPABILITY:
+        return KernelAvailability(
+            False,
+            f"the fused FFN kernel needs compute capability >= {MIN_CUDA_CAPABILITY}, got {capability}: below it "
+            "Triton compiles its GEMMs to FMA instructions, without tensor cores; use the PyTorch chunked FFN (cuBLAS)",
+        )
     import triton
 
     return KernelAvailability(True, f"Triton {triton.__version__} on {torch.cuda.get_device_name(device)}")

@@ -49,10 +49,12 @@ def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages
     )
 
 
-# Hopper-class tiles first; the last one fits GPUs with ~100 KB of shared memory per block (and fp32 gated tiles).
-# _prune_configs keeps, for 16-bit non-gated GEMMs, all six on an H100 (227 KB), all but the 4-stage 128x256 tile
-# (192 KB) on an A100 (163 KB) and the last two on ~100 KB GPUs; the gated up-kernel, with two accumulators, keeps
-# none of the three 128x256 / 256x128 tiles anywhere.
+# Hopper-class tiles first; the last one fits GPUs with ~64 KB of shared memory per block (and fp32 gated tiles).
+# _prune_configs keeps, for 16-bit non-gated GEMMs without an accumulator to load, all six on an H100 (227 KB) and an
+# A100 (163 KB), all but the 4-stage 128x256 tile on ~100 KB GPUs (RTX 30xx-50xx) and the last one on 64 KB GPUs;
+# the gated up-kernel and the accumulating down-kernel, with two fp32 tiles, keep none of the three 128x256 / 256x128
+# tiles anywhere, and the gated one no 8-warp tile on mma.sync GPUs. benchmarks/kernel_codegen.py compiles every one of
+# them for each architecture without a GPU and checks these rules against the compiler.
 _GPU_CONFIGS = [
     _config(128, 256, 64, num_warps=8, num_stages=4),
     _config(256, 128, 64, num_warps=8, num_stages=3),
@@ -63,26 +65,70 @@ _GPU_CONFIGS = [
 ]
 # The interpreter runs every program in Python: one small config, no autotuning, yet several tiles per test shape.
 _INTERPRETER_CONFIGS = [_config(32, 32, 16, num_warps=4, num_stages=1)]
-_MAX_ACCUMULATOR_ELEMENTS = 128 * 256  # fp32 accumulator elements per program: 128 registers/thread at 8 warps
+
+MAX_FP32_TILE_REGISTERS = 128
+"""Registers per thread the fp32 tiles of one program may take: its accumulators and, in the accumulating down kernel,
+the accumulator it loads in the epilogue. Half of the 255 a thread can address; the rest holds addresses, operand
+fragments and the activation. Above it ptxas spills: two 128 x 256 fp32 tiles at 8 warps (256 registers a thread)
+spill 128-336 bytes on sm_80 and sm_90 (``benchmarks/results/ffn_kernel_codegen.md``)."""
+
+
+def shared_memory_bytes(config: triton.Config, num_weight_tiles: int, element_size: int, target) -> int:
+    """Shared memory a compiled kernel takes: one buffer of the input tile and its weight tiles per stage in flight.
+
+    Triton's software pipeline keeps ``num_stages`` buffers where Hopper's wgmma reads both operands from shared memory
+    asynchronously (compute capability 9.x); GPUs with ``mma.sync`` (Ampere through RTX 50xx) load a stage into
+    registers before its buffer is refilled, so ``num_stages - 1`` buffers are live. Other targets (AMD, sm_100) get the
+    ``num_stages`` upper bound. The compiler's own figure for aligned 16-bit tiles (checked for every config and
+    architecture by ``benchmarks/kernel_codegen.py``); an upper bound where the loads are not pipelined.
+    """
+    block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    stage_bytes = (block_m + num_weight_tiles * block_n) * block_k * element_size
+    return (config.num_stages - 1 if _uses_mma_sync(target) else config.num_stages) * stage_bytes
+
+
+def _uses_mma_sync(target) -> bool:
+    """NVIDIA GPUs whose tensor-core instruction is ``mma.sync`` (operands in registers): all but Hopper and sm_100."""
+    return target.backend == "cuda" and isinstance(target.arch, int) and (target.arch < 90 or target.arch >= 120)
+
+
+def fp32_tile_registers(config: triton.Config, num_fp32_tiles: int) -> int:
+    """Registers per thread that ``num_fp32_tiles`` fp32 tiles of ``BLOCK_M x BLOCK_N`` take, spread over the warps."""
+    return num_fp32_tiles * config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+
+
+def spills_registers(config: triton.Config, num_weight_tiles: int, num_fp32_tiles: int, target) -> bool:
+    """Whether the tile's fp32 tiles leave too few registers, so that ptxas spills.
+
+    Above :data:`MAX_FP32_TILE_REGISTERS` every GPU spills. With ``mma.sync`` the weight fragments of each k-step are
+    in registers too, and the gated kernel's two at 8 warps tip the 128 x 128 tile over (168-196 spilled bytes on
+    sm_80 / sm_86; the same tile at 4 warps, 64 x 128, does not spill). Both observed by
+    ``benchmarks/kernel_codegen.py``, which checks that the pruner keeps exactly the tiles that do not spill.
+    """
+    if fp32_tile_registers(config, num_fp32_tiles) > MAX_FP32_TILE_REGISTERS:
+        return True
+    return _uses_mma_sync(target) and num_weight_tiles == 2 and config.num_warps > 4
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles that cannot fit the device's shared memory or would spill accumulator registers.
+    """Drop tiles that cannot fit the device's shared memory or would spill their fp32 tiles out of registers.
 
-    The gated up-kernel streams two weight tiles and keeps two accumulators, fp32 inputs take twice the bytes.
+    The gated up-kernel streams two weight tiles and keeps two accumulators; the accumulating down-kernel
+    (``LOAD_ACC``) loads a second fp32 tile in its epilogue; fp32 inputs take twice the bytes.
     """
     args = {**named_args, **kwargs}
     num_weight_tiles = 2 if args.get("GATED", False) else 1
+    num_fp32_tiles = num_weight_tiles + (1 if args.get("LOAD_ACC", False) else 0)
     element_size = args["x_ptr"].element_size() if "x_ptr" in args else args["h_ptr"].element_size()
     device = (args["x_ptr"] if "x_ptr" in args else args["h_ptr"]).device
     max_shared = driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
-    kept = []
-    for config in configs:
-        block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        shared = config.num_stages * (block_m + num_weight_tiles * block_n) * block_k * element_size
-        registers = num_weight_tiles * block_m * block_n
-        if shared <= max_shared and registers <= _MAX_ACCUMULATOR_ELEMENTS:
-            kept.append(config)
+    target = driver.active.get_current_target()
+    kept = [
+        config
+        for config in configs
+        if shared_memory_bytes(config, num_weight_tiles, element_size, target) <= max_shared
+        and not spills_registers(config, num_weight_tiles, num_fp32_tiles, target)
+    ]
     return kept or [configs[-1]]
 
 
@@ -179,7 +225,7 @@ def _ffn_up_kernel(
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["N", "K"],
+    key=["N", "K", "LOAD_ACC"],  # the accumulating variant holds a second fp32 tile: pruned and timed on its own
     prune_configs_by={"early_config_prune": _prune_configs},
     restore_value=["acc_ptr"],  # autotuning re-runs the kernel; an in-place accumulation must start over each time
 )
