@@ -15,7 +15,7 @@ the kernel loads), and the tensor-core instructions and asynchronous copies of i
 
 Usage::
 
-    python benchmarks/kernel_codegen.py --out benchmarks/results         # every architecture and case, ~30 min on 2 cores
+    python benchmarks/kernel_codegen.py --out benchmarks/results   # every architecture and case, ~30 min on 2 cores
     python benchmarks/kernel_codegen.py --arch sm_90 --case "Wan2.1-14B default"
 
 Writes ``ffn_kernel_codegen.md`` and the same rows as ``ffn_kernel_codegen.json``. Exits 1 when the pruner's rules
