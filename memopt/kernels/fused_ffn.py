@@ -70,7 +70,7 @@ MAX_FP32_TILE_REGISTERS = 128
 """Registers per thread the fp32 tiles of one program may take: its accumulators and, in the accumulating down kernel,
 the accumulator it loads in the epilogue. Half of the 255 a thread can address; the rest holds addresses, operand
 fragments and the activation. Above it ptxas spills: two 128 x 256 fp32 tiles at 8 warps (256 registers a thread)
-spill 128-336 bytes on sm_80 and sm_90 (``benchmarks/results/ffn_kernel_codegen.md``)."""
+spill 16-336 bytes on sm_80, sm_86 and sm_90 (``benchmarks/results/ffn_kernel_codegen.md``)."""
 
 
 def shared_memory_bytes(config: triton.Config, num_weight_tiles: int, element_size: int, target) -> int:
