@@ -52,6 +52,13 @@ class Architecture:
     gpus: str
 
     @property
+    def target(self):
+        """Triton's name for the architecture (what its driver reports for such a GPU)."""
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.capability, 32)
+
+    @property
     def supported(self) -> bool:
         """Whether ``fused_ffn_available`` runs the kernel there; rows of the others are reported, not checked."""
         from memopt.kernels.chunked_ffn import MIN_CUDA_CAPABILITY
@@ -170,9 +177,7 @@ class OfflineDriver:
     """Stands in for Triton's CUDA driver: names the target architecture and its limits; launches nothing."""
 
     def __init__(self, arch: Architecture) -> None:
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", arch.capability, 32)
+        self.target = arch.target
         max_shared = arch.max_shared_bytes
 
         class Utils:
@@ -263,7 +268,6 @@ def describe(binary, kept: bool, arch: Architecture, case: Case) -> CompiledKern
     """Read one compiled kernel: its configuration from the source's constants, its resources from ptxas, and the
     pruner's shared-memory prediction for it."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
     from memopt.kernels import fused_ffn
 
@@ -273,8 +277,7 @@ def describe(binary, kept: bool, arch: Architecture, case: Case) -> CompiledKern
                            num_warps=binary.metadata.num_warps, num_stages=binary.metadata.num_stages)
     element_size = case.dtype.itemsize
     num_weight_tiles = 2 if constants.get("GATED") else 1
-    predicted = fused_ffn.shared_memory_bytes(config, num_weight_tiles, element_size,
-                                              GPUTarget("cuda", arch.capability, 32))
+    predicted = fused_ffn.shared_memory_bytes(config, num_weight_tiles, element_size, arch.target)
     ptx = binary.asm["ptx"]
     registers, stores, loads = ptxas_report(ptx, arch.capability)
     tensor_core = re.findall(r"\b(wgmma\.mma_async|mma)\.sync\.aligned\.(\w+)", ptx)
