@@ -5,6 +5,9 @@ Wan2.2 TI2V (image-to-video: the conditioning frame's tokens at timestep 0, the 
 ``(B, S, 6 D)`` and ``(B, S, D)`` tables that live through every block (7 LD in the model's dtype), and the output head
 modulates each token with its own shift and scale. memopt's plans defer both tables and the head's use of them
 (``memopt.hooks._deferred_tokens``): each chunk's rows are gathered from the tables of the distinct timesteps.
+SkyReels-V2's diffusion forcing gives one timestep per latent frame; its embedder makes per-frame tables and the model
+forward repeats them over each frame's tokens into the same ``(B, 6, S, D)`` and ``(B, S, D)`` tables, an expansion
+deferred with them (``DeferredGroups``).
 
 Per model and chunk count, bf16 under FakeTensorMode (2 blocks: the peak is per block), the activation peak of:
 
@@ -38,21 +41,31 @@ WAN22_TI2V_5B = {"patch_size": (1, 2, 2), "num_attention_heads": 24, "attention_
                  "out_channels": 48, "ffn_dim": 14336, "num_layers": 2}
 """Wan2.2-TI2V-5B's released config (30 blocks; 2 simulated)."""
 
+DIFFUSION_FORCING = None
+"""Instead of a clean frame's token count: SkyReels-V2's diffusion-forcing call, one timestep per latent frame."""
+
 MODELS = {
     # Wan's family inputs assume Wan2.1's 8x VAE; TI2V's 16x VAE turns 704x1280 into the latents of 352x640 there.
     "Wan2.2-TI2V-5B 704x1280x121": ("wan", WAN22_TI2V_5B, Size(352, 640, 121), 704 // 16 * 1280 // 16 // 4),
     "LTX-Video 0.9 (2B) 512x768x121": ("ltx", {"num_layers": 2}, Size(512, 768, 121), 512 // 32 * 768 // 32),
     "LTX-2 (19B) 512x768x121": ("ltx2", {"num_layers": 2}, Size(512, 768, 121), 512 // 32 * 768 // 32),
+    "SkyReels-V2-DF-14B 544x960x97 (per frame)": ("skyreels_v2", {"num_layers": 2}, Size(544, 960, 97),
+                                                  DIFFUSION_FORCING),
 }
-"""label -> (family, config over the family's full one, size, tokens of the clean conditioning frame)."""
+"""label -> (family, config over the family's full one, size, tokens of the clean conditioning frame or
+:data:`DIFFUSION_FORCING`)."""
 
 
-def per_token_inputs(family: str, size: Size, clean_tokens: int) -> Any:
+def per_token_inputs(family: str, size: Size, clean_tokens: int | None) -> Any:
     spec = get_family(family)
 
     def make(model: torch.nn.Module) -> dict[str, Any]:
         inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
                                   num_frames=size.num_frames, dtype=torch.bfloat16)
+        if clean_tokens is DIFFUSION_FORCING:  # the frames' noise levels fall from the first frame on
+            frames = inputs["hidden_states"].shape[2]
+            return {**inputs, "timestep": torch.linspace(999, 0, frames).long()[None],
+                    "enable_diffusion_forcing": True}
         timesteps = torch.full((1, spec.num_tokens(model.config, size)), 999.0)
         timesteps[:, :clean_tokens] = 0
         audio = {"audio_timestep": inputs["timestep"]} if "audio_hidden_states" in inputs else {}  # one per sample
@@ -94,7 +107,8 @@ def main() -> None:
         "# Per-token timesteps at full size (simulated, bf16, activation peak; 2 blocks)\n\n"
         f"torch {torch.__version__}; `python benchmarks/per_token_timesteps.py`. "
         "LD = tokens x hidden width x 2 bytes.\n"
-        "Timesteps: the first latent frame's tokens at 0 (the conditioning image), the rest at 999.\n\n"
+        "Timesteps: the first latent frame's tokens at 0 (the conditioning image), the rest at 999; SkyReels-V2's "
+        "diffusion forcing: one per latent frame, from 999 down to 0.\n\n"
         + "\n".join(lines) + "\n")
     print(f"wrote {args.output}")
 

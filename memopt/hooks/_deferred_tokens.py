@@ -35,14 +35,19 @@ over the tokens, and the deferred operands are computed for the rows it covers."
 RESHAPES = frozenset({"view", "reshape", "unflatten", "flatten"})
 """Operations that may regroup dims: the dims before the tokens must stay as they are (see :func:`_check`)."""
 
-ROW_WISE = ELEMENTWISE | RESHAPES | frozenset({
+SIZED = frozenset({"view", "reshape", "expand"})
+"""Operations given the output's sizes, where a model may name its token count (SkyReels-V2's ``view(B, F, 1, 1, -1)``
+of a per-frame table): computed on some rows, that size becomes the rows' count (:func:`_sized`)."""
+
+ROW_WISE = ELEMENTWISE | RESHAPES | SIZED | frozenset({
     "__neg__", "neg", "silu", "gelu", "sigmoid", "tanh", "linear",
     "float", "half", "bfloat16", "to", "type_as", "contiguous",
-    "unsqueeze", "squeeze", "chunk", "split", "__getitem__",
+    "unsqueeze", "squeeze", "chunk", "split", "__getitem__", "repeat", "transpose",
 })
 """Operations a deferred table may go through: each output row depends only on the same token's input row (and on
 operands without a token dim). :func:`_apply` checks the rest: where the tokens end up, by computing
-the operation on one token's rows and on two."""
+the operation on one token's rows and on two (a ``repeat`` along the token dim, say, changes the entries per token
+and is refused)."""
 
 METHODS = frozenset(name for name in ROW_WISE if not name.startswith("__") and hasattr(torch.Tensor, name))
 """The :data:`ROW_WISE` operations that models call as tensor methods."""
@@ -57,7 +62,8 @@ class DeferredTokens:
     """
 
     _probed: tuple[torch.Tensor, int, int] | None = None
-    """Its rows for one token, the tokens' dim and the entries per token there, once measured (:meth:`_probe`)."""
+    """A stand-in of its rows for one token (:func:`_stand_in`), the tokens' dim and the entries per token there, once
+    measured (:meth:`_probe`)."""
 
     def __init__(self, path: str, producer: TokenProducer, module: torch.nn.Module, forward: Callable, call: dict,
                  tokens: int | None = None):
@@ -83,7 +89,7 @@ class DeferredTokens:
                 raise AttributeError(f"{self.path}: a deferred table of {self.tokens} token(s) whose rows are not one "
                                      "tensor has no shape")
             dim, scale = token_dim(one, two, self.path)
-            probe = self._probed = (one, dim, scale)
+            probe = self._probed = (_stand_in(one), dim, scale)
         return probe
 
     @property
@@ -174,6 +180,26 @@ class DeferredConcat(DeferredTokens):
         return out[0] if len(out) == 1 else torch.cat(out, self.dim_)
 
 
+class DeferredGroups(DeferredTokens):
+    """A deferred table whose token dim the model merged with the dims after it: a per-frame table repeated over each
+    frame's ``H x W`` positions and flattened, ``(B, F, H, W, C) -> (B, F H W, C)`` (SkyReels-V2's diffusion forcing,
+    Cosmos Predict2). Each source token owns ``group`` consecutive entries there, so it covers ``tokens x group``
+    tokens; a range's rows are those of the source tokens it touches, cut to the range."""
+
+    def __init__(self, source: DeferredTokens, group: int, dim: int) -> None:
+        self.source, self.group, self.dim_ = source, group, dim
+        self.tokens = source.tokens * group
+        self.path = f"{source.path}[{group} per row]"
+
+    def rows(self, ranges: TokenRanges) -> Any:
+        pieces = []
+        for start, end in ranges:
+            first, last = start // self.group, -(-end // self.group)
+            rows = self.source.rows([(first, last)])
+            pieces.append(rows.narrow(self.dim_, start - first * self.group, end - start))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, self.dim_)
+
+
 class DeferredOp(DeferredTokens):
     """A row-wise operation on deferred tables (:data:`ROW_WISE`), computed on the rows asked for; ``item``: the
     output's entry, for an operation returning several tensors (``chunk``, ``split``)."""
@@ -186,6 +212,12 @@ class DeferredOp(DeferredTokens):
     def rows(self, ranges: TokenRanges) -> Any:
         out = _computed(self.func, self.flat, self.spec, ranges)
         return out if self.item is None else out[self.item]
+
+
+def _stand_in(rows: torch.Tensor) -> torch.Tensor:
+    """What a probe keeps of one token's rows: their shape, dtype and device, in one element. One token's rows can be
+    large: before a model flattens a per-frame table over each frame's tokens, a "token" is a whole frame."""
+    return rows.new_empty(()).expand(rows.shape)
 
 
 def token_dim(one: torch.Tensor, two: torch.Tensor, path: str) -> tuple[int, int]:
@@ -217,6 +249,8 @@ def _apply(func: Callable, args: tuple, kwargs: dict) -> Any:
         return _computed(func, flat, spec, ranges)
     if name == "__getitem__":
         _check_index(args[1], deferred[0], path)
+    if name in SIZED and args and args[0] is deferred[0]:
+        func = _sized(func, args, deferred[0])
     tokens = deferred[0].tokens
     op = DeferredOp(func, flat, spec, tokens, f"{path}.{name}")
     one, two = op.rows([(0, 1)]), op.rows([(0, 2)])
@@ -227,8 +261,8 @@ def _apply(func: Callable, args: tuple, kwargs: dict) -> Any:
         for item, a, b in zip(items, one, two):
             _check(item, a, b, deferred[0], name)
         return type(one)(items) if isinstance(one, tuple) else items
-    _check(op, one, two, deferred[0], name)
-    return op
+    group = _check(op, one, two, deferred[0], name)
+    return op if group is None else DeferredGroups(op, group, op._probed[1])
 
 
 def _computed(func: Callable, flat: list[Any], spec: Any, ranges: TokenRanges) -> Any:
@@ -266,6 +300,29 @@ def _rows_covered(name: str, flat: list[Any], deferred: list[DeferredTokens]) ->
                        f"{covered} entries at its token dim in {name}")
 
 
+def _sized(func: Callable, args: tuple, table: DeferredTokens) -> Callable:
+    """``func`` (``view``, ``reshape``, ``expand`` of ``table``) with the table's full token count among its sizes
+    replaced by the count of the rows it is computed on: at the token dim, or after the batch for a batch-major
+    ``(B S)`` table viewed as ``(B, S, ...)``. ``func`` itself when the sizes do not name the token count (``-1``)."""
+    sizes = args[1:]
+    packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+    sizes = list(sizes[0] if packed else sizes)
+    _, dim, scale = table._probe()
+    if len(sizes) > dim and sizes[dim] == table.tokens * scale:
+        position, per_row = dim, 1
+    elif sizes[dim:dim + 2] == [scale, table.tokens]:
+        position, per_row = dim + 1, scale
+    else:
+        return func
+
+    def sized(rows: torch.Tensor, *_: Any) -> torch.Tensor:
+        new = [*sizes[:position], rows.shape[dim] // per_row, *sizes[position + 1:]]
+        return func(rows, new) if packed else func(rows, *new)
+
+    sized.__name__ = getattr(func, "__name__", "sized")
+    return sized
+
+
 def _check_index(key: Any, table: DeferredTokens, path: str) -> None:
     """Indexing may add dims (``None``) and pick entries of other dims, never cut or reorder the tokens."""
     _, dim, _ = table._probe()
@@ -281,21 +338,39 @@ def _check_index(key: Any, table: DeferredTokens, path: str) -> None:
         position += 1
 
 
-def _check(op: DeferredOp, one: Any, two: Any, source: DeferredTokens, name: str) -> None:
+def _check(op: DeferredOp, one: Any, two: Any, source: DeferredTokens, name: str) -> int | None:
     """The operation's rows for one token and for two must differ in one dim (where its tokens are now); a
     regrouping (:data:`RESHAPES`) must leave the dims before the tokens as they were, or unflatten a batch-major
-    ``(B S)`` dim into ``(B, S)``."""
+    ``(B S)`` dim into ``(B, S)``, or merge the token dim with the dims right after it: then each token owns a group of
+    consecutive entries, whose size is returned (for :class:`DeferredGroups`); ``None`` otherwise."""
     if not isinstance(one, torch.Tensor) or not isinstance(two, torch.Tensor):
         raise TypeError(f"{op.path}: not a tensor ({type(one).__name__}); memopt cannot defer it")
     dim, scale = token_dim(one, two, op.path)
-    op._probed = (one, dim, scale)
+    op._probed = (_stand_in(one), dim, scale)
     source_one, source_dim, source_scale = source._probe()
     if name in RESHAPES:
         prefix = tuple(source_one.shape[:source_dim])
-        kept = dim == source_dim and scale == source_scale and tuple(one.shape[:dim]) == prefix
+        kept = dim == source_dim and tuple(one.shape[:dim]) == prefix
+        if kept and scale == source_scale:
+            return None
         unflattened = (scale == 1 and dim == source_dim + 1 and tuple(one.shape[:dim]) == (*prefix, source_scale))
-        if not (kept or unflattened):
-            raise TypeError(f"{op.path}: regroups the token dim ({tuple(source_one.shape)} -> {tuple(one.shape)} per "
-                            "token); memopt cannot defer it")
-    elif scale != source_scale:
+        if unflattened:
+            return None
+        if kept and source_scale == 1 and _merges_following_dims(source_one.shape[source_dim:], one.shape[dim:]):
+            return scale
+        raise TypeError(f"{op.path}: regroups the token dim ({tuple(source_one.shape)} -> {tuple(one.shape)} per "
+                        "token); memopt cannot defer it")
+    if scale != source_scale:
         raise TypeError(f"{op.path}: changes the entries per token ({source_scale} -> {scale}); memopt cannot defer it")
+    return None
+
+
+def _merges_following_dims(before: torch.Size, after: torch.Size) -> bool:
+    """Whether ``after`` (one token's shape from its token dim on) is ``before`` with its first dims merged into one:
+    row-major, so each token's entries stay consecutive."""
+    size = 1
+    for merged in range(len(before)):
+        size *= before[merged]
+        if size == after[0] and tuple(before[merged + 1:]) == tuple(after[1:]):
+            return merged > 0
+    return False

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate
 from memopt.hooks import _attention_dispatch
 from memopt.hooks._common import has_memopt_hooks, register_memopt_hook
-from memopt.hooks._deferred_tokens import DeferredTokens
+from memopt.hooks._deferred_tokens import DeferredGroups, DeferredTokens
 from memopt.hooks._sequence_chunks import RUNNING, ChunkLayout, balanced
 from memopt.hooks._sequence_exchange import AttentionState, BlockRun
 from memopt.hooks.sequence import (
@@ -252,8 +252,9 @@ def test_split_dims_follow_the_models_cp_plan():
 # Wan VACE keeps the video tokens, the last control state and the last hint alive between its blocks as Python
 # variables of the model forward (~5 LD; measured 5.26, unmodified 9.62).
 # Cosmos Predict2 gets a per-frame timestep: the model forward expands its temb (B, S, 3D) and embedded timestep
-# (B, S, D) to every token before the blocks, inline, and keeps them until the head (4 LD; measured 7.90, unmodified
-# 18.25; with Cosmos-1.0's per-sample timestep 3.43).
+# (B, S, D) to every token before the blocks and keeps them until the head (4 LD), deferred with the per-frame tables
+# (measured 4.22, 7.90 with them whole, unmodified 18.25; with Cosmos-1.0's per-sample timestep 3.43): each chunk's
+# rows are made from whole frames, and this config's frames are large against its chunks.
 # Motif-Video's decoder blocks take the encoder's whole image output as a second stream, attended to jointly: two full
 # streams and their gathered K/V (measured 7.49; unmodified 24.13).
 # AnyFlow's per-frame (t, r) tables are deferred (measured 3.70; 13.12 with them whole, unmodified 23.12): its
@@ -262,7 +263,7 @@ def test_split_dims_follow_the_models_cp_plan():
 # and the embedded image tokens through all blocks (~7 LD no plan defers; measured 10.51, unmodified 21.10).
 GROWTH_BOUND = {"ltx2": 4.5, "helios": 12.0, "wan_vace": 5.5, "zimage": 4.7, "minimax_h3": 4.6,
                 "qwenimage21": 4.7, "flux3": 4.7, "auraflow": 4.6,
-                "framepack": 4.0, "wan_animate": 6.0, "cosmos": 8.0, "motif_video": 7.6,
+                "framepack": 4.0, "wan_animate": 6.0, "cosmos": 4.3, "motif_video": 7.6,
                 "ernie_image": 10.6, "kandinsky6": 5.5, "joyimage_edit_plus": 3.7, "anyflow": 3.8}
 
 
@@ -638,10 +639,16 @@ def test_deferred_tables_defer_only_row_wise_operations():
     with pytest.raises(TypeError, match="regroups the token dim"):
         flat.view(-1, 2, 12)  # token-major: would interleave the samples
 
+    # the token dim merged with the dims after it: each token owns 12 consecutive entries
+    merged = deferred.view(2, -1)
+    assert isinstance(merged, DeferredGroups) and merged.shape == (2, 120)
+    for ranges in ([(5, 30)], [(0, 1), (118, 120)]):
+        assert torch.equal(merged.rows(ranges), torch.cat([table.view(2, -1)[:, a:b] for a, b in ranges], 1))
+
     with pytest.raises(TypeError, match="indexes the token dim"):
         deferred[:, :5]
     with pytest.raises(TypeError, match="regroups the token dim"):
-        deferred.view(2, -1)
+        deferred.view(-1, 12)
     with pytest.raises(TypeError, match="splits the token dim"):
         deferred.chunk(2, dim=1)
     with pytest.raises(TypeError, match="row-wise operations, got softmax"):
@@ -650,6 +657,33 @@ def test_deferred_tables_defer_only_row_wise_operations():
         deferred.sum
     with pytest.raises(RuntimeError, match="meets a tensor with 7 entries at its token dim"):
         deferred * torch.ones(2, 7, 12)
+
+
+def test_a_per_frame_table_expanded_to_every_token_stays_deferred():
+    """SkyReels-V2's diffusion forcing: the model views its (B, F, 6 D) per-frame table with the frame count named,
+    repeats it over each frame's H x W tokens, flattens to (B, F H W, 6, D) and transposes: deferred all the way, each
+    range of tokens (inside a frame or across frames) gets exactly the rows of the expanded table."""
+    frames, height, width = 4, 2, 3
+    table = torch.randn(2, frames, 6 * 5)
+    producer = TokenProducer(lambda m, c: frames, lambda m, c, f: lambda r: torch.cat([table[:, a:b] for a, b in r], 1))
+    deferred = DeferredTokens("frames", producer, None, None, {})
+
+    def expand(per_frame):  # SkyReelsV2Transformer3DModel.forward with enable_diffusion_forcing
+        per_frame = per_frame.unflatten(-1, (6, -1)).view(2, frames, 1, 1, 6, -1)
+        return per_frame.repeat(1, 1, height, width, 1, 1).flatten(1, 3).transpose(1, 2).contiguous()
+
+    whole, expanded = expand(table), expand(deferred)
+    assert isinstance(expanded, DeferredTokens) and expanded.tokens == frames * height * width
+    assert expanded.shape == whole.shape == (2, 6, 24, 5)
+    for ranges in ([(0, 24)], [(2, 5)], [(7, 19)], [(0, 1), (23, 24)]):
+        assert torch.equal(expanded.rows(ranges), torch.cat([whole[:, :, a:b] for a, b in ranges], 2)), ranges
+    cosmos = deferred.view(2, frames, 1, 1, -1).expand(-1, -1, height, width, -1).flatten(1, 3)  # Cosmos Predict2
+    assert torch.equal(cosmos.rows([(5, 17)]), table[:, :, None, None].expand(-1, -1, 2, 3, -1).flatten(1, 3)[:, 5:17])
+
+    with pytest.raises(TypeError, match="changes the entries per token"):
+        deferred.repeat(1, 2, 1)  # the frames tiled: not one group per frame
+    with pytest.raises(TypeError, match="regroups the token dim"):
+        deferred.unflatten(-1, (6, -1)).flatten(0, 1)  # merges the batch into the tokens
 
 
 def test_a_plan_given_for_another_class_writes_nothing_in_place():

@@ -4,9 +4,9 @@ diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan le
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
-head, Cosmos-1.0's per-sample timestep, Motif-Video's image-to-video call, Krea 2's text fusion,
-ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output, JoyImage's fused projections without
-packed column blocks."""
+head, Cosmos-1.0's per-sample timestep and Predict2's per-frame one, Motif-Video's image-to-video call, Krea 2's
+text fusion, ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output, JoyImage's fused
+projections without packed column blocks."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from memopt import apply_sequence_chunking, remove_memory_optimizations
+from memopt import apply_sequence_chunking, remove_memory_optimizations, trace_memory
 from memopt.models import Size, get_family
 from memopt.hooks._sequence_chunks import ChunkLayout
 from memopt.plans.sequence import SEQUENCE_PLANS, ChunkValue, TokenCount
@@ -38,12 +38,13 @@ def chunked_outputs(model: torch.nn.Module, inputs: dict, chunk_counts: tuple[in
         yield num_chunks, report, output
 
 
-def _skyreels_diffusion_forcing(causal_block_size: int, size: Size) -> tuple[torch.nn.Module, dict]:
+def _skyreels_diffusion_forcing(causal_block_size: int, size: Size, inject_sample_info: bool = False
+                                ) -> tuple[torch.nn.Module, dict]:
     """SkyReels-V2 as its diffusion-forcing pipelines call it: one timestep per latent frame (random, so neighbouring
     frames differ), ``enable_diffusion_forcing=True``, ``fps``; ``causal_block_size > 1`` (asynchronous mode) makes the
-    model build a block-causal ``(1, 1, S, S)`` self-attention mask."""
+    model build a block-causal ``(1, 1, S, S)`` self-attention mask. ``inject_sample_info``: DF-1.3B's fps embedding."""
     spec = get_family("skyreels_v2")
-    model = spec.build("tiny")
+    model = spec.build({**spec.config("tiny"), "inject_sample_info": inject_sample_info})
     model._set_ar_attention(causal_block_size)
     inputs = spec.make_inputs(model.config, batch_size=2, height=size.height, width=size.width,
                               num_frames=size.num_frames)
@@ -56,22 +57,64 @@ def _skyreels_diffusion_forcing(causal_block_size: int, size: Size) -> tuple[tor
 @pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
 @pytest.mark.parametrize("causal_block_size, size", [(1, Size(80, 112, 9)), (2, Size(80, 112, 21))])
 def test_skyreels_v2_diffusion_forcing(schedule, causal_block_size, size, caplog):
-    """Per-frame timesteps: a (B, 6, S, D) block ``temb`` split on dim 2 and a per-token output head (run whole, with
-    a warning); with causal_block_size > 1 a block-causal mask cut by query rows (105 / 210 tokens)."""
+    """Per-frame timesteps: the model repeats its per-frame tables over each frame's tokens, a (B, 6, S, D) block
+    ``temb`` split on dim 2 and a per-token output head; the tables and the head's modulation are deferred (the head
+    runs in chunks). With causal_block_size > 1 a block-causal mask cut by query rows (105 / 210 tokens)."""
     model, inputs = _skyreels_diffusion_forcing(causal_block_size, size)
     with torch.no_grad():
         reference = model(**inputs)[0]
         for num_chunks in (4, 16):
             report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
             assert report.blocks and report.attention and not report.skipped, report
+            assert "condition_embedder" in report.producers
             with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
                 out = model(**inputs)[0]
             remove_memory_optimizations(model)
             assert rel_err(out, reference) <= 1e-5, num_chunks
-        assert "output head runs on the whole sequence" in caplog.text
+        assert "output head runs on the whole sequence" not in caplog.text
         if causal_block_size > 1:  # the mask is in effect
             model._set_ar_attention(1)
             assert rel_err(model(**inputs)[0], reference) > 1e-3
+
+
+def test_skyreels_v2_diffusion_forcing_with_fps_embedding(caplog):
+    """DF-1.3B adds its fps embedding, a real per-frame tensor, to the blocks' table before the model expands it: that
+    table is then made whole, as the model makes it; the head's table stays deferred, so the head still runs in
+    chunks. Exact."""
+    model, inputs = _skyreels_diffusion_forcing(1, Size(80, 112, 9), inject_sample_info=True)
+    inputs["fps"] = [1]  # one for the batch: diffusers repeats the embedding per frame, (F, 6, D), for any batch size
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        apply_sequence_chunking(model, 6)
+        with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
+            out = model(**inputs)[0]
+    assert rel_err(out, reference) <= 1e-5
+    assert "output head runs on the whole sequence" not in caplog.text
+
+
+def test_skyreels_v2_diffusion_forcing_stays_near_the_floor():
+    """Activation growth of the diffusion-forcing call (fp32, LD per token, 9 latent frames): unmodified 20.6 (its
+    (B, 6, S, D) table, the block's fp32 copy of it and the head's (B, S, D) one); chunked 4.54 (each chunk's rows are
+    made from whole frames of 64 tokens; the plain call's 3.2 otherwise)."""
+    spec = get_family("skyreels_v2")
+
+    def growth(chunked: bool) -> float:
+        peaks, tokens = [], []
+        for size in (Size(64, 64, 33), Size(128, 128, 33)):
+            model = spec.build({**spec.config("tiny"), "num_layers": 1}).float()
+            if chunked:
+                apply_sequence_chunking(model)
+            inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
+                                      num_frames=size.num_frames)
+            frames = inputs["hidden_states"].shape[2]
+            inputs.update(timestep=torch.linspace(900, 100, frames).long()[None], enable_diffusion_forcing=True)
+            with torch.no_grad():
+                peaks.append(trace_memory(model, **inputs).peak_bytes)
+            tokens.append(spec.num_tokens(model.config, size))
+        return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * spec.hidden_size(model.config) * 4)
+
+    assert growth(chunked=False) > 20
+    assert growth(chunked=True) <= 4.7
 
 
 def _without_input(plan, name: str):
@@ -511,6 +554,24 @@ def test_cosmos_per_sample_timestep(schedule):
         for num_chunks, report, out in chunked_outputs(model, inputs, schedule=schedule):
             assert report.tail and report.producers and not report.skipped, report
             assert rel_err(out[0], reference) <= 1e-5, num_chunks
+
+
+def test_cosmos_per_frame_timestep_tables_are_deferred(caplog):
+    """Cosmos Predict2's per-frame timestep (B, 1, T, 1, 1), a different value per frame and sample: the model expands
+    its (B T, C) tables over each frame's tokens; memopt defers them with that expansion (time_embed is a producer),
+    so the blocks and the output head get their chunks' rows; exact, the head in chunks."""
+    spec = get_family("cosmos")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=48, width=80, num_frames=9, masked=True)
+    frames = inputs["timestep"].shape[2]
+    inputs["timestep"] = torch.rand(2, 1, frames, 1, 1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"):
+            for num_chunks, report, out in chunked_outputs(model, inputs, chunk_counts=(5, 16)):
+                assert "time_embed" in report.producers and report.tail and not report.skipped, report
+                assert rel_err(out[0], reference) <= 1e-5, num_chunks
+    assert "output head runs on the whole sequence" not in caplog.text
 
 
 def test_motif_video_image_to_video_is_refused_not_computed_wrong():

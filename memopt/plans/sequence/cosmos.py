@@ -18,6 +18,7 @@ from ._vocabulary import (
     TokenProducer,
     TokenRanges,
     _pair,
+    _take,
     _token_grid,
 )
 
@@ -85,6 +86,36 @@ def _cosmos_rope_tokens(rope: torch.nn.Module, call: ProducerCall) -> int:
     return _cosmos_positions_tokens(rope, call)
 
 
+def _cosmos_timestep_frames(embedder: torch.nn.Module, call: ProducerCall) -> int | None:
+    """Cosmos Predict2's per-frame timestep reaches the embedder flattened, ``(B T)``; Cosmos-1.0's is ``(B,)``."""
+    per_sample = call["hidden_states"].shape[0]
+    frames = call["timestep"].numel() // per_sample
+    return frames if frames > 1 else None
+
+
+def _cosmos_timestep_rows(index: int) -> Callable[[torch.nn.Module, ProducerCall, Callable],
+                                                  Callable[[TokenRanges], Any]]:
+    """:attr:`TokenProducer.rows` for entry ``index`` of Cosmos' timestep embedder (``temb`` ``(B T, 3 D)``, the
+    embedded timestep ``(B T, D)``): the per-frame table (small) made once per forward, rows batch-major as the
+    module returns them."""
+
+    def rows(embedder: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
+        table = forward(**call)[index]
+        table = table.view(call["hidden_states"].shape[0], -1, *table.shape[1:])
+        return lambda ranges: _take(table, 1, ranges).flatten(0, 1)
+
+    return rows
+
+
+_COSMOS_FRAME_TABLES = tuple(
+    # Predict2's forward views the per-frame tables as (B, T, 1, 1, C), expands them over each frame's H x W tokens and
+    # flattens them to (B, S, C), kept through all blocks to the head (4 LD): deferred with the tables
+    # (memopt.hooks._deferred_tokens.DeferredGroups), each chunk and the head's chunks get their tokens' rows.
+    TokenProducer(_cosmos_timestep_frames, _cosmos_timestep_rows(index), output=index, sliver=lambda call: call)
+    for index in (0, 1)
+)
+
+
 _PER_TOKEN = SequenceSplit(1, 3)  # Predict2's per-frame timestep makes (B, S, D) tables; a (B, D) one passes whole
 
 _COSMOS = BlockPlan(
@@ -120,6 +151,7 @@ PLANS: dict[str, SequencePlan] = {
         producers={
             "rope": TokenProducer(_cosmos_rope_tokens, _cosmos_rope_rows),  # (S, head_dim) fp32 cos / sin: 0.25 LD bf16
             "learnable_pos_embed": TokenProducer(_cosmos_positions_tokens, _cosmos_positions_rows),
+            "time_embed": _COSMOS_FRAME_TABLES,
         },
     ),
 }

@@ -24,6 +24,7 @@ from ._vocabulary import (
     _AxisGather,
     _pair,
     _returns_text_stream_first,
+    _take,
     distinct_timestep_rows,
 )
 
@@ -166,6 +167,33 @@ _ANYFLOW_TIMESTEP_TABLES = tuple(
 )
 
 
+def _skyreels_frames(embedder: torch.nn.Module, call: ProducerCall) -> int | None:
+    """SkyReels-V2's diffusion-forcing call gives one timestep per latent frame, ``(B, F)``; others one per sample."""
+    timestep = call["timestep"]
+    return timestep.shape[1] if timestep.dim() == 2 else None
+
+
+def _skyreels_frame_rows(index: int) -> Callable[[torch.nn.Module, ProducerCall, Callable],
+                                                 Callable[[TokenRanges], Any]]:
+    """:attr:`TokenProducer.rows` for entry ``index`` of SkyReels-V2's embedder (``temb`` ``(B, F, D)``, its
+    projection ``(B, F, 6 D)``): the per-frame table (small) made once per forward, from one text token, and sliced."""
+
+    def rows(embedder: torch.nn.Module, call: ProducerCall, forward: Callable) -> Callable[[TokenRanges], Any]:
+        table = forward(call["timestep"], call["encoder_hidden_states"][:1, :1], None)[index]
+        return lambda ranges: _take(table, 1, ranges)
+
+    return rows
+
+
+_SKYREELS_FRAME_TABLES = tuple(
+    # The tables are per frame; the model forward repeats them over each frame's tokens, flattens them to (B, S, ...)
+    # and keeps them through all blocks (7 LD). Deferred here, those operations are deferred with them
+    # (memopt.hooks._deferred_tokens.DeferredGroups): each chunk gets its tokens' rows, and the head runs in chunks.
+    TokenProducer(_skyreels_frames, _skyreels_frame_rows(index), output=index, sliver=lambda call: call)
+    for index in (0, 1)
+)
+
+
 PLANS: dict[str, SequencePlan] = {
     "WanTransformer3DModel": SequencePlan(
         {"blocks.*": _WAN},
@@ -206,7 +234,8 @@ PLANS: dict[str, SequencePlan] = {
     ),
     "SkyReelsV2Transformer3DModel": SequencePlan(
         # Wan2.1 blocks with diffusion forcing, under their own class. The diffusion-forcing call modulates every
-        # token with its frame's timestep, a (B, 6, S, D) temb (tokens on dim 2); with causal_block_size > 1 the
+        # token with its frame's timestep, a (B, 6, S, D) temb (tokens on dim 2, deferred: see
+        # _SKYREELS_FRAME_TABLES); with causal_block_size > 1 the
         # self-attention gets a block-causal (1, 1, S, S) mask, cut per chunk by query rows (the chunk's final call
         # sees the full K/V with exactly its rows). No _cp_plan; the rotary module has Wan's layout.
         {
@@ -222,7 +251,8 @@ PLANS: dict[str, SequencePlan] = {
             )
         },
         embed="patch_embedding",
-        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows)},
+        producers={"rope": TokenProducer(_wan_rope_tokens, _wan_rope_rows),
+                   "condition_embedder": _SKYREELS_FRAME_TABLES},
     ),
     "HeliosTransformer3DModel": SequencePlan(
         # Wan's block with per-token modulation and a history prefix: hidden_states is [history | window] and
