@@ -11,7 +11,7 @@ marked with whether the pruner (``_prune_configs``) keeps it there. Nothing is l
 Per compiled kernel the table gives: registers per thread and spilled bytes (``ptxas -v`` with Triton's flags),
 shared memory as compiled, as the pruner predicts it and the architecture's opt-in limit (the check a GPU makes when
 the kernel loads), and the tensor-core instructions and asynchronous copies of its main loop (``wgmma`` on Hopper,
-``mma.sync`` elsewhere; ``cp.async`` for the software pipeline).
+``tcgen05`` on data-centre Blackwell, ``mma.sync`` elsewhere; ``cp.async`` for the software pipeline).
 
 Usage::
 
@@ -72,6 +72,7 @@ ARCHITECTURES = [
     Architecture("sm_86", 86, 99 * 1024, "RTX 30xx, A6000, A10"),
     Architecture("sm_89", 89, 99 * 1024, "RTX 40xx, L4, L40S"),
     Architecture("sm_90", 90, 227 * 1024, "H100, H200"),
+    Architecture("sm_100", 100, 227 * 1024, "B200, GB200"),
     Architecture("sm_120", 120, 99 * 1024, "RTX 50xx"),
 ]
 
@@ -122,6 +123,11 @@ SPILL_ALLOWANCE_BYTES = 8
 (ptxas does this for the 256 x 128 up tile on sm_90). An accumulator that does not fit spills 100+ bytes."""
 
 
+AT_REGISTER_LIMIT = 250
+"""Registers per thread (of the 255 a thread can address) from which a kernel that does not spill is at the limit: the
+pruner may drop it (sm_100's 256 x 128 down tile storing fp32, 253 registers, beside the 128 x 256 one that spills)."""
+
+
 @dataclasses.dataclass
 class CompiledKernel:
     """What one compiled kernel configuration asks of the GPU, and what the pruner predicted for it."""
@@ -168,7 +174,7 @@ class CompiledKernel:
         spills = self.spilled_bytes > SPILL_ALLOWANCE_BYTES
         if self.fast_path and self.kept and spills:
             found.append("kept but spills registers")
-        if self.fast_path and not self.kept and self.fits and not spills:
+        if self.fast_path and not self.kept and self.fits and not spills and self.registers < AT_REGISTER_LIMIT:
             found.append("dropped but fits without spilling")
         return found
 
@@ -280,9 +286,10 @@ def describe(binary, kept: bool, arch: Architecture, case: Case) -> CompiledKern
     predicted = fused_ffn.shared_memory_bytes(config, num_weight_tiles, element_size, arch.target)
     ptx = binary.asm["ptx"]
     registers, stores, loads = ptxas_report(ptx, arch.capability)
-    tensor_core = re.findall(r"\b(wgmma\.mma_async|mma)\.sync\.aligned\.(\w+)", ptx)
-    tensor_core_ops = ", ".join(sorted({f"{'wgmma' if op != 'mma' else 'mma.sync'} {shape}"
-                                        for op, shape in tensor_core})) or "none (FMA)"
+    tensor_core = {f"{'wgmma' if op != 'mma' else 'mma.sync'} {shape}"
+                   for op, shape in re.findall(r"\b(wgmma\.mma_async|mma)\.sync\.aligned\.(\w+)", ptx)}
+    tensor_core |= {f"tcgen05 {kind}" for kind in re.findall(r"\btcgen05\.mma\.cta_group::\d\.kind::(\w+)", ptx)}
+    tensor_core_ops = ", ".join(sorted(tensor_core)) or "none (FMA)"
     return CompiledKernel(
         arch=arch.name,
         case=case.name,
@@ -359,11 +366,13 @@ def main(argv: list[str] | None = None) -> int:
                         choices=[arch.name for arch in ARCHITECTURES])
     parser.add_argument("--case", nargs="+", default=[case.name for case in CASES],
                         choices=[case.name for case in CASES])
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other architectures' rows of the ffn_kernel_codegen.json already in --out")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("benchmarks/kernel_codegen.py compiles the kernels; unset TRITON_INTERPRET")
         return 2
-    rows: list[CompiledKernel] = []
+    rows = read_results(args.out / "ffn_kernel_codegen.json", exclude=args.arch) if args.update else []
     for arch in ARCHITECTURES:
         if arch.name not in args.arch:
             continue
@@ -372,6 +381,23 @@ def main(argv: list[str] | None = None) -> int:
                 rows.extend(compile_case(arch, case))
                 print(format_table([row for row in rows if row.arch == arch.name and row.case == case.name]),
                       flush=True)
+    return write_results(args.out, rows)
+
+
+def read_results(path: Path, exclude: list[str]) -> list[CompiledKernel]:
+    """The rows of an earlier run's JSON, but those of the architectures in ``exclude`` (compiled anew)."""
+    names = [field.name for field in dataclasses.fields(CompiledKernel)]
+    records = json.loads(path.read_text())["kernels"]
+    return [CompiledKernel(**{name: record[name] for name in names}) for record in records
+            if record["arch"] not in exclude]
+
+
+def write_results(out: Path, rows: list[CompiledKernel]) -> int:
+    """Write the table (``ffn_kernel_codegen.md``) and its rows (``.json``) to ``out``, architectures in
+    :data:`ARCHITECTURES` order; 1 when a row has problems, else 0."""
+    order = [arch.name for arch in ARCHITECTURES]
+    rows = sorted(rows, key=lambda row: order.index(row.arch))  # stable: cases and kernels keep their order
+    archs = {row.arch for row in rows}
     env = environment()
     failures = [row for row in rows if row.problems()]
     markdown = [
@@ -392,20 +418,21 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|",
         *(f"| {arch.name} | {arch.gpus} | {arch.max_shared_bytes // 1024} KiB | "
           f"{'runs' if arch.supported else 'refused (`MIN_CUDA_CAPABILITY`): no tensor cores'} |"
-          for arch in ARCHITECTURES if arch.name in args.arch),
+          for arch in ARCHITECTURES if arch.name in archs),
         "",
         format_table(rows),
         "",
         f"{len(rows)} kernels compiled, {sum(row.kept for row in rows)} of them kept by the pruner; "
         f"{len(failures)} with problems.",
         "",
-        "Regenerate with `python benchmarks/kernel_codegen.py --out benchmarks/results` (no GPU needed).",
+        "Regenerate with `python benchmarks/kernel_codegen.py --out benchmarks/results` (no GPU needed; `--arch sm_100 "
+        "--update` recompiles one architecture and keeps the others' rows).",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ffn_kernel_codegen.md").write_text("\n".join(markdown) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ffn_kernel_codegen.md").write_text("\n".join(markdown) + "\n")
     records = [{**dataclasses.asdict(row), "fits": row.fits, "problems": row.problems()} for row in rows]
-    (args.out / "ffn_kernel_codegen.json").write_text(json.dumps({"environment": env, "kernels": records}, indent=1))
-    print(f"wrote {args.out / 'ffn_kernel_codegen.md'}; {len(rows)} kernels, {len(failures)} failing")
+    (out / "ffn_kernel_codegen.json").write_text(json.dumps({"environment": env, "kernels": records}, indent=1))
+    print(f"wrote {out / 'ffn_kernel_codegen.md'}; {len(rows)} kernels, {len(failures)} failing")
     return 1 if failures else 0
 
 

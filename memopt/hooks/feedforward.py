@@ -485,7 +485,8 @@ def _kernel_run(kernels: ModuleType, x: torch.Tensor, prefix: torch.Tensor | Non
     w2, b2 = parts.down.weight[:, cols], parts.down.bias if prefix is None else None
     if config.split == "hidden":
         out = kernels.fused_chunked_ffn(x, linear.weight, linear.bias, w2, b2, activation=parts.activation,
-                                        chunk_size=-(-parts.width // config.num_chunks), **separate_gate)
+                                        chunk_size=kernels.aligned_chunk_size(parts.width, config.num_chunks),
+                                        **separate_gate)
     else:
         rows = -(-x.shape[0] // config.num_chunks)
         plan = kernels.FusedFFNPlan(rows_per_block=rows, chunk_size=parts.width,
@@ -763,6 +764,11 @@ class ChunkedFeedForwardHook(ModelHook):
                 raise RuntimeError(f"{self.path}: kernel='triton' but memopt.kernels.fused_chunked_ffn is missing")
             return None
         reason = _kernel_layout_reason(self.layout, kernels) or _kernel_call_reason(parts, x, kernels)
+        if reason is None and self.config.kernel == "auto":
+            # The kernel would run, but slowly: "auto" picks the kernel for memory at near cuBLAS speed, not at any cost
+            # (kernel="triton" still forces it).
+            reason = kernels.misaligned_widths({"model width": x.shape[-1], "FeedForward inner width": parts.width,
+                                                "down-projection column offset": parts.down_offset})
         if reason is None:
             return kernels
         if self.config.kernel == "triton":

@@ -7,22 +7,28 @@ of :mod:`memopt.hooks` when it says no.
 
 from .chunked_ffn import (
     ACTIVATIONS,
+    ALIGNED_WIDTH,
     FusedFFNPlan,
     KernelAvailability,
     fused_chunked_ffn,
     fused_chunked_ffn_with_plan,
+    aligned_chunk_size,
     fused_ffn_available,
+    misaligned_widths,
     plan_fused_ffn,
     separate_gate_reason,
 )
 
 __all__ = [
     "ACTIVATIONS",
+    "ALIGNED_WIDTH",
     "FusedFFNPlan",
     "KernelAvailability",
     "fused_chunked_ffn",
     "fused_chunked_ffn_with_plan",
+    "aligned_chunk_size",
     "fused_ffn_available",
+    "misaligned_widths",
     "plan_fused_ffn",
     "separate_gate_reason",
 ]

@@ -44,6 +44,29 @@ MIN_CUDA_CAPABILITY = (8, 0)
 tensor cores and no asynchronous copies, whatever the dtype (``benchmarks/results/ffn_kernel_codegen.md``): many
 times slower than cuBLAS, so the hooks keep the PyTorch path there."""
 
+ALIGNED_WIDTH = 16
+"""Widths (elements) the kernel's fast path needs: with every width and offset a multiple of 16, Triton vectorises the
+loads and pipelines them with ``cp.async``; otherwise it compiles scalar loads without pipelining and spills registers
+(``benchmarks/results/ffn_kernel_codegen.md``, the odd 1000 x 2731 case): correct, much slower than cuBLAS."""
+
+
+def misaligned_widths(widths: dict[str, int]) -> str | None:
+    """The widths (name -> elements) that are not multiples of :data:`ALIGNED_WIDTH`, as a sentence, or None."""
+    odd = [f"{name} {width}" for name, width in widths.items() if width % ALIGNED_WIDTH]
+    if not odd:
+        return None
+    return (f"{', '.join(odd)} not a multiple of {ALIGNED_WIDTH}: the kernel would compile without vectorised, "
+            "pipelined loads and run slower than cuBLAS")
+
+
+def aligned_chunk_size(width: int, num_chunks: int) -> int:
+    """Hidden features per shard for ``num_chunks`` shards of ``width``, rounded up to a multiple of
+    :data:`ALIGNED_WIDTH` (8960 in 3 shards: 2992, 2992, 2976, not 2987 each), so that every shard's weight slice
+    starts aligned and stays on the fast path; at most ``num_chunks`` shards."""
+    size = -(-width // num_chunks)
+    return min(width, -(-size // ALIGNED_WIDTH) * ALIGNED_WIDTH)
+
+
 _GATED = frozenset({"geglu", "swiglu"})
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -76,19 +76,35 @@ spill 16-336 bytes on sm_80, sm_86 and sm_90 (``benchmarks/results/ffn_kernel_co
 def shared_memory_bytes(config: triton.Config, num_weight_tiles: int, element_size: int, target) -> int:
     """Shared memory a compiled kernel takes: one buffer of the input tile and its weight tiles per stage in flight.
 
-    Triton's software pipeline keeps ``num_stages`` buffers where Hopper's wgmma reads both operands from shared memory
-    asynchronously (compute capability 9.x); GPUs with ``mma.sync`` (Ampere through RTX 50xx) load a stage into
-    registers before its buffer is refilled, so ``num_stages - 1`` buffers are live. Other targets (AMD, sm_100) get the
+    Triton's software pipeline keeps ``num_stages`` buffers where the tensor cores read both operands from shared memory
+    asynchronously (Hopper's wgmma, compute capability 9.x; Blackwell's tcgen05, 10.x and 11.x, which also keeps
+    :data:`TCGEN05_BARRIER_BYTES` of barriers there); GPUs with ``mma.sync`` (Ampere through RTX 50xx) load a stage
+    into registers before its buffer is refilled, so ``num_stages - 1`` buffers are live. Other targets (AMD) get the
     ``num_stages`` upper bound. The compiler's own figure for aligned 16-bit tiles (checked for every config and
     architecture by ``benchmarks/kernel_codegen.py``); an upper bound where the loads are not pipelined.
     """
     block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     stage_bytes = (block_m + num_weight_tiles * block_n) * block_k * element_size
-    return (config.num_stages - 1 if _uses_mma_sync(target) else config.num_stages) * stage_bytes
+    if _uses_mma_sync(target):
+        return (config.num_stages - 1) * stage_bytes
+    barriers = TCGEN05_BARRIER_BYTES * num_weight_tiles if _uses_tcgen05(target) else 0
+    return config.num_stages * stage_bytes + barriers
+
+
+TCGEN05_BARRIER_BYTES = 16
+"""The two mbarriers (8 bytes each) a Blackwell kernel waits on for each accumulator's tcgen05 MMAs, in shared memory
+(measured with Triton 3.9 for sm_100 by ``benchmarks/kernel_codegen.py``: 16 bytes, 32 in the gated kernel, for every
+tile and stage count)."""
+
+
+def _uses_tcgen05(target) -> bool:
+    """Data-centre Blackwell (compute capability 10.x, 11.x): tcgen05 MMAs with the accumulator in tensor memory."""
+    return target.backend == "cuda" and isinstance(target.arch, int) and 100 <= target.arch < 120
 
 
 def _uses_mma_sync(target) -> bool:
-    """NVIDIA GPUs whose tensor-core instruction is ``mma.sync`` (operands in registers): all but Hopper and sm_100."""
+    """NVIDIA GPUs whose tensor-core instruction is ``mma.sync`` (operands in registers): all but Hopper and
+    data-centre Blackwell."""
     return target.backend == "cuda" and isinstance(target.arch, int) and (target.arch < 90 or target.arch >= 120)
 
 
@@ -117,12 +133,17 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     (``LOAD_ACC``) loads a second fp32 tile in its epilogue; fp32 inputs take twice the bytes.
     """
     args = {**named_args, **kwargs}
+    target = driver.active.get_current_target()
     num_weight_tiles = 2 if args.get("GATED", False) else 1
     num_fp32_tiles = num_weight_tiles + (1 if args.get("LOAD_ACC", False) else 0)
+    if _uses_tcgen05(target) and "out_ptr" in args and args["out_ptr"].element_size() == 4:
+        # Blackwell moves the accumulator from tensor memory to registers for the epilogue, and storing it as fp32 (the
+        # down kernel's first hidden chunk) takes as many registers as loading a second tile: 128 x 256 at 8 warps
+        # spills 36 bytes on sm_100, 256 x 128 takes 253 of the 255 registers.
+        num_fp32_tiles = max(num_fp32_tiles, 2)
     element_size = args["x_ptr"].element_size() if "x_ptr" in args else args["h_ptr"].element_size()
     device = (args["x_ptr"] if "x_ptr" in args else args["h_ptr"]).device
     max_shared = driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
-    target = driver.active.get_current_target()
     kept = [
         config
         for config in configs

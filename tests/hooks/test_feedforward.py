@@ -529,6 +529,7 @@ def test_kernel_receives_the_parameters_themselves(monkeypatch):
         return torch.nn.functional.linear(torch.nn.functional.gelu(x @ w1.T + b1, approximate="tanh"), w2, b2)
 
     stub = types.SimpleNamespace(ACTIVATIONS=real.ACTIVATIONS, fused_chunked_ffn=fused_chunked_ffn,
+                                 aligned_chunk_size=real.aligned_chunk_size,
                                  fused_ffn_available=lambda device, dtype=None: real.KernelAvailability(True, "stub"))
     monkeypatch.setattr(ff_hooks, "_kernels", lambda: stub)
     model, inputs = build("wan")
@@ -538,7 +539,7 @@ def test_kernel_receives_the_parameters_themselves(monkeypatch):
     w1, w2, b2, activation, chunk_size = calls[0]
     assert w1 is model.blocks[0].ffn.net[0].proj.weight
     assert w2.data_ptr() == model.blocks[0].ffn.net[2].weight.data_ptr()
-    assert (activation, chunk_size) == ("gelu_tanh", 27)  # ceil(80 / 3)
+    assert (activation, chunk_size) == ("gelu_tanh", 32)  # ceil(80 / 3) = 27, rounded up to the kernel's 16
 
 
 @pytest.fixture

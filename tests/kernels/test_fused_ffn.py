@@ -20,9 +20,11 @@ from diffusers.models.attention import FeedForward
 
 from memopt.kernels import (
     ACTIVATIONS,
+    aligned_chunk_size,
     fused_chunked_ffn,
     fused_chunked_ffn_with_plan,
     fused_ffn_available,
+    misaligned_widths,
     plan_fused_ffn,
 )
 from memopt.kernels import chunked_ffn
@@ -423,6 +425,21 @@ def test_available_here():
     assert availability and availability.reason
     if DEVICE == "cpu":
         assert "TRITON_INTERPRET=1" in availability.reason
+
+
+def test_shards_and_widths_stay_on_the_fast_path():
+    """Shards of the hidden width are cut at multiples of 16 (the fast path of ``benchmarks/kernel_codegen.py``),
+    never more of them than asked for; widths off that grid are named, so that ``kernel="auto"`` keeps cuBLAS."""
+    assert aligned_chunk_size(13824, 8) == 1728  # already a multiple of 16
+    assert aligned_chunk_size(8960, 3) == 2992  # ceil(8960 / 3) = 2987: three shards 2992, 2992, 2976
+    assert aligned_chunk_size(80, 3) == 32 and aligned_chunk_size(10, 4) == 10
+    for width in (8960, 80, 2731, 10):
+        for shards in (1, 2, 3, 5, 8):
+            size = aligned_chunk_size(width, shards)
+            assert -(-width // size) <= shards and (size % 16 == 0 or size == width)
+    assert misaligned_widths({"model width": 5120, "inner width": 13824}) is None
+    reason = misaligned_widths({"model width": 1000, "inner width": 2731, "column offset": 3072})
+    assert "model width 1000, inner width 2731 not a multiple of 16" in reason and "3072" not in reason
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
