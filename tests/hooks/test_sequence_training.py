@@ -74,11 +74,16 @@ def assert_same_gradients(result: dict, reference: dict, where: str) -> None:
     flat = torch.cat([g.flatten() for g in reference["params"].values()])
     assert rel_err(torch.cat([result["params"][n].flatten() for n in reference["params"]]), flat) <= 1e-5, where
     # Per parameter, against its own gradient, or a hundredth of the largest one for gradients that are zero up to
-    # rounding (a key bias: softmax ignores it).
+    # rounding (a key bias: softmax ignores it). 2e-4 there: a parameter's gradient can sum terms that cancel, and
+    # the CPU's vectorised kernels round a chunk's elements differently from the whole tensor's (their loop tails):
+    # measured on an AVX2 machine, Kandinsky 5 at batch 2: 1.2e-5 on its text modulation, 7e-5 on a self-attention
+    # query weight (the reference's flash-attention kernel), 1.1e-4 of the floor on the text self-attention's key
+    # weight; 1e-6 and below for every parameter with ATEN_CPU_CAPABILITY=default (scalar kernels), on the same
+    # chunked computation. Outputs, input gradients and all parameter gradients together stay at 1e-5 (above).
     floor = 1e-2 * max(g.norm().item() for g in reference["params"].values())
     for name, ref in reference["params"].items():
         error = (result["params"][name] - ref).norm().item()
-        assert error <= 1e-5 * max(ref.norm().item(), floor), (where, name, error, ref.norm().item())
+        assert error <= 2e-4 * max(ref.norm().item(), floor), (where, name, error, ref.norm().item())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
