@@ -267,7 +267,8 @@ class TokenProducer:
             embedder: the text embedding next to the per-token timestep tables): ``call -> call`` for one token per
             sample, which the module runs instead, so that its full tables are never computed; ``tokens`` then gives
             the count, and may return ``None`` for a call that has no per-token tables (one timestep per sample):
-            the module then runs as is.
+            the module then runs as is. The call itself where the tables are small already: per-frame tables that
+            the model forward expands to every token (SkyReels-V2, Cosmos Predict2; ``tokens`` counts frames).
     """
 
     tokens: Callable[[torch.nn.Module, ProducerCall], int | None]
