@@ -161,16 +161,18 @@ def sized_config(family: str, config: dict[str, Any], size: Size) -> dict[str, A
 
 def activation_growth(family: str, prepare: Callable[[torch.nn.Module], Any] | None = None,
                       backward: bool = False, overrides: dict[str, Any] | None = None,
-                      inputs: Callable[[dict[str, Any], int], dict[str, Any]] | None = None) -> float:
+                      inputs: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+                      sizes: tuple[Size, Size] | None = None) -> float:
     """Activation growth of ``family`` in LD per token; ``prepare`` (e.g. ``apply_sequence_chunking``) is applied to
     each model before its trace. ``backward``: of a training step instead, the forward with autograd recording and
     the backward of the squared prediction's mean, into parameter gradients that exist before it (as in every step
     after the first with ``zero_grad(set_to_none=False)``). ``overrides``: config entries over
     :data:`GROWTH_CONFIGS` (e.g. more blocks). ``inputs``: ``(inputs, tokens) -> inputs``, the family's inputs at a
-    size changed for the call (e.g. per-token timesteps)."""
+    size changed for the call (e.g. per-token timesteps). ``sizes``: the two sizes instead of :data:`GROWTH_SIZES`
+    (e.g. more frames, for per-frame tables)."""
     spec = get_family(family)
     peaks, tokens = [], []
-    for size in GROWTH_SIZES[family]:
+    for size in sizes or GROWTH_SIZES[family]:
         if backward:  # 4x the tokens: a training step's chunks at the small size hold a token or two
             size = Size(2 * size.height, 2 * size.width, size.num_frames)
         heads = GROWTH_HEADS if set(spec.width_keys) <= set(GROWTH_HEADS) else {}

@@ -17,10 +17,11 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from memopt import apply_sequence_chunking, remove_memory_optimizations, trace_memory
+from memopt import apply_sequence_chunking, remove_memory_optimizations
 from memopt.models import Size, get_family
 from memopt.hooks._sequence_chunks import ChunkLayout
 from memopt.plans.sequence import SEQUENCE_PLANS, ChunkValue, TokenCount
+from memopt.trace.growth import activation_growth
 
 from _tiny_cases import rel_err, with_attention_spec  # noqa: E402
 
@@ -96,25 +97,13 @@ def test_skyreels_v2_diffusion_forcing_stays_near_the_floor():
     """Activation growth of the diffusion-forcing call (fp32, LD per token, 9 latent frames): unmodified 20.6 (its
     (B, 6, S, D) table, the block's fp32 copy of it and the head's (B, S, D) one); chunked 4.54 (each chunk's rows are
     made from whole frames of 64 tokens; the plain call's 3.2 otherwise)."""
-    spec = get_family("skyreels_v2")
+    def diffusion_forcing(inputs: dict, tokens: int) -> dict:
+        frames = inputs["hidden_states"].shape[2]
+        return {**inputs, "timestep": torch.linspace(900, 100, frames).long()[None], "enable_diffusion_forcing": True}
 
-    def growth(chunked: bool) -> float:
-        peaks, tokens = [], []
-        for size in (Size(64, 64, 33), Size(128, 128, 33)):
-            model = spec.build({**spec.config("tiny"), "num_layers": 1}).float()
-            if chunked:
-                apply_sequence_chunking(model)
-            inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
-                                      num_frames=size.num_frames)
-            frames = inputs["hidden_states"].shape[2]
-            inputs.update(timestep=torch.linspace(900, 100, frames).long()[None], enable_diffusion_forcing=True)
-            with torch.no_grad():
-                peaks.append(trace_memory(model, **inputs).peak_bytes)
-            tokens.append(spec.num_tokens(model.config, size))
-        return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * spec.hidden_size(model.config) * 4)
-
-    assert growth(chunked=False) > 20
-    assert growth(chunked=True) <= 4.7
+    sizes = (Size(64, 64, 33), Size(128, 128, 33))
+    assert activation_growth("skyreels_v2", inputs=diffusion_forcing, sizes=sizes) > 20
+    assert activation_growth("skyreels_v2", apply_sequence_chunking, inputs=diffusion_forcing, sizes=sizes) <= 4.7
 
 
 def _without_input(plan, name: str):
