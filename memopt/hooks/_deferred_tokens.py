@@ -9,6 +9,11 @@ head's shift and scale from a ``(B, S, D)`` embedding; LTX-Video views its flatt
 (:class:`DeferredOp`, computed on the rows asked for); one that meets a real tensor running over the tokens (the output
 head's hidden states) computes the rows that tensor covers: all of them, or the running tail chunk's. Anything else
 is refused with a :class:`TypeError` rather than computed on the wrong rows.
+
+Per-sample tables that the model forward expands over the tokens and then materialises (Helios' ``torch.cat`` of its
+history and window modulations, ERNIE-Image's ``contiguous``) start as a :class:`DeferredSample`: the value itself in
+everything the model does with it, until its ``expand`` along the plan's token dim gives a :class:`DeferredBroadcast`,
+whose rows are views of the expansion, and what follows is deferred as above.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from ..plans.sequence._vocabulary import _take
 
@@ -42,7 +47,7 @@ of a per-frame table): computed on some rows, that size becomes the rows' count 
 ROW_WISE = ELEMENTWISE | RESHAPES | SIZED | frozenset({
     "__neg__", "neg", "silu", "gelu", "sigmoid", "tanh", "linear",
     "float", "half", "bfloat16", "to", "type_as", "contiguous",
-    "unsqueeze", "squeeze", "chunk", "split", "__getitem__", "repeat", "transpose",
+    "unsqueeze", "squeeze", "chunk", "split", "__getitem__", "repeat", "transpose", "permute",
 })
 """Operations a deferred table may go through: each output row depends only on the same token's input row (and on
 operands without a token dim). :func:`_apply` checks the rest: where the tokens end up, by computing
@@ -141,12 +146,73 @@ class DeferredTokens:
         raise AttributeError(f"{type(self).__name__} ({self.__dict__.get('path', '?')}) has no attribute {name!r}")
 
 
-def _operator(name: str) -> Callable[..., Any]:
-    """A Python operator of deferred tables, as the tensor's (``table + x``, ``1 + table``, ``table[:, :, None]``)."""
+class DeferredSample:
+    """Stand-in for a producer's per-sample output that the model forward expands over the tokens
+    (:class:`~memopt.plans.sequence.BroadcastTable`): every operation runs at once on the value (small, no token dim),
+    and its result stays a stand-in as long as it is one (row-wise operations of stand-ins alone: ``view``,
+    ``unflatten``, ``chunk``, ...); an ``expand`` that expands ``token_dim`` gives a :class:`DeferredBroadcast`.
+    Anything else gives what the value gives: computed as the model computes it, only not deferred."""
+
+    def __init__(self, path: str, value: torch.Tensor, token_dim: int) -> None:
+        self.path, self.value, self.token_dim = path, value, token_dim
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return _per_sample(func, args, kwargs or {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("path", "value", "token_dim"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
+        attribute = getattr(self.value, name)
+        if callable(attribute) and callable(getattr(torch.Tensor, name, None)):
+            method = getattr(torch.Tensor, name)
+            return lambda *args, **kwargs: _per_sample(method, (self, *args), kwargs)
+        return attribute  # shape, ndim, dtype, device, ...
+
+
+class DeferredBroadcast(DeferredTokens):
+    """A per-sample value expanded over ``tokens`` tokens along ``dim`` (:class:`DeferredSample`): a chunk's rows are
+    views of the zero-stride expansion, made real only by what the model does next, on the chunk's rows alone."""
+
+    def __init__(self, path: str, expanded: torch.Tensor, dim: int) -> None:
+        self.path, self.expanded, self.dim_ = path, expanded, dim
+        self.tokens = expanded.shape[dim]
+
+    def rows(self, ranges: TokenRanges) -> Any:
+        return _take(self.expanded, self.dim_, ranges)
+
+
+def _per_sample(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``func`` on the values of the :class:`DeferredSample` operands (see there for what it returns)."""
+    flat, spec = tree_flatten((args, kwargs))
+    source = next(value for value in flat if isinstance(value, DeferredSample))
+    values, value_kwargs = tree_unflatten([v.value if isinstance(v, DeferredSample) else v for v in flat], spec)
+    out = func(*values, **value_kwargs)
+    name = getattr(func, "__name__", str(func))
+    if name == "expand" and args and args[0] is source:
+        return _expanded(source, out)
+    alone = not any(isinstance(value, (torch.Tensor, DeferredTokens)) for value in flat)
+    if name in ROW_WISE and alone:
+        return tree_map_only(torch.Tensor, lambda t: DeferredSample(f"{source.path}.{name}", t, source.token_dim), out)
+    return out
+
+
+def _expanded(source: DeferredSample, out: torch.Tensor) -> Any:
+    """``source.value.expand(...)``: a :class:`DeferredBroadcast` when it expands ``token_dim`` from 1 (or adds it)
+    to two or more tokens; the expansion itself otherwise."""
+    dim, added = source.token_dim, out.dim() - source.value.dim()
+    before = 1 if dim < added else source.value.shape[dim - added]
+    if out.dim() > dim and before == 1 and out.shape[dim] >= 2:
+        return DeferredBroadcast(f"{source.path}.expand", out, dim)
+    return out
+
+
+def _operator(name: str, apply: Callable[[Callable, tuple, dict], Any]) -> Callable[..., Any]:
+    """A Python operator of stand-ins, as the tensor's (``table + x``, ``1 + table``, ``table[:, :, None]``)."""
     method = getattr(torch.Tensor, name)
 
-    def operator(self: DeferredTokens, *other: Any) -> Any:
-        return _apply(method, (self, *other), {})
+    def operator(self: Any, *other: Any) -> Any:
+        return apply(method, (self, *other), {})
 
     operator.__name__ = name
     return operator
@@ -154,8 +220,6 @@ def _operator(name: str) -> Callable[..., Any]:
 
 OPERATORS = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
              "__neg__", "__getitem__")
-for _name in OPERATORS:
-    setattr(DeferredTokens, _name, _operator(_name))
 
 
 class DeferredConcat(DeferredTokens):
@@ -374,3 +438,8 @@ def _merges_following_dims(before: torch.Size, after: torch.Size) -> bool:
         if size == after[0] and tuple(before[merged + 1:]) == tuple(after[1:]):
             return merged > 0
     return False
+
+
+for _name in OPERATORS:
+    setattr(DeferredTokens, _name, _operator(_name, _apply))
+    setattr(DeferredSample, _name, _operator(_name, _per_sample))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..plans.sequence import ChunkValue, SequenceSplit, SplitSpec, TokenCount
 from ._deferred_tokens import DeferredTokens
@@ -92,11 +92,12 @@ def grouped(total: int, pieces: int, groups: int) -> list[tuple[int, int]]:
 
 
 def materialized(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Replace deferred producer outputs by their full value (for a block that runs unchunked)."""
-    if not any(isinstance(v, DeferredTokens) for v in (*args, *kwargs.values())):
+    """Replace deferred producer outputs by their full value (for a block that runs unchunked), also inside lists
+    and tuples (ERNIE-Image passes its six modulation tables as one list)."""
+    flat, spec = tree_flatten((args, kwargs))
+    if not any(isinstance(v, DeferredTokens) for v in flat):
         return args, kwargs
-    full = lambda v: v.full() if isinstance(v, DeferredTokens) else v  # noqa: E731
-    return tuple(full(v) for v in args), {k: full(v) for k, v in kwargs.items()}
+    return tree_unflatten([v.full() if isinstance(v, DeferredTokens) else v for v in flat], spec)
 
 
 @dataclass

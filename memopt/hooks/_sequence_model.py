@@ -20,7 +20,9 @@ from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 from torch._subclasses.fake_tensor import is_fake
 
-from ..plans.sequence import SplitSpec, TokenCount, TokenProducer
+from ..plans.sequence import BroadcastTable, SplitSpec, TokenCount
+from ..plans.sequence._vocabulary import Producer
+from ._deferred_tokens import DeferredSample
 from .offload import offloading_group
 from ._sequence_chunks import (
     RUNNING,
@@ -324,10 +326,11 @@ class SequenceHeadHook(ModelHook):
 
 
 class SequenceProducerHook(ModelHook):
-    """On a model-level producer of per-token tables: defers them to the chunks during a chunked forward. The tail
-    passes get the block pass's output again (the stand-ins compute rows on demand; nothing is recomputed)."""
+    """On a model-level producer of per-token tables (or of per-sample tables the model expands over the tokens):
+    defers them to the chunks during a chunked forward. The tail passes get the block pass's output again (the
+    stand-ins compute rows on demand; nothing is recomputed)."""
 
-    def __init__(self, path: str, producer: TokenProducer | tuple[TokenProducer, ...]) -> None:
+    def __init__(self, path: str, producer: Producer | tuple[Producer, ...]) -> None:
         super().__init__()
         self.path = path
         self.producer = producer
@@ -348,6 +351,17 @@ class SequenceProducerHook(ModelHook):
         bound.apply_defaults()
         call = dict(list(bound.arguments.items())[1:])
         forward = self.fn_ref.original_forward
+        entries = self.producer if isinstance(self.producer, tuple) else (self.producer,)
+        if isinstance(entries[0], BroadcastTable):
+            # Per-sample tables: computed as they are; the model's expansion over the tokens is deferred.
+            output = forward(*args, **kwargs)
+            if not isinstance(self.producer, tuple):
+                return DeferredSample(self.path, output, self.producer.token_dim)
+            output = list(output)
+            for entry in entries:
+                output[entry.output] = DeferredSample(f"{self.path}[{entry.output}]", output[entry.output],
+                                                      entry.token_dim)
+            return tuple(output)
         if not isinstance(self.producer, tuple):
             return DeferredTokens(self.path, self.producer, module, forward, call)
         sliver = self.producer[0].sliver

@@ -34,7 +34,8 @@ Vocabulary:
   block (cross-attention to text or image-prompt tokens) stays chunk-local.
 * **tail / gather / embed / producers**: the model-level parts (:class:`SequencePlan`): where the output head starts,
   where its chunks are gathered (the ``ContextParallelOutput`` entries of the model's ``_cp_plan`` when it has one),
-  which module embeds the image tokens, and which per-token tables are computed per chunk.
+  which module embeds the image tokens, and which per-token tables (or per-sample tables the model expands over
+  the tokens) are computed per chunk.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from ._vocabulary import (
     FUSED_ROLES,
     STREAMS,
     BlockPlan,
+    BroadcastTable,
     ChunkValue,
     JointAttention,
     ProducerCall,
@@ -78,7 +80,7 @@ from ._vocabulary import (
     TokenRanges,
 )
 
-__all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "ChunkValue", "JointAttention", "ProducerCall",
+__all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "BroadcastTable", "ChunkValue", "JointAttention", "ProducerCall",
            "SequencePlan", "SequenceSplit", "SplitSpec", "TokenCount", "TokenProducer", "TokenRanges", "sequence_plan"]
 
 _FAMILY_PLANS = [module.PLANS for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky,

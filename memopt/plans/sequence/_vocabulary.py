@@ -278,6 +278,37 @@ class TokenProducer:
 
 
 @dataclass(frozen=True)
+class BroadcastTable:
+    """A model-level module's per-sample output that the model forward expands over the tokens and then materialises.
+
+    Expanding a ``(B, D)`` modulation to ``(B, S, D)`` costs nothing (a zero-stride view); what some models do next
+    does: Helios concatenates its history tokens' zero-timestep tables with the window's (``torch.cat``), ERNIE-Image
+    makes its six expanded tables contiguous, and both keep the result through every block (7 and 6 LD). While a
+    chunked forward runs, memopt hands the model a stand-in of the output that behaves as the value until the model
+    expands it along ``token_dim``; from there the expansion and the concatenation or copy after it are deferred, and
+    each chunk gets its rows (:mod:`memopt.hooks._deferred_tokens`).
+
+    Attributes:
+        token_dim: the dim (counted from 0) where the model's ``expand`` puts the tokens; the value must have size 1
+            there by then (an ``expand`` that does not expand that dim leaves a plain tensor, computed as the model
+            computes it).
+        output: for a module returning a tuple, the index of this entry (a plan lists one per entry, as a tuple);
+            ``None`` for a module returning the table itself.
+    """
+
+    token_dim: int
+    output: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_dim < 0:
+            raise ValueError(f"BroadcastTable.token_dim counts from 0, got {self.token_dim}")
+
+
+Producer = Union[TokenProducer, BroadcastTable]
+"""What :attr:`SequencePlan.producers` names a model-level module for."""
+
+
+@dataclass(frozen=True)
 class SequencePlan:
     """How a model class runs in sequence chunks.
 
@@ -293,7 +324,8 @@ class SequencePlan:
             never read (the blocks answer from the kept output), so it returns a zero-stride stand-in instead of
             recomputing a full hidden state, and is not kept from the block pass for replay.
         producers: model-level module path -> :class:`TokenProducer` for per-token tables computed per chunk (a tuple
-            of them, each with its ``output`` index, for a module returning several tables in a tuple).
+            of them, each with its ``output`` index, for a module returning several tables in a tuple), or
+            :class:`BroadcastTable` for per-sample tables the model forward expands over the tokens.
         tail_inputs: arguments of the ``tail`` module other than the hidden states that run over the image tokens
             (a per-token modulation, like Helios' ``temb``), cut for each tail chunk as block inputs are. A
             :class:`TokenCount` among them (Helios' ``original_context_length``) makes the tail chunks cover only the
@@ -317,7 +349,7 @@ class SequencePlan:
         default_factory=lambda: {"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
     )
     embed: str | tuple[str, ...] | None = None
-    producers: Mapping[str, TokenProducer | tuple[TokenProducer, ...]] = field(default_factory=dict)
+    producers: Mapping[str, Producer | tuple[Producer, ...]] = field(default_factory=dict)
     tail_inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
     tail_split: int | None = None
     num_chunks: int = 32

@@ -5,7 +5,7 @@ from __future__ import annotations
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 
-from ._vocabulary import BlockPlan, JointAttention, SequencePlan, SequenceSplit
+from ._vocabulary import BlockPlan, BroadcastTable, JointAttention, SequencePlan, SequenceSplit
 
 # The model runs its blocks sequence-first: x is (S, B, D), the unified [image | text] sequence of each sample (the
 # text padded to the longest prompt), one plain self-attention over it, so (as for Z-Image) the "image" stream here is
@@ -14,7 +14,8 @@ from ._vocabulary import BlockPlan, JointAttention, SequencePlan, SequenceSplit
 # with the (B, S, 1, head_dim) fp32 table and passes the (B, 1, 1, S) boolean key mask (True = image or valid text
 # token) to dispatch_attention_fn, which the exchange gathers: a key mask, so padded text queries attend like the
 # others. The six modulation tensors are (S, B, D) each: the model expands the per-sample adaLN output to every
-# token and makes it contiguous, so they are per-token tensors, cut like x. No _cp_plan; the block class is not in
+# token and makes it contiguous (6 LD through every block); that expansion is deferred (BroadcastTable on
+# adaLN_modulation, tokens on dim 0) and each chunk gets its rows, cut like x. No _cp_plan; the block class is not in
 # diffusers' TransformerBlockRegistry.
 _SEQUENCE_FIRST = SequenceSplit(0, 3)
 _ERNIE_IMAGE = BlockPlan(
@@ -39,6 +40,7 @@ PLANS: dict[str, SequencePlan] = {
         tail="final_norm",
         gather={"final_norm": ContextParallelOutput(gather_dim=0, expected_dims=3)},
         tail_split=0,
+        producers={"adaLN_modulation": BroadcastTable(0)},
         num_chunks=32,
     ),
 }

@@ -13,6 +13,7 @@ from ._vocabulary import (
     _IMAGE_TOKENS,
     _TEXT_TOKENS,
     BlockPlan,
+    BroadcastTable,
     ChunkValue,
     JointAttention,
     ProducerCall,
@@ -277,6 +278,10 @@ PLANS: dict[str, SequencePlan] = {
         # HeliosOutputNorm(hidden_states, temb, original_context_length): per-token shift / scale from temb (B, S, D),
         # and only the window tokens are kept.
         tail_inputs={"temb": _IMAGE_TOKENS, "original_context_length": TokenCount()},
+        # The embedder's (B, D) temb and (B, 6 D) projection, expanded over the history tokens (from a zero
+        # timestep) and the window's, then concatenated: (B, S, D) and (B, 6, S, D), 7 LD through every block,
+        # deferred (tokens on dim 1 and 2 of the expansions).
+        producers={"condition_embedder": (BroadcastTable(1, output=0), BroadcastTable(2, output=1))},
         source="memopt + HeliosTransformer3DModel._cp_plan",
     ),
     "WanAnimateTransformer3DModel": SequencePlan(
