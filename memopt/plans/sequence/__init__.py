@@ -80,8 +80,9 @@ from ._vocabulary import (
     TokenRanges,
 )
 
-__all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "BroadcastTable", "ChunkValue", "JointAttention", "ProducerCall",
-           "SequencePlan", "SequenceSplit", "SplitSpec", "TokenCount", "TokenProducer", "TokenRanges", "sequence_plan"]
+__all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "BroadcastTable", "ChunkValue", "JointAttention",
+           "ProducerCall", "SequencePlan", "SequenceSplit", "SplitSpec", "TokenCount", "TokenProducer", "TokenRanges",
+           "sequence_plan"]
 
 _FAMILY_PLANS = [module.PLANS for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky,
                                                minimax, auraflow, pixart, easyanimate, cosmos, motif, krea,
