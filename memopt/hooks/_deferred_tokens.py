@@ -66,6 +66,10 @@ class DeferredTokens:
     batch-major, as ``timestep.flatten()`` of ``(B, S)`` timesteps gives).
     """
 
+    uniform = False
+    """Whether every token's rows are the same (a per-sample value expanded over the tokens, and row-wise operations
+    of such): a consumer may then compute one token's and expand it."""
+
     _probed: tuple[torch.Tensor, int, int] | None = None
     """A stand-in of its rows for one token (:func:`_stand_in`), the tokens' dim and the entries per token there, once
     measured (:meth:`_probe`)."""
@@ -169,10 +173,21 @@ class DeferredSample:
             return lambda *args, **kwargs: _per_sample(method, (self, *args), kwargs)
         return attribute  # shape, ndim, dtype, device, ...
 
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def __iter__(self) -> Any:
+        return iter(self.value)
+
 
 class DeferredBroadcast(DeferredTokens):
     """A per-sample value expanded over ``tokens`` tokens along ``dim`` (:class:`DeferredSample`): a chunk's rows are
     views of the zero-stride expansion, made real only by what the model does next, on the chunk's rows alone."""
+
+    uniform = True
 
     def __init__(self, path: str, expanded: torch.Tensor, dim: int) -> None:
         self.path, self.expanded, self.dim_ = path, expanded, dim
@@ -191,10 +206,16 @@ def _per_sample(func: Callable, args: tuple, kwargs: dict) -> Any:
     name = getattr(func, "__name__", str(func))
     if name == "expand" and args and args[0] is source:
         return _expanded(source, out)
-    alone = not any(isinstance(value, (torch.Tensor, DeferredTokens)) for value in flat)
-    if name in ROW_WISE and alone:
-        return tree_map_only(torch.Tensor, lambda t: DeferredSample(f"{source.path}.{name}", t, source.token_dim), out)
-    return out
+    # Still per sample: a row-wise result that meets no deferred table and is no larger than the largest stand-in
+    # operand (FLUX.3 adds its flow-map target embedding to the timestep embedding); one met by the hidden states,
+    # say, is the plain tensor the model would get.
+    largest = max(value.value.numel() for value in flat if isinstance(value, DeferredSample))
+    outputs = tree_flatten(out)[0]
+    if name not in ROW_WISE or any(isinstance(value, DeferredTokens) for value in flat) or not all(
+        isinstance(value, torch.Tensor) and value.numel() <= largest for value in outputs
+    ):
+        return out
+    return tree_map_only(torch.Tensor, lambda t: DeferredSample(f"{source.path}.{name}", t, source.token_dim), out)
 
 
 def _expanded(source: DeferredSample, out: torch.Tensor) -> Any:
@@ -253,6 +274,7 @@ class DeferredGroups(DeferredTokens):
     def __init__(self, source: DeferredTokens, group: int, dim: int) -> None:
         self.source, self.group, self.dim_ = source, group, dim
         self.tokens = source.tokens * group
+        self.uniform = source.uniform
         self.path = f"{source.path}[{group} per row]"
 
     def rows(self, ranges: TokenRanges) -> Any:
@@ -264,6 +286,19 @@ class DeferredGroups(DeferredTokens):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, self.dim_)
 
 
+class DeferredRange(DeferredTokens):
+    """Tokens ``start:stop`` of a deferred table (a slice along its token dim)."""
+
+    def __init__(self, source: DeferredTokens, start: int, stop: int) -> None:
+        self.source, self.start = source, start
+        self.tokens = stop - start
+        self.path = f"{source.path}[{start}:{stop}]"
+        self.uniform = source.uniform
+
+    def rows(self, ranges: TokenRanges) -> Any:
+        return self.source.rows([(begin + self.start, end + self.start) for begin, end in ranges])
+
+
 class DeferredOp(DeferredTokens):
     """A row-wise operation on deferred tables (:data:`ROW_WISE`), computed on the rows asked for; ``item``: the
     output's entry, for an operation returning several tensors (``chunk``, ``split``)."""
@@ -272,6 +307,7 @@ class DeferredOp(DeferredTokens):
         self.func, self.flat, self.spec, self.item = func, flat, spec, item
         self.tokens = tokens
         self.path = path
+        self.uniform = all(value.uniform for value in flat if isinstance(value, DeferredTokens))
 
     def rows(self, ranges: TokenRanges) -> Any:
         out = _computed(self.func, self.flat, self.spec, ranges)
@@ -312,7 +348,10 @@ def _apply(func: Callable, args: tuple, kwargs: dict) -> Any:
     if ranges is not None:
         return _computed(func, flat, spec, ranges)
     if name == "__getitem__":
-        _check_index(args[1], deferred[0], path)
+        cut = _check_index(args[1], deferred[0], path)
+        if cut is not None:  # a range of the tokens: the rest of the key deferred as usual, then the range
+            rest, start, stop = cut
+            return DeferredRange(args[0] if rest is None else _apply(func, (args[0], rest), kwargs), start, stop)
     if name in SIZED and args and args[0] is deferred[0]:
         func = _sized(func, args, deferred[0])
     tokens = deferred[0].tokens
@@ -387,19 +426,28 @@ def _sized(func: Callable, args: tuple, table: DeferredTokens) -> Callable:
     return sized
 
 
-def _check_index(key: Any, table: DeferredTokens, path: str) -> None:
-    """Indexing may add dims (``None``) and pick entries of other dims, never cut or reorder the tokens."""
-    _, dim, _ = table._probe()
+def _check_index(key: Any, table: DeferredTokens, path: str) -> tuple[Any, int, int] | None:
+    """Indexing may add dims (``None``), pick entries of other dims and take a range of the tokens (a slice of step
+    1: Helios' output norm keeps the window's rows, ``temb[:, -window:]``), never reorder or skip tokens. For a range:
+    the key with the whole token dim instead (``None`` if it then selects everything) and the range."""
+    _, dim, scale = table._probe()
     entries = key if isinstance(key, tuple) else (key,)
     position = 0
-    for entry in entries:
+    for index, entry in enumerate(entries):
         if entry is None:
             continue
+        if position == dim and isinstance(entry, slice) and entry != slice(None) and entry.step in (None, 1) and (
+            scale == 1 and all(isinstance(e, (int, slice)) or e is None for e in entries)
+        ):
+            start, stop, _ = entry.indices(table.tokens)
+            rest = (*entries[:index], slice(None), *entries[index + 1:])
+            return (None if all(e == slice(None) for e in rest) else rest), start, max(start, stop)
         if entry is Ellipsis or isinstance(entry, torch.Tensor) or (
             position == dim and entry != slice(None)
         ):
             raise TypeError(f"{path}[{key!r}]: indexes the token dim {dim}; memopt cannot defer it")
         position += 1
+    return None
 
 
 def _check(op: DeferredOp, one: Any, two: Any, source: DeferredTokens, name: str) -> int | None:

@@ -19,6 +19,7 @@ from ._vocabulary import (
     _TEXT_FIRST,
     _TEXT_TOKENS,
     BlockPlan,
+    BroadcastTable,
     JointAttention,
     ProducerCall,
     SequencePlan,
@@ -57,11 +58,17 @@ def _flux3_modulation_rows(modulation: torch.nn.Module, call: ProducerCall,
 
     The model makes ``temb`` by expanding one timestep embedding per sample over a mode's tokens (then a SiLU, which
     materializes it), so its rows are all equal: then every row of the table is the linear of the first one, computed
-    once (a GEMV) and expanded, and a chunk's rows are a zero-stride view, with no GEMM per chunk and pass. Otherwise
-    (per-token timesteps, or a fake tensor whose values cannot be compared in a simulation) each chunk computes the
-    linear of its own rows (row-wise: the same numbers).
+    once (a GEMV) and expanded, and a chunk's rows are a zero-stride view, with no GEMM per chunk and pass. In a
+    chunked forward ``temb`` is itself deferred (the timestep embedder is a ``BroadcastTable``), and says so
+    (``uniform``) without comparing values, also in simulations. Otherwise (per-token timesteps, or a fake tensor
+    whose values cannot be compared) each chunk computes the linear of its own rows (row-wise: the same numbers).
     """
     temb = call["temb"]
+    if not isinstance(temb, torch.Tensor):  # deferred itself (the timestep embedders are BroadcastTables)
+        if temb.uniform:
+            row = forward(temb.rows([(0, 1)]))
+            return lambda ranges: row.expand(-1, sum(end - start for start, end in ranges), -1)
+        return lambda ranges: forward(temb.rows(ranges))
     if not is_fake(temb) and torch.equal(temb, temb[:, :1].expand_as(temb)):
         row = forward(temb[:, :1])
         return lambda ranges: row.expand(-1, sum(end - start for start, end in ranges), -1)
@@ -216,11 +223,16 @@ PLANS: dict[str, SequencePlan] = {
         embed=("x_embedders.image", "x_embedders.image_cond"),
         # The per-token (B, S, 3D) modulation tables of every mode, made before the blocks (3 LD each in a bf16 model,
         # two per mode): deferred, computed per chunk. The joint blocks' image and reference-image tables are
-        # concatenated by the model, which a deferred table supports (torch.cat along its token dim).
+        # concatenated by the model, which a deferred table supports (torch.cat along its token dim). Their input,
+        # silu of the per-sample timestep embedding expanded over a mode's tokens (1 LD alive through the blocks), is
+        # deferred from the expansion on (the embedder a BroadcastTable; tokens on dim 1 of [:, None, :].expand).
         producers={
-            f"{stage}_stream_modulations.{mode}": TokenProducer(_flux3_modulation_tokens, _flux3_modulation_rows)
-            for stage in ("early", "single")
-            for mode in ("image", "image_cond", "txt")
+            **{
+                f"{stage}_stream_modulations.{mode}": TokenProducer(_flux3_modulation_tokens, _flux3_modulation_rows)
+                for stage in ("early", "single")
+                for mode in ("image", "image_cond", "txt")
+            },
+            "timestep_embedder": BroadcastTable(1),
         },
         tail_inputs={"temb": _IMAGE_TOKENS},  # Flux3AdaLayerNorm(hidden_states, temb): per-token scale / shift
         num_chunks=48,
