@@ -54,6 +54,9 @@ operands without a token dim). :func:`_apply` checks the rest: where the tokens 
 the operation on one token's rows and on two (a ``repeat`` along the token dim, say, changes the entries per token
 and is refused)."""
 
+EXPANSIONS = frozenset({"expand", "expand_as", "broadcast_to"})
+"""How a model expands a per-sample value over the tokens (:class:`DeferredSample`)."""
+
 METHODS = frozenset(name for name in ROW_WISE if not name.startswith("__") and hasattr(torch.Tensor, name))
 """The :data:`ROW_WISE` operations that models call as tensor methods."""
 
@@ -154,8 +157,9 @@ class DeferredSample:
     """Stand-in for a producer's per-sample output that the model forward expands over the tokens
     (:class:`~memopt.plans.sequence.BroadcastTable`): every operation runs at once on the value (small, no token dim),
     and its result stays a stand-in as long as it is one (row-wise operations of stand-ins alone: ``view``,
-    ``unflatten``, ``chunk``, ...); an ``expand`` that expands ``token_dim`` gives a :class:`DeferredBroadcast`.
-    Anything else gives what the value gives: computed as the model computes it, only not deferred."""
+    ``unflatten``, ``chunk``, ...); an expansion (:data:`EXPANSIONS`) along ``token_dim`` gives a
+    :class:`DeferredBroadcast`. Anything else gives what the value gives: computed as the model computes it, only not
+    deferred; a block given one unexpanded gets the value (:func:`sample_values`)."""
 
     def __init__(self, path: str, value: torch.Tensor, token_dim: int) -> None:
         self.path, self.value, self.token_dim = path, value, token_dim
@@ -204,7 +208,7 @@ def _per_sample(func: Callable, args: tuple, kwargs: dict) -> Any:
     values, value_kwargs = tree_unflatten([v.value if isinstance(v, DeferredSample) else v for v in flat], spec)
     out = func(*values, **value_kwargs)
     name = getattr(func, "__name__", str(func))
-    if name == "expand" and args and args[0] is source:
+    if name in EXPANSIONS and args and args[0] is source:
         return _expanded(source, out)
     # Still per sample: a row-wise result that meets no deferred table and is no larger than the largest stand-in
     # operand (FLUX.3 adds its flow-map target embedding to the timestep embedding); one met by the hidden states,
@@ -216,6 +220,15 @@ def _per_sample(func: Callable, args: tuple, kwargs: dict) -> Any:
     ):
         return out
     return tree_map_only(torch.Tensor, lambda t: DeferredSample(f"{source.path}.{name}", t, source.token_dim), out)
+
+
+def sample_values(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block's arguments with every :class:`DeferredSample` among them replaced by its value: a per-sample table
+    the model hands a block unexpanded is the tensor it stands for (for autograd, offloading hooks, type checks)."""
+    flat, spec = tree_flatten((args, kwargs))
+    if not any(isinstance(value, DeferredSample) for value in flat):
+        return args, kwargs
+    return tree_unflatten([v.value if isinstance(v, DeferredSample) else v for v in flat], spec)
 
 
 def _expanded(source: DeferredSample, out: torch.Tensor) -> Any:

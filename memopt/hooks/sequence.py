@@ -73,6 +73,7 @@ from ._attention_dispatch import (
     release_interception,
 )
 from ._common import HOOK_PREFIX, register_memopt_hook, removed_on_error
+from ._deferred_tokens import sample_values
 from ._sequence_backward import SequenceTrainingHook, backward_passes, chunk_output_grads, recorded_forward
 from ._sequence_chunks import (
     RUNNING,
@@ -328,7 +329,7 @@ class SequenceChunkingHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        arguments = Arguments(self.index, args, kwargs)
+        arguments = Arguments(self.index, *sample_values(args, kwargs))
         model_run: ModelRun | None = running("model_run")
         if model_run is not None and model_run.tail:
             return model_run.tail_block_output(arguments, self.metadata)

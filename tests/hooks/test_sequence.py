@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate
 from memopt.hooks import _attention_dispatch
 from memopt.hooks._common import has_memopt_hooks, register_memopt_hook
-from memopt.hooks._deferred_tokens import DeferredGroups, DeferredSample, DeferredTokens
+from memopt.hooks._deferred_tokens import DeferredGroups, DeferredSample, DeferredTokens, sample_values
 from memopt.hooks._sequence_chunks import RUNNING, ChunkLayout, balanced
 from memopt.hooks._sequence_exchange import AttentionState, BlockRun
 from memopt.hooks.sequence import (
@@ -716,6 +716,7 @@ def test_a_per_sample_table_expanded_and_materialised_by_the_model_stays_deferre
     whole = helios(window_table, zero_table)
     deferred = helios(DeferredSample("window", window_table, 2), DeferredSample("zero", zero_table, 2))
     assert isinstance(deferred, DeferredTokens) and deferred.tokens == history + window
+    assert not deferred.uniform  # two tables: the history tokens' rows differ from the window's
     assert deferred.shape == whole.shape == (batch, history + window, 6, 4)
     for ranges in ([(0, 8)], [(1, 4)], [(5, 7)], [(0, 1), (6, 8)]):
         assert torch.equal(deferred.rows(ranges), torch.cat([whole[:, a:b] for a, b in ranges], 1)), ranges
@@ -724,11 +725,15 @@ def test_a_per_sample_table_expanded_and_materialised_by_the_model_stays_deferre
         return [t.unsqueeze(0).expand(7, -1, -1).contiguous() for t in table.chunk(6, dim=-1)]
 
     for mine, theirs in zip(ernie(DeferredSample("ernie", window_table, 0)), ernie(window_table)):
-        assert isinstance(mine, DeferredTokens) and mine.shape == theirs.shape == (7, batch, 4)
+        assert isinstance(mine, DeferredTokens) and mine.shape == theirs.shape == (7, batch, 4) and mine.uniform
         assert torch.equal(mine.rows([(2, 6)]), theirs[2:6])
 
     sample = DeferredSample("sample", window_table, 1)
     assert isinstance(sample.view(batch, 1, -1), DeferredSample) and sample.shape == (batch, 24)
+    target = torch.empty(batch, 5, 24)
+    for expanded in (torch.broadcast_to(sample[:, None], target.shape), sample[:, None].expand_as(target)):
+        assert isinstance(expanded, DeferredTokens) and expanded.tokens == expanded.shape[1]
+        assert torch.equal(expanded.rows([(1, 3)]), window_table[:, None].expand(-1, 2, -1))
     expanded_elsewhere = sample.view(batch, 1, 1, -1).expand(-1, -1, 3, -1)  # not along token dim 1
     assert type(expanded_elsewhere) is torch.Tensor and expanded_elsewhere.shape == (batch, 1, 3, 24)
     shifted = sample + torch.ones(batch, 24)  # FLUX.3's flow-map embedding added: still one value per sample
@@ -736,6 +741,8 @@ def test_a_per_sample_table_expanded_and_materialised_by_the_model_stays_deferre
     met = sample[:, None] + torch.ones(batch, 3, 24)  # grown over a real operand's tokens: computed, a plain tensor
     assert type(met) is torch.Tensor and torch.equal(met, window_table[:, None] + torch.ones(batch, 3, 24))
     assert not DeferredSample("zero", torch.zeros(1), 0)  # truth, as the value's (an object would always be true)
+    args, kwargs = sample_values((sample, [sample, 1]), {"temb": sample})  # what a block is handed: the values
+    assert args[0] is args[1][0] is kwargs["temb"] is window_table and args[1][1] == 1
 
 
 def test_a_plan_given_for_another_class_writes_nothing_in_place():

@@ -20,7 +20,7 @@ import torch
 from memopt import apply_sequence_chunking, remove_memory_optimizations
 from memopt.models import Size, get_family
 from memopt.hooks._sequence_chunks import ChunkLayout
-from memopt.plans.sequence import SEQUENCE_PLANS, ChunkValue, TokenCount
+from memopt.plans.sequence import SEQUENCE_PLANS, BroadcastTable, ChunkValue, TokenCount
 from memopt.trace.growth import activation_growth
 
 from _tiny_cases import rel_err, with_attention_spec  # noqa: E402
@@ -647,6 +647,38 @@ def test_per_sample_tables_the_model_materialises_are_deferred(family, caplog):
     made_whole = activation_growth(family, prepare=lambda m: apply_sequence_chunking(m, plan=whole, inplace=True),
                                    overrides=overrides)
     assert deferred <= bound and made_whole >= whole_at_least, (deferred, made_whole)
+
+
+def test_a_per_sample_table_handed_to_blocks_unexpanded_is_its_value():
+    """Wan's embedder named a BroadcastTable: the model never expands its tables, it hands the (B, 6, D) projection to
+    every block (the block hook hands the block the value) and builds the head's shift / scale from temb and a
+    (1, 2, D) table (a plain tensor then). The output and a training step's gradients, through the embedder too,
+    match the unmodified model's. Mixed producer kinds for one module are an error."""
+    spec = get_family("wan")
+    model = spec.build("tiny").train()
+    inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112, num_frames=5)
+    plan = SEQUENCE_PLANS[spec.class_name]
+    samples = dataclasses.replace(plan, producers={**plan.producers, "condition_embedder": (
+        BroadcastTable(1, output=0), BroadcastTable(1, output=1))})
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs)[0]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    reference, reference_grads = step()
+    report = apply_sequence_chunking(model, 3, plan=samples, training=True)
+    assert "condition_embedder" in report.producers and report.tail, report
+    out, grads = step()
+    remove_memory_optimizations(model)
+    assert rel_err(out, reference) <= 1e-5 and grads.keys() == reference_grads.keys()
+    assert any(name.startswith("condition_embedder.time_embedder") for name in grads)
+    for name, grad in reference_grads.items():
+        assert rel_err(grads[name], grad) <= 1e-4, name
+    with pytest.raises(ValueError, match="all TokenProducer or all BroadcastTable"):
+        dataclasses.replace(plan, producers={"condition_embedder": (
+            BroadcastTable(1, output=0), dataclasses.replace(plan.producers["condition_embedder"][1]))})
 
 
 def test_producers_of_tuple_entries_name_their_index():

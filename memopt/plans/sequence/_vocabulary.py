@@ -371,11 +371,15 @@ class SequencePlan:
                 raise ValueError(f"SequencePlan: blocks {pattern!r} take sequence-first hidden states (split dim 0), "
                                  f"so the output head runs whole (tail=None) or in pieces of its input (tail_split)")
         for path, producer in self.producers.items():
-            indexed = [entry.output is not None for entry in (producer if isinstance(producer, tuple) else (producer,))]
+            entries = producer if isinstance(producer, tuple) else (producer,)
+            indexed = [entry.output is not None for entry in entries]
             if indexed != [isinstance(producer, tuple)] * len(indexed):
                 raise ValueError(f"SequencePlan.producers[{path!r}]: a tuple of producers for a module returning a "
                                  "tuple, each with its output index; a single producer for a module returning its "
                                  "table, without one")
+            if len({type(entry) for entry in entries}) != 1:
+                raise ValueError(f"SequencePlan.producers[{path!r}]: the entries of one module are all TokenProducer "
+                                 "or all BroadcastTable")
 
     def match(self, path: str) -> BlockPlan | None:
         """The plan of the block at ``path`` (``*`` stands for one path component, as in a ``_cp_plan``)."""
