@@ -159,7 +159,7 @@ class DeferredSample:
     and its result stays a stand-in as long as it is one (row-wise operations of stand-ins alone: ``view``,
     ``unflatten``, ``chunk``, ...); an expansion (:data:`EXPANSIONS`) along ``token_dim`` gives a
     :class:`DeferredBroadcast`. Anything else gives what the value gives: computed as the model computes it, only not
-    deferred; a block given one unexpanded gets the value (:func:`sample_values`)."""
+    deferred; a block given one unexpanded gets the value (:func:`memopt.hooks._held_blocks.resolved`)."""
 
     def __init__(self, path: str, value: torch.Tensor, token_dim: int) -> None:
         self.path, self.value, self.token_dim = path, value, token_dim
@@ -220,15 +220,6 @@ def _per_sample(func: Callable, args: tuple, kwargs: dict) -> Any:
     ):
         return out
     return tree_map_only(torch.Tensor, lambda t: DeferredSample(f"{source.path}.{name}", t, source.token_dim), out)
-
-
-def sample_values(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A block's arguments with every :class:`DeferredSample` among them replaced by its value: a per-sample table
-    the model hands a block unexpanded is the tensor it stands for (for autograd, offloading hooks, type checks)."""
-    flat, spec = tree_flatten((args, kwargs))
-    if not any(isinstance(value, DeferredSample) for value in flat):
-        return args, kwargs
-    return tree_unflatten([v.value if isinstance(v, DeferredSample) else v for v in flat], spec)
 
 
 def _expanded(source: DeferredSample, out: torch.Tensor) -> Any:

@@ -11,6 +11,7 @@ gather module (``proj_out``, :class:`SequenceGatherHook`) collecting the chunks.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -73,6 +74,7 @@ class ModelRun:
         self.recorded: dict[int, list[Any]] = {}
         self.replayed: dict[int, int] = {}
         self.tail_allowed = False
+        self.held: Counter[int] = Counter()  # storages that held block calls read (memopt.hooks._held_blocks)
 
     def block_finished(self, output: Any, metadata: TransformerBlockMetadata, keep: bool = True) -> None:
         """``keep=False`` for a block that returns an update the model adds to the stream (ConsisID's face

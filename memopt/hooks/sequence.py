@@ -73,7 +73,8 @@ from ._attention_dispatch import (
     release_interception,
 )
 from ._common import HOOK_PREFIX, register_memopt_hook, removed_on_error
-from ._deferred_tokens import sample_values
+from ._held_blocks import HeldCall, resolved
+from .offload import offloading_group
 from ._sequence_backward import SequenceTrainingHook, backward_passes, chunk_output_grads, recorded_forward
 from ._sequence_chunks import (
     RUNNING,
@@ -225,6 +226,7 @@ class SequenceChunkingReport:
         attention: module paths of the attention modules whose K/V are exchanged between chunks.
         tail: ``"<tail module> -> <gather module>"`` when the output head runs in chunks, else ``None``.
         producers: model-level modules whose per-token output is computed per chunk.
+        held: blocks whose calls are held until their output is used (``BlockPlan.runs_when_used``).
         skipped: ``(module path, reason)`` for blocks and model-level pieces that run unchunked.
     """
 
@@ -236,6 +238,7 @@ class SequenceChunkingReport:
     attention: list[str] = field(default_factory=list)
     tail: str | None = None
     producers: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -244,6 +247,8 @@ class SequenceChunkingReport:
             f"({self.schedule}), {len(self.attention)} attention modules exchange K/V (plan: {self.plan_source})",
             f"  output head in chunks: {self.tail or 'no'}; per-chunk producers: {', '.join(self.producers) or 'none'}",
         ]
+        if self.held:
+            lines.append(f"  run when their output is used: {', '.join(self.held)}")
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
 
@@ -319,6 +324,7 @@ class SequenceChunkingHook(ModelHook):
         self.metadata = metadata
         self.attention = attention
         self.index: dict[str, int] = {}
+        self.hold = False  # set by apply_sequence_chunking (BlockPlan.runs_when_used, HOLD_FROM)
         self._warned = False
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -329,8 +335,12 @@ class SequenceChunkingHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        arguments = Arguments(self.index, *sample_values(args, kwargs))
         model_run: ModelRun | None = running("model_run")
+        if model_run is not None and not model_run.tail and self._holds(module):
+            output = self._held(module, args, kwargs, model_run)
+            model_run.block_finished(output, self.metadata, keep=False)
+            return output
+        arguments = Arguments(self.index, *resolved(args, kwargs))
         if model_run is not None and model_run.tail:
             return model_run.tail_block_output(arguments, self.metadata)
         if model_run is not None:
@@ -341,6 +351,22 @@ class SequenceChunkingHook(ModelHook):
         if model_run is not None:
             model_run.block_finished(output, self.metadata, keep=not self.plan.returns_update)
         return output
+
+    def _holds(self, module: torch.nn.Module) -> bool:
+        """Whether this call is held until its output is used (``BlockPlan.runs_when_used``): in inference, and only
+        when no other hook sits on the block (an offloading or casting hook would have moved its weights back by
+        then)."""
+        return (self.hold and not torch.is_grad_enabled() and offloading_group(module) is None
+                and not _foreign_hooks(module, allowed=frozenset()))
+
+    def _held(self, module: torch.nn.Module, args: tuple, kwargs: dict, model_run: ModelRun) -> Any:
+        """Stand-ins of the block's output entries (the layout its metadata gives), run when first used."""
+        call = HeldCall(self.path, lambda a, k: self._forward(module, Arguments(self.index, a, k)), args, kwargs,
+                        model_run.held)
+        hs, ehs = self.metadata.return_hidden_states_index, self.metadata.return_encoder_hidden_states_index
+        if ehs is None:
+            return call.output(None)
+        return tuple(call.output(index) for index in range(max(hs, ehs) + 1))
 
     def _forward(self, module: torch.nn.Module, arguments: Arguments) -> Any:
         image = self._image(arguments)
@@ -602,6 +628,9 @@ class SequenceChunkingHook(ModelHook):
     def _can_overwrite(self, module: torch.nn.Module, image: torch.Tensor, arguments: Arguments) -> bool:
         if _foreign_hooks(module, outer_of=SEQUENCE_BLOCK_HOOK):
             return False
+        model_run: ModelRun | None = running("model_run")
+        if model_run is not None and model_run.held[image.untyped_storage()._cdata] > 0:
+            return False  # a held block call reads it (BlockPlan.runs_when_used)
         runs = memory_runs(image)
         if runs is None or any(a[1] > b[0] for a, b in zip(runs, runs[1:])):
             return False  # elements sharing memory (an expanded tensor), or too irregular to tell
@@ -755,6 +784,26 @@ def _tensor_key(tensor: torch.Tensor) -> tuple | None:
 # ------------------------------------------------------------------------------------------- apply
 def _contains(module: torch.nn.Module, other: torch.nn.Module) -> bool:
     return any(child is other for child in module.modules())
+
+
+HOLD_FROM = 3
+"""Blocks of one ``runs_when_used`` plan are held only when the model has at least this many: run at once, the
+model keeps all N outputs; held, one output and the inputs they read (Wan VACE's video tokens, which the first main
+block then cannot be written over): N - 2 full-size tensors fewer, nothing saved below 3."""
+
+
+def _hold_when_used(blocks: list[torch.nn.Module]) -> list[str]:
+    """Marks the hooks of ``runs_when_used`` blocks for holding where there are :data:`HOLD_FROM` or more of one
+    plan; their paths."""
+    hooks = [block._diffusers_hook.get_hook(SEQUENCE_BLOCK_HOOK) for block in blocks]
+    held: list[str] = []
+    for plan in {id(hook.plan): hook.plan for hook in hooks if hook.plan.runs_when_used}.values():
+        group = [hook for hook in hooks if hook.plan is plan]
+        if len(group) >= HOLD_FROM:
+            for hook in group:
+                hook.hold = True
+            held += [hook.path for hook in group]
+    return held
 
 
 def _foreign_hooks(
@@ -1116,6 +1165,7 @@ def apply_sequence_chunking(
         if not report.blocks:
             raise ValueError(f"no block of {type(model).__name__} matched the sequence plan {sorted(plan.blocks)}:\n"
                              f"{report}")
+        report.held = _hold_when_used(blocks)
         _apply_model_level(model, plan, config, report, blocks)
         if training:
             register_memopt_hook(model, SequenceTrainingHook(blocks, saved_inputs), SEQUENCE_TRAINING_HOOK)

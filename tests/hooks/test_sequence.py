@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate
 from memopt.hooks import _attention_dispatch
 from memopt.hooks._common import has_memopt_hooks, register_memopt_hook
-from memopt.hooks._deferred_tokens import DeferredGroups, DeferredSample, DeferredTokens, sample_values
+from memopt.hooks._deferred_tokens import DeferredGroups, DeferredSample, DeferredTokens
+from memopt.hooks._held_blocks import resolved
 from memopt.hooks._sequence_chunks import RUNNING, ChunkLayout, balanced
 from memopt.hooks._sequence_exchange import AttentionState, BlockRun
 from memopt.hooks.sequence import (
@@ -741,7 +742,7 @@ def test_a_per_sample_table_expanded_and_materialised_by_the_model_stays_deferre
     met = sample[:, None] + torch.ones(batch, 3, 24)  # grown over a real operand's tokens: computed, a plain tensor
     assert type(met) is torch.Tensor and torch.equal(met, window_table[:, None] + torch.ones(batch, 3, 24))
     assert not DeferredSample("zero", torch.zeros(1), 0)  # truth, as the value's (an object would always be true)
-    args, kwargs = sample_values((sample, [sample, 1]), {"temb": sample})  # what a block is handed: the values
+    args, kwargs = resolved((sample, [sample, 1]), {"temb": sample})  # what a block is handed: the values
     assert args[0] is args[1][0] is kwargs["temb"] is window_table and args[1][1] == 1
 
 

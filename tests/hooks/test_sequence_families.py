@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+from diffusers.hooks import apply_group_offloading
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations
 from memopt.models import Size, get_family
@@ -363,6 +364,67 @@ def test_wan_vace_hints_and_a_hint_after_the_last_block():
     apply_sequence_chunking(model, 4)
     with torch.no_grad(), pytest.raises(RuntimeError, match="output head's input differs .* chunk_tail=False"):
         model(**inputs)
+
+
+def _vace(layers: list[int]) -> tuple[torch.nn.Module, dict]:
+    spec = get_family("wan_vace")
+    model = spec.build({**spec.config("tiny"), "num_layers": max(layers) + 2, "vace_layers": layers})
+    return model, spec.make_inputs(model.config, batch_size=2, height=80, width=112, num_frames=9)
+
+
+def test_wan_vace_blocks_run_when_their_hint_is_used():
+    """Wan VACE runs every VACE block before the main blocks and keeps all hints (8 for Wan2.1-VACE-14B): with three
+    or more VACE blocks, each is held and runs when its hint is first used (BlockPlan.runs_when_used), after the main
+    block it belongs to. Exact at batch 2, odd chunk counts, both schedules, in inference mode and under group
+    offloading (which runs them as called); growth 1 LD per hint run at once, ~6.2 LD held at any count (break-even
+    at two: one and two blocks run as called)."""
+    model, inputs = _vace([0, 1, 3])
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for schedule in ("two_pass", "lockstep"):
+            for num_chunks in (3, 7):
+                report = apply_sequence_chunking(model, num_chunks, schedule=schedule)
+                assert report.held == [f"vace_blocks.{i}" for i in range(3)] and report.tail, report
+                out = model(**inputs)[0]
+                remove_memory_optimizations(model)
+                assert rel_err(out, reference) <= 1e-5, (schedule, num_chunks)
+        apply_sequence_chunking(model, 3)
+        with torch.inference_mode():  # tensors without version counters
+            assert rel_err(model(**inputs)[0], reference) <= 1e-5
+        cpu = torch.device("cpu")
+        apply_group_offloading(model, onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                               num_blocks_per_group=1)
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+        remove_memory_optimizations(model)
+
+    def growth(layers: list[int], hold: bool) -> float:
+        overrides = {"num_layers": max(layers) + 2, "vace_layers": layers}
+        plan = SEQUENCE_PLANS["WanVACETransformer3DModel"]
+        if not hold:
+            vace = dataclasses.replace(plan.blocks["vace_blocks.*"], runs_when_used=False)
+            plan = dataclasses.replace(plan, blocks={**plan.blocks, "vace_blocks.*": vace})
+        return activation_growth("wan_vace", prepare=lambda m: apply_sequence_chunking(m, plan=plan, inplace=True),
+                                 overrides=overrides)
+
+    assert growth([0, 1, 2, 3], hold=False) >= 8.0 and growth([0, 1, 2, 3], hold=True) <= 6.3  # 8.19 / 6.19
+    assert growth([0], hold=True) <= 5.3  # one VACE block: run as called (5.19; held it would be 6.22)
+
+
+def test_a_held_block_input_changed_before_it_runs_is_an_error():
+    """A held VACE block reads the embedded video tokens when its hint is used; memopt's first main block is written
+    out of place for it, and a change by anything else (here a forward pre-hook adding to them in place) is an error
+    naming the block, not a hint from other inputs."""
+    model, inputs = _vace([0, 1, 2])
+    apply_sequence_chunking(model, 3)
+
+    def touch(module: torch.nn.Module, args: tuple) -> None:
+        args[0].add_(0)  # the same numbers, a new version
+
+    handle = model.blocks[0].register_forward_pre_hook(touch)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="vace_blocks.0: an input of this block, held"):
+        model(**inputs)
+    handle.remove()
+    remove_memory_optimizations(model)
 
 
 def test_cogview4_text_mask_is_refused_not_computed_wrong():

@@ -213,6 +213,11 @@ class BlockPlan:
         input_is_view: the block's hidden states can be a view of a tensor its caller still reads (Krea 2's layerwise
             text-fusion blocks get ``encoder_hidden_states.reshape(...)``, the model's own input, which the pipeline
             passes again at every step): its output is never written over its input.
+        runs_when_used: the model runs these blocks in a loop of their own and keeps every output until a later
+            block uses it (Wan VACE: one hint per VACE layer, 8-15 full-size tensors through the main blocks), and
+            their inputs are made before that loop (or are each other's outputs): in inference each call is held and
+            runs when its output is first used (:mod:`memopt.hooks._held_blocks`), so one output exists at a time.
+            Not with another hook on the block (offloading, casting): those run as called.
     """
 
     inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -225,6 +230,7 @@ class BlockPlan:
     returns_update: bool = False
     chunk_local: bool = False
     input_is_view: bool = False
+    runs_when_used: bool = False
 
     @property
     def has_text_stream(self) -> bool:

@@ -207,8 +207,11 @@ PLANS: dict[str, SequencePlan] = {
         # Wan's blocks as Wan's. A VACE block carries the control tokens as its main stream (split; attn1 exchanges
         # their K/V; its output written back over its input) and also reads the video tokens and returns a per-token
         # hint: those go in the text stream's place, the same length as the control stream, so cut into the same
-        # ranges and exchanged by no attention. The model keeps the video tokens, the last control state and the
-        # last hint alive between blocks (~5 LD no plan removes).
+        # ranges and exchanged by no attention. The model runs every VACE block before the main blocks and keeps all
+        # hints until the main block each is added after (8 for Wan2.1-VACE-14B, 15 for 1.3B): the VACE blocks read
+        # only the embedded video tokens, the text, the timestep tables and each other's control state, so each runs
+        # when its hint is first used (runs_when_used): one hint and one control state at a time. The model keeps the
+        # video tokens and the last control state alive through the main blocks (~2 LD no plan removes).
         {
             "blocks.*": _WAN,
             "vace_blocks.*": dataclasses.replace(
@@ -219,6 +222,7 @@ PLANS: dict[str, SequencePlan] = {
                     "hidden_states": _TEXT_TOKENS,  # the video tokens
                 },
                 metadata=_returns_text_stream_first("control_hidden_states", "hidden_states"),  # (hint, control)
+                runs_when_used=True,
             ),
         },
         embed=("patch_embedding", "vace_patch_embedding"),
