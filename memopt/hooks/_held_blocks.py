@@ -40,7 +40,6 @@ class HeldCall:
         self.tensors = [(value, _version(value)) for value in self.flat if isinstance(value, torch.Tensor)]
         held.update(_storage(tensor) for tensor, _ in self.tensors)
         self.stand_ins: list[weakref.ref[HeldOutput]] = []
-        self.outputs: Any = None
         self.ran = False
 
     def output(self, index: int | None) -> HeldOutput:
