@@ -11,8 +11,8 @@ gather module (``proj_out``, :class:`SequenceGatherHook`) collecting the chunks.
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
