@@ -253,7 +253,8 @@ def test_split_dims_follow_the_models_cp_plan():
 # expansion of the per-sample tables on (BroadcastTable; measured 4.93, unmodified 21.25). What stays above the floor
 # are the forward's locals: the embedded history latents (80 of the 144 tokens at this config) and rotary pieces.
 # Wan VACE keeps the video tokens, the last control state and the last hint alive between its blocks as Python
-# variables of the model forward (~5 LD; measured 5.26, unmodified 9.62).
+# variables of the model forward (~5 LD; measured 5.26, unmodified 9.62). One VACE block here: with three or more
+# their hints would add 1 LD each, and the blocks are held until used instead (test_wan_vace_blocks_run_when_...).
 # Cosmos Predict2 gets a per-frame timestep: the model forward expands its temb (B, S, 3D) and embedded timestep
 # (B, S, D) to every token before the blocks and keeps them until the head (4 LD), deferred with the per-frame tables
 # (measured 4.22, 7.90 with them whole, unmodified 18.25; with Cosmos-1.0's per-sample timestep 3.43): each chunk's

@@ -64,7 +64,7 @@ def _flux3_modulation_rows(modulation: torch.nn.Module, call: ProducerCall,
     whose values cannot be compared) each chunk computes the linear of its own rows (row-wise: the same numbers).
     """
     temb = call["temb"]
-    if not isinstance(temb, torch.Tensor):  # deferred itself (the timestep embedders are BroadcastTables)
+    if not isinstance(temb, torch.Tensor):  # deferred itself (the timestep embedder is a BroadcastTable)
         if temb.uniform:
             row = forward(temb.rows([(0, 1)]))
             return lambda ranges: row.expand(-1, sum(end - start for start, end in ranges), -1)
