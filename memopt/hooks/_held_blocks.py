@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._deferred_tokens import DeferredSample
+from ._deferred_tokens import OPERATORS, DeferredSample, _operator
 
 Forward = Callable[[tuple, dict], Any]
 
@@ -84,8 +84,7 @@ class HeldOutput:
 
     @classmethod
     def __torch_function__(cls, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
-        args, kwargs = resolved(args, kwargs or {})
-        return func(*args, **kwargs)
+        return _on_tensors(func, args, kwargs or {})
 
     def __getattr__(self, name: str) -> Any:
         if name in ("call", "index", "value"):  # not set yet (copy, pickle)
@@ -102,19 +101,14 @@ class HeldOutput:
         return iter(self.tensor())
 
 
-def _operator(name: str) -> Callable[..., Any]:
-    method = getattr(torch.Tensor, name)
-
-    def operator(self: HeldOutput, *other: Any) -> Any:
-        return method(self.tensor(), *(resolve(value) for value in other))
-
-    operator.__name__ = name
-    return operator
+def _on_tensors(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``func`` with the stand-ins among its arguments replaced by what they stand for."""
+    args, kwargs = resolved(args, kwargs)
+    return func(*args, **kwargs)
 
 
-for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
-              "__neg__", "__getitem__", "__matmul__", "__rmatmul__"):
-    setattr(HeldOutput, _name, _operator(_name))
+for _name in (*OPERATORS, "__matmul__", "__rmatmul__"):
+    setattr(HeldOutput, _name, _operator(_name, _on_tensors))
 
 
 def resolve(value: Any) -> Any:

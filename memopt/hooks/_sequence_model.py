@@ -349,9 +349,6 @@ class SequenceProducerHook(ModelHook):
         return replayed(run, id(self), lambda: self._deferred(module, args, kwargs))
 
     def _deferred(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-        bound = self.signature.bind(module, *args, **kwargs)
-        bound.apply_defaults()
-        call = dict(list(bound.arguments.items())[1:])
         forward = self.fn_ref.original_forward
         entries = self.producer if isinstance(self.producer, tuple) else (self.producer,)
         if isinstance(entries[0], BroadcastTable):
@@ -364,6 +361,9 @@ class SequenceProducerHook(ModelHook):
                 output[entry.output] = DeferredSample(f"{self.path}[{entry.output}]", output[entry.output],
                                                       entry.token_dim)
             return tuple(output)
+        bound = self.signature.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        call = dict(list(bound.arguments.items())[1:])
         if not isinstance(self.producer, tuple):
             return DeferredTokens(self.path, self.producer, module, forward, call)
         sliver = self.producer[0].sliver

@@ -64,15 +64,15 @@ def _flux3_modulation_rows(modulation: torch.nn.Module, call: ProducerCall,
     whose values cannot be compared) each chunk computes the linear of its own rows (row-wise: the same numbers).
     """
     temb = call["temb"]
-    if not isinstance(temb, torch.Tensor):  # deferred itself (the timestep embedder is a BroadcastTable)
-        if temb.uniform:
-            row = forward(temb.rows([(0, 1)]))
-            return lambda ranges: row.expand(-1, sum(end - start for start, end in ranges), -1)
-        return lambda ranges: forward(temb.rows(ranges))
-    if not is_fake(temb) and torch.equal(temb, temb[:, :1].expand_as(temb)):
-        row = forward(temb[:, :1])
+    if isinstance(temb, torch.Tensor):
+        uniform = not is_fake(temb) and torch.equal(temb, temb[:, :1].expand_as(temb))
+        rows_of = lambda ranges: _take(temb, 1, ranges)  # noqa: E731
+    else:  # deferred itself (the timestep embedder is a BroadcastTable)
+        uniform, rows_of = temb.uniform, temb.rows
+    if uniform:
+        row = forward(rows_of([(0, 1)]))
         return lambda ranges: row.expand(-1, sum(end - start for start, end in ranges), -1)
-    return lambda ranges: forward(_take(temb, 1, ranges))
+    return lambda ranges: forward(rows_of(ranges))
 
 
 # FLUX.3 per-mode blocks: parallel attention + SwiGLU MLP from one modulated input, self-attention within one token
