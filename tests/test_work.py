@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations
-from memopt.models import get_family
-from memopt.plans.sequence import sequence_plan
+from memopt.hooks import sequence
+from memopt.models import Size, get_family
 from memopt.trace.work import H100_BF16, Roofline, Work, WorkCounter, count_work
 
 
@@ -89,32 +89,38 @@ def test_aligned_chunks_do_the_tile_work_of_the_unchunked_forward():
     assert chunked[16].matmul_tiled_flops < chunked[1].matmul_tiled_flops
 
 
-def test_wan_empty_stand_ins_leave_the_rotary_embedding_of_unused_projections_undone():
-    """Wan's two-pass schedule skips Q in the collection pass and K/V in the final one; with empty stand-ins
-    (``JointAttention.empty_stand_ins``, Wan's plan) the rotary embedding and norms of the skipped ones move nothing, so
-    the attention module moves what the unmodified one does plus the K/V it gathers (copy_ reads the chunk and the
-    buffer and writes the buffer: 3 x (K + V) = 6 units) and re-reads rotary tables; full-size zero stand-ins go
-    through the rotary embedding and move several times more."""
-    spec = get_family("wan")
+@pytest.mark.parametrize("family, attention, size", [
+    ("wan", "blocks.0.attn1", (320, 448, 5)),
+    ("hunyuanvideo", "transformer_blocks.0.attn", (320, 448, 5)),
+    ("flux", "transformer_blocks.0.attn", (320, 448, 1)),
+    ("ltx", "transformer_blocks.0.attn1", (640, 896, 9)),
+])
+def test_the_rotary_embedding_of_unused_projections_is_left_undone(family, attention, size, monkeypatch):
+    """The two-pass schedule skips Q in the collection pass and K/V in the final one. With stand-ins that take no
+    work (Wan's empty batch, ``JointAttention.empty_stand_ins``; the others' unread stand-ins, ``memopt.hooks._unread``,
+    here with their threshold lowered to this size) the attention module moves what the unmodified one does plus the
+    K/V it gathers (copy_ reads the chunk and the buffer and writes the buffer: 3 x (K + V) = 6 units; HunyuanVideo's
+    text tokens add a little, Wan re-reads its rotary tables). Below the threshold, dense zero stand-ins go through
+    the shared ``apply_rotary_emb`` of HunyuanVideo, Flux and LTX: 35-39 units."""
+    spec = get_family(family)
     model = spec.build("tiny")
-    inputs = spec.make_inputs(model.config, batch_size=2, height=320, width=448, num_frames=5)  # 1,120 tokens
-    unit = 2 * 1120 * model.config.num_attention_heads * model.config.attention_head_dim * 4  # K of batch 2, fp32
+    inputs = spec.make_inputs(model.config, batch_size=2, height=size[0], width=size[1], num_frames=size[2])
+    unit = 2 * spec.num_tokens(model.config, Size(*size)) * spec.hidden_size(model.config) * 4  # K of batch 2, fp32
 
     def attention_bytes() -> int:
         with torch.no_grad(), WorkCounter(root=model) as counter:
             model(**inputs)
-        return counter.by_module["blocks.0.attn1"].memory_bytes
+        return counter.by_module[attention].memory_bytes
 
     unmodified = attention_bytes()
-    plan = sequence_plan(model)
-    block = plan.blocks["blocks.*"]
-    assert block.attention["attn1"].empty_stand_ins
-    dense_attention = {"attn1": dataclasses.replace(block.attention["attn1"], empty_stand_ins=False)}
-    dense = dataclasses.replace(plan, blocks={"blocks.*": dataclasses.replace(block, attention=dense_attention)})
-    extra = {}
-    for name, chunk_plan in (("empty", plan), ("dense", dense)):
-        apply_sequence_chunking(model, 6, plan=chunk_plan)
-        extra[name] = attention_bytes() - unmodified
+    extra, default = {}, sequence.UNREAD_FROM
+    for unread_from in (default, 0):
+        monkeypatch.setattr(sequence, "UNREAD_FROM", unread_from)
+        apply_sequence_chunking(model, 6)
+        extra[unread_from] = attention_bytes() - unmodified
         remove_memory_optimizations(model)
-    assert 6 * unit <= extra["empty"] <= 7.5 * unit  # the tables: about a unit at this size (two heads)
-    assert extra["dense"] > 3 * extra["empty"]
+    assert 6 * unit <= extra[0] <= (7.5 if family == "wan" else 6.5) * unit
+    if family == "wan":
+        assert extra[default] == extra[0]  # empty stand-ins either way
+    else:
+        assert extra[default] > 30 * unit

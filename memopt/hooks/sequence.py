@@ -14,7 +14,9 @@ What is alive then is the residual stream, K and V (about 3 LD, LD = tokens x wi
 workspace, instead of the 10-17 LD an unchunked block peaks at. The price is that the part of the block before
 attention runs twice (the projections whose output a pass does not use, the unused columns of fused ones, and the
 query/key norms after them, are skipped, see ``SequenceSkipHook`` and ``SequenceFusedSkipHook``; where the processor
-takes it, a skipped projection returns an empty batch, so its rotary embedding is skipped too). What would be the
+takes it, a skipped projection returns an empty batch, so its rotary embedding is skipped too, and in chunks of
+``UNREAD_FROM`` elements or more what any processor does with it runs on ``meta`` only, see
+:mod:`memopt.hooks._unread`). What would be the
 same in every chunk, the key/value side of cross-attention to text and the timestep modulation of adaptive norms,
 is computed once per block (``SequenceReuseHook``), so chunked blocks do the matmul work of unchunked ones.
 Outputs match the unmodified model to rounding (the final pass runs the same kernels on the same numbers, only with
@@ -98,6 +100,8 @@ from ._sequence_exchange import (
     output_versions,
     refuse_inactive,
 )
+from ._unread import UNREAD_FROM, unread, unread_values
+from ._unread import active as unread_active
 from ._sequence_model import (
     ModelRun,
     SequenceEmbedHook,
@@ -302,8 +306,20 @@ class SequenceAttentionHook(ModelHook):
         if state is None:  # called outside a chunked block run: the module is untouched
             return self.fn_ref.original_forward(*args, **kwargs)
         state.calls_seen[run.chunk] = 0
-        with intercept_attention(functools.partial(run.handle, state), SEQUENCE_PRIORITY, calls_sdpa_directly(module)):
+        handler = functools.partial(run.handle, state)
+        stand_ins = unread_values() if self._unread(run, state, module, args, kwargs) else contextlib.nullcontext()
+        with intercept_attention(handler, SEQUENCE_PRIORITY, calls_sdpa_directly(module)), stand_ins:
             return self.fn_ref.original_forward(*args, **kwargs)
+
+    @staticmethod
+    def _unread(run: BlockRun, state: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+        """Whether the skipped projections of this call return unread stand-ins: where they are large enough for the
+        memory traffic saved to outweigh the Python cost per operation (``UNREAD_FROM``), and the plan does not
+        make them empty (``JointAttention.empty_stand_ins``: free already)."""
+        if state.spec.empty_stand_ins or not (run.skips("query", id(module)) or run.skips("key_value", id(module))):
+            return False
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        return isinstance(hidden, torch.Tensor) and hidden.numel() >= UNREAD_FROM
 
 
 class SequenceChunkingHook(ModelHook):
@@ -650,12 +666,14 @@ class SequenceSkipHook(ModelHook):
     ``kind`` is ``"query"`` (unused in its attention's collection pass), ``"key_value"`` (unused once its attention's
     K/V are collected) or ``"before_attention"`` (a branch computed before the first attention and used after it).
     Projections return zeros: with ``empty`` (``JointAttention.empty_stand_ins``) an empty batch of them, so whatever
-    the processor does with them before the attention call is free too, else dense zeros (the code after them may
-    write into them). A ``"before_attention"`` branch (its output is used only after the attention, which the pass
-    never reaches) and parameter-free (elementwise) modules return a zero-stride view. A norm (``norm=True``: the
-    query/key norms after skipped projections) returns its own input, the zeros, cast to the dtype the norm returns for
-    that input dtype and its own parameter dtypes (learned from one real call each), so the normalisation of numbers
-    nobody reads costs no kernels either.
+    the processor does with them before the attention call is free too; under
+    :func:`~memopt.hooks._unread.unread_values` (set by the attention hook for large chunks) zero-stride
+    :func:`~memopt.hooks._unread.unread` stand-ins, whose processing runs on ``meta`` only; else dense zeros (the code
+    after them may write into them). A ``"before_attention"`` branch (its output is used only after the attention,
+    which the pass never reaches) and parameter-free (elementwise) modules return a zero-stride view. A norm
+    (``norm=True``: the query/key norms after skipped projections) returns its own input, the zeros, cast to the dtype
+    the norm returns for that input dtype and its own parameter dtypes (learned from one real call each), so the
+    normalisation of numbers nobody reads costs no kernels either.
     """
 
     def __init__(self, kind: str, attention_id: int | None, path: str, norm: bool = False, empty: bool = False
@@ -679,6 +697,8 @@ class SequenceSkipHook(ModelHook):
         if self.norm:
             return self._norm_stand_in(module, x, args, kwargs)
         out_features = getattr(module, "out_features", None)
+        if out_features is not None and self.kind != "before_attention" and unread_active():
+            return unread((*x.shape[:-1], out_features), x.dtype, x.device)
         if out_features is not None and self.kind != "before_attention":
             return x.new_zeros(0 if self.empty else x.shape[0], *x.shape[1:-1], out_features)
         shape = x.shape if out_features is None else (*x.shape[:-1], out_features)
