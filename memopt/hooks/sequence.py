@@ -312,7 +312,7 @@ class SequenceAttentionHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
 
     @staticmethod
-    def _unread(run: BlockRun, state: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    def _unread(run: BlockRun, state: AttentionState, module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
         """Whether the skipped projections of this call return unread stand-ins: where they are large enough for the
         memory traffic saved to outweigh the Python cost per operation (``UNREAD_FROM``), and the plan does not
         make them empty (``JointAttention.empty_stand_ins``: free already)."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from memopt import apply_chunked_feedforward, apply_sequence_chunking, remove_memory_optimizations
+from memopt.hooks import sequence
 from memopt.hooks._common import has_memopt_hooks
 from memopt.hooks._sequence_backward import separate_shared_gradients
 from memopt.models import get_family
@@ -87,12 +88,15 @@ def assert_same_gradients(result: dict, reference: dict, where: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_match_unmodified_model(family):
+def test_gradients_match_unmodified_model(family, monkeypatch):
     model = get_family(family).build("tiny").train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     # 4 chunks split the 8 text tokens of joint blocks, 16 carry them whole; at batch 1 no per-sample table is
-    # reduced over the batch in the backward (the case of separate_shared_gradients)
-    for batch_size, num_chunks in ((2, 4), (2, 16), (1, 4)):
+    # reduced over the batch in the backward (the case of separate_shared_gradients). The first runs the skipped
+    # projections' unread stand-ins (memopt.hooks._unread, their threshold lowered to these sizes).
+    default = sequence.UNREAD_FROM
+    for batch_size, num_chunks, unread_from in ((2, 4, 0), (2, 16, default), (1, 4, default)):
+        monkeypatch.setattr(sequence, "UNREAD_FROM", unread_from)
         inputs = make_inputs(family, model, batch_size)
         key = latent_key(inputs)
         reference = step(model, inputs, key)
