@@ -16,11 +16,10 @@ attention runs twice (the projections whose output a pass does not use, the unus
 query/key norms after them, are skipped, see ``SequenceSkipHook`` and ``SequenceFusedSkipHook``; where the processor
 takes it, a skipped projection returns an empty batch, so its rotary embedding is skipped too, and in chunks of
 ``UNREAD_FROM`` elements or more what any processor does with it runs on ``meta`` only, see
-:mod:`memopt.hooks._unread`). What would be the
-same in every chunk, the key/value side of cross-attention to text and the timestep modulation of adaptive norms,
-is computed once per block (``SequenceReuseHook``), so chunked blocks do the matmul work of unchunked ones.
-Outputs match the unmodified model to rounding (the final pass runs the same kernels on the same numbers, only with
-fewer query rows per call).
+:mod:`memopt.hooks._unread`). What would be the same in every chunk, the key/value side of cross-attention to text
+and the timestep modulation of adaptive norms, is computed once per block (``SequenceReuseHook``), so chunked blocks
+do the matmul work of unchunked ones. Outputs match the unmodified model to rounding (the final pass runs the same
+kernels on the same numbers, only with fewer query rows per call).
 
 The **lock-step** schedule (``schedule="lockstep"``) runs the block once per chunk instead: each chunk runs as a
 greenlet up to its whole-sequence attention call, writes its K/V into the full buffers and is suspended there;
@@ -697,9 +696,9 @@ class SequenceSkipHook(ModelHook):
         if self.norm:
             return self._norm_stand_in(module, x, args, kwargs)
         out_features = getattr(module, "out_features", None)
-        if out_features is not None and self.kind != "before_attention" and unread_active():
-            return unread((*x.shape[:-1], out_features), x.dtype, x.device)
         if out_features is not None and self.kind != "before_attention":
+            if unread_active():
+                return unread((*x.shape[:-1], out_features), x.dtype, x.device)
             return x.new_zeros(0 if self.empty else x.shape[0], *x.shape[1:-1], out_features)
         shape = x.shape if out_features is None else (*x.shape[:-1], out_features)
         return torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
