@@ -22,6 +22,7 @@ Run::
     python benchmarks/sequence.py --device cuda --families wan hunyuanvideo --repeats 2 \\
         --output benchmarks/results/sequence_h100.md                # full-size Wan2.1-14B 720p, HunyuanVideo 720p
     python benchmarks/sequence.py --device cuda --families wan --num-chunks 8 16 32   # time against chunk count
+    python benchmarks/sequence.py --device cuda --families hunyuanvideo --unread-from 1000000000000  # dense stand-ins
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from memopt import apply_sequence_chunking, remove_memory_optimizations, trace_memory
+from memopt.hooks import sequence as sequence_hooks
 from memopt.hooks.sequence import SCHEDULES
 from memopt.models import FAMILIES, Size, cast_floating_, get_family
 from memopt.plans.sequence import SEQUENCE_PLANS
@@ -345,8 +347,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (1: on a shared 2-core box a second thread turns the chunked run's many "
                              "small ops into waits for the busy core, and the ratio measures the neighbours)")
+    parser.add_argument("--unread-from", type=int, default=None,
+                        help="elements of a chunk's attention input from which the projections a pass skips return "
+                             "unread stand-ins (memopt.hooks._unread; default: memopt's UNREAD_FROM); a huge value "
+                             "keeps dense zeros, for comparing the two")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    if args.unread_from is not None:
+        sequence_hooks.UNREAD_FROM = args.unread_from
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
