@@ -349,8 +349,8 @@ def main() -> None:
                              "small ops into waits for the busy core, and the ratio measures the neighbours)")
     parser.add_argument("--unread-from", type=int, default=None,
                         help="elements of a chunk's attention input from which the projections a pass skips return "
-                             "unread stand-ins (memopt.hooks._unread; default: memopt's UNREAD_FROM); a huge value "
-                             "keeps dense zeros, for comparing the two")
+                             "unread stand-ins (memopt.hooks._unread; default: memopt.hooks.sequence.UNREAD_FROM); a "
+                             "huge value keeps dense zeros, for comparing the two")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     if args.unread_from is not None:

@@ -9,8 +9,9 @@ to a HunyuanVideo block at 720p. While :func:`unread_values` is active (around t
 such a pass), a stand-in is a zero-stride zero tensor (:func:`unread`: no memory) and an operation on it is not run:
 its output shapes come from running it on ``meta`` tensors (once per operation and shapes: the same ones repeat in
 every chunk and block), and its outputs are unread stand-ins again. So the rotary embedding, reshapes and casts of a
-discarded query cost ~15 microseconds of Python each, and no kernel: worth it for chunks of ``UNREAD_FROM`` elements
-or more (below, dense zeros are cheaper; Wan-lineage processors take empty stand-ins, which cost nothing at all).
+discarded query cost ~15 microseconds of Python each, and no kernel: worth it for large chunks only
+(:data:`memopt.hooks.sequence.UNREAD_FROM`; below, dense zeros are cheaper; Wan-lineage processors take empty
+stand-ins, which cost nothing at all).
 
 An operation runs as usual (on dense zeros in place of the stand-ins, what the skip hooks returned before) where its
 result might be read after all:
@@ -40,11 +41,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 _MARK = "_memopt_unread"
-# Elements of an attention module's input from which its skipped projections return unread stand-ins: each operation
-# on one costs ~15 us of Python instead of a kernel. Measured on the CPU (two-pass forwards at width 512): chunks of
-# 24,576 elements ran 7% slower with stand-ins, chunks of ~300,000 about as fast (-4% to +2%); smaller chunks on a GPU
-# are launch-bound, where the Python per operation weighs most.
-UNREAD_FROM = 1 << 20
 
 # Values routed from other tensors into the output: unread only if every tensor taken is unread.
 _ROUTING = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "column_stack", "where",
