@@ -143,7 +143,7 @@ class ChunkLayout:
         """Chunk ``chunk``'s piece of a block input tensor per ``spec`` (views unless several segments), or its share
         of a :class:`TokenCount`."""
         if isinstance(spec, TokenCount):
-            return self.count(value, chunk, where)
+            return self.count(value, chunk, where, spec.leading)
         deferred = isinstance(value, DeferredTokens)
         if not deferred and not isinstance(value, torch.Tensor):
             return value
@@ -175,12 +175,16 @@ class ChunkLayout:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, spec.split_dim)
 
 
-    def count(self, value: Any, chunk: int, where: str) -> int:
-        """How many of chunk ``chunk``'s image tokens are among the last ``value`` ones."""
+    def count(self, value: Any, chunk: int, where: str, leading: bool = False) -> int:
+        """How many of chunk ``chunk``'s image tokens are among the last (``leading``: the first) ``value`` ones."""
         total = self.lengths["image"]
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= total:
-            raise ValueError(f"{where}: expected a count of the last tokens of the {total} image tokens, got {value!r}")
+            which = "first" if leading else "last"
+            raise ValueError(f"{where}: expected a count of the {which} tokens of the {total} image tokens, "
+                             f"got {value!r}")
         start, end = self.ranges["image"][chunk]
+        if leading:
+            return max(0, min(end, value) - start)
         return max(0, end - max(start, total - value))
 
 

@@ -119,7 +119,7 @@ class BlockRun:
         # Whole-sequence attention modules the plan switches off in this forward (``JointAttention.active``), by id
         # -> path: they must make no kernel call (see ``refuse_inactive``).
         self.inactive = inactive or {}
-        self.reused: dict[int, ReusedOutput] = {}  # per reuse hook (see ``SequenceReuseHook``)
+        self.reused: dict[int, list[ReusedOutput]] = {}  # per reuse hook, newest first (see ``SequenceReuseHook``)
         self.chunk = 0
         self.collecting: int | None = None  # stage being collected, None in the final pass
         # Lock-step schedule: suspends the running chunk at a whole-sequence attention call until all chunks have
@@ -152,7 +152,7 @@ class BlockRun:
     def check_reused(self) -> None:
         """Lock-step: chunks suspended at a barrier hold the outputs they were given; one modified in place since
         (by a later chunk) would have changed under them."""
-        for reused in self.reused.values():
+        for reused in (entry for entries in self.reused.values() for entry in entries):
             if output_versions(reused.output) != reused.output_version:
                 raise modified_under_suspended_chunks(reused.path)
 

@@ -238,7 +238,8 @@ class SequenceTailHook(ModelHook):
         if block_pass and run.last_block is not None:
             run.tail_input = _first_argument(args, kwargs)
             arguments = Arguments(self.index, args, kwargs)
-            counts = [arguments.get(name) for name, spec in self.inputs.items() if isinstance(spec, TokenCount)]
+            counts = [arguments.get(name) for name, spec in self.inputs.items()
+                      if isinstance(spec, TokenCount) and not spec.leading]
             run.kept_tokens = next((count for count in counts if count is not None), None)
             raise TailReached
         if run is not None and run.tail and run.check_tail_input:

@@ -128,6 +128,11 @@ SEQUENCE_REPLAY_HOOK = "memopt.sequence.replay"
 SEQUENCE_TRAINING_HOOK = "memopt.sequence.training"
 SEQUENCE_REUSE_HOOK = "memopt.sequence.reuse"
 
+REUSED_INPUTS = 2
+"""How many inputs' outputs a :class:`SequenceReuseHook` keeps within one block forward: two serve a module called on
+two alternating inputs per chunk, and bound what an input that differs in every chunk (a plan naming the wrong module)
+can hold."""
+
 SCHEDULES = ("two_pass", "lockstep")
 SAVED_INPUTS = ("device", "host")
 SMALL_CHUNK_TOKENS = 512
@@ -771,7 +776,8 @@ class SequenceReuseHook(ModelHook):
     tuple of tensors such as the six modulation tables of one projection) not modified in place since;
     anything else, including inference tensors (no version counter), is computed as usual. In the
     lock-step schedule an output modified in place is an error instead (suspended chunks hold it), checked again when
-    the block finishes.
+    the block finishes. The outputs of the last :data:`REUSED_INPUTS` inputs are kept: HunyuanVideo-I2V's token-replace
+    norms call one modulation layer on the timestep embedding and then on the clean image's, in every chunk.
     """
 
     def __init__(self, path: str) -> None:
@@ -784,8 +790,9 @@ class SequenceReuseHook(ModelHook):
         key = _tensor_key(x) if run is not None and isinstance(x, torch.Tensor) else None
         if key is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        reused = run.reused.get(id(self))
-        if reused is not None and reused.input_key == key:
+        entries = run.reused.setdefault(id(self), [])
+        reused = next((entry for entry in entries if entry.input_key == key), None)
+        if reused is not None:
             if output_versions(reused.output) == reused.output_version:
                 return reused.output
             if run.suspend is not None:
@@ -793,7 +800,8 @@ class SequenceReuseHook(ModelHook):
         output = self.fn_ref.original_forward(x)
         versions = output_versions(output)
         if versions is not None:
-            run.reused[id(self)] = ReusedOutput(self.path, x, key, output, versions)
+            entries[:] = [ReusedOutput(self.path, x, key, output, versions),
+                          *(entry for entry in entries if entry is not reused)][:REUSED_INPUTS]
         return output
 
 
@@ -850,6 +858,8 @@ def _iter_blocks(model: torch.nn.Module, plan: SequencePlan) -> Iterator[tuple[s
         if not path:
             continue
         block_plan = plan.match(path)
+        if block_plan is not None:
+            block_plan = block_plan.for_block(module)
         if block_plan is not None or type(module) in registered:
             yield path, module, block_plan
 

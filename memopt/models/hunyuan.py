@@ -223,6 +223,24 @@ SPECS: list[FamilySpec] = [
         mask_key="encoder_attention_mask",
     ),
     FamilySpec(
+        # HunyuanVideo-I2V (hunyuanvideo-community/HunyuanVideo-I2V): the same class with token-replace blocks, which
+        # modulate the first latent frame (the clean image's latents) with a timestep-zero table; the -33ch release
+        # concatenates the image latents on the channels instead (in_channels 33) and has the plain blocks.
+        name="hunyuanvideo_i2v",
+        class_name="HunyuanVideoTransformer3DModel",
+        configs={
+            "full": {"image_condition_type": "token_replace"},
+            "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 1, "num_single_layers": 2,
+                     "num_refiner_layers": 1, "text_embed_dim": 24, "pooled_projection_dim": 12,
+                     "rope_axes_dim": (4, 6, 6), "image_condition_type": "token_replace"},
+        },
+        sizes={"default": Size(720, 1280, 129), "tiny": Size(48, 80, 5)},
+        text_tokens=256,
+        make_inputs_fn=_hunyuan_inputs,
+        num_tokens_fn=_hunyuan_tokens,
+        mask_key="encoder_attention_mask",
+    ),
+    FamilySpec(
         name="hunyuanvideo15",
         class_name="HunyuanVideo15Transformer3DModel",
         configs={

@@ -8,8 +8,8 @@ import torch
 from memopt.models import Size
 
 FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "flux2", "chroma", "hunyuanvideo",
-            "hunyuanvideo15", "hunyuanimage", "cogvideox", "cogview4", "ltx", "ltx2", "qwenimage", "sd3", "mochi",
-            "zimage", "kandinsky5", "minimax_h3", "qwenimage21", "flux3",
+            "hunyuanvideo_i2v", "hunyuanvideo15", "hunyuanimage", "cogvideox", "cogview4", "ltx", "ltx2", "qwenimage",
+            "sd3", "mochi", "zimage", "kandinsky5", "minimax_h3", "qwenimage21", "flux3",
             "auraflow", "pixart", "bria", "framepack", "wan_animate",
             "allegro", "easyanimate", "longcat_image", "ovis_image", "consisid", "cosmos", "motif_video", "krea2",
             "hidream", "ernie_image", "lumina2", "cogview3plus", "latte", "kandinsky6", "joyimage_edit",
@@ -24,6 +24,7 @@ SIZES = {
     "flux2": Size(80, 112),
     "chroma": Size(80, 112),
     "hunyuanvideo": Size(80, 112, 5),
+    "hunyuanvideo_i2v": Size(80, 112, 5),  # 35 of the 70 tokens are the first frame's
     "hunyuanvideo15": Size(80, 112, 9),
     "hunyuanimage": Size(160, 224),
     "cogvideox": Size(80, 112, 5),

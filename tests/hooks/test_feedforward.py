@@ -38,6 +38,7 @@ SIZES = {
     "flux2": dict(height=48, width=80),
     "chroma": dict(height=48, width=80),
     "hunyuanvideo": dict(height=48, width=80, num_frames=9),
+    "hunyuanvideo_i2v": dict(height=48, width=80, num_frames=9),
     "hunyuanvideo15": dict(height=80, width=112, num_frames=9),
     "hunyuanimage": dict(height=160, width=224),
     "cogvideox": dict(height=48, width=80, num_frames=9),
@@ -79,7 +80,8 @@ SIZES = {
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
 EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2,
-                    "chroma": 4, "hunyuanvideo": 4, "hunyuanvideo15": 5, "hunyuanimage": 3, "cogvideox": 2,
+                    "chroma": 4, "hunyuanvideo": 4, "hunyuanvideo_i2v": 4, "hunyuanvideo15": 5, "hunyuanimage": 3,
+                    "cogvideox": 2,
                     "cogview4": 2, "ltx": 2, "ltx2": 4, "qwenimage": 4, "sd3": 3, "mochi": 3, "zimage": 4,
                     "kandinsky5": 3, "minimax_h3": 3, "qwenimage21": 2,
                     "flux3": 5, "auraflow": 4, "pixart": 2, "bria": 4,

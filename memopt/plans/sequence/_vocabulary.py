@@ -41,7 +41,8 @@ class SequenceSplit:
 
 @dataclass(frozen=True)
 class TokenCount:
-    """An int argument that counts the last tokens of the image stream (a length no ``_cp_plan`` entry can split).
+    """An int argument that counts the last (or, ``leading``, the first) tokens of the image stream (a length no
+    ``_cp_plan`` entry can split).
 
     Helios puts history tokens in front of the noisy window's and passes the window's token count
     (``original_context_length``) to every block and to its output norm, which cut ``hidden_states`` into
@@ -50,7 +51,14 @@ class TokenCount:
     inside the chunk (chunks are contiguous ranges: its history tokens first, its window tokens after). Among a
     :attr:`SequencePlan.tail_inputs` it also says that the output head keeps only those tokens, so the tail chunks
     cover them alone.
+
+    ``leading``: the count of the first tokens instead. HunyuanVideo-I2V (``image_condition_type="token_replace"``)
+    passes its blocks the first latent frame's token count (``num_tokens``), whose tokens the blocks modulate with the
+    clean image's timestep table and the rest with the noisy one's; a chunk gets the number of its own tokens among the
+    first ``count``. Passed whole, every chunk would take its own first tokens for the first frame's.
     """
+
+    leading: bool = False
 
     @property
     def segments(self) -> tuple[str, ...]:
@@ -179,8 +187,8 @@ class BlockPlan:
 
     Attributes:
         inputs: block forward argument name -> how it is split (a tuple of specs for tuple arguments, ``None``
-            entries pass whole; a :class:`TokenCount` for an int counting the last image tokens). Must split the
-            block's hidden states (the image stream) along dim 1, and its encoder hidden states along dim 1 when the
+            entries pass whole; a :class:`TokenCount` for an int counting the last or first image tokens). Must split
+            the block's hidden states (the image stream) along dim 1, and its encoder hidden states along dim 1 when the
             block carries a text stream. Arguments not listed pass whole to every chunk.
         attention: attention module path relative to the block -> :class:`JointAttention`. A block with several
             runs one collection pass per module (in this order), then the final pass.
@@ -218,6 +226,8 @@ class BlockPlan:
             their inputs are made before that loop (or are each other's outputs): in inference each call is held and
             runs when its output is first used (:mod:`memopt.hooks._held_blocks`), so one output exists at a time.
             Not with another hook on the block (offloading, casting): those run as called.
+        variants: block class name -> the plan for blocks of that class at the same paths (a model config that swaps
+            the block class: HunyuanVideo-I2V's token-replace blocks take the first frame's token count too).
     """
 
     inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -231,6 +241,11 @@ class BlockPlan:
     chunk_local: bool = False
     input_is_view: bool = False
     runs_when_used: bool = False
+    variants: Mapping[str, BlockPlan] = field(default_factory=dict)
+
+    def for_block(self, block: torch.nn.Module) -> BlockPlan:
+        """The plan for ``block``: its class's variant, else this one."""
+        return self.variants.get(type(block).__name__, self)
 
     @property
     def has_text_stream(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -22,6 +23,7 @@ from ._vocabulary import (
     ProducerCall,
     SequencePlan,
     SequenceSplit,
+    TokenCount,
     TokenProducer,
     TokenRanges,
     _pair,
@@ -82,6 +84,14 @@ _HUNYUAN_INPUTS = {
     "attention_mask": SequenceSplit(3, 4, ("image", "text")),  # (B, 1, 1, S_image + S_text) key mask
 }
 _HUNYUAN_ROPE = _pair(SequenceSplit(0, 2))  # (S_image, head_dim); text tokens get no rotary embedding
+# HunyuanVideo-I2V (image_condition_type="token_replace") has token-replace blocks at the same paths, which also get
+# the clean image's timestep embedding, (B, D), whole, and the first latent frame's token count, whose tokens they
+# modulate with it: a count of the first image tokens (the single-stream blocks' cat(image, text) puts them first too).
+_TOKEN_REPLACE = {"num_tokens": TokenCount(leading=True)}
+
+
+def _with_token_replace(plan: BlockPlan, variant: str) -> BlockPlan:
+    return replace(plan, variants={variant: replace(plan, inputs={**plan.inputs, **_TOKEN_REPLACE})})
 
 
 def _hunyuan_blocks(dual_rope: str) -> dict[str, BlockPlan]:
@@ -89,17 +99,17 @@ def _hunyuan_blocks(dual_rope: str) -> dict[str, BlockPlan]:
     blocks that take the streams separately and concatenate cat(image, text) themselves; ``dual_rope`` is the dual
     blocks' name for the rotary tables."""
     return {
-        "transformer_blocks.*": BlockPlan(
+        "transformer_blocks.*": _with_token_replace(BlockPlan(
             inputs={**_HUNYUAN_INPUTS, dual_rope: _HUNYUAN_ROPE},
             attention={"attn": _IMAGE_FIRST},
             conditioning=_DUAL_STREAM_MODULATION,
-        ),
-        "single_transformer_blocks.*": BlockPlan(
+        ), "HunyuanVideoTokenReplaceTransformerBlock"),
+        "single_transformer_blocks.*": _with_token_replace(BlockPlan(
             inputs={**_HUNYUAN_INPUTS, "image_rotary_emb": _HUNYUAN_ROPE},
             attention={"attn": JointAttention(order=("image", "text"))},  # one projection for cat(image, text)
             unused_before_attention=_SINGLE_STREAM_MLP,
             conditioning=_SINGLE_STREAM_MODULATION,
-        ),
+        ), "HunyuanVideoTokenReplaceSingleTransformerBlock"),
     }
 
 
