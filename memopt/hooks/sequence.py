@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -350,13 +351,17 @@ class SequenceChunkingHook(ModelHook):
         self.attention = attention
         self.index: dict[str, int] = {}
         self.hold = False  # set by apply_sequence_chunking (BlockPlan.runs_when_used, HOLD_FROM)
-        self._warned = False
+        self.unplanned: list[str] = []  # named forward arguments the plan does not list (initialize_hook)
+        self._warned = self._warned_uncut = False
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.index = positional_index(type(module))
         missing = [name for name in self.plan.inputs if name not in self.index]
         if missing:
             raise ValueError(f"{self.path}: {type(module).__name__}.forward has no argument(s) {missing} (plan)")
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+        self.unplanned = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                          and p.name not in self.plan.inputs]
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -395,6 +400,16 @@ class SequenceChunkingHook(ModelHook):
 
     def _forward(self, module: torch.nn.Module, arguments: Arguments) -> Any:
         image = self._image(arguments)
+        uncut = self._uncut_count(arguments)
+        if uncut is not None:
+            if not self._warned_uncut:
+                logger.warning("%s: %s.forward gets the int %s, which the sequence plan does not cut (a count of "
+                               "tokens would be wrong in every chunk): running unchunked. A plan gives such an "
+                               "argument a TokenCount or ChunkValue in BlockPlan.inputs.", self.path,
+                               type(module).__name__, uncut)
+                self._warned_uncut = True
+            args, kwargs = materialized(arguments.args, arguments.kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
         if torch.is_grad_enabled() and (image.requires_grad or any(p.requires_grad for p in module.parameters())):
             if self.config.training:
                 return recorded_forward(self, module, arguments)
@@ -405,6 +420,16 @@ class SequenceChunkingHook(ModelHook):
             args, kwargs = materialized(arguments.args, arguments.kwargs)
             return self.fn_ref.original_forward(*args, **kwargs)
         return self.chunked(module, arguments, in_place=self.config.inplace)
+
+    def _uncut_count(self, arguments: Arguments) -> str | None:
+        """``name=value`` of a named int argument the plan does not list, if any. Every chunk would get it whole;
+        where it counts tokens (HunyuanVideo-I2V's first-frame token count, before its plan cut it) that is wrong
+        without any error, so the block runs unchunked instead. No planned block gets one unlisted."""
+        for name in self.unplanned:
+            value = arguments.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return f"{name}={value}"
+        return None
 
     def _image(self, arguments: Arguments) -> torch.Tensor:
         image = arguments.get(self.metadata.hidden_states_argument_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import warnings
@@ -480,6 +481,29 @@ def test_chunked_blocks_do_the_matmul_work_of_the_unmodified_ones(family, schedu
 # chunk, both kept by the reuse hook, so equal work. With one kept input they evicted each other: FIBO 2 1.14x.)
 MATMUL_WORK_BOUND = {("ltx2", "two_pass"): 1.5, ("kandinsky6", "two_pass"): 1.5, ("wan_vace", "two_pass"): 1.2,
                      ("flux3", "two_pass"): 1.05, ("flux3", "lockstep"): 1.05, ("cosmos", "two_pass"): 1.05}
+
+
+def test_a_block_given_an_int_its_plan_does_not_cut_runs_unchunked(caplog):
+    """HunyuanVideo-I2V's token-replace blocks get the first frame's token count, which each chunk needs its own share
+    of (the plan's TokenCount(leading=True)). A plan without it would hand every chunk the whole count (rel err 2.4e-2,
+    no error): such a block runs unchunked instead, with a warning naming the argument."""
+    _, model, inputs = build("hunyuanvideo_i2v")
+    with torch.no_grad():
+        reference = prediction(model(**inputs))
+    plan = sequence_plan(model)
+    without = dataclasses.replace(plan, blocks={pattern: dataclasses.replace(block, variants={})
+                                                for pattern, block in plan.blocks.items()})
+    apply_sequence_chunking(model, 4, plan=without)
+    with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"), torch.no_grad():
+        unchunked = prediction(model(**inputs))
+    assert torch.equal(unchunked, reference)
+    assert "HunyuanVideoTokenReplaceTransformerBlock.forward gets the int num_tokens=35" in caplog.text
+    remove_memory_optimizations(model)
+    apply_sequence_chunking(model, 4)  # the family's plan cuts it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"), torch.no_grad():
+        assert rel_err(prediction(model(**inputs)), reference) <= 1e-5
+    assert "gets the int" not in caplog.text
 
 
 def _attention_run(collecting: int | None) -> tuple[BlockRun, int]:
