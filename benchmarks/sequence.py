@@ -61,6 +61,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "wan": {"ffn_dim": 2208},
     "flux": {"axes_dims_rope": (16, 24, 24)},
     "hunyuanvideo": {"rope_axes_dim": (16, 24, 24)},
+    "hunyuanvideo_i2v": {"rope_axes_dim": (16, 24, 24)},
     "cogvideox": {"max_text_seq_length": 64},
     "ltx": {"cross_attention_dim": 512},
     "qwenimage": {"axes_dims_rope": (16, 24, 24)},
@@ -114,7 +115,7 @@ BENCH_TEXT_TOKENS = 64
 VIDEO_SIZES = [Size(128, 256, 33), Size(256, 256, 33), Size(256, 512, 33), Size(512, 512, 33)]
 IMAGE_SIZES = [Size(512, 512), Size(768, 768), Size(1024, 1024), Size(1536, 1024)]
 BENCH_SIZES: dict[str, list[Size]] = {
-    "wan": VIDEO_SIZES, "hunyuanvideo": VIDEO_SIZES, "cogvideox": VIDEO_SIZES,
+    "wan": VIDEO_SIZES, "hunyuanvideo": VIDEO_SIZES, "hunyuanvideo_i2v": VIDEO_SIZES, "cogvideox": VIDEO_SIZES,
     "ltx": [Size(512, 512, 33), Size(512, 1024, 33), Size(1024, 1024, 33), Size(1024, 1024, 65)],
     "mochi": [Size(256, 256, 25), Size(256, 512, 25), Size(512, 512, 25), Size(512, 512, 49)],
     "flux": IMAGE_SIZES, "qwenimage": IMAGE_SIZES, "sd3": IMAGE_SIZES,
