@@ -12,7 +12,7 @@ import inspect
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
@@ -56,6 +56,23 @@ def positional_index(cls: type) -> dict[str, int]:
             break
         index[parameter.name] = position
     return index
+
+
+def unplanned_arguments(cls: type, inputs: Mapping[str, SplitSpec]) -> list[str]:
+    """The named forward arguments of ``cls`` (not ``*args`` / ``**kwargs``) that ``inputs`` does not list."""
+    parameters = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in inputs]
+
+
+def uncut_count(arguments: Arguments, names: list[str]) -> str | None:
+    """``name=value`` of an int among the arguments ``names``, if any: passed whole, every chunk would get it, which
+    is wrong where it counts tokens (HunyuanVideo-I2V's first-frame token count, before its plan cut it) and gives no
+    error. Plans give such arguments a :class:`TokenCount` or :class:`ChunkValue`."""
+    for name in names:
+        value = arguments.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{name}={value}"
+    return None
 
 
 def balanced(total: int, pieces: int, align: int = 1, before: list[int] | None = None) -> list[tuple[int, int]]:

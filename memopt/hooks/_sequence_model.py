@@ -34,6 +34,8 @@ from ._sequence_chunks import (
     cut_arguments,
     positional_index,
     running,
+    uncut_count,
+    unplanned_arguments,
 )
 
 if TYPE_CHECKING:
@@ -219,6 +221,7 @@ class SequenceTailHook(ModelHook):
         self.path = path
         self.inputs = inputs
         self.index: dict[str, int] = {}
+        self.unplanned: list[str] = []  # named forward arguments tail_inputs does not list (initialize_hook)
         self._warned = False
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -226,6 +229,7 @@ class SequenceTailHook(ModelHook):
         missing = [name for name in self.inputs if name not in self.index]
         if missing:
             raise ValueError(f"{self.path}: {type(module).__name__}.forward has no argument(s) {missing} (plan)")
+        self.unplanned = unplanned_arguments(type(module), self.inputs)
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -235,9 +239,14 @@ class SequenceTailHook(ModelHook):
             logger.warning("%s: the output head runs on the whole sequence (the block before it returns an update the "
                            "model adds to its input, which the tail passes cannot answer from)", self.path)
             self._warned = True
-        if block_pass and run.last_block is not None:
+        arguments = Arguments(self.index, args, kwargs)
+        uncut = uncut_count(arguments, self.unplanned) if block_pass else None
+        if uncut is not None and not self._warned:
+            logger.warning("%s: the output head gets the int %s, which the plan's tail_inputs do not cut (a count of "
+                           "tokens would be wrong in every chunk): it runs on the whole sequence", self.path, uncut)
+            self._warned = True
+        if block_pass and run.last_block is not None and uncut is None:
             run.tail_input = _first_argument(args, kwargs)
-            arguments = Arguments(self.index, args, kwargs)
             counts = [arguments.get(name) for name, spec in self.inputs.items()
                       if isinstance(spec, TokenCount) and not spec.leading]
             run.kept_tokens = next((count for count in counts if count is not None), None)
@@ -251,7 +260,7 @@ class SequenceTailHook(ModelHook):
                     "the tail passes do not recompute; run it with apply_sequence_chunking(..., chunk_tail=False)"
                 )
         if run is not None and run.tail and self.inputs:
-            args, kwargs = cut_arguments(Arguments(self.index, args, kwargs), self.inputs, run.layout, run.chunk,
+            args, kwargs = cut_arguments(arguments, self.inputs, run.layout, run.chunk,
                                          self.path)
         return self.fn_ref.original_forward(*args, **kwargs)
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -89,6 +88,8 @@ from ._sequence_chunks import (
     memory_runs,
     positional_index,
     running,
+    uncut_count,
+    unplanned_arguments,
 )
 from ._sequence_exchange import (
     AttentionState,
@@ -359,9 +360,7 @@ class SequenceChunkingHook(ModelHook):
         missing = [name for name in self.plan.inputs if name not in self.index]
         if missing:
             raise ValueError(f"{self.path}: {type(module).__name__}.forward has no argument(s) {missing} (plan)")
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
-        self.unplanned = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                          and p.name not in self.plan.inputs]
+        self.unplanned = unplanned_arguments(type(module), self.plan.inputs)
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -400,7 +399,7 @@ class SequenceChunkingHook(ModelHook):
 
     def _forward(self, module: torch.nn.Module, arguments: Arguments) -> Any:
         image = self._image(arguments)
-        uncut = self._uncut_count(arguments)
+        uncut = uncut_count(arguments, self.unplanned)
         if uncut is not None:
             if not self._warned_uncut:
                 logger.warning("%s: %s.forward gets the int %s, which the sequence plan does not cut (a count of "
@@ -420,16 +419,6 @@ class SequenceChunkingHook(ModelHook):
             args, kwargs = materialized(arguments.args, arguments.kwargs)
             return self.fn_ref.original_forward(*args, **kwargs)
         return self.chunked(module, arguments, in_place=self.config.inplace)
-
-    def _uncut_count(self, arguments: Arguments) -> str | None:
-        """``name=value`` of a named int argument the plan does not list, if any. Every chunk would get it whole;
-        where it counts tokens (HunyuanVideo-I2V's first-frame token count, before its plan cut it) that is wrong
-        without any error, so the block runs unchunked instead. No planned block gets one unlisted."""
-        for name in self.unplanned:
-            value = arguments.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return f"{name}={value}"
-        return None
 
     def _image(self, arguments: Arguments) -> torch.Tensor:
         image = arguments.get(self.metadata.hidden_states_argument_name)

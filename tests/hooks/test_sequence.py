@@ -506,6 +506,21 @@ def test_a_block_given_an_int_its_plan_does_not_cut_runs_unchunked(caplog):
     assert "gets the int" not in caplog.text
 
 
+def test_an_output_head_given_an_int_its_plan_does_not_cut_runs_whole(caplog):
+    """Helios passes its output norm the window's token count, which the head's chunks get their share of through
+    the plan's tail_inputs. Without that entry the head runs on the whole sequence, with a warning naming it."""
+    _, model, inputs = build("helios")
+    with torch.no_grad():
+        reference = prediction(model(**inputs))
+    plan = sequence_plan(model)
+    without = dataclasses.replace(plan, tail_inputs={name: spec for name, spec in plan.tail_inputs.items()
+                                                     if name != "original_context_length"})
+    apply_sequence_chunking(model, 4, plan=without, inplace=True)
+    with caplog.at_level(logging.WARNING, logger="memopt.hooks.sequence"), torch.no_grad():
+        assert rel_err(prediction(model(**inputs)), reference) <= 1e-5
+    assert "norm_out: the output head gets the int original_context_length=" in caplog.text
+
+
 def _attention_run(collecting: int | None) -> tuple[BlockRun, int]:
     owner = torch.nn.Module()  # stands for the attention module the skipped norm belongs to
     state = AttentionState(path="block.attn", spec=JointAttention(), stage=0, expected_calls=1)
