@@ -1125,8 +1125,9 @@ def apply_sequence_chunking(
     """Run every transformer block of ``model`` in ``num_chunks`` sequence chunks with a K/V exchange.
 
     Args:
-        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (Wan, Flux,
-            HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi), or any model with ``plan`` given.
+        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (50 classes:
+            Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin and three ControlNets),
+            or any model with ``plan`` given.
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.
         inplace: see :class:`SequenceChunkingConfig`. ``None`` (default): on with the model's built-in plan unless
             it says the model keeps its blocks' outputs (``SequencePlan.keeps_block_outputs``: a ControlNet returns
