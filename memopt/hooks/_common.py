@@ -15,6 +15,13 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 HOOK_PREFIX = "memopt."
 
+EAGER_HOOKS = ("memopt.sequence", "memopt.plan")
+"""Names (and their sub-names) of hooks that ``torch.compile`` runs eagerly instead of tracing: sequence chunking, whose
+chunk loop keeps Python state per call (the running chunk's layout, collected K/V, caches of rotary rows and reused
+outputs) that a traced graph would bake in and replay for other chunks (inductor indexed Wan's rotary table out of
+bounds at 8 chunks of 2,304 tokens; dynamo alone hit its recompilation limit), and the planner's first call, which
+simulates the model. Dynamo breaks the graph at them; the rest of the model is compiled as usual."""
+
 
 def register_memopt_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     """Register ``hook`` on ``module`` under ``name`` (which must start with :data:`HOOK_PREFIX`)."""
@@ -26,6 +33,8 @@ def register_memopt_hook(module: torch.nn.Module, hook: ModelHook, name: str) ->
             f"{type(module).__name__} already has the hook {name!r}; call memopt.remove_memory_optimizations() "
             "before applying it again"
         )
+    if any(name == prefix or name.startswith(prefix + ".") for prefix in EAGER_HOOKS) and hasattr(hook, "new_forward"):
+        hook.new_forward = torch.compiler.disable(hook.new_forward)  # read by the registry as it registers the hook
     registry.register_hook(hook, name)
 
 

@@ -521,6 +521,27 @@ def test_an_output_head_given_an_int_its_plan_does_not_cut_runs_whole(caplog):
     assert "norm_out: the output head gets the int original_context_length=" in caplog.text
 
 
+def test_torch_compile_runs_the_chunked_forward_eagerly():
+    """Traced by dynamo, the chunk loop's Python state (chunk layouts, cached rotary rows, reused outputs) became
+    guards and constants of graphs replayed for other chunks: with inductor, Wan at 8 chunks of 2,304 tokens indexed its
+    rotary table out of bounds, and dynamo alone hit its recompilation limit. memopt's sequence hooks are opaque to
+    torch.compile now: no graph is traced through them, and the numbers are the eager ones."""
+    from torch._dynamo.testing import CompileCounter
+
+    _, model, inputs = build("wan")
+    with torch.no_grad():
+        reference = prediction(model(**inputs))
+    apply_sequence_chunking(model, 4)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        assert rel_err(prediction(compiled(**inputs)), reference) <= 1e-5
+        assert rel_err(prediction(compiled(**inputs)), reference) <= 1e-5
+    assert counter.frame_count == 0  # the model-level hook wraps the whole forward: all of it ran eagerly
+    torch._dynamo.reset()
+
+
 def _attention_run(collecting: int | None) -> tuple[BlockRun, int]:
     owner = torch.nn.Module()  # stands for the attention module the skipped norm belongs to
     state = AttentionState(path="block.attn", spec=JointAttention(), stage=0, expected_calls=1)
