@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -205,41 +206,37 @@ _TINY_HUNYUANIMAGE = {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_l
                       "num_refiner_layers": 1, "text_embed_dim": 24, "text_embed_2_dim": 20, "rope_axes_dim": (8, 8)}
 
 
+_HUNYUANVIDEO = FamilySpec(
+    name="hunyuanvideo",
+    class_name="HunyuanVideoTransformer3DModel",
+    configs={
+        "full": {},  # class defaults are HunyuanVideo (13B)
+        "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 1, "num_single_layers": 2,
+                 "num_refiner_layers": 1, "text_embed_dim": 24, "pooled_projection_dim": 12,
+                 "rope_axes_dim": (4, 6, 6)},
+    },
+    sizes={"default": Size(720, 1280, 129), "tiny": Size(48, 80, 5)},
+    extra_sizes={"544p": Size(544, 960, 129)},
+    text_tokens=256,
+    make_inputs_fn=_hunyuan_inputs,
+    num_tokens_fn=_hunyuan_tokens,
+    mask_key="encoder_attention_mask",
+)
+# HunyuanVideo-I2V (hunyuanvideo-community/HunyuanVideo-I2V): the same class and inputs with token-replace blocks, which
+# modulate the first latent frame (the clean image's latents) with a timestep-zero table; the -33ch release concatenates
+# the image latents on the channels instead (in_channels 33) and has the plain blocks.
+_HUNYUANVIDEO_I2V = replace(
+    _HUNYUANVIDEO,
+    name="hunyuanvideo_i2v",
+    configs={name: {**config, "image_condition_type": "token_replace"}
+             for name, config in _HUNYUANVIDEO.configs.items()},
+    extra_sizes={},
+)
+
+
 SPECS: list[FamilySpec] = [
-    FamilySpec(
-        name="hunyuanvideo",
-        class_name="HunyuanVideoTransformer3DModel",
-        configs={
-            "full": {},  # class defaults are HunyuanVideo (13B)
-            "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 1, "num_single_layers": 2,
-                     "num_refiner_layers": 1, "text_embed_dim": 24, "pooled_projection_dim": 12,
-                     "rope_axes_dim": (4, 6, 6)},
-        },
-        sizes={"default": Size(720, 1280, 129), "tiny": Size(48, 80, 5)},
-        extra_sizes={"544p": Size(544, 960, 129)},
-        text_tokens=256,
-        make_inputs_fn=_hunyuan_inputs,
-        num_tokens_fn=_hunyuan_tokens,
-        mask_key="encoder_attention_mask",
-    ),
-    FamilySpec(
-        # HunyuanVideo-I2V (hunyuanvideo-community/HunyuanVideo-I2V): the same class with token-replace blocks, which
-        # modulate the first latent frame (the clean image's latents) with a timestep-zero table; the -33ch release
-        # concatenates the image latents on the channels instead (in_channels 33) and has the plain blocks.
-        name="hunyuanvideo_i2v",
-        class_name="HunyuanVideoTransformer3DModel",
-        configs={
-            "full": {"image_condition_type": "token_replace"},
-            "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 1, "num_single_layers": 2,
-                     "num_refiner_layers": 1, "text_embed_dim": 24, "pooled_projection_dim": 12,
-                     "rope_axes_dim": (4, 6, 6), "image_condition_type": "token_replace"},
-        },
-        sizes={"default": Size(720, 1280, 129), "tiny": Size(48, 80, 5)},
-        text_tokens=256,
-        make_inputs_fn=_hunyuan_inputs,
-        num_tokens_fn=_hunyuan_tokens,
-        mask_key="encoder_attention_mask",
-    ),
+    _HUNYUANVIDEO,
+    _HUNYUANVIDEO_I2V,
     FamilySpec(
         name="hunyuanvideo15",
         class_name="HunyuanVideo15Transformer3DModel",
