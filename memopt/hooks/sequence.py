@@ -353,7 +353,7 @@ class SequenceChunkingHook(ModelHook):
         self.index: dict[str, int] = {}
         self.hold = False  # set by apply_sequence_chunking (BlockPlan.runs_when_used, HOLD_FROM)
         self.unplanned: list[str] = []  # named forward arguments the plan does not list (initialize_hook)
-        self._warned = self._warned_uncut = False
+        self._warned: set[str] = set()  # reasons for running unchunked already warned about (_unchunked)
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.index = positional_index(type(module))
@@ -401,24 +401,25 @@ class SequenceChunkingHook(ModelHook):
         image = self._image(arguments)
         uncut = uncut_count(arguments, self.unplanned)
         if uncut is not None:
-            if not self._warned_uncut:
-                logger.warning("%s: %s.forward gets the int %s, which the sequence plan does not cut (a count of "
-                               "tokens would be wrong in every chunk): running unchunked. A plan gives such an "
-                               "argument a TokenCount or ChunkValue in BlockPlan.inputs.", self.path,
-                               type(module).__name__, uncut)
-                self._warned_uncut = True
-            args, kwargs = materialized(arguments.args, arguments.kwargs)
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self._unchunked(arguments, "uncut", f"{type(module).__name__}.forward gets the int {uncut}, which "
+                                   "the sequence plan does not cut (a count of tokens would be wrong in every chunk): "
+                                   "running unchunked. A plan gives such an argument a TokenCount or ChunkValue in "
+                                   "BlockPlan.inputs.")
         if torch.is_grad_enabled() and (image.requires_grad or any(p.requires_grad for p in module.parameters())):
             if self.config.training:
                 return recorded_forward(self, module, arguments)
-            if not self._warned:
-                logger.warning("%s: autograd is recording, running unchunked (apply_sequence_chunking(..., "
-                               "training=True) chunks it; or wrap the call in torch.no_grad())", self.path)
-                self._warned = True
-            args, kwargs = materialized(arguments.args, arguments.kwargs)
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self._unchunked(arguments, "autograd", "autograd is recording, running unchunked "
+                                   "(apply_sequence_chunking(..., training=True) chunks it; or wrap the call in "
+                                   "torch.no_grad())")
         return self.chunked(module, arguments, in_place=self.config.inplace)
+
+    def _unchunked(self, arguments: Arguments, reason: str, message: str) -> Any:
+        """The block on the whole sequence, with a warning the first time for each ``reason``."""
+        if reason not in self._warned:
+            logger.warning("%s: %s", self.path, message)
+            self._warned.add(reason)
+        args, kwargs = materialized(arguments.args, arguments.kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
 
     def _image(self, arguments: Arguments) -> torch.Tensor:
         image = arguments.get(self.metadata.hidden_states_argument_name)
