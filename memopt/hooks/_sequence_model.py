@@ -222,7 +222,7 @@ class SequenceTailHook(ModelHook):
         self.inputs = inputs
         self.index: dict[str, int] = {}
         self.unplanned: list[str] = []  # named forward arguments tail_inputs does not list (initialize_hook)
-        self._warned = False
+        self._warned: set[str] = set()  # why the head ran whole, once each
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.index = positional_index(type(module))
@@ -235,16 +235,16 @@ class SequenceTailHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: ModelRun | None = running("model_run")
         block_pass = run is not None and run.tail_allowed and not run.tail
-        if block_pass and run.last_block is None and run.block_calls and not self._warned:
+        if block_pass and run.last_block is None and run.block_calls and "update" not in self._warned:
             logger.warning("%s: the output head runs on the whole sequence (the block before it returns an update the "
                            "model adds to its input, which the tail passes cannot answer from)", self.path)
-            self._warned = True
+            self._warned.add("update")
         arguments = Arguments(self.index, args, kwargs)
         uncut = uncut_count(arguments, self.unplanned) if block_pass else None
-        if uncut is not None and not self._warned:
+        if uncut is not None and "uncut" not in self._warned:
             logger.warning("%s: the output head gets the int %s, which the plan's tail_inputs do not cut (a count of "
                            "tokens would be wrong in every chunk): it runs on the whole sequence", self.path, uncut)
-            self._warned = True
+            self._warned.add("uncut")
         if block_pass and run.last_block is not None and uncut is None:
             run.tail_input = _first_argument(args, kwargs)
             counts = [arguments.get(name) for name, spec in self.inputs.items()
