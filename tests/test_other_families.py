@@ -85,28 +85,6 @@ def _dit() -> Built:
                        class_labels=torch.tensor([1, 7]))
 
 
-def _glm_image() -> Built:
-    model = diffusers.GlmImageTransformer2DModel(
-        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        text_embed_dim=16, time_embed_dim=8, condition_dim=4, prior_vq_quantizer_codebook_size=64)
-    image_tokens = 5 * 7
-    drop = torch.zeros(2, image_tokens, dtype=torch.bool)
-    drop[1, :5] = True  # sample 1 drops five prior tokens
-    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), encoder_hidden_states=torch.randn(2, 9, 16),
-                       prior_token_id=torch.randint(0, 64, (2, image_tokens)), prior_token_drop=drop,
-                       timestep=torch.tensor([3, 500]), target_size=torch.tensor([[80, 112]] * 2),
-                       crop_coords=torch.tensor([[0, 0]] * 2), attention_mask=_mask(2, 9, 6))
-
-
-def _prx() -> Built:
-    model = diffusers.PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32,
-                                            mlp_ratio=2.0, num_heads=4, depth=2, axes_dim=[4, 4])
-    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), timestep=torch.tensor([0.1, 0.7]),
-                       encoder_hidden_states=torch.randn(2, 9, 16), attention_mask=_mask(2, 9, 6, torch.bool))
-
-
-
-
 def _sana_wm() -> Built:
     model = diffusers.SanaWMTransformer3DModel(
         in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, linear_head_dim=16, softmax_every_n=2,
@@ -801,7 +779,6 @@ CASES: dict[str, Case] = {
     "DreamLiteTransformer2DModel": Case(_dreamlite_transformer, 2),  # GEGLU FeedForward per block; MQA + qk RMSNorm
     "DreamLiteUNetModel": Case(_dreamlite_unet, 7),
     "FluxControlNetModel": Case(_flux_controlnet, 3, sequence_plan=True),  # ff + ff_context, the single block's proj_mlp/proj_out
-    "GlmImageTransformer2DModel": Case(_glm_image, 4, data_dependent=True),  # prior_token_drop indexing (nonzero)
     "HunyuanDiT2DControlNetModel": Case(_hunyuandit_controlnet, 2),  # one FeedForward per HunyuanDiTBlock
     "HunyuanDiT2DModel": Case(_hunyuan_dit, 4),  # one gelu-approximate FeedForward per HunyuanDiTBlock
     # UNet3D's 9 + the image-latents temporal encoder's gelu FeedForward
@@ -821,7 +798,6 @@ CASES: dict[str, Case] = {
     # MLP and the MoE block's shared expert (the routed experts are not FeedForwards); routing reads .tolist().
     "NucleusMoEImageTransformer2DModel": Case(_nucleus_image, 2, data_dependent=True),
     "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True),  # a tensor read as a number
-    "PRXTransformer2DModel": Case(_prx, 0),  # MLP inline in PRXBlock.forward: "no FeedForward-like module found"
     "PriorTransformer": Case(_prior, 2),  # BasicTransformerBlock gelu FeedForwards
     "QwenImageControlNetModel": Case(_qwenimage_controlnet, 4, sequence_plan=True),  # img_mlp + txt_mlp per block
     # RFD4ProteinaTransition (packed SwiGLU, forward(values, mask)) has no memopt layout and no FeedForward-like name:

@@ -222,12 +222,14 @@ def test_full_size_fits_4_5_gib_with_offloading_and_chunking(family: str) -> Non
     assert plan.groups.total_bytes > 20 * GIB  # the full-size model, of which only a few blocks are on the device
 
 
-@pytest.mark.parametrize("family", ["hunyuanvideo15", "qwenimage21", "framepack", "hidream", "lumina2"])
+@pytest.mark.parametrize("family", ["hunyuanvideo15", "qwenimage21", "framepack", "hidream", "lumina2",
+                                    "glm_image"])
 def test_a_forward_that_depends_on_tensor_values_is_refused_clearly(family: str) -> None:
     """HunyuanVideo 1.5's forward branches on tensor values (``if torch.all(image_embeds == 0)``, per-sample boolean
     indexing), Qwen-Image 2.1's sizes its layout from them (``repeat_interleave`` with tensor repeats, ``.tolist()``),
-    HiDream routes its MoE with ``bincount``, Lumina 2 reads its caption lengths as numbers: fake tensors cannot trace
-    them, so planning fails with an error that says so, never a guess."""
+    HiDream routes its MoE with ``bincount``, Lumina 2 reads its caption lengths as numbers, GLM-Image zeroes its
+    dropped prior tokens by boolean indexing: fake tensors cannot trace them, so planning fails with an error that
+    says so, never a guess."""
     spec = get_family(family)
     model = spec.build("tiny")
     inputs = spec.make_inputs(model.config, batch_size=1, masked=True)

@@ -96,17 +96,24 @@ class ReusedOutput:
     path: str
     input: torch.Tensor  # kept referenced, so its storage cannot be freed and reused while the block runs
     input_key: tuple
-    output: Any  # a tensor, or a tuple of tensors (one projection returning several modulation tables)
+    output: Any  # a tensor, or (nested) tuples of tensors (one projection returning several modulation tables)
     output_version: tuple[int, ...]
 
 
 def output_versions(output: Any) -> tuple[int, ...] | None:
-    """The version counters of a module output that is a tensor or a tuple of tensors (``None`` for anything else,
-    or an inference tensor, which has no version counter): what says that it was not modified in place since."""
-    tensors = (output,) if isinstance(output, torch.Tensor) else output if isinstance(output, tuple) else None
+    """The version counters of a module output that is a tensor or (nested) tuples of tensors (PRX's modulation
+    returns two tuples of three tables; ``None`` for anything else, or an inference tensor, which has no version
+    counter): what says that it was not modified in place since."""
+    tensors = _tuple_leaves(output)
     if not tensors or not all(isinstance(t, torch.Tensor) and not t.is_inference() for t in tensors):
         return None
     return tuple(t._version for t in tensors)
+
+
+def _tuple_leaves(output: Any) -> list[Any]:
+    if isinstance(output, tuple):
+        return [leaf for item in output for leaf in _tuple_leaves(item)]
+    return [output]
 
 
 class BlockRun:

@@ -399,6 +399,9 @@ class SequenceChunkingHook(ModelHook):
 
     def _forward(self, module: torch.nn.Module, arguments: Arguments) -> Any:
         image = self._image(arguments)
+        whole = self.plan.runs_whole(arguments.get) if self.plan.runs_whole is not None else None
+        if whole is not None:
+            return self._unchunked(arguments, f"plan: {whole}", f"{whole}: running unchunked (BlockPlan.runs_whole)")
         uncut = uncut_count(arguments, self.unplanned)
         if uncut is not None:
             return self._unchunked(arguments, "uncut", f"{type(module).__name__}.forward gets the int {uncut}, which "
@@ -711,11 +714,13 @@ class SequenceSkipHook(ModelHook):
         # (input dtype, the norm's parameter dtypes) -> output dtype of the norm
         self._norm_dtypes: dict[tuple[torch.dtype, ...], torch.dtype] = {}
 
+    def stands_in(self, run: BlockRun | None) -> bool:
+        """Whether this call returns a stand-in in the running pass."""
+        return run is not None and (self.attention_id is None or self.attention_id in run.attention) and run.skips(
+            self.kind, self.attention_id)
+
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run: BlockRun | None = running("block_run")
-        if run is None or (self.attention_id is not None and self.attention_id not in run.attention) or not run.skips(
-            self.kind, self.attention_id
-        ):
+        if not self.stands_in(running("block_run")):
             return self.fn_ref.original_forward(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         if self.norm:
@@ -759,6 +764,11 @@ class SequenceFusedSkipHook(ModelHook):
         self.path = path
         self.blocks = blocks  # (role, first column, end column)
 
+    def stands_in(self, run: BlockRun | None) -> bool:
+        """Whether some column blocks of this call are zeros in the running pass."""
+        return run is not None and self.attention_id in run.attention and any(
+            run.skips(role, self.attention_id) for role, _, _ in self.blocks)
+
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: BlockRun | None = running("block_run")
         unused = set()
@@ -787,8 +797,8 @@ class SequenceReuseHook(ModelHook):
     layers of adaptive norms the timestep embedding; both are block arguments passed whole to every chunk, so the same
     tensor arrives each time and the first output serves the others (bit-identical to recomputing, and what the
     unmodified model computes once). Reuse needs the very same input (storage, offset, shape, strides and version
-    counter, the storage kept referenced so its memory cannot be handed to another tensor) and an output (a tensor, or a
-    tuple of tensors such as the six modulation tables of one projection) not modified in place since;
+    counter, the storage kept referenced so its memory cannot be handed to another tensor) and an output (a tensor, or
+    tuples of tensors such as the six modulation tables of one projection, nested in PRX's) not modified in place since;
     anything else, including inference tensors (no version counter), is computed as usual. In the
     lock-step schedule an output modified in place is an error instead (suspended chunks hold it), checked again when
     the block finishes. The outputs of the last :data:`REUSED_INPUTS` inputs are kept: HunyuanVideo-I2V's token-replace
@@ -803,7 +813,10 @@ class SequenceReuseHook(ModelHook):
         run: BlockRun | None = running("block_run")
         x = args[0] if len(args) == 1 and not kwargs else None
         key = _tensor_key(x) if run is not None and isinstance(x, torch.Tensor) else None
-        if key is None:
+        skip = module._diffusers_hook.get_hook(SEQUENCE_SKIP_HOOK)
+        if key is None or (skip is not None and skip.stands_in(run)):
+            # A projection the plan also skips (PRX's text K/V projection) returns a stand-in in passes that do not
+            # read it: neither served from nor kept for the passes that do.
             return self.fn_ref.original_forward(*args, **kwargs)
         entries = run.reused.setdefault(id(self), [])
         reused = next((entry for entry in entries if entry.input_key == key), None)
@@ -1126,7 +1139,7 @@ def apply_sequence_chunking(
     """Run every transformer block of ``model`` in ``num_chunks`` sequence chunks with a K/V exchange.
 
     Args:
-        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (50 classes:
+        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (52 classes:
             Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin and three ControlNets),
             or any model with ``plan`` given.
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.

@@ -35,6 +35,7 @@ from . import (
     mochi,
     motif,
     pixart,
+    prx,
     qwenimage,
     sd3,
     wan,
@@ -49,7 +50,7 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie, joyimage)
+                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie, joyimage, prx)
     for spec in module.SPECS
 }
 """Family name -> :class:`FamilySpec`, for every family with a plan in :mod:`memopt.plans`."""

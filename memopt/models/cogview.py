@@ -1,4 +1,4 @@
-"""CogVideoX, its identity-preserving derivative ConsisID, CogView3-Plus and CogView4."""
+"""CogVideoX, its identity-preserving derivative ConsisID, CogView3-Plus, CogView4 and GLM-Image's diffusion decoder."""
 
 from __future__ import annotations
 
@@ -128,6 +128,34 @@ def _size_conditioned_inputs(name: str, config: Any, batch: int, size: Size, tex
     }
 
 
+# ----------------------------------------------------------------------------------------------- GLM-Image
+def _glm_image_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """GLM-Image's diffusion decoder: latents (B, C, H/8, W/8), the glyph encoder's states of the prompt's quoted text,
+    the autoregressive model's prior image tokens and the SDXL-style size conditions.
+
+    ``GlmImagePipeline`` passes ``prior_token_id`` ``(B, S_image)`` (codebook ids, one per image token),
+    ``prior_token_drop`` ``(B, S_image)`` bool (all ``False`` in the conditional pass, all ``True`` in the
+    unconditional one), a float timestep ``t - 1``, ``target_size`` ``(B, 2)`` = ``(height, width)`` and
+    ``crop_coords`` ``(0, 0)`` in the prompt's dtype, its KV cache (no mode in text-to-image: the processor ignores
+    it; left out here) and no ``attention_mask`` (``masked`` is ignored, as CogView4's).
+    """
+    _check_divisible("glm_image", size, 8 * _cfg(config, "patch_size"))
+    tokens = _image_tokens(config, size)
+    sizes = torch.tensor([[size.height, size.width]], dtype=dtype, device=device).repeat(batch, 1)
+    prior = torch.randint(0, _cfg(config, "prior_vq_quantizer_codebook_size"), (batch, tokens), generator=generator)
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                                dtype=dtype, device=device),
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
+                                        device=device),
+        "prior_token_id": prior.to(device),
+        "prior_token_drop": torch.zeros(batch, tokens, dtype=torch.bool, device=device),
+        "timestep": torch.full((batch,), 999.0, dtype=torch.float32, device=device),
+        "target_size": sizes,
+        "crop_coords": torch.zeros(batch, 2, dtype=dtype, device=device),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- CogView3-Plus
 def _cogview3plus_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
     """CogView3-Plus: latents (B, C, H/8, W/8), T5 states, an integer timestep and the SDXL-style size conditions.
@@ -170,6 +198,22 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
         text_tokens=224,  # the pipeline pads the prompt to a multiple of 16; 224 is its documented default
         make_inputs_fn=_cogview4_inputs,
+        num_tokens_fn=_image_tokens,
+        video=False,
+    ),
+    FamilySpec(
+        name="glm_image",
+        class_name="GlmImageTransformer2DModel",
+        configs={
+            # zai-org/GLM-Image's 7B diffusion decoder (transformer/config.json): 30 blocks of 32 x 128, the class's
+            # other defaults (the class defaults themselves are a 64 x 40 variant).
+            "full": {"num_attention_heads": 32, "attention_head_dim": 128},
+            "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 4, "num_layers": 2, "text_embed_dim": 24,
+                     "time_embed_dim": 16, "condition_dim": 8, "prior_vq_quantizer_codebook_size": 64},
+        },
+        sizes={"default": Size(1024, 1024), "tiny": Size(96, 80)},
+        text_tokens=64,  # glyph tokens: the byte-level tokens of the prompt's quoted text, a few dozen typically
+        make_inputs_fn=_glm_image_inputs,
         num_tokens_fn=_image_tokens,
         video=False,
     ),

@@ -37,6 +37,8 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "hunyuanimage": {"rope_axes_dim": (4, 4), "num_layers": 1, "num_single_layers": 1},
     "cogvideox": {"num_layers": 1},
     "cogview4": {"num_layers": 1},
+    "glm_image": {"num_layers": 1},
+    "prx": {"hidden_size": 128, "num_heads": 16, "axes_dim": [4, 4], "depth": 1},
     "ltx": {"cross_attention_dim": 128, "num_layers": 1},
     # LTX-2: audio at half the video width (16 x 4), the a2v / v2a rotary width equal to it; both sizes are the same
     # clip length, so the audio stream is the same and cancels out.
@@ -113,6 +115,8 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "hunyuanimage": (Size(512, 512), Size(1024, 1024)),
     "cogvideox": (Size(64, 128, 5), Size(128, 256, 5)),
     "cogview4": (Size(128, 128), Size(256, 256)),
+    "glm_image": (Size(128, 128), Size(256, 256)),
+    "prx": (Size(128, 128), Size(256, 256)),
     "ltx": (Size(128, 256, 9), Size(256, 512, 9)),
     "ltx2": (Size(128, 256, 9), Size(256, 512, 9)),
     "qwenimage": (Size(128, 128), Size(256, 256)),

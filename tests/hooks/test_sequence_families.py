@@ -6,7 +6,7 @@ optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, 
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
 head, Cosmos-1.0's per-sample timestep and Predict2's per-frame one, Motif-Video's image-to-video call, Krea 2's
 text fusion, ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output, JoyImage's fused
-projections without packed column blocks."""
+projections without packed column blocks, GLM-Image's KV cache."""
 
 from __future__ import annotations
 
@@ -427,11 +427,12 @@ def test_a_held_block_input_changed_before_it_runs_is_an_error():
     remove_memory_optimizations(model)
 
 
-def test_cogview4_text_mask_is_refused_not_computed_wrong():
+@pytest.mark.parametrize("family", ["cogview4", "glm_image"])
+def test_cogview4_text_mask_is_refused_not_computed_wrong(family):
     """CogView4's forward takes an optional text mask (no pipeline passes one) that its processor squares into the
     additive 0/1 mask m[q] * m[k] > 0 over cat(text, image): query-dependent, so chunking refuses it, naming the
-    module, and the unchunked model still runs."""
-    spec = get_family("cogview4")
+    module, and the unchunked model still runs. GLM-Image's processor does the same."""
+    spec = get_family(family)
     model = spec.build("tiny")
     inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112)
     mask = torch.ones(2, 8)
@@ -443,6 +444,54 @@ def test_cogview4_text_mask_is_refused_not_computed_wrong():
     remove_memory_optimizations(model)
     with torch.no_grad():
         assert torch.isfinite(model(**inputs)[0]).all()
+
+
+def test_glm_image_kv_cache_calls_run_whole_and_the_others_chunked(caplog):
+    """GLM-Image's editing pipeline runs the condition image through the blocks with the KV cache in "write" mode (the
+    processor appends the call's keys and values) and then denoises in "read" mode (it puts them in front of the
+    call's). Chunks would append their own pieces, in both passes, or bring keys that are no chunk's: those calls run
+    whole (BlockPlan.runs_whole), exact, with a warning naming the block and the mode. A cache in "skip" mode (the
+    unconditional pass) or with no mode (text-to-image) is ignored by the processor, and the blocks run chunked."""
+    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+    spec = get_family("glm_image")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112)
+    inputs["prior_token_drop"][1, :5] = True  # sample 1 drops five prior tokens
+    condition = spec.make_inputs(model.config, batch_size=1, height=48, width=80)
+    condition["encoder_hidden_states"] = condition["encoder_hidden_states"][:, :0]  # the pipeline passes no text
+
+    attention_calls = []  # of the first block's attention module, per model call
+    model.transformer_blocks[0].attn1.register_forward_pre_hook(lambda module, args: attention_calls.append(1))
+
+    def edit() -> tuple[list[torch.Tensor], list[int]]:
+        cache = GlmImageKVCache(model.config.num_layers)
+        cache.set_mode("write")
+        model(**condition, kv_caches=cache)
+        calls = [len(attention_calls)]
+        cache.next_sample()
+        outputs = []
+        for mode in ("read", "skip", None):
+            cache.set_mode(mode)
+            outputs.append(model(**inputs, kv_caches=cache)[0])
+            calls.append(len(attention_calls) - sum(calls))
+        return outputs, calls
+
+    with torch.no_grad():
+        reference, calls = edit()
+        assert calls == [1, 1, 1, 1]
+        assert rel_err(reference[0], reference[1]) > 1e-3  # the cached condition keys change the result
+        attention_calls.clear()
+        apply_sequence_chunking(model, 5, align=1)
+        with caplog.at_level(logging.WARNING, logger="memopt"):
+            chunked, calls = edit()
+        remove_memory_optimizations(model)
+    assert calls == [1, 1, 10, 10]  # write and read whole; skip and no mode: 5 chunks x (collection + final pass)
+    for output, expected in zip(chunked, reference):
+        assert rel_err(output, expected) <= 1e-5
+    for mode in ("write", "read"):
+        assert f"transformer_blocks.0: its KV cache is in '{mode}' mode" in caplog.text
+    assert "'skip' mode" not in caplog.text
 
 
 def test_kandinsky5_head_runs_on_pieces_of_its_grid_input():

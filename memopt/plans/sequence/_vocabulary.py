@@ -228,6 +228,11 @@ class BlockPlan:
             Not with another hook on the block (offloading, casting): those run as called.
         variants: block class name -> the plan for blocks of that class at the same paths (a model config that swaps
             the block class: HunyuanVideo-I2V's token-replace blocks take the first frame's token count too).
+        runs_whole: ``argument -> reason or None``: why this call must run on the whole sequence (``argument(name)``
+            reads the block's forward arguments). For state a block carries from call to call that chunks would
+            corrupt: GLM-Image's per-block KV cache, which its processor fills with the call's keys in ``"write"``
+            mode (every chunk and pass would append its own) and prepends in ``"read"`` mode (keys that are not the
+            chunks'). The call then runs unchunked with a warning naming the block and the reason.
     """
 
     inputs: Mapping[str, SplitSpec] = field(default_factory=dict)
@@ -242,6 +247,7 @@ class BlockPlan:
     input_is_view: bool = False
     runs_when_used: bool = False
     variants: Mapping[str, BlockPlan] = field(default_factory=dict)
+    runs_whole: Callable[[Callable[[str], Any]], str | None] | None = None
 
     def for_block(self, block: torch.nn.Module) -> BlockPlan:
         """The plan for ``block``: its class's variant, else this one."""

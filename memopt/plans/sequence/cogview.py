@@ -1,8 +1,9 @@
-"""CogVideoX, ConsisID, CogView3-Plus and CogView4."""
+"""CogVideoX, ConsisID, CogView3-Plus, CogView4 and GLM-Image."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 from diffusers.hooks._helpers import TransformerBlockMetadata
 
@@ -16,6 +17,18 @@ from ._vocabulary import (
     _adaptive_norms,
     _pair,
 )
+
+
+def _glm_image_cache_in_use(argument: Callable[[str], Any]) -> str | None:
+    """GLM-Image's block ``kv_cache`` in ``"write"`` or ``"read"`` mode (``BlockPlan.runs_whole``)."""
+    mode = getattr(argument("kv_cache"), "mode", None)
+    if mode == "write":
+        return ("its KV cache is in 'write' mode: the processor appends the call's keys and values to it (the "
+                "condition-image pass of GLM-Image's editing pipeline)")
+    if mode == "read":
+        return ("its KV cache is in 'read' mode: the processor puts the stored condition-image keys and values in "
+                "front of the call's")
+    return None
 
 
 _COGVIDEOX = BlockPlan(
@@ -57,6 +70,32 @@ PLANS: dict[str, SequencePlan] = {
         # norm_out(hidden_states, temb) -> proj_out -> unpatchify; patch_embed returns (image, text), so the image-token
         # embedding is its proj.
         embed="patch_embed.proj",
+    ),
+    "GlmImageTransformer2DModel": SequencePlan(
+        # CogView4's MMDiT block and processor (GlmImageAttnProcessor projects cat(text, image) with one to_q / to_k /
+        # to_v, per-head LayerNorm on Q and K, rotary on the image part only), with its own modulation (norm1.linear of
+        # the model's conditioning, no SiLU module: the same for every chunk) and the same optional (B, S_text) text
+        # mask, refused as CogView4's. Rotary tables: (S_image, head_dim) fp32 cos / sin, split. The editing
+        # pipeline runs the condition images through the blocks with a KV cache in "write" mode, then denoises with
+        # it in "read" mode; those calls run whole (runs_whole). Text-to-image passes a cache with no mode (or
+        # "skip"), which the processor ignores. No _cp_plan.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={
+                    "hidden_states": _IMAGE_TOKENS,
+                    "encoder_hidden_states": _TEXT_TOKENS,
+                    "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) cos / sin
+                    "attention_mask": SequenceSplit(1, 2, ("text",)),  # (B, S_text) text mask; image tokens valid
+                },
+                attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
+                conditioning=("norm1.linear",),
+                metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+                runs_whole=_glm_image_cache_in_use,
+            )
+        },
+        # norm_out(hidden_states, temb) -> proj_out -> unpatchify (the default tail / gather). The image tokens are
+        # image_projector's output plus the prior tokens' embedding projected by prior_projector.
+        embed="image_projector",
     ),
     "ConsisIDTransformer3DModel": SequencePlan(
         # CogVideoX's blocks (ConsisIDBlock is a copy of CogVideoXBlock, not in diffusers' TransformerBlockRegistry):
