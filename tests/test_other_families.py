@@ -5,8 +5,8 @@ transformer. On those, each technique must be exact or refuse/skip with a clear 
 else, and ``remove_memory_optimizations`` must restore outputs and ``state_dict`` bit for bit. The table below builds
 each class tiny and random (fp32, CPU, batch 2 where the class takes a batch, odd token counts, padded masks where the
 model takes one); the parametrized tests apply chunked FeedForward, chunked attention, sequence chunking (refused: no
-plan; the Flux, SD3 and Qwen-Image ControlNets run their family's plan, exact) and the planner to each, and compare
-every tensor the model returns.
+plan; the Flux, SD3, Qwen-Image and HunyuanDiT ControlNets run their family's plan, exact) and the planner to each,
+and compare every tensor the model returns.
 """
 
 from __future__ import annotations
@@ -381,26 +381,6 @@ def _ideogram4() -> Built:
     return model, dict(hidden_states=torch.randn(2, tokens, 16), timestep=torch.tensor([0.1, 0.7]),
                        encoder_hidden_states=torch.randn(2, tokens, 24), position_ids=position_ids,
                        segment_ids=segment_ids, indicator=indicator)
-
-
-def _hunyuan_dit() -> Built:
-    # Four blocks so that the long skip connection runs (block 3 takes block 0's output through skip_norm /
-    # skip_linear). The text masks are not attention masks: padded tokens are replaced by the learned
-    # text_embedding_padding. CLIP (9 tokens) and T5 (7 tokens: the attention pooler's fixed length; 16 wide: a
-    # multiple of its 8 hardcoded heads) states; rotary table made as HunyuanDiTPipeline does for a 5 x 7 grid;
-    # style / image-meta-size conditioning (the v1.1 layout).
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed
-
-    model = diffusers.HunyuanDiT2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
-        cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=8, hidden_size=16, text_len=9,
-        text_len_t5=7, activation_fn="gelu-approximate")
-    rotary = get_2d_rotary_pos_embed(8, ((0, 0), (5, 7)), (5, 7), output_type="pt")
-    return model, dict(hidden_states=torch.randn(2, 4, 10, 14), timestep=torch.tensor([3.0, 500.0]),
-                       encoder_hidden_states=torch.randn(2, 9, 16), text_embedding_mask=_mask(2, 9, 6),
-                       encoder_hidden_states_t5=torch.randn(2, 7, 16), text_embedding_mask_t5=_mask(2, 7, 4),
-                       image_meta_size=torch.tensor([[80.0, 112.0, 80.0, 112.0, 0.0, 0.0]] * 2),
-                       style=torch.zeros(2, dtype=torch.long), image_rotary_emb=rotary)
 
 
 def _lumina_next() -> Built:
@@ -779,8 +759,7 @@ CASES: dict[str, Case] = {
     "DreamLiteTransformer2DModel": Case(_dreamlite_transformer, 2),  # GEGLU FeedForward per block; MQA + qk RMSNorm
     "DreamLiteUNetModel": Case(_dreamlite_unet, 7),
     "FluxControlNetModel": Case(_flux_controlnet, 3, sequence_plan=True),  # ff + ff_context, the single block's proj_mlp/proj_out
-    "HunyuanDiT2DControlNetModel": Case(_hunyuandit_controlnet, 2),  # one FeedForward per HunyuanDiTBlock
-    "HunyuanDiT2DModel": Case(_hunyuan_dit, 4),  # one gelu-approximate FeedForward per HunyuanDiTBlock
+    "HunyuanDiT2DControlNetModel": Case(_hunyuandit_controlnet, 2, sequence_plan=True),  # one FF per block
     # UNet3D's 9 + the image-latents temporal encoder's gelu FeedForward
     "I2VGenXLUNet": Case(_i2vgen_xl, 10),
     "Ideogram4Transformer2DModel": Case(_ideogram4, 2),

@@ -1139,14 +1139,14 @@ def apply_sequence_chunking(
     """Run every transformer block of ``model`` in ``num_chunks`` sequence chunks with a K/V exchange.
 
     Args:
-        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (52 classes:
-            Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin and three ControlNets),
+        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (54 classes:
+            Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin and four ControlNets),
             or any model with ``plan`` given.
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.
         inplace: see :class:`SequenceChunkingConfig`. ``None`` (default): on with the model's built-in plan unless
             it says the model keeps its blocks' outputs (``SequencePlan.keeps_block_outputs``: a ControlNet returns
             them all as residuals; written over, each would be the next block's output), off with a ``plan`` given
-            for another class, whose forward may do the same.
+            for another class, whose forward may do the same. ``True`` with such a plan is refused.
         chunk_tail: see :class:`SequenceChunkingConfig`.
         schedule: ``"two_pass"`` (default, the memory floor) or ``"lockstep"`` (no recomputation, more memory);
             see :class:`SequenceChunkingConfig`.
@@ -1163,7 +1163,8 @@ def apply_sequence_chunking(
         model-level pieces and what runs unchunked (with the reason).
 
     Raises:
-        ValueError: no plan for the model, a plan naming arguments the blocks do not take, or no block matched.
+        ValueError: no plan for the model, a plan naming arguments the blocks do not take, no block matched, or
+            ``inplace=True`` for a model that keeps its blocks' outputs.
             Hooks already registered by the call are removed again: nothing stays half-applied.
 
     Undo with ``memopt.remove_memory_optimizations(model)``. Under autograd only with ``training=True``. Combines
@@ -1192,6 +1193,10 @@ def apply_sequence_chunking(
     plan = plan if plan is not None else sequence_plan(model)
     if inplace is None:
         inplace = own_plan and not plan.keeps_block_outputs
+    elif inplace and plan.keeps_block_outputs:
+        raise ValueError(f"{type(model).__name__} keeps its blocks' outputs (SequencePlan.keeps_block_outputs: "
+                         "residuals it returns, or long skip connections), which inplace=True would overwrite with the "
+                         "next block's; leave inplace at None")
     num_chunks = plan.num_chunks if num_chunks is None else num_chunks
     config = SequenceChunkingConfig(num_chunks=num_chunks, inplace=inplace, chunk_tail=chunk_tail, schedule=schedule,
                                     align=align, training=training, saved_inputs=saved_inputs)

@@ -1,4 +1,4 @@
-"""HunyuanVideo, FramePack, HunyuanVideo 1.5 and HunyuanImage 2.1."""
+"""HunyuanVideo, FramePack, HunyuanVideo 1.5, HunyuanImage 2.1 and HunyuanDiT."""
 
 from __future__ import annotations
 
@@ -234,6 +234,41 @@ _HUNYUANVIDEO_I2V = replace(
 )
 
 
+# ----------------------------------------------------------------------------------------------- HunyuanDiT
+def _hunyuandit_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """HunyuanDiT, as ``HunyuanDiTPipeline`` calls it: latents ``(B, C, H/8, W/8)``, the bilingual CLIP states
+    ``(B, text_len, cross_attention_dim)`` and the mT5 states ``(B, text_len_t5, cross_attention_dim_t5)`` at the
+    config's fixed lengths (the model's attention pooler and learned text padding are sized for them; ``text_tokens``
+    is ignored) with their masks (padded tokens are replaced by learned padding, no attention mask), the timestep in
+    the latents' dtype, the SDXL-style ``image_meta_size`` ``(B, 6)`` and ``style`` ``(B,)`` (used by v1.1 and
+    earlier), and the pipeline's 2-D rotary ``(cos, sin)`` tables, ``(S, head_dim)``, for the latent grid cropped into
+    a 512 px base grid. ``masked=True`` pads the last quarter of both prompts out."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+    p = _cfg(config, "patch_size")
+    _check_divisible("hunyuandit", size, 8 * p)
+    grid = (size.height // 8 // p, size.width // 8 // p)
+    head_dim = _cfg(config, "attention_head_dim")
+    crops = get_resize_crop_region_for_grid(grid, 512 // 8 // p)
+    meta = torch.tensor([[size.height, size.width, size.height, size.width, 0, 0]], dtype=dtype, device=device)
+    clip, t5 = _cfg(config, "text_len"), _cfg(config, "text_len_t5")
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                                dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 999.0, dtype=dtype, device=device),  # the model embeds it in its dtype
+        "encoder_hidden_states": _randn(generator, batch, clip, _cfg(config, "cross_attention_dim"), dtype=dtype,
+                                        device=device),
+        "text_embedding_mask": _text_mask(batch, clip, masked, device),
+        "encoder_hidden_states_t5": _randn(generator, batch, t5, _cfg(config, "cross_attention_dim_t5"), dtype=dtype,
+                                           device=device),
+        "text_embedding_mask_t5": _text_mask(batch, t5, masked, device),
+        "image_meta_size": meta.repeat(batch, 1),
+        "style": torch.zeros(batch, dtype=torch.long, device=device),
+        "image_rotary_emb": get_2d_rotary_pos_embed(head_dim, crops, grid, device=device, output_type="pt"),
+    }
+
+
 SPECS: list[FamilySpec] = [
     _HUNYUANVIDEO,
     _HUNYUANVIDEO_I2V,
@@ -294,5 +329,28 @@ SPECS: list[FamilySpec] = [
         make_inputs_fn=_framepack_inputs,
         num_tokens_fn=_framepack_tokens,
         mask_key="encoder_attention_mask",
+    ),
+    FamilySpec(
+        name="hunyuandit",
+        class_name="HunyuanDiT2DModel",
+        configs={
+            # Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers transformer/config.json: 2x2 patches of the SD VAE's 4-channel
+            # latents, 40 blocks of 16 x 88 = 1408 (its hidden_size, the patch embedding's width, equals it), MLP ratio
+            # 4.3637, no style / image-size conditioning (v1.2); CLIP 77 x 1024 and mT5 256 x 2048 text states, as the
+            # class defaults.
+            "full": {"in_channels": 4, "patch_size": 2, "hidden_size": 1408, "num_layers": 40, "mlp_ratio": 4.3637,
+                     "sample_size": 128, "use_style_cond_and_image_meta_size": False},
+            # Four blocks, so that the long skip connection runs (block 3 takes block 0's output); the mT5 width a
+            # multiple of the attention pooler's 8 heads.
+            "tiny": {**_TINY_HEADS, "in_channels": 4, "patch_size": 2, "sample_size": 16, "hidden_size": 32,
+                     "num_layers": 4, "cross_attention_dim": 16, "cross_attention_dim_t5": 16,
+                     "pooled_projection_dim": 8, "text_len": 9, "text_len_t5": 7},
+        },
+        sizes={"default": Size(1024, 1024), "tiny": Size(80, 112)},
+        text_tokens=77 + 256,  # CLIP + mT5, at the config's fixed lengths
+        make_inputs_fn=_hunyuandit_inputs,
+        num_tokens_fn=_image_tokens,
+        video=False,
+        mask_key="text_embedding_mask",
     ),
 ]

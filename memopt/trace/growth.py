@@ -39,6 +39,8 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "cogview4": {"num_layers": 1},
     "glm_image": {"num_layers": 1},
     "prx": {"hidden_size": 128, "num_heads": 16, "axes_dim": [4, 4], "depth": 1},
+    # HunyuanDiT: four blocks, so that one long skip connection (block 0's output, kept until block 3) is counted.
+    "hunyuandit": {"hidden_size": 128, "num_layers": 4},
     "ltx": {"cross_attention_dim": 128, "num_layers": 1},
     # LTX-2: audio at half the video width (16 x 4), the a2v / v2a rotary width equal to it; both sizes are the same
     # clip length, so the audio stream is the same and cancels out.
@@ -117,6 +119,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "cogview4": (Size(128, 128), Size(256, 256)),
     "glm_image": (Size(128, 128), Size(256, 256)),
     "prx": (Size(128, 128), Size(256, 256)),
+    "hunyuandit": (Size(128, 128), Size(256, 256)),
     "ltx": (Size(128, 256, 9), Size(256, 512, 9)),
     "ltx2": (Size(128, 256, 9), Size(256, 512, 9)),
     "qwenimage": (Size(128, 128), Size(256, 256)),

@@ -79,6 +79,7 @@ SIZES = {
     "anyflow": dict(height=48, width=80, num_frames=9),
     "glm_image": dict(height=80, width=112),
     "prx": dict(height=80, width=112),
+    "hunyuandit": dict(height=80, width=112),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
 EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2,
@@ -93,7 +94,8 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "hidream": 16, "ernie_image": 2, "lumina2": 4, "cogview3plus": 2, "latte": 2,
                     "kandinsky6": 6, "joyimage_edit": 4, "joyimage_edit_plus": 4, "bria_fibo": 2, "bria_fibo2": 4,
                     "anyflow": 2, "glm_image": 4,  # GLM-Image: its glyph and prior projectors, one per block
-                    "prx": 0}  # PRX: the MLP is inline in the block's forward
+                    "prx": 0,  # PRX: the MLP is inline in the block's forward
+                    "hunyuandit": 4}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

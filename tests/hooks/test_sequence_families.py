@@ -6,7 +6,7 @@ optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, 
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
 head, Cosmos-1.0's per-sample timestep and Predict2's per-frame one, Motif-Video's image-to-video call, Krea 2's
 text fusion, ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output, JoyImage's fused
-projections without packed column blocks, GLM-Image's KV cache."""
+projections without packed column blocks, GLM-Image's KV cache, HunyuanDiT's long skips."""
 
 from __future__ import annotations
 
@@ -492,6 +492,24 @@ def test_glm_image_kv_cache_calls_run_whole_and_the_others_chunked(caplog):
     for mode in ("write", "read"):
         assert f"transformer_blocks.0: its KV cache is in '{mode}' mode" in caplog.text
     assert "'skip' mode" not in caplog.text
+
+
+def test_hunyuandit_long_skips_keep_the_blocks_out_of_place():
+    """HunyuanDiT keeps its first-half blocks' outputs for the second half's long skip connections (block 3 takes block
+    0's output here): the blocks write out of place by default, exactly, and an explicit inplace=True, which would
+    overwrite a kept output with the next block's (rel err 0.53 when it was allowed), is refused."""
+    spec = get_family("hunyuandit")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, height=80, width=112, masked=True)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        with pytest.raises(ValueError, match="HunyuanDiT2DModel keeps its blocks' outputs"):
+            apply_sequence_chunking(model, 5, inplace=True)
+        report = apply_sequence_chunking(model, 5)
+        assert len(report.blocks) == 4
+        chunked = model(**inputs)[0]
+        remove_memory_optimizations(model)
+    assert rel_err(chunked, reference) <= 1e-5
 
 
 def test_kandinsky5_head_runs_on_pieces_of_its_grid_input():

@@ -1,4 +1,4 @@
-"""HunyuanVideo, FramePack, HunyuanVideo 1.5 and HunyuanImage 2.1."""
+"""HunyuanVideo, FramePack, HunyuanVideo 1.5, HunyuanImage 2.1 and HunyuanDiT (and its ControlNet)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
@@ -26,6 +27,7 @@ from ._vocabulary import (
     TokenCount,
     TokenProducer,
     TokenRanges,
+    _adaptive_norms,
     _pair,
     _returns_image_stream_first,
 )
@@ -172,3 +174,31 @@ PLANS: dict[str, SequencePlan] = {
         num_chunks=48,  # single-stream blocks keep attention + a 4x MLP + their concatenation per chunk
     ),
 }
+
+# HunyuanDiT's blocks (not in diffusers' TransformerBlockRegistry; they return the image tokens alone): long skip
+# connections first (the second half's blocks take an earlier block's output, concatenated per token and projected:
+# skip_norm / skip_linear), then self-attention attn1 over the image tokens (HunyuanAttnProcessor2_0: LayerNorm on Q
+# and K, 2-D rotary on both; K/V exchanged), cross-attention attn2 to the CLIP + mT5 tokens (rotary on its queries
+# only; keys from the text: chunk-local, its K/V side computed once per block) and the FeedForward. The rotary tables
+# (S, head_dim) cos / sin come from the pipeline and feed both attentions: split. The model keeps the first half's
+# outputs in a list until the second half uses them (the ControlNet returns its blocks' outputs), so the blocks write
+# out of place. No _cp_plan.
+_HUNYUAN_DIT = BlockPlan(
+    inputs={
+        "hidden_states": _IMAGE_TOKENS,
+        "image_rotary_emb": _pair(SequenceSplit(0, 2)),
+        "skip": _IMAGE_TOKENS,  # an earlier block's output, (B, S_image, D)
+    },
+    attention={"attn1": JointAttention()},
+    conditioning=_adaptive_norms("norm1"),  # AdaLayerNormShift: silu -> linear of the timestep embedding
+    metadata=TransformerBlockMetadata(return_hidden_states_index=0),
+)
+PLANS["HunyuanDiT2DModel"] = SequencePlan(
+    # norm_out(hidden_states, temb) -> proj_out -> unpatchify (the default tail / gather).
+    {"blocks.*": _HUNYUAN_DIT}, embed="pos_embed", keeps_block_outputs=True,
+)
+PLANS["HunyuanDiT2DControlNetModel"] = SequencePlan(
+    # The first half of HunyuanDiT's blocks under the ControlNet's own class (the latents and the control image both
+    # through pos_embed, summed), every output returned through its controlnet_blocks projections; no output head.
+    {"blocks.*": _HUNYUAN_DIT}, tail=None, keeps_block_outputs=True,
+)
