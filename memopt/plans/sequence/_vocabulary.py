@@ -365,8 +365,9 @@ class SequencePlan:
         num_chunks: the default number of chunks. A chunk's workspace is the unmodified block's per-token peak
             (8-15 LD for these families) divided by the number of chunks, on top of the ~3 LD floor; the defaults
             keep it near 0.4 LD (measured growth at the defaults: 3.2-3.45 LD per token, fp32).
-        keeps_block_outputs: the model keeps every block's output (a ControlNet returns them all as residuals), so
-            the blocks write their outputs out of place (``apply_sequence_chunking``'s default ``inplace``).
+        keeps_block_outputs: the model keeps block outputs past the next block (a ControlNet returns them all as
+            residuals, HunyuanDiT holds its first half's for its long skip connections), so the blocks write their
+            outputs out of place (``apply_sequence_chunking``'s default ``inplace``; ``inplace=True`` is refused).
         source: where the plan comes from (shown in reports).
     """
 
