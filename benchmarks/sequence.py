@@ -82,6 +82,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     "prx": {"hidden_size": 512, "num_heads": 8, "axes_dim": [32, 32], "context_in_dim": 64},
     "hunyuandit": {"hidden_size": 512, "cross_attention_dim": 64, "cross_attention_dim_t5": 64,
                    "pooled_projection_dim": 64, "text_len": 64, "text_len_t5": 64},
+    "dit": {},
     "zimage": {"dim": 512, "n_heads": 8, "n_kv_heads": 8, "axes_dims": [16, 24, 24], "axes_lens": [1536, 512, 512]},
     "kandinsky5": {"model_dim": 512, "ff_dim": 2048, "axes_dims": (16, 24, 24)},
     "minimax_h3": {"hidden_size": 512, **BENCH_HEADS, "ffn_dim": 1376, "rope_freq_dim": 10},
@@ -126,6 +127,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "chronoedit": VIDEO_SIZES, "skyreels_v2": VIDEO_SIZES, "helios": VIDEO_SIZES, "hunyuanvideo15": VIDEO_SIZES,
     "flux2": IMAGE_SIZES, "chroma": IMAGE_SIZES, "cogview4": IMAGE_SIZES, "glm_image": IMAGE_SIZES, "prx": IMAGE_SIZES,
     "hunyuandit": IMAGE_SIZES,
+    "dit": [Size(512, 512), Size(768, 768), Size(1024, 1024), Size(1536, 1536)],  # square images only
     "ltx2": [Size(512, 512, 33), Size(512, 1024, 33), Size(1024, 1024, 33), Size(1024, 1024, 65)],
     "wan_vace": VIDEO_SIZES,
     "hunyuanimage": [Size(1024, 1024), Size(1536, 1536), Size(2048, 2048), Size(2048, 3072)],  # 32x VAE

@@ -78,13 +78,6 @@ def _omnigen() -> Built:
                        attention_mask=mask, position_ids=torch.arange(tokens).repeat(2, 1))
 
 
-def _dit() -> Built:
-    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                            num_layers=2, sample_size=7, patch_size=2)
-    return model, dict(hidden_states=torch.randn(2, 4, 14, 14), timestep=torch.tensor([3, 500]),
-                       class_labels=torch.tensor([1, 7]))
-
-
 def _sana_wm() -> Built:
     model = diffusers.SanaWMTransformer3DModel(
         in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, linear_head_dim=16, softmax_every_n=2,
@@ -755,7 +748,6 @@ CASES: dict[str, Case] = {
     # Cosmos3VLTextMLP (gated gate/up/down): mlp (und) + mlp_moe_gen (gen) per layer, 2 layers; one packed sequence
     # (no batch dim): causal text-prefix attention + full generation attention over [und K/V, gen K/V], GQA.
     "Cosmos3OmniTransformer": Case(_cosmos3_omni, 4),
-    "DiTTransformer2DModel": Case(_dit, 2),
     "DreamLiteTransformer2DModel": Case(_dreamlite_transformer, 2),  # GEGLU FeedForward per block; MQA + qk RMSNorm
     "DreamLiteUNetModel": Case(_dreamlite_unet, 7),
     "FluxControlNetModel": Case(_flux_controlnet, 3, sequence_plan=True),  # ff + ff_context, the single block's proj_mlp/proj_out

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from diffusers.hooks import ModelHook
+from diffusers.models.embeddings import LabelEmbedding
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..trace.tracer import host_memory
@@ -392,12 +393,22 @@ def separate_shared_gradients(leaves: list[torch.Tensor]) -> None:
 
 
 def _refuse_dropout(path: str, module: torch.nn.Module) -> None:
-    """A dropout draws different masks in the chunked forward and its recomputation: refused while it is active."""
+    """A dropout draws different masks in the chunked forward and its recomputation: refused while it is active. So is
+    a label dropout (diffusers' ``LabelEmbedding``, which DiT's blocks call with their class labels: ``dropout_prob``
+    of the labels replaced by the unconditional one in training mode, a fresh draw in every call)."""
     for name, child in module.named_modules():
-        if child.training and isinstance(child, torch.nn.modules.dropout._DropoutNd) and child.p > 0:
+        if not child.training:
+            continue
+        if isinstance(child, torch.nn.modules.dropout._DropoutNd) and child.p > 0:
             raise NotImplementedError(
                 f"{path}.{name}: dropout p={child.p} in training mode; the chunked backward recomputes the block "
                 "and would draw other masks (set its p to 0 or call model.eval())"
+            )
+        if isinstance(child, LabelEmbedding) and child.dropout_prob > 0:
+            raise NotImplementedError(
+                f"{path}.{name}: label dropout dropout_prob={child.dropout_prob} in training mode; every chunk and the "
+                "chunked backward would draw other labels to drop (set its dropout_prob to 0, dropping labels in the "
+                "data instead, or call eval() on it)"
             )
 
 

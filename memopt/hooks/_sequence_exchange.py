@@ -94,7 +94,7 @@ class ReusedOutput:
     """A module output computed in one chunk and valid for the others while its input stays the same tensor."""
 
     path: str
-    input: torch.Tensor  # kept referenced, so its storage cannot be freed and reused while the block runs
+    inputs: tuple[torch.Tensor, ...]  # kept referenced: their storage cannot be freed and reused while the block runs
     input_key: tuple
     output: Any  # a tensor, or (nested) tuples of tensors (one projection returning several modulation tables)
     output_version: tuple[int, ...]

@@ -796,8 +796,9 @@ class SequenceReuseHook(ModelHook):
     The key/value side of chunk-local cross-attention reads the text or image-prompt tokens, and the modulation
     layers of adaptive norms the timestep embedding; both are block arguments passed whole to every chunk, so the same
     tensor arrives each time and the first output serves the others (bit-identical to recomputing, and what the
-    unmodified model computes once). Reuse needs the very same input (storage, offset, shape, strides and version
-    counter, the storage kept referenced so its memory cannot be handed to another tensor) and an output (a tensor, or
+    unmodified model computes once). Reuse needs the very same inputs (tensors of the same storage, offset, shape,
+    strides and version counter, the storage kept referenced so its memory cannot be handed to another tensor; other
+    arguments equal plain values, see :func:`_call_key`) and an output (a tensor, or
     tuples of tensors such as the six modulation tables of one projection, nested in PRX's) not modified in place since;
     anything else, including inference tensors (no version counter), is computed as usual. In the
     lock-step schedule an output modified in place is an error instead (suspended chunks hold it), checked again when
@@ -811,8 +812,7 @@ class SequenceReuseHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run: BlockRun | None = running("block_run")
-        x = args[0] if len(args) == 1 and not kwargs else None
-        key = _tensor_key(x) if run is not None and isinstance(x, torch.Tensor) else None
+        key = _call_key(args, kwargs) if run is not None else None
         skip = module._diffusers_hook.get_hook(SEQUENCE_SKIP_HOOK)
         if key is None or (skip is not None and skip.stands_in(run)):
             # A projection the plan also skips (PRX's text K/V projection) returns a stand-in in passes that do not
@@ -825,12 +825,34 @@ class SequenceReuseHook(ModelHook):
                 return reused.output
             if run.suspend is not None:
                 raise modified_under_suspended_chunks(self.path)
-        output = self.fn_ref.original_forward(x)
+        output = self.fn_ref.original_forward(*args, **kwargs)
         versions = output_versions(output)
         if versions is not None:
-            entries[:] = [ReusedOutput(self.path, x, key, output, versions),
+            inputs = tuple(value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
+            entries[:] = [ReusedOutput(self.path, inputs, key, output, versions),
                           *(entry for entry in entries if entry is not reused)][:REUSED_INPUTS]
         return output
+
+
+_PLAIN_ARGUMENTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _call_key(args: tuple, kwargs: dict) -> tuple | None:
+    """What makes two calls of a module compute the same numbers: the same tensors (:func:`_tensor_key`) and equal
+    plain arguments (DiT's per-block embedding takes the timestep, the class labels and a dtype). ``None`` for a call
+    without tensors, with a tensor that has no version counter or with an argument of another kind."""
+    parts = []
+    for name, value in (*enumerate(args), *sorted(kwargs.items())):
+        if isinstance(value, torch.Tensor):
+            key = _tensor_key(value)
+            if key is None:
+                return None
+            parts.append((name, key))
+        elif isinstance(value, _PLAIN_ARGUMENTS):
+            parts.append((name, type(value), value))
+        else:
+            return None
+    return tuple(parts) if any(isinstance(value, torch.Tensor) for value in (*args, *kwargs.values())) else None
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple | None:
@@ -1139,7 +1161,7 @@ def apply_sequence_chunking(
     """Run every transformer block of ``model`` in ``num_chunks`` sequence chunks with a K/V exchange.
 
     Args:
-        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (54 classes:
+        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (55 classes:
             Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin and four ControlNets),
             or any model with ``plan`` given.
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.

@@ -1,4 +1,5 @@
-"""PixArt-Sigma, PixArt-Alpha, and the video DiTs with PixArt's block layout: Allegro, Latte."""
+"""PixArt-Sigma, PixArt-Alpha, the video DiTs with PixArt's block layout (Allegro, Latte) and the class-conditional
+DiT."""
 
 from __future__ import annotations
 
@@ -130,6 +131,23 @@ def _latte_inputs(config, batch, size, text_tokens, dtype, device, generator, ma
     }
 
 
+# ----------------------------------------------------------------------------------------------- DiT
+def _dit_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """DiT, as ``DiTPipeline`` calls it: latents ``(B, C, H/8, W/8)`` of a square image (the model unpatchifies a
+    square grid), the integer timestep and ImageNet class labels. No text (``text_tokens`` and ``masked`` are
+    ignored)."""
+    _check_divisible("dit", size, 8 * _cfg(config, "patch_size"))
+    if size.height != size.width:
+        raise ValueError(f"dit: DiTTransformer2DModel generates square images, got {size.height}x{size.width}")
+    labels = torch.randint(0, _cfg(config, "num_embeds_ada_norm"), (batch,), generator=generator)
+    return {
+        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
+                                dtype=dtype, device=device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        "class_labels": labels.to(device),
+    }
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="pixart",
@@ -196,5 +214,20 @@ SPECS: list[FamilySpec] = [
         text_tokens=120,  # LattePipeline's max_sequence_length
         make_inputs_fn=_latte_inputs,
         num_tokens_fn=_latte_tokens,
+    ),
+    FamilySpec(
+        name="dit",
+        class_name="DiTTransformer2DModel",
+        configs={
+            # facebook/DiT-XL-2-512 transformer/config.json: the class defaults (28 blocks, 16 x 72, 2x2 patches of the
+            # SD VAE's latents) with a 64 x 64 latent grid and the learned variance's 8 output channels.
+            "full": {"sample_size": 64, "out_channels": 8},
+            "tiny": {**_TINY_HEADS, "in_channels": 4, "out_channels": 8, "num_layers": 2, "sample_size": 14},
+        },
+        sizes={"default": Size(512, 512), "tiny": Size(112, 112)},
+        text_tokens=0,
+        make_inputs_fn=_dit_inputs,
+        num_tokens_fn=_image_tokens,
+        video=False,
     ),
 ]

@@ -41,6 +41,7 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "prx": {"hidden_size": 128, "num_heads": 16, "axes_dim": [4, 4], "depth": 1},
     # HunyuanDiT: four blocks, so that one long skip connection (block 0's output, kept until block 3) is counted.
     "hunyuandit": {"hidden_size": 128, "num_layers": 4},
+    "dit": {"num_layers": 1},
     "ltx": {"cross_attention_dim": 128, "num_layers": 1},
     # LTX-2: audio at half the video width (16 x 4), the a2v / v2a rotary width equal to it; both sizes are the same
     # clip length, so the audio stream is the same and cancels out.
@@ -120,6 +121,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "glm_image": (Size(128, 128), Size(256, 256)),
     "prx": (Size(128, 128), Size(256, 256)),
     "hunyuandit": (Size(128, 128), Size(256, 256)),
+    "dit": (Size(128, 128), Size(256, 256)),
     "ltx": (Size(128, 256, 9), Size(256, 512, 9)),
     "ltx2": (Size(128, 256, 9), Size(256, 512, 9)),
     "qwenimage": (Size(128, 128), Size(256, 256)),
@@ -161,7 +163,7 @@ def sized_config(family: str, config: dict[str, Any], size: Size) -> dict[str, A
     """Families whose position tables are sized from the config: match the input, as at their native size."""
     if family == "cogvideox":  # its sin-cos position table then comes from the buffer
         config.update(sample_height=size.height // 8, sample_width=size.width // 8, sample_frames=size.num_frames)
-    if family == "pixart":  # its sin-cos position table is then the buffer made at init, as at 1024 px
+    if family in ("pixart", "dit"):  # its sin-cos position table is then the buffer made at init, as at native size
         config.update(sample_size=size.height // 8)
     if family == "sd3":
         config.update(sample_size=size.height // 8, pos_embed_max_size=max(size.height, size.width) // 8)

@@ -13,7 +13,7 @@ FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "f
             "auraflow", "pixart", "bria", "framepack", "wan_animate",
             "allegro", "easyanimate", "longcat_image", "ovis_image", "consisid", "cosmos", "motif_video", "krea2",
             "hidream", "ernie_image", "lumina2", "cogview3plus", "latte", "kandinsky6", "joyimage_edit",
-            "joyimage_edit_plus", "bria_fibo", "bria_fibo2", "anyflow", "glm_image", "prx", "hunyuandit"]
+            "joyimage_edit_plus", "bria_fibo", "bria_fibo2", "anyflow", "glm_image", "prx", "hunyuandit", "dit"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -32,6 +32,7 @@ SIZES = {
     "glm_image": Size(80, 112),  # 35 image + 8 glyph tokens
     "prx": Size(80, 112),  # 35 image tokens; 8 text tokens as keys only
     "hunyuandit": Size(80, 112),  # 35 image tokens; 4 blocks, block 3 takes block 0's output
+    "dit": Size(112, 112),  # 7 x 7 = 49 image tokens (DiT generates square images)
     "ltx": Size(160, 224, 9),
     "ltx2": Size(96, 160, 17),
     "qwenimage": Size(80, 112),

@@ -80,6 +80,7 @@ SIZES = {
     "glm_image": dict(height=80, width=112),
     "prx": dict(height=80, width=112),
     "hunyuandit": dict(height=80, width=112),
+    "dit": dict(height=112, width=112),
 }
 # Families whose tiny model has FeedForwards that apply_chunked_feedforward must hook (and how many).
 EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, "helios": 2, "flux": 4, "flux2": 2,
@@ -95,7 +96,7 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "kandinsky6": 6, "joyimage_edit": 4, "joyimage_edit_plus": 4, "bria_fibo": 2, "bria_fibo2": 4,
                     "anyflow": 2, "glm_image": 4,  # GLM-Image: its glyph and prior projectors, one per block
                     "prx": 0,  # PRX: the MLP is inline in the block's forward
-                    "hunyuandit": 4}
+                    "hunyuandit": 4, "dit": 2}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

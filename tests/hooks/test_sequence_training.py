@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from diffusers.models.embeddings import LabelEmbedding
 
 from memopt import apply_chunked_feedforward, apply_sequence_chunking, remove_memory_optimizations
 from memopt.hooks import sequence
@@ -87,9 +88,18 @@ def assert_same_gradients(result: dict, reference: dict, where: str) -> None:
         assert error <= 2e-4 * max(ref.norm().item(), floor), (where, name, error, ref.norm().item())
 
 
+def without_label_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """DiT's blocks drop class labels at random in training mode (LabelEmbedding.dropout_prob, 0.1): a fresh draw in
+    every call, so no two forwards agree; off for the comparison (test_label_dropout_is_refused covers it on)."""
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return model
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_match_unmodified_model(family, monkeypatch):
-    model = get_family(family).build("tiny").train()
+    model = without_label_dropout(get_family(family).build("tiny").train())
     state = {k: v.clone() for k, v in model.state_dict().items()}
     # 4 chunks split the 8 text tokens of joint blocks, 16 carry them whole; at batch 1 no per-sample table is
     # reduced over the batch in the backward (the case of separate_shared_gradients). The first runs the skipped
@@ -293,6 +303,18 @@ def test_refusals():
         apply_sequence_chunking(model, 4, saved_inputs="host")
     with pytest.raises(ValueError, match=r"saved_inputs must be one of \('device', 'host'\), got 'disk'"):
         apply_sequence_chunking(model, 4, training=True, saved_inputs="disk")
+
+
+def test_label_dropout_is_refused():
+    """A label dropout in training mode draws again in every call: the chunked forward and its recomputing backward
+    would drop other labels than one unchunked forward. Refused, naming the module, as an active dropout is."""
+    spec = get_family("dit")
+    model = spec.build("tiny").train()
+    inputs = spec.make_inputs(model.config, batch_size=2, height=112, width=112)
+    apply_sequence_chunking(model, 4, training=True)
+    with pytest.raises(NotImplementedError, match=r"transformer_blocks\.0\.norm1\.emb\.class_embedder: label dropout"):
+        model(**inputs)
+    remove_memory_optimizations(model)
 
 
 # Activation growth of a training step (memopt.trace.activation_growth(..., backward=True)), LD per token: unmodified

@@ -1,4 +1,4 @@
-"""PixArt-Sigma, PixArt-Alpha, Allegro and Latte."""
+"""PixArt-Sigma, PixArt-Alpha, Allegro, Latte and DiT."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
+from diffusers.models._modeling_parallel import ContextParallelOutput
 
 from ._vocabulary import _IMAGE_TOKENS, BlockPlan, ChunkValue, JointAttention, SequencePlan, SequenceSplit
 
@@ -131,5 +132,23 @@ PLANS: dict[str, SequencePlan] = {
         tail=None,
         num_chunks=64,
         gather=None,
+    ),
+    "DiTTransformer2DModel": SequencePlan(
+        # diffusers' generic BasicTransformerBlock with norm_type="ada_norm_zero": each block's norm1 embeds the
+        # timestep and the class label itself (norm1.emb, then SiLU -> linear to six modulations; the same call in
+        # every chunk, so run once per block), self-attention attn1 (AttnProcessor2_0, which calls
+        # F.scaled_dot_product_attention itself; no mask) and a gelu-tanh FeedForward; no cross-attention. The head
+        # embeds the conditioning again with block 0's norm1.emb, then norm_out -> modulation -> proj_out_2 per token,
+        # and unpatchifies a square grid. No _cp_plan.
+        {
+            "transformer_blocks.*": BlockPlan(
+                inputs={"hidden_states": _IMAGE_TOKENS},
+                attention={"attn1": JointAttention()},
+                conditioning=("norm1.emb", "norm1.silu", "norm1.linear"),
+            )
+        },
+        tail="norm_out",
+        gather={"proj_out_2": ContextParallelOutput(gather_dim=1, expected_dims=3)},
+        embed="pos_embed",  # PatchEmbed: conv projection + the 2-D sin-cos position table
     ),
 }
