@@ -41,6 +41,18 @@ _COGVIDEOX = BlockPlan(
     conditioning=_adaptive_norms("norm1", "norm2"),
 )
 
+# CogView4's MMDiT block (GLM-Image's is a copy with its own modulation module, which has no SiLU: the name is skipped).
+_COGVIEW4 = BlockPlan(
+    inputs={
+        "hidden_states": _IMAGE_TOKENS,
+        "encoder_hidden_states": _TEXT_TOKENS,
+        "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) cos / sin
+        "attention_mask": SequenceSplit(1, 2, ("text",)),  # (B, S_text) text mask; image tokens valid
+    },
+    attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
+    conditioning=_adaptive_norms("norm1"),
+)
+
 PLANS: dict[str, SequencePlan] = {
     "CogVideoXTransformer3DModel": SequencePlan(
         {"transformer_blocks.*": _COGVIDEOX},
@@ -55,18 +67,7 @@ PLANS: dict[str, SequencePlan] = {
         # The forward's optional (B, S_text) text mask (no pipeline passes one) becomes the processor's additive
         # (m[q] * m[k] > 0).to(query dtype) over cat(text, image): query-dependent, so the exchange refuses it
         # (NotImplementedError naming the module).
-        {
-            "transformer_blocks.*": BlockPlan(
-                inputs={
-                    "hidden_states": _IMAGE_TOKENS,
-                    "encoder_hidden_states": _TEXT_TOKENS,
-                    "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) cos / sin
-                    "attention_mask": SequenceSplit(1, 2, ("text",)),  # (B, S_text) text mask; image tokens valid
-                },
-                attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
-                conditioning=_adaptive_norms("norm1"),
-            )
-        },
+        {"transformer_blocks.*": _COGVIEW4},
         # norm_out(hidden_states, temb) -> proj_out -> unpatchify; patch_embed returns (image, text), so the image-token
         # embedding is its proj.
         embed="patch_embed.proj",
@@ -78,17 +79,10 @@ PLANS: dict[str, SequencePlan] = {
         # mask, refused as CogView4's. Rotary tables: (S_image, head_dim) fp32 cos / sin, split. The editing
         # pipeline runs the condition images through the blocks with a KV cache in "write" mode, then denoises with
         # it in "read" mode; those calls run whole (runs_whole). Text-to-image passes a cache with no mode (or
-        # "skip"), which the processor ignores. No _cp_plan.
+        # "skip"), which the processor ignores. Not in diffusers' TransformerBlockRegistry. No _cp_plan.
         {
-            "transformer_blocks.*": BlockPlan(
-                inputs={
-                    "hidden_states": _IMAGE_TOKENS,
-                    "encoder_hidden_states": _TEXT_TOKENS,
-                    "image_rotary_emb": _pair(SequenceSplit(0, 2)),  # (S_image, head_dim) cos / sin
-                    "attention_mask": SequenceSplit(1, 2, ("text",)),  # (B, S_text) text mask; image tokens valid
-                },
-                attention={"attn1": JointAttention(order=("text", "image"))},  # one projection for cat(text, image)
-                conditioning=("norm1.linear",),
+            "transformer_blocks.*": dataclasses.replace(
+                _COGVIEW4,
                 metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
                 runs_whole=_glm_image_cache_in_use,
             )
