@@ -172,25 +172,15 @@ def test_nothing_fits_says_the_smallest_peak_and_what_dominates() -> None:
     assert "dominated by weights on the device (the whole model)" in message
 
 
-def _lumina_next_tiny() -> tuple[torch.nn.Module, dict]:
-    """A real diffusers family memopt has no sequence plan for (its gated FeedForwards have a memopt layout)."""
-    from diffusers import LuminaNextDiT2DModel
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+def test_a_family_without_a_sequence_plan_is_planned_with_what_applies() -> None:
+    """No sequence plan (Lumina-Next, as the other-families sweep builds it): the planner chunks the FeedForwards
+    (exactly), and when even that does not fit, the error says sequence chunking is unavailable for the model and
+    why."""
+    from test_other_families import _lumina_next
 
     torch.manual_seed(0)
-    model = LuminaNextDiT2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
-                                 num_attention_heads=4, num_kv_heads=2, multiple_of=16, cross_attention_dim=24).eval()
-    inputs = dict(hidden_states=torch.randn(2, 4, 10, 14), timestep=torch.tensor([0.1, 0.7]),
-                  encoder_hidden_states=torch.randn(2, 9, 24), encoder_mask=torch.ones(2, 9),
-                  image_rotary_emb=get_2d_rotary_pos_embed_lumina(8, 16, 16),
-                  cross_attention_kwargs={"base_sequence_length": 16}, return_dict=False)
-    return model, inputs
-
-
-def test_a_family_without_a_sequence_plan_is_planned_with_what_applies() -> None:
-    """No sequence plan: the planner chunks the FeedForwards (exactly), and when even that does not fit, the error
-    says sequence chunking is unavailable for the model and why."""
-    model, inputs = _lumina_next_tiny()
+    model, inputs = _lumina_next()
+    model.eval()
     with torch.no_grad():
         reference = model(**inputs)[0]
         unmodified = trace_memory(model, **inputs)
