@@ -137,23 +137,17 @@ def _glm_image_inputs(config, batch, size, text_tokens, dtype, device, generator
     ``prior_token_drop`` ``(B, S_image)`` bool (all ``False`` in the conditional pass, all ``True`` in the
     unconditional one), a float timestep ``t - 1``, ``target_size`` ``(B, 2)`` = ``(height, width)`` and
     ``crop_coords`` ``(0, 0)`` in the prompt's dtype, its KV cache (no mode in text-to-image: the processor ignores
-    it; left out here) and no ``attention_mask`` (``masked`` is ignored, as CogView4's).
+    it; left out here) and no ``attention_mask`` (``masked`` is ignored, as CogView4's). No ``original_size``.
     """
-    _check_divisible("glm_image", size, 8 * _cfg(config, "patch_size"))
+    timestep = torch.full((batch,), 999.0, dtype=torch.float32, device=device)
+    inputs = _size_conditioned_inputs("glm_image", config, batch, size, text_tokens, timestep, dtype, device,
+                                      generator)
+    del inputs["original_size"]
     tokens = _image_tokens(config, size)
-    sizes = torch.tensor([[size.height, size.width]], dtype=dtype, device=device).repeat(batch, 1)
     prior = torch.randint(0, _cfg(config, "prior_vq_quantizer_codebook_size"), (batch, tokens), generator=generator)
-    return {
-        "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
-                                dtype=dtype, device=device),
-        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "text_embed_dim"), dtype=dtype,
-                                        device=device),
-        "prior_token_id": prior.to(device),
-        "prior_token_drop": torch.zeros(batch, tokens, dtype=torch.bool, device=device),
-        "timestep": torch.full((batch,), 999.0, dtype=torch.float32, device=device),
-        "target_size": sizes,
-        "crop_coords": torch.zeros(batch, 2, dtype=dtype, device=device),
-    }
+    inputs["prior_token_id"] = prior.to(device)
+    inputs["prior_token_drop"] = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    return inputs
 
 
 # ----------------------------------------------------------------------------------------------- CogView3-Plus
