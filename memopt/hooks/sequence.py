@@ -64,7 +64,15 @@ from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockR
 from diffusers.models._modeling_parallel import ContextParallelOutput
 from torch.utils._pytree import tree_flatten
 
-from ..plans.sequence import SEQUENCE_PLANS, BlockPlan, JointAttention, SequencePlan, SequenceSplit, sequence_plan
+from ..plans.sequence import (
+    FUSED_ROLES,
+    SEQUENCE_PLANS,
+    BlockPlan,
+    JointAttention,
+    SequencePlan,
+    SequenceSplit,
+    sequence_plan,
+)
 from ._attention_dispatch import (
     SEQUENCE_PRIORITY,
     acquire_interception,
@@ -764,17 +772,20 @@ class SequenceFusedSkipHook(ModelHook):
         self.path = path
         self.blocks = blocks  # (role, first column, end column)
 
+    def _unused_roles(self, run: BlockRun | None) -> set[str]:
+        """The roles whose columns the running pass does not read."""
+        if run is None or self.attention_id not in run.attention:
+            return set()
+        return {role for role in FUSED_ROLES if run.skips(role, self.attention_id)}
+
     def stands_in(self, run: BlockRun | None) -> bool:
         """Whether some column blocks of this call are zeros in the running pass."""
-        return run is not None and self.attention_id in run.attention and any(
-            run.skips(role, self.attention_id) for role, _, _ in self.blocks)
+        unused = self._unused_roles(run)
+        return any(role in unused for role, _, _ in self.blocks)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run: BlockRun | None = running("block_run")
-        unused = set()
-        if run is not None and self.attention_id in run.attention and self._computes_itself(module, args, kwargs):
-            unused = {role for role in ("query", "key_value", "other") if run.skips(role, self.attention_id)}
-        if not unused:
+        unused = self._unused_roles(running("block_run"))
+        if not unused or not self._computes_itself(module, args, kwargs):
             return self.fn_ref.original_forward(*args, **kwargs)
         x = args[0]
         output = x.new_zeros(*x.shape[:-1], module.out_features)
