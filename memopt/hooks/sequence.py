@@ -852,18 +852,19 @@ def _call_key(args: tuple, kwargs: dict) -> tuple | None:
     """What makes two calls of a module compute the same numbers: the same tensors (:func:`_tensor_key`) and equal
     plain arguments (DiT's per-block embedding takes the timestep, the class labels and a dtype). ``None`` for a call
     without tensors, with a tensor that has no version counter or with an argument of another kind."""
-    parts = []
+    parts, tensors = [], 0
     for name, value in (*enumerate(args), *sorted(kwargs.items())):
         if isinstance(value, torch.Tensor):
             key = _tensor_key(value)
             if key is None:
                 return None
             parts.append((name, key))
+            tensors += 1
         elif isinstance(value, _PLAIN_ARGUMENTS):
             parts.append((name, type(value), value))
         else:
             return None
-    return tuple(parts) if any(isinstance(value, torch.Tensor) for value in (*args, *kwargs.values())) else None
+    return tuple(parts) if tensors else None
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple | None:
