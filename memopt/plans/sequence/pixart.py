@@ -8,7 +8,15 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata
 from diffusers.models._modeling_parallel import ContextParallelOutput
 
-from ._vocabulary import _IMAGE_TOKENS, BlockPlan, ChunkValue, JointAttention, SequencePlan, SequenceSplit
+from ._vocabulary import (
+    _IMAGE_TOKENS,
+    BlockPlan,
+    ChunkValue,
+    JointAttention,
+    SequencePlan,
+    SequenceSplit,
+    _adaptive_norms,
+)
 
 
 def _pixart_cross_attention_has_text(block: torch.nn.Module, argument: Callable[[str], Any]) -> bool:
@@ -144,7 +152,7 @@ PLANS: dict[str, SequencePlan] = {
             "transformer_blocks.*": BlockPlan(
                 inputs={"hidden_states": _IMAGE_TOKENS},
                 attention={"attn1": JointAttention()},
-                conditioning=("norm1.emb", "norm1.silu", "norm1.linear"),
+                conditioning=("norm1.emb", *_adaptive_norms("norm1")),
             )
         },
         tail="norm_out",
