@@ -12,14 +12,16 @@ head group. Splitting the call sequentially is exact and bounds every temporary:
 The math is :func:`memopt.ops.attention.chunked_attention`; this module only routes the kernel calls of diffusers'
 attention modules to it, through the same dispatch interception as sequence chunking
 (:mod:`memopt.hooks._attention_dispatch`), so processors run unchanged and both techniques combine (sequence
-chunking swaps in the full K/V, then the call is computed in pieces).
+chunking swaps in the full K/V, then the call is computed in pieces). Linear attention (Sana's ReLU kernel) makes no
+kernel call and needs no S x S scores, but its processors project and upcast the whole sequence: those calls run in
+token chunks, the key sums first (:mod:`memopt.hooks._linear_attention`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers.hooks import ModelHook
@@ -36,6 +38,7 @@ from ._attention_dispatch import (
     release_interception,
 )
 from ._common import refuse_if_hooked, register_memopt_hook
+from ._linear_attention import LINEAR_ATTENTION
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +101,9 @@ class ChunkedAttentionHook(ModelHook):
     Calls that the chunked math does not cover pass to the original backend unchanged: ``return_lse`` requests,
     diffusers context parallelism, dropout together with K/V chunks, masks of a dtype SDPA itself would not
     take, and masks that are not tensors (flex attention's ``BlockMask``, logged once). ``calls`` and
-    ``chunked_calls`` count what happened, for reports and tests. A module whose forward makes no kernel call
-    at all (a linear-attention processor, such as Sana's) is logged once: there is nothing to chunk.
+    ``chunked_calls`` count what happened, for reports and tests. Sana's linear-attention processors make no
+    kernel call: their calls are computed in ``query_chunk``-token sweeps instead (:mod:`._linear_attention`). Any
+    other module whose forward makes no kernel call is logged once: there is nothing to chunk.
     """
 
     def __init__(self, config: ChunkedAttentionConfig, path: str = "") -> None:
@@ -120,6 +124,9 @@ class ChunkedAttentionHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        linear = LINEAR_ATTENTION.get(type(getattr(module, "processor", None)))
+        if linear is not None:
+            return self._linear_attention(linear, module, *args, **kwargs)
         calls_before = self.calls
         with intercept_attention(self._handle, CHUNKED_ATTENTION_PRIORITY, sdpa=calls_sdpa_directly(module)):
             output = self.fn_ref.original_forward(*args, **kwargs)
@@ -129,6 +136,17 @@ class ChunkedAttentionHook(ModelHook):
             logger.warning("memopt: %s (%s) made no attention kernel call, so chunked attention has nothing to split "
                            "there", self.path or type(module).__name__, processor)
         return output
+
+    def _linear_attention(self, linear: Callable[..., torch.Tensor], module: torch.nn.Module,
+                          hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A linear-attention processor's call (no kernel call: see :mod:`memopt.hooks._linear_attention`), in
+        ``query_chunk``-token sweeps over the queries and over the keys and values."""
+        chunk = self.config.query_chunk
+        if chunk is None or chunk >= hidden_states.shape[1]:
+            return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+        self.calls += 1
+        self.chunked_calls += 1
+        return linear(module, chunk, hidden_states, *args, **kwargs)
 
     def _handle(self, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
         self.calls += 1
@@ -182,7 +200,8 @@ def apply_chunked_attention(
         model: any diffusers model (or module tree) with attention modules (``Attention``, ``AttentionModuleMixin``
             subclasses, ``MochiAttention``) whose processors go through diffusers' attention dispatch or call
             ``F.scaled_dot_product_attention``.
-        query_chunk: queries per piece (``None``: all).
+        query_chunk: queries per piece (``None``: all); for linear attention (Sana), the tokens of each chunk of
+            both sweeps, keys and values then queries.
         head_chunks: head groups run one after another.
         kv_chunk: keys/values per piece, merged by log-sum-exp in fp32 (``None``: all).
 

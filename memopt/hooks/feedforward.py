@@ -13,6 +13,10 @@ hook computes the same function without ever holding it whole:
 * ``split="sequence"`` splits the tokens instead (Mini-Sequence Transformer / TiledMLP): each token chunk runs the
   whole FeedForward and writes its rows of the one output buffer.
 
+Sana's convolutional FeedForwards (``GLUMBConv``: 1x1 convolution, depthwise 3x3, gate, 1x1 convolution) split by
+intermediate channels too, since the depthwise convolution never mixes channels (:class:`ChunkedConvFeedForwardHook`);
+they take no sequence split, as the convolution mixes neighbouring tokens.
+
 Which modules are split, and how, is data (:mod:`memopt.plans.feedforward`): diffusers' own ``_tp_plan`` where the
 model class has one, memopt plans of the same shape otherwise. Weights are read at call time as views of the
 original parameters (so group offloading, which swaps ``param.data``, and LoRA adapters added later both work; the
@@ -63,10 +67,13 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoTokenReplaceSingleTransformerBlock,
 )
 from diffusers.models.transformers.transformer_longcat_image import LongCatImageSingleTransformerBlock
+from diffusers.models.transformers.sana_transformer import GLUMBConv
+from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
 from torch.utils.checkpoint import checkpoint
 
 from ..plans.feedforward import (
     UNKNOWN_FEEDFORWARD,
+    ConvFeedForwardLayout,
     FeedForwardLayout,
     Style,
     UnsupportedFeedForward,
@@ -435,6 +442,73 @@ def _sequence_split(x: torch.Tensor, prefix: torch.Tensor | None, parts: _Parts,
     return out
 
 
+@dataclass(frozen=True)
+class _ConvParts:
+    """A GLU convolution FeedForward's convolutions (:class:`ConvFeedForwardLayout`). Their weights are read where
+    they are used, inside the bypassed hooks' ``pre_forward`` (which may swap ``param.data``): the 1x1 convolutions
+    as linears over the channels (views of their weights)."""
+
+    up: torch.nn.Conv2d  # 2F output channels: value, then gate
+    depthwise: torch.nn.Conv2d
+    down: torch.nn.Conv2d
+    width: int
+
+    @classmethod
+    def read(cls, unit: torch.nn.Module, layout: ConvFeedForwardLayout, path: str) -> "_ConvParts":
+        convs = []
+        for rel in (layout.up, layout.depthwise, layout.down):
+            conv = unit.get_submodule(rel)
+            if type(conv) is not torch.nn.Conv2d:  # e.g. a peft LoRA layer added after apply
+                kind = f"{type(conv).__module__}.{type(conv).__name__}"
+                raise UnsupportedFeedForward(f"{path}.{rel} is a {kind}, not an nn.Conv2d")
+            convs.append(conv)
+        return cls(*convs, layout.width)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for conv in (self.up, self.depthwise, self.down):
+            yield from conv.parameters()
+
+    def down_linear(self) -> _Linear:
+        return _Linear(self.down.weight.flatten(1), self.down.bias)
+
+    def activate(self, rows: torch.Tensor, start: int, stop: int, inplace: bool) -> torch.Tensor:
+        """Intermediate channels ``[start, stop)`` of channels-last ``rows`` ``(N, H, W, D)``, as a
+        ``(N * H * W, stop - start)`` matrix: the value and gate shards of ``up`` and of the depthwise convolution."""
+        up, conv, halves = self.up, self.depthwise, []
+        for offset in (0, self.width):
+            channels = slice(offset + start, offset + stop)
+            h = F.linear(rows, up.weight.flatten(1)[channels], None if up.bias is None else up.bias[channels])
+            h = F.silu(h, inplace=inplace).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+            halves.append(F.conv2d(h, conv.weight[channels], None if conv.bias is None else conv.bias[channels],
+                                   conv.stride, conv.padding, conv.dilation, stop - start))
+            del h
+        value, gate = halves
+        out = value.mul_(F.silu(gate, inplace=True)) if inplace else value * F.silu(gate)
+        return out.permute(0, 2, 3, 1).reshape(-1, stop - start)
+
+
+def _conv_shard_partial(parts: _ConvParts, start: int, stop: int, rows: torch.Tensor) -> torch.Tensor:
+    """One channel shard's contribution to the output convolution, as a function of tensors (for checkpointing)."""
+    return F.linear(parts.activate(rows, start, stop, inplace=False), parts.down_linear().weight[:, start:stop])
+
+
+def _conv_hidden_split(rows: torch.Tensor, parts: _ConvParts, bounds: list[tuple[int, int]],
+                       accumulate_dtype: torch.dtype | None, grad: bool, recompute: bool,
+                       fused: bool) -> torch.Tensor:
+    """``down(value * silu(gate))`` of channels-last ``rows`` ``(N, H, W, D)`` with the intermediate channels split at
+    ``bounds``, the shards' outputs summed into one ``(N, H, W, D_out)`` buffer."""
+    total = _RowwiseSum(parts.down_linear(), None, accumulate_dtype, fused and not grad)
+    for start, stop in bounds:
+        if recompute and grad:
+            partial = checkpoint(functools.partial(_conv_shard_partial, parts, start, stop), rows, use_reentrant=False)
+            total.add_partial(partial, [])
+        else:
+            a = parts.activate(rows, start, stop, inplace=not grad)
+            total.add(a, slice(start, stop))
+            del a  # free this shard's intermediate before the next one is built
+    return total.finish().reshape(*rows.shape[:-1], -1)
+
+
 # ------------------------------------------------------------------------------------------------ fused kernel
 def _kernels() -> ModuleType | None:
     """memopt's Triton kernels package, or None where it does not exist (it never imports Triton itself)."""
@@ -445,8 +519,10 @@ def _kernels() -> ModuleType | None:
     return kernels if hasattr(kernels, "fused_chunked_ffn") and hasattr(kernels, "fused_ffn_available") else None
 
 
-def _kernel_layout_reason(layout: FeedForwardLayout, kernels: ModuleType) -> str | None:
+def _kernel_layout_reason(layout: FeedForwardLayout | ConvFeedForwardLayout, kernels: ModuleType) -> str | None:
     """Why the fused kernel cannot compute this unit at all, or None."""
+    if isinstance(layout, ConvFeedForwardLayout):
+        return "it is a convolutional FeedForward (a depthwise convolution between the projections)"
     if layout.activation not in kernels.ACTIVATIONS:
         return f"activation {layout.activation!r} is not one of the kernel's {tuple(kernels.ACTIVATIONS)}"
     paths, offsets = [path for path, _ in layout.up], [offset for _, offset in layout.up]
@@ -504,7 +580,8 @@ _SAFE_TO_BYPASS = frozenset({"memopt.sequence.skip"})
 that never read its output (e.g. Flux's ``proj_mlp`` while collecting K/V), so the real output is always correct."""
 
 
-def _bypassed_hooks(unit: torch.nn.Module, layout: FeedForwardLayout, path: str) -> list[tuple[torch.nn.Module, list]]:
+def _bypassed_hooks(unit: torch.nn.Module, layout: FeedForwardLayout | ConvFeedForwardLayout,
+                    path: str) -> list[tuple[torch.nn.Module, list]]:
     """diffusers hooks on the modules whose forwards the chunked computation replaces (the FeedForward path).
 
     Their ``pre_forward`` / ``post_forward`` can be honoured around the computation (group offloading onloads and
@@ -661,6 +738,36 @@ UNIT_FORWARDS: dict[type, Callable[..., Any]] = {
 module is the FeedForward) are not listed and use :func:`_feedforward_forward`."""
 
 
+def _glumb_conv_forward(module: GLUMBConv, ffn: FeedForwardFn, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``GLUMBConv.forward`` (diffusers 0.42) on ``(B, D, H, W)``, ``conv_inverted`` to ``conv_point`` chunked."""
+    out = ffn(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    if module.norm_type == "rms_norm":
+        out = module.norm(out.movedim(1, -1)).movedim(-1, 1)
+    return out + hidden_states if module.residual_connection else out
+
+
+def _glumb_temp_conv_forward(module: GLUMBTempConv, ffn: FeedForwardFn, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``GLUMBTempConv.forward`` (diffusers 0.42) on ``(B, T, H, W, D)``: the per-frame convolutions chunked, then
+    the residual temporal convolution over the summed output."""
+    batch, frames, height, width, channels = hidden_states.shape
+    out = ffn(hidden_states.reshape(batch * frames, height, width, channels))
+    temporal = out.reshape(batch, frames, height * width, -1).permute(0, 3, 1, 2)  # (B, D, T, H * W)
+    out = module.conv_temp(temporal).add_(temporal)  # temporal + conv_temp(temporal), without a third buffer
+    del temporal
+    out = out.permute(0, 2, 3, 1).reshape(batch, frames, height, width, -1)
+    if module.norm_type == "rms_norm":
+        out = module.norm(out.movedim(1, -1)).movedim(-1, 1)
+    return out + hidden_states if module.residual_connection else out
+
+
+CONV_UNIT_FORWARDS: dict[type, Callable[..., torch.Tensor]] = {
+    GLUMBConv: _glumb_conv_forward,
+    GLUMBTempConv: _glumb_temp_conv_forward,
+}
+"""Convolutional unit class (:data:`memopt.plans.feedforward.CONV_FEEDFORWARD_UNITS`) -> its forward, with
+``ffn(rows)`` computing the chunked convolutions on channels-last ``(N, H, W, D)`` rows."""
+
+
 def _check_unit_forward(module: torch.nn.Module, layout: FeedForwardLayout) -> None:
     """A unit with parts outside its FeedForward path (a block with attention and norms) needs its own forward in
     :data:`UNIT_FORWARDS`; run through the FeedForward-only forward it would compute the wrong function."""
@@ -696,7 +803,7 @@ class ChunkedFeedForwardHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         try:
-            parts = _Parts.read(module, self.layout, self.path)
+            parts = self._read(module)
             bypassed = _bypassed_hooks(module, self.layout, self.path)
             inner = self._inner_hooks(module)
         except UnsupportedFeedForward as reason:
@@ -707,10 +814,16 @@ class ChunkedFeedForwardHook(ModelHook):
         for hook in reversed(inner):
             args, kwargs = hook.pre_forward(module, *args, **kwargs)
         ffn = functools.partial(self._feedforward, parts, bypassed)
-        output = UNIT_FORWARDS.get(type(module), _feedforward_forward)(module, ffn, *args, **kwargs)
+        output = self._unit_forward(module)(module, ffn, *args, **kwargs)
         for hook in inner:
             output = hook.post_forward(module, output)
         return output
+
+    def _read(self, module: torch.nn.Module) -> _Parts:
+        return _Parts.read(module, self.layout, self.path)
+
+    def _unit_forward(self, module: torch.nn.Module) -> Callable[..., Any]:
+        return UNIT_FORWARDS.get(type(module), _feedforward_forward)
 
     def _inner_hooks(self, module: torch.nn.Module) -> list[ModelHook]:
         """Hooks registered on this module before ours: they sit inside ``original_forward``, which a chunked run
@@ -776,6 +889,26 @@ class ChunkedFeedForwardHook(ModelHook):
         return None
 
 
+class ChunkedConvFeedForwardHook(ChunkedFeedForwardHook):
+    """The hook for GLU convolution FeedForwards (Sana's ``GLUMBConv``, :class:`ConvFeedForwardLayout`): the
+    intermediate channels are split as ``split="hidden"`` splits a linear FeedForward's (the only split it takes:
+    the depthwise convolution mixes neighbouring tokens), with PyTorch ops (the fused kernel computes linear
+    FeedForwards only)."""
+
+    def _read(self, module: torch.nn.Module) -> _ConvParts:
+        return _ConvParts.read(module, self.layout, self.path)
+
+    def _unit_forward(self, module: torch.nn.Module) -> Callable[..., Any]:
+        return CONV_UNIT_FORWARDS[type(module)]
+
+    def _feedforward(self, parts: _ConvParts, bypassed: list, rows: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in [rows, *parts.tensors()])
+        fused = not torch.is_autocast_enabled(rows.device.type)
+        with _honour_hooks(bypassed):
+            return _conv_hidden_split(rows, parts, split_sizes(parts.width, self.config.num_chunks),
+                                      self.config.accumulate_dtype, grad, self.config.recompute, fused)
+
+
 # ------------------------------------------------------------------------------------------------ apply + report
 @dataclass
 class FeedForwardReport:
@@ -824,6 +957,11 @@ def _group_paths(paths: list[str]) -> dict[str, int]:
 def _check_plan(unit: torch.nn.Module, path: str, layout: FeedForwardLayout, expanded: Mapping[str, Style],
                 source: str) -> None:
     """Raise :class:`UnsupportedFeedForward` unless the plan splits every linear of the unit the way it needs."""
+    if isinstance(layout, ConvFeedForwardLayout):  # diffusers' styles name linears: the plan need only list the unit
+        for rel in (layout.up, layout.down):
+            if f"{path}.{rel}" not in expanded:
+                raise UnsupportedFeedForward(f"not in the plan ({source} has no entry for {f'{path}.{rel}'!r})")
+        return
     for rel, wanted in unit_plan(layout).items():
         full = f"{path}.{rel}" if path else rel
         if full not in expanded:
@@ -924,10 +1062,16 @@ def apply_chunked_feedforward(
         name = path or type(module).__name__
         try:
             layout = feedforward_layout(module)
-            _check_unit_forward(module, layout)
+            conv = isinstance(layout, ConvFeedForwardLayout)
+            if conv and split != "hidden":
+                raise UnsupportedFeedForward(
+                    f"its depthwise convolution mixes neighbouring tokens, so split={split!r} would change its "
+                    "output; split='hidden' chunks it")
+            if not conv:
+                _check_unit_forward(module, layout)
             if expanded is not None:
                 _check_plan(module, path, layout, expanded, source)
-            _Parts.read(module, layout, name)
+            (_ConvParts if conv else _Parts).read(module, layout, name)
             _bypassed_hooks(module, layout, name)
         except UnsupportedFeedForward as reason:
             report.skipped[name] = str(reason)
@@ -943,7 +1087,8 @@ def apply_chunked_feedforward(
 
     report.skipped.update(_unknown_feedforwards(model, [path for path, _ in units]))
     for name, module, layout in selected:
-        register_memopt_hook(module, ChunkedFeedForwardHook(name, layout, config), FEEDFORWARD_HOOK)
+        hook = (ChunkedConvFeedForwardHook if isinstance(layout, ConvFeedForwardLayout) else ChunkedFeedForwardHook)
+        register_memopt_hook(module, hook(name, layout, config), FEEDFORWARD_HOOK)
         report.applied.append(name)
     if not units:
         logger.warning("memopt: no FeedForward-like module found in %s", type(model).__name__)

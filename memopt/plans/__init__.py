@@ -1,8 +1,10 @@
 """Split plans as data: which modules memopt shards and how, in the shape of diffusers' ``_tp_plan``."""
 
 from .feedforward import (
+    CONV_FEEDFORWARD_UNITS,
     FEEDFORWARD_PLANS,
     FEEDFORWARD_UNITS,
+    ConvFeedForwardLayout,
     FeedForwardLayout,
     UnsupportedFeedForward,
     expand_plan,
@@ -12,8 +14,10 @@ from .feedforward import (
 )
 
 __all__ = [
+    "CONV_FEEDFORWARD_UNITS",
     "FEEDFORWARD_PLANS",
     "FEEDFORWARD_UNITS",
+    "ConvFeedForwardLayout",
     "FeedForwardLayout",
     "UnsupportedFeedForward",
     "expand_plan",

@@ -16,8 +16,9 @@ Two kinds of facts live here, both data rather than code paths:
   the attention output -> proj_out``, where ``proj_out`` is ``PackedRowwiseParallel`` over ``[attention, mlp]``), and
   the model-specific MLP classes of other families (Z-Image, Kandinsky 5, QwenImage 2.1, AuraFlow, HiDream, OmniGen,
   FLUX.3, ...), each declared in one line as a gated MLP with separate or packed gate/value linears or as a plain
-  ``up -> activation -> down`` MLP. Modules whose class name looks like a FeedForward but that have no layout are
-  reported as skipped, with the reason.
+  ``up -> activation -> down`` MLP. Sana's GLU convolutions (``GLUMBConv``, ``GLUMBTempConv``) have a
+  :class:`ConvFeedForwardLayout`: 1x1 convolutions around a depthwise one, split by channels the same way. Modules
+  whose class name looks like a FeedForward but that have no layout are reported as skipped, with the reason.
 
 A unit is chunked when every linear of its layout appears in the model plan with the style the layout implies
 (:func:`unit_plan`), so a plan handed to memopt reads the same as one handed to ``parallelize_module`` on N GPUs.
@@ -145,6 +146,66 @@ class FeedForwardLayout:
         return len(self.up) == 2
 
 
+@dataclass(frozen=True)
+class ConvFeedForwardLayout:
+    """A GLU inverted-bottleneck convolution (Sana's ``GLUMBConv``, Sana-Video's ``GLUMBTempConv``), in paths
+    relative to it: ``down(value * silu(gate))`` where ``(value, gate) = depthwise(silu(up(x)))``.
+
+    ``up`` and ``down`` are 1x1 convolutions, i.e. linears over the channels; the depthwise convolution mixes
+    neighbouring tokens but never channels, so intermediate channel ``j`` depends on ``up``'s rows ``j`` (value) and
+    ``F + j`` (gate) alone: the intermediate splits by channels exactly as a linear FeedForward's does (colwise
+    ``up`` and ``depthwise``, rowwise ``down``), while the tokens do not split. What the module does after ``down``
+    (Sana-Video's temporal convolution, an RMSNorm, a residual) runs once on the summed output.
+
+    Attributes:
+        up: the 1x1 convolution to ``2F`` channels, value rows first, then gate rows (``torch.chunk`` order).
+        depthwise: the depthwise convolution over the ``2F`` channels.
+        down: the 1x1 convolution from ``F`` channels, sharded by input channels.
+        width: ``F``.
+        ff_modules: paths of the modules whose forwards the chunked run replaces.
+    """
+
+    up: str
+    depthwise: str
+    down: str
+    width: int
+    ff_modules: tuple[str, ...]
+
+
+def _conv(module: torch.nn.Module, path: str) -> torch.nn.Conv2d:
+    conv = module.get_submodule(path)
+    if type(conv) is not torch.nn.Conv2d:
+        kind = f"{type(conv).__module__}.{type(conv).__name__}"
+        raise UnsupportedFeedForward(f"{type(module).__name__}.{path} is a {kind}, not an nn.Conv2d")
+    if conv.padding_mode != "zeros":
+        raise UnsupportedFeedForward(f"{type(module).__name__}.{path} pads with {conv.padding_mode!r}")
+    return conv
+
+
+def _pointwise(module: torch.nn.Module, path: str) -> torch.nn.Conv2d:
+    conv = _conv(module, path)
+    if (conv.kernel_size, conv.stride, conv.padding, conv.groups) != ((1, 1), (1, 1), (0, 0), 1):
+        raise UnsupportedFeedForward(f"{type(module).__name__}.{path} is not a 1x1 convolution over all channels")
+    return conv
+
+
+def _glu_conv(module: torch.nn.Module) -> ConvFeedForwardLayout:
+    """``GLUMBConv`` / ``GLUMBTempConv``: ``conv_point(h * silu(g))``, ``h, g = conv_depth(silu(conv_inverted(x)))``."""
+    if type(module.nonlinearity) is not torch.nn.SiLU:
+        raise UnsupportedFeedForward(f"{type(module).__name__}.nonlinearity is a {type(module.nonlinearity).__name__}")
+    up, down = _pointwise(module, "conv_inverted"), _pointwise(module, "conv_point")
+    depthwise = _conv(module, "conv_depth")
+    width = down.in_channels
+    if up.out_channels != 2 * width or depthwise.groups != 2 * width or depthwise.out_channels != 2 * width:
+        raise UnsupportedFeedForward(f"{type(module).__name__}: conv_depth is not depthwise over conv_inverted's "
+                                     f"2 x {width} channels")
+    if depthwise.stride != (1, 1) or any(2 * pad != dilation * (kernel - 1) for pad, dilation, kernel in zip(
+            depthwise.padding, depthwise.dilation, depthwise.kernel_size)):
+        raise UnsupportedFeedForward(f"{type(module).__name__}.conv_depth changes the spatial size")
+    return ConvFeedForwardLayout("conv_inverted", "conv_depth", "conv_point", width,
+                                 ("conv_inverted", "nonlinearity", "conv_depth", "conv_point"))
+
+
 def base_linear(module: torch.nn.Module) -> torch.nn.Linear:
     """The ``nn.Linear`` behind ``module`` (itself, or a peft LoRA layer's ``base_layer``)."""
     base = getattr(module, "base_layer", module)
@@ -237,7 +298,7 @@ def _single_block(block: torch.nn.Module) -> FeedForwardLayout:
     )
 
 
-LayoutFn = Callable[[torch.nn.Module], FeedForwardLayout]
+LayoutFn = Callable[[torch.nn.Module], Union[FeedForwardLayout, ConvFeedForwardLayout]]
 
 
 def _check_width(module: torch.nn.Module, paths: tuple[str, ...], width: int, down: str) -> None:
@@ -372,6 +433,14 @@ def _resolve(qualified: str) -> type | None:
         return None
 
 
+CONV_FEEDFORWARD_UNITS: dict[type, Callable[[torch.nn.Module], ConvFeedForwardLayout]] = {
+    cls: _glu_conv for name in (f"{_MODELS}.transformers.sana_transformer.GLUMBConv",
+                                f"{_MODELS}.transformers.transformer_sana_video.GLUMBTempConv")
+    if (cls := _resolve(name)) is not None
+}
+"""Convolutional FeedForward classes (their forwards, written around the chunked convolutions, are in
+``memopt.hooks.feedforward.CONV_UNIT_FORWARDS``)."""
+
 FEEDFORWARD_UNITS: dict[type, LayoutFn] = {
     FeedForward: _feedforward,
     LuminaFeedForward: _lumina,
@@ -383,6 +452,7 @@ FEEDFORWARD_UNITS: dict[type, LayoutFn] = {
     HunyuanVideoSingleTransformerBlock: _single_block,
     HunyuanVideoTokenReplaceSingleTransformerBlock: _single_block,
     **{cls: fn for name, fn in _MORE_UNITS.items() if (cls := _resolve(name)) is not None},
+    **CONV_FEEDFORWARD_UNITS,
 }
 """Module class (matched exactly: a subclass may change ``forward``) -> its :class:`FeedForwardLayout`."""
 
@@ -395,8 +465,8 @@ def is_feedforward_unit(module: torch.nn.Module) -> bool:
     return type(module) in FEEDFORWARD_UNITS
 
 
-def feedforward_layout(module: torch.nn.Module) -> FeedForwardLayout:
-    """The :class:`FeedForwardLayout` of a known FeedForward-like module; :class:`UnsupportedFeedForward` if none."""
+def feedforward_layout(module: torch.nn.Module) -> FeedForwardLayout | ConvFeedForwardLayout:
+    """The layout of a known FeedForward-like module; :class:`UnsupportedFeedForward` if none."""
     resolver = FEEDFORWARD_UNITS.get(type(module))
     if resolver is None:
         raise UnsupportedFeedForward(f"{type(module).__name__} is not a FeedForward memopt knows")

@@ -135,16 +135,70 @@ def test_applying_twice_changes_nothing_and_names_the_module():
     assert not has_memopt_hooks(model)
 
 
-def test_a_module_without_attention_kernel_calls_is_logged(caplog):
-    """Sana's linear attention makes no attention kernel call: exact either way, and the log says nothing was split."""
-    from diffusers import SanaTransformer2DModel
+def _sana(name: str, batch_size: int = 2) -> tuple[torch.nn.Module, dict]:
+    """Sana (RMS-normed queries and keys, as Sana 1.5) or Sana Video at odd token counts, every weight random."""
+    from diffusers import SanaTransformer2DModel, SanaVideoTransformer3DModel
 
     torch.manual_seed(0)
-    model = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=4,
-                                   num_attention_heads=2, num_cross_attention_heads=2, cross_attention_head_dim=4,
-                                   cross_attention_dim=8, caption_channels=8, sample_size=8).eval()
-    inputs = dict(hidden_states=torch.randn(2, 4, 5, 7), encoder_hidden_states=torch.randn(2, 9, 8),
-                  timestep=torch.tensor([3, 500]), return_dict=False)
+    common = dict(in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                  num_cross_attention_heads=4, cross_attention_head_dim=8, cross_attention_dim=32,
+                  caption_channels=16, sample_size=16, qk_norm="rms_norm_across_heads")
+    if name == "sana":
+        model, latents = SanaTransformer2DModel(patch_size=1, **common), torch.randn(batch_size, 4, 9, 7)
+    else:
+        model = SanaVideoTransformer3DModel(patch_size=(1, 2, 2), rope_max_seq_len=32, **common)
+        latents = torch.randn(batch_size, 4, 3, 10, 6)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.1)
+    return model.eval(), dict(hidden_states=latents, encoder_hidden_states=torch.randn(batch_size, 7, 16),
+                              timestep=torch.tensor([3, 500][:batch_size]), return_dict=False)
+
+
+@pytest.mark.parametrize("name", ["sana", "sana_video"])
+def test_linear_attention_runs_in_token_chunks(name):
+    """Sana's ReLU linear attention makes no kernel call: memopt computes it in query_chunk-token sweeps (the key
+    sums first, then the queries), exact in the forward and every gradient, with chunks that do not divide the
+    sequence (63 and 45 tokens in chunks of 17)."""
+    model, inputs = _sana(name)
+    latents = inputs["hidden_states"].requires_grad_(True)
+    reference = model(**inputs)[0]
+    grads_ref = torch.autograd.grad(reference.square().sum(), [latents, *model.parameters()])
+    report = apply_chunked_attention(model, query_chunk=17)
+    out = model(**inputs)[0]
+    grads = torch.autograd.grad(out.square().sum(), [latents, *model.parameters()])
+    assert chunk_counters(model) == (4, 4)  # attn1 (linear) and attn2 (the cross-attention's kernel) per block
+    remove_memory_optimizations(model)
+    assert len(report.attention) == 4 and rel_err(out, reference) <= 1e-5
+    assert all(rel_err(g, g_ref) <= 1e-5 for g, g_ref in zip(grads, grads_ref))
+
+
+def test_linear_attention_memory_exact_bytes():
+    """The processor holds the queries, keys and values, their ReLUs and the padded values at once: over 6 LD.
+    Chunked: the output, plus one chunk's output projection (the normalised chunk and the linear's matmul and bias
+    add) and the (C + 1) x C key sums per head."""
+    from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
+
+    torch.manual_seed(0)
+    d, heads, tokens, chunk, fp32 = 64, 8, 4096, 512, 4
+    attn = Attention(query_dim=d, heads=heads, dim_head=d // heads, processor=SanaLinearAttnProcessor2_0()).eval()
+    x = torch.randn(1, tokens, d)
+    head_dim = d // heads
+    with torch.no_grad():
+        assert trace_memory(attn, x).peak_bytes > 6 * tokens * d * fp32
+        apply_chunked_attention(attn, query_chunk=chunk)
+        chunked = trace_memory(attn, x).peak_bytes
+    assert chunked == (tokens + 3 * chunk) * d * fp32 + heads * (head_dim + 1) * head_dim * fp32
+
+
+def test_a_module_without_attention_kernel_calls_is_logged(caplog):
+    """Sana's PAG processors (linear attention with the batch split into guidance branches) make no kernel call and
+    are not chunked: exact, and the log says nothing was split."""
+    from diffusers.models.attention_processor import PAGIdentitySanaLinearAttnProcessor2_0
+
+    model, inputs = _sana("sana")
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(PAGIdentitySanaLinearAttnProcessor2_0())
     with torch.no_grad():
         reference = model(**inputs)[0]
         apply_chunked_attention(model, query_chunk=7, kv_chunk=6, head_chunks=2)
@@ -152,5 +206,6 @@ def test_a_module_without_attention_kernel_calls_is_logged(caplog):
             out = model(**inputs)[0]
     remove_memory_optimizations(model)
     assert rel_err(out, reference) <= 1e-5
-    assert "transformer_blocks.0.attn1 (SanaLinearAttnProcessor2_0) made no attention kernel call" in caplog.text
+    assert "transformer_blocks.0.attn1 (PAGIdentitySanaLinearAttnProcessor2_0) made no attention kernel call" in (
+        caplog.text)
     assert "transformer_blocks.0.attn2" not in caplog.text  # the cross-attention is chunked

@@ -691,20 +691,119 @@ def test_lora_on_a_gated_mlp_with_separate_linears():
 
 
 def test_feedforward_lookalikes_without_a_layout_are_reported():
-    from diffusers.models.transformers.sana_transformer import GLUMBConv
     from diffusers.models.transformers.transformer_cosmos3 import Cosmos3VLTextMLP
     from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+    from diffusers.models.transformers.transformer_sana_wm import GLUMBConvTemp
 
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({
-        "conv_ff": GLUMBConv(24, 24),
+        "conv_ff": GLUMBConvTemp(24, 37),  # SANA-WM's: convolution wrappers with their own norms and activations
         "relu2": Cosmos3VLTextMLP(24, 37, hidden_act="relu2"),
         "moe": MOEFeedForwardSwiGLU(24, 60, num_routed_experts=2, num_activated_experts=1),
     })
     report = apply_chunked_feedforward(model, num_chunks=3)
     # The mixture is not a FeedForward memopt splits, but its experts and shared expert are.
     assert sorted(report.applied) == ["moe.experts.0", "moe.experts.1", "moe.shared_experts"]
-    assert "GLUMBConv" in report.skipped["conv_ff"] and "no FeedForward layout" in report.skipped["conv_ff"]
+    assert "GLUMBConvTemp" in report.skipped["conv_ff"] and "no FeedForward layout" in report.skipped["conv_ff"]
     assert "relu squared" in report.skipped["relu2"]
     assert "moe" not in report.skipped
     assert "conv_ff" in str(report)
+
+
+# ------------------------------------------------------------------------------------------------ GLU convolutions
+def _glu_convolutions() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    """Sana's GLUMBConv as its blocks build it and as the DC-AE builds it (RMSNorm and residual after the sum), and
+    Sana-Video's GLUMBTempConv, at odd sizes with every weight random, on channels-last inputs as the blocks pass."""
+    from diffusers.models.transformers.sana_transformer import GLUMBConv
+    from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
+
+    torch.manual_seed(0)
+    units = {
+        "GLUMBConv": (GLUMBConv(24, 24, 2.5, residual_connection=False), torch.randn(2, 5, 7, 24).permute(0, 3, 1, 2)),
+        "GLUMBConv-norm-residual": (GLUMBConv(24, 24, 1.5, norm_type="rms_norm", residual_connection=True),
+                                    torch.randn(2, 24, 5, 7)),
+        "GLUMBTempConv": (GLUMBTempConv(24, 24, 2.5, residual_connection=False), torch.randn(2, 3, 5, 7, 24)),
+    }
+    with torch.no_grad():
+        for unit, _ in units.values():
+            for param in unit.parameters():
+                param.normal_(0, 0.2)
+    return units
+
+
+@pytest.mark.parametrize("name", sorted(_glu_convolutions()))
+@pytest.mark.parametrize("recompute", [False, True])
+def test_glu_convolution_feedforwards_split_their_channels(name, recompute):
+    """The depthwise convolution never mixes channels, so the intermediate splits by channels like a linear
+    FeedForward's: outputs and every gradient match, and the weights are untouched."""
+    ff, x = _glu_convolutions()[name]
+    x.requires_grad_(True)
+    out_ref = ff(x)
+    grad_ref = torch.autograd.grad(out_ref.square().sum(), [x, *ff.parameters()])
+    state = {k: v.clone() for k, v in ff.state_dict().items()}
+    report = apply_chunked_feedforward(ff, num_chunks=4, recompute=recompute)
+    assert report.applied == [type(ff).__name__] and not report.skipped
+    with torch.no_grad():
+        assert rel_err(ff(x), out_ref) <= 1e-5
+    out = ff(x)
+    grad = torch.autograd.grad(out.square().sum(), [x, *ff.parameters()])
+    assert out.shape == out_ref.shape and rel_err(out, out_ref) <= 1e-5
+    for g, g_ref in zip(grad, grad_ref):
+        assert rel_err(g, g_ref) <= 1e-5
+    remove_memory_optimizations(ff)
+    assert all(torch.equal(v, state[k]) for k, v in ff.state_dict().items())
+
+
+def test_glu_convolution_refuses_what_would_change_it():
+    """A sequence split would cut the depthwise convolution's neighbourhoods: skipped with the reason. A LoRA layer
+    on one of its convolutions does not split here: skipped at apply, and run unchunked (exact) when added later."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    ff, x = _glu_convolutions()["GLUMBConv"]
+    report = apply_chunked_feedforward(ff, num_chunks=4, split="sequence")
+    assert not report.applied and "depthwise convolution mixes neighbouring tokens" in report.skipped["GLUMBConv"]
+    remove_memory_optimizations(ff)
+    with pytest.raises(ValueError, match="GLUMBConv: kernel='triton' cannot compute this module: it is a conv"):
+        apply_chunked_feedforward(ff, num_chunks=4, kernel="triton")
+    with pytest.raises(ValueError, match="num_chunks=61 is larger than the FeedForward's intermediate width F=60"):
+        apply_chunked_feedforward(ff, num_chunks=61)
+
+    apply_chunked_feedforward(ff, num_chunks=4)
+    ff = inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=["conv_inverted"]), ff)
+    with torch.no_grad():
+        chunked = ff(x)
+        remove_memory_optimizations(ff)
+        reference = ff(x)
+        report = apply_chunked_feedforward(ff, num_chunks=4)
+    assert torch.equal(chunked, reference)
+    assert "conv_inverted is a peft.tuners.lora.layer.Conv2d, not an nn.Conv2d" in report.skipped["GLUMBConv"]
+
+
+def test_glu_convolution_memory_exact_bytes():
+    """GLUMBConv holds four F-wide maps at once (the SiLU of the 2F-wide up-projection, then the depthwise output
+    with silu(gate) and the product): 4 x intermediate. Chunked: the (L, D) output buffer plus one shard's value
+    and gate depthwise outputs and its gate projection (3 x F/n), the SiLUs and the product in place; the first
+    shard runs before the buffer exists."""
+    from diffusers.models.transformers.sana_transformer import GLUMBConv
+
+    d, f, h, w = 64, 160, 64, 64
+    ff = GLUMBConv(d, d, 2.5, residual_connection=False).eval()
+    x = torch.randn(1, h, w, d).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        assert trace_memory(ff, x).peak_bytes == 4 * h * w * f * FP32
+        for num_chunks in (4, 3):
+            widths = [stop - start for start, stop in split_sizes(f, num_chunks)]
+            apply_chunked_feedforward(ff, num_chunks=num_chunks)
+            assert trace_memory(ff, x).peak_bytes == h * w * FP32 * max(3 * widths[0], d + 3 * max(widths[1:]))
+            remove_memory_optimizations(ff)
+
+
+def test_param_data_swapping_hooks_on_glu_convolutions_are_honoured():
+    """Leaf hooks on the convolutions (as leaf-level group offloading puts there) run around the chunked run."""
+    ff, x = _glu_convolutions()["GLUMBTempConv"]
+    with torch.no_grad():
+        reference = ff(x)
+        apply_chunked_feedforward(ff, num_chunks=4)
+        for conv in (ff.conv_inverted, ff.conv_depth, ff.conv_point, ff.conv_temp):
+            HookRegistry.check_if_exists_or_initialize(conv).register_hook(_OffloadLike(), "offload_like")
+        assert rel_err(ff(x), reference) <= 1e-5
