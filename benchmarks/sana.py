@@ -1,10 +1,11 @@
-"""Sana and Sana Video: the convolutional FeedForward in channel shards and the linear attention in token chunks.
+"""Sana and Sana Video: the FeedForward in channel shards, the linear attention in token chunks, streamed blocks.
 
 Sana's blocks have neither a linear FeedForward nor a softmax self-attention: ``GLUMBConv`` puts a depthwise 3x3
 convolution between its projections (Sana Video's ``GLUMBTempConv`` adds a temporal one after them), and the
 self-attention is ReLU linear attention, which makes no attention-kernel call. memopt splits the first by intermediate
-channels (``apply_chunked_feedforward(split="hidden")``: the depthwise convolution never mixes channels) and the second
-into token chunks (``apply_chunked_attention(query_chunk=...)``: the key sums first, then the queries). diffusers has
+channels (``apply_chunked_feedforward(split="hidden")``: the depthwise convolution never mixes channels), the second
+into token chunks (``apply_chunked_attention(query_chunk=...)``: the key sums first, then the queries), and whole
+blocks into streamed bands of rows (``apply_sequence_chunking``, :mod:`memopt.hooks._streamed_blocks`). diffusers has
 no FeedForward chunking for these blocks (``enable_forward_chunking`` needs a block ``_chunk_size`` they lack), so the
 comparison is with the unmodified model, in the same run.
 
@@ -35,6 +36,7 @@ from diffusers import SanaTransformer2DModel, SanaVideoTransformer3DModel
 from memopt import (
     apply_chunked_attention,
     apply_chunked_feedforward,
+    apply_sequence_chunking,
     remove_memory_optimizations,
     simulate,
     trace_memory,
@@ -83,6 +85,8 @@ VARIANTS: dict[str, Callable[[torch.nn.Module, int], None] | None] = {
     "FeedForward x4 + linear attention": lambda model, chunk: (
         apply_chunked_feedforward(model, num_chunks=FEEDFORWARD_SHARDS),
         apply_chunked_attention(model, query_chunk=chunk)),
+    "sequence x8 (streamed)": lambda model, chunk: apply_sequence_chunking(model, num_chunks=8),
+    "sequence x16 (streamed)": lambda model, chunk: apply_sequence_chunking(model, num_chunks=16),
 }
 
 
@@ -167,13 +171,15 @@ def main() -> None:
     full, cpu = full_size_rows(), cpu_rows(args.repeats)
     load = os.getloadavg()[0]
     lines = [
-        "# Sana and Sana Video: convolutional FeedForward shards and chunked linear attention",
+        "# Sana and Sana Video: convolutional FeedForward shards, chunked linear attention, streamed blocks",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} at the end; generated "
         f"by `python benchmarks/sana.py` in {time.perf_counter() - start:.0f} s. Peaks: activation bytes above "
         f"weights and inputs (storage-counting tracer). Variants: FeedForward in {FEEDFORWARD_SHARDS} channel shards "
         "(`apply_chunked_feedforward`), then also the linear self-attention in token chunks "
-        f"(`apply_chunked_attention`, {ATTENTION_CHUNK:,} tokens at full size, an eighth of the tokens on the CPU).",
+        f"(`apply_chunked_attention`, {ATTENTION_CHUNK:,} tokens at full size, an eighth of the tokens on the CPU); "
+        "and the blocks in 8 or 16 streamed sequence chunks (`apply_sequence_chunking`: bands of whole rows, whole "
+        "frames for Sana Video).",
         "",
         "### Full size, simulated (bf16, batch 1; LD = tokens x D x 2 B)",
         "",

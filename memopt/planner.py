@@ -70,6 +70,7 @@ from torch.utils.flop_counter import (
 )
 
 from .hooks._common import remove_memopt_hooks
+from .hooks._linear_attention import has_linear_attention
 from .hooks.offload import OffloadConfig, OffloadGroups, apply_offloading, module_bytes, offload_groups, place_on
 
 GIB = 1024**3
@@ -104,6 +105,10 @@ SEQUENCE_FEEDFORWARD_SERIES = (2, 4, 8)
 SEQUENCE_FEEDFORWARD_CHUNKS = 4
 """FeedForward shards combined with a few sequence chunks, where one chunk's FF intermediate can still be the largest
 tensor of a block (with more chunks it is small anyway, and the shards would only add ops)."""
+LINEAR_ATTENTION_SERIES = (4, 8, 16)
+"""Token chunks (fractions of the tokens) of a linear attention's calls (Sana's), tried with the FeedForward in
+:data:`SEQUENCE_FEEDFORWARD_CHUNKS` shards for models with linear attention: a call then holds its output and one
+chunk, and nothing else is rerun or streamed."""
 
 
 CUDA_RUNTIME_OVERHEAD_BYTES = 64 * 1024**2
@@ -217,6 +222,8 @@ class Chunking:
             sequence chunks, one after another; attention still sees every chunk's keys and values.
         feedforward_chunks: ``apply_chunked_feedforward(model, num_chunks=..., split="hidden")``: every FeedForward
             runs as this many TP-equivalent shards of its hidden width, accumulated into one output.
+        attention_chunk: ``apply_chunked_attention(model, query_chunk=...)``: linear-attention calls (Sana's) run in
+            sweeps of this many tokens, and every attention kernel call in pieces of this many queries.
         chunk_tail: with sequence chunks, also run the output head (norm, modulation, projection after the last
             block) chunk by chunk (``apply_sequence_chunking(chunk_tail=...)``). The head is chunked by re-running
             the model's forward per chunk with the blocks answering from the saved last output, so every block is
@@ -237,6 +244,7 @@ class Chunking:
 
     sequence_chunks: int = 0
     feedforward_chunks: int = 0
+    attention_chunk: int = 0
     chunk_tail: bool = True
     schedule: str = "two_pass"
     training: bool = False
@@ -245,7 +253,7 @@ class Chunking:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.sequence_chunks or self.feedforward_chunks or self.checkpointing)
+        return not (self.sequence_chunks or self.feedforward_chunks or self.attention_chunk or self.checkpointing)
 
     def describe(self) -> str:
         parts = []
@@ -259,6 +267,8 @@ class Chunking:
             parts.append(f"{self.sequence_chunks} sequence chunks ({schedule}{head}{backward})")
         if self.feedforward_chunks:
             parts.append(f"FeedForward in {self.feedforward_chunks} hidden shards")
+        if self.attention_chunk:
+            parts.append(f"attention in {self.attention_chunk}-token chunks")
         return " + ".join(parts) or "no chunking"
 
     def apply(self, model: torch.nn.Module) -> list[Any]:
@@ -277,6 +287,10 @@ class Chunking:
             reports.append(apply_sequence_chunking(model, num_chunks=self.sequence_chunks, chunk_tail=self.chunk_tail,
                                                    schedule=self.schedule, training=self.training,
                                                    saved_inputs=self.saved_inputs))
+        if self.attention_chunk:
+            from .hooks.attention import apply_chunked_attention
+
+            reports.append(apply_chunked_attention(model, query_chunk=self.attention_chunk))
         if self.checkpointing:
             from .hooks.checkpointing import apply_gradient_checkpointing
 
@@ -284,8 +298,8 @@ class Chunking:
         return reports
 
 
-def candidate_series(tokens: int | None = None, training: bool = False, host: bool = False
-                     ) -> list[list[Chunking]]:
+def candidate_series(tokens: int | None = None, training: bool = False, host: bool = False,
+                     linear_attention: bool = False) -> list[list[Chunking]]:
     """The chunkings the planner tries, as series ordered by increasing chunk count (memory falls along each).
 
     ``tokens`` (image tokens per sample) caps the sequence chunk counts: more chunks than tokens run as one chunk per
@@ -293,6 +307,8 @@ def candidate_series(tokens: int | None = None, training: bool = False, host: bo
     checkpointing (blocks save their inputs and are recomputed whole), and memopt's sequence chunks recomputed chunk
     by chunk, which also bound a block's backward workspace by a chunk's; with ``host`` (a CUDA device), the same
     with the blocks' saved inputs in host memory, tried only when nothing before fits (the transfers cost time).
+    With ``linear_attention`` (a model whose attention modules include linear ones, Sana's), also the FeedForward
+    shards with the attention in token chunks (:data:`LINEAR_ATTENTION_SERIES`, as fractions of ``tokens``).
     """
     def counts(series: tuple[int, ...]) -> list[int]:
         return [n for n in series if tokens is None or n <= tokens]
@@ -313,6 +329,8 @@ def candidate_series(tokens: int | None = None, training: bool = False, host: bo
         [Chunking(sequence_chunks=n, schedule="lockstep") for n in counts(LOCKSTEP_SERIES)],
         [Chunking(sequence_chunks=n, feedforward_chunks=SEQUENCE_FEEDFORWARD_CHUNKS)
          for n in counts(SEQUENCE_FEEDFORWARD_SERIES)],
+        *([[Chunking(feedforward_chunks=SEQUENCE_FEEDFORWARD_CHUNKS, attention_chunk=-(-tokens // n))
+            for n in counts(LINEAR_ATTENTION_SERIES)]] if linear_attention and tokens else []),
     ]
 
 
@@ -972,7 +990,8 @@ def plan_denoiser(
         floor = fixed + max(phase_weights(groups, placement, ["before", "after", *block_lists(model)]).values())
         unchunked_fits = False
         two_pass_fits: list[int] = []  # sequence chunk counts at which the two-pass schedule fits
-        for chunkings in series or candidate_series(per_sample, training, host=movable):
+        for chunkings in series or candidate_series(per_sample, training, host=movable,
+                                                    linear_attention=has_linear_attention(model)):
             if getattr(model, "is_gradient_checkpointing", False):  # already on: the simulated copies have it too
                 chunkings = [chunking for chunking in chunkings if not chunking.checkpointing]
             if training and placement is not None:
@@ -999,7 +1018,7 @@ def plan_denoiser(
                 fits = option.peak_bytes <= budget_bytes
                 # Checkpointing, which reruns each block once, is faster than memopt's chunked recomputation.
                 unchunked_fits = unchunked_fits or (
-                    fits and not (chunking.sequence_chunks or chunking.feedforward_chunks))
+                    fits and not (chunking.sequence_chunks or chunking.feedforward_chunks or chunking.attention_chunk))
                 if fits and chunking.sequence_chunks and chunking.schedule == "two_pass":
                     two_pass_fits.append(chunking.sequence_chunks)
                 if fits or (previous and option.peak_bytes >= previous.peak_bytes):
@@ -1022,8 +1041,8 @@ def plan_denoiser(
     # Within 1% of the fastest (the time model's resolution), prefer fewer hooks, then the lower peak.
     fastest = min(option.time_s for option in fitting)
     best = min((option for option in fitting if option.time_s <= 1.01 * fastest),
-               key=lambda option: (option.chunking.sequence_chunks + option.chunking.feedforward_chunks,
-                                   option.peak_bytes))
+               key=lambda option: (option.chunking.sequence_chunks + option.chunking.feedforward_chunks
+                                   + bool(option.chunking.attention_chunk), option.peak_bytes))
     baseline = estimate(Chunking(training=training))
     return DenoiserPlan(
         chunking=best.chunking, offload=best.offload, device=device, move_to_device=movable and best.offload is None,
@@ -1112,24 +1131,31 @@ def _named_tensors(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str
 
 
 def _tokens(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, int | None]:
-    """Tokens and width for LD, for families memopt knows: width from the family, tokens from the latent shape."""
+    """Tokens and width for LD: tokens from the latent shape and the config's patch size, the width from the family
+    where memopt knows it, else from the config's heads x head dim (diffusers' transformers name them alike)."""
     from .models import get_family
 
-    try:
-        family = get_family(model)
-    except ValueError:
-        return {"tokens": None, "hidden_size": None}
     latent = shapes.get("hidden_states")
     if latent is None:
         return {"tokens": None, "hidden_size": None}
-    config = model.config
+    try:
+        family = get_family(model)
+    except ValueError:
+        family = None
+    config = getattr(model, "config", None)  # None outside diffusers: no patch size, no width
     if len(latent) == 3:  # packed latents (B, N, C): one token per row
         tokens = latent[0] * latent[1]
     else:
-        patch = getattr(config, "patch_size", 1)
+        patch = getattr(config, "patch_size", 1) or 1
         patch_t = getattr(config, "patch_size_t", None) or 1
         if isinstance(patch, (tuple, list)):
             patch_t, patch = patch[0], patch[-1]
-        frames = (latent[1] if family.name == "cogvideox" else latent[2]) if len(latent) == 5 else 1
+        frames_dim = 1 if family is not None and family.name == "cogvideox" else 2
+        frames = latent[frames_dim] if len(latent) == 5 else 1
         tokens = latent[0] * math.ceil(frames / patch_t) * (latent[-2] // patch) * (latent[-1] // patch)
-    return {"tokens": tokens, "hidden_size": family.hidden_size(config)}
+    if family is not None:
+        hidden = family.hidden_size(config)
+    else:
+        heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "attention_head_dim", None)
+        hidden = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None
+    return {"tokens": tokens, "hidden_size": hidden}

@@ -724,7 +724,8 @@ class Case(NamedTuple):
     at the first call (empty: it plans it, or refuses it as data dependent / flex attention). ``sequence_plan``: a
     ControlNet made of a planned family's blocks, which memopt chunks with that family's plan (out of place: it
     returns every block's output); the others are refused. ``convolutional``: its FeedForwards are GLU convolutions,
-    which ``split="sequence"`` skips (their depthwise convolution mixes neighbouring tokens)."""
+    which ``split="sequence"`` skips (their depthwise convolution mixes neighbouring tokens); ``streamed``: its blocks
+    run in sequence chunks streamed (Sana's, :mod:`memopt.hooks._streamed_blocks`): no K/V exchange, forwards only."""
 
     build: Callable[[], Built]
     feedforwards: int
@@ -734,6 +735,7 @@ class Case(NamedTuple):
     planner_refusal: str = ""
     sequence_plan: bool = False
     convolutional: bool = False
+    streamed: bool = False
 
 
 CASES: dict[str, Case] = {
@@ -778,8 +780,8 @@ CASES: dict[str, Case] = {
     "RFD4ProteinaTransformer": Case(_rfd4_proteina, 0),
     "SD3ControlNetModel": Case(_sd3_controlnet, 4, sequence_plan=True),  # ff + ff_context per JointTransformerBlock
     "SanaControlNetModel": Case(_sana_controlnet, 2, convolutional=True),  # GLUMBConv per block
-    "SanaTransformer2DModel": Case(_sana, 2, convolutional=True),  # GLUMBConv (a convolutional FFN) per block
-    "SanaVideoTransformer3DModel": Case(_sana_video, 2, convolutional=True),  # GLUMBTempConv per block
+    "SanaTransformer2DModel": Case(_sana, 2, convolutional=True, streamed=True),  # GLUMBConv (a convolutional FFN)
+    "SanaVideoTransformer3DModel": Case(_sana_video, 2, convolutional=True, streamed=True),  # GLUMBTempConv
     "SanaWMLTX2RefinerTransformer3DModel": Case(_sana_wm_refiner, 4),  # ff + audio_ff per block (audio never runs)
     "SanaWMTransformer3DModel": Case(_sana_wm, 1),  # gated delta-net linear attention; GLUMBConvTemp skipped
     # spatial (down 1, mid 1) + motion modules (down 2)
@@ -933,6 +935,16 @@ def test_chunked_attention_is_exact(name):
 def test_sequence_chunking_is_refused_or_exact(name):
     model, inputs = build(name)
     reference, state_before = forward(model, inputs), state(model)
+    if CASES[name].streamed:
+        for num_chunks in (2, 5):
+            report = apply_sequence_chunking(model, num_chunks)
+            assert len(report.blocks) == 2 and not report.attention, str(report)
+            assert rel_err(forward(model, inputs), reference) <= 1e-5, num_chunks
+            remove_memory_optimizations(model)
+        with pytest.raises(ValueError, match=f"{name}'s blocks are streamed"):
+            apply_sequence_chunking(model, schedule="lockstep")
+        assert_restored(model, inputs, reference, state_before)
+        return
     if not CASES[name].sequence_plan:
         with pytest.raises(ValueError, match=f"no sequence plan for {name}"):
             apply_sequence_chunking(model)

@@ -3,6 +3,9 @@ match full-depth ones, the offloading memory model, and errors that say what dom
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -14,6 +17,7 @@ from memopt.models import Size, cast_floating_, get_family
 from memopt.planner import (
     BudgetError,
     Chunking,
+    candidate_series,
     format_bytes,
     parse_budget,
     phase_weights,
@@ -21,6 +25,9 @@ from memopt.planner import (
     simulate_chunking,
 )
 from memopt.trace import simulate
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "hooks"))
+from _tiny_cases import sana  # noqa: E402
 
 GIB = 1024**3
 
@@ -195,6 +202,41 @@ def test_a_family_without_a_sequence_plan_is_planned_with_what_applies() -> None
     with pytest.raises(BudgetError, match="Not available for this model: .*no sequence plan for "
                                          "LuminaNextDiT2DModel"):
         plan_denoiser(model, (), inputs, budget=unmodified.baseline_bytes + 64, device="cpu")
+
+
+def test_linear_attention_chunks_are_candidates_only_where_there_is_linear_attention() -> None:
+    with_linear = candidate_series(100, linear_attention=True)
+    assert with_linear[:-1] == candidate_series(100)
+    assert with_linear[-1] == [Chunking(feedforward_chunks=4, attention_chunk=chunk) for chunk in (25, 13, 7)]
+
+
+@pytest.mark.parametrize("name", ["sana", "sana_video"])
+def test_sana_is_planned_with_what_reaches_the_budget(name: str) -> None:
+    """Sana's blocks stream (sequence chunks), and its linear attention runs in token chunks: below what the
+    FeedForward shards alone reach the plan takes one of them (tokens counted from the latent shape and the patch
+    size, the width from the config), and below what the attention chunks reach, the streamed blocks; exact."""
+    model, inputs = sana(name)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+    kwargs = {key: value for key, value in inputs.items() if key != "return_dict"}
+    fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        v.numel() * v.element_size() for v in kwargs.values() if isinstance(v, torch.Tensor))
+    tokens = inputs["hidden_states"][0, 0].numel() // (1 if name == "sana" else 4)
+
+    def peak(chunking: Chunking) -> int:
+        return simulate_chunking(model, (), kwargs, chunking).activation.bytes
+
+    attention = min(peak(Chunking(feedforward_chunks=4, attention_chunk=-(-tokens // n))) for n in (4, 8, 16))
+    for budget in (fixed + peak(Chunking(feedforward_chunks=4)) - 1, fixed + attention - 1):
+        plan = plan_denoiser(model, (), kwargs, budget=budget, device="cpu")
+        assert plan.predicted_peak_bytes <= budget and plan.tokens == 2 * tokens and plan.hidden_size == 32
+        assert plan.chunking.sequence_chunks or plan.chunking.attention_chunk
+        plan.apply(model)
+        with torch.no_grad():
+            out = model(**inputs)[0]
+        remove_memopt_hooks(model)
+        assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
+    assert plan.chunking.sequence_chunks  # below the attention chunks' peak: the streamed blocks
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuanvideo", "flux"])

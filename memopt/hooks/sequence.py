@@ -85,6 +85,7 @@ from ._common import HOOK_PREFIX, register_memopt_hook, removed_on_error
 from ._held_blocks import HeldCall, resolved
 from .offload import offloading_group
 from ._sequence_backward import SequenceTrainingHook, backward_passes, chunk_output_grads, recorded_forward
+from ._streamed_blocks import STREAMED_MODELS, ChunkedNormHook, StreamedBlockHook, streaming_refusal
 from ._sequence_chunks import (
     RUNNING,
     Arguments,
@@ -1175,7 +1176,9 @@ def apply_sequence_chunking(
     Args:
         model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (55 classes:
             Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin and four ControlNets),
-            or any model with ``plan`` given.
+            or any model with ``plan`` given; or Sana / Sana Video, whose blocks stream instead (forwards only, one
+            schedule; ``align`` does not apply: bands are whole rows or frames; see
+            :mod:`memopt.hooks._streamed_blocks`).
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.
         inplace: see :class:`SequenceChunkingConfig`. ``None`` (default): on with the model's built-in plan unless
             it says the model keeps its blocks' outputs (``SequencePlan.keeps_block_outputs``: a ControlNet returns
@@ -1223,6 +1226,11 @@ def apply_sequence_chunking(
         print(((chunked - reference).norm() / reference.norm()).item())   # ~1e-7
         remove_memory_optimizations(model)
     """
+    if plan is None and type(model).__name__ in STREAMED_MODELS:
+        config = SequenceChunkingConfig(num_chunks=STREAMED_CHUNKS if num_chunks is None else num_chunks,
+                                        inplace=True if inplace is None else inplace, chunk_tail=chunk_tail,
+                                        schedule=schedule, align=align, training=training, saved_inputs=saved_inputs)
+        return _apply_streamed(model, config)
     own_plan = plan is None or plan is SEQUENCE_PLANS.get(type(model).__name__)
     plan = plan if plan is not None else sequence_plan(model)
     if inplace is None:
@@ -1271,4 +1279,35 @@ def apply_sequence_chunking(
         _apply_model_level(model, plan, config, report, blocks)
         if training:
             register_memopt_hook(model, SequenceTrainingHook(blocks, saved_inputs), SEQUENCE_TRAINING_HOOK)
+    return report
+
+
+STREAMED_CHUNKS = 8
+"""Default bands of a streamed model (Sana's): its blocks hold one band, so a few suffice."""
+
+
+def _apply_streamed(model: torch.nn.Module, config: SequenceChunkingConfig) -> SequenceChunkingReport:
+    """Sana's models: every block streamed in bands of whole rows (frames) (:mod:`._streamed_blocks`), the linear
+    attention's key sums taken in a first sweep, no K/V to exchange; with ``chunk_tail`` the output norm runs in
+    token chunks."""
+    name = type(model).__name__
+    if config.training or config.schedule != "two_pass":
+        raise ValueError(f"{name}'s blocks are streamed (Sana's FeedForward convolves neighbouring tokens): forwards "
+                         f"only, in the one schedule; got training={config.training}, schedule={config.schedule!r}")
+    report = SequenceChunkingReport(name, config.num_chunks, "memopt.hooks._streamed_blocks (streamed bands)")
+    blocks_path, norm_path = STREAMED_MODELS[name]
+    with removed_on_error(model):
+        for index, block in enumerate(model.get_submodule(blocks_path)):
+            path = f"{blocks_path}.{index}"
+            reason = streaming_refusal(block)
+            if reason is not None:
+                report.skipped.append((path, reason))
+                continue
+            register_memopt_hook(block, StreamedBlockHook(path, config.num_chunks, config.inplace), SEQUENCE_BLOCK_HOOK)
+            report.blocks.append(path)
+        if not report.blocks:
+            raise ValueError(f"no block of {name} can stream:\n{report}")
+        if config.chunk_tail:
+            register_memopt_hook(model.get_submodule(norm_path), ChunkedNormHook(config.num_chunks), SEQUENCE_TAIL_HOOK)
+            report.tail = f"{norm_path} (token chunks)"
     return report

@@ -103,3 +103,23 @@ def with_attention_spec(plan: Any, pattern: str, name: str, **changes: Any) -> A
     block = plan.blocks[pattern]
     attention = {**block.attention, name: dataclasses.replace(block.attention[name], **changes)}
     return dataclasses.replace(plan, blocks={**plan.blocks, pattern: dataclasses.replace(block, attention=attention)})
+
+
+def sana(name: str, batch_size: int = 2) -> tuple[torch.nn.Module, dict]:
+    """Sana (RMS-normed queries and keys, as Sana 1.5) or Sana Video at odd token counts, every weight random."""
+    from diffusers import SanaTransformer2DModel, SanaVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    common = dict(in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                  num_cross_attention_heads=4, cross_attention_head_dim=8, cross_attention_dim=32,
+                  caption_channels=16, sample_size=16, qk_norm="rms_norm_across_heads")
+    if name == "sana":
+        model, latents = SanaTransformer2DModel(patch_size=1, **common), torch.randn(batch_size, 4, 9, 7)
+    else:
+        model = SanaVideoTransformer3DModel(patch_size=(1, 2, 2), rope_max_seq_len=32, **common)
+        latents = torch.randn(batch_size, 4, 3, 10, 6)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.1)
+    return model.eval(), dict(hidden_states=latents, encoder_hidden_states=torch.randn(batch_size, 7, 16),
+                              timestep=torch.tensor([3, 500][:batch_size]), return_dict=False)

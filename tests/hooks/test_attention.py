@@ -14,7 +14,7 @@ from memopt.hooks._common import has_memopt_hooks
 from memopt.hooks.attention import CHUNKED_ATTENTION_HOOK
 from memopt.models import Size, get_family
 
-from _tiny_cases import FAMILIES, SIZES, prediction, rel_err  # noqa: E402
+from _tiny_cases import FAMILIES, SIZES, prediction, rel_err, sana  # noqa: E402
 
 
 def build(family: str, size: Size | None = None):
@@ -135,32 +135,12 @@ def test_applying_twice_changes_nothing_and_names_the_module():
     assert not has_memopt_hooks(model)
 
 
-def _sana(name: str, batch_size: int = 2) -> tuple[torch.nn.Module, dict]:
-    """Sana (RMS-normed queries and keys, as Sana 1.5) or Sana Video at odd token counts, every weight random."""
-    from diffusers import SanaTransformer2DModel, SanaVideoTransformer3DModel
-
-    torch.manual_seed(0)
-    common = dict(in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-                  num_cross_attention_heads=4, cross_attention_head_dim=8, cross_attention_dim=32,
-                  caption_channels=16, sample_size=16, qk_norm="rms_norm_across_heads")
-    if name == "sana":
-        model, latents = SanaTransformer2DModel(patch_size=1, **common), torch.randn(batch_size, 4, 9, 7)
-    else:
-        model = SanaVideoTransformer3DModel(patch_size=(1, 2, 2), rope_max_seq_len=32, **common)
-        latents = torch.randn(batch_size, 4, 3, 10, 6)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.1)
-    return model.eval(), dict(hidden_states=latents, encoder_hidden_states=torch.randn(batch_size, 7, 16),
-                              timestep=torch.tensor([3, 500][:batch_size]), return_dict=False)
-
-
 @pytest.mark.parametrize("name", ["sana", "sana_video"])
 def test_linear_attention_runs_in_token_chunks(name):
     """Sana's ReLU linear attention makes no kernel call: memopt computes it in query_chunk-token sweeps (the key
     sums first, then the queries), exact in the forward and every gradient, with chunks that do not divide the
     sequence (63 and 45 tokens in chunks of 17)."""
-    model, inputs = _sana(name)
+    model, inputs = sana(name)
     latents = inputs["hidden_states"].requires_grad_(True)
     reference = model(**inputs)[0]
     grads_ref = torch.autograd.grad(reference.square().sum(), [latents, *model.parameters()])
@@ -196,7 +176,7 @@ def test_a_module_without_attention_kernel_calls_is_logged(caplog):
     are not chunked: exact, and the log says nothing was split."""
     from diffusers.models.attention_processor import PAGIdentitySanaLinearAttnProcessor2_0
 
-    model, inputs = _sana("sana")
+    model, inputs = sana("sana")
     for block in model.transformer_blocks:
         block.attn1.set_processor(PAGIdentitySanaLinearAttnProcessor2_0())
     with torch.no_grad():

@@ -1,0 +1,312 @@
+"""Sana's blocks in sequence chunks, streamed: blocks whose FeedForward convolves neighbouring tokens.
+
+memopt's sequence chunking exchanges K/V between chunks and otherwise runs each chunk through a block on its own:
+every step but attention is token-wise. Sana's blocks break that twice. Their self-attention is linear, so a chunk
+needs the sums over every chunk's keys (:mod:`._linear_attention`), not their K/V. And their FeedForward convolves
+each token with its neighbours: Sana's depthwise 3x3 over the image (``GLUMBConv``), Sana Video's 3-tap convolution
+over frames after its per-frame ones (``GLUMBTempConv``). So a block runs in two sweeps over bands of whole rows
+(whole frames for Sana Video): the first adds each band's key sums; the second runs each band through the block and
+*streams* the convolution: a band's last row needs the next band's first, so it waits, with the two rows of
+convolution input the next band's first output row needs, and the next band finishes it (the image's edges are the
+convolution's zero padding, as unchunked). Nothing is recomputed; the block holds its input, one band and a few
+carried rows, and writes its output over its input: only rows already read, never read again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+from diffusers.models.transformers.transformer_sana_video import SanaVideoTransformerBlock
+
+from ._linear_attention import LINEAR_ATTENTION, SanaKeySums, SanaVideoKeySums, token_rows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Band:
+    """What the block computed for a band's units (or the carried ones) before the convolution that mixes
+    neighbours: ``residual`` (B, units, per_unit, D), the block's hidden states there, and ``mixed_input`` (units
+    first), what that convolution reads."""
+
+    residual: torch.Tensor
+    mixed_input: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _StreamedLayout:
+    """How one block class streams: its unit (an image row, a frame) and its three stages.
+
+    ``add(block, sums, x, rows, arguments)`` adds a band's key sums (the first sweep); ``before(block, x, rows,
+    arguments, sums) -> _Band`` runs a band up to the neighbour-mixing convolution; ``mix(block, window, keep,
+    arguments)`` runs that convolution for the units ``keep`` of a window of units (see :func:`_neighbourhood`);
+    ``after(block, residual, mixed, rows, arguments)`` finishes the output rows of those units.
+    """
+
+    units: Callable[[dict[str, Any]], tuple[int, int]]  # arguments -> (number of units, tokens per unit)
+    sums: type
+    add: Callable[..., None]
+    before: Callable[..., _Band]
+    mix: Callable[..., torch.Tensor]
+    after: Callable[..., torch.Tensor]
+
+
+def _neighbourhood(window: torch.Tensor, keep: slice) -> tuple[torch.Tensor, slice]:
+    """The units of ``window`` (units first) that a radius-1 convolution reads for the units ``keep``, and where
+    ``keep`` lies in them. The window holds both neighbours of every kept unit except at the image's (video's)
+    edges, where the convolution's own zero padding stands in for them, as in the unmodified forward."""
+    low, high = max(keep.start - 1, 0), min(keep.stop + 1, len(window))
+    return window[low:high], slice(keep.start - low, keep.stop - low)
+
+
+# ------------------------------------------------------------------------------------------------ Sana (image)
+def _sana_units(arguments: dict[str, Any]) -> tuple[int, int]:
+    return arguments["height"], arguments["width"]
+
+
+def _sana_modulation(block: SanaTransformerBlock, arguments: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    timestep, batch = arguments["timestep"], arguments["hidden_states"].shape[0]
+    return (block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
+
+
+def _sana_attention_input(block: SanaTransformerBlock, x: torch.Tensor, shift: torch.Tensor,
+                          scale: torch.Tensor) -> torch.Tensor:
+    return (block.norm1(x) * (1 + scale) + shift).to(x.dtype)
+
+
+def _sana_add(block: SanaTransformerBlock, sums: SanaKeySums, x: torch.Tensor, rows: slice,
+              arguments: dict[str, Any]) -> None:
+    shift, scale = _sana_modulation(block, arguments)[:2]
+    sums.add(_sana_attention_input(block, x, shift, scale))
+
+
+def _sana_before(block: SanaTransformerBlock, x: torch.Tensor, rows: slice, arguments: dict[str, Any],
+                 sums: SanaKeySums) -> _Band:
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, _ = _sana_modulation(block, arguments)
+    hidden = x + gate_msa * sums.attend(_sana_attention_input(block, x, shift_msa, scale_msa))
+    if block.attn2 is not None:
+        hidden = block.attn2(hidden, encoder_hidden_states=arguments["encoder_hidden_states"],
+                             attention_mask=arguments["encoder_attention_mask"]) + hidden
+    norm = block.norm2(hidden) * (1 + scale_mlp) + shift_mlp
+    ff, width = block.ff, arguments["width"]
+    up = ff.nonlinearity(ff.conv_inverted(norm.unflatten(1, (-1, width)).permute(0, 3, 1, 2)))
+    return _Band(hidden.unflatten(1, (-1, width)), up.transpose(0, 2))  # rows first: (rows, C, B, W)
+
+
+def _sana_mix(block: SanaTransformerBlock, window: torch.Tensor, keep: slice,
+              arguments: dict[str, Any]) -> torch.Tensor:
+    ff = block.ff
+    part, kept = _neighbourhood(window, keep)
+    hidden, gate = torch.chunk(ff.conv_depth(part.transpose(0, 2))[:, :, kept], 2, dim=1)
+    return ff.conv_point(hidden * ff.nonlinearity(gate)).transpose(0, 2)  # rows first
+
+
+def _sana_after(block: SanaTransformerBlock, residual: torch.Tensor, mixed: torch.Tensor, rows: slice,
+                arguments: dict[str, Any]) -> torch.Tensor:
+    gate_mlp = _sana_modulation(block, arguments)[5]
+    ff_output = mixed.transpose(0, 2).flatten(2, 3).permute(0, 2, 1)  # (B, rows x W, D)
+    return residual.flatten(1, 2) + gate_mlp * ff_output
+
+
+# ------------------------------------------------------------------------------------------------ Sana Video
+def _video_units(arguments: dict[str, Any]) -> tuple[int, int]:
+    return arguments["frames"], arguments["height"] * arguments["width"]
+
+
+def _video_modulation(block: SanaVideoTransformerBlock, arguments: dict[str, Any], rows: slice
+                      ) -> tuple[torch.Tensor, ...]:
+    """The block's six modulation tables for ``rows``: a per-token timestep (B, N, 6 D) is cut before the table is
+    built (whole, it would be 6 LD)."""
+    hidden = arguments["hidden_states"]
+    timestep = token_rows(arguments["timestep"], rows, hidden.shape[1])
+    return (block.scale_shift_table[None, None] + timestep.reshape(hidden.shape[0], timestep.shape[1], 6, -1)
+            ).unbind(dim=2)
+
+
+def _video_rotary(arguments: dict[str, Any], rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = arguments["hidden_states"].shape[1]
+    return tuple(token_rows(table, rows, tokens) for table in arguments["rotary_emb"])
+
+
+def _video_attention_input(block: SanaVideoTransformerBlock, x: torch.Tensor, shift: torch.Tensor,
+                           scale: torch.Tensor) -> torch.Tensor:
+    return (block.norm1(x) * (1 + scale) + shift).to(x.dtype)
+
+
+def _video_add(block: SanaVideoTransformerBlock, sums: SanaVideoKeySums, x: torch.Tensor, rows: slice,
+               arguments: dict[str, Any]) -> None:
+    shift, scale = _video_modulation(block, arguments, rows)[:2]
+    sums.add(_video_attention_input(block, x, shift, scale), _video_rotary(arguments, rows))
+
+
+def _video_before(block: SanaVideoTransformerBlock, x: torch.Tensor, rows: slice, arguments: dict[str, Any],
+                  sums: SanaVideoKeySums) -> _Band:
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, _ = _video_modulation(block, arguments, rows)
+    attention = sums.attend(_video_attention_input(block, x, shift_msa, scale_msa), _video_rotary(arguments, rows))
+    hidden = x + gate_msa * attention
+    del attention
+    if block.attn2 is not None:
+        hidden = block.attn2(hidden, encoder_hidden_states=arguments["encoder_hidden_states"],
+                             attention_mask=arguments["encoder_attention_mask"]) + hidden
+    norm = block.norm2(hidden) * (1 + scale_mlp) + shift_mlp
+    ff, height, width = block.ff, arguments["height"], arguments["width"]
+    batch, channels = norm.shape[0], norm.shape[-1]
+    # GLUMBTempConv.forward up to its temporal convolution, on this band's frames
+    frames = norm.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
+    frames = ff.nonlinearity(ff.conv_inverted(frames))
+    frames, gate = torch.chunk(ff.conv_depth(frames), 2, dim=1)
+    frames = ff.conv_point(frames * ff.nonlinearity(gate))
+    point = frames.view(batch, -1, channels, height * width).transpose(0, 1)  # frames first: (F, B, D, HW)
+    return _Band(hidden.unflatten(1, (-1, height * width)), point)
+
+
+def _video_mix(block: SanaVideoTransformerBlock, window: torch.Tensor, keep: slice,
+               arguments: dict[str, Any]) -> torch.Tensor:
+    part, kept = _neighbourhood(window, keep)
+    temporal = part.permute(1, 2, 0, 3)  # (B, D, F, HW), as GLUMBTempConv's hidden_states_temporal
+    mixed = temporal[:, :, kept] + block.ff.conv_temp(temporal)[:, :, kept]
+    return mixed.permute(2, 0, 3, 1)  # frames first: (F, B, HW, D)
+
+
+def _video_after(block: SanaVideoTransformerBlock, residual: torch.Tensor, mixed: torch.Tensor, rows: slice,
+                 arguments: dict[str, Any]) -> torch.Tensor:
+    gate_mlp = _video_modulation(block, arguments, rows)[5]
+    return residual.flatten(1, 2) + gate_mlp * mixed.transpose(0, 1).flatten(1, 2)
+
+
+STREAMED_LAYOUTS: dict[type, _StreamedLayout] = {
+    SanaTransformerBlock: _StreamedLayout(_sana_units, SanaKeySums, _sana_add, _sana_before, _sana_mix, _sana_after),
+    SanaVideoTransformerBlock: _StreamedLayout(_video_units, SanaVideoKeySums, _video_add, _video_before, _video_mix,
+                                               _video_after),
+}
+"""Block class -> how it streams. Each stage mirrors the block's forward in diffusers 0.42 line by line."""
+
+STREAMED_MODELS = {"SanaTransformer2DModel": ("transformer_blocks", "norm_out"),
+                   "SanaVideoTransformer3DModel": ("transformer_blocks", "norm_out")}
+"""Model classes whose blocks stream: where their blocks are, and their output norm (:class:`ChunkedNormHook`).
+These models use each block's output only as the next block's input (a ControlNet, which returns them, is not
+listed: its blocks would need to write out of place)."""
+
+
+def streaming_refusal(block: torch.nn.Module) -> str | None:
+    """Why ``block`` cannot stream (a configuration the layouts do not mirror), or None."""
+    if type(block) not in STREAMED_LAYOUTS:
+        return f"{type(block).__name__} has no streamed layout"
+    if type(block.attn1.processor) not in LINEAR_ATTENTION:
+        return f"attn1 runs {type(block.attn1.processor).__name__}, not Sana's linear attention"
+    ff = block.ff
+    if ff.residual_connection or ff.norm_type is not None:
+        return "its FeedForward has a residual or a norm, which the streamed layout does not mirror"
+    if ff.conv_depth.kernel_size[0] != 3 or ff.conv_depth.padding[0] != 1 or ff.conv_depth.stride[0] != 1:
+        return "its FeedForward's depthwise convolution is not 3 rows with padding 1"
+    if isinstance(block, SanaVideoTransformerBlock) and (ff.conv_temp.kernel_size[0] != 3
+                                                         or ff.conv_temp.padding[0] != 1):
+        return "its temporal convolution is not 3 frames with padding 1"
+    return None
+
+
+def split_units(units: int, num_chunks: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of at most ``num_chunks`` bands of whole units, sizes differing by at most one."""
+    count = min(num_chunks, units)
+    base, extra = divmod(units, count)
+    bounds, start = [], 0
+    for index in range(count):
+        stop = start + base + (1 if index < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+class StreamedBlockHook(ModelHook):
+    """Runs a Sana block in ``num_chunks`` bands of whole rows (frames), streamed (see the module docstring)."""
+
+    _is_stateful = False
+
+    def __init__(self, path: str, num_chunks: int, inplace: bool) -> None:
+        super().__init__()
+        self.path = path
+        self.num_chunks = num_chunks
+        self.inplace = inplace
+        self._warned = False
+
+    def new_forward(self, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(type(block).forward).bind(block, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        hidden = arguments["hidden_states"]
+        if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in block.parameters())):
+            if not self._warned:
+                self._warned = True
+                logger.warning("%s: autograd is recording, running unchunked (Sana's streamed blocks chunk "
+                               "forwards only; wrap the call in torch.no_grad())", self.path)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self._streamed(block, arguments)
+
+    def _streamed(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+        layout = STREAMED_LAYOUTS[type(block)]
+        hidden = arguments["hidden_states"]
+        units, per_unit = layout.units(arguments)
+        if units * per_unit != hidden.shape[1]:
+            raise ValueError(f"{self.path}: {hidden.shape[1]} tokens are not {units} x {per_unit}")
+        bands = split_units(units, self.num_chunks)
+        sums = layout.sums(block.attn1)
+        for start, stop in bands:
+            rows = slice(start * per_unit, stop * per_unit)
+            layout.add(block, sums, hidden[:, rows], rows, arguments)
+        out = hidden if self.inplace else torch.empty_like(hidden)
+        carried: _Band | None = None  # the last unit's residual and the last two units' convolution input
+        for start, stop in bands:
+            rows = slice(start * per_unit, stop * per_unit)
+            band = layout.before(block, hidden[:, rows], rows, arguments, sums)
+            if carried is not None:
+                band = _Band(torch.cat([carried.residual, band.residual], dim=1),
+                             torch.cat([carried.mixed_input, band.mixed_input], dim=0))
+            first = start - (0 if carried is None else 1)  # the unit band.residual starts at
+            window = start - (0 if carried is None else len(carried.mixed_input))  # the unit mixed_input starts at
+            last = stop == units
+            done = stop if last else stop - 1  # units [first, done) can be finished now
+            if done > first:  # a one-unit first band finishes nothing yet
+                mixed = layout.mix(block, band.mixed_input, slice(first - window, done - window), arguments)
+                finished = slice(first * per_unit, done * per_unit)
+                out[:, finished] = layout.after(block, band.residual[:, : done - first], mixed, finished, arguments)
+                del mixed
+            carried = None if last else _Band(band.residual[:, done - first:].clone(),
+                                              band.mixed_input[-2:].clone())
+            del band
+        return out
+
+
+class ChunkedNormHook(ModelHook):
+    """Runs a token-wise output norm (Sana's ``SanaModulatedNorm``: LayerNorm, then the timestep's shift and scale)
+    in token chunks written into one output: with streamed blocks the whole-sequence norm, its modulation temporaries
+    beside its input and output, is the forward's peak (4 LD); chunked, it holds the input, the output and a chunk.
+    A per-token timestep table (Sana Video's) is cut with the chunks."""
+
+    _is_stateful = False
+
+    def __init__(self, num_chunks: int) -> None:
+        super().__init__()
+        self.num_chunks = num_chunks
+
+    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor,
+                    scale_shift_table: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.shape[1]
+        if torch.is_grad_enabled() or self.num_chunks == 1:
+            return self.fn_ref.original_forward(hidden_states, temb, scale_shift_table)
+        out = None
+        for start, stop in split_units(tokens, self.num_chunks):
+            rows = slice(start, stop)
+            temb_rows = token_rows(temb, rows, tokens) if temb.dim() == 3 else temb
+            chunk = self.fn_ref.original_forward(hidden_states[:, rows], temb_rows, scale_shift_table)
+            if out is None:
+                out = chunk.new_empty(chunk.shape[0], tokens, *chunk.shape[2:])
+            out[:, rows] = chunk
+            del chunk
+        return out

@@ -1,0 +1,130 @@
+"""Sana's blocks in streamed sequence chunks: exact against the unmodified models, memory, refusals, composition."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from memopt import (
+    apply_chunked_attention,
+    apply_chunked_feedforward,
+    apply_sequence_chunking,
+    remove_memory_optimizations,
+    trace_memory,
+)
+from memopt.hooks._streamed_blocks import split_units
+
+from _tiny_cases import rel_err, sana  # noqa: E402
+
+NAMES = ["sana", "sana_video"]
+
+
+def forward(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def test_bands_are_whole_units_as_even_as_possible():
+    assert split_units(9, 4) == [(0, 3), (3, 5), (5, 7), (7, 9)]
+    assert split_units(3, 8) == [(0, 1), (1, 2), (2, 3)]  # never more bands than units
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("inplace", [None, False])
+def test_streamed_blocks_match_the_unmodified_model(name, inplace):
+    """Every band count from one band to one per unit (Sana: 9 image rows; Sana Video: 3 frames), batch 2, the
+    convolution finished across band edges from the carried rows; the weights untouched."""
+    model, inputs = sana(name)
+    reference = forward(model, inputs)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    for num_chunks in (1, 2, 3, 4, 9, 50):
+        report = apply_sequence_chunking(model, num_chunks, inplace=inplace)
+        assert report.blocks == ["transformer_blocks.0", "transformer_blocks.1"] and not report.skipped
+        assert report.tail == "norm_out (token chunks)"
+        assert rel_err(forward(model, inputs), reference) <= 1e-5, num_chunks
+        assert remove_memory_optimizations(model) == 3  # the blocks and the output norm
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert torch.equal(forward(model, inputs), reference)
+
+
+def test_per_token_timesteps_are_cut_with_the_bands():
+    """Sana Video takes a timestep per token (its modulation table then has a row per token)."""
+    model, inputs = sana("sana_video")
+    inputs["timestep"] = torch.rand(2, 3 * 5 * 3, generator=torch.Generator().manual_seed(2)) * 1000
+    reference = forward(model, inputs)
+    apply_sequence_chunking(model, 2)
+    assert rel_err(forward(model, inputs), reference) <= 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_activation_growth_drops_to_a_few_ld(name):
+    """Unmodified: the convolutional FeedForward's 2.5 D-wide intermediates, 14 LD per token and more. Streamed in
+    8 bands, the output norm in 8 token chunks: the block's input and output, one band and the carried rows."""
+    torch.manual_seed(0)
+    model, _ = sana(name, batch_size=1)
+    width = 32
+
+    def growth() -> float:
+        peaks, tokens = [], []
+        for side in (16, 24):
+            latents = torch.randn(1, 4, side, side + 1) if name == "sana" else torch.randn(1, 4, 9, side, side + 2)
+            inputs = dict(hidden_states=latents, encoder_hidden_states=torch.randn(1, 7, 16),
+                          timestep=torch.tensor([3]))
+            with torch.no_grad():
+                peaks.append(trace_memory(model, **inputs).peak_bytes)
+            tokens.append(latents[0, 0].numel() // (1 if name == "sana" else 4))
+        return (peaks[1] - peaks[0]) / ((tokens[1] - tokens[0]) * width * 4)
+
+    unmodified = growth()
+    apply_sequence_chunking(model, 8)
+    streamed = growth()
+    remove_memory_optimizations(model)
+    assert unmodified >= 14.0 and streamed <= 4.5, (unmodified, streamed)
+
+
+def test_autograd_runs_unchunked_with_a_warning_and_training_is_refused(caplog):
+    model, inputs = sana("sana")
+    latents = inputs["hidden_states"].requires_grad_(True)
+    reference = model(**inputs)[0]
+    grad_ref = torch.autograd.grad(reference.square().sum(), latents)[0]
+    apply_sequence_chunking(model, 4)
+    with caplog.at_level(logging.WARNING, logger="memopt.hooks._streamed_blocks"):
+        out = model(**inputs)[0]
+    grad = torch.autograd.grad(out.square().sum(), latents)[0]
+    assert "autograd is recording, running unchunked" in caplog.text
+    assert rel_err(out, reference) <= 1e-5 and rel_err(grad, grad_ref) <= 1e-5
+    remove_memory_optimizations(model)
+    with pytest.raises(ValueError, match="SanaTransformer2DModel's blocks are streamed .* training=True"):
+        apply_sequence_chunking(model, 4, training=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stacks_with_feedforward_and_attention_chunking_and_lora(name):
+    """The streamed blocks call the blocks' own modules per band: a LoRA adapter on the projections and memopt's
+    other hooks stay in effect (the chunked attention's cross-attention calls, the FeedForward's own hook is simply
+    not called: the band computes its convolutions)."""
+    from peft import LoraConfig
+
+    model, inputs = sana(name)
+    model.add_adapter(LoraConfig(r=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    reference = forward(model, inputs)
+    apply_chunked_feedforward(model, num_chunks=3)
+    apply_chunked_attention(model, query_chunk=7)
+    apply_sequence_chunking(model, 3)
+    assert rel_err(forward(model, inputs), reference) <= 1e-5
+    assert remove_memory_optimizations(model) == 2 + 4 + 3  # FeedForwards, attention modules, blocks + norm
+
+
+def test_a_block_without_linear_attention_is_skipped_with_the_reason():
+    from diffusers.models.attention_processor import PAGIdentitySanaLinearAttnProcessor2_0
+
+    model, inputs = sana("sana")
+    model.transformer_blocks[1].attn1.set_processor(PAGIdentitySanaLinearAttnProcessor2_0())
+    reference = forward(model, inputs)
+    report = apply_sequence_chunking(model, 3)
+    assert report.blocks == ["transformer_blocks.0"]
+    assert report.skipped == [("transformer_blocks.1", "attn1 runs PAGIdentitySanaLinearAttnProcessor2_0, not Sana's "
+                                                       "linear attention")]
+    assert rel_err(forward(model, inputs), reference) <= 1e-5
