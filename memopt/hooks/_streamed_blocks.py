@@ -25,6 +25,7 @@ from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 from diffusers.models.transformers.transformer_sana_video import SanaVideoTransformerBlock
 
 from ._linear_attention import LINEAR_ATTENTION, SanaKeySums, SanaVideoKeySums, token_rows
+from .feedforward import split_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,12 @@ def _neighbourhood(window: torch.Tensor, keep: slice) -> tuple[torch.Tensor, sli
     return window[low:high], slice(keep.start - low, keep.stop - low)
 
 
+def _attention_input(block: torch.nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+                     ) -> torch.Tensor:
+    """Both blocks' modulated ``norm1`` before the self-attention."""
+    return (block.norm1(x) * (1 + scale) + shift).to(x.dtype)
+
+
 # ------------------------------------------------------------------------------------------------ Sana (image)
 def _sana_units(arguments: dict[str, Any]) -> tuple[int, int]:
     return arguments["height"], arguments["width"]
@@ -75,21 +82,16 @@ def _sana_modulation(block: SanaTransformerBlock, arguments: dict[str, Any]) -> 
     return (block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
 
 
-def _sana_attention_input(block: SanaTransformerBlock, x: torch.Tensor, shift: torch.Tensor,
-                          scale: torch.Tensor) -> torch.Tensor:
-    return (block.norm1(x) * (1 + scale) + shift).to(x.dtype)
-
-
 def _sana_add(block: SanaTransformerBlock, sums: SanaKeySums, x: torch.Tensor, rows: slice,
               arguments: dict[str, Any]) -> None:
     shift, scale = _sana_modulation(block, arguments)[:2]
-    sums.add(_sana_attention_input(block, x, shift, scale))
+    sums.add(_attention_input(block, x, shift, scale))
 
 
 def _sana_before(block: SanaTransformerBlock, x: torch.Tensor, rows: slice, arguments: dict[str, Any],
                  sums: SanaKeySums) -> _Band:
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, _ = _sana_modulation(block, arguments)
-    hidden = x + gate_msa * sums.attend(_sana_attention_input(block, x, shift_msa, scale_msa))
+    hidden = x + gate_msa * sums.attend(_attention_input(block, x, shift_msa, scale_msa))
     if block.attn2 is not None:
         hidden = block.attn2(hidden, encoder_hidden_states=arguments["encoder_hidden_states"],
                              attention_mask=arguments["encoder_attention_mask"]) + hidden
@@ -134,21 +136,16 @@ def _video_rotary(arguments: dict[str, Any], rows: slice) -> tuple[torch.Tensor,
     return tuple(token_rows(table, rows, tokens) for table in arguments["rotary_emb"])
 
 
-def _video_attention_input(block: SanaVideoTransformerBlock, x: torch.Tensor, shift: torch.Tensor,
-                           scale: torch.Tensor) -> torch.Tensor:
-    return (block.norm1(x) * (1 + scale) + shift).to(x.dtype)
-
-
 def _video_add(block: SanaVideoTransformerBlock, sums: SanaVideoKeySums, x: torch.Tensor, rows: slice,
                arguments: dict[str, Any]) -> None:
     shift, scale = _video_modulation(block, arguments, rows)[:2]
-    sums.add(_video_attention_input(block, x, shift, scale), _video_rotary(arguments, rows))
+    sums.add(_attention_input(block, x, shift, scale), _video_rotary(arguments, rows))
 
 
 def _video_before(block: SanaVideoTransformerBlock, x: torch.Tensor, rows: slice, arguments: dict[str, Any],
                   sums: SanaVideoKeySums) -> _Band:
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, _ = _video_modulation(block, arguments, rows)
-    attention = sums.attend(_video_attention_input(block, x, shift_msa, scale_msa), _video_rotary(arguments, rows))
+    attention = sums.attend(_attention_input(block, x, shift_msa, scale_msa), _video_rotary(arguments, rows))
     hidden = x + gate_msa * attention
     del attention
     if block.attn2 is not None:
@@ -213,14 +210,7 @@ def streaming_refusal(block: torch.nn.Module) -> str | None:
 
 def split_units(units: int, num_chunks: int) -> list[tuple[int, int]]:
     """``[start, stop)`` of at most ``num_chunks`` bands of whole units, sizes differing by at most one."""
-    count = min(num_chunks, units)
-    base, extra = divmod(units, count)
-    bounds, start = [], 0
-    for index in range(count):
-        stop = start + base + (1 if index < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+    return split_sizes(units, min(num_chunks, units))
 
 
 class StreamedBlockHook(ModelHook):
