@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
+from diffusers.models.transformers.sana_transformer import GLUMBConv
 from diffusers.models.transformers.transformer_bria import BriaSingleTransformerBlock
 from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
@@ -67,7 +68,6 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoTokenReplaceSingleTransformerBlock,
 )
 from diffusers.models.transformers.transformer_longcat_image import LongCatImageSingleTransformerBlock
-from diffusers.models.transformers.sana_transformer import GLUMBConv
 from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
 from torch.utils.checkpoint import checkpoint
 

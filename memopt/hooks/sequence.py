@@ -85,7 +85,6 @@ from ._common import HOOK_PREFIX, register_memopt_hook, removed_on_error
 from ._held_blocks import HeldCall, resolved
 from .offload import offloading_group
 from ._sequence_backward import SequenceTrainingHook, backward_passes, chunk_output_grads, recorded_forward
-from ._streamed_blocks import STREAMED_MODELS, ChunkedNormHook, StreamedBlockHook, streaming_refusal
 from ._sequence_chunks import (
     RUNNING,
     Arguments,
@@ -123,6 +122,7 @@ from ._sequence_model import (
     SequenceTailHook,
     offloaded,
 )
+from ._streamed_blocks import STREAMED_MODELS, ChunkedNormHook, StreamedBlockHook, streaming_refusal
 
 logger = logging.getLogger(__name__)
 
