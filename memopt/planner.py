@@ -1096,7 +1096,9 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
         parts["other components kept on the device"] = other
     dominant = max(parts, key=parts.get)
     breakdown = " + ".join(f"{label} {format_bytes(nbytes)}" for label, nbytes in parts.items())
-    unavailable = f" Not available for this model: {'; '.join(failed)}" if failed else ""
+    # the supported-class list of a missing sequence plan helps a direct call, not this summary
+    reasons = [error.split("; supported: ")[0] + "." if "; supported: " in error else error for error in failed]
+    unavailable = f" Not available for this model: {'; '.join(reasons)}" if failed else ""
     return (f"{name}: nothing fits the budget of {format_bytes(budget)}. The smallest peak memopt can reach is "
             f"{format_bytes(best.peak_bytes)} ({best.placement}, {best.chunking.describe()}): {breakdown}. "
             f"It is dominated by {dominant}.{unavailable} Give a larger budget, or generate at a smaller size or "
