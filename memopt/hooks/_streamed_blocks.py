@@ -218,26 +218,49 @@ class StreamedBlockHook(ModelHook):
 
     _is_stateful = False
 
-    def __init__(self, path: str, num_chunks: int, inplace: bool) -> None:
+    def __init__(self, path: str, num_chunks: int, inplace: bool, name: str) -> None:
         super().__init__()
         self.path = path
         self.num_chunks = num_chunks
         self.inplace = inplace
-        self._warned = False
+        self.name = name  # the name it is registered under (the hooks before it are the block's inner ones)
+        self._warned: set[str] = set()
 
     def new_forward(self, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        hidden = self._arguments(block, args, kwargs)["hidden_states"]
+        if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in block.parameters())):
+            return self._unchunked("autograd is recording, running unchunked (Sana's streamed blocks chunk forwards "
+                                   "only; wrap the call in torch.no_grad())", args, kwargs)
+        inner = self._inner_hooks(block)
+        if any(hasattr(hook, "new_forward") for hook in inner):
+            return self._unchunked("a hook registered before memopt's replaces the block's forward: running "
+                                   "unchunked", args, kwargs)
+        # The bands call the block's modules, not its forward: hooks registered on the block before this one (block-
+        # level group offloading applied first) get their pre_forward / post_forward around the whole streamed run.
+        for hook in reversed(inner):
+            args, kwargs = hook.pre_forward(block, *args, **kwargs)
+        output = self._streamed(block, self._arguments(block, args, kwargs))
+        for hook in inner:
+            output = hook.post_forward(block, output)
+        return output
+
+    @staticmethod
+    def _arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The block's forward arguments by name, defaults filled in."""
         bound = inspect.signature(type(block).forward).bind(block, *args, **kwargs)
         bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        del arguments["self"]
-        hidden = arguments["hidden_states"]
-        if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in block.parameters())):
-            if not self._warned:
-                self._warned = True
-                logger.warning("%s: autograd is recording, running unchunked (Sana's streamed blocks chunk "
-                               "forwards only; wrap the call in torch.no_grad())", self.path)
-            return self.fn_ref.original_forward(*args, **kwargs)
-        return self._streamed(block, arguments)
+        return {name: value for name, value in bound.arguments.items() if name != "self"}
+
+    def _inner_hooks(self, block: torch.nn.Module) -> list[ModelHook]:
+        registry = block._diffusers_hook
+        order = registry._hook_order
+        return [registry.hooks[name] for name in order[: order.index(self.name)]]
+
+    def _unchunked(self, message: str, args: tuple, kwargs: dict) -> Any:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning("%s: %s", self.path, message)
+        return self.fn_ref.original_forward(*args, **kwargs)
 
     def _streamed(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
         layout = STREAMED_LAYOUTS[type(block)]

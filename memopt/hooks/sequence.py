@@ -1303,7 +1303,8 @@ def _apply_streamed(model: torch.nn.Module, config: SequenceChunkingConfig) -> S
             if reason is not None:
                 report.skipped.append((path, reason))
                 continue
-            register_memopt_hook(block, StreamedBlockHook(path, config.num_chunks, config.inplace), SEQUENCE_BLOCK_HOOK)
+            hook = StreamedBlockHook(path, config.num_chunks, config.inplace, SEQUENCE_BLOCK_HOOK)
+            register_memopt_hook(block, hook, SEQUENCE_BLOCK_HOOK)
             report.blocks.append(path)
         if not report.blocks:
             raise ValueError(f"no block of {name} can stream:\n{report}")
