@@ -24,6 +24,7 @@ from diffusers.hooks import ModelHook
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 from diffusers.models.transformers.transformer_sana_video import SanaVideoTransformerBlock
 
+from ._common import HOOK_PREFIX
 from ._linear_attention import LINEAR_ATTENTION, SanaKeySums, SanaVideoKeySums, token_rows
 from .feedforward import split_sizes
 
@@ -213,6 +214,12 @@ def split_units(units: int, num_chunks: int) -> list[tuple[int, int]]:
     return split_sizes(units, min(num_chunks, units))
 
 
+def _foreign_hooks(module: torch.nn.Module) -> list[str]:
+    """Names of the hooks other than memopt's on ``module`` (a diffusers cache hook on an attention module)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return [] if registry is None else [name for name in registry._hook_order if not name.startswith(HOOK_PREFIX)]
+
+
 class StreamedBlockHook(ModelHook):
     """Runs a Sana block in ``num_chunks`` bands of whole rows (frames), streamed (see the module docstring)."""
 
@@ -235,6 +242,10 @@ class StreamedBlockHook(ModelHook):
         if any(hasattr(hook, "new_forward") for hook in inner):
             return self._unchunked("a hook registered before memopt's replaces the block's forward: running "
                                    "unchunked", args, kwargs)
+        bypassed = _foreign_hooks(block.attn1)
+        if bypassed:
+            return self._unchunked(f"attn1 carries the hooks {bypassed}, which the bands (computing the linear "
+                                   "attention from its projections) would bypass: running unchunked", args, kwargs)
         # The bands call the block's modules, not its forward: hooks registered on the block before this one (block-
         # level group offloading applied first) get their pre_forward / post_forward around the whole streamed run.
         for hook in reversed(inner):

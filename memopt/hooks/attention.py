@@ -142,11 +142,20 @@ class ChunkedAttentionHook(ModelHook):
         """A linear-attention processor's call (no kernel call: see :mod:`memopt.hooks._linear_attention`), in
         ``query_chunk``-token sweeps over the queries and over the keys and values."""
         chunk = self.config.query_chunk
-        if chunk is None or chunk >= hidden_states.shape[1]:
+        order = module._diffusers_hook._hook_order
+        inner = [module._diffusers_hook.hooks[name] for name in order[: order.index(CHUNKED_ATTENTION_HOOK)]]
+        if chunk is None or chunk >= hidden_states.shape[1] or any(hasattr(hook, "new_forward") for hook in inner):
             return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+        # The chunks call the module's projections, not its forward: hooks registered on it before this one get
+        # their pre_forward / post_forward around the whole call (one that replaces the forward runs it whole).
+        for hook in reversed(inner):
+            (hidden_states, *args), kwargs = hook.pre_forward(module, hidden_states, *args, **kwargs)
         self.calls += 1
         self.chunked_calls += 1
-        return linear(module, chunk, hidden_states, *args, **kwargs)
+        output = linear(module, chunk, hidden_states, *args, **kwargs)
+        for hook in inner:
+            output = hook.post_forward(module, output)
+        return output
 
     def _handle(self, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
         self.calls += 1

@@ -153,6 +153,38 @@ def test_linear_attention_runs_in_token_chunks(name):
     assert all(rel_err(g, g_ref) <= 1e-5 for g, g_ref in zip(grads, grads_ref))
 
 
+def test_linear_attention_honours_hooks_registered_before_it():
+    """A hook on the attention module registered before memopt's (one that swaps the weights in, as offloading does)
+    gets its pre_forward / post_forward around the chunked call, which reads the projections directly."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class SwapsWeights(ModelHook):
+        def initialize_hook(self, module):
+            self.stored = {param: param.data for param in module.parameters()}
+            for param in self.stored:
+                param.data = torch.full_like(param.data, float("nan"))
+            return module
+
+        def pre_forward(self, module, *args, **kwargs):
+            for param, data in self.stored.items():
+                param.data = data
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            for param, data in self.stored.items():
+                param.data = torch.full_like(data, float("nan"))
+            return output
+
+    model, inputs = sana("sana")
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for block in model.transformer_blocks:
+            HookRegistry.check_if_exists_or_initialize(block.attn1).register_hook(SwapsWeights(), "swaps_weights")
+        apply_chunked_attention(model, query_chunk=17)
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+    assert chunk_counters(model) == (4, 4)
+
+
 def test_linear_attention_memory_exact_bytes():
     """The processor holds the queries, keys and values, their ReLUs and the padded values at once: over 6 LD.
     Chunked: the output, plus one chunk's output projection (the normalised chunk and the linear's matmul and bias

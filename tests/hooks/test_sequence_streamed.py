@@ -162,3 +162,16 @@ def test_hooks_registered_on_the_blocks_first_run_around_the_bands(name):
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_SwapsWeights(), "swaps_weights")
     apply_sequence_chunking(model, 3)
     assert rel_err(forward(model, inputs), reference) <= 1e-5
+
+
+def test_a_foreign_hook_on_the_linear_attention_keeps_the_block_whole(caplog):
+    """A hook memopt does not know on attn1 (a diffusers cache, say) would be bypassed by the bands, which compute
+    the linear attention from its projections: the block runs unchunked, with a warning naming it."""
+    model, inputs = sana("sana")
+    reference = forward(model, inputs)
+    HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0].attn1).register_hook(ModelHook(), "cache")
+    apply_sequence_chunking(model, 3)
+    with caplog.at_level(logging.WARNING, logger="memopt.hooks._streamed_blocks"):
+        assert rel_err(forward(model, inputs), reference) <= 1e-5
+    assert "transformer_blocks.0: attn1 carries the hooks ['cache']" in caplog.text
+    assert "transformer_blocks.1" not in caplog.text
