@@ -779,7 +779,7 @@ CASES: dict[str, Case] = {
     # nothing hooked; attention takes a dense (B, H, T, T) pair bias with the padded keys at -1e4.
     "RFD4ProteinaTransformer": Case(_rfd4_proteina, 0),
     "SD3ControlNetModel": Case(_sd3_controlnet, 4, sequence_plan=True),  # ff + ff_context per JointTransformerBlock
-    "SanaControlNetModel": Case(_sana_controlnet, 2, convolutional=True),  # GLUMBConv per block
+    "SanaControlNetModel": Case(_sana_controlnet, 2, convolutional=True, streamed=True),  # out of place
     "SanaTransformer2DModel": Case(_sana, 2, convolutional=True, streamed=True),  # GLUMBConv (a convolutional FFN)
     "SanaVideoTransformer3DModel": Case(_sana_video, 2, convolutional=True, streamed=True),  # GLUMBTempConv
     "SanaWMLTX2RefinerTransformer3DModel": Case(_sana_wm_refiner, 4),  # ff + audio_ff per block (audio never runs)

@@ -185,11 +185,22 @@ STREAMED_LAYOUTS: dict[type, _StreamedLayout] = {
 }
 """Block class -> how it streams. Each stage mirrors the block's forward in diffusers 0.42 line by line."""
 
-STREAMED_MODELS = {"SanaTransformer2DModel": ("transformer_blocks", "norm_out"),
-                   "SanaVideoTransformer3DModel": ("transformer_blocks", "norm_out")}
-"""Model classes whose blocks stream: where their blocks are, and their output norm (:class:`ChunkedNormHook`).
-These models use each block's output only as the next block's input (a ControlNet, which returns them, is not
-listed: its blocks would need to write out of place)."""
+@dataclass(frozen=True)
+class StreamedModel:
+    """Where a model's streamed blocks are, its output norm run in token chunks (:class:`ChunkedNormHook`; None:
+    none), and whether it keeps its blocks' outputs (a ControlNet returns them all), so they write out of place."""
+
+    blocks: str
+    norm: str | None
+    keeps_block_outputs: bool = False
+
+
+STREAMED_MODELS = {
+    "SanaTransformer2DModel": StreamedModel("transformer_blocks", "norm_out"),
+    "SanaVideoTransformer3DModel": StreamedModel("transformer_blocks", "norm_out"),
+    "SanaControlNetModel": StreamedModel("transformer_blocks", None, keeps_block_outputs=True),
+}
+"""Model classes whose blocks stream (their blocks are in :data:`STREAMED_LAYOUTS`)."""
 
 
 def streaming_refusal(block: torch.nn.Module) -> str | None:

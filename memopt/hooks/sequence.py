@@ -122,7 +122,7 @@ from ._sequence_model import (
     SequenceTailHook,
     offloaded,
 )
-from ._streamed_blocks import STREAMED_MODELS, ChunkedNormHook, StreamedBlockHook, streaming_refusal
+from ._streamed_blocks import STREAMED_MODELS, ChunkedNormHook, StreamedBlockHook, StreamedModel, streaming_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -1176,8 +1176,8 @@ def apply_sequence_chunking(
     Args:
         model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (55 classes:
             Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin and four ControlNets),
-            or any model with ``plan`` given; or Sana / Sana Video, whose blocks stream instead (forwards only, one
-            schedule; ``align`` does not apply: bands are whole rows or frames; see
+            or any model with ``plan`` given; or Sana, Sana Video and the Sana ControlNet, whose blocks stream
+            instead (forwards only, one schedule; ``align`` does not apply: bands are whole rows or frames; see
             :mod:`memopt.hooks._streamed_blocks`).
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.
         inplace: see :class:`SequenceChunkingConfig`. ``None`` (default): on with the model's built-in plan unless
@@ -1226,19 +1226,21 @@ def apply_sequence_chunking(
         print(((chunked - reference).norm() / reference.norm()).item())   # ~1e-7
         remove_memory_optimizations(model)
     """
-    if plan is None and type(model).__name__ in STREAMED_MODELS:
-        config = SequenceChunkingConfig(num_chunks=STREAMED_CHUNKS if num_chunks is None else num_chunks,
-                                        inplace=True if inplace is None else inplace, chunk_tail=chunk_tail,
-                                        schedule=schedule, align=align, training=training, saved_inputs=saved_inputs)
-        return _apply_streamed(model, config)
+    streamed = STREAMED_MODELS.get(type(model).__name__) if plan is None else None
     own_plan = plan is None or plan is SEQUENCE_PLANS.get(type(model).__name__)
-    plan = plan if plan is not None else sequence_plan(model)
+    plan = plan if plan is not None or streamed is not None else sequence_plan(model)
+    keeps_block_outputs = (streamed or plan).keeps_block_outputs
     if inplace is None:
-        inplace = own_plan and not plan.keeps_block_outputs
-    elif inplace and plan.keeps_block_outputs:
+        inplace = own_plan and not keeps_block_outputs
+    elif inplace and keeps_block_outputs:
         raise ValueError(f"{type(model).__name__} keeps its blocks' outputs (SequencePlan.keeps_block_outputs: "
                          "residuals it returns, or long skip connections), which inplace=True would overwrite with the "
                          "next block's; leave inplace at None")
+    if streamed is not None:
+        config = SequenceChunkingConfig(num_chunks=STREAMED_CHUNKS if num_chunks is None else num_chunks,
+                                        inplace=inplace, chunk_tail=chunk_tail, schedule=schedule, align=align,
+                                        training=training, saved_inputs=saved_inputs)
+        return _apply_streamed(model, streamed, config)
     num_chunks = plan.num_chunks if num_chunks is None else num_chunks
     config = SequenceChunkingConfig(num_chunks=num_chunks, inplace=inplace, chunk_tail=chunk_tail, schedule=schedule,
                                     align=align, training=training, saved_inputs=saved_inputs)
@@ -1286,7 +1288,8 @@ STREAMED_CHUNKS = 8
 """Default bands of a streamed model (Sana's): its blocks hold one band, so a few suffice."""
 
 
-def _apply_streamed(model: torch.nn.Module, config: SequenceChunkingConfig) -> SequenceChunkingReport:
+def _apply_streamed(model: torch.nn.Module, streamed: StreamedModel,
+                    config: SequenceChunkingConfig) -> SequenceChunkingReport:
     """Sana's models: every block streamed in bands of whole rows (frames) (:mod:`._streamed_blocks`), the linear
     attention's key sums taken in a first sweep, no K/V to exchange; with ``chunk_tail`` the output norm runs in
     token chunks."""
@@ -1295,10 +1298,9 @@ def _apply_streamed(model: torch.nn.Module, config: SequenceChunkingConfig) -> S
         raise ValueError(f"{name}'s blocks are streamed (Sana's FeedForward convolves neighbouring tokens): forwards "
                          f"only, in the one schedule; got training={config.training}, schedule={config.schedule!r}")
     report = SequenceChunkingReport(name, config.num_chunks, "memopt.hooks._streamed_blocks (streamed bands)")
-    blocks_path, norm_path = STREAMED_MODELS[name]
     with removed_on_error(model):
-        for index, block in enumerate(model.get_submodule(blocks_path)):
-            path = f"{blocks_path}.{index}"
+        for index, block in enumerate(model.get_submodule(streamed.blocks)):
+            path = f"{streamed.blocks}.{index}"
             reason = streaming_refusal(block)
             if reason is not None:
                 report.skipped.append((path, reason))
@@ -1308,7 +1310,8 @@ def _apply_streamed(model: torch.nn.Module, config: SequenceChunkingConfig) -> S
             report.blocks.append(path)
         if not report.blocks:
             raise ValueError(f"no block of {name} can stream:\n{report}")
-        if config.chunk_tail:
-            register_memopt_hook(model.get_submodule(norm_path), ChunkedNormHook(config.num_chunks), SEQUENCE_TAIL_HOOK)
-            report.tail = f"{norm_path} (token chunks)"
+        if config.chunk_tail and streamed.norm is not None:
+            norm = model.get_submodule(streamed.norm)
+            register_memopt_hook(norm, ChunkedNormHook(config.num_chunks), SEQUENCE_TAIL_HOOK)
+            report.tail = f"{streamed.norm} (token chunks)"
     return report

@@ -175,3 +175,17 @@ def test_a_foreign_hook_on_the_linear_attention_keeps_the_block_whole(caplog):
         assert rel_err(forward(model, inputs), reference) <= 1e-5
     assert "transformer_blocks.0: attn1 carries the hooks ['cache']" in caplog.text
     assert "transformer_blocks.1" not in caplog.text
+
+
+def test_the_sana_controlnet_streams_out_of_place():
+    """The ControlNet returns every block's output: its blocks stream out of place, and inplace=True is refused."""
+    from test_other_families import build
+    from test_other_families import forward as every_output
+
+    model, inputs = build("SanaControlNetModel")  # zero-initialised output layers re-randomised
+    reference = every_output(model, inputs)
+    with pytest.raises(ValueError, match="SanaControlNetModel keeps its blocks' outputs"):
+        apply_sequence_chunking(model, 3, inplace=True)
+    report = apply_sequence_chunking(model, 3)
+    assert len(report.blocks) == 2 and report.tail is None
+    assert rel_err(every_output(model, inputs), reference) <= 1e-5

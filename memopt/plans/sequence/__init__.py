@@ -99,7 +99,7 @@ def sequence_plan(model: torch.nn.Module) -> SequencePlan:
     if name not in SEQUENCE_PLANS:
         raise ValueError(
             f"memopt has no sequence plan for {name}; supported: {sorted(SEQUENCE_PLANS)}, and Sana's "
-            "SanaTransformer2DModel and SanaVideoTransformer3DModel, whose blocks stream. Pass plan=SequencePlan(...) "
-            "to apply_sequence_chunking for other models."
+            "SanaTransformer2DModel, SanaVideoTransformer3DModel and SanaControlNetModel, whose blocks stream. Pass "
+            "plan=SequencePlan(...) to apply_sequence_chunking for other models."
         )
     return SEQUENCE_PLANS[name]
