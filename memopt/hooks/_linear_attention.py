@@ -7,7 +7,8 @@ projects each chunk's keys and values and adds its share of the sums (in fp32); 
 queries, applies the sums and the output projection, and writes the chunk's rows of the output. The projections are
 the module's own (called per chunk, so LoRA layers and offloading hooks on them run as usual); neither the queries,
 keys and values nor the fp32 copies the processors make ever exist for the whole sequence: the call holds its input,
-its output and one chunk. Each function below mirrors one diffusers processor line by line (diffusers 0.42).
+its output and one chunk. Each ``*KeySums`` class mirrors one diffusers processor line by line (diffusers 0.42), split
+at its key sums, so the chunked call here and Sana's streamed blocks (:mod:`._streamed_blocks`) share it.
 """
 
 from __future__ import annotations
