@@ -50,7 +50,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memopt import apply_sequence_chunking, remove_memory_optimizations, simulate_family
 from memopt.hooks.checkpointing import apply_gradient_checkpointing
 from memopt.hooks.offload import OffloadConfig, apply_offloading, remove_offloading
-from memopt.models import FAMILIES, cast_floating_, get_family
+from memopt.models import cast_floating_, get_family
 from memopt.planner import BudgetError, plan_denoiser
 from memopt.trace.growth import activation_growth, sized_config
 from memopt.trace.simulate import training_step
@@ -382,7 +382,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", nargs="*", default=None, choices=sorted(FAMILIES))
+    parser.add_argument("--families", nargs="*", default=None, choices=sorted(BENCH_CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -186,6 +186,9 @@ def _feedforward(split: str, kernel: str, default_chunks: int) -> ApplyFn:
 def _sequence(schedule: str, saved_inputs: str = "device") -> ApplyFn:
     def apply(model: torch.nn.Module, context: StrategyContext) -> Any:
         apply_sequence_chunking = _import("memopt.hooks.sequence", "apply_sequence_chunking")
+        streamed = _import("memopt.hooks._streamed_blocks", "STREAMED_MODELS")
+        if type(model).__name__ in streamed and (schedule != "two_pass" or context.training):
+            raise StrategyUnavailable(f"{type(model).__name__}'s blocks stream (Sana): forwards only, two-pass")
         # num_chunks None: the family plan's default
         return apply_sequence_chunking(model, num_chunks=context.num_chunks, schedule=schedule,
                                        training=context.training, saved_inputs=saved_inputs)

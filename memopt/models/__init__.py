@@ -37,6 +37,7 @@ from . import (
     pixart,
     prx,
     qwenimage,
+    sana,
     sd3,
     wan,
     zimage,
@@ -50,10 +51,11 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie, joyimage, prx)
+                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie, joyimage, prx, sana)
     for spec in module.SPECS
 }
-"""Family name -> :class:`FamilySpec`, for every family with a plan in :mod:`memopt.plans`."""
+"""Family name -> :class:`FamilySpec`, for every family memopt chunks whole blocks of: a plan in
+:mod:`memopt.plans`, or (Sana, Sana Video) streamed blocks."""
 
 
 def get_family(name_or_model: str | torch.nn.Module) -> FamilySpec:

@@ -42,6 +42,10 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     # HunyuanDiT: four blocks, so that one long skip connection (block 0's output, kept until block 3) is counted.
     "hunyuandit": {"hidden_size": 128, "num_layers": 4},
     "dit": {"num_layers": 1},
+    "sana": {"num_cross_attention_heads": 16, "cross_attention_head_dim": 8, "cross_attention_dim": 128,
+             "num_layers": 1},
+    "sana_video": {"num_cross_attention_heads": 16, "cross_attention_head_dim": 8, "cross_attention_dim": 128,
+                   "num_layers": 1, "rope_max_seq_len": 64},
     "ltx": {"cross_attention_dim": 128, "num_layers": 1},
     # LTX-2: audio at half the video width (16 x 4), the a2v / v2a rotary width equal to it; both sizes are the same
     # clip length, so the audio stream is the same and cancels out.
@@ -122,6 +126,8 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "prx": (Size(128, 128), Size(256, 256)),
     "hunyuandit": (Size(128, 128), Size(256, 256)),
     "dit": (Size(128, 128), Size(256, 256)),
+    "sana": (Size(512, 512), Size(1024, 1024)),  # DC-AE 32x: 256 and 1,024 tokens
+    "sana_video": (Size(128, 128, 33), Size(256, 256, 33)),  # 9 latent frames: 576 and 2,304 tokens
     "ltx": (Size(128, 256, 9), Size(256, 512, 9)),
     "ltx2": (Size(128, 256, 9), Size(256, 512, 9)),
     "qwenimage": (Size(128, 128), Size(256, 256)),
@@ -165,6 +171,8 @@ def sized_config(family: str, config: dict[str, Any], size: Size) -> dict[str, A
         config.update(sample_height=size.height // 8, sample_width=size.width // 8, sample_frames=size.num_frames)
     if family in ("pixart", "dit"):  # its sin-cos position table is then the buffer made at init, as at native size
         config.update(sample_size=size.height // 8)
+    if family == "sana":  # likewise, over DC-AE's 32x latents
+        config.update(sample_size=size.height // 32)
     if family == "sd3":
         config.update(sample_size=size.height // 8, pos_embed_max_size=max(size.height, size.width) // 8)
     return config
