@@ -26,7 +26,7 @@ from diffusers.models.transformers.transformer_sana_video import SanaVideoTransf
 
 from ._common import HOOK_PREFIX
 from ._linear_attention import LINEAR_ATTENTION, SanaKeySums, SanaVideoKeySums, token_rows
-from .feedforward import split_sizes
+from .feedforward import sharded_convolutions, split_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,12 @@ def _video_before(block: SanaVideoTransformerBlock, x: torch.Tensor, rows: slice
     norm = block.norm2(hidden) * (1 + scale_mlp) + shift_mlp
     ff, height, width = block.ff, arguments["height"], arguments["width"]
     batch, channels = norm.shape[0], norm.shape[-1]
-    # GLUMBTempConv.forward up to its temporal convolution, on this band's frames
+    # GLUMBTempConv.forward up to its temporal convolution, on this band's frames: in channel shards where memopt's
+    # FeedForward hook is on it, else as the module writes it
+    sharded = sharded_convolutions(ff, norm.reshape(-1, height, width, channels))
+    if sharded is not None:
+        point = sharded.view(batch, -1, height * width, channels).permute(1, 0, 3, 2)  # frames first: (F, B, D, HW)
+        return _Band(hidden.unflatten(1, (-1, height * width)), point)
     frames = norm.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
     frames = ff.nonlinearity(ff.conv_inverted(frames))
     frames, gate = torch.chunk(ff.conv_depth(frames), 2, dim=1)

@@ -909,6 +909,24 @@ class ChunkedConvFeedForwardHook(ChunkedFeedForwardHook):
                                       self.config.accumulate_dtype, grad, self.config.recompute, fused)
 
 
+def sharded_convolutions(module: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor | None:
+    """``down(value * silu(gate))`` of a GLU convolution unit carrying memopt's FeedForward hook, on channels-last
+    ``rows`` ``(N, H, W, D)``, in the channel shards the hook is configured with; None where the hook is absent or
+    would not run it chunked now (other hooks inside it, a layer it cannot read). For callers that run the unit's
+    steps themselves (Sana Video's streamed blocks run its temporal convolution across bands)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = None if registry is None else registry.get_hook(FEEDFORWARD_HOOK)
+    if not isinstance(hook, ChunkedConvFeedForwardHook):
+        return None
+    try:
+        parts, bypassed = hook._read(module), _bypassed_hooks(module, hook.layout, hook.path)
+        if hook._inner_hooks(module):
+            return None
+    except UnsupportedFeedForward:
+        return None
+    return hook._feedforward(parts, bypassed, rows)
+
+
 # ------------------------------------------------------------------------------------------------ apply + report
 @dataclass
 class FeedForwardReport:

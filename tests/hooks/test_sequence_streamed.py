@@ -189,3 +189,19 @@ def test_the_sana_controlnet_streams_out_of_place():
     report = apply_sequence_chunking(model, 3)
     assert len(report.blocks) == 2 and report.tail is None
     assert rel_err(every_output(model, inputs), reference) <= 1e-5
+
+
+def test_sana_video_bands_run_their_convolutions_in_the_feedforward_hooks_shards():
+    """With memopt's FeedForward hook on the blocks' GLUMBTempConv, a band's per-frame convolutions run in its channel
+    shards (the temporal one still across bands): exact, and the band's 2.5 D-wide intermediates shrink."""
+    model, inputs = sana("sana_video", batch_size=1)
+    inputs["hidden_states"] = torch.randn(1, 4, 9, 32, 34, generator=torch.Generator().manual_seed(3))
+    reference = forward(model, inputs)
+    apply_sequence_chunking(model, 2)
+    with torch.no_grad():
+        streamed = trace_memory(model, **inputs)
+    apply_chunked_feedforward(model, num_chunks=4)  # under the block hooks: the bands call it through its hook
+    with torch.no_grad():
+        sharded = trace_memory(model, **inputs)
+    assert rel_err(streamed.result[0], reference) <= 1e-5 and rel_err(sharded.result[0], reference) <= 1e-5
+    assert sharded.peak_bytes < 0.8 * streamed.peak_bytes, (sharded.peak_bytes, streamed.peak_bytes)
