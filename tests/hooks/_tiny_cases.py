@@ -4,6 +4,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from diffusers.hooks import ModelHook
 
 from memopt.models import Size
 
@@ -123,3 +124,28 @@ def sana(name: str, batch_size: int = 2) -> tuple[torch.nn.Module, dict]:
             param.normal_(0, 0.1)
     return model.eval(), dict(hidden_states=latents, encoder_hidden_states=torch.randn(batch_size, 7, 16),
                               timestep=torch.tensor([3, 500][:batch_size]), return_dict=False)
+
+
+class OffloadLike(ModelHook):
+    """Mimics diffusers group offloading on CPU: parameters hold NaNs except between pre_forward and post_forward,
+    where ``param.data`` is swapped to the real values."""
+
+    def __init__(self):
+        super().__init__()
+        self.stored: dict[torch.nn.Parameter, torch.Tensor] = {}
+
+    def initialize_hook(self, module):
+        for param in module.parameters():
+            self.stored[param] = param.data
+            param.data = torch.full_like(param.data, float("nan"))
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        for param, data in self.stored.items():
+            param.data = data
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        for param, data in self.stored.items():
+            param.data = torch.full_like(data, float("nan"))
+        return output

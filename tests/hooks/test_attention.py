@@ -14,7 +14,7 @@ from memopt.hooks._common import has_memopt_hooks
 from memopt.hooks.attention import CHUNKED_ATTENTION_HOOK
 from memopt.models import Size, get_family
 
-from _tiny_cases import FAMILIES, SIZES, prediction, rel_err, sana  # noqa: E402
+from _tiny_cases import FAMILIES, SIZES, OffloadLike, prediction, rel_err, sana  # noqa: E402
 
 
 def build(family: str, size: Size | None = None):
@@ -156,30 +156,13 @@ def test_linear_attention_runs_in_token_chunks(name):
 def test_linear_attention_honours_hooks_registered_before_it():
     """A hook on the attention module registered before memopt's (one that swaps the weights in, as offloading does)
     gets its pre_forward / post_forward around the chunked call, which reads the projections directly."""
-    from diffusers.hooks import HookRegistry, ModelHook
-
-    class SwapsWeights(ModelHook):
-        def initialize_hook(self, module):
-            self.stored = {param: param.data for param in module.parameters()}
-            for param in self.stored:
-                param.data = torch.full_like(param.data, float("nan"))
-            return module
-
-        def pre_forward(self, module, *args, **kwargs):
-            for param, data in self.stored.items():
-                param.data = data
-            return args, kwargs
-
-        def post_forward(self, module, output):
-            for param, data in self.stored.items():
-                param.data = torch.full_like(data, float("nan"))
-            return output
+    from diffusers.hooks import HookRegistry
 
     model, inputs = sana("sana")
     with torch.no_grad():
         reference = model(**inputs)[0]
         for block in model.transformer_blocks:
-            HookRegistry.check_if_exists_or_initialize(block.attn1).register_hook(SwapsWeights(), "swaps_weights")
+            HookRegistry.check_if_exists_or_initialize(block.attn1).register_hook(OffloadLike(), "offload_like")
         apply_chunked_attention(model, query_chunk=17)
         assert rel_err(model(**inputs)[0], reference) <= 1e-5
     assert chunk_counters(model) == (4, 4)

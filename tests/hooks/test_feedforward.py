@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 from diffusers import Flux2Transformer2DModel
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import HookRegistry
 from diffusers.models.attention import FeedForward, LuminaFeedForward
 from diffusers.models.transformers.transformer_flux2 import Flux2FeedForward
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTokenReplaceSingleTransformerBlock
@@ -22,7 +22,7 @@ from memopt.models import FAMILIES, Size, get_family
 from memopt.plans import expand_plan, feedforward_plan
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _tiny_cases import prediction  # noqa: E402
+from _tiny_cases import OffloadLike, prediction  # noqa: E402
 
 # Mochi's rope runs under a CPU fp32 autocast that torch disables with a warning; nothing memopt does.
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
@@ -453,31 +453,6 @@ def test_dora_is_skipped_with_a_reason():
 
 
 # ------------------------------------------------------------------------------------------------ offloading
-class _OffloadLike(ModelHook):
-    """Mimics diffusers group offloading on CPU: parameters hold NaNs except between pre_forward and post_forward,
-    where ``param.data`` is swapped to the real values."""
-
-    def __init__(self):
-        super().__init__()
-        self.stored: dict[torch.nn.Parameter, torch.Tensor] = {}
-
-    def initialize_hook(self, module):
-        for param in module.parameters():
-            self.stored[param] = param.data
-            param.data = torch.full_like(param.data, float("nan"))
-        return module
-
-    def pre_forward(self, module, *args, **kwargs):
-        for param, data in self.stored.items():
-            param.data = data
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        for param, data in self.stored.items():
-            param.data = torch.full_like(data, float("nan"))
-        return output
-
-
 @pytest.mark.parametrize("order", ["offload_first", "memopt_first"])
 def test_param_data_swapping_hooks_are_honoured(order):
     """Leaf hooks on the FeedForward linears (like leaf-level group offloading) and hooks on a Flux single block
@@ -489,7 +464,7 @@ def test_param_data_swapping_hooks_are_honoured(order):
     if order == "memopt_first":
         apply_chunked_feedforward(model, num_chunks=3)
     for module in targets:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(_OffloadLike(), "offload_like")
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(OffloadLike(), "offload_like")
     if order == "offload_first":
         apply_chunked_feedforward(model, num_chunks=3)
     assert rel_err(forward(model, inputs), reference) <= 1e-5
@@ -810,5 +785,5 @@ def test_param_data_swapping_hooks_on_glu_convolutions_are_honoured():
         reference = ff(x)
         apply_chunked_feedforward(ff, num_chunks=4)
         for conv in (ff.conv_inverted, ff.conv_depth, ff.conv_point, ff.conv_temp):
-            HookRegistry.check_if_exists_or_initialize(conv).register_hook(_OffloadLike(), "offload_like")
+            HookRegistry.check_if_exists_or_initialize(conv).register_hook(OffloadLike(), "offload_like")
         assert rel_err(ff(x), reference) <= 1e-5

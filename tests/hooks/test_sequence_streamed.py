@@ -17,7 +17,7 @@ from memopt import (
 )
 from memopt.hooks._streamed_blocks import split_units
 
-from _tiny_cases import rel_err, sana  # noqa: E402
+from _tiny_cases import OffloadLike, rel_err, sana  # noqa: E402
 
 NAMES = ["sana", "sana_video"]
 
@@ -131,27 +131,6 @@ def test_a_block_without_linear_attention_is_skipped_with_the_reason():
     assert rel_err(forward(model, inputs), reference) <= 1e-5
 
 
-class _SwapsWeights(ModelHook):
-    """Like diffusers' block-level group offloading on the CPU: the block's parameters hold NaNs except between its
-    pre_forward and post_forward."""
-
-    def initialize_hook(self, module):
-        self.stored = {param: param.data for param in module.parameters()}
-        for param in self.stored:
-            param.data = torch.full_like(param.data, float("nan"))
-        return module
-
-    def pre_forward(self, module, *args, **kwargs):
-        for param, data in self.stored.items():
-            param.data = data
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        for param, data in self.stored.items():
-            param.data = torch.full_like(data, float("nan"))
-        return output
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_hooks_registered_on_the_blocks_first_run_around_the_bands(name):
     """Block-level offloading applied before memopt sits inside its hook: the bands call the block's modules, not
@@ -159,7 +138,7 @@ def test_hooks_registered_on_the_blocks_first_run_around_the_bands(name):
     model, inputs = sana(name)
     reference = forward(model, inputs)
     for block in model.transformer_blocks:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(_SwapsWeights(), "swaps_weights")
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(OffloadLike(), "offload_like")
     apply_sequence_chunking(model, 3)
     assert rel_err(forward(model, inputs), reference) <= 1e-5
 
