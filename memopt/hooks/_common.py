@@ -8,7 +8,7 @@ other hook (group offloading, caches, LoRA hotswap ...) in place.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -92,3 +92,24 @@ def remove_memopt_hooks(module: torch.nn.Module) -> int:
         submodule._diffusers_hook.remove_hook(hook_name, recurse=False)
         removed += 1
     return removed
+
+
+def hooks_inside(module: torch.nn.Module, name: str) -> dict[str, ModelHook]:
+    """The hooks registered on ``module`` before the one called ``name``, by name: diffusers runs them inside it,
+    from its ``original_forward``. A hook that computes the module's forward itself, from its submodules, runs their
+    ``pre_forward`` / ``post_forward`` with :func:`call_inside` (block-level group offloading applied first)."""
+    registry = module._diffusers_hook
+    order = registry._hook_order
+    return {hook_name: registry.hooks[hook_name] for hook_name in order[: order.index(name)]}
+
+
+def call_inside(hooks: list[ModelHook], module: torch.nn.Module, fn: Callable[..., Any], *args: Any,
+                **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in place of ``module``'s forward under ``hooks`` (:func:`hooks_inside`): their
+    ``pre_forward`` outermost first, which may replace the arguments, then ``post_forward`` innermost first."""
+    for hook in reversed(hooks):
+        args, kwargs = hook.pre_forward(module, *args, **kwargs)
+    output = fn(*args, **kwargs)
+    for hook in hooks:
+        output = hook.post_forward(module, output)
+    return output

@@ -24,7 +24,7 @@ from diffusers.hooks import ModelHook
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 from diffusers.models.transformers.transformer_sana_video import SanaVideoTransformerBlock
 
-from ._common import HOOK_PREFIX
+from ._common import HOOK_PREFIX, call_inside, hooks_inside
 from ._linear_attention import LINEAR_ATTENTION, SanaKeySums, SanaVideoKeySums, token_rows
 from .feedforward import sharded_convolutions, split_sizes
 
@@ -254,7 +254,7 @@ class StreamedBlockHook(ModelHook):
         if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in block.parameters())):
             return self._unchunked("autograd is recording, running unchunked (Sana's streamed blocks chunk forwards "
                                    "only; wrap the call in torch.no_grad())", args, kwargs)
-        inner = self._inner_hooks(block)
+        inner = list(hooks_inside(block, self.name).values())
         if any(hasattr(hook, "new_forward") for hook in inner):
             return self._unchunked("a hook registered before memopt's replaces the block's forward: running "
                                    "unchunked", args, kwargs)
@@ -264,12 +264,8 @@ class StreamedBlockHook(ModelHook):
                                    "attention from its projections) would bypass: running unchunked", args, kwargs)
         # The bands call the block's modules, not its forward: hooks registered on the block before this one (block-
         # level group offloading applied first) get their pre_forward / post_forward around the whole streamed run.
-        for hook in reversed(inner):
-            args, kwargs = hook.pre_forward(block, *args, **kwargs)
-        output = self._streamed(block, self._arguments(block, args, kwargs))
-        for hook in inner:
-            output = hook.post_forward(block, output)
-        return output
+        return call_inside(inner, block, lambda *a, **k: self._streamed(block, self._arguments(block, a, k)),
+                           *args, **kwargs)
 
     @staticmethod
     def _arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -277,11 +273,6 @@ class StreamedBlockHook(ModelHook):
         bound = inspect.signature(type(block).forward).bind(block, *args, **kwargs)
         bound.apply_defaults()
         return {name: value for name, value in bound.arguments.items() if name != "self"}
-
-    def _inner_hooks(self, block: torch.nn.Module) -> list[ModelHook]:
-        registry = block._diffusers_hook
-        order = registry._hook_order
-        return [registry.hooks[name] for name in order[: order.index(self.name)]]
 
     def _unchunked(self, message: str, args: tuple, kwargs: dict) -> Any:
         if message not in self._warned:

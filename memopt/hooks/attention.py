@@ -19,6 +19,7 @@ token chunks, the key sums first (:mod:`memopt.hooks._linear_attention`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,7 +38,7 @@ from ._attention_dispatch import (
     intercept_attention,
     release_interception,
 )
-from ._common import refuse_if_hooked, register_memopt_hook
+from ._common import call_inside, hooks_inside, refuse_if_hooked, register_memopt_hook
 from ._linear_attention import LINEAR_ATTENTION
 
 logger = logging.getLogger(__name__)
@@ -142,20 +143,14 @@ class ChunkedAttentionHook(ModelHook):
         """A linear-attention processor's call (no kernel call: see :mod:`memopt.hooks._linear_attention`), in
         ``query_chunk``-token sweeps over the queries and over the keys and values."""
         chunk = self.config.query_chunk
-        order = module._diffusers_hook._hook_order
-        inner = [module._diffusers_hook.hooks[name] for name in order[: order.index(CHUNKED_ATTENTION_HOOK)]]
+        inner = list(hooks_inside(module, CHUNKED_ATTENTION_HOOK).values())
         if chunk is None or chunk >= hidden_states.shape[1] or any(hasattr(hook, "new_forward") for hook in inner):
             return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
         # The chunks call the module's projections, not its forward: hooks registered on it before this one get
         # their pre_forward / post_forward around the whole call (one that replaces the forward runs it whole).
-        for hook in reversed(inner):
-            (hidden_states, *args), kwargs = hook.pre_forward(module, hidden_states, *args, **kwargs)
         self.calls += 1
         self.chunked_calls += 1
-        output = linear(module, chunk, hidden_states, *args, **kwargs)
-        for hook in inner:
-            output = hook.post_forward(module, output)
-        return output
+        return call_inside(inner, module, functools.partial(linear, module, chunk), hidden_states, *args, **kwargs)
 
     def _handle(self, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
         self.calls += 1

@@ -84,7 +84,7 @@ from ..plans.feedforward import (
     is_feedforward_unit,
     unit_plan,
 )
-from ._common import refuse_if_hooked, register_memopt_hook
+from ._common import call_inside, hooks_inside, refuse_if_hooked, register_memopt_hook
 
 logger = logging.getLogger(__name__)
 
@@ -811,13 +811,8 @@ class ChunkedFeedForwardHook(ModelHook):
                 self._fallback_reasons.add(str(reason))
                 logger.warning("memopt: %s runs unchunked: %s", self.path, reason)
             return self.fn_ref.original_forward(*args, **kwargs)
-        for hook in reversed(inner):
-            args, kwargs = hook.pre_forward(module, *args, **kwargs)
         ffn = functools.partial(self._feedforward, parts, bypassed)
-        output = self._unit_forward(module)(module, ffn, *args, **kwargs)
-        for hook in inner:
-            output = hook.post_forward(module, output)
-        return output
+        return call_inside(inner, module, functools.partial(self._unit_forward(module), module, ffn), *args, **kwargs)
 
     def _read(self, module: torch.nn.Module) -> _Parts:
         return _Parts.read(module, self.layout, self.path)
@@ -828,13 +823,11 @@ class ChunkedFeedForwardHook(ModelHook):
     def _inner_hooks(self, module: torch.nn.Module) -> list[ModelHook]:
         """Hooks registered on this module before ours: they sit inside ``original_forward``, which a chunked run
         does not call, so their ``pre_forward`` / ``post_forward`` are run here (e.g. block-level group offloading)."""
-        registry = module._diffusers_hook
-        order = registry._hook_order
-        inner = [registry.hooks[name] for name in order[: order.index(FEEDFORWARD_HOOK)]]
-        for name, hook in zip(order, inner):
+        inner = hooks_inside(module, FEEDFORWARD_HOOK)
+        for name, hook in inner.items():
             if hasattr(hook, "new_forward"):
                 raise UnsupportedFeedForward(f"the hook {name!r}, registered before memopt's, replaces the forward")
-        return inner
+        return list(inner.values())
 
     def _feedforward(self, parts: _Parts, bypassed: list, x: torch.Tensor,
                      prefix: torch.Tensor | None = None) -> torch.Tensor:

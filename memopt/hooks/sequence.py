@@ -81,7 +81,7 @@ from ._attention_dispatch import (
     parked_interception,
     release_interception,
 )
-from ._common import HOOK_PREFIX, register_memopt_hook, removed_on_error
+from ._common import HOOK_PREFIX, hooks_inside, register_memopt_hook, removed_on_error
 from ._held_blocks import HeldCall, resolved
 from .offload import offloading_group
 from ._sequence_backward import SequenceTrainingHook, backward_passes, chunk_output_grads, recorded_forward
@@ -797,9 +797,8 @@ class SequenceFusedSkipHook(ModelHook):
         return output
 
     def _computes_itself(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
-        order = list(module._diffusers_hook._hook_order)
-        inner = order[: order.index(SEQUENCE_SKIP_HOOK)]
-        return not inner and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+        return (not hooks_inside(module, SEQUENCE_SKIP_HOOK) and len(args) == 1 and not kwargs
+                and isinstance(args[0], torch.Tensor))
 
 
 class SequenceReuseHook(ModelHook):
