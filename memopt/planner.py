@@ -276,7 +276,7 @@ class Chunking:
         reports = []
         # FeedForward first: where its hook sits on a whole block (Flux / HunyuanVideo single blocks) the sequence
         # hook must wrap it, so each sequence chunk runs the sharded FeedForward (the other way round the
-        # FeedForward hook sees a forward-replacing hook inside it and runs unchunked).
+        # FeedForward hook skips those blocks: a forward-replacing hook is already on them).
         if self.feedforward_chunks:
             from .hooks.feedforward import apply_chunked_feedforward
 
@@ -941,7 +941,8 @@ def plan_denoiser(
             weights, so the device holds the top level's and one group's.
 
     Raises:
-        BudgetError: no option fits; the message names the smallest reachable peak and what dominates it.
+        BudgetError: no option fits; the message names the smallest reachable peak and what dominates it, or,
+            where the weights that must be on the device and the inputs already exceed ``budget``, that floor.
     """
     start = time.perf_counter()
     budget_bytes = parse_budget(budget)
@@ -971,6 +972,13 @@ def plan_denoiser(
         placements.append(None)
     if offload is not None and movable:
         placements.append(offload)
+    floors = [fixed_bytes(placement) + floor_bytes(model, placement)[0] for placement in placements]
+    if floors and min(floors) >= budget_bytes:  # chunking cannot help: say so rather than simulate
+        placement = placements[floors.index(min(floors))]
+        raise BudgetError(_below_floor(model, budget_bytes, placement, {
+            "the forward's inputs": inputs, "other components kept on the device": other_resident_bytes,
+            "the trainable parameters' gradients": device_gradients(placement),
+            "the CUDA runtime's workspaces": runtime_overhead_bytes}))
     cache: dict[Chunking, Estimate] = {}
 
     def estimate(chunking: Chunking) -> Estimate:
@@ -987,7 +995,7 @@ def plan_denoiser(
         if training and placement is not None and something_fits():
             break  # resident fits: offloading a training step only adds transfers
         fixed = fixed_bytes(placement)
-        floor = fixed + max(phase_weights(groups, placement, ["before", "after", *block_lists(model)]).values())
+        floor = floors[placements.index(placement)]
         unchunked_fits = False
         two_pass_fits: list[int] = []  # sequence chunk counts at which the two-pass schedule fits
         for chunkings in series or candidate_series(per_sample, training, host=movable,
@@ -1103,6 +1111,16 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
             f"{format_bytes(best.peak_bytes)} ({best.placement}, {best.chunking.describe()}): {breakdown}. "
             f"It is dominated by {dominant}.{unavailable} Give a larger budget, or generate at a smaller size or "
             "batch.")
+
+
+def _below_floor(model: torch.nn.Module, budget: int, placement: OffloadConfig | None, fixed: dict[str, int]) -> str:
+    """The error for a budget that the best placement's weights and the ``fixed`` bytes (by what they are) exhaust
+    before any activation: no chunking can help, so nothing is simulated."""
+    weights, what = floor_bytes(model, placement)
+    others = "".join(f" + {label} {format_bytes(nbytes)}" for label, nbytes in fixed.items() if nbytes)
+    return (f"{type(model).__name__}: the budget {format_bytes(budget)} is below the floor of "
+            f"{format_bytes(weights + sum(fixed.values()))}: weights that must be on the device during its forward: "
+            f"{what}{others}; activations come on top, so no chunking can fit")
 
 
 def _apply_directly(model: torch.nn.Module) -> str:

@@ -179,6 +179,23 @@ def test_nothing_fits_says_the_smallest_peak_and_what_dominates() -> None:
     assert "dominated by weights on the device (the whole model)" in message
 
 
+def test_a_budget_below_the_offloaded_weights_is_refused_without_simulating(monkeypatch) -> None:
+    """Wan2.1-14B offloaded by blocks still needs two blocks and the top level on the device (1.79 GiB): a 1 GiB
+    budget is refused by that floor, not by a "smallest reachable peak" of the one option simulated."""
+    from memopt import planner
+
+    monkeypatch.setattr(planner, "simulate_chunking", lambda *args, **kwargs: pytest.fail("simulated"))
+    spec = get_family("wan")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = cast_floating_(spec.build("full"), torch.bfloat16)
+        inputs = spec.make_inputs(model.config, dtype=torch.bfloat16)
+    with pytest.raises(BudgetError) as error:
+        plan_denoiser(model, (), inputs, budget="1GiB", device="cuda", offload=OffloadConfig("cuda", use_stream=True))
+    message = str(error.value)
+    assert message.startswith("WanTransformer3DModel: the budget 1 GiB is below the floor of 1.87 GiB: ")
+    assert "2 x blocks.0 (670 MiB) + top level (497 MiB)" in message and "the CUDA runtime's workspaces 64 MiB" in message
+
+
 def test_a_family_without_a_sequence_plan_is_planned_with_what_applies() -> None:
     """No sequence plan (Lumina-Next, as the other-families sweep builds it): the planner chunks the FeedForwards
     (exactly), and when even that does not fit, the error says sequence chunking is unavailable for the model and

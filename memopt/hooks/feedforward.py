@@ -84,7 +84,7 @@ from ..plans.feedforward import (
     is_feedforward_unit,
     unit_plan,
 )
-from ._common import call_inside, hooks_inside, refuse_if_hooked, register_memopt_hook
+from ._common import HOOK_PREFIX, call_inside, hooks_inside, refuse_if_hooked, register_memopt_hook
 
 logger = logging.getLogger(__name__)
 
@@ -1002,6 +1002,17 @@ def _unknown_feedforwards(model: torch.nn.Module, unit_paths: list[str]) -> dict
     }
 
 
+def _refuse_forward_replaced(module: torch.nn.Module) -> None:
+    """A unit whose forward another hook already replaces (memopt's sequence chunks on a Flux single block, whose
+    FeedForward path is inline) would never reach its original forward, and ours would have to bypass that hook: skip
+    it at apply time, where the report can say so, rather than fall back on every call."""
+    registry = getattr(module, "_diffusers_hook", None)
+    for name in [] if registry is None else registry._hook_order:
+        if hasattr(registry.hooks[name], "new_forward"):
+            advice = "; apply the FeedForward hooks first to have both" if name.startswith(HOOK_PREFIX) else ""
+            raise UnsupportedFeedForward(f"the hook {name!r}, registered before, replaces its forward{advice}")
+
+
 def apply_chunked_feedforward(
     model: torch.nn.Module,
     num_chunks: int = 4,
@@ -1084,6 +1095,7 @@ def apply_chunked_feedforward(
                 _check_plan(module, path, layout, expanded, source)
             (_ConvParts if conv else _Parts).read(module, layout, name)
             _bypassed_hooks(module, layout, name)
+            _refuse_forward_replaced(module)
         except UnsupportedFeedForward as reason:
             report.skipped[name] = str(reason)
             continue

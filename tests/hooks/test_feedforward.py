@@ -494,6 +494,24 @@ def test_composes_with_sequence_chunking(caplog):
     assert "runs unchunked" not in caplog.text
 
 
+def test_after_sequence_chunking_the_single_blocks_are_skipped_with_advice(caplog):
+    """The other order: the sequence hook already replaces the Flux single blocks' forwards, which hold their
+    FeedForward path inline, so those blocks are skipped at apply time with the reason (not a warning per call)."""
+    from memopt.hooks.sequence import apply_sequence_chunking
+
+    model, inputs = build("flux")
+    reference = forward(model, inputs)
+    apply_sequence_chunking(model, num_chunks=3)
+    report = apply_chunked_feedforward(model, num_chunks=3)
+    assert report.applied == ["transformer_blocks.0.ff", "transformer_blocks.0.ff_context"]
+    assert report.skipped["single_transformer_blocks.1"] == (
+        "the hook 'memopt.sequence', registered before, replaces its forward; apply the FeedForward hooks first to "
+        "have both")
+    with caplog.at_level("WARNING", logger="memopt.hooks.feedforward"):
+        assert rel_err(forward(model, inputs), reference) <= 1e-5
+    assert "runs unchunked" not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------ kernel option
 def test_kernel_triton_without_gpu_is_a_clear_error():
     model, inputs = build("wan")
