@@ -808,7 +808,7 @@ CASES: dict[str, Case] = {
     "UVit2DModel": Case(_uvit, 2),
     "UniDiffuserModel": Case(_unidiffuser, 3),  # GEGLU FeedForward in the in, mid and out block
     # ffn is an nn.Sequential (no FeedForward); the rotary embedding reads grid_sizes.tolist(): data dependent.
-    "WanAnimate2Transformer3DModel": Case(_wan_animate2, 0, data_dependent=True),
+    "WanAnimate2Transformer3DModel": Case(_wan_animate2, 2, data_dependent=True),  # an nn.Sequential ffn per block
     # control_layers (2) + control_noise_refiner (1) + the transformer's noise_refiner and context_refiner (1 + 1).
     # from_transformer attaches the latter with the embedders, which a copy built from the config lacks: the planner
     # refuses.

@@ -1075,7 +1075,11 @@ def apply_chunked_feedforward(
         plan, source = feedforward_plan(model)
     expanded = None if plan is None else expand_plan(model, plan)
 
-    units = [(path, module) for path, module in model.named_modules() if is_feedforward_unit(module)]
+    units: list[tuple[str, torch.nn.Module]] = []
+    for path, module in model.named_modules():  # parents first: a unit inside another (the nn.Sequential of
+        if is_feedforward_unit(module) and not any(  # LongCat's AudioDiTFeedForward) is computed by the outer one
+                not outer or path.startswith(outer + ".") for outer, _ in units):
+            units.append((path, module))
     refuse_if_hooked(units, FEEDFORWARD_HOOK, "chunked FeedForward")
 
     report = FeedForwardReport(config, source)

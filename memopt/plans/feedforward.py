@@ -461,12 +461,36 @@ UNKNOWN_FEEDFORWARD = re.compile(r"(FeedForward|FFN|MLP|Mlp|SwiGLU)$|GLUMB")
 passing unnoticed), unless they sit inside a known unit or contain one (a mixture of experts of known MLPs)."""
 
 
+def _sequential_paths(module: torch.nn.Module) -> tuple[str, str, str, str | None, str | None] | None:
+    """``(up, act, down, dropout, final_dropout)`` child names of an ``nn.Sequential`` FeedForward: ``Linear(D, F)``,
+    an activation module, an optional ``nn.Dropout``, ``Linear(F, D)``, an optional ``nn.Dropout``, with F > D (the
+    wide intermediate a FeedForward is about; ``Linear(256, D), SiLU, Linear(D, D)`` timestep embedders are not one).
+    None for any other ``nn.Sequential``."""
+    if type(module) is not torch.nn.Sequential or len(module) not in (3, 4, 5):
+        return None
+    kinds = ["linear" if isinstance(getattr(child, "base_layer", child), torch.nn.Linear)
+             else "dropout" if type(child) is torch.nn.Dropout else "other" for child in module]
+    names = list(module._modules)
+    if kinds[0] != "linear" or kinds[1] != "other" or "linear" not in kinds[2:4]:
+        return None
+    down = 2 if kinds[2] == "linear" else 3
+    rest = kinds[down + 1:]
+    if (down == 3 and kinds[2] != "dropout") or rest not in ([], ["dropout"]):
+        return None
+    up_linear, down_linear = base_linear(module[0]), base_linear(module[down])
+    if not (up_linear.in_features == down_linear.out_features < up_linear.out_features == down_linear.in_features):
+        return None
+    return (names[0], names[1], names[down], names[2] if down == 3 else None, names[down + 1] if rest else None)
+
+
 def is_feedforward_unit(module: torch.nn.Module) -> bool:
-    return type(module) in FEEDFORWARD_UNITS
+    return type(module) in FEEDFORWARD_UNITS or _sequential_paths(module) is not None
 
 
 def feedforward_layout(module: torch.nn.Module) -> FeedForwardLayout | ConvFeedForwardLayout:
     """The layout of a known FeedForward-like module; :class:`UnsupportedFeedForward` if none."""
+    if (paths := _sequential_paths(module)) is not None:
+        return _plain_mlp(*paths)(module)
     resolver = FEEDFORWARD_UNITS.get(type(module))
     if resolver is None:
         raise UnsupportedFeedForward(f"{type(module).__name__} is not a FeedForward memopt knows")

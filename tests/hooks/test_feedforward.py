@@ -688,6 +688,39 @@ def test_lora_on_a_gated_mlp_with_separate_linears():
     assert report.applied and rel_err(chunked, reference) <= 1e-5
 
 
+@pytest.mark.parametrize("split", ["hidden", "sequence"])
+def test_sequential_feedforwards_are_found_by_their_structure(split):
+    """``nn.Sequential(Linear(D, F), act, [Dropout,] Linear(F, D)[, Dropout])`` with F > D is a FeedForward (Wan
+    Animate 2's blocks hold theirs so); other sequentials (a timestep embedder, a projection) are not, and one inside
+    a known unit is computed by that unit."""
+    from diffusers.models.transformers.transformer_longcat_audio_dit import AudioDiTFeedForward
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.ModuleDict({
+        "mlp": nn.Sequential(nn.Linear(24, 61), nn.GELU(approximate="tanh"), nn.Linear(61, 24)),
+        "dropped": nn.Sequential(nn.Linear(24, 50), nn.SiLU(), nn.Dropout(0.0), nn.Linear(50, 24), nn.Dropout(0.0)),
+        "embedder": nn.Sequential(nn.Linear(16, 24), nn.SiLU(), nn.Linear(24, 24)),
+        "narrow": nn.Sequential(nn.Linear(24, 12), nn.SiLU(), nn.Linear(12, 24)),
+        "no_activation": nn.Sequential(nn.Linear(24, 61), nn.Linear(61, 24)),
+        "unit": AudioDiTFeedForward(24, mult=2.0),
+    }).eval()
+    model = inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=["mlp.0", "mlp.2"]), model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    x = torch.randn(2, 37, 24)
+    names = ["mlp", "dropped", "narrow", "no_activation", "unit"]
+    with torch.no_grad():
+        reference = {name: model[name](x) for name in names}
+        report = apply_chunked_feedforward(model, num_chunks=3, split=split)
+        outputs = {name: model[name](x) for name in names}
+    assert sorted(report.applied) == ["dropped", "mlp", "unit"] and not report.skipped
+    for name in names:
+        assert rel_err(outputs[name], reference[name]) <= 1e-5, name
+
+
 def test_feedforward_lookalikes_without_a_layout_are_reported():
     from diffusers.models.transformers.transformer_cosmos3 import Cosmos3VLTextMLP
     from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
