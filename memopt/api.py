@@ -7,7 +7,9 @@ What :func:`apply_memory_optimizations` does with each component of a ``Diffusio
   forward, when the input shapes are known, :func:`memopt.planner.plan_denoiser` simulates the denoiser at those
   shapes and chooses sequence chunking / FeedForward shards and whether it may stay resident instead, so that the
   predicted peak fits the budget at the least predicted slowdown. The chunking hooks go *under* the offloading
-  hooks: a block's weights are onloaded once and serve every chunk of both passes.
+  hooks: a block's weights are onloaded once and serve every chunk of both passes. A later call with larger inputs
+  (a higher resolution, more frames, a longer prompt) is planned again before it runs: a plan holds for the inputs
+  it was made for and smaller ones.
 * **ControlNets** (``controlnet``, or each net of a multi-ControlNet), which run once per step too: like a denoiser,
   planned at their first forward (their residuals then count among the denoiser's inputs); one whose forward cannot
   be simulated runs as placed, with a warning, instead of failing the pipeline.
@@ -78,6 +80,7 @@ from .planner import (
     device_gradient_bytes,
     floor_bytes,
     format_bytes,
+    input_bytes,
     parse_budget,
     plan_denoiser,
 )
@@ -202,11 +205,15 @@ class MemoryPlan:
 
 
 # ------------------------------------------------------------------------------------------------ first-call planning
-class PlanOnFirstCallHook(ModelHook):
-    """On a denoiser: at its first forward, plan for the actual inputs, apply the plan, remove itself, run.
+class PlanForInputsHook(ModelHook):
+    """On a denoiser: at its first forward, plan for the actual inputs and apply the plan; at any later forward whose
+    tensor inputs are larger than those planned for, plan again (the old plan's peak grows with the tokens). Smaller
+    inputs run with the plan as it is.
 
-    Registered last (outermost), so it can take itself out of the chain cleanly before rebuilding the chain below
-    (offloading removed, chunking hooks added, offloading re-applied on top of them).
+    Kept outermost: planning takes it out of the chain, rebuilds the chain below (the previous plan's hooks and
+    placement removed, chunking hooks added, offloading re-applied on top of them) and registers it again. The size
+    check on every call is plain Python on the input shapes, which ``torch.compile`` traces (a guard); planning
+    itself runs eagerly.
     """
 
     def __init__(self, owner: Any, plan: MemoryPlan, name: str, offload: OffloadConfig | None) -> None:
@@ -215,10 +222,22 @@ class PlanOnFirstCallHook(ModelHook):
         self.plan = plan
         self.name = name
         self.offload = offload
+        self.planned_bytes: int | None = None  # the tensor inputs the applied plan was made for
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.planned_bytes is None or input_bytes(args, kwargs) > self.planned_bytes:
+            return self._plan_and_run(module, args, kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _plan_and_run(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         module._diffusers_hook.remove_hook(PLAN_HOOK, recurse=False)
         component = self.plan.components[self.name]
+        if self.planned_bytes is not None:  # the old plan's hooks go, and its placement (weights back where they were)
+            logger.info("memopt: %s gets larger inputs than planned for (%s > %s): planning again", self.name or
+                        type(module).__name__, format_bytes(input_bytes(args, kwargs)), format_bytes(self.planned_bytes))
+            remove_memopt_hooks(module)
+            remove_offloading(module)
         other_resident, other_working = _other_device_bytes(self.plan, self.name)
         try:
             denoiser_plan = _isolated(lambda: plan_denoiser(
@@ -234,9 +253,12 @@ class PlanOnFirstCallHook(ModelHook):
             # The denoiser is what the budget is about: the pipeline goes on with the ControlNet as placed.
             component.action += "; not planned: its forward cannot be simulated"
             logger.warning("memopt: %s. The ControlNet runs unchunked; its activations are outside the budget.", error)
+            return module.forward(*args, **kwargs)
         except BaseException:
             remove_memory_optimizations(self.owner)  # nothing fits (BudgetError) or planning failed: undo all
             raise
+        self.planned_bytes = input_bytes(args, kwargs)
+        register_memopt_hook(module, self, PLAN_HOOK)
         return module.forward(*args, **kwargs)
 
 
@@ -378,7 +400,7 @@ def apply_memory_optimizations(
                 continue
             entry.place(module, device)
             if name in denoisers:
-                register_memopt_hook(module, PlanOnFirstCallHook(pipe_or_model, plan, name, entry.offload), PLAN_HOOK)
+                register_memopt_hook(module, PlanForInputsHook(pipe_or_model, plan, name, entry.offload), PLAN_HOOK)
                 entry.action += "; chunking planned at the first forward" + (" for training" if plan.training else "")
             if vae_tiling and entry.kind == "vae":
                 tiling = apply_vae_tiling(module)

@@ -15,12 +15,12 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 HOOK_PREFIX = "memopt."
 
-EAGER_HOOKS = ("memopt.sequence", "memopt.plan")
+EAGER_HOOKS = ("memopt.sequence",)
 """Names (and their sub-names) of hooks that ``torch.compile`` runs eagerly instead of tracing: sequence chunking, whose
 chunk loop keeps Python state per call (the running chunk's layout, collected K/V, caches of rotary rows and reused
 outputs) that a traced graph would bake in and replay for other chunks (inductor indexed Wan's rotary table out of
-bounds at 8 chunks of 2,304 tokens; dynamo alone hit its recompilation limit), and the planner's first call, which
-simulates the model. Dynamo breaks the graph at them; the rest of the model is compiled as usual."""
+bounds at 8 chunks of 2,304 tokens; dynamo alone hit its recompilation limit). Dynamo breaks the graph at them; the
+rest of the model is compiled as usual. (The planner's hook disables compilation only where it plans.)"""
 
 
 def register_memopt_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
