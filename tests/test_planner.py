@@ -289,6 +289,28 @@ def test_a_forward_that_depends_on_tensor_values_is_refused_clearly(family: str)
         plan_denoiser(model, (), inputs, budget="1GiB", device="cpu")
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_mochi_is_planned_with_every_text_token_counted(masked: bool) -> None:
+    """Mochi's attention keeps each sample's valid text tokens (``torch.nonzero`` of its mask), which fake tensors
+    cannot size: the simulation counts them all, so the prediction is the traced peak with every token valid and an
+    upper bound with padding (before, the one-liner refused Mochi as depending on tensor values)."""
+    spec = get_family("mochi")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, masked=masked)
+    with torch.no_grad():
+        unmodified = trace_memory(model, **inputs)
+    budget = unmodified.baseline_bytes + unmodified.peak_bytes * 6 // 10
+    plan = plan_denoiser(model, (), inputs, budget=budget, device="cpu")
+    assert plan.chunking.sequence_chunks
+    plan.apply(model)
+    with torch.no_grad():
+        traced = trace_memory(model, **inputs)
+    assert traced.total_peak_bytes <= plan.predicted_peak_bytes <= budget
+    assert (traced.total_peak_bytes == plan.predicted_peak_bytes) is not masked
+    out, reference = traced.result[0], unmodified.result[0]
+    assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
+
+
 def test_lockstep_is_chosen_where_its_peak_fits() -> None:
     """Lock-step reruns nothing, so where its (larger) peak fits the budget the planner takes it over two-pass at the
     same chunk count; where only two-pass fits, two-pass. Either plan is exact."""

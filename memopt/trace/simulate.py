@@ -4,7 +4,10 @@ A fake tensor has shape, dtype and device but no data, so a 14B-parameter model 
 memory and seconds of time, and the tracer still sees every storage the real forward would allocate. Pitfalls handled
 here (see research/profiler_anchors.md): dtypes are changed by replacing parameters (``module.to`` cannot swap fake
 parameters), the forward runs inside the same fake mode, and fake *CPU* tensors are used so SDPA takes the fused
-flash kernel (O(S) memory) like a real GPU run, not the math path that ``meta`` tensors take.
+flash kernel (O(S) memory) like a real GPU run, not the math path that ``meta`` tensors take. A fake tensor has no
+values, so an output sized by them is taken at its largest: ``nonzero`` as if every element were non-zero (Mochi's
+attention keeps each sample's valid text tokens with it: all valid, the most memory), which makes the simulated peak
+an upper bound where a mask pads tokens out.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..models import FamilySpec, Size, cast_floating_, get_family
 from .result import MemoryTrace
@@ -64,12 +68,23 @@ def simulate(
         if backward:
             allocate_gradients(model)
     tracer = MemoryTracer(round_to=round_to, root=model, device="dispatch")
-    with torch.set_grad_enabled(backward), fake_mode:
+    with torch.set_grad_enabled(backward), fake_mode, LargestDataDependentSizes():
         trace = tracer.run(training_step, model, inputs) if backward else tracer.run(model, **inputs)
     trace.name = name
     trace.result = None  # fake outputs are useless outside the mode
     trace.meta.update({"dtype": str(dtype).replace("torch.", ""), "simulated": True})
     return trace
+
+
+class LargestDataDependentSizes(TorchDispatchMode):
+    """Inside a fake mode: ``nonzero``, whose output size is its input's count of non-zero elements, as if every
+    element were non-zero (fake tensors have no values; the fake mode alone refuses the op)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.nonzero.default:
+            (tensor,) = args
+            return torch.empty((tensor.numel(), tensor.dim()), dtype=torch.long, device=tensor.device)
+        return func(*args, **(kwargs or {}))
 
 
 def simulate_family(
