@@ -234,8 +234,9 @@ class PlanForInputsHook(ModelHook):
         module._diffusers_hook.remove_hook(PLAN_HOOK, recurse=False)
         component = self.plan.components[self.name]
         if self.planned_bytes is not None:  # the old plan's hooks go, and its placement (weights back where they were)
-            logger.info("memopt: %s gets larger inputs than planned for (%s > %s): planning again", self.name or
-                        type(module).__name__, format_bytes(input_bytes(args, kwargs)), format_bytes(self.planned_bytes))
+            logger.info("memopt: %s gets larger inputs than planned for (%s > %s): planning again",
+                        self.name or type(module).__name__, format_bytes(input_bytes(args, kwargs)),
+                        format_bytes(self.planned_bytes))
             remove_memopt_hooks(module)
             remove_offloading(module)
         other_resident, other_working = _other_device_bytes(self.plan, self.name)

@@ -187,8 +187,8 @@ def _sequence(schedule: str, saved_inputs: str = "device") -> ApplyFn:
     def apply(model: torch.nn.Module, context: StrategyContext) -> Any:
         apply_sequence_chunking = _import("memopt.hooks.sequence", "apply_sequence_chunking")
         streamed = _import("memopt.hooks._streamed_blocks", "STREAMED_MODELS")
-        if type(model).__name__ in streamed and (schedule != "two_pass" or context.training):
-            raise StrategyUnavailable(f"{type(model).__name__}'s blocks stream (Sana): forwards only, two-pass")
+        if type(model).__name__ in streamed and schedule != "two_pass":
+            raise StrategyUnavailable(f"{type(model).__name__}'s blocks stream (Sana): two-pass only")
         # num_chunks None: the family plan's default
         return apply_sequence_chunking(model, num_chunks=context.num_chunks, schedule=schedule,
                                        training=context.training, saved_inputs=saved_inputs)

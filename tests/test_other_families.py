@@ -725,7 +725,7 @@ class Case(NamedTuple):
     ControlNet made of a planned family's blocks, which memopt chunks with that family's plan (out of place: it
     returns every block's output); the others are refused. ``convolutional``: its FeedForwards are GLU convolutions,
     which ``split="sequence"`` skips (their depthwise convolution mixes neighbouring tokens); ``streamed``: its blocks
-    run in sequence chunks streamed (Sana's, :mod:`memopt.hooks._streamed_blocks`): no K/V exchange, forwards only."""
+    run in sequence chunks streamed (Sana's, :mod:`memopt.hooks._streamed_blocks`): no K/V exchange."""
 
     build: Callable[[], Built]
     feedforwards: int

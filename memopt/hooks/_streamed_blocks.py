@@ -10,10 +10,18 @@ over frames after its per-frame ones (``GLUMBTempConv``). So a block runs in two
 convolution input the next band's first output row needs, and the next band finishes it (the image's edges are the
 convolution's zero padding, as unchunked). Nothing is recomputed; the block holds its input, one band and a few
 carried rows, and writes its output over its input: only rows already read, never read again.
+
+Training (``apply_sequence_chunking(training=True)``): a block recorded by autograd runs the same streamed forward
+without autograd, out of place, saving only its inputs, and its backward recomputes it band by band: the key sums
+again without autograd, made leaves; each band, with one unit of each neighbour for the convolution (computed twice,
+the price of not carrying), run recorded and its output rows back-propagated into the inputs, the parameters and the
+key sums' gradient; then each band's share of the key sums, back-propagated with that gradient. The backward holds
+the block's input and output gradients, one band's activations and the key sums: the block's floor, not its peak.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -21,12 +29,15 @@ from typing import Any, Callable
 
 import torch
 from diffusers.hooks import ModelHook
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 from diffusers.models.transformers.transformer_sana_video import SanaVideoTransformerBlock
 
 from ._common import HOOK_PREFIX, call_inside, hooks_inside
 from ._linear_attention import LINEAR_ATTENTION, SanaKeySums, SanaVideoKeySums, token_rows
+from ._sequence_backward import InputGradients, SavedOnHost, _autocast, _autocast_state, _backward, _refuse_dropout
 from .feedforward import sharded_convolutions, split_sizes
+from .offload import onloaded
 
 logger = logging.getLogger(__name__)
 
@@ -237,23 +248,30 @@ def _foreign_hooks(module: torch.nn.Module) -> list[str]:
 
 
 class StreamedBlockHook(ModelHook):
-    """Runs a Sana block in ``num_chunks`` bands of whole rows (frames), streamed (see the module docstring)."""
+    """Runs a Sana block in ``num_chunks`` bands of whole rows (frames), streamed (see the module docstring); with
+    ``training``, also while autograd records, with a banded backward (``saved_inputs``: ``"device"`` or
+    ``"host"``, where the saved inputs wait, as :class:`~memopt.hooks._sequence_backward.SavedOnHost`)."""
 
     _is_stateful = False
 
-    def __init__(self, path: str, num_chunks: int, inplace: bool, name: str) -> None:
+    def __init__(self, path: str, num_chunks: int, inplace: bool, name: str, training: bool = False,
+                 saved_inputs: str = "device") -> None:
         super().__init__()
         self.path = path
         self.num_chunks = num_chunks
         self.inplace = inplace
         self.name = name  # the name it is registered under (the hooks before it are the block's inner ones)
+        self.training = training
+        self.saved_inputs = saved_inputs
         self._warned: set[str] = set()
 
     def new_forward(self, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         hidden = self._arguments(block, args, kwargs)["hidden_states"]
-        if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in block.parameters())):
-            return self._unchunked("autograd is recording, running unchunked (Sana's streamed blocks chunk forwards "
-                                   "only; wrap the call in torch.no_grad())", args, kwargs)
+        recording = torch.is_grad_enabled() and (
+            hidden.requires_grad or any(p.requires_grad for p in block.parameters()))
+        if recording and not self.training:
+            return self._unchunked("autograd is recording, running unchunked (apply_sequence_chunking(training=True) "
+                                   "chunks it; or wrap the call in torch.no_grad())", args, kwargs)
         inner = list(hooks_inside(block, self.name).values())
         if any(hasattr(hook, "new_forward") for hook in inner):
             return self._unchunked("a hook registered before memopt's replaces the block's forward: running "
@@ -264,8 +282,8 @@ class StreamedBlockHook(ModelHook):
                                    "attention from its projections) would bypass: running unchunked", args, kwargs)
         # The bands call the block's modules, not its forward: hooks registered on the block before this one (block-
         # level group offloading applied first) get their pre_forward / post_forward around the whole streamed run.
-        return call_inside(inner, block, lambda *a, **k: self._streamed(block, self._arguments(block, a, k)),
-                           *args, **kwargs)
+        run = self._recorded if recording else self._streamed
+        return call_inside(inner, block, lambda *a, **k: run(block, self._arguments(block, a, k)), *args, **kwargs)
 
     @staticmethod
     def _arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -280,18 +298,29 @@ class StreamedBlockHook(ModelHook):
             logger.warning("%s: %s", self.path, message)
         return self.fn_ref.original_forward(*args, **kwargs)
 
-    def _streamed(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
-        layout = STREAMED_LAYOUTS[type(block)]
+    def _bands(self, layout: _StreamedLayout, arguments: dict[str, Any]) -> tuple[int, int, list[tuple[int, int]]]:
         hidden = arguments["hidden_states"]
         units, per_unit = layout.units(arguments)
         if units * per_unit != hidden.shape[1]:
             raise ValueError(f"{self.path}: {hidden.shape[1]} tokens are not {units} x {per_unit}")
-        bands = split_units(units, self.num_chunks)
+        return units, per_unit, split_units(units, self.num_chunks)
+
+    def _key_sums(self, layout: _StreamedLayout, block: torch.nn.Module, arguments: dict[str, Any]) -> Any:
+        """The first sweep: every band's share of the linear attention's key sums, added up."""
+        _, per_unit, bands = self._bands(layout, arguments)
         sums = layout.sums(block.attn1)
         for start, stop in bands:
             rows = slice(start * per_unit, stop * per_unit)
-            layout.add(block, sums, hidden[:, rows], rows, arguments)
-        out = hidden if self.inplace else torch.empty_like(hidden)
+            layout.add(block, sums, arguments["hidden_states"][:, rows], rows, arguments)
+        return sums
+
+    def _streamed(self, block: torch.nn.Module, arguments: dict[str, Any], in_place: bool | None = None
+                  ) -> torch.Tensor:
+        layout = STREAMED_LAYOUTS[type(block)]
+        hidden = arguments["hidden_states"]
+        units, per_unit, bands = self._bands(layout, arguments)
+        sums = self._key_sums(layout, block, arguments)
+        out = hidden if (self.inplace if in_place is None else in_place) else torch.empty_like(hidden)
         carried: _Band | None = None  # the last unit's residual and the last two units' convolution input
         for start, stop in bands:
             rows = slice(start * per_unit, stop * per_unit)
@@ -312,6 +341,99 @@ class StreamedBlockHook(ModelHook):
                                               band.mixed_input[-2:].clone())
             del band
         return out
+
+    def _recorded(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+        """The streamed forward without autograd, recorded as one node whose backward recomputes it in bands."""
+        _refuse_dropout(self.path, block)
+        flat, spec = tree_flatten(arguments)
+        positions = [i for i, value in enumerate(flat) if isinstance(value, torch.Tensor)]
+        call = _StreamedCall(self, block, [None if i in positions else v for i, v in enumerate(flat)], spec, positions)
+        anchor = torch.empty(0, requires_grad=True)  # recorded even where only the parameters require grad
+        with SavedOnHost() if self.saved_inputs == "host" else contextlib.nullcontext():
+            return _RecomputedBands.apply(call, anchor, *(flat[i] for i in positions))
+
+    def backward(self, block: torch.nn.Module, arguments: dict[str, Any], grad_output: torch.Tensor,
+                 gradients: InputGradients) -> None:
+        """The banded backward (module docstring); parameter gradients go to ``.grad``, input gradients into
+        ``gradients``."""
+        layout = STREAMED_LAYOUTS[type(block)]
+        hidden = arguments["hidden_states"]
+        units, per_unit, bands = self._bands(layout, arguments)
+        with torch.no_grad():
+            sums = self._key_sums(layout, block, arguments)
+        state = {name: value.detach().requires_grad_() for name, value in vars(sums).items()
+                 if isinstance(value, torch.Tensor)}
+        leaves = [param for param in block.parameters() if param.requires_grad]
+
+        def banded(start: int, stop: int) -> tuple[torch.Tensor, slice]:
+            rows = slice(start * per_unit, stop * per_unit)
+            return gradients.narrow(hidden, 1, rows.start, rows.stop - rows.start), rows
+
+        for start, stop in bands:  # outputs, each band with one unit of either neighbour for the convolution
+            low, high = max(start - 1, 0), min(stop + 1, units)
+            x, rows = banded(low, high)
+            band = layout.before(block, x, rows, arguments, _with_state(layout.sums(block.attn1), state))
+            mixed = layout.mix(block, band.mixed_input, slice(start - low, stop - low), arguments)
+            finished = slice(start * per_unit, stop * per_unit)
+            out = layout.after(block, band.residual[:, start - low: stop - low], mixed, finished, arguments)
+            del band, mixed, x
+            _backward([out], [grad_output[:, finished]], [*leaves, *state.values()])
+            del out
+        names = [name for name, leaf in state.items() if leaf.grad is not None]
+        for start, stop in bands if names else []:  # the key sums, each band's share with their gradient
+            x, rows = banded(start, stop)
+            part = layout.sums(block.attn1)
+            layout.add(block, part, x, rows, arguments)
+            _backward([getattr(part, name) for name in names], [state[name].grad for name in names], leaves)
+            del part, x
+
+
+def _with_state(sums: Any, state: dict[str, torch.Tensor]) -> Any:
+    """``sums`` (a fresh ``*KeySums``) holding ``state``, the key sums as leaves: each band's attention reads them
+    through its own object (Sana Video's rounds its key sum at the first query chunk, in the object)."""
+    for name, value in state.items():
+        setattr(sums, name, value)
+    return sums
+
+
+class _StreamedCall:
+    """One recorded block call: what its backward needs to rebuild the arguments and rerun the block."""
+
+    def __init__(self, hook: StreamedBlockHook, block: torch.nn.Module, flat: list[Any], spec: Any,
+                 positions: list[int]) -> None:
+        self.hook, self.block, self.flat, self.spec, self.positions = hook, block, flat, spec, positions
+
+    def arguments(self, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> dict[str, Any]:
+        flat = list(self.flat)
+        for position, tensor in zip(self.positions, tensors):
+            flat[position] = tensor
+        return tree_unflatten(flat, self.spec)
+
+
+class _RecomputedBands(torch.autograd.Function):
+    """Forward: the streamed block without autograd, out of place (its input is saved); backward:
+    :meth:`StreamedBlockHook.backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, call: _StreamedCall, anchor: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.call, ctx.autocast = call, _autocast_state()
+        ctx.save_for_backward(*tensors)
+        return call.hook._streamed(call.block, call.arguments(tensors), in_place=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        call: _StreamedCall = ctx.call
+        if not torch.autograd._is_checkpoint_valid():
+            raise RuntimeError(
+                f"{call.hook.path}: sequence chunking with training=True accumulates parameter gradients with a "
+                "backward inside the backward (like reentrant checkpointing): use loss.backward() without `inputs`, "
+                "not torch.autograd.grad"
+            )
+        # Group-offloaded, the block's weights went back to the host when its forward returned.
+        with onloaded(call.block), torch.enable_grad(), _autocast(ctx.autocast):
+            gradients = InputGradients(ctx.saved_tensors, ctx.needs_input_grad[2:])
+            call.hook.backward(call.block, call.arguments(gradients.inputs), grad_output, gradients)
+        return (None, None, *gradients.gradients())
 
 
 class ChunkedNormHook(ModelHook):

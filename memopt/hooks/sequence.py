@@ -1176,8 +1176,8 @@ def apply_sequence_chunking(
         model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (55 classes:
             Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin and four ControlNets),
             or any model with ``plan`` given; or Sana, Sana Video and the Sana ControlNet, whose blocks stream
-            instead (forwards only, one schedule; ``align`` does not apply: bands are whole rows or frames; see
-            :mod:`memopt.hooks._streamed_blocks`).
+            instead (one schedule, a banded backward with ``training``; ``align`` does not apply: bands are whole
+            rows or frames; see :mod:`memopt.hooks._streamed_blocks`).
         num_chunks: chunks per block; ``None`` takes the plan's default. See :class:`SequenceChunkingConfig`.
         inplace: see :class:`SequenceChunkingConfig`. ``None`` (default): on with the model's built-in plan unless
             it says the model keeps its blocks' outputs (``SequencePlan.keeps_block_outputs``: a ControlNet returns
@@ -1293,24 +1293,29 @@ def _apply_streamed(model: torch.nn.Module, streamed: StreamedModel,
     attention's key sums taken in a first sweep, no K/V to exchange; with ``chunk_tail`` the output norm runs in
     token chunks."""
     name = type(model).__name__
-    if config.training or config.schedule != "two_pass":
-        raise ValueError(f"{name}'s blocks are streamed (Sana's FeedForward convolves neighbouring tokens): forwards "
-                         f"only, in the one schedule; got training={config.training}, schedule={config.schedule!r}")
+    if config.schedule != "two_pass":
+        raise ValueError(f"{name}'s blocks are streamed (Sana's FeedForward convolves neighbouring tokens), in the one "
+                         f"schedule; got schedule={config.schedule!r}")
     report = SequenceChunkingReport(name, config.num_chunks, "memopt.hooks._streamed_blocks (streamed bands)")
     with removed_on_error(model):
+        blocks = []
         for index, block in enumerate(model.get_submodule(streamed.blocks)):
             path = f"{streamed.blocks}.{index}"
             reason = streaming_refusal(block)
             if reason is not None:
                 report.skipped.append((path, reason))
                 continue
-            hook = StreamedBlockHook(path, config.num_chunks, config.inplace, SEQUENCE_BLOCK_HOOK)
+            hook = StreamedBlockHook(path, config.num_chunks, config.inplace, SEQUENCE_BLOCK_HOOK, config.training,
+                                     config.saved_inputs)
             register_memopt_hook(block, hook, SEQUENCE_BLOCK_HOOK)
             report.blocks.append(path)
+            blocks.append(block)
         if not report.blocks:
             raise ValueError(f"no block of {name} can stream:\n{report}")
         if config.chunk_tail and streamed.norm is not None:
             norm = model.get_submodule(streamed.norm)
             register_memopt_hook(norm, ChunkedNormHook(config.num_chunks), SEQUENCE_TAIL_HOOK)
             report.tail = f"{streamed.norm} (token chunks)"
+        if config.training:
+            register_memopt_hook(model, SequenceTrainingHook(blocks, config.saved_inputs), SEQUENCE_TRAINING_HOOK)
     return report
