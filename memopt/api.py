@@ -15,7 +15,9 @@ What :func:`apply_memory_optimizations` does with each component of a ``Diffusio
   be simulated runs as placed, with a warning, instead of failing the pipeline.
 * **text and image encoders** (transformers models): resident when everything fits easily, else offloaded whole
   (onloaded for their one forward per prompt), else offloaded layer by layer (leaf-level group offloading).
-* **the VAE**: diffusers' tiled (and sliced) decoding, resident.
+* **the VAE**: diffusers' tiled (and sliced) encoding and decoding, resident. Tiles are blended, so above the tile
+  size decoded pixels, and the latents of an encoded conditioning image or video (image-to-video, editing), differ
+  slightly from an untiled VAE's: the one technique here that is not exact (``vae_tiling=False`` keeps them so).
 * anything else small stays on the device.
 
 Without CUDA nothing is moved (offloading is skipped with a message) and chunking is still planned and applied.
@@ -331,7 +333,11 @@ def apply_memory_optimizations(
         height, width, num_frames: plan now for this generation size (a family memopt knows is needed); by default
             each denoiser is planned at its first forward, from the shapes it is called with.
         batch_size: the denoiser's batch for ``height``/``width`` planning (2 for pipelines that batch CFG).
-        vae_tiling: turn on the VAE's tiled/sliced decoding.
+        vae_tiling: turn on the VAE's tiled/sliced decoding (and encoding: diffusers' flag covers both). Not exact
+            above the tile size: decoded pixels, and the latents of a conditioning image or video the pipeline
+            encodes, differ slightly from an untiled VAE's (Wan image-to-video at 256x448: latents rel err 2.9e-3,
+            as with diffusers' own ``enable_tiling``). ``False`` keeps every output identical to the unoptimized
+            pipeline's.
         training: plan the denoisers for training steps (the forward with autograd, then ``loss.backward()``) instead
             of forwards: the planner chooses, by a simulated step, the fastest of the unmodified model, diffusers'
             gradient checkpointing and memopt's sequence chunks recomputed chunk by chunk in the backward
@@ -407,6 +413,10 @@ def apply_memory_optimizations(
                 tiling = apply_vae_tiling(module)
                 if tiling:
                     entry.action += f"; {tiling}"
+                    if "tiling" in tiling:
+                        plan.messages.append(
+                            f"{name or 'vae'}: tiled encoding and decoding change decoded pixels and encoded "
+                            "conditioning latents slightly above the tile size; vae_tiling=False keeps them exact")
     except BaseException:
         remove_memory_optimizations(pipe_or_model)
         raise

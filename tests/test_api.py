@@ -92,6 +92,7 @@ def test_pipeline_default_budget_same_latents(reference: torch.Tensor) -> None:
     for component in ("vae", "text_encoder", "transformer"):
         assert f"- {component} [" in text
     assert "predicted peak" in text and "no CUDA device" in text
+    assert "vae: tiled encoding and decoding change decoded pixels" in text and "vae_tiling=False" in text
     memopt.remove_memory_optimizations(pipe)
     assert torch.equal(_generate(pipe), reference)
 

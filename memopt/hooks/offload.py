@@ -488,7 +488,9 @@ def apply_vae_tiling(vae: torch.nn.Module) -> str | None:
 
     Tiling decodes overlapping spatial tiles and blends them, which bounds the decoder's activations by the tile size
     instead of the frame size (the VAE decode is the step that runs out of memory at 720p, Wan-Video/Wan2.2#42). The
-    blend makes decoded pixels differ slightly from an untiled decode above the tile size; latents are unaffected.
+    blend makes decoded pixels differ slightly from an untiled decode above the tile size. diffusers' flag tiles the
+    encoder too, so the latents of a conditioning image or video a pipeline encodes (image-to-video, editing) differ
+    likewise, and with them the denoiser's output; a text-to-image or text-to-video pipeline's latents are unaffected.
     Slicing decodes one sample of the batch at a time and is exact.
     """
     if hasattr(vae, _VAE_STATE_ATTR):
