@@ -13,10 +13,12 @@ carried rows, and writes its output over its input: only rows already read, neve
 
 Training (``apply_sequence_chunking(training=True)``): a block recorded by autograd runs the same streamed forward
 without autograd, out of place, saving only its inputs, and its backward recomputes it band by band: the key sums
-again without autograd, made leaves; each band, with one unit of each neighbour for the convolution (computed twice,
-the price of not carrying), run recorded and its output rows back-propagated into the inputs, the parameters and the
-key sums' gradient; then each band's share of the key sums, back-propagated with that gradient. The backward holds
-the block's input and output gradients, one band's activations and the key sums: the block's floor, not its peak.
+again without autograd, made leaves; each band recorded up to the convolution, with the convolution input of the
+units around it as values only (``_StreamedLayout.halo`` of them on either side), its output rows back-propagated into
+the inputs, the parameters and the key sums' gradient together with the gradient that the two neighbour units'
+outputs send into its convolution input (their own parameter gradients are their bands'); then each band's share of
+the key sums, back-propagated with that gradient. The backward holds the block's input and output gradients, one
+band's recorded activations, a few units of values and the key sums.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class _StreamedLayout:
     before: Callable[..., _Band]
     mix: Callable[..., torch.Tensor]
     after: Callable[..., torch.Tensor]
+    halo: int  # units of convolution input beyond a band that its backward reads (see StreamedBlockHook.backward)
 
 
 def _neighbourhood(window: torch.Tensor, keep: slice) -> tuple[torch.Tensor, slice]:
@@ -195,11 +198,16 @@ def _video_after(block: SanaVideoTransformerBlock, residual: torch.Tensor, mixed
 
 
 STREAMED_LAYOUTS: dict[type, _StreamedLayout] = {
-    SanaTransformerBlock: _StreamedLayout(_sana_units, SanaKeySums, _sana_add, _sana_before, _sana_mix, _sana_after),
+    SanaTransformerBlock: _StreamedLayout(_sana_units, SanaKeySums, _sana_add, _sana_before, _sana_mix, _sana_after,
+                                          halo=2),
     SanaVideoTransformerBlock: _StreamedLayout(_video_units, SanaVideoKeySums, _video_add, _video_before, _video_mix,
-                                               _video_after),
+                                               _video_after, halo=1),
 }
-"""Block class -> how it streams. Each stage mirrors the block's forward in diffusers 0.42 line by line."""
+"""Block class -> how it streams. Each stage mirrors the block's forward in diffusers 0.42 line by line. ``halo``:
+Sana's gate follows its depthwise convolution, so the gradient a neighbour row's output sends into a band's convolution
+input depends on the row beyond it too (2); Sana Video's temporal mix and everything after it are linear in the
+convolution input, so that gradient does not depend on any value (1: the next frame's values, for the convolution
+weights' gradient)."""
 
 @dataclass(frozen=True)
 class StreamedModel:
@@ -369,16 +377,47 @@ class StreamedBlockHook(ModelHook):
             rows = slice(start * per_unit, stop * per_unit)
             return gradients.narrow(hidden, 1, rows.start, rows.stop - rows.start), rows
 
-        for start, stop in bands:  # outputs, each band with one unit of either neighbour for the convolution
-            low, high = max(start - 1, 0), min(stop + 1, units)
-            x, rows = banded(low, high)
+        def values(start: int, stop: int) -> _Band | None:
+            """Units ``[start, stop)`` (clipped to the image) up to the convolution, values only."""
+            start, stop = max(start, 0), min(stop, units)
+            if start >= stop:
+                return None
+            rows = slice(start * per_unit, stop * per_unit)
+            with torch.no_grad():
+                return layout.before(block, hidden[:, rows], rows, arguments,
+                                     _with_state(layout.sums(block.attn1), state))
+
+        for start, stop in bands:  # the outputs
+            x, rows = banded(start, stop)
             band = layout.before(block, x, rows, arguments, _with_state(layout.sums(block.attn1), state))
-            mixed = layout.mix(block, band.mixed_input, slice(start - low, stop - low), arguments)
-            finished = slice(start * per_unit, stop * per_unit)
-            out = layout.after(block, band.residual[:, start - low: stop - low], mixed, finished, arguments)
-            del band, mixed, x
-            _backward([out], [grad_output[:, finished]], [*leaves, *state.values()])
-            del out
+            # Convolution input on either side, values only: the band's outputs read one unit beyond it, and the
+            # neighbour units' outputs, which read this band's convolution input, one more (layout.halo).
+            low, high = values(start - layout.halo, start), values(stop, stop + layout.halo)
+            first = max(start - layout.halo, 0)  # the unit the window starts at
+            window = torch.cat([*([low.mixed_input] if low else []), band.mixed_input,
+                                *([high.mixed_input] if high else [])])
+            mixed = layout.mix(block, window, slice(start - first, stop - first), arguments)
+            tensors = [layout.after(block, band.residual, mixed, rows, arguments)]
+            grads = [grad_output[:, rows]]
+            del mixed
+            # The gradient the neighbour units' outputs send into this band's convolution input; their parameter
+            # gradients are their own bands'.
+            neighbours = []
+            for unit, source, offset in ((start - 1, low, first), (stop, high, stop)):
+                if 0 <= unit < units:
+                    unit_rows = slice(unit * per_unit, (unit + 1) * per_unit)
+                    unit_mixed = layout.mix(block, window, slice(unit - first, unit + 1 - first), arguments)
+                    residual = source.residual[:, unit - offset: unit + 1 - offset]
+                    neighbours.append((layout.after(block, residual, unit_mixed, unit_rows, arguments),
+                                       grad_output[:, unit_rows]))
+            if neighbours:
+                (extra,) = torch.autograd.grad([y for y, _ in neighbours], [band.mixed_input],
+                                               [g for _, g in neighbours], retain_graph=True)
+                tensors.append(band.mixed_input)
+                grads.append(extra)
+            del band, low, high, window, neighbours, x
+            _backward(tensors, grads, [*leaves, *state.values()])
+            del tensors, grads
         names = [name for name, leaf in state.items() if leaf.grad is not None]
         for start, stop in bands if names else []:  # the key sums, each band's share with their gradient
             x, rows = banded(start, stop)

@@ -158,9 +158,10 @@ def test_training_lora_adapters_and_refusals():
 
 # Activation growth of a training step (memopt.trace.activation_growth(..., backward=True)), LD per token:
 # unmodified, diffusers' gradient checkpointing (2 blocks: no lower), and memopt's bands at 16 chunks. Sana Video's
-# bands are whole frames (its temporal convolution mixes them), 9 latent frames here: a band and its two neighbour
-# frames are a third of the video.
-STREAMED_TRAINING_GROWTH = {"sana": (47.60, 47.59, 6.98), "sana_video": (50.70, 49.68, 19.95)}
+# bands are whole frames (its temporal convolution mixes them), 9 latent frames here, so a band is a ninth of the
+# video. (Recomputing a neighbour unit on either side with the band, recorded, instead of the convolution input
+# around it as values: Sana 6.98, Sana Video 19.95, where a band and its neighbours are a third of the video.)
+STREAMED_TRAINING_GROWTH = {"sana": (47.60, 47.59, 8.98), "sana_video": (50.70, 49.68, 14.23)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -261,7 +262,7 @@ def test_sana_video_bands_run_their_convolutions_in_the_feedforward_hooks_shards
 
 
 def test_the_training_planner_streams_sana():
-    """60% of the unmodified step's activations: the planner's simulated training steps find the bands."""
+    """3/4 of the unmodified step's activations: the planner's simulated training steps find the bands."""
     import memopt
     from memopt.trace.simulate import training_step as step_only
 
@@ -269,7 +270,7 @@ def test_the_training_planner_streams_sana():
     model.train()
     reference = training_step(model, inputs)
     unmodified = trace_memory(step_only, model, inputs)
-    plan = memopt.apply_memory_optimizations(model, budget=unmodified.baseline_bytes + unmodified.peak_bytes * 6 // 10,
+    plan = memopt.apply_memory_optimizations(model, budget=unmodified.baseline_bytes + unmodified.peak_bytes * 3 // 4,
                                              training=True)
     assert_same_step(training_step(model, inputs), reference)  # planned at this first call
     chunking = plan.components[""].denoiser.chunking
