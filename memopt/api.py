@@ -218,13 +218,14 @@ class PlanForInputsHook(ModelHook):
     itself runs eagerly.
     """
 
-    def __init__(self, owner: Any, plan: MemoryPlan, name: str, offload: OffloadConfig | None) -> None:
+    def __init__(self, owner: Any, plan: MemoryPlan, name: str, offload: OffloadConfig | None,
+                 planned_bytes: int | None = None) -> None:
         super().__init__()
         self.owner = owner
         self.plan = plan
         self.name = name
         self.offload = offload
-        self.planned_bytes: int | None = None  # the tensor inputs the applied plan was made for
+        self.planned_bytes = planned_bytes  # the tensor inputs the applied plan was made for (None: no plan yet)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.planned_bytes is None or input_bytes(args, kwargs) > self.planned_bytes:
@@ -254,6 +255,8 @@ class PlanForInputsHook(ModelHook):
                 remove_memory_optimizations(self.owner)
                 raise
             # The denoiser is what the budget is about: the pipeline goes on with the ControlNet as placed.
+            if placement(module) is None:  # planning again took the previous plan's placement away
+                component.place(module, self.plan.device)
             component.action += "; not planned: its forward cannot be simulated"
             logger.warning("memopt: %s. The ControlNet runs unchunked; its activations are outside the budget.", error)
             return module.forward(*args, **kwargs)
@@ -402,8 +405,10 @@ def apply_memory_optimizations(
     try:
         for name, module in components.items():
             entry = plan.components[name]
-            if name in explicit:
+            if name in explicit:  # planned now; planned again at a call with larger inputs than those simulated
+                hook = PlanForInputsHook(pipe_or_model, plan, name, entry.offload, explicit[name].input_bytes)
                 _apply_denoiser_plan(module, entry, explicit[name])
+                register_memopt_hook(module, hook, PLAN_HOOK)
                 continue
             entry.place(module, device)
             if name in denoisers:

@@ -120,8 +120,21 @@ def test_plan_for_a_given_size_is_made_at_once(reference: torch.Tensor) -> None:
                                              batch_size=2)
     denoiser = plan.components["transformer"].denoiser
     assert denoiser is not None and not denoiser.chunking.is_empty
-    assert pipe.transformer._diffusers_hook.get_hook(PLAN_HOOK) is None
     assert _rel(_generate(pipe), reference) <= 1e-5
+    assert plan.components["transformer"].denoiser is denoiser  # the pipeline's inputs are those planned for
+    memopt.remove_memory_optimizations(pipe)
+
+
+def test_plan_for_a_given_size_is_made_again_for_a_larger_batch(reference: torch.Tensor) -> None:
+    """Planned for batch 1 while the pipeline batches its guidance (batch 2): planned again at the first call."""
+    pipe = _pipeline()
+    plan = memopt.apply_memory_optimizations(pipe, budget=_budget_needing_chunking(pipe), height=HEIGHT, width=WIDTH,
+                                             num_frames=FRAMES)
+    first = plan.components["transformer"].denoiser
+    assert first.shapes["hidden_states"][0] == 1
+    assert _rel(_generate(pipe), reference) <= 1e-5
+    second = plan.components["transformer"].denoiser
+    assert second is not first and second.shapes["hidden_states"][0] == 2
     memopt.remove_memory_optimizations(pipe)
 
 
