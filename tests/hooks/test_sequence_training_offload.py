@@ -27,8 +27,9 @@ from memopt.trace.simulate import training_step
 
 from _tiny_cases import SIZES  # noqa: E402
 
-# CogVideoX's top-level group holds a LayerNorm with weights (norm_final) whose backward reads them.
-FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox"]
+# CogVideoX's top-level group holds a LayerNorm with weights (norm_final) whose backward reads them; Sana's blocks
+# stream (memopt.hooks._streamed_blocks), with their own banded backward.
+FAMILIES = ["wan", "flux", "hunyuanvideo", "cogvideox", "sana", "sana_video"]
 
 
 def _tensors(group) -> list[torch.Tensor]:
@@ -80,7 +81,7 @@ def _build(family: str, batch_size: int = 2) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     spec = get_family(family)
     model = spec.build("tiny").train()
-    size = SIZES[family]
+    size = SIZES.get(family) or spec.size("tiny")
     inputs = spec.make_inputs(model.config, batch_size=batch_size, height=size.height, width=size.width,
                               num_frames=size.num_frames, masked=True)
     return model, inputs
