@@ -200,19 +200,24 @@ class _RecomputedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: _Call = ctx.call
-        if not torch.autograd._is_checkpoint_valid():
-            raise RuntimeError(
-                f"{call.hook.path}: sequence chunking with training=True accumulates parameter gradients with a "
-                "backward inside the backward (like reentrant checkpointing): use loss.backward() without `inputs`, "
-                "not torch.autograd.grad"
-            )
-        grad_output = call.rebuild_output(grads)
-        # Group-offloaded, the block's weights went back to the host when its forward returned.
-        with onloaded(call.module), torch.enable_grad(), _autocast(ctx.autocast):
-            gradients = InputGradients(ctx.saved_tensors, ctx.needs_input_grad[2:])
-            with gradients:
-                call.hook.chunked_backward(call.module, call.arguments(gradients.inputs), grad_output)
+        with recomputing(call.hook.path, call.module, ctx) as gradients, gradients:
+            call.hook.chunked_backward(call.module, call.arguments(gradients.inputs), call.rebuild_output(grads))
         return (None, None, *gradients.gradients())
+
+
+@contextlib.contextmanager
+def recomputing(path: str, module: torch.nn.Module, ctx: Any) -> Iterator["InputGradients"]:
+    """Where a block's chunked backward runs, from inside a ``torch.autograd.Function``'s backward whose forward
+    saved the block's input tensors (after two non-tensor arguments) and the autocast state: autograd recording,
+    the forward's autocast, the block's weights onloaded (group-offloaded, they went back to the host when its
+    forward returned); yields the inputs' :class:`InputGradients`."""
+    if not torch.autograd._is_checkpoint_valid():
+        raise RuntimeError(
+            f"{path}: sequence chunking with training=True accumulates parameter gradients with a backward inside the "
+            "backward (like reentrant checkpointing): use loss.backward() without `inputs`, not torch.autograd.grad"
+        )
+    with onloaded(module), torch.enable_grad(), _autocast(ctx.autocast):
+        yield InputGradients(ctx.saved_tensors, ctx.needs_input_grad[2:])
 
 
 class InputGradients:

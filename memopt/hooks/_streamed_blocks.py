@@ -37,9 +37,8 @@ from diffusers.models.transformers.transformer_sana_video import SanaVideoTransf
 
 from ._common import HOOK_PREFIX, call_inside, hooks_inside
 from ._linear_attention import LINEAR_ATTENTION, SanaKeySums, SanaVideoKeySums, token_rows
-from ._sequence_backward import InputGradients, SavedOnHost, _autocast, _autocast_state, _backward, _refuse_dropout
+from ._sequence_backward import InputGradients, SavedOnHost, _autocast_state, _backward, _refuse_dropout, recomputing
 from .feedforward import sharded_convolutions, split_sizes
-from .offload import onloaded
 
 logger = logging.getLogger(__name__)
 
@@ -462,15 +461,7 @@ class _RecomputedBands(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: _StreamedCall = ctx.call
-        if not torch.autograd._is_checkpoint_valid():
-            raise RuntimeError(
-                f"{call.hook.path}: sequence chunking with training=True accumulates parameter gradients with a "
-                "backward inside the backward (like reentrant checkpointing): use loss.backward() without `inputs`, "
-                "not torch.autograd.grad"
-            )
-        # Group-offloaded, the block's weights went back to the host when its forward returned.
-        with onloaded(call.block), torch.enable_grad(), _autocast(ctx.autocast):
-            gradients = InputGradients(ctx.saved_tensors, ctx.needs_input_grad[2:])
+        with recomputing(call.hook.path, call.block, ctx) as gradients:
             call.hook.backward(call.block, call.arguments(gradients.inputs), grad_output, gradients)
         return (None, None, *gradients.gradients())
 
