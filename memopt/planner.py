@@ -972,7 +972,9 @@ def plan_denoiser(
         placements.append(None)
     if offload is not None and movable:
         placements.append(offload)
-    floors = [fixed_bytes(placement) + floor_bytes(model, placement)[0] for placement in placements]
+    phases = ["before", "after", *block_lists(model)]
+    floors = [fixed_bytes(placement) + max(phase_weights(groups, placement, phases).values())
+              for placement in placements]
     if floors and min(floors) >= budget_bytes:  # chunking cannot help: say so rather than simulate
         placement = placements[floors.index(min(floors))]
         raise BudgetError(_below_floor(model, budget_bytes, placement, {

@@ -207,6 +207,18 @@ def _text_mask(batch: int, tokens: int, masked: bool, device: torch.device) -> t
     return mask
 
 
+def _caption_inputs(config: Any, batch: int, text_tokens: int, dtype: torch.dtype, device: torch.device,
+                    generator: torch.Generator, masked: bool) -> Inputs:
+    """The PixArt lineage's (PixArt, Allegro, Sana) caption states ``caption_channels`` wide with their 0/1 mask, and
+    the integer timestep 999 per sample."""
+    return {
+        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "caption_channels"), dtype=dtype,
+                                        device=device),
+        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
+        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+    }
+
+
 def _glyph_mask(batch: int, tokens: int, masked: bool, device: torch.device) -> torch.Tensor:
     """The byT5 glyph-token mask (HunyuanVideo 1.5, HunyuanImage 2.1): ``masked`` pads the last half out (prompts
     rarely quote much text)."""

@@ -14,12 +14,12 @@ from ._spec import (
     FamilySpec,
     Inputs,
     Size,
+    _caption_inputs,
     _cfg,
     _cfg_or,
     _check_divisible,
     _image_tokens,
     _randn,
-    _text_mask,
 )
 
 
@@ -45,10 +45,7 @@ def _pixart_inputs(config, batch, size, text_tokens, dtype, device, generator, m
     return {
         "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 8, size.width // 8,
                                 dtype=dtype, device=device),
-        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "caption_channels"), dtype=dtype,
-                                        device=device),
-        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
-        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        **_caption_inputs(config, batch, text_tokens, dtype, device, generator, masked),
         "added_cond_kwargs": added,
     }
 
@@ -92,10 +89,7 @@ def _allegro_inputs(config, batch, size, text_tokens, dtype, device, generator, 
     return {
         "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), _allegro_latent_frames(size.num_frames),
                                 size.height // 8, size.width // 8, dtype=dtype, device=device),
-        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "caption_channels"), dtype=dtype,
-                                        device=device),
-        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
-        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        **_caption_inputs(config, batch, text_tokens, dtype, device, generator, masked),
         "image_rotary_emb": _allegro_rotary(config, size, device),
     }
 

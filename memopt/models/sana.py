@@ -6,9 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
-from ._spec import FamilySpec, Inputs, Size, _cfg, _check_divisible, _latent_frames, _randn, _text_mask
+from ._spec import FamilySpec, Inputs, Size, _caption_inputs, _cfg, _check_divisible, _latent_frames, _randn
 
 # Sana's tiny configs: width 32 (2 heads x 16), RMS-normed queries and keys (Sana 1.5 and Sana Video), cross-attention
 # to 24-wide captions projected to the width.
@@ -23,10 +21,7 @@ def _sana_inputs(config, batch, size, text_tokens, dtype, device, generator, mas
     return {
         "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), size.height // 32, size.width // 32,
                                 dtype=dtype, device=device),
-        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "caption_channels"), dtype=dtype,
-                                        device=device),
-        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
-        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        **_caption_inputs(config, batch, text_tokens, dtype, device, generator, masked),
     }
 
 
@@ -41,10 +36,7 @@ def _video_inputs(config, batch, size, text_tokens, dtype, device, generator, ma
     return {
         "hidden_states": _randn(generator, batch, _cfg(config, "in_channels"), _latent_frames(size.num_frames, 4),
                                 size.height // 8, size.width // 8, dtype=dtype, device=device),
-        "encoder_hidden_states": _randn(generator, batch, text_tokens, _cfg(config, "caption_channels"), dtype=dtype,
-                                        device=device),
-        "encoder_attention_mask": _text_mask(batch, text_tokens, masked, device),
-        "timestep": torch.full((batch,), 999, dtype=torch.long, device=device),
+        **_caption_inputs(config, batch, text_tokens, dtype, device, generator, masked),
     }
 
 
