@@ -23,8 +23,9 @@ How a plan is made (:func:`plan_denoiser`):
    cannot hide behind a block's compute. It is a model for *ranking* plans; ``benchmarks/gpu_pipeline.py`` measures.
 5. **Choice**: among (resident | offloaded) x (no chunking, FeedForward shards, sequence chunks, both), the plan that
    fits the budget with the least predicted time. Memory falls monotonically with the chunk count, so each series is
-   walked upwards until it fits. If nothing fits, :class:`BudgetError` says the smallest peak memopt can reach and
-   what dominates it.
+   walked upwards until it fits, or until its savings, halving with each doubling, can no longer reach the budget
+   (:data:`SAVING_MARGIN`). If nothing fits, :class:`BudgetError` says the smallest peak simulated, where more chunks
+   would level out, and what dominates it.
 6. **Training** (``training=True``): the same for one training step (forward with autograd, then backward), among
    the unmodified model, diffusers' gradient checkpointing and memopt's sequence chunks with their chunked
    recomputation; offloaded (only where the resident model does not fit), memopt's chunks alone, whose blocks onload
@@ -102,6 +103,13 @@ LOCKSTEP_SERIES = (4, 8, 16)
 """Lock-step holds every chunk's pre-attention state at once, so more chunks lower its peak little (Wan: 7.2 LD per
 token at 32 chunks) while each costs a simulation: it is tried at a few counts."""
 SEQUENCE_FEEDFORWARD_SERIES = (2, 4, 8)
+SAVING_MARGIN = 2
+"""Along a series (counts doubling) chunking divides the chunked part of a peak by the count, so each doubling saves
+half of what the one before saved and all further doublings together save at most the last saving. A series stops
+where even ``SAVING_MARGIN`` times that (room for peaks falling slower than 1/count) leaves its peak over the budget:
+Wan2.1-14B at 720p offloaded, asked for 2.1 GiB, stops at 4 sequence chunks (5.88 GiB after savings of 1.82 GiB from
+2, then 0.91 GiB, ... down to 4.18 GiB at 64) instead of simulating 8 to 64 chunks, 23 of the 32 s it took to say that
+nothing fits."""
 SEQUENCE_FEEDFORWARD_CHUNKS = 4
 """FeedForward shards combined with a few sequence chunks, where one chunk's FF intermediate can still be the largest
 tensor of a block (with more chunks it is small anyway, and the shards would only add ops)."""
@@ -737,7 +745,7 @@ def estimate_time(estimate: Estimate, profile: DeviceProfile, groups: OffloadGro
 
 # ------------------------------------------------------------------------------------------------ plans
 class BudgetError(ValueError):
-    """Nothing memopt can do fits the budget; the message says the smallest reachable peak and what dominates it."""
+    """Nothing memopt can do fits the budget; the message says the smallest peak simulated and what dominates it."""
 
 
 class UnplannableError(BudgetError):
@@ -941,7 +949,7 @@ def plan_denoiser(
             weights, so the device holds the top level's and one group's.
 
     Raises:
-        BudgetError: no option fits; the message names the smallest reachable peak and what dominates it, or,
+        BudgetError: no option fits; the message names the smallest peak simulated and what dominates it, or,
             where the weights that must be on the device and the inputs already exceed ``budget``, that floor.
     """
     start = time.perf_counter()
@@ -989,6 +997,7 @@ def plan_denoiser(
         return cache[chunking]
 
     considered: list[Option] = []
+    reachable: list[int] = []  # where the series stopped early would level out (their last peak less its last saving)
 
     def something_fits() -> bool:
         return any(option.peak_bytes <= budget_bytes for option in considered)
@@ -1031,8 +1040,12 @@ def plan_denoiser(
                     fits and not (chunking.sequence_chunks or chunking.feedforward_chunks or chunking.attention_chunk))
                 if fits and chunking.sequence_chunks and chunking.schedule == "two_pass":
                     two_pass_fits.append(chunking.sequence_chunks)
-                if fits or (previous and option.peak_bytes >= previous.peak_bytes):
-                    break  # fits, or more chunks of this kind stopped lowering the peak
+                if fits:
+                    break
+                saving = previous.peak_bytes - option.peak_bytes if previous else None
+                if saving is not None and option.peak_bytes - SAVING_MARGIN * max(saving, 0) > budget_bytes:
+                    reachable.append(option.peak_bytes - max(saving, 0))
+                    break  # more chunks of this kind cannot lower the peak to the budget (SAVING_MARGIN)
                 previous = option
             # Stop when the weights alone do not fit this placement (chunking cannot help), or when nothing needs
             # chunking: chunking never lowers the predicted time (it adds FLOPs and ops, and under offloading the
@@ -1047,7 +1060,7 @@ def plan_denoiser(
                                              if chunking.is_empty)
         raise (UnplannableError if unplannable else BudgetError)(_nothing_fits(
             model, budget_bytes, considered, groups, inputs, other_resident_bytes, cache,
-            device_gradients(offload if movable else None)))
+            device_gradients(offload if movable else None), min(reachable, default=None)))
     # Within 1% of the fastest (the time model's resolution), prefer fewer hooks, then the lower peak.
     fastest = min(option.time_s for option in fitting)
     best = min((option for option in fitting if option.time_s <= 1.01 * fastest),
@@ -1072,7 +1085,9 @@ def _placed(chunking: Chunking, placement: OffloadConfig | None) -> Chunking:
 
 
 def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option], groups: OffloadGroups, inputs: int,
-                  other: int, cache: dict[Chunking, Estimate], gradients: int) -> str:
+                  other: int, cache: dict[Chunking, Estimate], gradients: int, reachable: int | None = None) -> str:
+    """Why nothing fits: the lowest peak simulated and what dominates it, or why nothing could be simulated.
+    ``reachable``: the lowest peak the series that stopped early would level out at (see :data:`SAVING_MARGIN`)."""
     name = type(model).__name__
     failed: dict[str, list[str]] = {}  # why a chunking could not be simulated -> the chunkings, in order
     for chunking, estimate in cache.items():
@@ -1109,10 +1124,12 @@ def _nothing_fits(model: torch.nn.Module, budget: int, considered: list[Option],
     # the supported-class list of a missing sequence plan helps a direct call, not this summary
     reasons = [error.split("; supported: ")[0] + "." if "; supported: " in error else error for error in failed]
     unavailable = f" Not available for this model: {'; '.join(reasons)}" if failed else ""
-    return (f"{name}: nothing fits the budget of {format_bytes(budget)}. The smallest peak memopt can reach is "
+    further = (f" More chunks would lower it to about {format_bytes(reachable)} at best, still over the budget."
+               if reachable is not None and reachable < best.peak_bytes else "")
+    return (f"{name}: nothing fits the budget of {format_bytes(budget)}. The smallest peak memopt simulated is "
             f"{format_bytes(best.peak_bytes)} ({best.placement}, {best.chunking.describe()}): {breakdown}. "
-            f"It is dominated by {dominant}.{unavailable} Give a larger budget, or generate at a smaller size or "
-            "batch.")
+            f"It is dominated by {dominant}.{further}{unavailable} Give a larger budget, or generate at a smaller "
+            "size or batch.")
 
 
 def _below_floor(model: torch.nn.Module, budget: int, placement: OffloadConfig | None, fixed: dict[str, int]) -> str:

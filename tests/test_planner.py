@@ -165,7 +165,15 @@ def test_resident_when_it_fits() -> None:
     assert plan.offload is not None
 
 
-def test_nothing_fits_says_the_smallest_peak_and_what_dominates() -> None:
+def test_nothing_fits_says_the_smallest_peak_and_what_dominates(monkeypatch) -> None:
+    """A series whose savings (halving per doubling) cannot reach the budget stops early and says where it levels."""
+    from memopt import planner
+
+    simulated = []
+    simulate = planner.simulate_chunking
+    monkeypatch.setattr(planner, "simulate_chunking",
+                        lambda model, args, kwargs, chunking, **kw: simulated.append(chunking.sequence_chunks)
+                        or simulate(model, args, kwargs, chunking, **kw))
     spec = get_family("wan")
     model = spec.build("tiny")
     inputs = spec.make_inputs(model.config, batch_size=1)
@@ -173,10 +181,12 @@ def test_nothing_fits_says_the_smallest_peak_and_what_dominates() -> None:
         unmodified = trace_memory(model, **inputs)
     with pytest.raises(BudgetError) as error:
         plan_denoiser(model, (), inputs, budget=unmodified.baseline_bytes + 64, device="cpu",
-                      series=[[Chunking()], [Chunking(sequence_chunks=2), Chunking(sequence_chunks=4)]])
+                      series=[[Chunking()], [Chunking(sequence_chunks=n) for n in (2, 4, 8, 16)]])
     message = str(error.value)
-    assert "nothing fits the budget" in message and "smallest peak memopt can reach" in message
+    assert "nothing fits the budget" in message and "smallest peak memopt simulated" in message
     assert "dominated by weights on the device (the whole model)" in message
+    assert simulated == [0, 2, 4]
+    assert "More chunks would lower it to about " in message
 
 
 def test_a_budget_below_the_offloaded_weights_is_refused_without_simulating(monkeypatch) -> None:
