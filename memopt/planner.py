@@ -589,13 +589,15 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
         # A hook that does not support this model (NotImplementedError, ValueError, TypeError), or a lock-step
         # refusal (a RuntimeError: a shared output modified in place while chunks are suspended); any other
         # RuntimeError is a fault, not a reason to try another chunking.
+        operator = re.search(r"no rule registered for HigherOrderOperator (\w+)", str(error))
+        if operator:  # flex attention: the model's own (Kandinsky 6 SR's NABLA, AnyFlow-FAR's block mask) or a
+            # backend set with set_attention_backend("flex"), whose failure sequence chunking re-raises, naming the block
+            return Estimate(chunking, error=f"the forward of {type(model).__name__} calls the higher-order operator "
+                                            f"{operator.group(1)} (its own code or an attention backend set to it), "
+                                            "which memopt's memory tracer cannot simulate")
         lockstep_refusal = chunking.schedule == "lockstep"
         if isinstance(error, RuntimeError) and not isinstance(error, NotImplementedError) and not lockstep_refusal:
             raise
-        operator = re.search(r"no rule registered for HigherOrderOperator (\w+)", str(error))
-        if operator:  # the model's own forward: flex attention (Kandinsky 6 SR's NABLA, AnyFlow-FAR's block mask)
-            return Estimate(chunking, error=f"the forward of {type(model).__name__} calls the higher-order operator "
-                                            f"{operator.group(1)}, which memopt's memory tracer cannot simulate")
         return Estimate(chunking, error=f"{type(error).__name__}: {error}")
     finally:
         for copy in built:
@@ -654,8 +656,10 @@ def _mirror_construction(copy: torch.nn.Module, model: torch.nn.Module) -> None:
     Attention processors set on the model (a pipeline installing the only processor that handles its grouped-query
     heads, as DreamLite's UNet does; an attention backend set on the processors) are shared with the copy when they
     hold no weights (an IP-Adapter processor's weights are the model's own tensors: such a copy runs its default).
-    Submodules attached after construction (Z-Image's ControlNet takes its embedders and refiners from the transformer
-    with ``from_transformer``) cannot be rebuilt from the config: refused, naming them.
+    Fused projections (``fuse_qkv_projections()``: ``to_qkv`` / ``to_added_qkv`` built from the separate ones, which
+    the fused processors read) are fused on the copy too. Submodules attached after construction (Z-Image's ControlNet
+    takes its embedders and refiners from the transformer with ``from_transformer``) cannot be rebuilt from the
+    config: refused, naming them.
     """
     attached = [name for name, child in model.named_children() if getattr(copy, name, None) is None]
     if attached:
@@ -665,6 +669,8 @@ def _mirror_construction(copy: torch.nn.Module, model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         processor = getattr(module, "processor", None)
         target = copied.get(name)
+        if getattr(module, "fused_projections", False) and target is not None and not target.fused_projections:
+            target.fuse_projections()
         if processor is None or target is None or not hasattr(target, "set_processor"):
             continue
         if not (isinstance(processor, torch.nn.Module) and any(True for _ in processor.parameters())):

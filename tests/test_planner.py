@@ -189,6 +189,45 @@ def test_nothing_fits_says_the_smallest_peak_and_what_dominates(monkeypatch) -> 
     assert "More chunks would lower it to about " in message
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux", "cogvideox"])
+def test_fused_projections_are_simulated_fused(family: str) -> None:
+    """``fuse_qkv_projections()`` builds ``to_qkv`` (and ``to_added_qkv``) after construction and switches to fused
+    processors; the planner's copy, built from the config, is fused too (before, those processors found no ``to_qkv``
+    on it: an AttributeError at the first forward). The plan fits the traced peak and is exact."""
+    spec = get_family(family)
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2)
+    model.fuse_qkv_projections()
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        unmodified = trace_memory(model, **inputs)
+    budget = unmodified.baseline_bytes + int(0.85 * unmodified.peak_bytes)
+    plan = plan_denoiser(model, (), inputs, budget=budget, device="cpu")
+    assert not plan.chunking.is_empty
+    plan.apply(model)
+    with torch.no_grad():
+        out = model(**inputs)[0]
+        traced = trace_memory(model, **inputs)
+    remove_memopt_hooks(model)
+    assert traced.baseline_bytes + traced.peak_bytes <= budget
+    assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
+
+
+def test_a_flex_attention_backend_is_refused_by_name() -> None:
+    """``set_attention_backend("flex")`` runs a higher-order operator the tracer cannot simulate; under sequence chunks
+    its failure came back wrapped in the chunked block's RuntimeError, which the planner raised as a fault. Now the
+    planner refuses the model, naming the operator."""
+    from memopt.planner import UnplannableError
+
+    spec = get_family("wan")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=1)
+    model.set_attention_backend("flex")
+    with pytest.raises(UnplannableError, match="calls the higher-order operator flex_attention .*attention backend"):
+        plan_denoiser(model, (), inputs, budget="1GiB", device="cpu")
+    assert "flex_attention" in simulate_chunking(model, (), inputs, Chunking(sequence_chunks=2)).error
+
+
 def test_a_budget_below_the_offloaded_weights_is_refused_without_simulating(monkeypatch) -> None:
     """Wan2.1-14B offloaded by blocks still needs two blocks and the top level on the device (1.79 GiB): a 1 GiB
     budget is refused by that floor, not by a "smallest reachable peak" of the one option simulated."""
