@@ -60,7 +60,7 @@ from typing import Any, Callable
 import torch
 from diffusers.hooks import ModelHook
 
-from .hooks._common import has_memopt_hooks, register_memopt_hook, remove_memopt_hooks
+from .hooks._common import has_memopt_hooks, register_memopt_hook, remove_hook, remove_memopt_hooks
 from .hooks.offload import (
     OffloadConfig,
     apply_offloading,
@@ -234,7 +234,16 @@ class PlanForInputsHook(ModelHook):
 
     @torch.compiler.disable
     def _plan_and_run(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        module._diffusers_hook.remove_hook(PLAN_HOOK, recurse=False)
+        registry = module._diffusers_hook
+        outer = registry._hook_order[registry._hook_order.index(PLAN_HOOK) + 1:]
+        stateful = [name for name in outer if registry.hooks[name]._is_stateful]
+        if stateful:
+            # Planned, the call goes through the whole chain again (its hooks rebuilt): these would count it twice.
+            raise ValueError(
+                f"{self.name or type(module).__name__} got the hooks {stateful} (a step cache: model.enable_cache) "
+                "after apply_memory_optimizations, which plans at the first forward and would run them twice; call "
+                "memopt.remove_memory_optimizations, then apply_memory_optimizations after enabling the cache")
+        remove_hook(module, PLAN_HOOK)
         component = self.plan.components[self.name]
         if self.planned_bytes is not None:  # the old plan's hooks go, and its placement (weights back where they were)
             logger.info("memopt: %s gets larger inputs than planned for (%s > %s): planning again",

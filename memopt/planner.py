@@ -70,7 +70,7 @@ from torch.utils.flop_counter import (
     shape_wrapper,
 )
 
-from .hooks._common import remove_memopt_hooks
+from .hooks._common import remove_memopt_hooks, step_cache_hooks
 from .hooks._linear_attention import has_linear_attention
 from .hooks.offload import OffloadConfig, OffloadGroups, apply_offloading, module_bytes, offload_groups, place_on
 
@@ -998,9 +998,14 @@ def plan_denoiser(
             "the CUDA runtime's workspaces": runtime_overhead_bytes}))
     cache: dict[Chunking, Estimate] = {}
 
+    caches = step_cache_hooks(model)
+
     def estimate(chunking: Chunking) -> Estimate:
         if chunking not in cache:
-            cache[chunking] = simulate_chunking(model, args, kwargs, chunking, dtype=dtype, round_to=round_to)
+            cache[chunking] = (
+                Estimate(chunking, error=f"sequence chunking does not run under diffusers' step caches ({caches[0]})")
+                if caches and chunking.sequence_chunks else
+                simulate_chunking(model, args, kwargs, chunking, dtype=dtype, round_to=round_to))
         return cache[chunking]
 
     considered: list[Option] = []

@@ -38,6 +38,62 @@ def register_memopt_hook(module: torch.nn.Module, hook: ModelHook, name: str) ->
     registry.register_hook(hook, name)
 
 
+def remove_hook(module: torch.nn.Module, name: str) -> None:
+    """Remove the hook ``name`` from ``module``, keeping the hooks around it running.
+
+    ``HookRegistry.remove_hook`` splices a hook out by pointing the next outer hook's ``fn_ref.forward`` at what the
+    removed one called. For an outer hook with a ``new_forward`` of its own (diffusers' step caches: First Block
+    Cache, FasterCache, Pyramid Attention Broadcast ...) that field holds the ``new_forward``, and the chain below is
+    its ``original_forward``: the outer hook silently stopped running (FasterCache enabled after
+    ``apply_memory_optimizations`` became a no-op when the plan hook removed itself at the first forward). The same
+    removal under a memopt hook (``disable_cache()`` after memopt) leaves that hook's ``original_forward`` on the
+    removed wrapper, which removing the memopt hook then reinstated: the cache ran on, with no hook registered.
+    """
+    registry = module._diffusers_hook
+    index = registry._hook_order.index(name)
+    hook, fn_ref = registry.hooks[name], registry._fn_refs[index]
+    if fn_ref.original_forward is not None and getattr(fn_ref.forward, "func", None) != hook.new_forward:
+        fn_ref.original_forward = fn_ref.forward  # overwritten by a removal below it: the chain below is there now
+    outer = registry._fn_refs[index + 1] if index + 1 < len(registry._fn_refs) else None
+    outer_forward = outer.forward if outer is not None and outer.original_forward is not None else None
+    registry.remove_hook(name, recurse=False)
+    if outer_forward is not None:
+        outer.original_forward, outer.forward = outer.forward, outer_forward
+
+
+def step_cache_hooks(module: torch.nn.Module, prefix: str = "") -> list[str]:
+    """Hooks under ``module`` (as ``"path: name"``, paths after ``prefix``, the module's own path in its model) that
+    are not memopt's and keep state from one call to the next:
+    diffusers' step caches (First Block Cache, MagCache, SeaCache, Pyramid Attention Broadcast, FasterCache,
+    TaylorSeer, the text K/V cache; ``ModelHook._is_stateful``). They compare, keep or replay whole-sequence
+    outputs of blocks and attention modules across steps, which under sequence chunking would see one chunk per call.
+    """
+    found = []
+    for path, submodule in module.named_modules():
+        registry = getattr(submodule, "_diffusers_hook", None)
+        if registry is not None:
+            where = ".".join(part for part in (prefix, path) if part) or "<model>"
+            found += [f"{where}: {name}" for name in registry._hook_order
+                      if not name.startswith(HOOK_PREFIX) and registry.hooks[name]._is_stateful]
+    return found
+
+
+def refuse_under_step_caches(module: torch.nn.Module, technique: str, path: str | None = None) -> None:
+    """Raise where :func:`step_cache_hooks` finds any under ``module`` (at ``path`` in its model): ``technique``
+    cannot run under them."""
+    caches = step_cache_hooks(module, path or "")
+    if caches:
+        shown = ", ".join(caches[:3]) + (f" and {len(caches) - 3} more" if len(caches) > 3 else "")
+        raise ValueError(
+            f"{path or type(module).__name__} carries diffusers' step-cache hooks ({shown}): they keep whole-sequence "
+            "outputs "
+            f"of blocks and attention modules from one step to the next, which under {technique} would each see one "
+            "chunk of the sequence. memopt's FeedForward and attention chunking run under them exactly "
+            "(memopt.apply_chunked_feedforward, memopt.apply_chunked_attention; memopt.apply_memory_optimizations "
+            "plans without sequence chunks), or disable the cache (model.disable_cache())"
+        )
+
+
 def refuse_if_hooked(modules: list[tuple[str, torch.nn.Module]], name: str, technique: str) -> None:
     """Raise before any module is hooked when one of ``modules`` (``(path, module)`` pairs) already has the hook
     ``name``: applying a technique twice is refused as a whole, never left half-applied."""
@@ -77,7 +133,7 @@ def removed_on_error(module: torch.nn.Module) -> Iterator[None]:
     except BaseException:
         for _, submodule, name in list(iter_memopt_hooks(module)):
             if (id(submodule), name) not in before:
-                submodule._diffusers_hook.remove_hook(name, recurse=False)
+                remove_hook(submodule, name)
         raise
 
 
@@ -89,7 +145,7 @@ def remove_memopt_hooks(module: torch.nn.Module) -> int:
     """Remove every memopt hook under ``module``; return how many were removed."""
     removed = 0
     for _, submodule, hook_name in list(iter_memopt_hooks(module)):
-        submodule._diffusers_hook.remove_hook(hook_name, recurse=False)
+        remove_hook(submodule, hook_name)
         removed += 1
     return removed
 

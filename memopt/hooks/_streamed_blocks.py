@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 from diffusers.models.transformers.transformer_sana_video import SanaVideoTransformerBlock
 
-from ._common import HOOK_PREFIX, call_inside, hooks_inside
+from ._common import HOOK_PREFIX, call_inside, hooks_inside, refuse_under_step_caches
 from ._linear_attention import LINEAR_ATTENTION, SanaKeySums, SanaVideoKeySums, token_rows
 from ._sequence_backward import InputGradients, SavedOnHost, _autocast_state, _backward, _refuse_dropout, recomputing
 from .feedforward import sharded_convolutions, split_sizes
@@ -273,6 +273,7 @@ class StreamedBlockHook(ModelHook):
         self._warned: set[str] = set()
 
     def new_forward(self, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        refuse_under_step_caches(block, "streamed blocks", self.path)  # a cache enabled after memopt
         hidden = self._arguments(block, args, kwargs)["hidden_states"]
         recording = torch.is_grad_enabled() and (
             hidden.requires_grad or any(p.requires_grad for p in block.parameters()))

@@ -49,6 +49,8 @@ from diffusers.hooks import HookRegistry, apply_group_offloading
 from diffusers.hooks.group_offloading import ModuleGroup
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._common import remove_hook
+
 GROUP_OFFLOADING_HOOKS = ("layer_execution_tracker", "lazy_prefetch_group_offloading", "group_offloading")
 """diffusers' hook names for group offloading (``hooks/group_offloading.py``), outermost first."""
 
@@ -360,7 +362,7 @@ def remove_group_offloading_hooks(module: torch.nn.Module) -> None:
             continue
         for name in reversed(list(registry._hook_order)):
             if name in GROUP_OFFLOADING_HOOKS:
-                registry.remove_hook(name, recurse=False)
+                remove_hook(sub, name)
 
 
 def has_group_offloading(module: torch.nn.Module) -> bool:

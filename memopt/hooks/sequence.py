@@ -81,7 +81,7 @@ from ._attention_dispatch import (
     parked_interception,
     release_interception,
 )
-from ._common import HOOK_PREFIX, hooks_inside, register_memopt_hook, removed_on_error
+from ._common import HOOK_PREFIX, hooks_inside, refuse_under_step_caches, register_memopt_hook, removed_on_error
 from ._held_blocks import HeldCall, resolved
 from .offload import offloading_group
 from ._sequence_backward import SequenceTrainingHook, backward_passes, chunk_output_grads, recorded_forward
@@ -373,6 +373,7 @@ class SequenceChunkingHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        refuse_under_step_caches(module, "sequence chunking", self.path)  # a cache enabled after memopt
         model_run: ModelRun | None = running("model_run")
         if model_run is not None and not model_run.tail and self._holds(module):
             output = self._held(module, args, kwargs, model_run)
@@ -1199,8 +1200,9 @@ def apply_sequence_chunking(
         model-level pieces and what runs unchunked (with the reason).
 
     Raises:
-        ValueError: no plan for the model, a plan naming arguments the blocks do not take, no block matched, or
-            ``inplace=True`` for a model that keeps its blocks' outputs.
+        ValueError: no plan for the model, a plan naming arguments the blocks do not take, no block matched,
+            ``inplace=True`` for a model that keeps its blocks' outputs, or diffusers' step caches on the model
+            (First Block Cache, FasterCache, ...; also at a forward, for a cache enabled after this call).
             Hooks already registered by the call are removed again: nothing stays half-applied.
 
     Undo with ``memopt.remove_memory_optimizations(model)``. Under autograd only with ``training=True``. Combines
@@ -1225,6 +1227,7 @@ def apply_sequence_chunking(
         print(((chunked - reference).norm() / reference.norm()).item())   # ~1e-7
         remove_memory_optimizations(model)
     """
+    refuse_under_step_caches(model, "sequence chunking")
     streamed = STREAMED_MODELS.get(type(model).__name__) if plan is None else None
     own_plan = plan is None or plan is SEQUENCE_PLANS.get(type(model).__name__)
     plan = plan if plan is not None or streamed is not None else sequence_plan(model)
