@@ -586,16 +586,16 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
         return Estimate(chunking, error=f"the forward of {type(model).__name__} depends on tensor values "
                                         f"({type(error).__name__}: {error}), so it cannot be simulated")
     except (NotImplementedError, ValueError, TypeError, RuntimeError) as error:
-        # A hook that does not support this model (NotImplementedError, ValueError, TypeError), or a lock-step
-        # refusal (a RuntimeError: a shared output modified in place while chunks are suspended); any other
-        # RuntimeError is a fault, not a reason to try another chunking.
-        operator = re.search(r"no rule registered for HigherOrderOperator (\w+)", str(error))
         # Flex attention: the model's own (Kandinsky 6 SR's NABLA, AnyFlow-FAR's block mask) or a backend set with
         # set_attention_backend("flex"), whose failure sequence chunking re-raises as a RuntimeError naming the block.
+        operator = re.search(r"no rule registered for HigherOrderOperator (\w+)", str(error))
         if operator:
             return Estimate(chunking, error=f"the forward of {type(model).__name__} calls the higher-order operator "
                                             f"{operator.group(1)} (its own code or an attention backend set to it), "
                                             "which memopt's memory tracer cannot simulate")
+        # A hook that does not support this model (NotImplementedError, ValueError, TypeError), or a lock-step
+        # refusal (a RuntimeError: a shared output modified in place while chunks are suspended); any other
+        # RuntimeError is a fault, not a reason to try another chunking.
         lockstep_refusal = chunking.schedule == "lockstep"
         if isinstance(error, RuntimeError) and not isinstance(error, NotImplementedError) and not lockstep_refusal:
             raise

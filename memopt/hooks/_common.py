@@ -62,11 +62,11 @@ def remove_hook(module: torch.nn.Module, name: str) -> None:
 
 
 def step_cache_hooks(module: torch.nn.Module, prefix: str = "") -> list[str]:
-    """Hooks under ``module`` (as ``"path: name"``, paths after ``prefix``, the module's own path in its model) that
-    are not memopt's and keep state from one call to the next:
-    diffusers' step caches (First Block Cache, MagCache, SeaCache, Pyramid Attention Broadcast, FasterCache,
-    TaylorSeer, the text K/V cache; ``ModelHook._is_stateful``). They compare, keep or replay whole-sequence
-    outputs of blocks and attention modules across steps, which under sequence chunking would see one chunk per call.
+    """Hooks under ``module`` that are not memopt's and keep state from one call to the next, as ``"path: name"``
+    (``prefix``: the module's own path in its model): diffusers' step caches (First Block Cache, MagCache, SeaCache,
+    Pyramid Attention Broadcast, FasterCache, TaylorSeer, the text K/V cache; ``ModelHook._is_stateful``). They
+    compare, keep or replay whole-sequence outputs of blocks and attention modules across steps, which under sequence
+    chunking would see one chunk per call.
     """
     found = []
     for path, submodule in module.named_modules():
@@ -86,9 +86,8 @@ def refuse_under_step_caches(module: torch.nn.Module, technique: str, path: str 
         shown = ", ".join(caches[:3]) + (f" and {len(caches) - 3} more" if len(caches) > 3 else "")
         raise ValueError(
             f"{path or type(module).__name__} carries diffusers' step-cache hooks ({shown}): they keep whole-sequence "
-            "outputs "
-            f"of blocks and attention modules from one step to the next, which under {technique} would each see one "
-            "chunk of the sequence. memopt's FeedForward and attention chunking run under them exactly "
+            f"outputs of blocks and attention modules from one step to the next, which under {technique} would each "
+            "see one chunk of the sequence. memopt's FeedForward and attention chunking run under them exactly "
             "(memopt.apply_chunked_feedforward, memopt.apply_chunked_attention; memopt.apply_memory_optimizations "
             "plans without sequence chunks), or disable the cache (model.disable_cache())"
         )
