@@ -213,12 +213,16 @@ def test_fused_projections_are_simulated_fused(family: str) -> None:
     assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
 
 
-def test_a_flex_attention_backend_is_refused_by_name() -> None:
+def test_a_flex_attention_backend_is_refused_by_name(monkeypatch) -> None:
     """``set_attention_backend("flex")`` runs a higher-order operator the tracer cannot simulate; under sequence chunks
     its failure came back wrapped in the chunked block's RuntimeError, which the planner raised as a fault. Now the
     planner refuses the model, naming the operator."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     from memopt.planner import UnplannableError
 
+    # set_attention_backend also sets diffusers' process-wide active backend: restored after the test
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     spec = get_family("wan")
     model = spec.build("tiny")
     inputs = spec.make_inputs(model.config, batch_size=1)
