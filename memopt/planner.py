@@ -1054,10 +1054,11 @@ def plan_denoiser(
                     two_pass_fits.append(chunking.sequence_chunks)
                 if fits:
                     break
-                saving = previous.peak_bytes - option.peak_bytes if previous else None
-                if saving is not None and option.peak_bytes - SAVING_MARGIN * max(saving, 0) > budget_bytes:
-                    reachable.append(option.peak_bytes - max(saving, 0))
-                    break  # more chunks of this kind cannot lower the peak to the budget (SAVING_MARGIN)
+                if previous is not None:
+                    saving = max(previous.peak_bytes - option.peak_bytes, 0)
+                    if option.peak_bytes - SAVING_MARGIN * saving > budget_bytes:
+                        reachable.append(option.peak_bytes - saving)
+                        break  # more chunks of this kind cannot lower the peak to the budget (SAVING_MARGIN)
                 previous = option
             # Stop when the weights alone do not fit this placement (chunking cannot help), or when nothing needs
             # chunking: chunking never lowers the predicted time (it adds FLOPs and ops, and under offloading the
