@@ -114,6 +114,8 @@ BENCH_CONFIGS: dict[str, dict] = {
     "bria_fibo": {"axes_dims_rope": (16, 24, 24)},
     "bria_fibo2": {"dim": 512, "n_heads": 8, "axes_dims": (16, 24, 24), "axes_lens": (1024, 512, 512)},
     "anyflow": {"ffn_dim": 2208},
+    # Ideogram 4 at the release's proportions: text features 11.56x the width, SwiGLU 8 / 3, MRoPE (12, 10, 10).
+    "ideogram4": {"llm_features_dim": 5917, "intermediate_size": 1365, "adaln_dim": 64, "mrope_section": (12, 10, 10)},
 }
 BENCH_TEXT_TOKENS = 64
 # CPU timing sizes, smallest first (about 1k, 2k, 4k and 8k image tokens).
@@ -144,6 +146,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "cosmos": VIDEO_SIZES,
     "motif_video": VIDEO_SIZES,
     "krea2": IMAGE_SIZES,
+    "ideogram4": IMAGE_SIZES,
     "ernie_image": IMAGE_SIZES,
     "lumina2": IMAGE_SIZES,
     "cogview3plus": IMAGE_SIZES,

@@ -715,17 +715,18 @@ def _controlnet() -> Built:
 
 class Case(NamedTuple):
     """One class: its builder, how many FeedForwards apply_chunked_feedforward hooks in the tiny model (0: none it
-    knows, and the report must say why), whether its forward depends on tensor values (the planner cannot
-    simulate it: MoE routing, ``.item()``, boolean indexing, so apply_memory_optimizations fails at the first call),
-    how many of its attention-kernel calls pass flex attention's ``BlockMask`` (chunked attention leaves those
-    to their backend, and the planner cannot trace them either), and whether it has any diffusers ``Attention``
-    module at all (without one, apply_chunked_attention refuses: UNet1DModel's SelfAttention1d computes its own
-    softmax). ``planner_refusal``: part of the message with which the planner refuses the class for another reason
-    at the first call (empty: it plans it, or refuses it as data dependent / flex attention). ``sequence_plan``: a
-    ControlNet made of a planned family's blocks, which memopt chunks with that family's plan (out of place: it
-    returns every block's output); the others are refused. ``convolutional``: its FeedForwards are GLU convolutions,
-    which ``split="sequence"`` skips (their depthwise convolution mixes neighbouring tokens); ``streamed``: its blocks
-    run in sequence chunks streamed (Sana's, :mod:`memopt.hooks._streamed_blocks`): no K/V exchange."""
+    knows, and the report must say why), whether its forward depends on tensor values (the planner cannot simulate
+    it: MoE routing, ``.item()``, boolean indexing, so apply_memory_optimizations fails at the first call), how many
+    of its attention-kernel calls pass flex attention's ``BlockMask`` (chunked attention leaves those to their
+    backend, and the planner cannot trace them either), and whether it has any diffusers ``Attention`` module at all
+    (without one, apply_chunked_attention refuses: UNet1DModel's SelfAttention1d computes its own softmax).
+    ``planner_refusal``: part of the message with which the planner refuses the class for another reason at the first
+    call (empty: it plans it, or refuses it as data dependent / flex attention). ``sequence_plan``: a ControlNet made
+    of a planned family's blocks, which memopt chunks with that family's plan (out of place: it returns every block's
+    output), or a class that has a plan of its own since; the others are refused. ``convolutional``: its FeedForwards
+    are GLU convolutions, which ``split="sequence"`` skips (their depthwise convolution mixes neighbouring tokens);
+    ``streamed``: its blocks run in sequence chunks streamed (Sana's, :mod:`memopt.hooks._streamed_blocks`): no K/V
+    exchange."""
 
     build: Callable[[], Built]
     feedforwards: int
@@ -758,7 +759,8 @@ CASES: dict[str, Case] = {
     "HunyuanDiT2DControlNetModel": Case(_hunyuandit_controlnet, 2, sequence_plan=True),  # one FF per block
     # UNet3D's 9 + the image-latents temporal encoder's gelu FeedForward
     "I2VGenXLUNet": Case(_i2vgen_xl, 10),
-    "Ideogram4Transformer2DModel": Case(_ideogram4, 2),
+    # A family since (memopt.models.ideogram): its plan on this layout (trailing padding, per-sample timesteps).
+    "Ideogram4Transformer2DModel": Case(_ideogram4, 2, sequence_plan=True),
     "Kandinsky3UNet": Case(_kandinsky3, 0),  # feed_forward is a 1x1-conv nn.Sequential: "no FeedForward-like module"
     "Kandinsky6SRTransformer3DModel": Case(_kandinsky6_sr, 1, flex_calls=1),  # NABLA sparse attention only
     # LTX2VideoVaeSwiGLU (w_down(silu(w_gate) * w_up)): 1 + 1 deterministic-stage blocks + 2 diffusion blocks;

@@ -123,6 +123,7 @@ from ._sequence_model import (
     offloaded,
 )
 from ._streamed_blocks import STREAMED_MODELS, ChunkedNormHook, StreamedBlockHook, StreamedModel, streaming_refusal
+from ._token_chain import TokenChain, TokenChainHook, TokenChainPassHook
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ SEQUENCE_SKIP_HOOK = "memopt.sequence.skip"
 SEQUENCE_REPLAY_HOOK = "memopt.sequence.replay"
 SEQUENCE_TRAINING_HOOK = "memopt.sequence.training"
 SEQUENCE_REUSE_HOOK = "memopt.sequence.reuse"
+SEQUENCE_CHAIN_HOOK = "memopt.sequence.chain"
 
 REUSED_INPUTS = 2
 """How many inputs' outputs a :class:`SequenceReuseHook` keeps within one block forward: two serve a module called on
@@ -259,6 +261,7 @@ class SequenceChunkingReport:
         attention: module paths of the attention modules whose K/V are exchanged between chunks.
         tail: ``"<tail module> -> <gather module>"`` when the output head runs in chunks, else ``None``.
         producers: model-level modules whose per-token output is computed per chunk.
+        token_chains: model-level module chains run a token chunk at a time (``SequencePlan.token_chains``).
         held: blocks whose calls are held until their output is used (``BlockPlan.runs_when_used``).
         skipped: ``(module path, reason)`` for blocks and model-level pieces that run unchunked.
     """
@@ -271,6 +274,7 @@ class SequenceChunkingReport:
     attention: list[str] = field(default_factory=list)
     tail: str | None = None
     producers: list[str] = field(default_factory=list)
+    token_chains: list[str] = field(default_factory=list)
     held: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -280,6 +284,8 @@ class SequenceChunkingReport:
             f"({self.schedule}), {len(self.attention)} attention modules exchange K/V (plan: {self.plan_source})",
             f"  output head in chunks: {self.tail or 'no'}; per-chunk producers: {', '.join(self.producers) or 'none'}",
         ]
+        if self.token_chains:
+            lines.append(f"  token chains in chunks: {'; '.join(self.token_chains)}")
         if self.held:
             lines.append(f"  run when their output is used: {', '.join(self.held)}")
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
@@ -1136,6 +1142,16 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
             continue
         register_memopt_hook(module, SequenceProducerHook(path, producer), SEQUENCE_PRODUCER_HOOK)
         report.producers.append(path)
+    for paths in plan.token_chains:
+        modules = [_submodule(model, path) for path in paths]
+        if None in modules:
+            report.skipped.append((paths[modules.index(None)], "token-chain module named in the plan does not exist"))
+            continue
+        chain = TokenChain(paths, config.num_chunks)
+        register_memopt_hook(modules[0], TokenChainHook(chain, modules[1:]), SEQUENCE_CHAIN_HOOK)
+        for position, (path, module) in enumerate(zip(paths[1:], modules[1:]), start=1):
+            register_memopt_hook(module, TokenChainPassHook(chain, path, position), SEQUENCE_CHAIN_HOOK)
+        report.token_chains.append(chain.name)
     gather = plan.gather
     if gather is None:
         cp_plan = getattr(model, "_cp_plan", None) or {}
@@ -1164,7 +1180,8 @@ def _apply_model_level(model: torch.nn.Module, plan: SequencePlan, config: Seque
                 register_memopt_hook(embed, SequenceEmbedHook(), SEQUENCE_EMBED_HOOK)
             else:
                 report.skipped.append((embed_path, "embedding named in the plan does not exist"))
-        special = {*embeds, plan.tail, *gather, *plan.producers}
+        chained = (path for chain in plan.token_chains for path in chain)
+        special = {*embeds, plan.tail, *gather, *plan.producers, *chained}
         for name, child in _called_children(model):
             if name not in special and not any(block is child or _contains(child, block) for block in blocks):
                 register_memopt_hook(child, SequenceReplayHook(), SEQUENCE_REPLAY_HOOK)

@@ -27,6 +27,7 @@ from . import (
     flux,
     hidream,
     hunyuan,
+    ideogram,
     joyimage,
     kandinsky,
     krea,
@@ -51,7 +52,7 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie, joyimage, prx, sana)
+                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie, joyimage, prx, sana, ideogram)
     for spec in module.SPECS
 }
 """Family name -> :class:`FamilySpec`, for every family memopt chunks whole blocks of: a plan in

@@ -77,6 +77,8 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     "motif_video": {"rope_axes_dim": (2, 2, 4)},  # one dual, one encoder single and one decoder block
     # Krea 2: rotary axes summing to 8, the release's 4:1 GQA and SwiGLU ratio 8 / 3, one block.
     "krea2": {"axes_dims_rope": (2, 2, 4), "num_key_value_heads": 4, "intermediate_size": 344, "num_layers": 1},
+    # Ideogram 4: text features 11.56x the width (53248 / 4608, as released), MRoPE sections for head_dim 8, one block.
+    "ideogram4": {"llm_features_dim": 1479, "mrope_section": (1, 1, 1), "intermediate_size": 344, "num_layers": 1},
     # HiDream: one block of each kind fed one Llama layer; rope axes summing to 8.
     "hidream": {"axes_dims_rope": (4, 2, 2), "num_layers": 1, "num_single_layers": 1, "llama_layers": (0, 0),
                 "caption_channels": [32, 32], "text_emb_dim": 32, "patch_size": 2, "in_channels": 4, "out_channels": 4},
@@ -145,6 +147,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "cosmos": (Size(64, 128, 5), Size(128, 256, 5)),
     "motif_video": (Size(64, 128, 5), Size(128, 256, 5)),
     "krea2": (Size(128, 128), Size(256, 256)),
+    "ideogram4": (Size(128, 128), Size(256, 256)),
     "hidream": (Size(128, 128), Size(256, 256)),
     "ernie_image": (Size(128, 128), Size(256, 256)),
     "lumina2": (Size(128, 128), Size(256, 256)),

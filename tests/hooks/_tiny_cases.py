@@ -14,7 +14,8 @@ FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "f
             "auraflow", "pixart", "bria", "framepack", "wan_animate",
             "allegro", "easyanimate", "longcat_image", "ovis_image", "consisid", "cosmos", "motif_video", "krea2",
             "hidream", "ernie_image", "lumina2", "cogview3plus", "latte", "kandinsky6", "joyimage_edit",
-            "joyimage_edit_plus", "bria_fibo", "bria_fibo2", "anyflow", "glm_image", "prx", "hunyuandit", "dit"]
+            "joyimage_edit_plus", "bria_fibo", "bria_fibo2", "anyflow", "glm_image", "prx", "hunyuandit", "dit",
+            "ideogram4"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -68,12 +69,14 @@ SIZES = {
     "bria_fibo": Size(80, 112),  # 35 image + 8 text tokens
     "bria_fibo2": Size(80, 112),  # 35 image tokens + 4 gist tokens (8 text tokens) in the main layers
     "anyflow": Size(48, 80, 9),  # 3 latent frames x 3 x 5 = 45 tokens
+    "ideogram4": Size(80, 112),  # 8 text slots + 35 image tokens in one packed sequence
 }
 
 
 # Families whose plan runs the output head whole (reported as skipped): Latte's last block is a temporal one, whose
-# output the model reshapes back to frames and modulates with a table made from the whole frame count.
-HEAD_RUNS_WHOLE = {"latte"}
+# output the model reshapes back to frames and modulates with a table made from the whole frame count. Ideogram 4's
+# head chunked would keep its text-feature norm's wide output for the replayed model passes.
+HEAD_RUNS_WHOLE = {"latte", "ideogram4"}
 
 
 def chunked_completely(report: Any, family: str) -> bool:

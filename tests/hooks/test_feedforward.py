@@ -61,6 +61,7 @@ SIZES = {
     "cosmos": dict(height=48, width=80, num_frames=9),
     "motif_video": dict(height=48, width=80, num_frames=9),
     "krea2": dict(height=80, width=112),
+    "ideogram4": dict(height=80, width=112),
     "hidream": dict(height=80, width=80),
     "ernie_image": dict(height=80, width=112),
     "lumina2": dict(height=48, width=80),
@@ -98,6 +99,7 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "kandinsky6": 6, "joyimage_edit": 4, "joyimage_edit_plus": 4, "bria_fibo": 2, "bria_fibo2": 4,
                     "anyflow": 2, "glm_image": 4,  # GLM-Image: its glyph and prior projectors, one per block
                     "prx": 0,  # PRX: the MLP is inline in the block's forward
+                    "ideogram4": 2,
                     "hunyuandit": 4, "dit": 2, "sana": 2, "sana_video": 2}
 # Families whose FeedForwards are GLU convolutions: split="sequence" skips them (the convolution mixes neighbours).
 CONVOLUTIONAL = {"sana", "sana_video"}
