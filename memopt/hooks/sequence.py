@@ -27,7 +27,7 @@ once every chunk has arrived, they resume one after another with the full K/V. N
 chunk's pre-attention state (its normed input, query, local K/V and whatever else the block keeps across the call)
 is alive at the same time, a few LD more than the two-pass floor (measured per family in benchmarks/sequence.py).
 
-Two model-level pieces keep the rest of the forward under that floor:
+Three model-level pieces keep the rest of the forward under that floor:
 
 * **tail**: the output norm, modulation and projection after the last block upcast the whole sequence to fp32 in
   several temporaries (5 LD for Wan). Like a ``_cp_plan``, which gathers at ``proj_out``, memopt stops the model
@@ -36,6 +36,8 @@ Two model-level pieces keep the rest of the forward under that floor:
   model code before the blocks (patch embedding, conditioning) reruns each time: cheap next to the blocks.
 * **producers**: per-token tables made before the blocks (LTX-Video and Mochi rotary embeddings, 2-4 LD) are
   handed to the blocks as deferred stand-ins that compute only the running chunk's rows.
+* **token chains**: per-token modules before the blocks that feed one another (Ideogram 4's RMSNorm and projection
+  of its 53248-wide text features) run a token chunk at a time (:mod:`memopt.hooks._token_chain`).
 
 What is split and where the exchange happens is data (:mod:`memopt.plans.sequence`); the interception goes through
 diffusers' attention dispatch (:mod:`memopt.hooks._attention_dispatch`), so processors run unchanged. Calls that

@@ -369,9 +369,9 @@ class SequencePlan:
             residuals, HunyuanDiT holds its first half's for its long skip connections), so the blocks write their
             outputs out of place (``apply_sequence_chunking``'s default ``inplace``; ``inplace=True`` is refused).
         token_chains: model-level modules, each chain in call order, that act on each token alone and feed each
-            other directly (the first one's output goes only to the second, ...), run on one token chunk after another
-            (in inference) so their wide intermediates exist a chunk at a time: Ideogram 4's RMSNorm and projection of
-            its (B, S, 53248) text features. See :mod:`memopt.hooks._token_chain`.
+            other directly (the first one's output goes only to the second, ...), run on one token chunk (along dim 1)
+            after another (in inference) so their wide intermediates exist a chunk at a time: Ideogram 4's RMSNorm
+            and projection of its (B, S, 53248) text features. See :mod:`memopt.hooks._token_chain`.
         source: where the plan comes from (shown in reports).
     """
 
