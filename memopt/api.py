@@ -2,7 +2,8 @@
 
 What :func:`apply_memory_optimizations` does with each component of a ``DiffusionPipeline``:
 
-* **denoisers** (``transformer``, ``transformer_2``, ``unet``): offloaded at once with diffusers' block-level group
+* **denoisers** (``transformer``, ``transformer_2``, ``unet``, and diffusers transformers and UNets under other
+  names, such as Ideogram 4's ``unconditional_transformer``): offloaded at once with diffusers' block-level group
   offloading (next block prefetched on a CUDA stream), so the pipeline already computes on the GPU; at the first
   forward, when the input shapes are known, :func:`memopt.planner.plan_denoiser` simulates the denoiser at those
   shapes and chooses sequence chunking / FeedForward shards and whether it may stay resident instead, so that the
@@ -53,11 +54,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from diffusers import ModelMixin
 from diffusers.hooks import ModelHook
 
 from .hooks._common import has_memopt_hooks, register_memopt_hook, remove_hook, remove_memopt_hooks
@@ -92,6 +95,12 @@ logger = logging.getLogger(__name__)
 PLAN_HOOK = "memopt.plan"
 DENOISER_NAMES = ("transformer", "transformer_2", "unet")
 """Pipeline components memopt treats as denoisers (what runs once per step)."""
+
+DENOISER_CLASS = re.compile(r"Transformer|UNet")
+"""A diffusers model whose class name matches this, under a component name other than :data:`DENOISER_NAMES` (and
+not a VAE, encoder or ControlNet), runs once per step too and is a denoiser as well: Ideogram 4's
+``unconditional_transformer`` (a second full-size transformer, run at every step for the guidance), a Kandinsky
+prior pipeline's ``prior``. Treated as "other", it stayed resident, all its weights on the device."""
 
 CONTROLNET_NAME = "controlnet"
 """A pipeline's ControlNet runs once per step too, before the denoiser: offloaded and planned at its first forward
@@ -460,10 +469,17 @@ def _denoisers(obj: Any, components: dict[str, torch.nn.Module]) -> list[str]:
                             "pass a diffusers transformer or a DiffusionPipeline")
         return [""]
     found = [name for name in DENOISER_NAMES if name in components]
+    found += [name for name, module in components.items() if name not in found and _runs_per_step(name, module)]
     if not found:
         raise ValueError(f"{type(obj).__name__} has no denoiser (none of {list(DENOISER_NAMES)} among its components "
                          f"{sorted(components)}); memopt plans around the denoiser")
     return found + [name for name in components if _is_controlnet(name)]
+
+
+def _runs_per_step(name: str, module: torch.nn.Module) -> bool:
+    """A diffusers transformer or UNet under another component name (see :data:`DENOISER_CLASS`)."""
+    return (isinstance(module, ModelMixin) and DENOISER_CLASS.search(type(module).__name__) is not None
+            and not _is_controlnet(name) and not any(word in name for word in ("vae", "encoder")))
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -491,3 +491,33 @@ def test_sana_pipeline_is_planned_with_streamed_blocks() -> None:
     assert _rel(latents, reference) <= 1e-5
     memopt.remove_memory_optimizations(pipe)
     assert torch.equal(generate(), reference)
+
+
+def test_a_transformer_under_another_component_name_is_planned_as_a_denoiser() -> None:
+    """Ideogram 4's pipeline runs a second full-size transformer, ``unconditional_transformer``, at every step: a
+    denoiser like ``transformer`` (it was "other", kept resident whole). Both are planned at their first call into a
+    budget that needs chunking, exact, and removal restores them bit for bit."""
+    from diffusers import Ideogram4Pipeline
+
+    spec = get_family("ideogram4")
+    pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                             tokenizer=None, transformer=spec.build("tiny", seed=0),
+                             unconditional_transformer=spec.build("tiny", seed=1))
+    inputs = spec.make_inputs(pipe.transformer.config, batch_size=2, masked=True)
+
+    def predictions() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [pipe.transformer(**inputs)[0], pipe.unconditional_transformer(**inputs)[0]]
+
+    reference = predictions()
+    with torch.no_grad():
+        traced = trace_memory(pipe.transformer, **inputs)
+    weights = module_bytes(pipe.transformer) + module_bytes(pipe.unconditional_transformer)
+    inputs_bytes = traced.baseline_bytes - module_bytes(pipe.transformer)
+    plan = memopt.apply_memory_optimizations(pipe, budget=weights + inputs_bytes + int(0.85 * traced.peak_bytes))
+    assert all(_rel(out, ref) <= 1e-5 for out, ref in zip(predictions(), reference))
+    for name in ("transformer", "unconditional_transformer"):
+        component = plan.components[name]
+        assert component.kind == "denoiser" and not component.denoiser.chunking.is_empty, (name, str(plan))
+    assert memopt.remove_memory_optimizations(pipe) > 0
+    assert all(torch.equal(out, ref) for out, ref in zip(predictions(), reference))
