@@ -115,6 +115,10 @@ BENCH_CONFIGS: dict[str, dict] = {
     "bria_fibo2": {"dim": 512, "n_heads": 8, "axes_dims": (16, 24, 24), "axes_lens": (1024, 512, 512)},
     "anyflow": {"ffn_dim": 2208},
     # Ideogram 4 at the release's proportions: text features 11.56x the width, SwiGLU 8 / 3, MRoPE (12, 10, 10).
+    # Cosmos 3 Omni: width 512 as hidden_size (8 query heads, 2 K/V heads of 64), SwiGLU ratio 3, a small vocabulary.
+    "cosmos3_omni": {"hidden_size": 512, "head_dim": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
+                     "intermediate_size": 1536, "rope_axes_dim": (12, 10, 10), "latent_channel": 48,
+                     "patch_latent_dim": 192},
     "ideogram4": {"llm_features_dim": 5917, "intermediate_size": 1365, "adaln_dim": 64, "mrope_section": (12, 10, 10)},
 }
 BENCH_TEXT_TOKENS = 64
@@ -147,6 +151,8 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "motif_video": VIDEO_SIZES,
     "krea2": IMAGE_SIZES,
     "ideogram4": IMAGE_SIZES,
+    # Cosmos 3 Omni's 16x VAE: 9 latent frames of 8 x 16 to 32 x 32 patches (1,152 to 9,216 tokens).
+    "cosmos3_omni": [Size(256, 512, 33), Size(512, 512, 33), Size(512, 1024, 33), Size(1024, 1024, 33)],
     "ernie_image": IMAGE_SIZES,
     "lumina2": IMAGE_SIZES,
     "cogview3plus": IMAGE_SIZES,

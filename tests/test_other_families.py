@@ -752,7 +752,7 @@ CASES: dict[str, Case] = {
     "ControlNetUnionModel": Case(_controlnet_union, 2),
     # Cosmos3VLTextMLP (gated gate/up/down): mlp (und) + mlp_moe_gen (gen) per layer, 2 layers; one packed sequence
     # (no batch dim): causal text-prefix attention + full generation attention over [und K/V, gen K/V], GQA.
-    "Cosmos3OmniTransformer": Case(_cosmos3_omni, 4),
+    "Cosmos3OmniTransformer": Case(_cosmos3_omni, 4, sequence_plan=True),
     "DreamLiteTransformer2DModel": Case(_dreamlite_transformer, 2),  # GEGLU FeedForward per block; MQA + qk RMSNorm
     "DreamLiteUNetModel": Case(_dreamlite_unet, 7),
     "FluxControlNetModel": Case(_flux_controlnet, 3, sequence_plan=True),  # ff + ff_context, the single block's proj_mlp/proj_out

@@ -176,9 +176,10 @@ class BlockRun:
 
     def handle(self, state: AttentionState, call: AttentionCall, proceed: Proceed) -> torch.Tensor:
         chunk = self.chunk
-        index = state.calls_seen.get(chunk, 0)
-        state.calls_seen[chunk] = index + 1
-        if index >= state.expected_calls:
+        seen = state.calls_seen.get(chunk, 0)
+        state.calls_seen[chunk] = seen + 1
+        index = seen - state.spec.local_calls_first
+        if not 0 <= index < state.expected_calls:
             return proceed(call)  # e.g. an image-prompt adapter's cross-attention: chunk-local
         check_call(state.path, call)
         if self.suspend is not None:
@@ -220,7 +221,7 @@ class BlockRun:
         return output
 
     def _stage_collected(self, stage: int, chunk: int) -> bool:
-        return all(other.calls_seen.get(chunk, 0) >= other.expected_calls
+        return all(other.calls_seen.get(chunk, 0) >= other.spec.local_calls_first + other.expected_calls
                    for other in self.attention.values() if other.stage == stage)
 
     def _gather(self, state: AttentionState, index: int, call: AttentionCall) -> None:

@@ -1,4 +1,5 @@
-"""NVIDIA Cosmos: Cosmos Predict2 Video2World / Text2Image, Cosmos-1.0 Diffusion (one diffusers class)."""
+"""NVIDIA Cosmos: Cosmos Predict2 Video2World / Text2Image and Cosmos-1.0 Diffusion (one diffusers class); Cosmos 3
+Omni."""
 
 from __future__ import annotations
 
@@ -53,6 +54,55 @@ def _cosmos_init(model: torch.nn.Module) -> None:
             param.normal_(std=0.5)
 
 
+# ----------------------------------------------------------------------------------------------- Cosmos 3 Omni
+_COSMOS3_MODALITY_MARGIN = 15000  # the class default unified_3d_mrope_temporal_modality_margin
+
+
+def _cosmos3_grid(config: Any, size: Size) -> tuple[int, int, int]:
+    """Latent frames and patch rows / columns: the Wan2.2 VAE's 16x spatial, 4x temporal latents in ``p x p`` patches
+    (an odd latent side padded, as the model does)."""
+    p = _cfg(config, "latent_patch_size")
+    return _latent_frames(size.num_frames, 4), -(-size.height // 16 // p), -(-size.width // 16 // p)
+
+
+def _cosmos3_tokens(config: Any, size: Size) -> int:
+    """Generation (video) tokens; the text prefix comes before them in the packed sequence."""
+    frames, rows, columns = _cosmos3_grid(config, size)
+    return frames * rows * columns
+
+
+def _cosmos3_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
+    """One packed sequence as ``Cosmos3OmniPipeline`` builds it for a video (no sound, no action): ``text_tokens``
+    causal text tokens, then the ``(1, C, F', H/16, W/16)`` latents in ``p x p`` patches, with float 3-axis mRoPE
+    positions (text ``i``; video ``(frame + T + margin, row, column)`` at the base fps). The model takes no batch
+    dimension (the pipeline calls it once per guidance branch), so ``batch`` is not used. Text-to-video: every latent
+    frame noisy; ``masked=True``: image-to-video, the first frame a clean condition (no timestep, not predicted)."""
+    _check_divisible("cosmos3_omni", size, 16)
+    frames, rows, columns = _cosmos3_grid(config, size)
+    per_frame = rows * columns
+    vision = frames * per_frame
+    t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(columns), indexing="ij")
+    vision_positions = torch.stack([t.flatten() + text_tokens + _COSMOS3_MODALITY_MARGIN, h.flatten(), w.flatten()])
+    position_ids = torch.cat([torch.arange(text_tokens).expand(3, -1), vision_positions], dim=1).float()
+    noisy = torch.arange(1 if masked else 0, frames)
+    vision_indexes = torch.arange(text_tokens, text_tokens + vision)
+    latents = _randn(generator, 1, _cfg(config, "latent_channel"), frames, size.height // 16, size.width // 16,
+                     dtype=dtype, device=device)
+    return {
+        "input_ids": torch.randint(0, _cfg(config, "vocab_size"), (text_tokens,), generator=generator).to(device),
+        "text_indexes": torch.arange(text_tokens, device=device),
+        "position_ids": position_ids.to(device),
+        "und_len": text_tokens,
+        "sequence_length": text_tokens + vision,
+        "vision_tokens": [latents],
+        "vision_token_shapes": [(frames, rows, columns)],
+        "vision_sequence_indexes": vision_indexes.to(device),
+        "vision_mse_loss_indexes": vision_indexes[noisy[0] * per_frame:].to(device),
+        "vision_timesteps": torch.full((len(noisy) * per_frame,), 600.0, dtype=dtype, device=device),
+        "vision_noisy_frame_indexes": [noisy.to(device)],
+    }
+
+
 SPECS: list[FamilySpec] = [
     FamilySpec(
         name="cosmos",
@@ -78,5 +128,24 @@ SPECS: list[FamilySpec] = [
         num_tokens_fn=_cosmos_tokens,
         mask_key="attention_mask",
         init_fn=_cosmos_init,
+    ),
+    FamilySpec(
+        name="cosmos3_omni",
+        class_name="Cosmos3OmniTransformer",
+        configs={
+            # The class defaults: 36 Qwen3-style decoder layers of width 4096 (32 query heads, 8 K/V heads of 128),
+            # each with a text and a generation pathway (own projections, norms and SwiGLU 12288), Wan2.2-VAE latents
+            # of 48 channels in 2 x 2 patches, fps-modulated float mRoPE.
+            "full": {},
+            "tiny": {"head_dim": 8, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "num_hidden_layers": 2, "latent_channel": 4, "patch_latent_dim": 16,
+                     "vocab_size": 64, "rope_axes_dim": (2, 1, 1)},
+        },
+        # Cosmos3OmniPipeline's default video: 720 x 1280, 189 frames (48 latent frames of 23 x 40 patches).
+        sizes={"default": Size(720, 1280, 189), "tiny": Size(80, 80, 21)},
+        text_tokens=512,  # the system prompt, the chat template and the prompt (no padding)
+        make_inputs_fn=_cosmos3_inputs,
+        num_tokens_fn=_cosmos3_tokens,
+        width_keys=("hidden_size",),
     ),
 ]

@@ -15,7 +15,7 @@ FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "f
             "allegro", "easyanimate", "longcat_image", "ovis_image", "consisid", "cosmos", "motif_video", "krea2",
             "hidream", "ernie_image", "lumina2", "cogview3plus", "latte", "kandinsky6", "joyimage_edit",
             "joyimage_edit_plus", "bria_fibo", "bria_fibo2", "anyflow", "glm_image", "prx", "hunyuandit", "dit",
-            "ideogram4"]
+            "ideogram4", "cosmos3_omni"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -70,13 +70,15 @@ SIZES = {
     "bria_fibo2": Size(80, 112),  # 35 image tokens + 4 gist tokens (8 text tokens) in the main layers
     "anyflow": Size(48, 80, 9),  # 3 latent frames x 3 x 5 = 45 tokens
     "ideogram4": Size(80, 112),  # 8 text slots + 35 image tokens in one packed sequence
+    "cosmos3_omni": Size(80, 80, 21),  # 8 text tokens + 6 latent frames of 3 x 3 patches (odd latents padded): 54
 }
 
 
 # Families whose plan runs the output head whole (reported as skipped): Latte's last block is a temporal one, whose
 # output the model reshapes back to frames and modulates with a table made from the whole frame count. Ideogram 4's
-# head chunked would keep its text-feature norm's wide output for the replayed model passes.
-HEAD_RUNS_WHOLE = {"latte", "ideogram4"}
+# head chunked would keep its text-feature norm's wide output for the replayed model passes. Cosmos 3 Omni's forward
+# concatenates both pathways' outputs and reads the predicted tokens by index before its heads.
+HEAD_RUNS_WHOLE = {"latte", "ideogram4", "cosmos3_omni"}
 
 
 def chunked_completely(report: Any, family: str) -> bool:
@@ -91,6 +93,15 @@ def chunked_completely(report: Any, family: str) -> bool:
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
+
+
+LATENT_KEYS = ("hidden_states", "x", "vision_tokens")
+"""Where the families' forwards take their latents: most as ``hidden_states``, the Z-Image lineage as ``x`` and Cosmos 3
+Omni as ``vision_tokens`` (both lists of per-sample tensors)."""
+
+
+def latent_key(inputs: dict) -> str:
+    return next(key for key in LATENT_KEYS if key in inputs)
 
 
 def prediction(result: Any) -> torch.Tensor:

@@ -22,7 +22,7 @@ from memopt.models import FAMILIES, Size, get_family
 from memopt.plans import expand_plan, feedforward_plan
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _tiny_cases import OffloadLike, prediction  # noqa: E402
+from _tiny_cases import OffloadLike, latent_key, prediction  # noqa: E402
 
 # Mochi's rope runs under a CPU fp32 autocast that torch disables with a warning; nothing memopt does.
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
@@ -62,6 +62,7 @@ SIZES = {
     "motif_video": dict(height=48, width=80, num_frames=9),
     "krea2": dict(height=80, width=112),
     "ideogram4": dict(height=80, width=112),
+    "cosmos3_omni": dict(height=80, width=80, num_frames=21),
     "hidream": dict(height=80, width=80),
     "ernie_image": dict(height=80, width=112),
     "lumina2": dict(height=48, width=80),
@@ -99,7 +100,7 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "kandinsky6": 6, "joyimage_edit": 4, "joyimage_edit_plus": 4, "bria_fibo": 2, "bria_fibo2": 4,
                     "anyflow": 2, "glm_image": 4,  # GLM-Image: its glyph and prior projectors, one per block
                     "prx": 0,  # PRX: the MLP is inline in the block's forward
-                    "ideogram4": 2,
+                    "ideogram4": 2, "cosmos3_omni": 4,  # Cosmos 3: each layer's text and generation MLPs
                     "hunyuandit": 4, "dit": 2, "sana": 2, "sana_video": 2}
 # Families whose FeedForwards are GLU convolutions: split="sequence" skips them (the convolution mixes neighbours).
 CONVOLUTIONAL = {"sana", "sana_video"}
@@ -125,7 +126,7 @@ def forward(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 def forward_backward(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Output, latent-input grad (flattened) and parameter grads of ``(out * fixed random weights).sum()``."""
     model.zero_grad(set_to_none=True)
-    key = "hidden_states" if "hidden_states" in inputs else "x"  # Z-Image: `x`, a list of per-sample latents
+    key = latent_key(inputs)
     latents = inputs[key] if isinstance(inputs[key], list) else [inputs[key]]
     leaves = [t.detach().clone().requires_grad_(True) for t in latents]
     out = prediction(model(**{**inputs, key: leaves if isinstance(inputs[key], list) else leaves[0]}))

@@ -17,7 +17,7 @@ from memopt.hooks._sequence_backward import separate_shared_gradients
 from memopt.models import get_family
 from memopt.trace.growth import activation_growth
 
-from _tiny_cases import FAMILIES, SIZES, chunked_completely, prediction, rel_err  # noqa: E402
+from _tiny_cases import FAMILIES, SIZES, chunked_completely, latent_key, prediction, rel_err  # noqa: E402
 
 RECOMPUTED_NODE = "_RecomputedBlockBackward"
 
@@ -27,10 +27,6 @@ def build(family: str, batch_size: int = 2):
     model = spec.build("tiny").train()
     inputs = make_inputs(family, model, batch_size)
     return model, inputs, latent_key(inputs)
-
-
-def latent_key(inputs: dict) -> str:
-    return "hidden_states" if "hidden_states" in inputs else "x"  # the Z-Image lineage calls it x
 
 
 def make_inputs(family: str, model: torch.nn.Module, batch_size: int) -> dict:

@@ -102,6 +102,9 @@ class JointAttention:
         calls: how many leading kernel calls per module forward attend over the whole sequence: ``1``, or
             ``"batch"`` for processors that loop over the batch (Mochi). Later calls in the same forward (e.g.
             image-prompt adapters) stay chunk-local.
+        local_calls_first: how many kernel calls of each module forward come before those and stay chunk-local
+            (Cosmos 3's causal self-attention of the text prefix, which every chunk carries whole, precedes the
+            generation tokens' call over [text | generation] keys).
         optional: the module may be absent from a block (SD3.5's second, image-only attention ``attn2``).
         query: projections (relative to the attention module) whose output only feeds the queries. A collection
             pass never uses the queries, so these return a zero-stride stand-in there instead of a matmul.
@@ -153,6 +156,7 @@ class JointAttention:
 
     order: tuple[str, ...] = ("image",)
     calls: int | Literal["batch"] = 1
+    local_calls_first: int = 0
     optional: bool = False
     query: tuple[str, ...] = ("to_q",)
     key_value: tuple[str, ...] = ("to_k", "to_v")

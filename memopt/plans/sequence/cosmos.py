@@ -1,4 +1,4 @@
-"""NVIDIA Cosmos (Cosmos Predict2, Cosmos-1.0 Diffusion, Cosmos Predict2.5)."""
+"""NVIDIA Cosmos (Cosmos Predict2, Cosmos-1.0 Diffusion, Cosmos Predict2.5, Cosmos 3 Omni)."""
 
 from __future__ import annotations
 
@@ -141,6 +141,31 @@ _COSMOS = BlockPlan(
 )
 
 
+# Cosmos 3 Omni runs one packed sequence with no batch dimension, (S, D), cut by the model into a causal text prefix
+# (und_seq, its "understanding" pathway) and the generation tokens (gen_seq: video, then sound or action tokens), each
+# with its own projections, norms and MLP in every decoder layer. Cosmos3AttnProcessor makes two kernel calls: the
+# text's causal self-attention (to_q / to_k / to_v), then the generation tokens' attention (add_q_proj ...) over
+# [text K | generation K], unmasked, GQA. The generation tokens are the split ("image") stream, along dim 0; the text
+# prefix, a prompt's few hundred tokens that every generation token reads, is carried whole by every chunk
+# (split_text=False: its pathway is computed again per chunk, taken once), so its causal call stays chunk-local
+# (local_calls_first=1) and the second call is exchanged with the text's keys first. The rotary tables are passed as
+# (cos_text, sin_text, cos_gen, sin_gen), (S', head_dim) each. Not in diffusers' TransformerBlockRegistry; returns
+# (text, generation). The forward concatenates both pathways' outputs and reads the predicted tokens by index before
+# its heads, so the head runs whole (tail=None). No _cp_plan (the class has its own context-parallel seams).
+_GEN_TOKENS = SequenceSplit(0, 2)
+_TEXT_PREFIX = SequenceSplit(0, 2, ("text",))
+_COSMOS3 = BlockPlan(
+    inputs={"gen_seq": _GEN_TOKENS, "und_seq": _TEXT_PREFIX,
+            "rotary_emb": (_TEXT_PREFIX, _TEXT_PREFIX, _GEN_TOKENS, _GEN_TOKENS)},
+    attention={"self_attn": JointAttention(
+        order=("text", "image"), local_calls_first=1, query=("add_q_proj",), key_value=("add_k_proj", "add_v_proj"),
+        query_norms=("norm_added_q",), key_value_norms=("norm_added_k",))},
+    split_text=False,
+    metadata=TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0,
+                                      hidden_states_argument_name="gen_seq",
+                                      encoder_hidden_states_argument_name="und_seq"),
+)
+
 PLANS: dict[str, SequencePlan] = {
     "CosmosTransformer3DModel": SequencePlan(
         {"transformer_blocks.*": _COSMOS},
@@ -154,4 +179,5 @@ PLANS: dict[str, SequencePlan] = {
             "time_embed": _COSMOS_FRAME_TABLES,
         },
     ),
+    "Cosmos3OmniTransformer": SequencePlan({"layers.*": _COSMOS3}, tail=None, gather=None),
 }
