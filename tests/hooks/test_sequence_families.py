@@ -3,10 +3,10 @@ diffusion forcing (per-frame timesteps, block-causal masks), key masks a plan le
 (attentions that make no kernel call) and per-token timesteps, FLUX.2's fused projection under LoRA, Helios'
 history/window token count, Chroma's pairwise masks and in-place ControlNet residuals, Wan VACE's hints, CogView4's
 optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, Qwen-Image 2.1's block-causal prefix,
-FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the
-head, Cosmos-1.0's per-sample timestep and Predict2's per-frame one, Motif-Video's image-to-video call, Krea 2's
-text fusion, ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output, JoyImage's fused
-projections without packed column blocks, GLM-Image's KV cache, HunyuanDiT's long skips."""
+FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the head,
+Cosmos-1.0's per-sample timestep and Predict2's per-frame one, Motif-Video's image-to-video call, Krea 2's text
+fusion, ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output, JoyImage's fused projections
+without packed column blocks, GLM-Image's KV cache, HunyuanDiT's long skips, Ideogram 4's per-token timesteps."""
 
 from __future__ import annotations
 
@@ -819,3 +819,17 @@ def test_producers_of_tuple_entries_name_their_index():
         dataclasses.replace(plan, producers={path: (producers[0], dataclasses.replace(producers[1], output=None))})
     with pytest.raises(ValueError, match="a single producer for a module returning its table, without one"):
         dataclasses.replace(plan, producers={path: producers[0]})
+
+
+@pytest.mark.parametrize("schedule", ["two_pass", "lockstep"])
+def test_ideogram4_per_token_timesteps(schedule):
+    """Ideogram 4 takes a ``(B, S)`` timestep too: its AdaLN input is then ``(B, S, adaln_dim)``, which the plan cuts
+    with the tokens (a ``(B, 1, adaln_dim)`` one passes whole). Prompts of different lengths, 4 and 16 chunks."""
+    spec = get_family("ideogram4")
+    model = spec.build("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=2, masked=True)
+    inputs["timestep"] = torch.rand(2, inputs["hidden_states"].shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        for num_chunks, report, output in chunked_outputs(model, inputs, schedule=schedule):
+            assert report.blocks and rel_err(output[0], reference) <= 1e-5, num_chunks
