@@ -144,7 +144,10 @@ class BlockRun:
 
     def skips(self, kind: str, attention_id: int | None) -> bool:
         """Whether a projection of ``kind`` is unused in the running pass (see ``JointAttention.query``; ``"other"``:
-        the columns of a fused projection that are used after the attention, see ``JointAttention.fused``)."""
+        the columns of a fused projection that are used after the attention, see ``JointAttention.fused``;
+        ``"text_only"``: see ``BlockPlan.text_only``)."""
+        if kind == "text_only":  # kept from chunk 0's final pass alone (BlockPlan.text_only)
+            return self.collecting is not None or self.chunk != 0
         if self.suspend is not None:
             return False  # lock-step: one pass uses everything
         if kind == "before_attention":

@@ -1018,6 +1018,12 @@ def _skip_hooks(
         module_path = f"{path}.{name}"
         hook = SequenceSkipHook("before_attention", None, module_path)
         yield _skippable(module_path, block.get_submodule(name)), hook
+    for name in plan.text_only:
+        module_path, module = f"{path}.{name}", block.get_submodule(name)
+        if getattr(module, "out_features", None) is None:
+            raise ValueError(f"{path}: the plan names {name} ({type(module).__name__}) as text-only; only linear "
+                             "modules can be")
+        yield module, SequenceSkipHook("text_only", None, module_path)
     for name, attention_module, spec in attention:
         for kind, projections, norms in (
             ("query", spec.query, spec.query_norms),

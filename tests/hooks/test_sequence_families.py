@@ -6,7 +6,8 @@ optional text mask, Kandinsky 5's grid-shaped output head and sparse attention, 
 FLUX.3's image-to-image call, Wan Animate's per-frame face adapter, ConsisID's face update before the head,
 Cosmos-1.0's per-sample timestep and Predict2's per-frame one, Motif-Video's image-to-video call, Krea 2's text
 fusion, ERNIE-Image's sequence-first blocks, Lumina 2's tables inside a tuple output, JoyImage's fused projections
-without packed column blocks, GLM-Image's KV cache, HunyuanDiT's long skips, Ideogram 4's per-token timesteps."""
+without packed column blocks, GLM-Image's KV cache, HunyuanDiT's long skips, Ideogram 4's per-token timesteps, Cosmos
+3 Omni's text-only modules."""
 
 from __future__ import annotations
 
@@ -833,3 +834,20 @@ def test_ideogram4_per_token_timesteps(schedule):
         reference = model(**inputs)[0]
         for num_chunks, report, output in chunked_outputs(model, inputs, schedule=schedule):
             assert report.blocks and rel_err(output[0], reference) <= 1e-5, num_chunks
+
+
+def test_cosmos3_text_only_modules_are_refused_where_they_cannot_hold():
+    """``BlockPlan.text_only`` (Cosmos 3 Omni's text query, attention output and MLP projections, run by chunk 0's
+    final pass alone) needs a text stream carried whole, and only linear modules return zeros of a known shape; the
+    equivalence and matmul-work tests run the family's plan."""
+    from memopt.plans.sequence import BlockPlan
+
+    with pytest.raises(ValueError, match="text_only needs split_text=False"):
+        BlockPlan(text_only=("mlp.down_proj",))
+    spec = get_family("cosmos3_omni")
+    model = spec.build("tiny")
+    plan = SEQUENCE_PLANS["Cosmos3OmniTransformer"]
+    block = dataclasses.replace(plan.blocks["layers.*"], text_only=("post_attention_layernorm",))
+    with pytest.raises(ValueError, match="layers.0: the plan names post_attention_layernorm .* as text-only"):
+        apply_sequence_chunking(model, 4, plan=dataclasses.replace(plan, blocks={"layers.*": block}))
+    assert remove_memory_optimizations(model) == 0

@@ -202,6 +202,12 @@ class BlockPlan:
         unused_before_attention: modules (relative to the block) that run before the first whole-sequence attention
             but whose output is not needed to reach it (the MLP branch of Flux / HunyuanVideo single blocks, which is
             computed before attention). Skipped, like the query projections, in the first collection pass.
+        text_only: linear modules (relative to the block) on the text stream whose outputs feed only the block's text
+            output, never the keys and values of a whole-sequence call (Cosmos 3's text query, attention output and
+            MLP projections). With the text carried whole (``split_text=False``) every chunk computes that stream
+            and only chunk 0's output is kept, so the other chunks, and every collection pass, get zeros instead;
+            the text's work is then done about once per block. A wrong claim changes the result, which the family's
+            equivalence tests catch.
         conditioning: modules (relative to the block) whose input is the same in every chunk: the SiLU and linear
             of adaptive norms, which turn the timestep embedding into shift/scale/gate vectors. Their first output
             in a block forward serves every chunk and pass (a ``(B, 6D)`` GEMV that reads the whole weight matrix,
@@ -243,6 +249,7 @@ class BlockPlan:
     attention: Mapping[str, JointAttention] = field(default_factory=dict)
     split_text: bool = True
     unused_before_attention: tuple[str, ...] = ()
+    text_only: tuple[str, ...] = ()
     conditioning: tuple[str, ...] = ()
     metadata: TransformerBlockMetadata | None = None
     token_groups: Callable[[Callable[[str], Any]], int] | None = None
@@ -252,6 +259,11 @@ class BlockPlan:
     runs_when_used: bool = False
     variants: Mapping[str, BlockPlan] = field(default_factory=dict)
     runs_whole: Callable[[Callable[[str], Any]], str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.text_only and self.split_text:
+            raise ValueError("BlockPlan.text_only needs split_text=False: only a text stream that every chunk carries "
+                             "whole is computed again by each")
 
     def for_block(self, block: torch.nn.Module) -> BlockPlan:
         """The plan for ``block``: its class's variant, else this one."""

@@ -161,6 +161,9 @@ _COSMOS3 = BlockPlan(
         order=("text", "image"), local_calls_first=1, query=("add_q_proj",), key_value=("add_k_proj", "add_v_proj"),
         query_norms=("norm_added_q",), key_value_norms=("norm_added_k",))},
     split_text=False,
+    # The text's query and everything after its attention feed only its own output: chunk 0's final pass computes
+    # them, the others get zeros (its norms and causal attention on them stay, a few percent of its work).
+    text_only=("self_attn.to_q", "self_attn.to_out", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     metadata=TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0,
                                       hidden_states_argument_name="gen_seq",
                                       encoder_hidden_states_argument_name="und_seq"),
