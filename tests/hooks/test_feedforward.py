@@ -62,7 +62,7 @@ SIZES = {
     "motif_video": dict(height=48, width=80, num_frames=9),
     "krea2": dict(height=80, width=112),
     "ideogram4": dict(height=80, width=112),
-    "cosmos3_omni": dict(height=80, width=80, num_frames=21),
+    "cosmos3_omni": dict(height=80, width=80, num_frames=9),  # 27 video tokens
     "hidream": dict(height=80, width=80),
     "ernie_image": dict(height=80, width=112),
     "lumina2": dict(height=48, width=80),
