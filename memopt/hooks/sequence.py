@@ -718,7 +718,9 @@ class SequenceSkipHook(ModelHook):
     """On a module whose output the running pass never uses: returns a stand-in of its output's shape instead.
 
     ``kind`` is ``"query"`` (unused in its attention's collection pass), ``"key_value"`` (unused once its attention's
-    K/V are collected) or ``"before_attention"`` (a branch computed before the first attention and used after it).
+    K/V are collected), ``"before_attention"`` (a branch computed before the first attention and used after it) or
+    ``"text_only"`` (on a text stream every chunk carries whole, kept from chunk 0's final pass alone:
+    ``BlockPlan.text_only``).
     Projections return zeros: with ``empty`` (``JointAttention.empty_stand_ins``) an empty batch of them, so whatever
     the processor does with them before the attention call is free too; under
     :func:`~memopt.hooks._unread.unread_values` (set by the attention hook for large chunks) zero-stride

@@ -175,6 +175,8 @@ class JointAttention:
             raise ValueError(f"JointAttention order must list distinct streams of {STREAMS}, got {self.order}")
         if self.padding_mask and self.pair_mask is not None:
             raise ValueError("JointAttention takes padding_mask or pair_mask, not both")
+        if self.local_calls_first < 0:
+            raise ValueError(f"JointAttention local_calls_first counts calls, got {self.local_calls_first}")
         for name, roles in self.fused.items():
             if not roles or any(role not in FUSED_ROLES for role in roles):
                 raise ValueError(f"JointAttention fused[{name!r}] must be a non-empty tuple of {FUSED_ROLES}, got "

@@ -144,14 +144,14 @@ _COSMOS = BlockPlan(
 # Cosmos 3 Omni runs one packed sequence with no batch dimension, (S, D), cut by the model into a causal text prefix
 # (und_seq, its "understanding" pathway) and the generation tokens (gen_seq: video, then sound or action tokens), each
 # with its own projections, norms and MLP in every decoder layer. Cosmos3AttnProcessor makes two kernel calls: the
-# text's causal self-attention (to_q / to_k / to_v), then the generation tokens' attention (add_q_proj ...) over
-# [text K | generation K], unmasked, GQA. The generation tokens are the split ("image") stream, along dim 0; the text
-# prefix, a prompt's few hundred tokens that every generation token reads, is carried whole by every chunk
-# (split_text=False: its pathway is computed again per chunk, taken once), so its causal call stays chunk-local
+# text's causal self-attention (to_q / to_k / to_v), then the generation tokens' attention (add_q_proj ...) over [text K
+# | generation K], unmasked, GQA. The generation tokens are the split ("image") stream, along dim 0; the text prefix, a
+# prompt's few hundred tokens that every generation token reads, is carried whole by every chunk (split_text=False: its
+# output taken from chunk 0, which alone runs most of its pathway), so its causal call stays chunk-local
 # (local_calls_first=1) and the second call is exchanged with the text's keys first. The rotary tables are passed as
 # (cos_text, sin_text, cos_gen, sin_gen), (S', head_dim) each. Not in diffusers' TransformerBlockRegistry; returns
-# (text, generation). The forward concatenates both pathways' outputs and reads the predicted tokens by index before
-# its heads, so the head runs whole (tail=None). No _cp_plan (the class has its own context-parallel seams).
+# (text, generation). The forward concatenates both pathways' outputs and reads the predicted tokens by index before its
+# heads, so the head runs whole (tail=None). No _cp_plan (the class has its own context-parallel seams).
 _GEN_TOKENS = SequenceSplit(0, 2)
 _TEXT_PREFIX = SequenceSplit(0, 2, ("text",))
 _COSMOS3 = BlockPlan(
