@@ -4,7 +4,9 @@ Some models condition on text features far wider than their token stream and nar
 norm and a projection: Ideogram 4 RMS-norms its ``(B, S, 53248)`` text features (in fp32: two 23 LD temporaries at its
 width of 4608) and projects them to ``(B, S, 4608)``. That prologue, not the blocks, is then the forward's peak. The
 chain's modules act on each token alone, so running the whole chain on one token chunk after another and writing into
-one ``(B, S, out)`` output computes the same values while holding only a chunk of the wide intermediates.
+one ``(B, S, out)`` output computes the same values while holding only a chunk of the wide intermediates. A chain of
+one module is a per-token module run in chunks: Cosmos 3 Omni's fp32 RMSNorm of its ``(S, D)`` generation tokens (a
+batchless model: tokens along dim 0 of a 2-D input, else dim 1).
 
 :class:`TokenChainHook` sits on the chain's first module: called on a tensor, it runs every module of the chain per
 chunk and returns the chain's output. :class:`TokenChainPassHook` sits on the later modules: the model forward then
@@ -52,25 +54,28 @@ class TokenChainHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         chain = self.chain
         x = args[0] if len(args) == 1 and not kwargs else None
-        if chain.computing or torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() < 3:
+        if chain.computing or torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() < 2:
             return self.fn_ref.original_forward(*args, **kwargs)
         # A pending output left by a forward that raised before its later modules ran is dropped here.
         chain.pending, chain.passed = None, 0
-        tokens = x.shape[1]
+        dim = 0 if x.dim() == 2 else 1  # (S, D) for batchless models, else (B, S, ...)
+        tokens = x.shape[dim]
         out = None
         chain.computing = True
         try:
             for start, stop in split_units(tokens, chain.num_chunks):
-                piece = self.fn_ref.original_forward(x[:, start:stop])
+                piece = self.fn_ref.original_forward(x.narrow(dim, start, stop - start))
                 for later in self.later:
                     piece = later(piece)
                 if out is None:
-                    out = piece.new_empty(piece.shape[0], tokens, *piece.shape[2:])
-                out[:, start:stop] = piece
+                    shape = list(piece.shape)
+                    shape[dim] = tokens
+                    out = piece.new_empty(shape)
+                out.narrow(dim, start, stop - start).copy_(piece)
                 del piece
         finally:
             chain.computing = False
-        chain.pending = out
+        chain.pending = out if self.later else None
         return out
 
 

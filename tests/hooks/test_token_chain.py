@@ -76,7 +76,7 @@ def test_a_model_not_feeding_the_chain_directly_is_an_error_and_autograd_runs_as
 
 def test_ideogram4_plans_its_text_feature_chain():
     """The plan's chain is applied and reported; a chain naming a module the model lacks is skipped and reported;
-    a chain of one module is refused when the plan is made."""
+    a chain naming a module twice is refused when the plan is made."""
     spec = get_family("ideogram4")
     model = spec.build("tiny")
     inputs = spec.make_inputs(model.config, batch_size=2, masked=True)
@@ -91,5 +91,21 @@ def test_ideogram4_plans_its_text_feature_chain():
     report = apply_sequence_chunking(model, 5, plan=dataclasses.replace(plan, token_chains=(("text_norm", "proj"),)))
     assert ("text_norm", "token-chain module named in the plan does not exist") in report.skipped
     remove_memory_optimizations(model)
-    with pytest.raises(ValueError, match="token_chains must list chains of two or more distinct module paths"):
-        SequencePlan(plan.blocks, token_chains=(("llm_cond_norm",),))
+    with pytest.raises(ValueError, match="token_chains must list chains of distinct module paths"):
+        SequencePlan(plan.blocks, token_chains=(("llm_cond_norm", "llm_cond_norm"),))
+
+
+def test_a_chain_of_one_module_runs_it_in_chunks_of_a_batchless_sequence():
+    """A chain of one module is a per-token module in chunks: on a batchless ``(S, D)`` input (Cosmos 3 Omni's output
+    norm) the tokens run along dim 0. Exact, a chunk's fp32 temporaries at a time, nothing left pending."""
+    model = WideConditioning()
+    features = torch.randn(45, 96)
+    with torch.no_grad():
+        reference = model.norm(features)
+        whole = trace_memory(model.norm, features).peak_bytes
+        chain = TokenChain(("norm",), 5)
+        register_memopt_hook(model.norm, TokenChainHook(chain, []), SEQUENCE_CHAIN_HOOK)
+        out = model.norm(features)
+        chunked = trace_memory(model.norm, features).peak_bytes
+    assert rel_err(out, reference) <= 1e-6 and chain.pending is None and chunked < whole
+    assert remove_memory_optimizations(model) == 1

@@ -387,9 +387,10 @@ class SequencePlan:
             residuals, HunyuanDiT holds its first half's for its long skip connections), so the blocks write their
             outputs out of place (``apply_sequence_chunking``'s default ``inplace``; ``inplace=True`` is refused).
         token_chains: model-level modules, each chain in call order, that act on each token alone and feed each
-            other directly (the first one's output goes only to the second, ...), run on one token chunk (along dim 1)
-            after another (in inference) so their wide intermediates exist a chunk at a time: Ideogram 4's RMSNorm
-            and projection of its (B, S, 53248) text features. See :mod:`memopt.hooks._token_chain`.
+            other directly (the first one's output goes only to the second, ...), run on one token chunk (along dim 1,
+            dim 0 of a batchless 2-D input) after another (in inference) so their wide intermediates exist a chunk at
+            a time: Ideogram 4's RMSNorm and projection of its (B, S, 53248) text features; a chain of one module is
+            a per-token module in chunks (Cosmos 3 Omni's output norm). See :mod:`memopt.hooks._token_chain`.
         source: where the plan comes from (shown in reports).
     """
 
@@ -421,8 +422,8 @@ class SequencePlan:
                 # The tail passes answer from the last block's output cut along dim 1 (batch-first streams).
                 raise ValueError(f"SequencePlan: blocks {pattern!r} take sequence-first hidden states (split dim 0), "
                                  f"so the output head runs whole (tail=None) or in pieces of its input (tail_split)")
-        if any(len(chain) < 2 or len(set(chain)) != len(chain) for chain in self.token_chains):
-            raise ValueError(f"SequencePlan.token_chains must list chains of two or more distinct module paths, got "
+        if any(not chain or len(set(chain)) != len(chain) for chain in self.token_chains):
+            raise ValueError(f"SequencePlan.token_chains must list chains of distinct module paths, got "
                              f"{self.token_chains}")
         for path, producer in self.producers.items():
             entries = producer if isinstance(producer, tuple) else (producer,)

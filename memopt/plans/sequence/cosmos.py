@@ -182,5 +182,8 @@ PLANS: dict[str, SequencePlan] = {
             "time_embed": _COSMOS_FRAME_TABLES,
         },
     ),
-    "Cosmos3OmniTransformer": SequencePlan({"layers.*": _COSMOS3}, tail=None, gather=None),
+    # The generation tokens' output norm (RMSNorm, fp32 inside: two (S, D) fp32 temporaries, the simulated peak at 720p)
+    # runs in token chunks.
+    "Cosmos3OmniTransformer": SequencePlan({"layers.*": _COSMOS3}, tail=None, gather=None,
+                                           token_chains=(("norm_moe_gen",),)),
 }
