@@ -36,8 +36,9 @@ Three model-level pieces keep the rest of the forward under that floor:
   model code before the blocks (patch embedding, conditioning) reruns each time: cheap next to the blocks.
 * **producers**: per-token tables made before the blocks (LTX-Video and Mochi rotary embeddings, 2-4 LD) are
   handed to the blocks as deferred stand-ins that compute only the running chunk's rows.
-* **token chains**: per-token modules before the blocks that feed one another (Ideogram 4's RMSNorm and projection
-  of its 53248-wide text features) run a token chunk at a time (:mod:`memopt.hooks._token_chain`).
+* **token chains**: per-token model-level modules that feed one another (Ideogram 4's RMSNorm and projection of its
+  53248-wide text features), or one alone (Cosmos 3 Omni's output norm), run a token chunk at a time
+  (:mod:`memopt.hooks._token_chain`).
 
 What is split and where the exchange happens is data (:mod:`memopt.plans.sequence`); the interception goes through
 diffusers' attention dispatch (:mod:`memopt.hooks._attention_dispatch`), so processors run unchanged. Calls that
