@@ -56,6 +56,9 @@ SMALL_CONFIGS: dict[str, tuple[dict[str, Any], Size]] = {
 }
 """``--variant small``: per family, config overrides and the size they run at. The no-argument default is Wan's."""
 
+LAYER_KEYS = ("num_layers", "num_hidden_layers", "n_layers", "depth")
+"""Config keys the families give their block count under (Cosmos 3 Omni: ``num_hidden_layers``, Z-Image:
+``n_layers``)."""
 GENERIC_SIZES: dict[str, tuple[int, int]] = {"480p": (480, 832), "544p": (544, 960), "720p": (720, 1280)}
 """Resolution names accepted for every family (height, width); frames default to the family's own default."""
 
@@ -104,11 +107,16 @@ class Run:
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
+    @property
+    def num_layers(self) -> int | None:
+        """The config's block count, under the name the class gives it."""
+        return next((self.config[key] for key in LAYER_KEYS if key in self.config), None)
+
     def describe(self) -> str:
         size = f"{self.size.height}x{self.size.width}" + (f", {self.size.num_frames} frames" if self.spec.video else "")
         where = "simulated under FakeTensorMode" if self.simulate else f"on {self.device}"
         where += ", a training step" if self.training else ""
-        return (f"{self.spec.name} ({self.spec.class_name}, config {self.variant}: {self.config.get('num_layers')} "
+        return (f"{self.spec.name} ({self.spec.class_name}, config {self.variant}: {self.num_layers} "
                 f"layers, hidden {self.hidden}), {size} -> {self.tokens:,} tokens, batch {self.batch_size}, "
                 f"{self.dtype_name} {where}; 1 LD = {_bytes(self.ld_bytes)}")
 
@@ -365,7 +373,12 @@ def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+    """The prediction in a forward's output: ``.sample`` or the first entry, where a list of per-sample tensors
+    (Z-Image, Cosmos 3 Omni) is flattened into one."""
+    value = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+    if isinstance(value, (tuple, list)):
+        return torch.cat([tensor.flatten() for tensor in value])
+    return value
 
 
 def _report_text(report: Any) -> str:
@@ -588,7 +601,7 @@ def write_outputs(run: Run, results: list[Result]) -> list[Path]:
             "device": "simulated" if run.simulate else _device_name(run.device), "seed": run.seed,
             "budget": run.budget, "training": run.training,
             "repeats": run.repeats, "tokens": run.tokens * run.batch_size, "hidden": run.hidden,
-            "ld_bytes": run.ld_bytes, "num_layers": run.config.get("num_layers"),
+            "ld_bytes": run.ld_bytes, "num_layers": run.num_layers,
             "versions": _versions(),
         },
         "strategies": rows,

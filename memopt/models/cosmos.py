@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _latent_frames, _randn
 
@@ -76,15 +77,23 @@ def _cosmos3_inputs(config, batch, size, text_tokens, dtype, device, generator, 
     causal text tokens, then the ``(1, C, F', H/16, W/16)`` latents in ``p x p`` patches, with float 3-axis mRoPE
     positions (text ``i``; video ``(frame + T + margin, row, column)`` at the base fps). The model takes no batch
     dimension (the pipeline calls it once per guidance branch), so ``batch`` is not used. Text-to-video: every latent
-    frame noisy; ``masked=True``: image-to-video, the first frame a clean condition (no timestep, not predicted)."""
+    frame noisy; ``masked=True``: image-to-video, the first frame a clean condition (no timestep, not predicted).
+
+    The forward reads its integer inputs as values (``.tolist()``, ``.item()``), so they are real tensors even when
+    built under ``FakeTensorMode`` (planning or simulating at a size): one small int per token."""
     _check_divisible("cosmos3_omni", size, 16)
+    with unset_fake_temporarily():
+        return _cosmos3_layout(config, size, text_tokens, dtype, device, generator, masked)
+
+
+def _cosmos3_layout(config, size, text_tokens, dtype, device, generator, masked) -> Inputs:
     frames, rows, columns = _cosmos3_grid(config, size)
     per_frame = rows * columns
     vision = frames * per_frame
     t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(columns), indexing="ij")
     vision_positions = torch.stack([t.flatten() + text_tokens + _COSMOS3_MODALITY_MARGIN, h.flatten(), w.flatten()])
     position_ids = torch.cat([torch.arange(text_tokens).expand(3, -1), vision_positions], dim=1).float()
-    noisy = torch.arange(1 if masked else 0, frames)
+    noisy = torch.arange(1 if masked and frames > 1 else 0, frames)
     vision_indexes = torch.arange(text_tokens, text_tokens + vision)
     latents = _randn(generator, 1, _cfg(config, "latent_channel"), frames, size.height // 16, size.width // 16,
                      dtype=dtype, device=device)

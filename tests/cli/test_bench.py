@@ -251,3 +251,20 @@ def test_console_script(tmp_path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     assert "baseline" in run.stdout and f"to {out}" in run.stdout.replace("\n", "")
     _check_outputs(out, ["baseline"])
+
+
+def test_a_model_returning_per_sample_lists_and_reading_its_index_tensors(tmp_path) -> None:
+    """Cosmos 3 Omni returns a list of predictions, names its block count ``num_hidden_layers`` and reads its index
+    tensors as values: its run compares the flattened list, reports its layers, and simulates at a size (the family's
+    inputs keep those tensors real under FakeTensorMode)."""
+    out = tmp_path / "cosmos3"
+    assert bench.main(["--model", "cosmos3_omni", "--tiny", "--strategies", "baseline,sequence", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    summary = _check_outputs(out, ["baseline", "sequence"])
+    baseline, sequence = summary["strategies"]
+    assert summary["run"]["num_layers"] == 2 and baseline["status"] == sequence["status"] == "ok"
+    assert sequence["rel_error"] <= 1e-5
+    sim = tmp_path / "cosmos3-sim"
+    assert bench.main(["--model", "cosmos3_omni", "--tiny", "--simulate", "--strategies", "baseline,sequence",
+                       "--out", str(sim)]) == 0
+    assert all(s["status"] == "ok" for s in _check_outputs(sim, ["baseline", "sequence"])["strategies"])
