@@ -119,6 +119,9 @@ BENCH_CONFIGS: dict[str, dict] = {
     "cosmos3_omni": {"hidden_size": 512, "head_dim": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
                      "intermediate_size": 1536, "rope_axes_dim": (12, 10, 10), "latent_channel": 48,
                      "patch_latent_dim": 192},
+    # OmniGen: width 512 as hidden_size (8 heads of 64), Phi-3's MLP ratio 8 / 3.
+    "omnigen": {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": 1365,
+                "rope_scaling": {"short_factor": [1.0] * 32, "long_factor": [1.0] * 32}},
     "ideogram4": {"llm_features_dim": 5917, "intermediate_size": 1365, "adaln_dim": 64, "mrope_section": (12, 10, 10)},
 }
 BENCH_TEXT_TOKENS = 64
@@ -151,6 +154,7 @@ BENCH_SIZES: dict[str, list[Size]] = {
     "motif_video": VIDEO_SIZES,
     "krea2": IMAGE_SIZES,
     "ideogram4": IMAGE_SIZES,
+    "omnigen": IMAGE_SIZES,
     # Cosmos 3 Omni's 16x VAE: 9 latent frames of 8 x 16 to 32 x 32 patches (1,152 to 9,216 tokens).
     "cosmos3_omni": [Size(256, 512, 33), Size(512, 512, 33), Size(512, 1024, 33), Size(1024, 1024, 33)],
     "ernie_image": IMAGE_SIZES,

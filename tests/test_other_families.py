@@ -774,7 +774,9 @@ CASES: dict[str, Case] = {
     # Experts choose their top tokens over the whole sequence (not chunkable); FeedForward chunking: the dense block's
     # MLP and the MoE block's shared expert (the routed experts are not FeedForwards); routing reads .tolist().
     "NucleusMoEImageTransformer2DModel": Case(_nucleus_image, 2, data_dependent=True),
-    "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True),  # a tensor read as a number
+    # A tensor read as a number (its rotary embedding compares max(position_ids) with an int). A family since
+    # (memopt.models.omnigen), chunked by its plan on this layout (an input image's tokens among the text).
+    "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True, sequence_plan=True),
     "PriorTransformer": Case(_prior, 2),  # BasicTransformerBlock gelu FeedForwards
     "QwenImageControlNetModel": Case(_qwenimage_controlnet, 4, sequence_plan=True),  # img_mlp + txt_mlp per block
     # RFD4ProteinaTransition (packed SwiGLU, forward(values, mask)) has no memopt layout and no FeedForward-like name:

@@ -35,6 +35,7 @@ from . import (
     minimax,
     mochi,
     motif,
+    omnigen,
     pixart,
     prx,
     qwenimage,
@@ -52,7 +53,8 @@ __all__ = ["FAMILIES", "TINY_WIDTH", "FamilySpec", "Inputs", "Size", "cast_float
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky, minimax, auraflow,
-                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie, joyimage, prx, sana, ideogram)
+                   pixart, easyanimate, cosmos, motif, krea, hidream, ernie, joyimage, prx, sana, ideogram,
+                   omnigen)
     for spec in module.SPECS
 }
 """Family name -> :class:`FamilySpec`, for every family memopt chunks whole blocks of: a plan in

@@ -80,6 +80,9 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
     # Cosmos 3 Omni: width 128 as hidden_size (16 query heads, 4 K/V heads of 8), its SwiGLU ratio 3, one layer.
     "cosmos3_omni": {"hidden_size": 128, "head_dim": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
                      "intermediate_size": 384, "num_hidden_layers": 1},
+    # OmniGen: width 128 as hidden_size (16 heads of 8), Phi-3's MLP ratio 8 / 3, one layer.
+    "omnigen": {"hidden_size": 128, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 344,
+                "num_layers": 1, "rope_scaling": {"short_factor": [1.0] * 4, "long_factor": [1.0] * 4}},
     # Ideogram 4: text features 11.56x the width (53248 / 4608, as released), MRoPE sections for head_dim 8, one block.
     "ideogram4": {"llm_features_dim": 1479, "mrope_section": (1, 1, 1), "intermediate_size": 344, "num_layers": 1},
     # HiDream: one block of each kind fed one Llama layer; rope axes summing to 8.
@@ -151,6 +154,7 @@ GROWTH_SIZES: dict[str, tuple[Size, Size]] = {
     "motif_video": (Size(64, 128, 5), Size(128, 256, 5)),
     "krea2": (Size(128, 128), Size(256, 256)),
     "ideogram4": (Size(128, 128), Size(256, 256)),
+    "omnigen": (Size(128, 128), Size(256, 256)),
     "cosmos3_omni": (Size(256, 256, 9), Size(256, 512, 9)),  # 192 and 384 tokens of its 16x VAE's latents
     "hidream": (Size(128, 128), Size(256, 256)),
     "ernie_image": (Size(128, 128), Size(256, 256)),

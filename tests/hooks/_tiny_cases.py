@@ -15,7 +15,7 @@ FAMILIES = ["wan", "wan_vace", "chronoedit", "skyreels_v2", "helios", "flux", "f
             "allegro", "easyanimate", "longcat_image", "ovis_image", "consisid", "cosmos", "motif_video", "krea2",
             "hidream", "ernie_image", "lumina2", "cogview3plus", "latte", "kandinsky6", "joyimage_edit",
             "joyimage_edit_plus", "bria_fibo", "bria_fibo2", "anyflow", "glm_image", "prx", "hunyuandit", "dit",
-            "ideogram4", "cosmos3_omni"]
+            "ideogram4", "cosmos3_omni", "omnigen"]
 SIZES = {
     "wan": Size(80, 112, 5),
     "wan_vace": Size(80, 112, 9),
@@ -70,6 +70,7 @@ SIZES = {
     "bria_fibo2": Size(80, 112),  # 35 image tokens + 4 gist tokens (8 text tokens) in the main layers
     "anyflow": Size(48, 80, 9),  # 3 latent frames x 3 x 5 = 45 tokens
     "ideogram4": Size(80, 112),  # 8 text slots + 35 image tokens in one packed sequence
+    "omnigen": Size(80, 112),  # 8 text tokens + the time token + 35 image tokens
     "cosmos3_omni": Size(80, 80, 21),  # 8 text tokens + 6 latent frames of 3 x 3 patches (odd latents padded): 54
 }
 
@@ -77,8 +78,9 @@ SIZES = {
 # Families whose plan runs the output head whole (reported as skipped): Latte's last block is a temporal one, whose
 # output the model reshapes back to frames and modulates with a table made from the whole frame count. Ideogram 4's
 # head chunked would keep its text-feature norm's wide output for the replayed model passes. Cosmos 3 Omni's forward
-# concatenates both pathways' outputs and reads the predicted tokens by index before its heads.
-HEAD_RUNS_WHOLE = {"latte", "ideogram4", "cosmos3_omni"}
+# concatenates both pathways' outputs and reads the predicted tokens by index before its heads. OmniGen normalizes
+# every token before keeping the image ones (not planned as a tail yet).
+HEAD_RUNS_WHOLE = {"latte", "ideogram4", "cosmos3_omni", "omnigen"}
 
 
 def chunked_completely(report: Any, family: str) -> bool:

@@ -63,6 +63,7 @@ SIZES = {
     "krea2": dict(height=80, width=112),
     "ideogram4": dict(height=80, width=112),
     "cosmos3_omni": dict(height=80, width=80, num_frames=9),  # 27 video tokens
+    "omnigen": dict(height=80, width=112),
     "hidream": dict(height=80, width=80),
     "ernie_image": dict(height=80, width=112),
     "lumina2": dict(height=48, width=80),
@@ -101,6 +102,7 @@ EXPECTED_APPLIED = {"wan": 2, "wan_vace": 3, "chronoedit": 2, "skyreels_v2": 2, 
                     "anyflow": 2, "glm_image": 4,  # GLM-Image: its glyph and prior projectors, one per block
                     "prx": 0,  # PRX: the MLP is inline in the block's forward
                     "ideogram4": 2, "cosmos3_omni": 4,  # Cosmos 3: each layer's text and generation MLPs
+                    "omnigen": 2,
                     "hunyuandit": 4, "dit": 2, "sana": 2, "sana_video": 2}
 # Families whose FeedForwards are GLU convolutions: split="sequence" skips them (the convolution mixes neighbours).
 CONVOLUTIONAL = {"sana", "sana_video"}

@@ -17,8 +17,8 @@ copy of ``WanTransformerBlock``, and others) get their layout from ``BlockPlan.m
 The plans are data, one module per family lineage (as :mod:`memopt.models`): ``wan``, ``flux``, ``hunyuan``,
 ``cogview``, ``ltx``, ``qwenimage``, ``sd3``, ``mochi``, ``zimage``, ``kandinsky``, ``minimax``, ``auraflow``,
 ``pixart``, ``easyanimate``, ``cosmos``, ``motif``, ``krea``, ``hidream``, ``ernie``, ``joyimage``, ``prx``,
-``ideogram``, each a ``PLANS`` dict; ``_vocabulary`` holds the dataclasses they are made of (below) and the pieces
-several lineages share.
+``ideogram``, ``omnigen``, each a ``PLANS`` dict; ``_vocabulary`` holds the dataclasses they are made of (below) and the
+pieces several lineages share.
 
 Vocabulary:
 
@@ -60,6 +60,7 @@ from . import (
     minimax,
     mochi,
     motif,
+    omnigen,
     pixart,
     prx,
     qwenimage,
@@ -89,7 +90,7 @@ __all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "BroadcastTa
 
 _FAMILY_PLANS = [module.PLANS for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky,
                                                minimax, auraflow, pixart, easyanimate, cosmos, motif, krea,
-                                               hidream, ernie, joyimage, prx, ideogram)]
+                                               hidream, ernie, joyimage, prx, ideogram, omnigen)]
 SEQUENCE_PLANS: dict[str, SequencePlan] = {name: plan for plans in _FAMILY_PLANS for name, plan in plans.items()}
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""
 assert len(SEQUENCE_PLANS) == sum(map(len, _FAMILY_PLANS)), "two family modules define a plan for the same class"
