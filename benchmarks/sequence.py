@@ -114,7 +114,6 @@ BENCH_CONFIGS: dict[str, dict] = {
     "bria_fibo": {"axes_dims_rope": (16, 24, 24)},
     "bria_fibo2": {"dim": 512, "n_heads": 8, "axes_dims": (16, 24, 24), "axes_lens": (1024, 512, 512)},
     "anyflow": {"ffn_dim": 2208},
-    # Ideogram 4 at the release's proportions: text features 11.56x the width, SwiGLU 8 / 3, MRoPE (12, 10, 10).
     # Cosmos 3 Omni: width 512 as hidden_size (8 query heads, 2 K/V heads of 64), SwiGLU ratio 3, a small vocabulary.
     "cosmos3_omni": {"hidden_size": 512, "head_dim": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
                      "intermediate_size": 1536, "rope_axes_dim": (12, 10, 10), "latent_channel": 48,
@@ -122,6 +121,7 @@ BENCH_CONFIGS: dict[str, dict] = {
     # OmniGen: width 512 as hidden_size (8 heads of 64), Phi-3's MLP ratio 8 / 3.
     "omnigen": {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": 1365,
                 "rope_scaling": {"short_factor": [1.0] * 32, "long_factor": [1.0] * 32}},
+    # Ideogram 4 at the release's proportions: text features 11.56x the width, SwiGLU 8 / 3, MRoPE (12, 10, 10).
     "ideogram4": {"llm_features_dim": 5917, "intermediate_size": 1365, "adaln_dim": 64, "mrope_section": (12, 10, 10)},
 }
 BENCH_TEXT_TOKENS = 64

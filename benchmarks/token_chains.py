@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from memopt import apply_sequence_chunking, simulate
+from memopt import apply_sequence_chunking, simulate_family
 from memopt.models import get_family
 from memopt.plans.sequence import SEQUENCE_PLANS
 
@@ -33,25 +33,22 @@ def measure(family: str) -> list[dict]:
     overrides, num_chunks = CASES[family]
     config = {**spec.config("full"), **overrides}
     size = spec.size("default")
-    # Real input tensors beside the fake model: Cosmos 3 Omni's forward reads its index tensors as values.
-    inputs = spec.make_inputs(config, dtype=torch.bfloat16)
     plan = SEQUENCE_PLANS[spec.class_name]
     variants = {
         "unmodified": None,
         f"{num_chunks} chunks, no token chains": dataclasses.replace(plan, token_chains=()),
         f"{num_chunks} chunks, the plan": plan,
     }
-    ld = spec.num_tokens(config, size) * spec.hidden_size(config) * 2
     rows = []
     for name, variant in variants.items():
         start = time.perf_counter()
         # inplace=True: a plan passed by hand writes block outputs out of place unless told (these are the own plans)
         prepare = None if variant is None else (
             lambda m, p=variant: apply_sequence_chunking(m, num_chunks, plan=p, inplace=True))
-        trace = simulate(lambda: spec.build(config), lambda m: inputs, prepare=prepare)
+        trace = simulate_family(spec, config, size, prepare=prepare)
         rows.append({"family": family, "size": f"{size.height}x{size.width}" + (
             f"x{size.num_frames}f" if spec.video else ""), "variant": name,
-            "peak GiB": trace.peak_bytes / 2**30, "peak LD": trace.peak_bytes / ld, "at": trace.peak_module,
+            "peak GiB": trace.peak_bytes / 2**30, "peak LD": trace.meta["ld"], "at": trace.peak_module,
             "seconds": time.perf_counter() - start})
     return rows
 

@@ -479,7 +479,7 @@ def _denoisers(obj: Any, components: dict[str, torch.nn.Module]) -> list[str]:
 def _runs_per_step(name: str, module: torch.nn.Module) -> bool:
     """A diffusers transformer or UNet under another component name (see :data:`DENOISER_CLASS`)."""
     return (isinstance(module, ModelMixin) and DENOISER_CLASS.search(type(module).__name__) is not None
-            and not _is_controlnet(name) and not any(word in name for word in ("vae", "encoder")))
+            and not _is_controlnet(name) and _kind(name, module, []) == "other")
 
 
 def _device(device: str | torch.device | None) -> torch.device:

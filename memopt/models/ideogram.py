@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _randn
+from ._spec import _TINY_HEADS, FamilySpec, Inputs, Size, _cfg, _check_divisible, _grid_ids, _randn
 
 # The indicator and position-offset values Ideogram4Pipeline._prepare_ids packs the sequence with.
 _TEXT, _IMAGE, _PADDING_SEGMENT, _IMAGE_POSITION_OFFSET = 3, 2, -1, 65536
@@ -33,10 +33,7 @@ def _ideogram4_inputs(config, batch, size, text_tokens, dtype, device, generator
     indicator = torch.full((batch, total), _IMAGE, dtype=torch.long)
     segment_ids = torch.ones(batch, total, dtype=torch.long)
     position_ids = torch.zeros(batch, total, 3, dtype=torch.long)
-    rows = torch.arange(h).repeat_interleave(w)
-    columns = torch.arange(w).repeat(h)
-    position_ids[:, text_tokens:, 1], position_ids[:, text_tokens:, 2] = rows, columns
-    position_ids[:, text_tokens:] += _IMAGE_POSITION_OFFSET
+    position_ids[:, text_tokens:] = _grid_ids(h, w, 3, torch.long) + _IMAGE_POSITION_OFFSET
     features = torch.zeros(batch, total, _cfg(config, "llm_features_dim"))
     for sample in range(batch):
         padding = max(1, text_tokens // 4) if masked and sample % 2 == 0 else 0

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ._spec import FamilySpec, Inputs, Size, _cfg, _check_divisible, _randn
-
-
-def _omnigen_tokens(config: Any, size: Size) -> int:
-    """Image tokens: 2x2 patches of the 8x-downsampled latents. The blocks carry them after the text and time tokens."""
-    return (size.height // 16) * (size.width // 16)
+from ._spec import FamilySpec, Inputs, Size, _cfg, _check_divisible, _image_tokens, _randn
 
 
 def _omnigen_inputs(config, batch, size, text_tokens, dtype, device, generator, masked) -> Inputs:
@@ -21,7 +14,7 @@ def _omnigen_inputs(config, batch, size, text_tokens, dtype, device, generator, 
     run over the valid tokens (padding at 0). ``masked=True`` pads a quarter of the text of every other sample. (The
     forward compares ``max(position_ids)`` with an int: it cannot be simulated under ``FakeTensorMode``.)"""
     _check_divisible("omnigen", size, 16)
-    image = _omnigen_tokens(config, size)
+    image = _image_tokens(config, size)  # the blocks carry them after the text and time tokens
     total = text_tokens + 1 + image
     mask = torch.zeros(batch, total, total)
     position_ids = torch.zeros(batch, total, dtype=torch.long)
@@ -65,7 +58,7 @@ SPECS: list[FamilySpec] = [
         sizes={"default": Size(1024, 1024), "tiny": Size(80, 112)},  # OmniGenPipeline's default: 1024 x 1024
         text_tokens=128,  # a prompt with its chat template; OmniGen pads the batch to its longest prompt
         make_inputs_fn=_omnigen_inputs,
-        num_tokens_fn=_omnigen_tokens,
+        num_tokens_fn=_image_tokens,
         video=False,
         mask_key="attention_mask",
         width_keys=("hidden_size",),
