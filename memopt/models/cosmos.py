@@ -26,6 +26,13 @@ def _cosmos_inputs(config, batch, size, text_tokens, dtype, device, generator, m
     mask (bool, last quarter padded), which the model applies in the text cross-attention (no pipeline passes one)."""
     _check_divisible("cosmos", size, 16)
     frames, height, width = _latent_frames(size.num_frames, 4), size.height // 8, size.width // 8
+    if _cfg(config, "extra_pos_embed_type"):
+        # Cosmos-1.0's learnable position tables have max_size / patch_size rows per axis.
+        rows = [m // p for m, p in zip(_cfg(config, "max_size"), _cfg(config, "patch_size"))]
+        needed = [count // p for count, p in zip((frames, height, width), _cfg(config, "patch_size"))]
+        if any(n > r for n, r in zip(needed, rows)):
+            raise ValueError(f"cosmos: {size.num_frames} frames at {size.height}x{size.width} need {needed} (frames, "
+                             f"rows, columns) learnable positions, more than the model's {rows} (max_size)")
     latent_channels = _cfg(config, "in_channels") - 1  # the condition mask is the last input channel
     condition_mask = torch.zeros(batch, 1, frames, height, width, dtype=dtype, device=device)
     condition_mask[:, :, 0] = 1  # the first latent frame is the conditioning image

@@ -32,6 +32,7 @@ def _exit_code(argv: list[str]) -> int:
         (["--model", "wan", "--tiny", "--strategies", "baseline,,ffn"], "empty strategy name"),
         (["--model", "wan", "--tiny", "--height", "100"], "multiples of 16"),
         (["--model", "ltx", "--tiny", "--width", "48"], "multiples of 32"),
+        (["--model", "cosmos", "--tiny", "--frames", "17"], "more than the model's [4, 16, 16] (max_size)"),
         (["--model", "wan", "--tiny", "--frames", "-3"], "--frames must be >= 1, got -3"),
         (["--model", "wan", "--tiny", "--height", "0"], "--height must be >= 1, got 0"),
         (["--model", "wan", "--tiny", "--size", "4k"], "unknown size '4k' for wan"),
