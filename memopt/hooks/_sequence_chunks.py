@@ -75,6 +75,18 @@ def uncut_count(arguments: Arguments, names: list[str]) -> str | None:
     return None
 
 
+MIN_CHUNK_TOKENS = 2
+"""Fewest image tokens a chunk gets: a chunk of one is a sequence of length 1, which some models squeeze away
+(Allegro's blocks and output head call ``squeeze(1)`` on their ``(B, S, D)`` tokens). Sequences shorter than twice the
+chunk count get fewer chunks."""
+
+
+def chunk_count(num_chunks: int, tokens: int) -> int:
+    """How many chunks ``tokens`` image tokens are cut into: ``num_chunks``, fewer where chunks would hold fewer than
+    :data:`MIN_CHUNK_TOKENS`, at least one."""
+    return max(1, min(num_chunks, tokens // MIN_CHUNK_TOKENS))
+
+
 def balanced(total: int, pieces: int, align: int = 1, before: list[int] | None = None) -> list[tuple[int, int]]:
     """``pieces`` contiguous ranges covering ``range(total)``, sizes differing by at most one (like tensor_split).
 
@@ -105,7 +117,7 @@ def grouped(total: int, pieces: int, groups: int) -> list[tuple[int, int]]:
         return [(start * size, end * size) for start, end in balanced(groups, pieces)]
     return [(group * size + start, group * size + end)
             for group, (first, last) in enumerate(balanced(pieces, groups))
-            for start, end in balanced(size, min(last - first, size))]
+            for start, end in balanced(size, chunk_count(last - first, size))]
 
 
 def materialized(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -135,7 +147,7 @@ class ChunkLayout:
               groups: int | None = None, align: int = 1, joint: bool = False) -> "ChunkLayout":
         """``joint``: each chunk's text rows join its image rows in the same kernels (joint attention), so the
         image boundaries are aligned with the text rows of the chunks before them counted in."""
-        num_chunks = min(num_chunks, image_tokens)
+        num_chunks = chunk_count(num_chunks, image_tokens)
         image_ranges = grouped(image_tokens, num_chunks, groups) if groups is not None else None
         num_chunks = len(image_ranges) if image_ranges is not None else num_chunks
         text_ranges: list[tuple[int, int]] = []

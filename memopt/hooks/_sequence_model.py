@@ -31,6 +31,7 @@ from ._sequence_chunks import (
     ChunkLayout,
     DeferredTokens,
     balanced,
+    chunk_count,
     cut_arguments,
     positional_index,
     running,
@@ -104,7 +105,7 @@ class ModelRun:
         self.tail_input = None
         first = self.dropped if self.kept_tokens is None else total - self.kept_tokens
         kept = total - first
-        pieces = balanced(kept, max(1, min(self.num_chunks, kept)), self.align)
+        pieces = balanced(kept, chunk_count(self.num_chunks, kept), self.align)
         self.set_ranges([(first + a, first + b) for a, b in pieces], total)
         self.tail = True
 

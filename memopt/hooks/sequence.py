@@ -194,9 +194,10 @@ class SequenceChunkingConfig:
         num_chunks: how many chunks (virtual ranks) each block's image tokens are cut into. More chunks lower the
             per-chunk workspace (about 8-15 LD / num_chunks on top of the ~3 LD floor) and add per-call overhead
             (small while a chunk keeps ~1000+ tokens; on a GPU, chunks under :data:`SMALL_CHUNK_TOKENS` are
-            launch-bound and warned about). Sequences shorter than ``num_chunks`` use one chunk per
-            token. :func:`apply_sequence_chunking` defaults it to the plan's ``num_chunks`` (32, or 48 for Flux and
-            HunyuanVideo, whose single-stream blocks have the largest workspace).
+            launch-bound and warned about). Sequences shorter than twice ``num_chunks`` get chunks of two tokens
+            (:data:`~memopt.hooks._sequence_chunks.MIN_CHUNK_TOKENS`). :func:`apply_sequence_chunking` defaults it to
+            the plan's ``num_chunks`` (32, or 48 for Flux and HunyuanVideo, whose single-stream blocks have the
+            largest workspace).
         inplace: write each chunk's block output over its input chunk, saving one full hidden state. Safe for
             diffusers' transformer forwards, which rebind ``hidden_states`` to each block's output; memopt turns it
             off by itself for inputs whose elements overlap (expanded tensors) or overlap another block argument

@@ -162,6 +162,20 @@ def test_more_chunks_than_tokens():
         assert rel_err(prediction(model(**inputs)), reference) <= 1e-5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunks_of_two_tokens_when_there_are_more_chunks_than_pairs(family, caplog):
+    """Chunks never hold a single token: Allegro's blocks and head ``squeeze(1)`` their tokens (a chunk of one was a
+    ValueError), AnyFlow's head fell back to the whole sequence; and the output head still runs in chunks."""
+    _, model, inputs = build(family, batch_size=1)
+    with torch.no_grad():
+        reference = prediction(model(**inputs))
+        apply_sequence_chunking(model, 1000, align=1)
+        with caplog.at_level(logging.INFO, logger="memopt"):
+            result = prediction(model(**inputs))
+    assert rel_err(result, reference) <= 1e-5
+    assert "whole sequence" not in caplog.text
+
+
 def _first_frame_clean(batch: int, tokens: int, frame_tokens: int) -> torch.Tensor:
     """Per-token timesteps as Wan2.2 TI2V's image-to-video call makes them: the conditioning frame's tokens at 0,
     the rest at the step's timestep (one per sample)."""
