@@ -85,6 +85,7 @@ from ..plans.feedforward import (
     unit_plan,
 )
 from ._common import HOOK_PREFIX, call_inside, hooks_inside, refuse_if_hooked, register_memopt_hook
+from ._sequence_chunks import running
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class ChunkedFeedForwardConfig:
         num_chunks: shards run one after another. ``split="hidden"``: shards of the intermediate width F;
             ``split="sequence"``: shards of the token rows (all leading dimensions flattened, i.e. batch x sequence).
             Sizes need not divide: shard sizes differ by at most one, the last ones smaller. Larger than F (or than
-            the number of token rows) is an error naming the module.
+            the number of token rows) is an error naming the module, except for the rows of a call that memopt's
+            sequence chunking made small (a chunk's share of the text tokens): one shard per row there.
         split: ``"hidden"`` (tensor-parallel equivalent: the intermediate is split, partial outputs are summed in
             place) or ``"sequence"`` (token chunks written into one output buffer).
         recompute: run each shard under ``torch.utils.checkpoint`` so autograd saves only the shard's inputs and
@@ -836,11 +838,16 @@ class ChunkedFeedForwardHook(ModelHook):
         x2d = x.reshape(-1, x.shape[-1])
         prefix2d = None if prefix is None else prefix.reshape(-1, prefix.shape[-1])
         num_rows = x2d.shape[0]
-        if config.split == "sequence" and config.num_chunks > num_rows:
-            raise ValueError(
-                f"{self.path}: num_chunks={config.num_chunks} is larger than the {num_rows} token rows "
-                f"(batch x sequence) this FeedForward received; use at most {num_rows} chunks"
-            )
+        num_chunks = config.num_chunks
+        if config.split == "sequence" and num_chunks > num_rows:
+            if running("block_run") is None:
+                raise ValueError(
+                    f"{self.path}: num_chunks={num_chunks} is larger than the {num_rows} token rows "
+                    f"(batch x sequence) this FeedForward received; use at most {num_rows} chunks"
+                )
+            # memopt's sequence chunks, not the caller, made this call small (a chunk's share of 8 text tokens):
+            # one shard per row computes the same values.
+            num_chunks = num_rows
         with _honour_hooks(bypassed):
             kernels = self._kernel_for(parts, x2d)
             if kernels is not None:
@@ -854,7 +861,7 @@ class ChunkedFeedForwardHook(ModelHook):
                                         config.accumulate_dtype, grad, config.recompute, fused)
                 else:
                     out_dtype = torch.get_autocast_dtype(x.device.type) if not fused else x.dtype
-                    out = _sequence_split(x2d, prefix2d, parts, split_sizes(num_rows, config.num_chunks), out_dtype,
+                    out = _sequence_split(x2d, prefix2d, parts, split_sizes(num_rows, num_chunks), out_dtype,
                                           grad, config.recompute, fused)
         if parts.final_dropout:
             out = F.dropout(out, parts.final_dropout, training=True)

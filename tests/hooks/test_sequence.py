@@ -352,13 +352,16 @@ def test_combines_with_group_offloading(family, per_token):
 
 
 @pytest.mark.parametrize("family", ["flux", "hunyuanvideo", "chroma"])
-def test_combines_with_chunked_feedforward(family):
+@pytest.mark.parametrize("split", ["hidden", "sequence"])
+def test_combines_with_chunked_feedforward(family, split):
+    """With ``split="sequence"``, 5 shards of FeedForwards that the sequence chunks hand 3-4 rows (2 samples x their
+    share of the 8 text tokens): one shard per row there, not the error a caller passing too few rows gets."""
     from memopt import apply_chunked_feedforward
 
     _, model, inputs = build(family)
     with torch.no_grad():
         reference = prediction(model(**inputs))
-        apply_chunked_feedforward(model, num_chunks=2, split="hidden")
+        apply_chunked_feedforward(model, num_chunks=5, split=split)
         report = apply_sequence_chunking(model, 5)
         assert not report.skipped
         assert rel_err(prediction(model(**inputs)), reference) <= 1e-5
