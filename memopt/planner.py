@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import (
@@ -73,6 +73,7 @@ from torch.utils.flop_counter import (
 from .hooks._common import remove_memopt_hooks, step_cache_hooks
 from .hooks._linear_attention import has_linear_attention
 from .hooks.offload import OffloadConfig, OffloadGroups, apply_offloading, module_bytes, offload_groups, place_on
+from .trace.simulate import InputValues
 
 GIB = 1024**3
 
@@ -533,6 +534,15 @@ def _extrapolated(model: torch.nn.Module, config: dict[str, Any], depths: dict[s
                     block_flops, block_ops, host)
 
 
+def _host_copy(value: Any) -> Any:
+    """A copy in host memory of a small real tensor (the simulation may compute on its values in place); anything
+    else unchanged."""
+    if (not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or value.device.type == "meta"
+            or value.numel() > InputValues.MAX_ELEMENTS):
+        return value
+    return value.detach().to("cpu", copy=True)
+
+
 def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequence[Any], kwargs: dict[str, Any],
                    chunking: Chunking, dtype: torch.dtype, round_to: int) -> _Run | Estimate:
     """Trace a fake copy built from ``config``; an :class:`Estimate` with ``error`` when it cannot be simulated."""
@@ -553,13 +563,17 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
         built.append(copy)
         return copy
 
+    # Small real inputs go in as host copies, whose values the simulation carries (a mask's token counts; see
+    # memopt.trace.simulate.InputValues); the others as fake tensors like them.
+    host_args, host_kwargs = tree_map(_host_copy, (tuple(args), dict(kwargs)))
+
     def fake_inputs(copy: torch.nn.Module) -> dict[str, Any]:
         def like(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and (isinstance(value, FakeTensor) or value.device.type != "cpu"):
                 return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device="cpu")
             return value
 
-        fake_args, fake_kwargs = tree_map(like, (tuple(args), dict(kwargs)))
+        fake_args, fake_kwargs = tree_map(like, (host_args, host_kwargs))
         inputs = {**dict(zip(names, fake_args)), **fake_kwargs}
         if chunking.training and not any(param.requires_grad for param in copy.parameters()):
             # Adapters only (LoRA): they are not in the copy, but the backward still runs through every block to
@@ -581,10 +595,12 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
             trace = simulate(build, fake_inputs, dtype=dtype, prepare=chunking.apply, round_to=round_to,
                              name=chunking.describe(), backward=chunking.training)
     except (DataDependentOutputException, DynamicOutputShapeException) as error:
-        # The model's own forward branches on tensor values or makes data-dependent shapes (HunyuanVideo 1.5's
-        # `if torch.all(image_embeds == 0)` and per-sample boolean indexing of its text tokens): no fake trace.
-        return Estimate(chunking, error=f"the forward of {type(model).__name__} depends on tensor values "
-                                        f"({type(error).__name__}: {error}), so it cannot be simulated")
+        # The model's own forward branches on tensor values or makes data-dependent shapes from values its inputs do
+        # not give (HiDream's MoE routes by bincount of the router's choices): no fake trace. Values of the inputs
+        # are carried (memopt.trace.simulate.InputValues).
+        return Estimate(chunking, error=f"the forward of {type(model).__name__} depends on tensor values computed "
+                                        f"from its weights ({type(error).__name__}: {error}), so it cannot be "
+                                        "simulated")
     except (NotImplementedError, ValueError, TypeError, RuntimeError) as error:
         # Flex attention: the model's own (Kandinsky 6 SR's NABLA, AnyFlow-FAR's block mask) or a backend set with
         # set_attention_backend("flex"), whose failure sequence chunking re-raises as a RuntimeError naming the block.
@@ -756,8 +772,9 @@ class BudgetError(ValueError):
 
 
 class UnplannableError(BudgetError):
-    """The model's own forward cannot be simulated (it depends on tensor values, calls flex attention, or holds
-    modules attached after construction), so no plan is made at any budget; the message says what applies directly."""
+    """The model's own forward cannot be simulated (it depends on values computed from its weights, calls flex
+    attention, or holds modules attached after construction), so no plan is made at any budget; the message says what
+    applies directly."""
 
 
 @dataclass
@@ -932,7 +949,9 @@ def plan_denoiser(
     Args:
         model: the denoiser (real or built under ``FakeTensorMode``); only its config, class and weight sizes are
             read.
-        args / kwargs: the forward's inputs (real or fake tensors; shapes and dtypes matter).
+        args / kwargs: the forward's inputs (real or fake tensors; shapes and dtypes matter, and the values of small
+            real ones where the forward reads them: a mask's token counts. The plan is made for those values; a call
+            whose masks keep more text tokens can need those tokens' share more).
         budget: bytes (or a string like ``"8GiB"``) for everything on the device during the forward.
         device: where the forward runs. On the CPU nothing is moved (the weights stay where they are).
         offload: the offloading to consider besides keeping the model resident (``None``: resident only).

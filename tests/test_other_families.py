@@ -715,13 +715,12 @@ def _controlnet() -> Built:
 
 class Case(NamedTuple):
     """One class: its builder, how many FeedForwards apply_chunked_feedforward hooks in the tiny model (0: none it
-    knows, and the report must say why), whether its forward depends on tensor values (the planner cannot simulate
-    it: MoE routing, ``.item()``, boolean indexing, so apply_memory_optimizations fails at the first call), how many
-    of its attention-kernel calls pass flex attention's ``BlockMask`` (chunked attention leaves those to their
-    backend, and the planner cannot trace them either), and whether it has any diffusers ``Attention`` module at all
-    (without one, apply_chunked_attention refuses: UNet1DModel's SelfAttention1d computes its own softmax).
+    knows, and the report must say why), how many of its attention-kernel calls pass flex attention's ``BlockMask``
+    (chunked attention leaves those to their backend, and the planner cannot trace them either), and whether it has
+    any diffusers ``Attention`` module at all (without one, apply_chunked_attention refuses: UNet1DModel's
+    SelfAttention1d computes its own softmax).
     ``planner_refusal``: part of the message with which the planner refuses the class for another reason at the first
-    call (empty: it plans it, or refuses it as data dependent / flex attention). ``sequence_plan``: a ControlNet made
+    call (empty: it plans it, or refuses it for its flex attention). ``sequence_plan``: a ControlNet made
     of a planned family's blocks, which memopt chunks with that family's plan (out of place: it returns every block's
     output), or a class that has a plan of its own since; the others are refused. ``convolutional``: its FeedForwards
     are GLU convolutions, which ``split="sequence"`` skips (their depthwise convolution mixes neighbouring tokens);
@@ -730,7 +729,6 @@ class Case(NamedTuple):
 
     build: Callable[[], Built]
     feedforwards: int
-    data_dependent: bool = False
     flex_calls: int = 0
     attention: bool = True
     planner_refusal: str = ""
@@ -773,10 +771,10 @@ CASES: dict[str, Case] = {
     "MiniMaxMusic3Transformer1DModel": Case(_minimax_music3, 0),  # MLP inline in the block's forward
     # Experts choose their top tokens over the whole sequence (not chunkable); FeedForward chunking: the dense block's
     # MLP and the MoE block's shared expert (the routed experts are not FeedForwards); routing reads .tolist().
-    "NucleusMoEImageTransformer2DModel": Case(_nucleus_image, 2, data_dependent=True),
+    "NucleusMoEImageTransformer2DModel": Case(_nucleus_image, 2),
     # A tensor read as a number (its rotary embedding compares max(position_ids) with an int). A family since
     # (memopt.models.omnigen), chunked by its plan on this layout (an input image's tokens among the text).
-    "OmniGenTransformer2DModel": Case(_omnigen, 2, data_dependent=True, sequence_plan=True),
+    "OmniGenTransformer2DModel": Case(_omnigen, 2, sequence_plan=True),
     "PriorTransformer": Case(_prior, 2),  # BasicTransformerBlock gelu FeedForwards
     "QwenImageControlNetModel": Case(_qwenimage_controlnet, 4, sequence_plan=True),  # img_mlp + txt_mlp per block
     # RFD4ProteinaTransition (packed SwiGLU, forward(values, mask)) has no memopt layout and no FeedForward-like name:
@@ -812,7 +810,7 @@ CASES: dict[str, Case] = {
     "UVit2DModel": Case(_uvit, 2),
     "UniDiffuserModel": Case(_unidiffuser, 3),  # GEGLU FeedForward in the in, mid and out block
     # ffn is an nn.Sequential (no FeedForward); the rotary embedding reads grid_sizes.tolist(): data dependent.
-    "WanAnimate2Transformer3DModel": Case(_wan_animate2, 2, data_dependent=True),  # an nn.Sequential ffn per block
+    "WanAnimate2Transformer3DModel": Case(_wan_animate2, 2),  # an nn.Sequential ffn per block
     # control_layers (2) + control_noise_refiner (1) + the transformer's noise_refiner and context_refiner (1 + 1).
     # from_transformer attaches the latter with the embedders, which a copy built from the config lacks: the planner
     # refuses.
@@ -983,9 +981,8 @@ def test_memory_optimizations_plan_is_exact_or_refused_at_first_call(name):
     reference, state_before = forward(model, inputs), state(model)
     apply_memory_optimizations(model)  # CPU, default budget: planned at the first forward
     case = CASES[name]
-    if case.planner_refusal or case.data_dependent or case.flex_calls:
-        reason = case.planner_refusal or ("depends on tensor values" if case.data_dependent
-                                          else "higher-order operator flex_attention")
+    if case.planner_refusal or case.flex_calls:
+        reason = case.planner_refusal or "higher-order operator flex_attention"
         with pytest.raises(BudgetError, match=f"memopt cannot plan {name}: .*{reason}"):
             forward(model, inputs)
         assert_restored(model, inputs, reference, state_before)  # memopt removed itself: the next call is unmodified

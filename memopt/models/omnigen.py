@@ -12,7 +12,7 @@ def _omnigen_inputs(config, batch, size, text_tokens, dtype, device, generator, 
     time token the model inserts, then the image tokens. The ``(B, S, S)`` 0/1 mask is causal over text and time
     token (padding columns off), and the image rows see every valid token; padding rows see everything. Positions
     run over the valid tokens (padding at 0). ``masked=True`` pads a quarter of the text of every other sample. (The
-    forward compares ``max(position_ids)`` with an int: it cannot be simulated under ``FakeTensorMode``.)"""
+    forward compares ``max(position_ids)`` with an int: simulations read it from the ids' values.)"""
     _check_divisible("omnigen", size, 16)
     image = _image_tokens(config, size)  # the blocks carry them after the text and time tokens
     total = text_tokens + 1 + image
