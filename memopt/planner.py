@@ -535,12 +535,11 @@ def _extrapolated(model: torch.nn.Module, config: dict[str, Any], depths: dict[s
 
 
 def _host_copy(value: Any) -> Any:
-    """A copy in host memory of a small real tensor (the simulation may compute on its values in place); anything
-    else unchanged."""
+    """A small real tensor in host memory, where the simulation reads its values; anything else unchanged."""
     if (not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or value.device.type == "meta"
             or value.numel() > InputValues.MAX_ELEMENTS):
         return value
-    return value.detach().to("cpu", copy=True)
+    return value.detach().to("cpu")
 
 
 def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequence[Any], kwargs: dict[str, Any],
@@ -569,7 +568,8 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
 
     def fake_inputs(copy: torch.nn.Module) -> dict[str, Any]:
         def like(value: Any) -> Any:
-            if isinstance(value, torch.Tensor) and (isinstance(value, FakeTensor) or value.device.type != "cpu"):
+            if isinstance(value, torch.Tensor) and (isinstance(value, FakeTensor) or value.device.type != "cpu"
+                                                    or value.numel() > InputValues.MAX_ELEMENTS):
                 return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device="cpu")
             return value
 

@@ -115,13 +115,14 @@ class InputValues(TorchDispatchMode):
         self.stale: set[StorageWeakRef] = set()
 
     def carry(self, value: Any) -> Any:
-        """A real tensor -> a fake tensor like it that carries its values (while small); anything else unchanged."""
+        """A real tensor -> a fake tensor like it that carries a copy of its values (while small: the forward may
+        write into its inputs, which must not reach the caller's tensor); anything else unchanged."""
         if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or value.device.type == "meta":
             return value
-        with unset_fake_temporarily():  # carry is called under the fake mode, which would make the detach fake
-            real = value.detach()
         fake = self.fake_mode.from_tensor(value)  # requiring grad as the input does (a training step's latents)
-        self._keep(fake, real)
+        if value.numel() <= self.MAX_ELEMENTS:
+            with unset_fake_temporarily():  # carry is called under the fake mode, which would make the copy fake
+                self._keep(fake, value.detach().clone())
         return fake
 
     def _keep(self, fake: Any, real: Any) -> None:
