@@ -60,6 +60,7 @@ def main() -> None:
              "every text token were valid).", "",
              "| family | size | text | tokens | unmodified GiB (LD) | peak at | chunked GiB (LD) | seconds |",
              "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for family in args.families:
         for masked in (False, True) if get_family(family).mask_key else (False,):
             row = measure(family, masked)
@@ -69,11 +70,8 @@ def main() -> None:
                          f"{unmodified.peak_module} | {chunked.peak_bytes / 2**30:.3f} ({chunked.meta['ld']:.1f}) | "
                          f"{row['seconds']:.0f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
     if args.output is not None:
-        args.output.write_text(text)
-    else:
-        print(text)
+        args.output.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
