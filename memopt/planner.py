@@ -598,9 +598,9 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
         # The model's own forward branches on tensor values or makes data-dependent shapes from values its inputs do
         # not give (HiDream's MoE routes by bincount of the router's choices): no fake trace. Values of the inputs
         # are carried (memopt.trace.simulate.InputValues).
-        return Estimate(chunking, error=f"the forward of {type(model).__name__} depends on tensor values computed "
-                                        f"from its weights ({type(error).__name__}: {error}), so it cannot be "
-                                        "simulated")
+        return Estimate(chunking, error=f"the forward of {type(model).__name__} depends on tensor values the "
+                                        "simulation does not have (computed from its weights, or of inputs given as "
+                                        f"fake tensors) ({type(error).__name__}: {error}), so it cannot be simulated")
     except (NotImplementedError, ValueError, TypeError, RuntimeError) as error:
         # Flex attention: the model's own (Kandinsky 6 SR's NABLA, AnyFlow-FAR's block mask) or a backend set with
         # set_attention_backend("flex"), whose failure sequence chunking re-raises as a RuntimeError naming the block.
@@ -772,9 +772,9 @@ class BudgetError(ValueError):
 
 
 class UnplannableError(BudgetError):
-    """The model's own forward cannot be simulated (it depends on values computed from its weights, calls flex
-    attention, or holds modules attached after construction), so no plan is made at any budget; the message says what
-    applies directly."""
+    """The model's own forward cannot be simulated (it depends on values computed from its weights or of fake inputs,
+    calls flex attention, or holds modules attached after construction), so no plan is made at any budget; the message
+    says what applies directly."""
 
 
 @dataclass

@@ -107,6 +107,10 @@ class InputValues(TorchDispatchMode):
     """
 
     MAX_ELEMENTS = 1 << 22  # larger values are not kept (their tensors go on fake only)
+    # Factories of uninitialised memory: their outputs have no values (a fake input made by empty_strided, a buffer
+    # the forward fills later), not the garbage a host run would give.
+    UNINITIALISED = frozenset({"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty",
+                               "new_empty_strided"})
 
     def __init__(self, fake_mode: FakeTensorMode) -> None:
         super().__init__()
@@ -154,6 +158,8 @@ class InputValues(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         try:
+            if func.overloadpacket.__name__ in self.UNINITIALISED:
+                raise _NoValues
             real_args, real_kwargs = self._real_arguments(args), self._real_arguments(kwargs)
         except _NoValues:
             real_args = real_kwargs = None

@@ -55,6 +55,16 @@ def test_a_read_of_values_computed_from_the_weights_still_raises(modes) -> None:
         (weights > 0).sum().item()
 
 
+@pytest.mark.parametrize("make", [lambda: torch.empty(2, 3), lambda: torch.empty_strided((2, 3), (3, 1)),
+                                  lambda: torch.ones(2, 3).new_empty((2, 3))])
+def test_uninitialised_memory_has_no_values(modes, make) -> None:
+    """A fake input made with ``empty_strided`` (the planner's for value-less inputs) or a buffer made with ``empty``
+    has no values: a read raises, never an answer from garbage (Lumina 2's caption lengths overflowed an int)."""
+    fake_mode, values = modes
+    with fake_mode, values, pytest.raises(DataDependentOutputException):
+        make().sum().item()
+
+
 def test_a_carried_input_is_not_modified(modes) -> None:
     """The planner carries host copies; carrying never writes into the tensor it was given."""
     fake_mode, values = modes
