@@ -534,7 +534,7 @@ def _extrapolated(model: torch.nn.Module, config: dict[str, Any], depths: dict[s
                     block_flops, block_ops, host)
 
 
-def _host_copy(value: Any) -> Any:
+def _on_host(value: Any) -> Any:
     """A small real tensor in host memory, where the simulation reads its values; anything else unchanged."""
     if (not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or value.device.type == "meta"
             or value.numel() > InputValues.MAX_ELEMENTS):
@@ -562,9 +562,9 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
         built.append(copy)
         return copy
 
-    # Small real inputs go in as host copies, whose values the simulation carries (a mask's token counts; see
+    # Small real inputs go in as host tensors, whose values the simulation carries (a mask's token counts; see
     # memopt.trace.simulate.InputValues); the others as fake tensors like them.
-    host_args, host_kwargs = tree_map(_host_copy, (tuple(args), dict(kwargs)))
+    host_args, host_kwargs = tree_map(_on_host, (tuple(args), dict(kwargs)))
 
     def fake_inputs(copy: torch.nn.Module) -> dict[str, Any]:
         def like(value: Any) -> Any:
