@@ -47,6 +47,7 @@ from memopt import apply_sequence_chunking, remove_memory_optimizations, trace_m
 from memopt.hooks import sequence as sequence_hooks
 from memopt.hooks.sequence import SCHEDULES
 from memopt.models import Size, cast_floating_, get_family
+from memopt.models.omnigen import omnigen_rope_scaling
 from memopt.plans.sequence import SEQUENCE_PLANS
 from memopt.trace.growth import activation_growth, sized_config
 
@@ -120,7 +121,7 @@ BENCH_CONFIGS: dict[str, dict] = {
                      "patch_latent_dim": 192},
     # OmniGen: width 512 as hidden_size (8 heads of 64), Phi-3's MLP ratio 8 / 3.
     "omnigen": {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": 1365,
-                "rope_scaling": {"short_factor": [1.0] * 32, "long_factor": [1.0] * 32}},
+                "rope_scaling": omnigen_rope_scaling(64)},
     # Ideogram 4 at the release's proportions: text features 11.56x the width, SwiGLU 8 / 3, MRoPE (12, 10, 10).
     "ideogram4": {"llm_features_dim": 5917, "intermediate_size": 1365, "adaln_dim": 64, "mrope_section": (12, 10, 10)},
 }

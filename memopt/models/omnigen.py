@@ -39,8 +39,9 @@ def _omnigen_inputs(config, batch, size, text_tokens, dtype, device, generator, 
     }
 
 
-def _omnigen_rope_scaling(head_dim: int) -> dict[str, list[float]]:
-    # Phi-3's su-scaled rotary factors, one per frequency (ones here: their values change no memory or layout).
+def omnigen_rope_scaling(head_dim: int) -> dict[str, list[float]]:
+    """Phi-3's su-scaled rotary factors for heads of ``head_dim``, one per frequency (ones: their values change no
+    memory or layout); every OmniGen config at another head size needs its own."""
     return {"short_factor": [1.0] * (head_dim // 2), "long_factor": [1.0] * (head_dim // 2)}
 
 
@@ -50,10 +51,10 @@ SPECS: list[FamilySpec] = [
         class_name="OmniGenTransformer2DModel",
         configs={
             # Shitao/OmniGen-v1: the class defaults (Phi-3-mini: 32 layers of width 3072, 32 heads of 96, MLP 8192).
-            "full": {"rope_scaling": _omnigen_rope_scaling(96)},
+            "full": {"rope_scaling": omnigen_rope_scaling(96)},
             "tiny": {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 48,
                      "num_layers": 2, "vocab_size": 64, "pad_token_id": 0, "time_step_dim": 8,
-                     "rope_scaling": _omnigen_rope_scaling(16)},
+                     "rope_scaling": omnigen_rope_scaling(16)},
         },
         sizes={"default": Size(1024, 1024), "tiny": Size(80, 112)},  # OmniGenPipeline's default: 1024 x 1024
         text_tokens=128,  # a prompt with its chat template; OmniGen pads the batch to its longest prompt

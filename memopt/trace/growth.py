@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from ..models import Size, get_family
+from ..models.omnigen import omnigen_rope_scaling
 from .simulate import allocate_gradients, training_step
 from .tracer import trace_memory
 
@@ -82,7 +83,7 @@ GROWTH_CONFIGS: dict[str, dict[str, Any]] = {
                      "intermediate_size": 384, "num_hidden_layers": 1},
     # OmniGen: width 128 as hidden_size (16 heads of 8), Phi-3's MLP ratio 8 / 3, one layer.
     "omnigen": {"hidden_size": 128, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 344,
-                "num_layers": 1, "rope_scaling": {"short_factor": [1.0] * 4, "long_factor": [1.0] * 4}},
+                "num_layers": 1, "rope_scaling": omnigen_rope_scaling(8)},
     # Ideogram 4: text features 11.56x the width (53248 / 4608, as released), MRoPE sections for head_dim 8, one block.
     "ideogram4": {"llm_features_dim": 1479, "mrope_section": (1, 1, 1), "intermediate_size": 344, "num_layers": 1},
     # HiDream: one block of each kind fed one Llama layer; rope axes summing to 8.
