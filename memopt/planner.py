@@ -367,6 +367,8 @@ class Estimate:
         block_flops / block_ops: per block list, one block's FLOPs and ops (for the offloading overlap).
         host_bytes: bytes copied to host memory and back (a training step's saved inputs with
             ``saved_inputs="host"``).
+        assumptions: worst cases the simulation assumed for values computed from the weights
+            (:mod:`memopt.trace.stand_ins`): the peaks are upper bounds.
         error: why the chunking could not be applied to this model (then the other fields are meaningless).
     """
 
@@ -377,6 +379,7 @@ class Estimate:
     block_flops: dict[str, float] = field(default_factory=dict)
     block_ops: dict[str, int] = field(default_factory=dict)
     host_bytes: float = 0.0
+    assumptions: tuple[str, ...] = ()
     error: str | None = None
 
     @property
@@ -506,7 +509,8 @@ def simulate_chunking(
         flops += (real - simulated) * block_flops[list_name]
         num_ops += (real - simulated) * block_ops[list_name]
     phases = _phases(base.trace.modules, base.trace.live_bytes, base.trace.ops, block_lists(model))
-    return Estimate(chunking, phases, flops, num_ops, block_flops, block_ops)
+    return Estimate(chunking, phases, flops, num_ops, block_flops, block_ops,
+                    assumptions=tuple(base.trace.meta["assumptions"]))
 
 
 def _extrapolated(model: torch.nn.Module, config: dict[str, Any], depths: dict[str, tuple[str, int, int]], base: _Run,
@@ -531,7 +535,7 @@ def _extrapolated(model: torch.nn.Module, config: dict[str, Any], depths: dict[s
         flops += (real - simulated) * block_flops[list_name]
         num_ops += (real - simulated) * block_ops[list_name]
     return Estimate(chunking, {"step": PhasePeak(int(peak), trace.peak_module, trace.peak_op)}, flops, int(num_ops),
-                    block_flops, block_ops, host)
+                    block_flops, block_ops, host, assumptions=tuple(trace.meta["assumptions"]))
 
 
 def _on_host(value: Any) -> Any:
@@ -596,8 +600,8 @@ def _simulate_once(model: torch.nn.Module, config: dict[str, Any], args: Sequenc
                              name=chunking.describe(), backward=chunking.training)
     except (DataDependentOutputException, DynamicOutputShapeException) as error:
         # The model's own forward branches on tensor values or makes data-dependent shapes from values its inputs do
-        # not give (HiDream's MoE routes by bincount of the router's choices): no fake trace. Values of the inputs
-        # are carried (memopt.trace.simulate.InputValues).
+        # not give, computed from its weights with no worst case known (memopt.trace.stand_ins has those): no fake
+        # trace. Values of the inputs are carried (memopt.trace.simulate.InputValues).
         return Estimate(chunking, error=f"the forward of {type(model).__name__} depends on tensor values the "
                                         "simulation does not have (computed from its weights, or of inputs given as "
                                         f"fake tensors) ({type(error).__name__}: {error}), so it cannot be simulated")
@@ -843,6 +847,8 @@ class DenoiserPlan:
         planning_seconds: how long planning took (simulations included).
         gradient_bytes: the trainable parameters' gradients (training plans; in the predicted peak).
         training: planned for a training step rather than a forward.
+        assumptions: worst cases the simulation assumed for values computed from the weights (HiDream's MoE
+            routing): the predicted peak is an upper bound rather than the forward's to the byte.
     """
 
     chunking: Chunking
@@ -868,6 +874,7 @@ class DenoiserPlan:
     planning_seconds: float = 0.0
     gradient_bytes: int = 0
     training: bool = False
+    assumptions: tuple[str, ...] = ()
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -916,6 +923,7 @@ class DenoiserPlan:
     def __str__(self) -> str:
         lines = [f"placement: {self.describe_placement()}", f"chunking: {self.chunking.describe()}",
                  self.peak_line(), self.time_line()]
+        lines += [f"assumes {assumption}" for assumption in self.assumptions]
         if self.note:
             lines.append(self.note)
         return "\n".join(lines)
@@ -1107,7 +1115,8 @@ def plan_denoiser(
         shapes=shapes, groups=groups, considered=considered, profile=profile,
         note="" if movable else "no CUDA device: nothing moved (weights stay where they are); chunking only",
         element_size=torch.tensor([], dtype=dtype).element_size(), planning_seconds=time.perf_counter() - start,
-        gradient_bytes=device_gradients(best.offload), training=training, **token_info,
+        gradient_bytes=device_gradients(best.offload), training=training,
+        assumptions=cache[best.chunking].assumptions, **token_info,
     )
 
 

@@ -23,8 +23,10 @@ from memopt.planner import (
     phase_weights,
     plan_denoiser,
     simulate_chunking,
+    UnplannableError,
 )
 from memopt.trace import simulate
+from memopt.trace.stand_ins import install_stand_ins
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "hooks"))
 from _tiny_cases import SIZES as TINY_SIZES, rel_err, sana  # noqa: E402
@@ -219,8 +221,6 @@ def test_a_flex_attention_backend_is_refused_by_name(monkeypatch) -> None:
     planner refuses the model, naming the operator."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-    from memopt.planner import UnplannableError
-
     # set_attention_backend also sets diffusers' process-wide active backend: restored after the test
     monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     spec = get_family("wan")
@@ -329,13 +329,56 @@ def test_full_size_fits_4_5_gib_with_offloading_and_chunking(family: str) -> Non
 
 
 def test_a_forward_that_depends_on_computed_values_is_refused_clearly() -> None:
-    """HiDream routes its MoE tokens with ``bincount`` of the router's choices, values computed from the weights,
-    which fake tensors do not have: planning fails with an error that says so, never a guess."""
+    """A forward whose shapes follow values computed from its weights, with no known worst case, cannot be simulated
+    (fake weights have no values): planning fails with an error that says so, never a guess."""
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+
+    class KeepsPositiveRows(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, dim: int = 8) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(dim, dim)
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            projected = self.proj(hidden_states)
+            return projected[projected[:, 0] > 0]
+
+    with pytest.raises(UnplannableError, match="tensor values the simulation does not have .* cannot be simulated"):
+        plan_denoiser(KeepsPositiveRows(), (torch.randn(5, 8),), {}, budget="1GiB", device="cpu")
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_moe_routing_by_the_weights_is_planned_for_its_worst_case(batch_size: int) -> None:
+    """HiDream's MoE gathers each expert's tokens by ``bincount`` of its router's choices, values computed from the
+    weights. The simulation routes every token to the same top-k experts (memopt.trace.stand_ins), the most any
+    routing gives one expert: the predicted peak is the tracer's for that routing to the byte and above the real
+    routing's, the plan says it assumed it, and the output is exact."""
     spec = get_family("hidream")
+    torch.manual_seed(0)
     model = spec.build("tiny")
-    inputs = spec.make_inputs(model.config, batch_size=1, masked=True)
-    with pytest.raises(BudgetError, match="tensor values the simulation does not have .* cannot be simulated"):
-        plan_denoiser(model, (), inputs, budget="1GiB", device="cpu")
+    size = TINY_SIZES["hidream"]
+    inputs = spec.make_inputs(model.config, batch_size=batch_size, height=size.height, width=size.width, masked=True)
+    with torch.no_grad():
+        unmodified = trace_memory(model, **inputs)
+    budget = unmodified.baseline_bytes + int(0.85 * unmodified.peak_bytes)
+    plan = plan_denoiser(model, (), inputs, budget=budget, device="cpu")
+    assert not plan.chunking.is_empty and plan.predicted_peak_bytes <= budget
+    assert "assumes MoE routing at its worst case" in str(plan)
+    plan.apply(model)
+    try:
+        with torch.no_grad():
+            routed = trace_memory(model, **inputs)
+            handles, _ = install_stand_ins(model)
+            try:
+                worst = trace_memory(model, **inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+    finally:
+        remove_memopt_hooks(model)
+    assert plan.activation.bytes == worst.peak_bytes > routed.peak_bytes
+    assert rel_err(routed.result[0], unmodified.result[0]) <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["hunyuanvideo15", "hunyuanimage", "qwenimage21", "framepack", "lumina2",

@@ -7,7 +7,8 @@ parameters), the forward runs inside the same fake mode, and fake *CPU* tensors 
 flash kernel (O(S) memory) like a real GPU run, not the math path that ``meta`` tensors take. A fake tensor has no
 values; where the forward reads some (a mask's row sums as token counts, boolean indexing by a mask) they come from
 the inputs, which the planner has for real: see :class:`InputValues`. An output sized by values no input gives is
-taken at its largest: ``nonzero`` as if every element were non-zero.
+taken at its largest: ``nonzero`` as if every element were non-zero, and HiDream's MoE routing as the most tokens any
+routing gives one expert (:mod:`memopt.trace.stand_ins`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from torch._subclasses.fake_tensor import (
     unset_fake_temporarily,
 )
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..models import FamilySpec, Size, cast_floating_, get_family
 from .result import MemoryTrace
+from .stand_ins import install_stand_ins
 from .tracer import MemoryTracer
 
 ModelTransform = Callable[[torch.nn.Module], Any]
@@ -57,7 +60,8 @@ def simulate(
 
     Returns:
         The :class:`MemoryTrace`; ``baseline_bytes`` is weights + inputs (+ gradients with ``backward``),
-        ``peak_bytes`` the activation peak.
+        ``peak_bytes`` the activation peak; ``meta["assumptions"]`` lists the worst cases assumed for values computed
+        from the weights (:mod:`memopt.trace.stand_ins`), where the peak is an upper bound.
 
     Example::
 
@@ -78,12 +82,17 @@ def simulate(
             inputs = tree_map(values.carry, build_inputs(model))
         if backward:
             allocate_gradients(model)
+    stand_ins, assumptions = install_stand_ins(model)  # values computed from the weights, at their worst case
     tracer = MemoryTracer(round_to=round_to, root=model, device="dispatch")
-    with torch.set_grad_enabled(backward), fake_mode, values:
-        trace = tracer.run(training_step, model, inputs) if backward else tracer.run(model, **inputs)
+    try:
+        with torch.set_grad_enabled(backward), fake_mode, values:
+            trace = tracer.run(training_step, model, inputs) if backward else tracer.run(model, **inputs)
+    finally:
+        for handle in stand_ins:
+            handle.remove()
     trace.name = name
     trace.result = None  # fake outputs are useless outside the mode
-    trace.meta.update({"dtype": str(dtype).replace("torch.", ""), "simulated": True})
+    trace.meta.update({"dtype": str(dtype).replace("torch.", ""), "simulated": True, "assumptions": assumptions})
     return trace
 
 
@@ -117,6 +126,19 @@ class InputValues(TorchDispatchMode):
         self.fake_mode = fake_mode
         self.values: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.stale: set[StorageWeakRef] = set()
+        self._numpy_reads: list[_NumpyReads] = []
+
+    def __enter__(self) -> "InputValues":
+        reads = _NumpyReads(self)
+        reads.__enter__()
+        self._numpy_reads.append(reads)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._numpy_reads.pop().__exit__(*exc)
 
     def carry(self, value: Any) -> Any:
         """A real tensor -> a fake tensor like it that carries a copy of its values (while small: the forward may
@@ -231,6 +253,25 @@ class InputValues(TorchDispatchMode):
             for tensor in tree_leaves(value):
                 if isinstance(tensor, FakeTensor) and tensor in self.values:
                     self.stale.add(StorageWeakRef(tensor.untyped_storage()))
+
+
+class _NumpyReads(TorchFunctionMode):
+    """``tensor.numpy()`` of a fake tensor with values (HiDream's expert counts: ``bincount(...).cpu().numpy()``)
+    returns a copy of the values; ``numpy`` reads data without dispatching an operation, so :class:`InputValues`
+    alone never sees it. Without values it is a data-dependent read, which the simulation cannot answer."""
+
+    def __init__(self, values: InputValues) -> None:
+        super().__init__()
+        self.input_values = values
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.numpy and isinstance(args[0], FakeTensor):
+            value = self.input_values._value(args[0])
+            if value is None:
+                raise DataDependentOutputException(func)
+            with unset_fake_temporarily(), _disable_current_modes():
+                return value.detach().clone().numpy()
+        return func(*args, **(kwargs or {}))
 
 
 def simulate_family(

@@ -53,6 +53,23 @@ def test_a_read_of_values_computed_from_the_weights_still_raises(modes) -> None:
     weights = fake_mode.from_tensor(torch.randn(4))
     with fake_mode, values, pytest.raises(DataDependentOutputException):
         (weights > 0).sum().item()
+    with fake_mode, values, pytest.raises(DataDependentOutputException):
+        (weights > 0).long().cpu().numpy()
+
+
+def test_numpy_of_carried_values_is_a_copy_of_them(modes) -> None:
+    """``numpy()`` reads data without dispatching an operation (HiDream's ``bincount(...).cpu().numpy()``): a fake
+    tensor with values answers with a copy, and a write into that copy reaches neither the values nor the input."""
+    fake_mode, values = modes
+    choices = torch.tensor([0, 2, 2, 1, 2])
+    with fake_mode:
+        carried = values.carry(choices)
+    with fake_mode, values:
+        counts = carried.bincount().cpu().numpy()
+        assert counts.tolist() == [1, 1, 3]
+        counts[0] = 7
+        assert carried.bincount().tolist() == [1, 1, 3]
+    assert choices.tolist() == [0, 2, 2, 1, 2]
 
 
 @pytest.mark.parametrize("make", [lambda: torch.empty(2, 3), lambda: torch.empty_strided((2, 3), (3, 1)),
