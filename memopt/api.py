@@ -597,19 +597,19 @@ def _check_floor(plan: MemoryPlan, components: dict[str, torch.nn.Module], denoi
 
 def _plan_for_size(model: torch.nn.Module, plan: MemoryPlan, name: str, height: int, width: int,
                    num_frames: int | None, batch_size: int) -> DenoiserPlan:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from .models import get_family
     from .planner import model_dtype
+    from .trace.simulate import small_inputs_real
 
     try:
         family = get_family(model)
     except ValueError as error:
         raise ValueError(f"planning for height/width needs a model family memopt knows ({error}); omit the sizes to "
                          "plan at the first forward instead") from error
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        inputs = family.make_inputs(model.config, batch_size=batch_size, height=height, width=width,
-                                    num_frames=num_frames, dtype=model_dtype(model))
+    # Fake latents and text states (nothing allocated), real masks and timesteps: some forwards read their values.
+    inputs = small_inputs_real(lambda: family.make_inputs(model.config, batch_size=batch_size, height=height,
+                                                          width=width, num_frames=num_frames,
+                                                          dtype=model_dtype(model)))
     other_resident, other_working = _other_device_bytes(plan, name)
     return _isolated(lambda: plan_denoiser(model, (), inputs, plan.budget_bytes, plan.device,
                                            offload=plan.components[name].offload, other_resident_bytes=other_resident,

@@ -138,6 +138,39 @@ def test_plan_for_a_given_size_is_made_again_for_a_larger_batch(reference: torch
     memopt.remove_memory_optimizations(pipe)
 
 
+@pytest.mark.parametrize("family", ["lumina2", "glm_image", "omnigen", "hunyuanimage", "hidream"])
+def test_plan_for_a_given_size_simulates_forwards_that_read_values(family: str) -> None:
+    """Planned for a size, the planner makes the inputs itself. They were all fake tensors, so forwards reading their
+    inputs' values (Lumina 2's text lengths from its mask, GLM-Image's and HunyuanImage 2.1's boolean-mask indexing,
+    OmniGen's ``max(position_ids)``) were refused; now the small ones are real (the mask, the timesteps: see
+    ``memopt.trace.simulate.small_inputs_real``), and the plan made at once is the one the first call keeps, with its
+    peak predicted to the byte (HiDream's: at its worst MoE routing, an upper bound)."""
+    spec = get_family(family)
+    torch.manual_seed(0)
+    model = spec.build("tiny")
+    size = spec.size("tiny")
+    inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
+                              num_frames=size.num_frames)
+    with torch.no_grad():
+        unmodified = trace_memory(model, **inputs)
+    plan = memopt.apply_memory_optimizations(model, budget=unmodified.baseline_bytes + unmodified.peak_bytes * 17 // 20,
+                                             device="cpu", height=size.height, width=size.width,
+                                             num_frames=size.num_frames if spec.video else None)
+    (component,) = plan.components.values()
+    planned = component.denoiser
+    assert planned is not None and not planned.chunking.is_empty
+    with torch.no_grad():
+        traced = trace_memory(model, **inputs)
+    memopt.remove_memory_optimizations(model)
+    assert component.denoiser is planned  # not planned again: the call's inputs are those planned for
+    if family == "hidream":
+        assert planned.predicted_peak_bytes >= traced.total_peak_bytes and planned.assumptions
+    else:
+        assert planned.predicted_peak_bytes == traced.total_peak_bytes and not planned.assumptions
+    assert traced.total_peak_bytes < unmodified.total_peak_bytes
+    assert _rel(traced.result[0], unmodified.result[0]) <= 1e-5
+
+
 def test_bare_model_planned_inside_a_trace() -> None:
     """The first call can be traced: the planner's own simulation runs apart from the caller's tracer."""
     spec = get_family("flux")

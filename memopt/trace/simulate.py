@@ -96,6 +96,23 @@ def simulate(
     return trace
 
 
+def small_inputs_real(make_inputs: Callable[[], Any]) -> Any:
+    """``make_inputs()`` without allocating its large tensors: run under a fake mode, its tensors come back fake except
+    the small ones (up to :attr:`InputValues.MAX_ELEMENTS` elements), which come back real with the values a real call
+    gives them: a mask, timesteps, position ids. What the planner needs to plan a forward that reads such values
+    before its first call (``apply_memory_optimizations(..., height=, width=)``)."""
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    values = InputValues(fake_mode)
+    with fake_mode, values:
+        inputs = make_inputs()
+
+    def real(value: Any) -> Any:
+        known = values._value(value) if isinstance(value, FakeTensor) else None
+        return value if known is None else known
+
+    return tree_map(real, inputs)
+
+
 class _NoValues(Exception):
     """An argument of the operation has no values."""
 
