@@ -6,10 +6,10 @@ How a plan is made (:func:`plan_denoiser`):
    under ``FakeTensorMode``, same dtype: nothing is allocated and the real weights are not touched), each candidate
    chunking is applied to it with memopt's own ``apply_*`` functions, and :func:`memopt.simulate` traces one forward
    on fake inputs with the shapes of the real call. The activation peak is therefore the tracer's exact storage
-   count for this model class, size and chunking, not a formula. For the families in :data:`REPEATED_LAYERS` the
-   copy has two blocks per block list instead of 40: the blocks are identical and the residual stream has the same
+   count for this model class, size and chunking, not a formula. For the classes in :data:`REPEATED_LAYERS` the
+   copy has three blocks per block list instead of 40: the blocks are identical and the residual stream has the same
    size after every block, so the activation peak does not depend on the depth (checked against full-depth traces
-   in ``tests/test_planner.py``), and a simulation takes seconds at 720p instead of minutes.
+   for every class there in ``tests/test_planner.py``), and a simulation takes seconds at 720p instead of minutes.
 2. **Weights on the device** follow from the module tree (:func:`memopt.hooks.offload.offload_groups`), per phase
    of the forward (:func:`phase_weights`): all of them when the denoiser is resident; with block-level group
    offloading and a prefetch stream, the top-level group plus, inside a block list, the block computing and the next
@@ -77,26 +77,55 @@ from .trace.simulate import InputValues
 
 GIB = 1024**3
 
+_DUAL = {"num_layers": "transformer_blocks", "num_single_layers": "single_transformer_blocks"}
 REPEATED_LAYERS: dict[str, dict[str, str]] = {
-    "WanTransformer3DModel": {"num_layers": "blocks"},
-    "FluxTransformer2DModel": {"num_layers": "transformer_blocks", "num_single_layers": "single_transformer_blocks"},
-    "HunyuanVideoTransformer3DModel": {"num_layers": "transformer_blocks",
-                                       "num_single_layers": "single_transformer_blocks"},
-    "CogVideoXTransformer3DModel": {"num_layers": "transformer_blocks"},
-    "LTXVideoTransformer3DModel": {"num_layers": "transformer_blocks"},
-    "QwenImageTransformer2DModel": {"num_layers": "transformer_blocks"},
-    "SD3Transformer2DModel": {"num_layers": "transformer_blocks"},
-    "MochiTransformer3DModel": {"num_layers": "transformer_blocks"},
+    **{name: {"num_layers": "blocks"} for name in (
+        "WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel",
+        "HeliosTransformer3DModel", "AnyFlowTransformer3DModel")},
+    **{name: _DUAL for name in (
+        "FluxTransformer2DModel", "Flux2Transformer2DModel", "BriaTransformer2DModel", "LongCatImageTransformer2DModel",
+        "OvisImageTransformer2DModel", "HunyuanVideoTransformer3DModel", "HunyuanImageTransformer2DModel",
+        "HunyuanVideoFramepackTransformer3DModel")},
+    **{name: {"num_layers": "transformer_blocks"} for name in (
+        "CogVideoXTransformer3DModel", "LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel",
+        "QwenImageTransformer2DModel", "QwenImage21Transformer2DModel", "SD3Transformer2DModel",
+        "MochiTransformer3DModel", "HunyuanVideo15Transformer3DModel", "CogView4Transformer2DModel",
+        "GlmImageTransformer2DModel", "CogView3PlusTransformer2DModel", "MiniMaxH3Transformer3DModel",
+        "PixArtTransformer2DModel", "AllegroTransformer3DModel", "DiTTransformer2DModel",
+        "EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "Krea2Transformer2DModel",
+        "SanaTransformer2DModel", "SanaVideoTransformer3DModel")},
+    **{name: {"num_layers": "layers"} for name in (
+        "Lumina2Transformer2DModel", "ErnieImageTransformer2DModel", "Ideogram4Transformer2DModel",
+        "OmniGenTransformer2DModel")},
+    "ZImageTransformer2DModel": {"n_layers": "layers"},
+    "Kandinsky5Transformer3DModel": {"num_text_blocks": "text_transformer_blocks",
+                                     "num_visual_blocks": "visual_transformer_blocks"},
+    "Kandinsky6Transformer3DModel": {"num_visual_blocks": "visual_transformer_blocks"},
+    "AuraFlowTransformer2DModel": {"num_mmdit_layers": "joint_transformer_blocks",
+                                   "num_single_dit_layers": "single_transformer_blocks"},
+    "Cosmos3OmniTransformer": {"num_hidden_layers": "layers"},
+    "JoyImageEditTransformer3DModel": {"num_layers": "double_blocks"},
+    "JoyImageEditPlusTransformer3DModel": {"num_layers": "double_blocks"},
+    "PRXTransformer2DModel": {"depth": "blocks"},
 }
-"""Per class: config key -> the ``ModuleList`` of identical blocks it sizes. Simulations keep
-:data:`SIMULATED_BLOCKS` of each list and scale FLOPs and op counts to the real depth."""
+"""Per class: config key -> the ``ModuleList`` of identical blocks it sizes, in the order they run. Simulations keep
+:data:`SIMULATED_BLOCKS` of each list and scale FLOPs and op counts to the real depth; a class not listed is simulated
+at its full depth (exact, slower). Each entry is checked against a full-depth simulation (``tests/test_planner.py``).
+Left out because a shallower copy is not the same model: Wan VACE and Bria Fibo 2 (config lists of block indices that
+take hints or injections), Motif-Video (its last ``num_decoder_layers`` single blocks are decoders), Chroma (its
+modulation approximator's output grows with the depth: 6% of the tiny peak), HunyuanDiT (U-ViT skips pair the blocks),
+models whose side lists follow the depth (Wan Animate's face adapters, ConsisID's perceiver attention, Bria Fibo's and
+HiDream's caption projections: HiDream projects every block's Llama states before the first block, so its peak grows
+with the depth), and Flux 3 (its image-mode blocks, sized by the same key, sit in a ``ModuleDict``: the scaled FLOPs
+came out 15% low)."""
 
-SIMULATED_BLOCKS = 2
-"""Blocks kept per list in a simulation: a first and a last block, which can differ from the others (the first gets
-the patch embedding's output, which may be a non-contiguous view; the last is built without the text-stream update
-in SD3 and Mochi, and its output is what a chunked output head reads). Middle blocks repeat the first, except for
-what the first builds once per forward (the rotary grid indices of sequence chunks, a few ops per chunk), so scaled
-op counts run slightly high (about 1% for a 3-block Wan)."""
+SIMULATED_BLOCKS = 3
+"""Blocks kept per list in a simulation: a first, a middle and a last block. The first and the last can differ from
+the others (the first gets the patch embedding's output, which may be a non-contiguous view, and builds what later
+blocks reuse, such as the rotary grid indices of sequence chunks; the last is built without the text-stream update in
+SD3 and Mochi, and its output is what a chunked output head reads), and a middle block can differ from the first (with
+two blocks, SD3's chunked peak came out 3.8% low and Z-Image's training step 13.7% low at the tiny size). FLOPs and op
+counts are scaled from the middle block."""
 
 FEEDFORWARD_SERIES = (2, 4, 8)
 SEQUENCE_SERIES = (2, 4, 8, 16, 32, 64)
@@ -502,10 +531,10 @@ def simulate_chunking(
     block_flops: dict[str, float] = {}
     block_ops: dict[str, int] = {}
     for list_name, (_, real, simulated) in depths.items():
-        first = f"{list_name}.0"
-        block_flops[list_name] = float(base.flop_counts.get(f"{prefix}.{first}", 0))
+        middle = f"{list_name}.{simulated // 2}"  # the repeated kind (see SIMULATED_BLOCKS)
+        block_flops[list_name] = float(base.flop_counts.get(f"{prefix}.{middle}", 0))
         block_ops[list_name] = sum(1 for module in base.trace.modules
-                                   if module == first or module.startswith(first + "."))
+                                   if module == middle or module.startswith(middle + "."))
         flops += (real - simulated) * block_flops[list_name]
         num_ops += (real - simulated) * block_ops[list_name]
     phases = _phases(base.trace.modules, base.trace.live_bytes, base.trace.ops, block_lists(model))
