@@ -28,7 +28,7 @@ from memopt.planner import (
     simulate_chunking,
     UnplannableError,
 )
-from memopt.trace.stand_ins import install_stand_ins
+from memopt.trace.stand_ins import worst_case_values
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "hooks"))
 from _tiny_cases import SIZES as TINY_SIZES, rel_err, sana  # noqa: E402
@@ -383,12 +383,8 @@ def test_moe_routing_by_the_weights_is_planned_for_its_worst_case(batch_size: in
     try:
         with torch.no_grad():
             routed = trace_memory(model, **inputs)
-            handles, _ = install_stand_ins(model)
-            try:
+            with worst_case_values(model):
                 worst = trace_memory(model, **inputs)
-            finally:
-                for handle in handles:
-                    handle.remove()
     finally:
         remove_memopt_hooks(model)
     assert plan.activation.bytes == worst.peak_bytes > routed.peak_bytes

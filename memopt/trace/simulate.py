@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..models import FamilySpec, Size, cast_floating_, get_family
 from .result import MemoryTrace
-from .stand_ins import install_stand_ins
+from .stand_ins import worst_case_values
 from .tracer import MemoryTracer
 
 ModelTransform = Callable[[torch.nn.Module], Any]
@@ -82,14 +82,10 @@ def simulate(
             inputs = tree_map(values.carry, build_inputs(model))
         if backward:
             allocate_gradients(model)
-    stand_ins, assumptions = install_stand_ins(model)  # values computed from the weights, at their worst case
     tracer = MemoryTracer(round_to=round_to, root=model, device="dispatch")
-    try:
-        with torch.set_grad_enabled(backward), fake_mode, values:
-            trace = tracer.run(training_step, model, inputs) if backward else tracer.run(model, **inputs)
-    finally:
-        for handle in stand_ins:
-            handle.remove()
+    # Values computed from the weights, which a fake model has not, at their worst case.
+    with worst_case_values(model) as assumptions, torch.set_grad_enabled(backward), fake_mode, values:
+        trace = tracer.run(training_step, model, inputs) if backward else tracer.run(model, **inputs)
     trace.name = name
     trace.result = None  # fake outputs are useless outside the mode
     trace.meta.update({"dtype": str(dtype).replace("torch.", ""), "simulated": True, "assumptions": assumptions})

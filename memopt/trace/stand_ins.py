@@ -14,8 +14,9 @@ routing (each token goes through k experts).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -59,12 +60,10 @@ def _class_name(module: torch.nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-def install_stand_ins(model: torch.nn.Module) -> tuple[list[RemovableHandle], list[str]]:
-    """Forward hooks putting :data:`STAND_INS` in place on ``model``'s modules.
-
-    Returns:
-        The hooks' handles and the assumptions made (one per stand-in class present, in :data:`STAND_INS` order).
-    """
+@contextmanager
+def worst_case_values(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Within the block, :data:`STAND_INS` replace the outputs of ``model``'s modules they name (forward hooks,
+    removed on exit); yields the assumptions made (one per stand-in class present, in :data:`STAND_INS` order)."""
     by_class = {stand_in.module_class: stand_in for stand_in in STAND_INS}
     handles: list[RemovableHandle] = []
     used: set[str] = set()
@@ -75,4 +74,8 @@ def install_stand_ins(model: torch.nn.Module) -> tuple[list[RemovableHandle], li
         handles.append(module.register_forward_hook(
             lambda module, args, output, stand_in=stand_in: stand_in.output(module, output)))
         used.add(stand_in.module_class)
-    return handles, [stand_in.assumption for stand_in in STAND_INS if stand_in.module_class in used]
+    try:
+        yield [stand_in.assumption for stand_in in STAND_INS if stand_in.module_class in used]
+    finally:
+        for handle in handles:
+            handle.remove()

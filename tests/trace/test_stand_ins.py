@@ -7,7 +7,7 @@ import torch
 
 from memopt.models import get_family
 from memopt.trace import simulate, trace_memory
-from memopt.trace.stand_ins import STAND_INS, install_stand_ins
+from memopt.trace.stand_ins import STAND_INS, worst_case_values
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +23,12 @@ def test_the_stand_in_is_the_largest_routing_and_the_simulation_predicts_it_to_t
     same top-k. The simulation (fake weights, which give no routing at all) traces exactly the stand-in's peak, which
     is above the real routing's."""
     spec, model, inputs = hidream
+    gates = [module for module in model.modules() if type(module).__name__ == "MoEGate"]
     with torch.no_grad():
         routed = trace_memory(model, **inputs)
-        handles, assumptions = install_stand_ins(model)
-        try:
+        with worst_case_values(model) as assumptions:
+            assert gates and all(gate._forward_hooks for gate in gates)
             worst = trace_memory(model, **inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-    assert len(handles) == sum(type(m).__name__ == "MoEGate" for m in model.modules()) > 0
     assert assumptions == [STAND_INS[0].assumption]
     simulated = simulate(lambda: spec.build("tiny"),
                          lambda m: spec.make_inputs(m.config, batch_size=2, height=80, width=112,
@@ -39,11 +36,12 @@ def test_the_stand_in_is_the_largest_routing_and_the_simulation_predicts_it_to_t
                          dtype=torch.float32)
     assert simulated.meta["assumptions"] == assumptions
     assert simulated.peak_bytes == worst.peak_bytes > routed.peak_bytes
+    assert not any(gate._forward_hooks for gate in gates)
     with torch.no_grad():  # the hooks are gone: the model routes by its weights again
         assert torch.equal(model(**inputs)[0], routed.result[0])
 
 
 def test_models_without_such_modules_assume_nothing() -> None:
-    spec = get_family("wan")
-    handles, assumptions = install_stand_ins(spec.build("tiny"))
-    assert handles == [] and assumptions == []
+    model = get_family("wan").build("tiny")
+    with worst_case_values(model) as assumptions:
+        assert assumptions == [] and not any(module._forward_hooks for module in model.modules())
