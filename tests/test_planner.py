@@ -20,13 +20,13 @@ from memopt.planner import (
     SIMULATED_BLOCKS,
     BudgetError,
     Chunking,
+    UnplannableError,
     candidate_series,
     format_bytes,
     parse_budget,
     phase_weights,
     plan_denoiser,
     simulate_chunking,
-    UnplannableError,
 )
 from memopt.trace.stand_ins import worst_case_values
 
