@@ -771,7 +771,8 @@ CASES: dict[str, Case] = {
     "MiniMaxMusic3Transformer1DModel": Case(_minimax_music3, 0),  # MLP inline in the block's forward
     # Experts choose their top tokens over the whole sequence (not chunkable); FeedForward chunking: the dense block's
     # MLP and the MoE block's shared expert (the routed experts are not FeedForwards); routing reads .tolist().
-    "NucleusMoEImageTransformer2DModel": Case(_nucleus_image, 2),
+    # its dense FeedForward, the MoE layer (experts streamed in groups) and its shared expert
+    "NucleusMoEImageTransformer2DModel": Case(_nucleus_image, 3),
     # A tensor read as a number (its rotary embedding compares max(position_ids) with an int). A family since
     # (memopt.models.omnigen), chunked by its plan on this layout (an input image's tokens among the text).
     "OmniGenTransformer2DModel": Case(_omnigen, 2, sequence_plan=True),

@@ -17,6 +17,9 @@ Sana's convolutional FeedForwards (``GLUMBConv``: 1x1 convolution, depthwise 3x3
 intermediate channels too, since the depthwise convolution never mixes channels (:class:`ChunkedConvFeedForwardHook`);
 they take no sequence split, as the convolution mixes neighbouring tokens.
 
+Expert-choice mixture-of-experts layers run their experts in groups instead (:mod:`memopt.hooks.experts`, the
+expert-parallel equivalent).
+
 Which modules are split, and how, is data (:mod:`memopt.plans.feedforward`): diffusers' own ``_tp_plan`` where the
 model class has one, memopt plans of the same shape otherwise. Weights are read at call time as views of the
 original parameters (so group offloading, which swaps ``param.data``, and LoRA adapters added later both work; the
@@ -71,6 +74,7 @@ from diffusers.models.transformers.transformer_longcat_image import LongCatImage
 from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
 from torch.utils.checkpoint import checkpoint
 
+from ..plans.experts import ExpertChoiceLayout, expert_choice_layout, expert_count
 from ..plans.feedforward import (
     UNKNOWN_FEEDFORWARD,
     ConvFeedForwardLayout,
@@ -1020,6 +1024,33 @@ def _refuse_forward_replaced(module: torch.nn.Module) -> None:
             raise UnsupportedFeedForward(f"the hook {name!r}, registered before, replaces its forward{advice}")
 
 
+def _select_mixtures(mixtures: list[tuple[str, torch.nn.Module]], given: Mapping[str, Style] | None, num_chunks: int,
+                     report: FeedForwardReport) -> list[tuple[str, torch.nn.Module, ExpertChoiceLayout]]:
+    """The expert-choice MoE layers to stream in ``num_chunks`` expert groups; the others go to ``report.skipped``.
+
+    A plan passed by the caller (``given``, expanded) selects a layer with the style ``"experts"`` (diffusers'
+    ``_tp_plan`` has no style for experts); without one, every layer with a layout is selected.
+    """
+    selected = []
+    for path, module in mixtures:
+        name = path or type(module).__name__
+        layout = expert_choice_layout(module)
+        try:
+            if given is not None and given.get(path) != "experts":
+                raise UnsupportedFeedForward(f"not in the plan (the plan passed has no {name!r}: 'experts' entry)")
+            _bypassed_hooks(module, layout, name)
+            _refuse_forward_replaced(module)
+        except UnsupportedFeedForward as reason:
+            report.skipped[name] = str(reason)
+            continue
+        experts = expert_count(layout, module)
+        if num_chunks > experts:
+            raise ValueError(f"{name}: num_chunks={num_chunks} is larger than the layer's {experts} experts (its "
+                             f"expert groups); use at most {experts} chunks")
+        selected.append((name, module, layout))
+    return selected
+
+
 def apply_chunked_feedforward(
     model: torch.nn.Module,
     num_chunks: int = 4,
@@ -1039,6 +1070,11 @@ def apply_chunked_feedforward(
     the model class's ``_tp_plan``, else memopt's plan for the family, else all of them -- splits their linears as
     their layout needs. Everything else that looks like a FeedForward is listed in the report with the reason.
 
+    Expert-choice mixture-of-experts layers (Nucleus-Image's, :mod:`memopt.plans.experts`) run their routed experts in
+    ``num_chunks`` groups, one after another (:mod:`memopt.hooks.experts`), whatever ``split`` says: the experts
+    are the layer's hidden dimension, and its routing spans the whole sequence. A ``plan`` passed in streams the layers
+    it lists with the style ``"experts"``.
+
     Args:
         model: a diffusers transformer (or any module containing FeedForwards, or a FeedForward itself).
         num_chunks: number of shards.
@@ -1052,8 +1088,9 @@ def apply_chunked_feedforward(
         A :class:`FeedForwardReport`; ``print`` it for a summary.
 
     Raises:
-        ValueError: bad options, or ``num_chunks`` larger than a planned FeedForward's intermediate width (the
-            message names the module); ``kernel="triton"`` on a module the kernel cannot compute.
+        ValueError: bad options, or ``num_chunks`` larger than a planned FeedForward's intermediate width or an MoE
+            layer's number of experts (the message names the module); ``kernel="triton"`` on a module the kernel
+            cannot compute.
         RuntimeError: the model already has memopt's FeedForward hooks (call ``remove_memory_optimizations``
             first), or ``kernel="triton"`` without memopt's kernels.
 
@@ -1076,7 +1113,8 @@ def apply_chunked_feedforward(
     kernels = _kernels() if kernel == "triton" else None
     if kernel == "triton" and kernels is None:
         raise RuntimeError("kernel='triton' needs memopt.kernels (fused_chunked_ffn), which could not be imported")
-    if plan is not None:
+    given = plan is not None
+    if given:
         source = "the plan passed to apply_chunked_feedforward"
     else:
         plan, source = feedforward_plan(model)
@@ -1087,7 +1125,8 @@ def apply_chunked_feedforward(
         if is_feedforward_unit(module) and not any(  # LongCat's AudioDiTFeedForward) is computed by the outer one
                 not outer or path.startswith(outer + ".") for outer, _ in units):
             units.append((path, module))
-    refuse_if_hooked(units, FEEDFORWARD_HOOK, "chunked FeedForward")
+    mixtures = [(path, module) for path, module in model.named_modules() if expert_choice_layout(module) is not None]
+    refuse_if_hooked(units + mixtures, FEEDFORWARD_HOOK, "chunked FeedForward")
 
     report = FeedForwardReport(config, source)
     selected = []
@@ -1119,11 +1158,18 @@ def apply_chunked_feedforward(
             raise ValueError(f"{name}: kernel='triton' cannot compute this module: {reason}")
         selected.append((name, module, layout))
 
+    streamed = _select_mixtures(mixtures, expanded if given else None, num_chunks, report)
     report.skipped.update(_unknown_feedforwards(model, [path for path, _ in units]))
     for name, module, layout in selected:
         hook = (ChunkedConvFeedForwardHook if isinstance(layout, ConvFeedForwardLayout) else ChunkedFeedForwardHook)
         register_memopt_hook(module, hook(name, layout, config), FEEDFORWARD_HOOK)
         report.applied.append(name)
-    if not units:
+    from .experts import StreamedExpertsHook  # memopt.hooks.experts builds on this module
+
+    for name, module, layout in streamed:
+        hook = StreamedExpertsHook(name, layout, num_chunks, FEEDFORWARD_HOOK, recompute, accumulate_dtype)
+        register_memopt_hook(module, hook, FEEDFORWARD_HOOK)
+        report.applied.append(name)
+    if not units and not mixtures:
         logger.warning("memopt: no FeedForward-like module found in %s", type(model).__name__)
     return report

@@ -1,0 +1,116 @@
+"""Expert-choice mixture-of-experts layers: where a layer's router, packed experts and shared expert live.
+
+In an expert-choice MoE (Nucleus-Image's ``NucleusMoELayer``) each expert picks its top ``capacity`` tokens over the
+whole sequence, so the layer gathers ``capacity_factor`` copies of the tokens (8 in Nucleus-Image: 8 LD), runs every
+expert on its rows and keeps all their outputs, then scatters them back: about 40 LD at the layer's peak, four times a
+dense DiT's whole forward. An expert-parallel engine would send each GPU its experts' rows and sum what comes back;
+:mod:`memopt.hooks.experts` does that one expert group after another on one device, so only one group's rows exist at
+a time. The routing (a ``(tokens, experts)`` score table and the chosen rows) is small and is computed first, whole,
+with the same ops as the model, so the same tokens are chosen.
+
+A layout says where the parts are; its ``route`` function is the model's routing, written once per class (no diffusers
+hook exposes it), and matched to the class exactly, as :data:`memopt.plans.FEEDFORWARD_UNITS` matches its units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .feedforward import _resolve
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which token rows each expert computes, and the weight its output rows are added with.
+
+    Attributes:
+        inputs: ``(..., D)`` tokens the experts read (flattened to rows ``0 .. N-1`` over the leading dims).
+        rows: ``(E, R)`` int64 row indices into the flattened ``inputs``, expert by expert.
+        weights: ``(E, R)`` gate each routed output row is multiplied by (in fp32) before it is added.
+    """
+
+    inputs: torch.Tensor
+    rows: torch.Tensor
+    weights: torch.Tensor
+
+
+RouteFn = Callable[..., Routing]
+"""``route(layer, *args, **kwargs)`` with the layer's forward arguments -> its :class:`Routing`."""
+
+
+@dataclass(frozen=True)
+class ExpertChoiceLayout:
+    """The parts of one expert-choice MoE layer, as paths relative to it (weights are read per call).
+
+    Attributes:
+        route: the layer's routing (:data:`RouteFn`).
+        experts: the module holding the packed expert weights.
+        gate_up: its ``(E, D, 2F)`` parameter, ``[gate | up]`` along the last dim (SwiGLU: ``silu(gate) * up``).
+        down: its ``(E, F, D)`` parameter.
+        shared: a module computing every token (its output is what the experts' rows are added to), or None.
+        ff_modules: the modules whose forwards the streamed run replaces (their diffusers hooks are honoured).
+    """
+
+    route: RouteFn
+    experts: str
+    gate_up: str
+    down: str
+    shared: str | None
+
+    @property
+    def ff_modules(self) -> tuple[str, ...]:
+        return (self.experts,)
+
+
+def _nucleus_route(layer: torch.nn.Module, hidden_states: torch.Tensor, hidden_states_unmodulated: torch.Tensor,
+                   timestep: torch.Tensor | None = None) -> Routing:
+    """``NucleusMoELayer.forward`` up to its gather: each expert's top ``ceil(capacity_factor * S / E)`` tokens of
+    its sample by softmax (or sigmoid) score, their scores normalised over the experts that chose each token."""
+    batch, length, _ = hidden_states.shape
+    if timestep is not None:
+        router_input = torch.cat([timestep.unsqueeze(1).expand(-1, length, -1), hidden_states_unmodulated], dim=-1)
+    else:
+        router_input = hidden_states_unmodulated
+    logits = layer.gate(router_input)
+    del router_input
+    if layer.use_sigmoid:
+        scores = torch.sigmoid(logits.float()).to(logits.dtype)
+    else:
+        scores = F.softmax(logits.float(), dim=-1).to(logits.dtype)
+    affinity = scores.transpose(1, 2)  # (B, E, S)
+    capacity = max(1, math.ceil(layer.capacity_factor * length / layer.num_experts))
+    chosen = torch.topk(affinity, k=capacity, dim=-1).indices  # (B, E, C)
+    gating = affinity.gather(dim=-1, index=chosen)
+    offsets = torch.arange(batch, device=hidden_states.device, dtype=torch.long).view(batch, 1, 1) * length
+    rows = (offsets + chosen).transpose(0, 1).reshape(layer.num_experts, -1)  # (E, B C): expert, sample, rank
+    weights = gating.transpose(0, 1).reshape(layer.num_experts, -1)
+    sums = torch.zeros(batch * length, device=hidden_states.device, dtype=weights.dtype)
+    sums.scatter_add_(0, rows.reshape(-1), weights.reshape(-1))
+    weights = weights / (sums[rows] + 1e-12)
+    return Routing(hidden_states, rows, weights * layer.route_scale)
+
+
+_EXPERT_CHOICE_LAYERS: dict[str, ExpertChoiceLayout] = {
+    "diffusers.models.transformers.transformer_nucleusmoe_image.NucleusMoELayer": ExpertChoiceLayout(
+        route=_nucleus_route, experts="experts", gate_up="gate_up_proj", down="down_proj", shared="shared_expert"),
+}
+
+EXPERT_CHOICE_LAYERS: dict[type, ExpertChoiceLayout] = {
+    cls: layout for name, layout in _EXPERT_CHOICE_LAYERS.items() if (cls := _resolve(name)) is not None
+}
+"""Expert-choice MoE layer class (matched exactly) -> its :class:`ExpertChoiceLayout`, for the classes the installed
+diffusers has."""
+
+
+def expert_choice_layout(module: torch.nn.Module) -> ExpertChoiceLayout | None:
+    return EXPERT_CHOICE_LAYERS.get(type(module))
+
+
+def expert_count(layout: ExpertChoiceLayout, module: torch.nn.Module) -> int:
+    """The number of experts of ``module`` (the leading dim of its packed weights)."""
+    return getattr(module.get_submodule(layout.experts), layout.gate_up).shape[0]
