@@ -22,7 +22,7 @@ from memopt import planner
 from memopt.models import cast_floating_, get_family
 from memopt.planner import Chunking, simulate_chunking
 
-FAMILIES = ["flux2", "zimage", "hunyuanvideo15", "ltx2", "kandinsky5", "qwenimage21"]
+FAMILIES = ["flux2", "zimage", "hunyuanvideo15", "ltx2", "kandinsky5", "qwenimage21", "flux3"]
 CHUNKINGS = [Chunking(), Chunking(sequence_chunks=16)]
 
 
@@ -38,8 +38,7 @@ def measure(family: str) -> list[str]:
         model = cast_floating_(spec.build("full"), torch.bfloat16)
     inputs = spec.make_inputs(model.config, dtype=torch.bfloat16)
     size = spec.size("default")
-    lists = planner.REPEATED_LAYERS[spec.class_name].values()
-    depth = ", ".join(f"{len(getattr(model, name))} {name}" for name in lists)
+    depth = ", ".join(f"{len(model.get_submodule(path))} {path}" for _, path in planner.repeated_lists(spec.class_name))
     rows = []
     for chunking in CHUNKINGS:
         reduced_s, reduced = _timed(model, inputs, chunking)

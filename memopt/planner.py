@@ -78,7 +78,7 @@ from .trace.simulate import InputValues
 GIB = 1024**3
 
 _DUAL = {"num_layers": "transformer_blocks", "num_single_layers": "single_transformer_blocks"}
-REPEATED_LAYERS: dict[str, dict[str, str]] = {
+REPEATED_LAYERS: dict[str, dict[str, str | tuple[str, ...]]] = {
     **{name: {"num_layers": "blocks"} for name in (
         "WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel",
         "HeliosTransformer3DModel", "AnyFlowTransformer3DModel")},
@@ -107,8 +107,12 @@ REPEATED_LAYERS: dict[str, dict[str, str]] = {
     "JoyImageEditTransformer3DModel": {"num_layers": "double_blocks"},
     "JoyImageEditPlusTransformer3DModel": {"num_layers": "double_blocks"},
     "PRXTransformer2DModel": {"depth": "blocks"},
+    # one key sizes the text's and each image mode's blocks (the image modes' lists sit in a ModuleDict)
+    "Flux3Transformer2DModel": {"num_layers": ("txt_mode_blocks", "mode_blocks.image", "mode_blocks.image_cond"),
+                                "num_single_layers": "single_transformer_blocks"},
 }
-"""Per class: config key -> the ``ModuleList`` of identical blocks it sizes, in the order they run. Simulations keep
+"""Per class: config key -> the ``ModuleList`` of identical blocks it sizes (or the lists, by path, when it sizes
+several), in the order they run. Simulations keep
 :data:`SIMULATED_BLOCKS` of each list and scale FLOPs and op counts to the real depth; a class not listed is simulated
 at its full depth (exact, slower). Each entry is checked against a full-depth simulation (``tests/test_planner.py``).
 Left out because a shallower copy is not the same model: Wan VACE and Bria Fibo 2 (config lists of block indices that
@@ -116,8 +120,7 @@ take hints or injections), Motif-Video (its last ``num_decoder_layers`` single b
 modulation approximator's output grows with the depth: 6% of the tiny peak), HunyuanDiT (U-ViT skips pair the blocks),
 models whose side lists follow the depth (Wan Animate's face adapters, ConsisID's perceiver attention, Bria Fibo's and
 HiDream's caption projections: HiDream projects every block's Llama states before the first block, so its peak grows
-with the depth), and Flux 3 (its image-mode blocks, sized by the same key, sit in a ``ModuleDict``: the scaled FLOPs
-came out 15% low)."""
+with the depth)."""
 
 SIMULATED_BLOCKS = 3
 """Blocks kept per list in a simulation: a first, a middle and a last block. The first and the last can differ from
@@ -458,16 +461,33 @@ def block_lists(model: torch.nn.Module) -> list[str]:
             if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))]
 
 
+def repeated_lists(class_name: str) -> list[tuple[str, str]]:
+    """``(config key, block list path)`` of each list :data:`REPEATED_LAYERS` gives ``class_name``, in order."""
+    return [(key, path) for key, paths in REPEATED_LAYERS.get(class_name, {}).items()
+            for path in ((paths,) if isinstance(paths, str) else paths)]
+
+
 def _reduced_config(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, tuple[str, int, int]]]:
-    """The config to simulate with and, per block list, (its config key, real depth, simulated depth)."""
+    """The config to simulate with and, per block list (by path), (its config key, real depth, simulated depth). A
+    key is reduced when every list it sizes has the config's depth."""
     config = {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
+    lists: dict[str, list[tuple[str, torch.nn.Module | None]]] = {}
+    for key, path in repeated_lists(type(model).__name__):
+        lists.setdefault(key, []).append((path, _submodule(model, path)))
     depths: dict[str, tuple[str, int, int]] = {}
-    for key, list_name in REPEATED_LAYERS.get(type(model).__name__, {}).items():
-        blocks = getattr(model, list_name, None)
-        if key in config and isinstance(blocks, torch.nn.ModuleList) and len(blocks) == config[key]:
-            config[key] = min(config[key], SIMULATED_BLOCKS)
-            depths[list_name] = (key, len(blocks), config[key])
+    for key, found in lists.items():
+        if key in config and all(isinstance(blocks, torch.nn.ModuleList) and len(blocks) == config[key]
+                                 for _, blocks in found):
+            real, config[key] = config[key], min(config[key], SIMULATED_BLOCKS)
+            depths.update({path: (key, real, config[key]) for path, _ in found})
     return config, depths
+
+
+def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _phases(modules: list[str], live_bytes: list[int], ops: list[str], lists: list[str]) -> dict[str, PhasePeak]:
@@ -533,8 +553,7 @@ def simulate_chunking(
     for list_name, (_, real, simulated) in depths.items():
         middle = f"{list_name}.{simulated // 2}"  # the repeated kind (see SIMULATED_BLOCKS)
         block_flops[list_name] = float(base.flop_counts.get(f"{prefix}.{middle}", 0))
-        block_ops[list_name] = sum(1 for module in base.trace.modules
-                                   if module == middle or module.startswith(middle + "."))
+        block_ops[list_name] = _ops_inside(base.trace, middle)
         flops += (real - simulated) * block_flops[list_name]
         num_ops += (real - simulated) * block_ops[list_name]
     phases = _phases(base.trace.modules, base.trace.live_bytes, base.trace.ops, block_lists(model))
@@ -542,27 +561,40 @@ def simulate_chunking(
                     assumptions=tuple(base.trace.meta["assumptions"]))
 
 
+def _ops_inside(trace: Any, path: str) -> int:
+    """Ops the trace ran inside the module at ``path``."""
+    return sum(1 for module in trace.modules if module == path or module.startswith(path + "."))
+
+
 def _extrapolated(model: torch.nn.Module, config: dict[str, Any], depths: dict[str, tuple[str, int, int]], base: _Run,
                   args: Sequence[Any], kwargs: dict[str, Any], chunking: Chunking, dtype: torch.dtype,
                   round_to: int) -> Estimate:
-    """A training step at the real depth from the reduced copy and, per list, a copy with one block more."""
+    """A training step at the real depth from the reduced copy and, per config key, a copy with one block more in
+    the lists it sizes (a key sizing several lists shares the step's growth among them, for the offloading overlap,
+    as their middle blocks share the reduced copy's ops: a training step counts FLOPs for the whole step only)."""
     trace = base.trace
     peak, flops, num_ops = float(trace.peak_bytes), base.flops, float(trace.num_ops)
     host = float(trace.meta.get("host_bytes", 0))
     block_flops: dict[str, float] = {}
     block_ops: dict[str, int] = {}
+    by_key: dict[str, list[str]] = {}
     for list_name, (key, real, simulated) in depths.items():
-        if real == simulated:
-            continue
+        if real != simulated:
+            by_key.setdefault(key, []).append(list_name)
+    for key, list_names in by_key.items():
+        _, real, simulated = depths[list_names[0]]
         deeper = _simulate_once(model, {**config, key: simulated + 1}, args, kwargs, chunking, dtype, round_to)
         if isinstance(deeper, Estimate):
             return deeper
-        block_flops[list_name] = deeper.flops - base.flops
-        block_ops[list_name] = deeper.trace.num_ops - trace.num_ops
+        key_flops, key_ops = deeper.flops - base.flops, deeper.trace.num_ops - trace.num_ops
+        middles = [_ops_inside(trace, f"{name}.{simulated // 2}") for name in list_names]
+        shares = [m / sum(middles) for m in middles] if sum(middles) else [1 / len(list_names)] * len(list_names)
+        block_flops.update({name: key_flops * share for name, share in zip(list_names, shares)})
+        block_ops.update({name: round(key_ops * share) for name, share in zip(list_names, shares)})
         peak += (real - simulated) * (deeper.trace.peak_bytes - trace.peak_bytes)
         host += (real - simulated) * (deeper.trace.meta.get("host_bytes", 0) - trace.meta.get("host_bytes", 0))
-        flops += (real - simulated) * block_flops[list_name]
-        num_ops += (real - simulated) * block_ops[list_name]
+        flops += (real - simulated) * key_flops
+        num_ops += (real - simulated) * key_ops
     return Estimate(chunking, {"step": PhasePeak(int(peak), trace.peak_module, trace.peak_op)}, flops, int(num_ops),
                     block_flops, block_ops, host, assumptions=tuple(trace.meta["assumptions"]))
 

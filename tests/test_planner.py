@@ -26,6 +26,7 @@ from memopt.planner import (
     parse_budget,
     phase_weights,
     plan_denoiser,
+    repeated_lists,
     simulate_chunking,
 )
 from memopt.trace.stand_ins import worst_case_values
@@ -105,7 +106,7 @@ def test_reduced_copies_simulate_the_full_depth(class_name: str, monkeypatch: py
     deeper) within 0.02% (Mochi: 128 bytes); FLOPs and op counts, scaled from the middle block, within 1%."""
     spec, config = _deepened(class_name, SIMULATED_BLOCKS + 2)
     model = spec.build(config)
-    assert all(len(getattr(model, name)) == SIMULATED_BLOCKS + 2 for name in REPEATED_LAYERS[class_name].values())
+    assert all(len(model.get_submodule(path)) == SIMULATED_BLOCKS + 2 for _, path in repeated_lists(class_name))
     size = spec.size("tiny")
     inputs = spec.make_inputs(model.config, batch_size=1, height=size.height, width=size.width,
                               num_frames=size.num_frames)
