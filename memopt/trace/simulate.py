@@ -103,7 +103,7 @@ def small_inputs_real(make_inputs: Callable[[], Any]) -> Any:
         inputs = make_inputs()
 
     def real(value: Any) -> Any:
-        known = values._value(value) if isinstance(value, FakeTensor) else None
+        known = values.value_of(value) if isinstance(value, FakeTensor) else None
         return value if known is None else known
 
     return tree_map(real, inputs)
@@ -168,7 +168,9 @@ class InputValues(TorchDispatchMode):
         if isinstance(fake, FakeTensor) and isinstance(real, torch.Tensor) and real.numel() <= self.MAX_ELEMENTS:
             self.values[fake] = real
 
-    def _value(self, tensor: torch.Tensor) -> torch.Tensor | None:
+    def value_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The real values the simulation carries for ``tensor`` (a real tensor: itself); None where it has none or
+        they went stale (its storage was written in place by an operation without values)."""
         if not isinstance(tensor, FakeTensor):
             return tensor  # a real tensor the model made or holds
         value = self.values.get(tensor)
@@ -180,7 +182,7 @@ class InputValues(TorchDispatchMode):
         """``value`` (an argument, or a tuple, list or dict of them) with every tensor replaced by its values; raises
         :class:`_NoValues` at the first tensor without (most operations: the weights')."""
         if isinstance(value, torch.Tensor):
-            real = self._value(value)
+            real = self.value_of(value)
             if real is None:
                 raise _NoValues
             return real
@@ -249,7 +251,7 @@ class InputValues(TorchDispatchMode):
         mask does); anything else unchanged."""
         if not isinstance(index, torch.Tensor) or index.dtype not in (torch.bool, torch.uint8):
             return index
-        value = self._value(index)
+        value = self.value_of(index)
         if value is None:
             return index
         with unset_fake_temporarily(), _disable_current_modes():
@@ -279,7 +281,7 @@ class _NumpyReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.numpy and isinstance(args[0], FakeTensor):
-            value = self.input_values._value(args[0])
+            value = self.input_values.value_of(args[0])
             if value is None:
                 raise DataDependentOutputException(func)
             with unset_fake_temporarily(), _disable_current_modes():
