@@ -6,7 +6,8 @@ for-loop path diffusers runs without it) with its first five blocks (three dense
 the peak is per block), 256 text tokens. Activation peaks above weights and inputs; LD = image tokens x 2048 x 2 B.
 ``experts in k groups`` is ``apply_chunked_feedforward(model, num_chunks=k)``: the dense FeedForwards and shared
 experts in k shards, the routed experts in k groups; ``+ attention`` adds ``apply_chunked_attention`` (4,096-query
-pieces).
+pieces); ``sequence chunks`` is ``apply_sequence_chunking``, the router scores exchanged between the chunks (simulated:
+one expert at its worst routing, so those peaks are upper bounds).
 
 Part 2, measured (CPU, fp32, real tensors): the same blocks at width 512 (4 heads x 128, one K/V head, experts of
 width 336), 4,096 image tokens, unmodified vs streamed in the same run: median time ratio over ``--repeats`` rounds
@@ -26,7 +27,8 @@ from typing import Callable
 import diffusers
 import torch
 
-from memopt import apply_chunked_attention, apply_chunked_feedforward, remove_memory_optimizations, simulate
+from memopt import (apply_chunked_attention, apply_chunked_feedforward, apply_sequence_chunking,
+                    remove_memory_optimizations, simulate)
 
 GIB = 2**30
 TEXT_TOKENS = 256
@@ -63,6 +65,9 @@ def variants() -> dict[str, Callable[[torch.nn.Module], object] | None]:
         **{f"experts in {k} groups": (lambda m, k=k: apply_chunked_feedforward(m, num_chunks=k)) for k in (4, 16, 64)},
         "experts in 64 groups + attention": lambda m: (apply_chunked_feedforward(m, num_chunks=64),
                                                         apply_chunked_attention(m, query_chunk=4096)),
+        "16 sequence chunks": lambda m: apply_sequence_chunking(m, 16),
+        "16 sequence chunks + experts in 16 groups": lambda m: (apply_chunked_feedforward(m, num_chunks=16),
+                                                                 apply_sequence_chunking(m, 16)),
     }
 
 

@@ -120,7 +120,7 @@ take hints or injections), Motif-Video (its last ``num_decoder_layers`` single b
 modulation approximator's output grows with the depth: 6% of the tiny peak), HunyuanDiT (U-ViT skips pair the blocks),
 models whose side lists follow the depth (Wan Animate's face adapters, ConsisID's perceiver attention, Bria Fibo's and
 HiDream's caption projections: HiDream projects every block's Llama states before the first block, so its peak grows
-with the depth)."""
+with the depth), and Nucleus-Image (which blocks are MoE layers, and their capacity factors, follow the depth)."""
 
 SIMULATED_BLOCKS = 3
 """Blocks kept per list in a simulation: a first, a middle and a last block. The first and the last can differ from

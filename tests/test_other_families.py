@@ -725,7 +725,8 @@ class Case(NamedTuple):
     output), or a class that has a plan of its own since; the others are refused. ``convolutional``: its FeedForwards
     are GLU convolutions, which ``split="sequence"`` skips (their depthwise convolution mixes neighbouring tokens);
     ``streamed``: its blocks run in sequence chunks streamed (Sana's, :mod:`memopt.hooks._streamed_blocks`): no K/V
-    exchange."""
+    exchange. ``routed``: its plan exchanges the router scores of expert-choice MoE layers (``BlockPlan.routed``),
+    which the lock-step schedule refuses."""
 
     build: Callable[[], Built]
     feedforwards: int
@@ -735,6 +736,7 @@ class Case(NamedTuple):
     sequence_plan: bool = False
     convolutional: bool = False
     streamed: bool = False
+    routed: bool = False
 
 
 CASES: dict[str, Case] = {
@@ -771,8 +773,9 @@ CASES: dict[str, Case] = {
     "MiniMaxMusic3Transformer1DModel": Case(_minimax_music3, 0),  # MLP inline in the block's forward
     # Experts choose their top tokens over the whole sequence (not chunkable); FeedForward chunking: the dense block's
     # MLP and the MoE block's shared expert (the routed experts are not FeedForwards); routing reads .tolist().
-    # its dense FeedForward, the MoE layer (experts streamed in groups) and its shared expert
-    "NucleusMoEImageTransformer2DModel": Case(_nucleus_image, 3),
+    # Its dense FeedForward, the MoE layer (experts streamed in groups) and its shared expert. A plan since
+    # (memopt.plans.sequence.nucleus): the MoE layer's router scores are exchanged between chunks.
+    "NucleusMoEImageTransformer2DModel": Case(_nucleus_image, 3, sequence_plan=True, routed=True),
     # A tensor read as a number (its rotary embedding compares max(position_ids) with an int). A family since
     # (memopt.models.omnigen), chunked by its plan on this layout (an input image's tokens among the text).
     "OmniGenTransformer2DModel": Case(_omnigen, 2, sequence_plan=True),
@@ -953,7 +956,12 @@ def test_sequence_chunking_is_refused_or_exact(name):
             apply_sequence_chunking(model)
         assert_restored(model, inputs, reference, state_before)
         return
+    if CASES[name].routed:
+        with pytest.raises(ValueError, match="route over the whole sequence"):
+            apply_sequence_chunking(model, schedule="lockstep")
     for num_chunks, schedule in ((2, "two_pass"), (5, "two_pass"), (5, "lockstep")):
+        if CASES[name].routed and schedule == "lockstep":
+            continue
         report = apply_sequence_chunking(model, num_chunks, align=1, schedule=schedule)
         assert report.blocks and report.attention, str(report)
         assert rel_err(forward(model, inputs), reference) <= 1e-5, (num_chunks, schedule)  # every residual

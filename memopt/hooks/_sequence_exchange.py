@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..plans.experts import ExpertChoiceLayout
 from ..plans.sequence import JointAttention, SequenceSplit
 from ._attention_dispatch import AttentionCall, Proceed
 from ._sequence_chunks import ChunkLayout
@@ -21,6 +22,35 @@ from ._sequence_chunks import ChunkLayout
 
 class KeyValuesCollected(Exception):
     """Raised at the attention call of a collection pass: the rest of the block is not needed."""
+
+
+class RouterScoresCollected(Exception):
+    """Raised at an expert-choice MoE layer in the routing pass, once its router scores are kept: the rest of the
+    block is not needed."""
+
+
+@dataclass
+class RoutingState:
+    """One expert-choice MoE layer of the running block (``BlockPlan.routed``): its router logits, filled chunk by
+    chunk in the routing pass, then the choice made over all of them (see :mod:`memopt.hooks.experts`)."""
+
+    path: str
+    module: torch.nn.Module
+    layout: ExpertChoiceLayout
+    logits: torch.Tensor | None = None  # (B, S, E)
+    rows: torch.Tensor | None = None  # (E, B C): row b * S + s of each expert's choices
+    weights: torch.Tensor | None = None  # (E, B C)
+    length: int = 0  # S
+    chunks_seen: set[int] = field(default_factory=set)
+
+    def choose(self, num_chunks: int) -> None:
+        """The layer's choice over the logits every chunk left (the table is dropped)."""
+        if self.logits is None or len(self.chunks_seen) != num_chunks:
+            raise RuntimeError(f"{self.path}: its router scores came from chunks {sorted(self.chunks_seen)} of "
+                               f"{num_chunks}; the block skipped the layer in a chunk?")
+        self.length = self.logits.shape[1]
+        self.rows, self.weights = self.layout.choose(self.module, self.logits)
+        self.logits = None
 
 
 # ------------------------------------------------------------------------------------------- K/V exchange
@@ -135,6 +165,9 @@ class BlockRun:
         # The recorded collection passes of a chunked backward (memopt.hooks._sequence_backward): the chunk's keys and
         # values with their rows of the full buffers' gradients, instead of writes into the buffers.
         self.key_value_grads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # Expert-choice MoE layers by id (``BlockPlan.routed``), and whether the routing pass runs.
+        self.routing: dict[int, RoutingState] = {}
+        self.routing_pass = False
 
     def start_chunk(self, chunk: int) -> None:
         self.chunk = chunk

@@ -11,6 +11,10 @@ chooses the same tokens; each group's experts then run as one batched matmul (th
 :func:`memopt.apply_chunked_feedforward` applies :class:`StreamedExpertsHook` to every layer with a layout, in
 ``num_chunks`` expert groups: the experts are the MoE's hidden dimension, as the intermediate width is a FeedForward's
 (a shared expert inside the layer is a FeedForward of its own and gets that hook).
+
+In memopt's sequence chunks a chunk cannot route alone: :class:`SequenceRoutingHook` exchanges the router scores
+between the chunks (see :mod:`memopt.hooks.sequence`) and runs each chunk's tokens through the experts that chose
+them.
 """
 
 from __future__ import annotations
@@ -26,9 +30,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..plans.experts import ExpertChoiceLayout
 from ..plans.feedforward import UnsupportedFeedForward
+from torch._subclasses.fake_tensor import FakeTensor
+
 from ._common import call_inside, hooks_inside
 from ._sequence_chunks import running
+from ._sequence_exchange import BlockRun, RouterScoresCollected, RoutingState
 from .feedforward import _bypassed_hooks, _honour_hooks, split_sizes
+
+SEQUENCE_ROUTING_HOOK = "memopt.sequence.routing"
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +127,87 @@ class StreamedExpertsHook(ModelHook):
                 out = out.index_add_(0, routing.rows[start:stop].reshape(-1), outputs.to(out.dtype))
                 del outputs
         return out.to(dtype).reshape(inputs.shape)
+
+
+class SequenceRoutingHook(ModelHook):
+    """On an expert-choice MoE layer of a block in memopt's sequence chunks (``BlockPlan.routed``).
+
+    The layer's experts choose among all tokens, so a chunk cannot route alone; the router scores are exchanged like
+    keys and values (:meth:`memopt.hooks.sequence.SequenceChunkingHook._two_pass`): in the routing pass each chunk
+    reaches the layer, which keeps the chunk's router logits in a full-length table and stops the block
+    (:class:`RouterScoresCollected`); the choice is then made once over the table, with the model's own ops
+    (``ExpertChoiceLayout.choose``), and in the final pass each chunk's tokens go through the experts that chose them,
+    one expert after another, added to the shared expert's output in the layer's order. Outside a chunked block run
+    (an unchunked call) the layer's own forward runs, with any hook inside it.
+    """
+
+    _is_stateful = False
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run: BlockRun | None = running("block_run")
+        state = None if run is None else run.routing.get(id(module))
+        if state is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        bypassed = _bypassed_hooks(module, state.layout, self.path)
+        inner = list(hooks_inside(module, SEQUENCE_ROUTING_HOOK).values())  # offloading's pre/post_forward
+        return call_inside(inner, module, functools.partial(self._chunk, module, run, state, bypassed),
+                           *args, **kwargs)
+
+    def _chunk(self, module: torch.nn.Module, run: BlockRun, state: RoutingState, bypassed: list, *args: Any,
+               **kwargs: Any) -> torch.Tensor:
+        start, end = run.layout.ranges["image"][run.chunk]
+        inputs, logits = state.layout.router(module, *args, **kwargs)
+        if inputs.dim() != 3 or inputs.shape[1] != end - start:
+            raise RuntimeError(f"{self.path}: expected the chunk's {end - start} image tokens along dim 1, got "
+                               f"{tuple(inputs.shape)}")
+        if run.routing_pass:
+            if state.logits is None:
+                state.logits = logits.new_empty(logits.shape[0], run.layout.lengths["image"], logits.shape[2])
+            state.logits[:, start:end] = logits
+            state.chunks_seen.add(run.chunk)
+            raise RouterScoresCollected
+        del logits
+        if state.rows is None:
+            raise RuntimeError(f"{self.path}: reached in chunk {run.chunk} before its routing was made")
+        tokens = inputs.reshape(-1, inputs.shape[-1])
+        layout = state.layout
+        out = (module.get_submodule(layout.shared)(inputs).reshape(tokens.shape) if layout.shared is not None
+               else torch.zeros_like(tokens))
+        with _honour_hooks(bypassed):
+            experts = module.get_submodule(layout.experts)
+            gate_up, down = getattr(experts, layout.gate_up), getattr(experts, layout.down)
+            for expert, (rows, weights) in enumerate(_chunk_routes(state, start, end, inputs.shape[0])):
+                if rows.shape[0]:
+                    outputs = _expert_group(tokens, rows[None], weights[None], gate_up[expert:expert + 1],
+                                            down[expert:expert + 1])
+                    out = out.index_add_(0, rows, outputs)
+                    del outputs
+        return out.reshape(inputs.shape)
+
+
+def _chunk_routes(state: RoutingState, start: int, end: int, batch: int):
+    """Per expert, the chunk's rows ``b * (end - start) + s - start`` among its choices and their weights.
+
+    In a simulation (fake tensors: the choice depends on values the weights would give) the experts run one at a
+    time, so the chunk's peak is that of the expert with the most rows in it: the first expert gets the most any
+    routing can give it in the first chunk (all its choices, or the chunk's every token), the others their choices
+    spread evenly over the chunks, as the first one does in later chunks. The peak is then an upper bound, and the
+    FLOPs are every routing's but the first expert's one chunk."""
+    length, room = state.length, batch * (end - start)
+    per_expert = state.rows.shape[1]
+    even = -(-per_expert * (end - start) // length)
+    for expert in range(state.rows.shape[0]):
+        rows = state.rows[expert]
+        position = rows % length
+        inside = (position >= start) & (position < end)
+        local = (rows // length) * (end - start) + position - start
+        if isinstance(rows, FakeTensor):
+            count = min(per_expert, room) if expert == 0 and start == 0 else even
+            yield torch.arange(count, device=rows.device) % room, state.weights[expert, :count]
+        else:
+            yield local[inside], state.weights[expert][inside]
+        del position, inside, local

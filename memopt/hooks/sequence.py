@@ -10,6 +10,12 @@ the same split runs as N virtual ranks one after another, and the K/V exchange b
 2. **final pass**: each chunk runs the whole block; its attention call gets the full buffers instead of its own
    K/V, and the chunk's output is written over its input chunk (no other chunk needs it any more).
 
+A block with an expert-choice MoE layer (Nucleus-Image's, ``BlockPlan.routed``), whose experts choose their tokens
+among all of them, runs a **routing pass** between the two: each chunk runs the block, attention answered from the
+full K/V, up to that layer, which keeps the chunk's router scores; the choice is made once over all of them, and the
+final pass runs each chunk's tokens through the experts that chose them
+(:class:`memopt.hooks.experts.SequenceRoutingHook`).
+
 What is alive then is the residual stream, K and V (about 3 LD, LD = tokens x width x bytes) plus one chunk's
 workspace, instead of the 10-17 LD an unchunked block peaks at. The price is that the part of the block before
 attention runs twice (the projections whose output a pass does not use, the unused columns of fused ones, and the
@@ -67,6 +73,7 @@ from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockR
 from diffusers.models._modeling_parallel import ContextParallelOutput
 from torch.utils._pytree import tree_flatten
 
+from ..plans.experts import ExpertChoiceLayout, expert_choice_layout
 from ..plans.sequence import (
     FUSED_ROLES,
     SEQUENCE_PLANS,
@@ -108,10 +115,13 @@ from ._sequence_exchange import (
     KeyValuesCollected,
     PairMask,
     ReusedOutput,
+    RouterScoresCollected,
+    RoutingState,
     modified_under_suspended_chunks,
     output_versions,
     refuse_inactive,
 )
+from .experts import SEQUENCE_ROUTING_HOOK, SequenceRoutingHook
 from ._unread import unread, unread_values
 from ._unread import active as unread_active
 from ._sequence_model import (
@@ -267,6 +277,7 @@ class SequenceChunkingReport:
         producers: model-level modules whose per-token output is computed per chunk.
         token_chains: model-level module chains run a token chunk at a time (``SequencePlan.token_chains``).
         held: blocks whose calls are held until their output is used (``BlockPlan.runs_when_used``).
+        routed: expert-choice MoE layers whose router scores are exchanged between chunks (``BlockPlan.routed``).
         skipped: ``(module path, reason)`` for blocks and model-level pieces that run unchunked.
     """
 
@@ -280,6 +291,7 @@ class SequenceChunkingReport:
     producers: list[str] = field(default_factory=list)
     token_chains: list[str] = field(default_factory=list)
     held: list[str] = field(default_factory=list)
+    routed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -292,6 +304,8 @@ class SequenceChunkingReport:
             lines.append(f"  token chains in chunks: {'; '.join(self.token_chains)}")
         if self.held:
             lines.append(f"  run when their output is used: {', '.join(self.held)}")
+        if self.routed:
+            lines.append(f"  expert-choice layers exchanging router scores: {len(self.routed)}")
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
 
@@ -371,6 +385,7 @@ class SequenceChunkingHook(ModelHook):
         plan: BlockPlan,
         metadata: TransformerBlockMetadata,
         attention: list[tuple[str, torch.nn.Module, JointAttention]],
+        routed: list[tuple[str, torch.nn.Module, ExpertChoiceLayout]] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -378,6 +393,7 @@ class SequenceChunkingHook(ModelHook):
         self.plan = plan
         self.metadata = metadata
         self.attention = attention
+        self.routed = routed or []
         self.index: dict[str, int] = {}
         self.hold = False  # set by apply_sequence_chunking (BlockPlan.runs_when_used, HOLD_FROM)
         self.unplanned: list[str] = []  # named forward arguments the plan does not list (initialize_hook)
@@ -538,6 +554,7 @@ class SequenceChunkingHook(ModelHook):
             },
             inactive,
         )
+        run.routing = {id(layer): RoutingState(f"{self.path}.{name}", layer, spec) for name, layer, spec in self.routed}
         return run, functools.partial(self._chunk_arguments, arguments, layout), dim
 
     def _stages(
@@ -569,10 +586,34 @@ class SequenceChunkingHook(ModelHook):
             for chunk in range(run.layout.num_chunks):
                 self._collect(original, run, chunk_arguments, chunk)
         run.collecting = None
+        if run.routing:
+            run.routing_pass = True
+            try:
+                for chunk in range(run.layout.num_chunks):
+                    self._route(original, run, chunk_arguments, chunk)
+            finally:
+                run.routing_pass = False
+            for state in run.routing.values():
+                state.choose(run.layout.num_chunks)
         for chunk in range(run.layout.num_chunks):
             output = self._final(original, run, chunk_arguments, chunk)
             outputs.add(chunk, output)
             del output
+
+    def _route(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
+               chunk: int) -> None:
+        """Runs ``chunk`` in the routing pass, with the full K/V, up to its expert-choice layer
+        (``BlockPlan.routed``), which keeps the chunk's router scores."""
+        run.start_chunk(chunk)
+        chunk_args, chunk_kwargs = chunk_arguments(chunk)
+        try:
+            with self._stand_in_errors(run):
+                original(*chunk_args, **chunk_kwargs)
+        except RouterScoresCollected:
+            run.check_answered(self.path)
+            return
+        paths = ", ".join(state.path for state in run.routing.values())
+        raise RuntimeError(f"{self.path}: chunk {chunk} finished without reaching its expert-choice layer {paths}")
 
     def _collect(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
                  chunk: int) -> None:
@@ -1006,6 +1047,24 @@ def _prepare_block(
     return None, attention
 
 
+def _routed_layers(path: str, block: torch.nn.Module, plan: BlockPlan, config: SequenceChunkingConfig
+                   ) -> list[tuple[str, torch.nn.Module, ExpertChoiceLayout]]:
+    """The block's expert-choice MoE layers that ``BlockPlan.routed`` names (those with a layout: a dense block's
+    FeedForward at the same path is not one); at most one per block, in the two-pass schedule, for inference."""
+    routed = []
+    for name in plan.routed:
+        layer = _submodule(block, name)
+        layout = None if layer is None else expert_choice_layout(layer)
+        if layout is not None:
+            routed.append((name, layer, layout))
+    if routed and (len(routed) > 1 or config.schedule != "two_pass" or config.training):
+        raise ValueError(
+            f"{path}: its expert-choice MoE layers {[name for name, _, _ in routed]} route over the whole sequence, "
+            "which sequence chunking supports with one such layer per block, in the two-pass schedule and for "
+            f"inference (got schedule={config.schedule!r}, training={config.training})")
+    return routed
+
+
 def _skippable(path: str, module: torch.nn.Module) -> torch.nn.Module:
     """A module the plan lets memopt skip must have an output shape known from its input (linear or elementwise)."""
     linear = getattr(module, "out_features", None) is not None
@@ -1234,8 +1293,9 @@ def apply_sequence_chunking(
     """Run every transformer block of ``model`` in ``num_chunks`` sequence chunks with a K/V exchange.
 
     Args:
-        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (55 classes:
-            Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin and four ControlNets),
+        model: a diffusers transformer with a plan in :data:`memopt.plans.sequence.SEQUENCE_PLANS` (59 classes:
+            Wan, Flux, HunyuanVideo, CogVideoX, LTX-Video, QwenImage, SD3, Mochi, their kin, Nucleus-Image and four
+            ControlNets),
             or any model with ``plan`` given; or Sana, Sana Video and the Sana ControlNet, whose blocks stream
             instead (one schedule, a banded backward with ``training``; ``align`` does not apply: bands are whole
             rows or frames; see :mod:`memopt.hooks._streamed_blocks`).
@@ -1324,8 +1384,12 @@ def apply_sequence_chunking(
             if reason is not None:
                 report.skipped.append((path, reason))
                 continue
-            hook = SequenceChunkingHook(config, path, block_plan, metadata, attention)
+            routed = _routed_layers(path, block, block_plan, config)
+            hook = SequenceChunkingHook(config, path, block_plan, metadata, attention, routed)
             register_memopt_hook(block, hook, SEQUENCE_BLOCK_HOOK)
+            for name, layer, _ in routed:
+                register_memopt_hook(layer, SequenceRoutingHook(f"{path}.{name}"), SEQUENCE_ROUTING_HOOK)
+                report.routed.append(f"{path}.{name}")
             for name, attention_module, _ in attention:
                 register_memopt_hook(attention_module, SequenceAttentionHook(), SEQUENCE_ATTENTION_HOOK)
                 report.attention.append(f"{path}.{name}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,13 @@ class Routing:
     weights: torch.Tensor
 
 
-RouteFn = Callable[..., Routing]
-"""``route(layer, *args, **kwargs)`` with the layer's forward arguments -> its :class:`Routing`."""
+RouterFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""``router(layer, *args, **kwargs)`` with the layer's forward arguments -> ``(inputs, logits)``: the ``(B, S, D)``
+tokens the experts read and the router's ``(B, S, E)`` logits for them. Row-wise: a chunk of the tokens gets the
+chunk's rows."""
+
+ChooseFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``choose(layer, logits)`` over the whole ``(B, S, E)`` logits -> ``(rows, weights)`` of :class:`Routing`."""
 
 
 @dataclass(frozen=True)
@@ -48,15 +53,17 @@ class ExpertChoiceLayout:
     """The parts of one expert-choice MoE layer, as paths relative to it (weights are read per call).
 
     Attributes:
-        route: the layer's routing (:data:`RouteFn`).
+        router: the layer's router scores (:data:`RouterFn`), token by token.
+        choose: the layer's choice over the whole sequence (:data:`ChooseFn`): the one step no chunk can take alone
+            (see :class:`memopt.plans.sequence.BlockPlan` ``routed``).
         experts: the module holding the packed expert weights.
         gate_up: its ``(E, D, 2F)`` parameter, ``[gate | up]`` along the last dim (SwiGLU: ``silu(gate) * up``).
         down: its ``(E, F, D)`` parameter.
         shared: a module computing every token (its output is what the experts' rows are added to), or None.
-        ff_modules: the modules whose forwards the streamed run replaces (their diffusers hooks are honoured).
     """
 
-    route: RouteFn
+    router: RouterFn
+    choose: ChooseFn
     experts: str
     gate_up: str
     down: str
@@ -64,20 +71,30 @@ class ExpertChoiceLayout:
 
     @property
     def ff_modules(self) -> tuple[str, ...]:
+        """The modules whose forwards a streamed run replaces (their diffusers hooks are honoured)."""
         return (self.experts,)
 
+    def route(self, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Routing:
+        inputs, logits = self.router(layer, *args, **kwargs)
+        return Routing(inputs, *self.choose(layer, logits))
 
-def _nucleus_route(layer: torch.nn.Module, hidden_states: torch.Tensor, hidden_states_unmodulated: torch.Tensor,
-                   timestep: torch.Tensor | None = None) -> Routing:
-    """``NucleusMoELayer.forward`` up to its gather: each expert's top ``ceil(capacity_factor * S / E)`` tokens of
-    its sample by softmax (or sigmoid) score, their scores normalised over the experts that chose each token."""
-    batch, length, _ = hidden_states.shape
+
+def _nucleus_router(layer: torch.nn.Module, hidden_states: torch.Tensor, hidden_states_unmodulated: torch.Tensor,
+                    timestep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``NucleusMoELayer.forward``'s router: a linear of the timestep embedding beside the unmodulated tokens."""
     if timestep is not None:
+        length = hidden_states.shape[1]
         router_input = torch.cat([timestep.unsqueeze(1).expand(-1, length, -1), hidden_states_unmodulated], dim=-1)
     else:
         router_input = hidden_states_unmodulated
-    logits = layer.gate(router_input)
-    del router_input
+    return hidden_states, layer.gate(router_input)
+
+
+def _nucleus_choose(layer: torch.nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``NucleusMoELayer.forward`` from its logits to its gather: each expert's top ``ceil(capacity_factor * S / E)``
+    tokens of its sample by softmax (or sigmoid) score, their scores normalised over the experts that chose each
+    token."""
+    batch, length, _ = logits.shape
     if layer.use_sigmoid:
         scores = torch.sigmoid(logits.float()).to(logits.dtype)
     else:
@@ -86,18 +103,19 @@ def _nucleus_route(layer: torch.nn.Module, hidden_states: torch.Tensor, hidden_s
     capacity = max(1, math.ceil(layer.capacity_factor * length / layer.num_experts))
     chosen = torch.topk(affinity, k=capacity, dim=-1).indices  # (B, E, C)
     gating = affinity.gather(dim=-1, index=chosen)
-    offsets = torch.arange(batch, device=hidden_states.device, dtype=torch.long).view(batch, 1, 1) * length
+    offsets = torch.arange(batch, device=logits.device, dtype=torch.long).view(batch, 1, 1) * length
     rows = (offsets + chosen).transpose(0, 1).reshape(layer.num_experts, -1)  # (E, B C): expert, sample, rank
     weights = gating.transpose(0, 1).reshape(layer.num_experts, -1)
-    sums = torch.zeros(batch * length, device=hidden_states.device, dtype=weights.dtype)
+    sums = torch.zeros(batch * length, device=logits.device, dtype=weights.dtype)
     sums.scatter_add_(0, rows.reshape(-1), weights.reshape(-1))
     weights = weights / (sums[rows] + 1e-12)
-    return Routing(hidden_states, rows, weights * layer.route_scale)
+    return rows, weights * layer.route_scale
 
 
 _EXPERT_CHOICE_LAYERS: dict[str, ExpertChoiceLayout] = {
     "diffusers.models.transformers.transformer_nucleusmoe_image.NucleusMoELayer": ExpertChoiceLayout(
-        route=_nucleus_route, experts="experts", gate_up="gate_up_proj", down="down_proj", shared="shared_expert"),
+        router=_nucleus_router, choose=_nucleus_choose, experts="experts", gate_up="gate_up_proj", down="down_proj",
+        shared="shared_expert"),
 }
 
 EXPERT_CHOICE_LAYERS: dict[type, ExpertChoiceLayout] = {

@@ -1,4 +1,5 @@
-"""Streamed experts of expert-choice MoE layers (Nucleus-Image): exactness, memory, training, plans and errors."""
+"""Expert-choice MoE layers (Nucleus-Image): streamed experts (exactness, memory, training, plans, errors) and the
+router scores exchanged between sequence chunks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoELayer
 
-from memopt import apply_chunked_feedforward, remove_memory_optimizations, trace_memory
+from memopt import apply_chunked_feedforward, apply_sequence_chunking, remove_memory_optimizations, trace_memory
 from memopt.hooks._sequence_chunks import RUNNING
 from memopt.hooks.feedforward import FEEDFORWARD_HOOK
 
@@ -177,3 +178,88 @@ def test_hooks_on_the_experts_are_honoured():
     assert "transformer_blocks.1.img_mlp" in report.applied
     with torch.no_grad():
         assert rel_err(model(**inputs)[0], reference) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ in sequence chunks
+def wider_nucleus() -> torch.nn.Module:
+    """Width 128 (8 heads x 16, 2 K/V heads), a dense block and MoE blocks of 16 experts with capacity factors 4
+    and 2."""
+    torch.manual_seed(0)
+    model = diffusers.NucleusMoEImageTransformer2DModel(
+        num_attention_heads=8, attention_head_dim=16, num_key_value_heads=2, in_channels=16, out_channels=4,
+        num_layers=3, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), dense_moe_strategy="leave_first_block_dense",
+        num_experts=16, moe_intermediate_dim=96, capacity_factors=[0.0, 4.0, 2.0]).eval()
+    init_experts(model)
+    return model
+
+
+def grid_inputs(height: int, width: int, batch: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(batch, height * width, 16, generator=generator),
+                encoder_hidden_states=torch.randn(batch, 16, 24, generator=generator),
+                timestep=torch.full((batch,), 0.5), img_shapes=[(1, height, width)] * batch)
+
+
+@pytest.mark.parametrize("use_sigmoid", [False, True])
+@pytest.mark.parametrize("num_chunks", [2, 7, 16])
+def test_sequence_chunks_exchange_the_router_scores(num_chunks, use_sigmoid):
+    """99 image tokens, batch 2, a padded prompt: each chunk's tokens go through the experts that chose them among
+    all tokens; alone, with the experts also streamed (FeedForward hooks first, the planner's order)."""
+    model, inputs = nucleus(use_sigmoid)
+    inputs.update(hidden_states=torch.randn(2, 9 * 11, 16), img_shapes=[(1, 9, 11)] * 2)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = apply_sequence_chunking(model, num_chunks)
+        assert report.routed == ["transformer_blocks.1.img_mlp", "transformer_blocks.2.img_mlp"]
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+        remove_memory_optimizations(model)
+        apply_chunked_feedforward(model, num_chunks=3)
+        apply_sequence_chunking(model, num_chunks)
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
+
+
+def test_sequence_chunked_growth_per_token_nears_the_floor():
+    """Activation growth between 288 and 576 image tokens (fp32, LD = tokens x 128 x 4 B): the unmodified model's
+    MoE layers hold about 26 LD per token, streamed experts 10, sequence chunks 3.6 (floor: 3)."""
+    model = wider_nucleus()
+    sizes = [(16, 18), (24, 24)]
+
+    def growth(prepare) -> float:
+        peaks = []
+        for height, width in sizes:
+            with torch.no_grad():
+                if prepare is not None:
+                    prepare(model)
+                peaks.append(trace_memory(model, **grid_inputs(height, width)).peak_bytes)
+                remove_memory_optimizations(model)
+        return (peaks[1] - peaks[0]) / ((24 * 24 - 16 * 18) * 128 * 4)
+
+    unmodified = growth(None)
+    streamed = growth(lambda m: apply_chunked_feedforward(m, num_chunks=16))
+    chunked = growth(lambda m: apply_sequence_chunking(m, 32))
+    assert unmodified > 20 and 8 < streamed < 12 and chunked < 3.8, (unmodified, streamed, chunked)
+
+
+def test_routing_exchange_refuses_lockstep_and_training():
+    model, _ = nucleus()
+    for options in ({"schedule": "lockstep"}, {"training": True}):
+        with pytest.raises(ValueError, match=r"transformer_blocks.1: its expert-choice MoE layers \['img_mlp'\] route "
+                                             "over the whole sequence"):
+            apply_sequence_chunking(model, 4, **options)
+        assert not any(getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook._hook_order
+                       for m in model.modules())
+
+
+def test_planner_simulation_bounds_the_chunked_peak():
+    """The simulation cannot know the routing (fake weights): its first expert takes the most rows any routing gives
+    it in the first chunk, so the predicted peak bounds the real one, closely."""
+    from memopt.planner import Chunking, simulate_chunking
+
+    model, inputs = nucleus()
+    inputs.update(hidden_states=torch.randn(2, 24 * 24, 16), img_shapes=[(1, 24, 24)] * 2)
+    estimate = simulate_chunking(model, (), inputs, Chunking(sequence_chunks=4, feedforward_chunks=4))
+    apply_chunked_feedforward(model, num_chunks=4)
+    apply_sequence_chunking(model, 4)
+    with torch.no_grad():
+        real = trace_memory(model, **inputs).peak_bytes
+    assert real <= estimate.activation.bytes <= 1.05 * real

@@ -17,8 +17,8 @@ copy of ``WanTransformerBlock``, and others) get their layout from ``BlockPlan.m
 The plans are data, one module per family lineage (as :mod:`memopt.models`): ``wan``, ``flux``, ``hunyuan``,
 ``cogview``, ``ltx``, ``qwenimage``, ``sd3``, ``mochi``, ``zimage``, ``kandinsky``, ``minimax``, ``auraflow``,
 ``pixart``, ``easyanimate``, ``cosmos``, ``motif``, ``krea``, ``hidream``, ``ernie``, ``joyimage``, ``prx``,
-``ideogram``, ``omnigen``, each a ``PLANS`` dict; ``_vocabulary`` holds the dataclasses they are made of (below) and the
-pieces several lineages share.
+``ideogram``, ``omnigen``, ``nucleus``, each a ``PLANS`` dict; ``_vocabulary`` holds the dataclasses they are made
+of (below) and the pieces several lineages share.
 
 Vocabulary:
 
@@ -33,6 +33,8 @@ Vocabulary:
 * **joint attention**: an attention module whose kernel call attends over the whole sequence (self-attention, or
   MMDiT joint attention); ``order`` is how the streams sit in its key sequence. Every other attention call in the
   block (cross-attention to text or image-prompt tokens) stays chunk-local.
+* **routing**: an expert-choice MoE layer (Nucleus-Image's) chooses its tokens among the whole sequence, so its
+  router scores are exchanged too, in a pass after the K/V's (``BlockPlan.routed``).
 * **tail / gather / embed / producers**: the model-level parts (:class:`SequencePlan`): where the output head starts,
   where its chunks are gathered (the ``ContextParallelOutput`` entries of the model's ``_cp_plan`` when it has one),
   which module embeds the image tokens, and which per-token tables (or per-sample tables the model expands over
@@ -60,6 +62,7 @@ from . import (
     minimax,
     mochi,
     motif,
+    nucleus,
     omnigen,
     pixart,
     prx,
@@ -90,7 +93,7 @@ __all__ = ["FUSED_ROLES", "SEQUENCE_PLANS", "STREAMS", "BlockPlan", "BroadcastTa
 
 _FAMILY_PLANS = [module.PLANS for module in (wan, flux, hunyuan, cogview, ltx, qwenimage, sd3, mochi, zimage, kandinsky,
                                                minimax, auraflow, pixart, easyanimate, cosmos, motif, krea,
-                                               hidream, ernie, joyimage, prx, ideogram, omnigen)]
+                                               hidream, ernie, joyimage, prx, ideogram, omnigen, nucleus)]
 SEQUENCE_PLANS: dict[str, SequencePlan] = {name: plan for plans in _FAMILY_PLANS for name, plan in plans.items()}
 """Model class name -> :class:`SequencePlan` for the families memopt supports."""
 assert len(SEQUENCE_PLANS) == sum(map(len, _FAMILY_PLANS)), "two family modules define a plan for the same class"

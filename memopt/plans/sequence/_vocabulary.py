@@ -240,6 +240,13 @@ class BlockPlan:
             Not with another hook on the block (offloading, casting): those run as called.
         variants: block class name -> the plan for blocks of that class at the same paths (a model config that swaps
             the block class: HunyuanVideo-I2V's token-replace blocks take the first frame's token count too).
+        routed: expert-choice mixture-of-experts layers (relative to the block; ignored where the module has no
+            :class:`~memopt.plans.experts.ExpertChoiceLayout`: a dense block's FeedForward at the same path), whose
+            experts each choose their tokens over the whole sequence (Nucleus-Image). The router scores are the second
+            cross-chunk exchange: after the K/V collection, a routing pass runs each chunk up to such a layer and keeps
+            its router logits; the layer's choice is made over all of them, and the final pass runs each chunk's
+            tokens through the experts that chose them. The routing pass reruns the block up to the layer (its
+            attention included). Two-pass schedule and inference only.
         runs_whole: ``argument -> reason or None``: why this call must run on the whole sequence (``argument(name)``
             reads the block's forward arguments). For state a block carries from call to call that chunks would
             corrupt: GLM-Image's per-block KV cache, which its processor fills with the call's keys in ``"write"``
@@ -260,6 +267,7 @@ class BlockPlan:
     input_is_view: bool = False
     runs_when_used: bool = False
     variants: Mapping[str, BlockPlan] = field(default_factory=dict)
+    routed: tuple[str, ...] = ()
     runs_whole: Callable[[Callable[[str], Any]], str | None] | None = None
 
     def __post_init__(self) -> None:
