@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import checkpoint
 
 from ..plans.experts import ExpertChoiceLayout
 from ..plans.feedforward import UnsupportedFeedForward
-from torch._subclasses.fake_tensor import FakeTensor
-
 from ._common import call_inside, hooks_inside
 from ._sequence_chunks import running
 from ._sequence_exchange import BlockRun, RouterScoresCollected, RoutingState
@@ -189,7 +188,8 @@ class SequenceRoutingHook(ModelHook):
         return out.reshape(inputs.shape)
 
 
-def _chunk_routes(state: RoutingState, start: int, end: int, batch: int):
+def _chunk_routes(state: RoutingState, start: int, end: int, batch: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per expert, the chunk's rows ``b * (end - start) + s - start`` among its choices and their weights.
 
     In a simulation (fake tensors: the choice depends on values the weights would give) the experts run one at a

@@ -604,31 +604,30 @@ class SequenceChunkingHook(ModelHook):
                chunk: int) -> None:
         """Runs ``chunk`` in the routing pass, with the full K/V, up to its expert-choice layer
         (``BlockPlan.routed``), which keeps the chunk's router scores."""
-        run.start_chunk(chunk)
-        chunk_args, chunk_kwargs = chunk_arguments(chunk)
-        try:
-            with self._stand_in_errors(run):
-                original(*chunk_args, **chunk_kwargs)
-        except RouterScoresCollected:
-            run.check_answered(self.path)
-            return
         paths = ", ".join(state.path for state in run.routing.values())
-        raise RuntimeError(f"{self.path}: chunk {chunk} finished without reaching its expert-choice layer {paths}")
+        self._run_until(original, run, chunk_arguments, chunk, RouterScoresCollected,
+                        f"its expert-choice layer {paths}")
 
     def _collect(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
                  chunk: int) -> None:
         """Runs ``chunk`` in the collection pass of stage ``run.collecting``, up to the stage's last attention call."""
+        paths = ", ".join(state.path for state in run.attention.values() if state.stage == run.collecting)
+        self._run_until(original, run, chunk_arguments, chunk, KeyValuesCollected,
+                        f"the attention kernel of {paths} (skipped by a cache or processor?)")
+
+    def _run_until(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
+                   chunk: int, stop: type[Exception], target: str) -> None:
+        """Runs ``chunk`` until the block is stopped by ``stop`` (raised where the pass has what it came for); a
+        chunk that finishes instead never reached ``target``."""
         run.start_chunk(chunk)
         chunk_args, chunk_kwargs = chunk_arguments(chunk)
         try:
             with self._stand_in_errors(run):
                 original(*chunk_args, **chunk_kwargs)
-        except KeyValuesCollected:
+        except stop:
             run.check_answered(self.path)
             return
-        paths = ", ".join(state.path for state in run.attention.values() if state.stage == run.collecting)
-        raise RuntimeError(f"{self.path}: chunk {chunk} finished without reaching the attention kernel of {paths} "
-                           "(skipped by a cache or processor?)")
+        raise RuntimeError(f"{self.path}: chunk {chunk} finished without reaching {target}")
 
     def _final(self, original: Callable[..., Any], run: BlockRun, chunk_arguments: Callable[[int], tuple],
                chunk: int) -> Any:
