@@ -263,3 +263,19 @@ def test_planner_simulation_bounds_the_chunked_peak():
     with torch.no_grad():
         real = trace_memory(model, **inputs).peak_bytes
     assert real <= estimate.activation.bytes <= 1.05 * real
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_sequence_chunks_under_group_offloading(offload_type):
+    """diffusers' group offloading applied first (the planner's order): the routing hook runs the offloading hooks
+    of the layer and of its experts module around each chunk's experts."""
+    model, inputs = nucleus()
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+    cpu = torch.device("cpu")
+    options = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    model.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type=offload_type, **options)
+    apply_chunked_feedforward(model, num_chunks=3)
+    assert len(apply_sequence_chunking(model, 4).routed) == 2
+    with torch.no_grad():
+        assert rel_err(model(**inputs)[0], reference) <= 1e-5
