@@ -173,14 +173,21 @@ def test_inside_sequence_chunks_is_refused():
         RUNNING.block_run = None
 
 
-def test_hooks_on_the_experts_are_honoured():
+@pytest.mark.parametrize("offload_type", ["leaf_level", "offload_like"])
+def test_hooks_on_the_experts_are_honoured(offload_type):
     """Leaf-level group offloading puts the packed expert weights (not in a Linear) in a group of their own, onloaded
-    by a hook on the experts module, whose forward the streamed run bypasses."""
+    by a hook on the experts module, whose forward the streamed run bypasses; on the CPU the stand-in, which leaves
+    them NaN outside its pre_forward / post_forward, is what shows that the hooks run."""
     model, inputs = nucleus()
     with torch.no_grad():
         reference = model(**inputs)[0]
-    cpu = torch.device("cpu")
-    model.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+    if offload_type == "offload_like":
+        for module in model.modules():
+            if type(module).__name__ == "SwiGLUExperts":
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(OffloadLike(), "offload_like")
+    else:
+        cpu = torch.device("cpu")
+        model.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
     report = apply_chunked_feedforward(model, num_chunks=3)
     assert "transformer_blocks.1.img_mlp" in report.applied
     with torch.no_grad():
