@@ -2,11 +2,11 @@
 
 Expert parallelism places a layer's experts on different GPUs: each GPU receives the token rows its experts chose,
 computes them, and sends the outputs back to be summed into the tokens' rows. Run sequentially on one device, the
-all-to-all becomes a gather and the combine an ``index_add_``, so only one expert group's rows and intermediates exist
-at a time instead of every expert's (an expert-choice layer gathers ``capacity_factor`` copies of the sequence: see
-:mod:`memopt.plans.experts`). The routing is computed first, whole and with the model's own ops, so every expert
-chooses the same tokens; each group's experts then run as one batched matmul (the grouped GEMM of the layer's
-``use_grouped_mm`` path, restricted to the group).
+all-to-all becomes a gather and the combine an accumulating ``index_put_``, so only one expert group's rows and
+intermediates exist at a time instead of every expert's (an expert-choice layer gathers ``capacity_factor`` copies of
+the sequence: see :mod:`memopt.plans.experts`). The routing is computed first, whole and with the model's own ops, so
+every expert chooses the same tokens; each group's experts then run as one batched matmul (the grouped GEMM of the
+layer's ``use_grouped_mm`` path, restricted to the group).
 
 :func:`memopt.apply_chunked_feedforward` applies :class:`StreamedExpertsHook` to every layer with a layout, in
 ``num_chunks`` expert groups: the experts are the MoE's hidden dimension, as the intermediate width is a FeedForward's
@@ -123,7 +123,7 @@ class StreamedExpertsHook(ModelHook):
                     outputs = checkpoint(_expert_group, *group, use_reentrant=False)
                 else:
                     outputs = _expert_group(*group)
-                out = out.index_add_(0, routing.rows[start:stop].reshape(-1), outputs.to(out.dtype))
+                out = out.index_put_((routing.rows[start:stop].reshape(-1),), outputs.to(out.dtype), accumulate=True)
                 del outputs
         return out.to(dtype).reshape(inputs.shape)
 
@@ -183,7 +183,7 @@ class SequenceRoutingHook(ModelHook):
                 if rows.shape[0]:
                     outputs = _expert_group(tokens, rows[None], weights[None], gate_up[expert:expert + 1],
                                             down[expert:expert + 1])
-                    out = out.index_add_(0, rows, outputs)
+                    out = out.index_put_((rows,), outputs, accumulate=True)
                     del outputs
         return out.reshape(inputs.shape)
 
