@@ -20,6 +20,7 @@ them.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from typing import Any, Iterator
 
@@ -176,38 +177,77 @@ class SequenceRoutingHook(ModelHook):
         layout = state.layout
         out = (module.get_submodule(layout.shared)(inputs).reshape(tokens.shape) if layout.shared is not None
                else torch.zeros_like(tokens))
+        counts, rows, weights = _chunk_choices(state, start, end, inputs.shape[0])
         with _honour_hooks(bypassed):
             experts = module.get_submodule(layout.experts)
             gate_up, down = getattr(experts, layout.gate_up), getattr(experts, layout.down)
-            for expert, (rows, weights) in enumerate(_chunk_routes(state, start, end, inputs.shape[0])):
-                if rows.shape[0]:
-                    outputs = _expert_group(tokens, rows[None], weights[None], gate_up[expert:expert + 1],
-                                            down[expert:expert + 1])
-                    out = out.index_put_((rows,), outputs, accumulate=True)
-                    del outputs
+            grouped = layout.grouped_mm is not None and bool(getattr(experts, layout.grouped_mm, False))
+            for first, last, begin, stop in _groups(counts, max(inputs.shape[0] * (end - start), *counts)):
+                picked = tokens[rows[begin:stop]]
+                gate, up = _matmul_by_expert(picked, gate_up[first:last], counts[first:last], grouped).chunk(2, -1)
+                del picked
+                activated = F.silu(gate) * up if torch.is_grad_enabled() else F.silu(gate).mul_(up)
+                del gate, up
+                outputs = _matmul_by_expert(activated, down[first:last], counts[first:last], grouped)
+                del activated
+                scaled = outputs.float() * weights[begin:stop, None]
+                del outputs
+                out = out.index_put_((rows[begin:stop],), scaled.to(out.dtype), accumulate=True)
+                del scaled
         return out.reshape(inputs.shape)
 
 
-def _chunk_routes(state: RoutingState, start: int, end: int, batch: int
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per expert, the chunk's rows ``b * (end - start) + s - start`` among its choices and their weights.
+def _chunk_choices(state: RoutingState, start: int, end: int, batch: int
+                   ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The chunk's share of the layer's choices: per expert how many of its rows lie in the chunk, and those rows
+    (``b * (end - start) + s - start`` in the chunk's tokens) with their weights, expert after expert.
 
-    In a simulation (fake tensors: the choice depends on values the weights would give) the experts run one at a
-    time, so the chunk's peak is that of the expert with the most rows in it: the first expert gets the most any
-    routing can give it in the first chunk (all its choices, or the chunk's every token), the others their choices
-    spread evenly over the chunks, as the first one does in later chunks. The peak is then an upper bound, and the
-    FLOPs are every routing's but the first expert's one chunk."""
+    In a simulation (fake tensors: the choice depends on values the weights would give) the first experts get the
+    most rows any routing can give them in the first chunk, up to a group's worth (the chunk's token rows), and the
+    rest spread evenly over the chunks: the peak, one group's, is then an upper bound, and the FLOPs are every
+    routing's but for that one group."""
     length, room = state.length, batch * (end - start)
-    per_expert = state.rows.shape[1]
-    even = -(-per_expert * (end - start) // length)
-    for expert in range(state.rows.shape[0]):
-        rows = state.rows[expert]
-        position = rows % length
-        inside = (position >= start) & (position < end)
-        local = (rows // length) * (end - start) + position - start
-        if isinstance(rows, FakeTensor):
-            count = min(per_expert, room) if expert == 0 and start == 0 else even
-            yield torch.arange(count, device=rows.device) % room, state.weights[expert, :count]
-        else:
-            yield local[inside], state.weights[expert][inside]
-        del position, inside, local
+    experts, per_expert = state.rows.shape
+    position = state.rows % length  # also in a simulation, for their memory
+    inside = (position >= start) & (position < end)
+    local = (state.rows // length) * (end - start) + position - start
+    if isinstance(state.rows, FakeTensor):
+        even = -(-per_expert * (end - start) // length)
+        counts, left = [], room if start == 0 else 0
+        for _ in range(experts):
+            counts.append(max(even, min(per_expert, left)))
+            left -= counts[-1]
+        rows = torch.arange(sum(counts), device=state.rows.device) % room
+        weights = torch.cat([state.weights[expert, :count] for expert, count in enumerate(counts)])
+        return counts, rows, weights
+    return inside.sum(1).tolist(), local[inside], state.weights[inside]
+
+
+def _groups(counts: list[int], cap: int) -> Iterator[tuple[int, int, int, int]]:
+    """Consecutive experts ``[first, last)`` and their rows ``[begin, stop)``, each group at most ``cap`` rows (an
+    expert with more is a group of its own); experts without rows are skipped."""
+    first, begin, stop = 0, 0, 0
+    for expert, count in enumerate(counts):
+        if stop - begin + count > cap and stop > begin:
+            yield first, expert, begin, stop
+            first, begin = expert, stop
+        elif stop == begin:
+            first = expert
+        stop += count
+    if stop > begin:
+        yield first, len(counts), begin, stop
+
+
+def _matmul_by_expert(x: torch.Tensor, weights: torch.Tensor, counts: list[int], grouped: bool) -> torch.Tensor:
+    """``x``'s rows, ``counts[i]`` after another, times ``weights[i]``: one ``F.grouped_mm`` where the model runs its
+    experts with it (``use_grouped_mm``), else one matmul per expert into one output."""
+    if grouped:
+        offsets = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x.device)
+        return F.grouped_mm(x, weights, offs=offsets).type_as(x)
+    out = x.new_empty(x.shape[0], weights.shape[-1])
+    begin = 0
+    for index, count in enumerate(counts):
+        if count:
+            torch.mm(x[begin:begin + count], weights[index], out=out[begin:begin + count])
+        begin += count
+    return out

@@ -60,6 +60,8 @@ class ExpertChoiceLayout:
         gate_up: its ``(E, D, 2F)`` parameter, ``[gate | up]`` along the last dim (SwiGLU: ``silu(gate) * up``).
         down: its ``(E, F, D)`` parameter.
         shared: a module computing every token (its output is what the experts' rows are added to), or None.
+        grouped_mm: the experts module's flag saying the model computes them with ``F.grouped_mm`` (which a chunk's
+            uneven share of rows per expert then uses too), or None.
     """
 
     router: RouterFn
@@ -68,6 +70,7 @@ class ExpertChoiceLayout:
     gate_up: str
     down: str
     shared: str | None
+    grouped_mm: str | None = None
 
     @property
     def ff_modules(self) -> tuple[str, ...]:
@@ -115,7 +118,7 @@ def _nucleus_choose(layer: torch.nn.Module, logits: torch.Tensor) -> tuple[torch
 _EXPERT_CHOICE_LAYERS: dict[str, ExpertChoiceLayout] = {
     "diffusers.models.transformers.transformer_nucleusmoe_image.NucleusMoELayer": ExpertChoiceLayout(
         router=_nucleus_router, choose=_nucleus_choose, experts="experts", gate_up="gate_up_proj", down="down_proj",
-        shared="shared_expert"),
+        shared="shared_expert", grouped_mm="use_grouped_mm"),
 }
 
 EXPERT_CHOICE_LAYERS: dict[type, ExpertChoiceLayout] = {

@@ -214,12 +214,16 @@ def grid_inputs(height: int, width: int, batch: int = 1) -> dict:
                 timestep=torch.full((batch,), 0.5), img_shapes=[(1, height, width)] * batch)
 
 
-@pytest.mark.parametrize("use_sigmoid", [False, True])
+@pytest.mark.parametrize("use_sigmoid, grouped_mm", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("num_chunks", [2, 7, 16])
-def test_sequence_chunks_exchange_the_router_scores(num_chunks, use_sigmoid):
+def test_sequence_chunks_exchange_the_router_scores(num_chunks, use_sigmoid, grouped_mm):
     """99 image tokens, batch 2, a padded prompt: each chunk's tokens go through the experts that chose them among
-    all tokens; alone, with the experts also streamed (FeedForward hooks first, the planner's order)."""
+    all tokens; alone, with the experts also streamed (FeedForward hooks first, the planner's order). With
+    ``use_grouped_mm`` the model and each chunk's uneven rows per expert run ``F.grouped_mm``."""
     model, inputs = nucleus(use_sigmoid)
+    for module in model.modules():
+        if type(module).__name__ == "SwiGLUExperts":
+            module.use_grouped_mm = grouped_mm
     inputs.update(hidden_states=torch.randn(2, 9 * 11, 16), img_shapes=[(1, 9, 11)] * 2)
     with torch.no_grad():
         reference = model(**inputs)[0]
