@@ -137,8 +137,8 @@ class SequenceRoutingHook(ModelHook):
     reaches the layer, which keeps the chunk's router logits in a full-length table and stops the block
     (:class:`RouterScoresCollected`); the choice is then made once over the table, with the model's own ops
     (``ExpertChoiceLayout.choose``), and in the final pass each chunk's tokens go through the experts that chose them,
-    one expert after another, added to the shared expert's output in the layer's order. Outside a chunked block run
-    (an unchunked call) the layer's own forward runs, with any hook inside it.
+    in groups of experts of at most a chunk's token rows, added to the shared expert's output in the layer's order.
+    Outside a chunked block run (an unchunked call) the layer's own forward runs, with any hook inside it.
     """
 
     _is_stateful = False
