@@ -1049,7 +1049,14 @@ def _prepare_block(
 def _routed_layers(path: str, block: torch.nn.Module, plan: BlockPlan, config: SequenceChunkingConfig
                    ) -> list[tuple[str, torch.nn.Module, ExpertChoiceLayout]]:
     """The block's expert-choice MoE layers that ``BlockPlan.routed`` names (those with a layout: a dense block's
-    FeedForward at the same path is not one); at most one per block, in the two-pass schedule, for inference."""
+    FeedForward at the same path is not one); at most one per block, in the two-pass schedule, for inference. One the
+    plan does not name would route each chunk among its own tokens: refused."""
+    undeclared = [name for name, module in block.named_modules()
+                  if expert_choice_layout(module) is not None and name not in plan.routed]
+    if undeclared:
+        raise ValueError(f"{path}: its expert-choice MoE layers {undeclared} choose their tokens among the whole "
+                         "sequence, which a chunk alone would not see; the block plan must name them in "
+                         "BlockPlan.routed")
     routed = []
     for name in plan.routed:
         layer = _submodule(block, name)

@@ -258,6 +258,20 @@ def test_sequence_chunked_growth_per_token_nears_the_floor():
     assert unmodified > 20 and 8 < streamed < 12 and chunked < 3.8, (unmodified, streamed, chunked)
 
 
+def test_a_plan_that_does_not_name_the_moe_layers_is_refused():
+    """Without the routing exchange each chunk would route among its own tokens: a wrong result, so an error."""
+    import dataclasses
+
+    from memopt.plans.sequence import SEQUENCE_PLANS
+
+    model, _ = nucleus()
+    plan = SEQUENCE_PLANS["NucleusMoEImageTransformer2DModel"]
+    blocks = {pattern: dataclasses.replace(block, routed=()) for pattern, block in plan.blocks.items()}
+    with pytest.raises(ValueError, match=r"transformer_blocks.1: its expert-choice MoE layers \['img_mlp'\] choose "
+                                         "their tokens among the whole sequence"):
+        apply_sequence_chunking(model, 4, plan=dataclasses.replace(plan, blocks=blocks))
+
+
 def test_routing_exchange_refuses_lockstep_and_training():
     model, _ = nucleus()
     for options in ({"schedule": "lockstep"}, {"training": True}):
