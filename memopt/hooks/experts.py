@@ -42,24 +42,28 @@ SEQUENCE_ROUTING_HOOK = "memopt.sequence.routing"
 logger = logging.getLogger(__name__)
 
 
-def _expert_group(tokens: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor) -> torch.Tensor:
-    """``weights * down(silu(gate) * up)`` of ``g`` experts on their ``(g, R)`` rows of the ``(N, D)`` ``tokens``:
-    the ``(g R, D)`` outputs, in the tokens' dtype (scaled in fp32, as the layer does)."""
-    picked = tokens[rows.reshape(-1)].view(*rows.shape, tokens.shape[-1])
-    hidden = torch.bmm(picked, gate_up)
+def _run_experts(tokens: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor, counts: list[int], grouped: bool) -> torch.Tensor:
+    """``weights * down(silu(gate) * up)`` of consecutive experts on their rows of the ``(N, D)`` ``tokens``: ``rows``
+    and ``weights`` hold ``counts[i]`` entries for expert ``i`` after another. The ``(len(rows), D)`` outputs, in the
+    tokens' dtype (scaled in fp32, as the layer does)."""
+    picked = tokens[rows]
+    gate, up = _matmul_by_expert(picked, gate_up, counts, grouped).chunk(2, dim=-1)
     del picked
-    gate, up = hidden.chunk(2, dim=-1)
-    if torch.is_grad_enabled():
-        activated = F.silu(gate) * up
-    else:
-        activated = F.silu(gate).mul_(up)
-    del hidden, gate, up
-    out = torch.bmm(activated, down)
+    activated = F.silu(gate) * up if torch.is_grad_enabled() else F.silu(gate).mul_(up)
+    del gate, up
+    out = _matmul_by_expert(activated, down, counts, grouped)
     del activated
     scaled = out.float() * weights.unsqueeze(-1) if torch.is_grad_enabled() else out.float().mul_(weights.unsqueeze(-1))
     del out
-    return scaled.to(tokens.dtype).reshape(-1, tokens.shape[-1])
+    return scaled.to(tokens.dtype)
+
+
+def _shared_output(module: torch.nn.Module, layout: ExpertChoiceLayout, inputs: torch.Tensor) -> torch.Tensor:
+    """The ``(N, D)`` rows the experts' outputs are added to: the shared expert's output, or zeros."""
+    if layout.shared is None:
+        return inputs.new_zeros(inputs[..., 0].numel(), inputs.shape[-1])
+    return module.get_submodule(layout.shared)(inputs).reshape(-1, inputs.shape[-1])
 
 
 class StreamedExpertsHook(ModelHook):
@@ -102,29 +106,25 @@ class StreamedExpertsHook(ModelHook):
                            *args, **kwargs)
 
     def _forward(self, module: torch.nn.Module, bypassed: list, *args: Any, **kwargs: Any) -> torch.Tensor:
-        layout = self.layout
-        routing = layout.route(module, *args, **kwargs)
+        routing = self.layout.route(module, *args, **kwargs)
         inputs = routing.inputs
         tokens = inputs.reshape(-1, inputs.shape[-1])
-        if layout.shared is not None:
-            out = module.get_submodule(layout.shared)(inputs).reshape(tokens.shape)
-        else:
-            out = torch.zeros_like(tokens)
+        out = _shared_output(module, self.layout, inputs)
         dtype = out.dtype
         if self.accumulate_dtype is not None:
             out = out.to(self.accumulate_dtype)
-        grad = torch.is_grad_enabled()
+        per_expert = routing.rows.shape[1]  # every expert chooses the same number of rows
         with _honour_hooks(bypassed):
-            experts = module.get_submodule(layout.experts)
-            gate_up, down = getattr(experts, layout.gate_up), getattr(experts, layout.down)
+            gate_up, down = self.layout.weights(module)
             for start, stop in split_sizes(routing.rows.shape[0], self.num_chunks):
-                group = (tokens, routing.rows[start:stop], routing.weights[start:stop], gate_up[start:stop],
-                         down[start:stop])
-                if self.recompute and grad:
-                    outputs = checkpoint(_expert_group, *group, use_reentrant=False)
+                rows = routing.rows[start:stop].reshape(-1)
+                group = (tokens, rows, routing.weights[start:stop].reshape(-1), gate_up[start:stop],
+                         down[start:stop], [per_expert] * (stop - start), False)
+                if self.recompute and torch.is_grad_enabled():
+                    outputs = checkpoint(_run_experts, *group, use_reentrant=False)
                 else:
-                    outputs = _expert_group(*group)
-                out = out.index_put_((routing.rows[start:stop].reshape(-1),), outputs.to(out.dtype), accumulate=True)
+                    outputs = _run_experts(*group)
+                out = out.index_put_((rows,), outputs.to(out.dtype), accumulate=True)
                 del outputs
         return out.to(dtype).reshape(inputs.shape)
 
@@ -160,40 +160,31 @@ class SequenceRoutingHook(ModelHook):
     def _chunk(self, module: torch.nn.Module, run: BlockRun, state: RoutingState, bypassed: list, *args: Any,
                **kwargs: Any) -> torch.Tensor:
         start, end = run.layout.ranges["image"][run.chunk]
-        inputs, logits = state.layout.router(module, *args, **kwargs)
+        inputs = state.layout.tokens(module, *args, **kwargs)
         if inputs.dim() != 3 or inputs.shape[1] != end - start:
             raise RuntimeError(f"{self.path}: expected the chunk's {end - start} image tokens along dim 1, got "
                                f"{tuple(inputs.shape)}")
         if run.routing_pass:
+            logits = state.layout.router(module, *args, **kwargs)
             if state.logits is None:
                 state.logits = logits.new_empty(logits.shape[0], run.layout.lengths["image"], logits.shape[2])
             state.logits[:, start:end] = logits
             state.chunks_seen.add(run.chunk)
             raise RouterScoresCollected
-        del logits
         if state.rows is None:
             raise RuntimeError(f"{self.path}: reached in chunk {run.chunk} before its routing was made")
         tokens = inputs.reshape(-1, inputs.shape[-1])
         layout = state.layout
-        out = (module.get_submodule(layout.shared)(inputs).reshape(tokens.shape) if layout.shared is not None
-               else torch.zeros_like(tokens))
+        out = _shared_output(module, layout, inputs)
         counts, rows, weights = _chunk_choices(state, start, end, inputs.shape[0])
         with _honour_hooks(bypassed):
-            experts = module.get_submodule(layout.experts)
-            gate_up, down = getattr(experts, layout.gate_up), getattr(experts, layout.down)
-            grouped = layout.grouped_mm is not None and bool(getattr(experts, layout.grouped_mm, False))
+            gate_up, down = layout.weights(module)
+            grouped = layout.runs_grouped_mm(module)
             for first, last, begin, stop in _groups(counts, max(inputs.shape[0] * (end - start), *counts)):
-                picked = tokens[rows[begin:stop]]
-                gate, up = _matmul_by_expert(picked, gate_up[first:last], counts[first:last], grouped).chunk(2, -1)
-                del picked
-                activated = F.silu(gate) * up if torch.is_grad_enabled() else F.silu(gate).mul_(up)
-                del gate, up
-                outputs = _matmul_by_expert(activated, down[first:last], counts[first:last], grouped)
-                del activated
-                scaled = outputs.float() * weights[begin:stop, None]
+                outputs = _run_experts(tokens, rows[begin:stop], weights[begin:stop], gate_up[first:last],
+                                       down[first:last], counts[first:last], grouped)
+                out = out.index_put_((rows[begin:stop],), outputs.to(out.dtype), accumulate=True)
                 del outputs
-                out = out.index_put_((rows[begin:stop],), scaled.to(out.dtype), accumulate=True)
-                del scaled
         return out.reshape(inputs.shape)
 
 
@@ -239,8 +230,11 @@ def _groups(counts: list[int], cap: int) -> Iterator[tuple[int, int, int, int]]:
 
 
 def _matmul_by_expert(x: torch.Tensor, weights: torch.Tensor, counts: list[int], grouped: bool) -> torch.Tensor:
-    """``x``'s rows, ``counts[i]`` after another, times ``weights[i]``: one ``F.grouped_mm`` where the model runs its
-    experts with it (``use_grouped_mm``), else one matmul per expert into one output."""
+    """``x``'s rows, ``counts[i]`` after another, times ``weights[i]``: one batched matmul where every expert has as
+    many rows, else one ``F.grouped_mm`` where the model runs its experts with it (``use_grouped_mm``), else one matmul
+    per expert into one output."""
+    if len(set(counts)) == 1:
+        return torch.bmm(x.view(len(counts), counts[0], x.shape[-1]), weights).view(x.shape[0], -1)
     if grouped:
         offsets = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x.device)
         return F.grouped_mm(x, weights, offs=offsets).type_as(x)

@@ -39,10 +39,13 @@ class Routing:
     weights: torch.Tensor
 
 
-RouterFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-"""``router(layer, *args, **kwargs)`` with the layer's forward arguments -> ``(inputs, logits)``: the ``(B, S, D)``
-tokens the experts read and the router's ``(B, S, E)`` logits for them. Row-wise: a chunk of the tokens gets the
-chunk's rows."""
+TokensFn = Callable[..., torch.Tensor]
+"""``tokens(layer, *args, **kwargs)`` with the layer's forward arguments -> the ``(B, S, D)`` tokens the experts
+read."""
+
+RouterFn = Callable[..., torch.Tensor]
+"""``router(layer, *args, **kwargs)`` with the layer's forward arguments -> the router's ``(B, S, E)`` logits for its
+tokens. Row-wise: a chunk of the tokens gets the chunk's rows."""
 
 ChooseFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``choose(layer, logits)`` over the whole ``(B, S, E)`` logits -> ``(rows, weights)`` of :class:`Routing`."""
@@ -53,6 +56,7 @@ class ExpertChoiceLayout:
     """The parts of one expert-choice MoE layer, as paths relative to it (weights are read per call).
 
     Attributes:
+        tokens: the tokens its experts read (:data:`TokensFn`).
         router: the layer's router scores (:data:`RouterFn`), token by token.
         choose: the layer's choice over the whole sequence (:data:`ChooseFn`): the one step no chunk can take alone
             (see :class:`memopt.plans.sequence.BlockPlan` ``routed``).
@@ -64,6 +68,7 @@ class ExpertChoiceLayout:
             uneven share of rows per expert then uses too), or None.
     """
 
+    tokens: TokensFn
     router: RouterFn
     choose: ChooseFn
     experts: str
@@ -77,20 +82,34 @@ class ExpertChoiceLayout:
         """The modules whose forwards a streamed run replaces (their diffusers hooks are honoured)."""
         return (self.experts,)
 
+    def weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's packed ``(gate_up, down)`` expert weights (the parameters themselves)."""
+        experts = layer.get_submodule(self.experts)
+        return getattr(experts, self.gate_up), getattr(experts, self.down)
+
+    def runs_grouped_mm(self, layer: torch.nn.Module) -> bool:
+        """Whether the model computes the layer's experts with ``F.grouped_mm``."""
+        return self.grouped_mm is not None and bool(getattr(layer.get_submodule(self.experts), self.grouped_mm, False))
+
     def route(self, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Routing:
-        inputs, logits = self.router(layer, *args, **kwargs)
-        return Routing(inputs, *self.choose(layer, logits))
+        logits = self.router(layer, *args, **kwargs)
+        return Routing(self.tokens(layer, *args, **kwargs), *self.choose(layer, logits))
+
+
+def _nucleus_tokens(layer: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``NucleusMoELayer.forward``'s experts (and shared expert) read the modulated tokens."""
+    return hidden_states
 
 
 def _nucleus_router(layer: torch.nn.Module, hidden_states: torch.Tensor, hidden_states_unmodulated: torch.Tensor,
-                    timestep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    timestep: torch.Tensor | None = None) -> torch.Tensor:
     """``NucleusMoELayer.forward``'s router: a linear of the timestep embedding beside the unmodulated tokens."""
     if timestep is not None:
         length = hidden_states.shape[1]
         router_input = torch.cat([timestep.unsqueeze(1).expand(-1, length, -1), hidden_states_unmodulated], dim=-1)
     else:
         router_input = hidden_states_unmodulated
-    return hidden_states, layer.gate(router_input)
+    return layer.gate(router_input)
 
 
 def _nucleus_choose(layer: torch.nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +136,8 @@ def _nucleus_choose(layer: torch.nn.Module, logits: torch.Tensor) -> tuple[torch
 
 _EXPERT_CHOICE_LAYERS: dict[str, ExpertChoiceLayout] = {
     "diffusers.models.transformers.transformer_nucleusmoe_image.NucleusMoELayer": ExpertChoiceLayout(
-        router=_nucleus_router, choose=_nucleus_choose, experts="experts", gate_up="gate_up_proj", down="down_proj",
-        shared="shared_expert", grouped_mm="use_grouped_mm"),
+        tokens=_nucleus_tokens, router=_nucleus_router, choose=_nucleus_choose, experts="experts",
+        gate_up="gate_up_proj", down="down_proj", shared="shared_expert", grouped_mm="use_grouped_mm"),
 }
 
 EXPERT_CHOICE_LAYERS: dict[type, ExpertChoiceLayout] = {
@@ -134,4 +153,4 @@ def expert_choice_layout(module: torch.nn.Module) -> ExpertChoiceLayout | None:
 
 def expert_count(layout: ExpertChoiceLayout, module: torch.nn.Module) -> int:
     """The number of experts of ``module`` (the leading dim of its packed weights)."""
-    return getattr(module.get_submodule(layout.experts), layout.gate_up).shape[0]
+    return layout.weights(module)[0].shape[0]
